@@ -1,0 +1,43 @@
+/* Process groups: the group object and the backend function table. Internal. */
+#ifndef TP_COMM_BACKEND_H
+#define TP_COMM_BACKEND_H
+
+#include "../core/internal.h"
+#include "store.h"
+
+typedef struct tp_backend tp_backend;
+
+/* A backend is a table of function pointers; layers never know which one runs.
+ * `impl` is the backend's per-group state. All functions are collective over the group's members
+ * and return within the group's timeout. */
+struct tp_backend {
+    const char *name;
+    tp_status (*all_reduce)(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);
+    tp_status (*all_gatherv)(tp_group *g, const void *send, void *recv, const size_t *counts,
+                             tp_dtype dt);
+    tp_status (*reduce_scatter)(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
+                                tp_reduce_op op);
+    tp_status (*broadcast)(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
+    tp_status (*barrier)(tp_group *g);
+    tp_status (*abort)(tp_group *g);
+    void (*destroy)(tp_group *g);
+};
+
+struct tp_group {
+    const tp_backend *backend;
+    void *impl;             /* backend state */
+    tp_store *store;        /* shared bootstrap store (owned by the world group) */
+    int owns_store;
+    int rank;               /* rank in this group, -1 for a non-member */
+    int size;
+    int *global_ranks;      /* size entries: world rank of each group rank */
+    int world_rank;
+    int world_size;
+    int local_rank;         /* on this host */
+    int local_world_size;
+    double timeout_s;
+    char prefix[64];        /* unique store key prefix of this group ("g3/") */
+    int next_child;         /* counter for subgroup ids (identical on every rank of the group) */
+};
+
+#endif

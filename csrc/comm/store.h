@@ -1,0 +1,24 @@
+/* Rendezvous: a small TCP key-value store served by rank 0 (bootstrap only). Internal. */
+#ifndef TP_COMM_STORE_H
+#define TP_COMM_STORE_H
+
+#include "../core/internal.h"
+
+typedef struct tp_store tp_store;
+
+/* Rank 0 serves at addr:port (and is also a client of itself); others connect, retrying until
+ * timeout_s. After connecting, every rank registers itself, and tp_store_open waits until all
+ * world_size ranks have arrived; a rank that never does yields TP_ERR_TIMEOUT naming it
+ * ("timed out after 30 s waiting for rank 3 of 4 to join"). */
+tp_status tp_store_open(const char *addr, int port, int rank, int world_size, double timeout_s,
+                        tp_store **out);
+void tp_store_close(tp_store *s);
+tp_status tp_store_set(tp_store *s, const char *key, const void *val, size_t len);
+/* Waits (bounded by the store's timeout) until key exists, then copies up to cap bytes. */
+tp_status tp_store_get(tp_store *s, const char *key, void *val, size_t cap, size_t *len);
+/* Atomically adds delta to an integer key (missing = 0) and returns the new value. */
+tp_status tp_store_add(tp_store *s, const char *key, int64_t delta, int64_t *result);
+/* Waits until an integer key reaches at least target (bounded by the timeout). */
+tp_status tp_store_wait_ge(tp_store *s, const char *key, int64_t target);
+
+#endif

@@ -1,0 +1,118 @@
+/* Status codes, the thread-local error message, logging, clocks and environment helpers. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define TP_MSG_CAP 1024
+
+static _Thread_local char tp_msg[TP_MSG_CAP];
+
+const char *tp_last_error(void) { return tp_msg; }
+
+void tp_clear_error(void) { tp_msg[0] = '\0'; }
+
+const char *tp_status_name(tp_status s)
+{
+    switch (s) {
+    case TP_OK: return "TP_OK";
+    case TP_ERR_VALUE: return "TP_ERR_VALUE";
+    case TP_ERR_TYPE: return "TP_ERR_TYPE";
+    case TP_ERR_NOMEM: return "TP_ERR_NOMEM";
+    case TP_ERR_COMM: return "TP_ERR_COMM";
+    case TP_ERR_TIMEOUT: return "TP_ERR_TIMEOUT";
+    case TP_ERR_UNSUPPORTED: return "TP_ERR_UNSUPPORTED";
+    case TP_ERR_SYSTEM: return "TP_ERR_SYSTEM";
+    case TP_ERR_CUDA: return "TP_ERR_CUDA";
+    }
+    return "TP_ERR_UNKNOWN";
+}
+
+tp_status tp_error(tp_status s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(tp_msg, sizeof tp_msg, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+/* Appends ": tail" to the message, truncating at the buffer's end. */
+static void append(const char *tail)
+{
+    size_t len = strlen(tp_msg);
+    if (len + 2 < sizeof tp_msg) snprintf(tp_msg + len, sizeof tp_msg - len, ": %s", tail);
+}
+
+tp_status tp_error_errno(tp_status s, const char *fmt, ...)
+{
+    int err = errno;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(tp_msg, sizeof tp_msg, fmt, ap);
+    va_end(ap);
+    append(strerror(err));
+    return s;
+}
+
+tp_status tp_error_context(tp_status s, const char *fmt, ...)
+{
+    char old[TP_MSG_CAP];
+    va_list ap;
+    memcpy(old, tp_msg, sizeof old);
+    va_start(ap, fmt);
+    vsnprintf(tp_msg, sizeof tp_msg, fmt, ap);
+    va_end(ap);
+    append(old);
+    return s;
+}
+
+int tp_log_level(void)
+{
+    const char *v = getenv("TPLINEAR_DEBUG");
+    if (v == NULL || v[0] == '\0') return TP_LOG_OFF;
+    if (strcasecmp(v, "TRACE") == 0) return TP_LOG_TRACE;
+    if (strcasecmp(v, "INFO") == 0) return TP_LOG_INFO;
+    return TP_LOG_OFF;
+}
+
+void tp_log(int level, const char *fmt, ...)
+{
+    char line[TP_MSG_CAP];
+    int n;
+    va_list ap;
+    if (tp_log_level() < level) return;
+    n = snprintf(line, sizeof line, "[tplinear rank %ld] ", tp_env_long("RANK", 0));
+    if (n < 0 || (size_t)n >= sizeof line) return;
+    va_start(ap, fmt);
+    vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    va_end(ap);
+    /* one write per line so ranks do not interleave mid-line */
+    n = (int)strlen(line);
+    if ((size_t)n < sizeof line - 1) line[n++] = '\n';
+    if (write(STDERR_FILENO, line, (size_t)n) < 0) return;
+}
+
+double tp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+long tp_env_long(const char *name, long dflt)
+{
+    const char *v = getenv(name);
+    char *end = NULL;
+    long x;
+    if (v == NULL || v[0] == '\0') return dflt;
+    errno = 0;
+    x = strtol(v, &end, 10);
+    if (errno != 0 || end == v || *end != '\0') return -2;
+    return x;
+}

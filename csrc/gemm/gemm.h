@@ -1,0 +1,40 @@
+/* Matrix views of tensors and the GEMM dispatch (CPU: OpenBLAS, GPU: cuBLAS). Internal. */
+#ifndef TP_GEMM_H
+#define TP_GEMM_H
+
+#include "../core/internal.h"
+
+/* A logical [rows, cols] matrix. Stored row-major with leading dimension ld when trans == 0,
+ * or as the row-major [cols, rows] matrix (a column-major view) with leading dimension ld. */
+typedef struct {
+    void *data;
+    int64_t rows, cols, ld;
+    int trans;
+    tp_dtype dtype;
+    tp_device device;
+} tp_mat;
+
+/* Views t as [prod(leading dims), last dim] without copying when its strides allow; otherwise,
+ * if packed != NULL, copies it into a new contiguous buffer returned in *packed (caller frees),
+ * else fails with TP_ERR_VALUE (outputs must be viewable in place). */
+tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *what);
+
+/* C = op(A) @ op(B) (+ C when accumulate), where op(X) is X^T when tX. All on one device,
+ * one dtype. Any of the dims may be zero. */
+tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
+/* Each row of C += bias (bias: cols elements, contiguous). */
+tp_status tp_mat_add_row(tp_mat *c, const void *bias);
+/* out (cols elements) += column sums of A. */
+tp_status tp_mat_col_sums(const tp_mat *a, void *out);
+/* Each row of C = bias (initialises an output before an accumulating GEMM). */
+tp_status tp_mat_fill_rows(tp_mat *c, const void *bias);
+
+/* Backends (gemm/cpu.c, cuda/). */
+tp_status tp_gemm_cpu(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
+tp_status tp_rows_cpu(tp_mat *c, const void *bias, int mode);  /* mode: 0 fill, 1 add */
+tp_status tp_col_sums_cpu(const tp_mat *a, void *out);
+tp_status tp_gemm_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
+tp_status tp_rows_cuda(tp_mat *c, const void *bias, int mode);
+tp_status tp_col_sums_cuda(const tp_mat *a, void *out);
+
+#endif

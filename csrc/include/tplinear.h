@@ -1,0 +1,229 @@
+/*
+ * tplinear — tensor-parallel linear layers, C API.
+ *
+ * Conventions (see DESIGN.md):
+ *  - every function returns tp_status; on failure tp_last_error() holds a thread-local message;
+ *  - handles (tp_group) are opaque; tensors (tp_tensor) are plain descriptors the caller owns;
+ *  - no function prints, exits or aborts.
+ */
+#ifndef TPLINEAR_H
+#define TPLINEAR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TPLINEAR_VERSION "0.1.0"
+
+/* ------------------------------------------------------------------ status and errors */
+
+typedef enum {
+    TP_OK = 0,
+    TP_ERR_VALUE = 1,       /* bad argument value or shape            -> ValueError          */
+    TP_ERR_TYPE = 2,        /* wrong dtype or kind of object           -> TypeError           */
+    TP_ERR_NOMEM = 3,       /* allocation failed                       -> MemoryError         */
+    TP_ERR_COMM = 4,        /* peer failure, mismatch, protocol error  -> tplinear.CommError  */
+    TP_ERR_TIMEOUT = 5,     /* a wait ran past the group's timeout     -> tplinear.CommError  */
+    TP_ERR_UNSUPPORTED = 6, /* not built in / not available here       -> NotImplementedError */
+    TP_ERR_SYSTEM = 7,      /* an OS call failed (errno in message)    -> OSError             */
+    TP_ERR_CUDA = 8         /* CUDA / cuBLAS / NCCL failure            -> RuntimeError        */
+} tp_status;
+
+/* The message of the last failure on this thread ("" if none). */
+const char *tp_last_error(void);
+/* A short constant name for a status ("TP_ERR_VALUE"). */
+const char *tp_status_name(tp_status s);
+/* Clears this thread's message. */
+void tp_clear_error(void);
+
+/* ------------------------------------------------------------------ tensors */
+
+typedef enum {
+    TP_FLOAT32 = 0,
+    TP_FLOAT64 = 1,
+    TP_FLOAT16 = 2,  /* GPU only */
+    TP_BFLOAT16 = 3, /* GPU only */
+    TP_INT32 = 4,    /* collectives only */
+    TP_INT64 = 5     /* collectives only */
+} tp_dtype;
+
+typedef enum { TP_DEVICE_CPU = 0, TP_DEVICE_CUDA = 1 } tp_device_type;
+
+typedef struct {
+    tp_device_type type;
+    int index; /* GPU ordinal; 0 for the CPU */
+} tp_device;
+
+#define TP_MAX_DIMS 8
+
+/* A strided view: element (i0..ik) lives at data + sum(i_d * strides[d]) * itemsize.
+ * Strides are in elements and may be any value (views, transposes). */
+typedef struct {
+    void *data;
+    tp_dtype dtype;
+    int ndim;
+    int64_t shape[TP_MAX_DIMS];
+    int64_t strides[TP_MAX_DIMS];
+    tp_device device;
+} tp_tensor;
+
+size_t tp_dtype_size(tp_dtype dt);
+const char *tp_dtype_name(tp_dtype dt);
+/* Fills a row-major contiguous descriptor. */
+tp_status tp_tensor_init(tp_tensor *t, void *data, tp_dtype dt, int ndim, const int64_t *shape);
+int64_t tp_tensor_numel(const tp_tensor *t);
+int tp_tensor_is_contiguous(const tp_tensor *t);
+/* A view of t restricted to [start, start+length) along dim (no copy). */
+tp_status tp_tensor_narrow(const tp_tensor *t, int dim, int64_t start, int64_t length, tp_tensor *out);
+/* Copies src into dst elementwise (same shape and dtype, any strides, CPU). */
+tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
+
+/* ------------------------------------------------------------------ partition math */
+
+typedef enum {
+    TP_SPLIT_EVEN = 0,   /* training mode: torch.chunk semantics, must divide exactly */
+    TP_SPLIT_UNEVEN = 1  /* inference mode: DeepSpeed's get_shard_size_list rule     */
+} tp_split_mode;
+
+typedef struct {
+    int64_t offset;
+    int64_t size;
+} tp_range;
+
+/* Size and offset of every rank's shard of a dimension of n elements over p ranks.
+ *  - TP_SPLIT_EVEN: torch.chunk; n % p != 0 is TP_ERR_VALUE naming n and p.
+ *  - TP_SPLIT_UNEVEN: num_heads > 0 and n % num_heads == 0 and the name allows heads:
+ *    rank r gets num_heads/p (+1 for r < num_heads%p) slices of n/num_heads; otherwise n >= 64:
+ *    grains of 64 dealt the same way, the n%64 tail to the last rank; n < 64: single elements.
+ *  name may be NULL; names containing "mlp", "gate_proj", "up_proj", "down_proj", "w1", "w2",
+ *  "w3", or equal to "lm_head"/"embed_out", never use the head rule (as DeepSpeed).
+ * out has p entries. */
+tp_status tp_partition(int64_t n, int p, tp_split_mode mode, int64_t num_heads, const char *name,
+                       tp_range *out);
+
+/* Packed split: the dimension is nblocks consecutive blocks (fused QKV, gate/up), each split
+ * separately with tp_partition (block_heads[i] heads, or 0; block_heads may be NULL).
+ * out is [p][nblocks] row-major: out[r*nblocks+i] is rank r's piece of block i, with offset
+ * in the full dimension. A rank's shard is its pieces concatenated in block order. */
+tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, tp_split_mode mode,
+                              const int64_t *block_heads, const char *name, tp_range *out);
+
+/* ------------------------------------------------------------------ initialisation */
+
+/* nn.Linear's initial distribution, uniform in [-bound, bound), from a counter-based generator:
+ * element (i, j) of t (2-D) or (j) (1-D) gets the value that global position
+ * (row_offset + i) * full_cols + (col_offset + j) of stream `stream` yields for `seed`.
+ * A shard therefore equals the same slice of the full tensor. CPU, float32/float64. */
+tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double bound,
+                          int64_t row_offset, int64_t col_offset, int64_t full_cols);
+
+/* ------------------------------------------------------------------ BLAS threads */
+
+/* Sets the BLAS thread count for this process (n <= 0: cores / local ranks). */
+tp_status tp_set_num_threads(int n);
+int tp_get_num_threads(void);
+
+/* ------------------------------------------------------------------ dense math (one rank) */
+
+/* Y[..., out] = X[..., in] @ W[out, in]^T (+ b[out]). Leading dims of X are flattened. */
+tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y);
+/* dX[..., in] = dY[..., out] @ W[out, in]. */
+tp_status tp_linear_backward_input(const tp_tensor *dy, const tp_tensor *w, tp_tensor *dx);
+/* dW[out, in] += dY^T X ; db[out] += sum over leading dims of dY (db may be NULL). */
+tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw,
+                                    tp_tensor *db);
+/* y += b broadcast along the last dim. */
+tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b);
+
+/* ------------------------------------------------------------------ process groups */
+
+typedef struct tp_group tp_group;
+
+typedef enum { TP_SUM = 0, TP_AVG = 1, TP_MAX = 2, TP_MIN = 3 } tp_reduce_op;
+
+typedef struct {
+    const char *backend;     /* NULL or "auto", "shm", "nccl", "mpi" */
+    double timeout_s;        /* every wait is bounded by this; <= 0 means 300 */
+    /* Negative / NULL fields are read from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
+     * LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or OpenMPI's OMPI_COMM_WORLD_*); none set: world of 1. */
+    int rank;
+    int world_size;
+    int local_rank;
+    int local_world_size;
+    const char *master_addr;
+    int master_port;
+} tp_init_options;
+
+/* Fills opts with "everything from the environment". */
+void tp_init_options_default(tp_init_options *opts);
+
+/* Creates the world group (collective over all ranks). */
+tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world);
+/* Collective over every rank of parent: ranks (n entries, ranks of parent, ascending or not, no
+ * repeats) form a new group. A rank of parent not listed gets a non-member handle whose
+ * collectives fail with TP_ERR_VALUE. */
+tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out);
+/* Frees the group's resources (not collective; call on every rank). NULL is fine. */
+void tp_group_destroy(tp_group *g);
+/* Marks the group failed and wakes/aborts anything waiting on it (safe from another thread). */
+tp_status tp_group_abort(tp_group *g);
+
+int tp_group_rank(const tp_group *g);       /* -1 for a non-member */
+int tp_group_size(const tp_group *g);
+int tp_group_global_rank(const tp_group *g, int group_rank);
+const char *tp_group_backend(const tp_group *g);
+double tp_group_timeout(const tp_group *g);
+
+/* In place on `count` elements of buf (device given by t->device where tensors are taken). */
+tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);
+/* recv holds size(g) * count elements; rank r's send lands at recv + r*count. */
+tp_status tp_all_gather(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt);
+/* Variable counts: counts[r] elements from rank r, placed one after another in recv. */
+tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt);
+/* send holds size(g) * count elements; recv gets the reduction of block `rank`. */
+tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
+                            tp_reduce_op op);
+tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
+tp_status tp_barrier(tp_group *g);
+
+/* ------------------------------------------------------------------ tensor-parallel layers */
+
+/* Row-parallel forward: y = all_reduce_g(x_r @ w_r^T) + b (b added once, may be NULL).
+ * x_r is this rank's slice of the input's last dim (width = w_r's in). */
+tp_status tp_row_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
+                         tp_tensor *y);
+/* Row-parallel backward, no collective: dx = dy @ w_r ; dw += dy^T x_r ; db += sum(dy).
+ * dx, dw, db may each be NULL to skip. */
+tp_status tp_row_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db);
+/* Column-parallel forward: y_r = x @ w_r^T + b_r (b may be NULL). */
+tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
+                         tp_tensor *y);
+/* Column-parallel backward: dx = all_reduce_g(dy_r @ w_r) ; dw += dy_r^T x ; db += sum(dy_r).
+ * overlap != 0 runs the dx all-reduce concurrently with the dw GEMM (same results). */
+tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
+
+/* All-gathers shards of a tensor along dim: rank r holds `shard` (all dims equal to full's except
+ * dim, whose size is ranges[r].size); full receives every rank's shard at ranges[r].offset along dim.
+ * ranges has size(g) entries (from tp_partition). Uneven shards are fine. */
+tp_status tp_gather_dim(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
+                        tp_tensor *full);
+/* The packed form: ranges is [p][nblocks] from tp_partition_packed. */
+tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
+                           int nblocks, tp_tensor *full);
+
+/* ------------------------------------------------------------------ GPU (TPLINEAR_CUDA builds) */
+
+/* 1 when the library was built with CUDA and a GPU is visible, else 0. */
+int tp_cuda_available(void);
+/* 1 when the library was built with the CUDA path. */
+int tp_cuda_compiled(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TPLINEAR_H */

@@ -1,0 +1,318 @@
+/* Bindings of process groups and collectives (NumPy arrays in place). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "py.h"
+
+#define NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+static int parse_op(PyObject *opobj, tp_reduce_op *op)
+{
+    static const char *const names[] = {"sum", "avg", "max", "min"};
+    const char *s = PyUnicode_Check(opobj) ? PyUnicode_AsUTF8(opobj) : NULL;
+    if (s == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "op must be one of 'sum', 'avg', 'max', 'min', got %R", opobj);
+        return -1;
+    }
+    for (int i = 0; i < 4; i++)
+        if (strcmp(s, names[i]) == 0) {
+            *op = (tp_reduce_op)i;
+            return 0;
+        }
+    PyErr_Format(PyExc_ValueError, "op must be one of 'sum', 'avg', 'max', 'min', got %R", opobj);
+    return -1;
+}
+
+static int check_contig(const tp_tensor *t, const char *what)
+{
+    if (!tp_tensor_is_contiguous(t)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous array (use numpy.ascontiguousarray)", what);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_float_or_int(const tp_tensor *t, const char *what)
+{
+    if (t->dtype == TP_FLOAT16 || t->dtype == TP_BFLOAT16) {
+        if (t->device.type == TP_DEVICE_CUDA) return 0;
+        PyErr_Format(PyExc_TypeError, "%s: %s collectives run on GPU arrays only", what, tp_dtype_name(t->dtype));
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_init_world(PyObject *m, PyObject *args)
+{
+    tp_init_options o;
+    const char *backend, *addr;
+    tp_group *g = NULL;
+    tp_status st;
+    tp_init_options_default(&o);
+    if (!PyArg_ParseTuple(args, "zdiiiizi", &backend, &o.timeout_s, &o.rank, &o.world_size, &o.local_rank,
+                          &o.local_world_size, &addr, &o.master_port))
+        return NULL;
+    o.backend = backend;
+    o.master_addr = addr;
+    Py_BEGIN_ALLOW_THREADS st = tp_group_init_world(&o, &g);
+    Py_END_ALLOW_THREADS
+    if (st != TP_OK) return tpy_raise(m, st);
+    return tpy_group_wrap(m, g, NULL);
+}
+
+static PyObject *py_new_group(PyObject *m, PyObject *args)
+{
+    PyObject *po, *ranks_obj, *fast;
+    tp_group *parent, *g = NULL;
+    int *ranks;
+    Py_ssize_t n;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "OO", &po, &ranks_obj)) return NULL;
+    if ((parent = tpy_group_get(m, po)) == NULL) return NULL;
+    if ((fast = PySequence_Fast(ranks_obj, "ranks must be a sequence of ints")) == NULL) return NULL;
+    n = PySequence_Fast_GET_SIZE(fast);
+    ranks = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *ranks);
+    if (ranks == NULL) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
+            PyMem_Free(ranks);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        ranks[i] = (int)v;
+    }
+    Py_DECREF(fast);
+    Py_BEGIN_ALLOW_THREADS st = tp_group_new(parent, ranks, (int)n, &g);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(ranks);
+    if (st != TP_OK) return tpy_raise(m, st);
+    return tpy_group_wrap(m, g, po);
+}
+
+static PyObject *py_group_info(PyObject *m, PyObject *args)
+{
+    PyObject *go, *ranks;
+    tp_group *g;
+    int size;
+    if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    size = tp_group_size(g);
+    if ((ranks = PyList_New(size)) == NULL) return NULL;
+    for (int i = 0; i < size; i++) PyList_SET_ITEM(ranks, i, PyLong_FromLong(tp_group_global_rank(g, i)));
+    return Py_BuildValue("{s:i,s:i,s:s,s:N,s:d}", "rank", tp_group_rank(g), "size", size, "backend",
+                         tp_group_backend(g), "ranks", ranks, "timeout", tp_group_timeout(g));
+}
+
+static PyObject *py_all_reduce(PyObject *m, PyObject *args)
+{
+    PyObject *go, *arr, *opobj;
+    tp_group *g;
+    tp_reduce_op op;
+    tpy_view v;
+    tp_tensor t;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "OOO", &go, &arr, &opobj)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL || parse_op(opobj, &op) < 0) return NULL;
+    if (tpy_tensor(arr, &t, &v, 1, "tensor") < 0) return NULL;
+    if (check_contig(&t, "tensor") < 0 || check_float_or_int(&t, "all_reduce") < 0) {
+        tpy_view_release(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS st = tp_all_reduce(g, t.data, (size_t)tp_tensor_numel(&t), t.dtype, op);
+    Py_END_ALLOW_THREADS
+    tpy_view_release(&v);
+    if (st != TP_OK) return tpy_raise(m, st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_broadcast(PyObject *m, PyObject *args)
+{
+    PyObject *go, *arr;
+    int root;
+    tp_group *g;
+    tpy_view v;
+    tp_tensor t;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "OOi", &go, &arr, &root)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    if (tpy_tensor(arr, &t, &v, 1, "tensor") < 0) return NULL;
+    if (check_contig(&t, "tensor") < 0) {
+        tpy_view_release(&v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS st = tp_broadcast(g, t.data, (size_t)tp_tensor_numel(&t), t.dtype, root);
+    Py_END_ALLOW_THREADS
+    tpy_view_release(&v);
+    if (st != TP_OK) return tpy_raise(m, st);
+    Py_RETURN_NONE;
+}
+
+/* Converts (send, recv) and checks dtype, contiguity, and recv = size * send (scale_recv) or
+ * send = size * recv (!scale_recv). counts == NULL: even. */
+static int pair(PyObject *m, tp_group *g, PyObject *so, PyObject *ro, tpy_arg a[2], int scale_recv,
+                const size_t *counts, const char *what)
+{
+    int64_t ns, nr, p = tp_group_size(g);
+    (void)m;
+    a[0] = (tpy_arg){.obj = so, .what = "input"};
+    a[1] = (tpy_arg){.obj = ro, .writable = 1, .what = "output"};
+    if (tpy_args_convert(a, 2) < 0) return -1;
+    if (check_contig(&a[0].t, "input") < 0 || check_contig(&a[1].t, "output") < 0) goto fail;
+    if (check_float_or_int(&a[0].t, what) < 0) goto fail;
+    if (a[0].t.dtype != a[1].t.dtype) {
+        PyErr_Format(PyExc_TypeError, "%s: output dtype %s differs from input dtype %s", what,
+                     tp_dtype_name(a[1].t.dtype), tp_dtype_name(a[0].t.dtype));
+        goto fail;
+    }
+    ns = tp_tensor_numel(&a[0].t);
+    nr = tp_tensor_numel(&a[1].t);
+    if (counts) {
+        int64_t total = 0;
+        int me = tp_group_rank(g);
+        for (int64_t r = 0; r < p; r++) total += (int64_t)counts[r];
+        if (me >= 0 && (int64_t)counts[me] != ns) {
+            PyErr_Format(PyExc_ValueError, "%s: this rank's count is %lld but its input has %lld elements", what,
+                         (long long)counts[me], (long long)ns);
+            goto fail;
+        }
+        if (nr != total) {
+            PyErr_Format(PyExc_ValueError, "%s: output must have %lld elements (the sum of counts), got %lld", what,
+                         (long long)total, (long long)nr);
+            goto fail;
+        }
+    } else if (scale_recv ? nr != ns * p : ns != nr * p) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must have %lld elements (group size %lld x %lld), got %lld", what,
+                     scale_recv ? "output" : "input", (long long)((scale_recv ? ns : nr) * p), (long long)p,
+                     (long long)(scale_recv ? ns : nr), (long long)(scale_recv ? nr : ns));
+        goto fail;
+    }
+    return 0;
+fail:
+    tpy_args_release(a, 2);
+    return -1;
+}
+
+static PyObject *py_all_gather(PyObject *m, PyObject *args)
+{
+    PyObject *go, *so, *ro, *counts_obj = Py_None;
+    tp_group *g;
+    tpy_arg a[2];
+    size_t *counts = NULL;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "OOO|O", &go, &ro, &so, &counts_obj)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    if (counts_obj != Py_None) {
+        PyObject *fast = PySequence_Fast(counts_obj, "counts must be a sequence of ints");
+        Py_ssize_t n;
+        if (fast == NULL) return NULL;
+        n = PySequence_Fast_GET_SIZE(fast);
+        if (n != tp_group_size(g)) {
+            Py_DECREF(fast);
+            return PyErr_Format(PyExc_ValueError, "all_gather: need %d counts (one per rank), got %zd",
+                                tp_group_size(g), n);
+        }
+        counts = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *counts);
+        if (counts == NULL) {
+            Py_DECREF(fast);
+            return PyErr_NoMemory();
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            long long c = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+            if (c < 0) {
+                if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "all_gather: counts must be >= 0");
+                Py_DECREF(fast);
+                PyMem_Free(counts);
+                return NULL;
+            }
+            counts[i] = (size_t)c;
+        }
+        Py_DECREF(fast);
+    }
+    if (pair(m, g, so, ro, a, 1, counts, "all_gather") < 0) {
+        PyMem_Free(counts);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (counts)
+        st = tp_all_gatherv(g, a[0].t.data, a[1].t.data, counts, a[0].t.dtype);
+    else
+        st = tp_all_gather(g, a[0].t.data, a[1].t.data, (size_t)tp_tensor_numel(&a[0].t), a[0].t.dtype);
+    Py_END_ALLOW_THREADS
+    tpy_args_release(a, 2);
+    PyMem_Free(counts);
+    if (st != TP_OK) return tpy_raise(m, st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_reduce_scatter(PyObject *m, PyObject *args)
+{
+    PyObject *go, *so, *ro, *opobj;
+    tp_group *g;
+    tp_reduce_op op;
+    tpy_arg a[2];
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "OOOO", &go, &ro, &so, &opobj)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL || parse_op(opobj, &op) < 0) return NULL;
+    if (pair(m, g, so, ro, a, 0, NULL, "reduce_scatter") < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = tp_reduce_scatter(g, a[0].t.data, a[1].t.data, (size_t)tp_tensor_numel(&a[1].t), a[0].t.dtype, op);
+    Py_END_ALLOW_THREADS
+    tpy_args_release(a, 2);
+    if (st != TP_OK) return tpy_raise(m, st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_barrier(PyObject *m, PyObject *args)
+{
+    PyObject *go;
+    tp_group *g;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    Py_BEGIN_ALLOW_THREADS st = tp_barrier(g);
+    Py_END_ALLOW_THREADS
+    if (st != TP_OK) return tpy_raise(m, st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_abort(PyObject *m, PyObject *args)
+{
+    PyObject *go;
+    tp_group *g;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    st = tp_group_abort(g);
+    if (st != TP_OK) return tpy_raise(m, st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_destroy(PyObject *m, PyObject *args)
+{
+    PyObject *go;
+    if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
+    if (tpy_group_get(m, go) == NULL) return NULL;
+    tp_group_destroy(((tpy_group *)go)->g);
+    ((tpy_group *)go)->g = NULL;
+    Py_RETURN_NONE;
+}
+
+PyMethodDef tpy_comm_methods[] = {
+    {"init_world", py_init_world, METH_VARARGS,
+     "init_world(backend|None, timeout, rank, world_size, local_rank, local_world_size, addr|None, port) -> Group"},
+    {"new_group", py_new_group, METH_VARARGS, "new_group(parent, ranks) -> Group (collective over parent)"},
+    {"group_info", py_group_info, METH_VARARGS, "group_info(group) -> dict"},
+    {"all_reduce", py_all_reduce, METH_VARARGS, "all_reduce(group, arr, op)"},
+    {"all_gather", py_all_gather, METH_VARARGS, "all_gather(group, out, arr, counts=None)"},
+    {"reduce_scatter", py_reduce_scatter, METH_VARARGS, "reduce_scatter(group, out, arr, op)"},
+    {"broadcast", py_broadcast, METH_VARARGS, "broadcast(group, arr, root)"},
+    {"barrier", py_barrier, METH_VARARGS, "barrier(group)"},
+    {"abort", py_abort, METH_VARARGS, "abort(group)"},
+    {"destroy", py_destroy, METH_VARARGS, "destroy(group)"},
+    {NULL, NULL, 0, NULL},
+};

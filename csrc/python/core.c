@@ -1,0 +1,307 @@
+/* Bindings of the math and layer entry points: parse, convert, call without the GIL, map errors. */
+#include <stdlib.h>
+
+#include "py.h"
+
+#define ARR(o, w) {.obj = (o), .what = (w)}
+#define OUT(o, w) {.obj = (o), .writable = 1, .what = (w)}
+#define OPT(o, w) {.obj = (o), .optional = 1, .what = (w)}
+#define OPT_OUT(o, w) {.obj = (o), .writable = 1, .optional = 1, .what = (w)}
+#define NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+/* Runs `call` (an expression using a[i].p) without the GIL and maps its status. */
+#define CALL_RELEASED(module, a, call)                  \
+    do {                                                \
+        tp_status st_;                                  \
+        if (tpy_args_convert((a), NARGS(a)) < 0) return NULL; \
+        Py_BEGIN_ALLOW_THREADS st_ = (call);            \
+        Py_END_ALLOW_THREADS tpy_args_release((a), NARGS(a)); \
+        if (st_ != TP_OK) return tpy_raise((module), st_);    \
+        Py_RETURN_NONE;                                 \
+    } while (0)
+
+static int parse_mode(int training, tp_split_mode *mode)
+{
+    *mode = training ? TP_SPLIT_EVEN : TP_SPLIT_UNEVEN;
+    return 0;
+}
+
+static PyObject *ranges_to_list(const tp_range *r, Py_ssize_t n)
+{
+    PyObject *list = PyList_New(n);
+    if (list == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = Py_BuildValue("(LL)", (long long)r[i].offset, (long long)r[i].size);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
+}
+
+/* A Python sequence of ints as a new int64 array (NULL + exception on failure). */
+static int64_t *int64_list(PyObject *seq, Py_ssize_t *n, const char *what)
+{
+    PyObject *fast = PySequence_Fast(seq, what);
+    int64_t *out;
+    if (fast == NULL) return NULL;
+    *n = PySequence_Fast_GET_SIZE(fast);
+    out = PyMem_Calloc((size_t)(*n > 0 ? *n : 1), sizeof *out);
+    if (out == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (out[i] == -1 && PyErr_Occurred()) {
+            PyMem_Free(out);
+            Py_DECREF(fast);
+            return NULL;
+        }
+    }
+    Py_DECREF(fast);
+    return out;
+}
+
+/* partition(n, p, training, num_heads, name) -> [(offset, size)] * p */
+static PyObject *py_partition(PyObject *m, PyObject *args)
+{
+    long long n, heads;
+    int p, training;
+    const char *name;
+    tp_split_mode mode;
+    tp_range *r;
+    tp_status st;
+    PyObject *res;
+    if (!PyArg_ParseTuple(args, "LipLz", &n, &p, &training, &heads, &name)) return NULL;
+    if (p < 1) return PyErr_Format(PyExc_ValueError, "group size must be >= 1, got %d", p);
+    parse_mode(training, &mode);
+    r = PyMem_Calloc((size_t)p, sizeof *r);
+    if (r == NULL) return PyErr_NoMemory();
+    st = tp_partition(n, p, mode, heads, name, r);
+    res = st == TP_OK ? ranges_to_list(r, p) : tpy_raise(m, st);
+    PyMem_Free(r);
+    return res;
+}
+
+/* partition_packed(blocks, p, training, heads or None, name) -> [(offset, size)] * (p * nblocks) */
+static PyObject *py_partition_packed(PyObject *m, PyObject *args)
+{
+    PyObject *blocks_obj, *heads_obj, *res = NULL;
+    int p, training;
+    const char *name;
+    Py_ssize_t nb, nh = 0;
+    int64_t *blocks = NULL, *heads = NULL;
+    tp_range *r = NULL;
+    tp_split_mode mode;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "OipOz", &blocks_obj, &p, &training, &heads_obj, &name)) return NULL;
+    if (p < 1) return PyErr_Format(PyExc_ValueError, "group size must be >= 1, got %d", p);
+    parse_mode(training, &mode);
+    if ((blocks = int64_list(blocks_obj, &nb, "block sizes must be a sequence of ints")) == NULL) goto out;
+    if (nb < 1 || nb > 64) {
+        PyErr_Format(PyExc_ValueError, "packed layers need 1 to 64 blocks, got %zd", nb);
+        goto out;
+    }
+    if (heads_obj != Py_None) {
+        if ((heads = int64_list(heads_obj, &nh, "head counts must be a sequence of ints")) == NULL) goto out;
+        if (nh != nb) {
+            PyErr_Format(PyExc_ValueError, "got %zd head counts for %zd blocks", nh, nb);
+            goto out;
+        }
+    }
+    r = PyMem_Calloc((size_t)(p * nb), sizeof *r);
+    if (r == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    st = tp_partition_packed(blocks, (int)nb, p, mode, heads, name, r);
+    res = st == TP_OK ? ranges_to_list(r, p * nb) : tpy_raise(m, st);
+out:
+    PyMem_Free(blocks);
+    PyMem_Free(heads);
+    PyMem_Free(r);
+    return res;
+}
+
+/* init_uniform(out, seed, stream, bound, row_offset, col_offset, full_cols) */
+static PyObject *py_init_uniform(PyObject *m, PyObject *args)
+{
+    PyObject *o;
+    unsigned long long seed, stream;
+    double bound;
+    long long ro, co, fc;
+    if (!PyArg_ParseTuple(args, "OKKdLLL", &o, &seed, &stream, &bound, &ro, &co, &fc)) return NULL;
+    {
+        tpy_arg a[] = {OUT(o, "out")};
+        CALL_RELEASED(m, a, tp_init_uniform(a[0].p, seed, stream, bound, ro, co, fc));
+    }
+}
+
+/* linear_forward(x, w, b|None, y) */
+static PyObject *py_linear_forward(PyObject *m, PyObject *args)
+{
+    PyObject *x, *w, *b, *y;
+    if (!PyArg_ParseTuple(args, "OOOO", &x, &w, &b, &y)) return NULL;
+    {
+        tpy_arg a[] = {ARR(x, "input"), ARR(w, "weight"), OPT(b, "bias"), OUT(y, "output")};
+        CALL_RELEASED(m, a, tp_linear_forward(a[0].p, a[1].p, a[2].p, a[3].p));
+    }
+}
+
+/* linear_backward(dy, x, w, dx|None, dw|None, db|None) */
+static PyObject *py_linear_backward(PyObject *m, PyObject *args)
+{
+    PyObject *dy, *x, *w, *dx, *dw, *db;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &dy, &x, &w, &dx, &dw, &db)) return NULL;
+    {
+        tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"), OPT_OUT(dx, "grad_input"),
+                       OPT_OUT(dw, "weight grad"), OPT_OUT(db, "bias grad")};
+        tp_status st_ = TP_OK;
+        if (tpy_args_convert(a, NARGS(a)) < 0) return NULL;
+        Py_BEGIN_ALLOW_THREADS
+        if (a[3].p) st_ = tp_linear_backward_input(a[0].p, a[2].p, a[3].p);
+        if (st_ == TP_OK && a[4].p) st_ = tp_linear_backward_params(a[0].p, a[1].p, a[4].p, a[5].p);
+        Py_END_ALLOW_THREADS
+        tpy_args_release(a, NARGS(a));
+        if (st_ != TP_OK) return tpy_raise(m, st_);
+        Py_RETURN_NONE;
+    }
+}
+
+/* row_forward(group, x, w, b|None, y) / col_forward(...) */
+static PyObject *layer_forward(PyObject *m, PyObject *args, int row)
+{
+    PyObject *go, *x, *w, *b, *y;
+    tp_group *g;
+    if (!PyArg_ParseTuple(args, "OOOOO", &go, &x, &w, &b, &y)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    {
+        tpy_arg a[] = {ARR(x, "input"), ARR(w, "weight"), OPT(b, "bias"), OUT(y, "output")};
+        CALL_RELEASED(m, a, row ? tp_row_forward(g, a[0].p, a[1].p, a[2].p, a[3].p)
+                                : tp_col_forward(g, a[0].p, a[1].p, a[2].p, a[3].p));
+    }
+}
+
+static PyObject *py_row_forward(PyObject *m, PyObject *args) { return layer_forward(m, args, 1); }
+static PyObject *py_col_forward(PyObject *m, PyObject *args) { return layer_forward(m, args, 0); }
+
+/* row_backward(group, dy, x, w, dx|None, dw|None, db|None)
+ * col_backward(group, dy, x, w, dx, dw|None, db|None, overlap) */
+static PyObject *layer_backward(PyObject *m, PyObject *args, int row)
+{
+    PyObject *go, *dy, *x, *w, *dx, *dw, *db;
+    int overlap = 0;
+    tp_group *g;
+    if (!PyArg_ParseTuple(args, row ? "OOOOOOO" : "OOOOOOO|p", &go, &dy, &x, &w, &dx, &dw, &db, &overlap))
+        return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    {
+        tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"),
+                       {.obj = dx, .writable = 1, .optional = row, .what = "grad_input"}, OPT_OUT(dw, "weight grad"),
+                       OPT_OUT(db, "bias grad")};
+        CALL_RELEASED(m, a, row ? tp_row_backward(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p)
+                                : tp_col_backward(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p, overlap));
+    }
+}
+
+static PyObject *py_row_backward(PyObject *m, PyObject *args) { return layer_backward(m, args, 1); }
+static PyObject *py_col_backward(PyObject *m, PyObject *args) { return layer_backward(m, args, 0); }
+
+/* gather(group, shard, dim, ranges [(offset, size)] * (p * nblocks), nblocks, full) */
+static PyObject *py_gather(PyObject *m, PyObject *args)
+{
+    PyObject *go, *shard, *rlist, *full, *fast = NULL;
+    int dim, nblocks;
+    tp_group *g;
+    tp_range *r = NULL;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OOiOiO", &go, &shard, &dim, &rlist, &nblocks, &full)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    if ((fast = PySequence_Fast(rlist, "ranges must be a sequence of (offset, size)")) == NULL) return NULL;
+    n = PySequence_Fast_GET_SIZE(fast);
+    if (nblocks < 1 || n != (Py_ssize_t)tp_group_size(g) * nblocks) {
+        Py_DECREF(fast);
+        return PyErr_Format(PyExc_ValueError, "gather: expected %d ranges (group size x blocks), got %zd",
+                            tp_group_size(g) * (nblocks > 0 ? nblocks : 1), n);
+    }
+    r = PyMem_Calloc((size_t)n, sizeof *r);
+    if (r == NULL) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long off, size;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "LL", &off, &size)) {
+            PyMem_Free(r);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        r[i].offset = off;
+        r[i].size = size;
+    }
+    Py_DECREF(fast);
+    {
+        tpy_arg a[] = {ARR(shard, "shard"), OUT(full, "full")};
+        tp_status st_;
+        if (tpy_args_convert(a, NARGS(a)) < 0) {
+            PyMem_Free(r);
+            return NULL;
+        }
+        Py_BEGIN_ALLOW_THREADS st_ = tp_gather_packed(g, a[0].p, dim, r, nblocks, a[1].p);
+        Py_END_ALLOW_THREADS tpy_args_release(a, NARGS(a));
+        PyMem_Free(r);
+        if (st_ != TP_OK) return tpy_raise(m, st_);
+        Py_RETURN_NONE;
+    }
+}
+
+static PyObject *py_set_num_threads(PyObject *m, PyObject *args)
+{
+    int n;
+    tp_status st;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    st = tp_set_num_threads(n);
+    if (st != TP_OK) return tpy_raise(m, st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *m, PyObject *unused)
+{
+    (void)m; (void)unused;
+    return PyLong_FromLong(tp_get_num_threads());
+}
+
+static PyObject *py_cuda_available(PyObject *m, PyObject *unused)
+{
+    (void)m; (void)unused;
+    return PyBool_FromLong(tp_cuda_available());
+}
+
+static PyObject *py_cuda_compiled(PyObject *m, PyObject *unused)
+{
+    (void)m; (void)unused;
+    return PyBool_FromLong(tp_cuda_compiled());
+}
+
+PyMethodDef tpy_core_methods[] = {
+    {"partition", py_partition, METH_VARARGS, "partition(n, p, training, num_heads, name) -> [(offset, size)]"},
+    {"partition_packed", py_partition_packed, METH_VARARGS,
+     "partition_packed(blocks, p, training, heads|None, name) -> [(offset, size)] (rank-major)"},
+    {"init_uniform", py_init_uniform, METH_VARARGS, "init_uniform(out, seed, stream, bound, row_off, col_off, full_cols)"},
+    {"linear_forward", py_linear_forward, METH_VARARGS, "linear_forward(x, w, b|None, y)"},
+    {"linear_backward", py_linear_backward, METH_VARARGS, "linear_backward(dy, x, w, dx|None, dw|None, db|None)"},
+    {"row_forward", py_row_forward, METH_VARARGS, "row_forward(group, x, w, b|None, y)"},
+    {"row_backward", py_row_backward, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None)"},
+    {"col_forward", py_col_forward, METH_VARARGS, "col_forward(group, x, w, b|None, y)"},
+    {"col_backward", py_col_backward, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap)"},
+    {"gather", py_gather, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full)"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): BLAS threads (n <= 0: automatic)"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"cuda_available", py_cuda_available, METH_NOARGS, "cuda_available() -> bool"},
+    {"cuda_compiled", py_cuda_compiled, METH_NOARGS, "cuda_compiled() -> bool"},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,141 @@
+/* The module tplinear._C: state (CommError, the Group type) and init. */
+#include "py.h"
+
+/* ---------------------------------------------------------------- Group */
+
+static void group_dealloc(PyObject *self)
+{
+    tpy_group *g = (tpy_group *)self;
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    tp_group_destroy(g->g);
+    g->g = NULL;
+    Py_CLEAR(g->parent);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static int group_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((tpy_group *)self)->parent);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int group_clear(PyObject *self)
+{
+    Py_CLEAR(((tpy_group *)self)->parent);
+    return 0;
+}
+
+static PyObject *group_repr(PyObject *self)
+{
+    tp_group *g = ((tpy_group *)self)->g;
+    if (g == NULL) return PyUnicode_FromString("<tplinear Group (destroyed)>");
+    return PyUnicode_FromFormat("<tplinear Group rank %d of %d, backend %s>", tp_group_rank(g), tp_group_size(g),
+                                tp_group_backend(g));
+}
+
+static PyType_Slot group_slots[] = {
+    {Py_tp_dealloc, group_dealloc},
+    {Py_tp_traverse, group_traverse},
+    {Py_tp_clear, group_clear},
+    {Py_tp_repr, group_repr},
+    {Py_tp_doc, "A process group handle (made by tplinear.distributed)."},
+    {0, NULL},
+};
+
+static PyType_Spec group_spec = {
+    "tplinear._C.Group", sizeof(tpy_group), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, group_slots,
+};
+
+int tpy_group_register(PyObject *module, tpy_state *state)
+{
+    state->group_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &group_spec, NULL);
+    if (state->group_type == NULL) return -1;
+    Py_INCREF(state->group_type);
+    if (PyModule_AddObject(module, "Group", (PyObject *)state->group_type) < 0) {
+        Py_DECREF(state->group_type);
+        return -1;
+    }
+    return 0;
+}
+
+tp_group *tpy_group_get(PyObject *module, PyObject *obj)
+{
+    tpy_state *state = PyModule_GetState(module);
+    if (!PyObject_TypeCheck(obj, state->group_type)) {
+        PyErr_Format(PyExc_TypeError, "expected a process group, got %.100s", Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    if (((tpy_group *)obj)->g == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the process group was destroyed");
+        return NULL;
+    }
+    return ((tpy_group *)obj)->g;
+}
+
+PyObject *tpy_group_wrap(PyObject *module, tp_group *g, PyObject *parent)
+{
+    tpy_state *state = PyModule_GetState(module);
+    tpy_group *obj = PyObject_GC_New(tpy_group, state->group_type);
+    if (obj == NULL) {
+        tp_group_destroy(g);
+        return NULL;
+    }
+    obj->g = g;
+    obj->parent = parent;
+    Py_XINCREF(parent);
+    PyObject_GC_Track((PyObject *)obj);
+    return (PyObject *)obj;
+}
+
+/* ---------------------------------------------------------------- module */
+
+static int module_exec(PyObject *m)
+{
+    tpy_state *state = PyModule_GetState(m);
+    state->comm_error = PyErr_NewExceptionWithDoc(
+        "tplinear.CommError",
+        "A collective failed because of a peer: it died, timed out, or called a different collective.",
+        PyExc_RuntimeError, NULL);
+    if (state->comm_error == NULL) return -1;
+    Py_INCREF(state->comm_error);
+    if (PyModule_AddObject(m, "CommError", state->comm_error) < 0) {
+        Py_DECREF(state->comm_error);
+        return -1;
+    }
+    if (tpy_group_register(m, state) < 0) return -1;
+    if (PyModule_AddFunctions(m, tpy_core_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, tpy_comm_methods) < 0) return -1;
+    if (PyModule_AddStringConstant(m, "VERSION", TPLINEAR_VERSION) < 0) return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    tpy_state *state = PyModule_GetState(m);
+    Py_VISIT(state->comm_error);
+    Py_VISIT(state->group_type);
+    return 0;
+}
+
+static int module_clear(PyObject *m)
+{
+    tpy_state *state = PyModule_GetState(m);
+    Py_CLEAR(state->comm_error);
+    Py_CLEAR(state->group_type);
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "tplinear._C", "The C core of tplinear (internal; use the tplinear package).",
+    sizeof(tpy_state), NULL, module_slots, module_traverse, module_clear, NULL,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }

@@ -1,0 +1,53 @@
+"""tplinear: tensor-parallel linear layers (DeepSpeed AutoTP semantics) with a C core.
+
+    import tplinear as tp
+    lin = tp.Linear(4096, 4096)
+    row = tp.LinearAllreduce(lin, mp_group)
+    y = row(x); dx = row.backward(dy)
+"""
+# scipy_openblas32 loads OpenBLAS with RTLD_GLOBAL; the extension resolves its BLAS symbols from it
+# (as NumPy does with the same package), so no LD_LIBRARY_PATH or rpath is needed.
+import scipy_openblas32 as _openblas  # noqa: F401
+
+from . import _C
+from . import distributed
+from .layers import (
+    GatherReplacedLayerParams,
+    Linear,
+    LinearAllreduce,
+    LinearLayer,
+    Parameter,
+    get_num_kv_heads,
+    is_autotp_training_mode,
+    is_training_mode,
+    load_checkpoint,
+    save_checkpoint,
+    set_autotp_mode,
+    set_num_kv_heads,
+    set_training_mode,
+)
+
+CommError = _C.CommError
+__version__ = _C.VERSION
+
+
+def cuda_available():
+    """True when this build has the CUDA path and a GPU is visible."""
+    return bool(_C.cuda_available())
+
+
+def set_num_threads(n):
+    """BLAS threads of this process; n <= 0 picks cores / local ranks."""
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads():
+    return _C.get_num_threads()
+
+
+__all__ = [
+    "CommError", "GatherReplacedLayerParams", "Linear", "LinearAllreduce", "LinearLayer", "Parameter",
+    "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "is_autotp_training_mode",
+    "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode", "set_num_kv_heads",
+    "set_num_threads", "set_training_mode",
+]

@@ -1,0 +1,191 @@
+"""torch.distributed-style process groups over the C core's backends (shm, nccl, mpi).
+
+    import tplinear.distributed as dist
+    dist.init_process_group()            # reads RANK, WORLD_SIZE, ... (torchrun's variables)
+    dist.all_reduce(arr)                 # in place on a C-contiguous NumPy array
+"""
+import os
+
+from . import _C
+
+CommError = _C.CommError
+
+_world = None  # the default group (a ProcessGroup), set by init_process_group
+
+
+class ProcessGroup:
+    """A process group. Non-members hold a handle whose rank is -1 and whose collectives raise."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    @property
+    def rank(self):
+        return _C.group_info(self._handle)["rank"]
+
+    @property
+    def size(self):
+        return _C.group_info(self._handle)["size"]
+
+    @property
+    def ranks(self):
+        """Global ranks of the members, in group order."""
+        return _C.group_info(self._handle)["ranks"]
+
+    @property
+    def backend(self):
+        return _C.group_info(self._handle)["backend"]
+
+    @property
+    def timeout(self):
+        return _C.group_info(self._handle)["timeout"]
+
+    def is_member(self):
+        return self.rank >= 0
+
+    def __repr__(self):
+        info = _C.group_info(self._handle)
+        return f"ProcessGroup(rank={info['rank']}, size={info['size']}, backend={info['backend']!r})"
+
+
+def _env_int(names, default):
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+    return default
+
+
+def is_initialized():
+    return _world is not None
+
+
+def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, init_method=None):
+    """Creates the default group from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or OpenMPI's OMPI_COMM_WORLD_*); nothing set means a
+    world of one. backend: None (auto), "shm", "nccl" or "mpi". Every wait is bounded by timeout
+    seconds (a datetime.timedelta works too)."""
+    global _world
+    if _world is not None:
+        raise RuntimeError("the default process group is already initialized; call destroy_process_group() first")
+    if backend is not None and backend not in ("shm", "nccl", "mpi", "auto", "gloo"):
+        raise ValueError(f"backend must be None, 'shm', 'nccl' or 'mpi', got {backend!r}")
+    if backend == "gloo":  # torch scripts say gloo for CPU; shm is the CPU backend here
+        backend = "shm"
+    if hasattr(timeout, "total_seconds"):
+        timeout = timeout.total_seconds()
+    timeout = float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    if init_method is not None and not str(init_method).startswith("env://"):
+        raise ValueError("only init_method='env://' (torchrun's environment) is supported")
+    r = rank if rank is not None else _env_int(["RANK", "OMPI_COMM_WORLD_RANK"], -1)
+    n = world_size if world_size is not None else _env_int(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], -1)
+    lr = _env_int(["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"], -1)
+    lw = _env_int(["LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"], -1)
+    addr = os.environ.get("MASTER_ADDR") or None
+    port = _env_int(["MASTER_PORT"], -1)
+    handle = _C.init_world(None if backend in (None, "auto") else backend, timeout, r, n, lr, lw, addr, port)
+    _world = ProcessGroup(handle)
+    return _world
+
+
+def _default():
+    """The default group; a world of one is created on first use when the environment names no world."""
+    if _world is None:
+        n = _env_int(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], 1)
+        if n > 1:
+            raise RuntimeError(
+                f"this process is one of {n} ranks (WORLD_SIZE={n}): call "
+                "tplinear.distributed.init_process_group() before using collectives or layers")
+        init_process_group()
+    return _world
+
+
+def _group(group):
+    if group is None:
+        return _default()
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"group must be a tplinear.distributed.ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+
+def get_world_group():
+    return _default()
+
+
+def get_rank(group=None):
+    return _group(group).rank
+
+
+def get_world_size(group=None):
+    return _group(group).size
+
+
+def get_backend(group=None):
+    return _group(group).backend
+
+
+def new_group(ranks=None):
+    """Collective over the default group: every rank calls it with the same ranks. Non-members get a
+    group they cannot use for collectives (as in torch)."""
+    world = _default()
+    if ranks is None:
+        ranks = range(world.size)
+    return ProcessGroup(_C.new_group(world._handle, [int(r) for r in ranks]))
+
+
+def all_reduce(tensor, op="sum", group=None):
+    _C.all_reduce(_group(group)._handle, tensor, _op(op))
+
+
+def all_gather_into_tensor(output_tensor, input_tensor, group=None):
+    _C.all_gather(_group(group)._handle, output_tensor, input_tensor)
+
+
+def all_gather_v(output_tensor, input_tensor, counts, group=None):
+    """Variable-count all-gather: rank r contributes counts[r] elements, placed one after another."""
+    _C.all_gather(_group(group)._handle, output_tensor, input_tensor, list(counts))
+
+
+def reduce_scatter_tensor(output, input, op="sum", group=None):
+    _C.reduce_scatter(_group(group)._handle, output, input, _op(op))
+
+
+def broadcast(tensor, src, group=None):
+    """src is a rank of the group."""
+    _C.broadcast(_group(group)._handle, tensor, int(src))
+
+
+def barrier(group=None):
+    _C.barrier(_group(group)._handle)
+
+
+def destroy_process_group(group=None):
+    """Destroys group, or the default group (and with it the world) when group is None."""
+    global _world
+    if group is None:
+        if _world is not None:
+            _C.destroy(_world._handle)
+            _world = None
+        return
+    _C.destroy(_group(group)._handle)
+
+
+def _op(op):
+    if isinstance(op, str):
+        return op.lower()
+    name = getattr(op, "name", None)  # enum-like ReduceOp.SUM
+    if isinstance(name, str):
+        return name.lower()
+    raise TypeError(f"op must be 'sum', 'avg', 'max' or 'min', got {op!r}")
+
+
+class ReduceOp:
+    SUM = "sum"
+    AVG = "avg"
+    MAX = "max"
+    MIN = "min"
