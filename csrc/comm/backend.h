@@ -40,4 +40,9 @@ struct tp_group {
     int next_child;         /* counter for subgroup ids (identical on every rank of the group) */
 };
 
+/* Backend constructors: fill g->backend and g->impl for an already-filled group (rank, size, ranks,
+ * store, prefix, timeout). Collective over g's members. */
+tp_status tp_shm_create(tp_group *g);
+tp_status tp_nccl_create(tp_group *g); /* csrc/cuda/nccl.c, or the stub of a build without CUDA */
+
 #endif

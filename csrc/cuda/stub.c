@@ -1,4 +1,5 @@
 /* The GPU entry points of a build without CUDA: every call says so. */
+#include "../comm/backend.h"
 #include "../gemm/gemm.h"
 
 static tp_status no_cuda(void)
@@ -26,3 +27,9 @@ tp_status tp_col_sums_cuda(const tp_mat *a, void *out)
 
 int tp_cuda_available(void) { return 0; }
 int tp_cuda_compiled(void) { return 0; }
+
+tp_status tp_nccl_create(tp_group *g)
+{
+    (void)g;
+    return no_cuda();
+}
