@@ -80,6 +80,7 @@ typedef struct {
     char *slots;
     size_t slot_bytes, half, oneshot;
     int p, r;
+    const int *granks; /* global rank of each group rank (the group's array) */
     uint64_t step, seq, chunk;
     double spin_s, timeout_s;
     int log_level;
@@ -234,10 +235,11 @@ static tp_status check_peers(shm_impl *im, uint64_t target, const char *what)
         if (j == im->r || atomic_load(&im->ctrl[j].step) >= target) continue;
         pid = atomic_load(&im->ctrl[j].pid);
         if (pid_dead(pid))
-            return tp_error(TP_ERR_COMM, "%s: rank %d of the group (pid %d) died", what, j, pid);
+            return tp_error(TP_ERR_COMM, "%s: rank %d of the group (global rank %d, pid %d) died", what, j,
+                            im->granks[j], pid);
         if (atomic_load(&im->ctrl[j].left))
-            return tp_error(TP_ERR_COMM, "%s: rank %d destroyed the process group while this rank waited for it",
-                            what, j);
+            return tp_error(TP_ERR_COMM, "%s: rank %d (global rank %d) destroyed the process group while this rank "
+                            "waited for it", what, j, im->granks[j]);
     }
     return TP_OK;
 }
@@ -672,6 +674,7 @@ tp_status tp_shm_create(tp_group *g)
     }
     im->p = g->size;
     im->r = g->rank;
+    im->granks = g->global_ranks;
     im->timeout_s = g->timeout_s;
     im->log_level = tp_log_level();
     im->slot_bytes = round_up((size_t)slot_kb * 1024, 2 * 4096);

@@ -519,7 +519,7 @@ tp_status tp_store_open(const char *addr, int port, int rank, int world_size, do
     s->timeout_s = timeout_s;
     s->port = port;
     snprintf(s->addr, sizeof s->addr, "%s", addr ? addr : "127.0.0.1");
-    if (rank == 0) TP_CHECK(server_start(port, timeout_s, &s->srv));
+    if (rank == 0) TP_CHECK(server_start(port, timeout_s < 10.0 ? timeout_s : 10.0, &s->srv));
     TP_CHECK(connect_retry(s, deadline));
     TP_CHECK(join(s));
     tp_log(TP_LOG_INFO, "store: rank %d of %d joined at %s:%d", rank, world_size, s->addr, port);
