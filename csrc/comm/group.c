@@ -62,6 +62,19 @@ void tp_init_options_default(tp_init_options *opts)
     opts->timeout_s = 300.0;
 }
 
+/* Ends a bootstrap phase that used the store: every rank of `members` ranks checks in, and rank 0
+ * (world rank 0, the store's server, when it is a member) returns last, so no rank is left mid-request when rank 0 moves on (or exits). */
+static tp_status store_checkout(tp_store *store, const char *prefix, int world_rank, int members)
+{
+    tp_status st = TP_OK;
+    char key[128];
+    snprintf(key, sizeof key, "%sdone", prefix);
+    TP_CHECK(tp_store_add(store, key, 1, NULL));
+    if (world_rank == 0) TP_CHECK(tp_store_wait_ge(store, key, members));
+out:
+    return st;
+}
+
 /* An integer from the first set variable of names (torchrun's, then OpenMPI's); dflt when none is set. */
 static tp_status env_int(const char *a, const char *b, long dflt, long *out)
 {
@@ -150,6 +163,7 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     } else if (size > 1) {
         TP_CHECK(tp_shm_create(g));
     }
+    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->world_rank, g->size));
     tp_log(TP_LOG_INFO, "init: backend %s for a world of %ld", g->backend->name, size);
     *world = g;
     g = NULL;
@@ -214,6 +228,7 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
         if (strcmp(parent->backend->name, "nccl") == 0) TP_CHECK(tp_nccl_create(g));
         else if (n > 1) TP_CHECK(tp_shm_create(g));
     }
+    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
     tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me, g->backend->name);
     *out = g;
     g = NULL;
