@@ -65,6 +65,7 @@ typedef struct {
 typedef struct {
     uint64_t magic;
     uint64_t slot_bytes;
+    uint64_t chunk_bytes; /* rounds of the chunked algorithms, chosen by rank 0 */
     int32_t nranks;
     _Alignas(CL) _Atomic uint32_t futex; /* bumped by every post */
     _Atomic int32_t nwaiters;
@@ -78,11 +79,13 @@ typedef struct {
     shm_header *hdr;
     rank_ctrl *ctrl;
     char *slots;
-    size_t slot_bytes, half, oneshot;
+    size_t slot_bytes, half, oneshot, chunk;
+    int oneshot_big; /* chunked one-shot for every size (TPLINEAR_SHM_ALGO=oneshot) */
     int p, r;
     const int *granks; /* global rank of each group rank (the group's array) */
-    uint64_t step, seq, chunk;
-    double spin_s, timeout_s;
+    uint64_t step, seq, round;
+    double spin_s, yield_s, timeout_s;
+    double spin_cur; /* adaptive spin budget: shrinks while spinning fails (peer not running), regrows */
     int log_level;
     int broken;
     tp_status broken_status;
@@ -255,12 +258,23 @@ static tp_status wait_all(shm_impl *im, const char *what)
     start = tp_now();
     for (unsigned it = 1;; it++) { /* spin */
         while (j < im->p && atomic_load_explicit(&im->ctrl[j].step, memory_order_acquire) >= target) j++;
-        if (j == im->p) return TP_OK;
-        cpu_relax();
-        if ((it & 63) == 0) {
-            if (atomic_load_explicit(&im->hdr->failed, memory_order_relaxed)) return fail_from_segment(im);
-            if (tp_now() - start > im->spin_s) break;
+        if (j == im->p) {
+            im->spin_cur = im->spin_cur * 2 < im->spin_s ? im->spin_cur * 2 : im->spin_s;
+            return TP_OK;
         }
+        cpu_relax();
+        if ((it & 31) == 0) {
+            if (atomic_load_explicit(&im->hdr->failed, memory_order_relaxed)) return fail_from_segment(im);
+            if (tp_now() - start > im->spin_cur) break;
+        }
+    }
+    im->spin_cur = im->spin_cur / 2 > 1e-6 ? im->spin_cur / 2 : 1e-6;
+    /* yield: lets a peer that shares this core run (more ranks than cores, or a busy machine) */
+    while (tp_now() - start < im->yield_s) {
+        sched_yield();
+        while (j < im->p && atomic_load_explicit(&im->ctrl[j].step, memory_order_acquire) >= target) j++;
+        if (j == im->p) return TP_OK;
+        if (atomic_load_explicit(&im->hdr->failed, memory_order_relaxed)) return fail_from_segment(im);
     }
     deadline = start + im->timeout_s;
     next_check = start + 0.05;
@@ -433,14 +447,22 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     char *in[TP_SHM_MAX_RANKS];
     TP_CHECK(check_dtype(dt, "all_reduce"));
     TP_CHECK(begin(im, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
-    if (bytes <= im->oneshot) {
-        if (src && bytes) memcpy(slot(im, im->r, im->chunk), src, bytes);
-        TP_CHECK(sync_step(im, 1, "all_reduce"));
-        for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->chunk);
-        if (count) reduce(dt, dst, in, im->p, count, (int)op);
-        im->chunk++;
+    if (bytes <= im->oneshot || ((im->oneshot_big || im->p == 2) && src != NULL)) {
+        /* one-shot, per chunk: copy in, one step, every rank reduces all slots (2 ranks: same traffic as
+         * reduce-scatter + all-gather with half the steps) */
+        const size_t per = (bytes <= im->oneshot ? im->half : im->chunk) / es;
+        int first = 1;
+        for (size_t off = 0; first || off < count; off += per) {
+            size_t n = count - off < per ? count - off : per;
+            if (src && n) memcpy(slot(im, im->r, im->round), (const char *)src + off * es, n * es);
+            TP_CHECK(sync_step(im, first, "all_reduce"));
+            first = 0;
+            for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round);
+            if (n) reduce(dt, (char *)dst + off * es, in, im->p, n, (int)op);
+            im->round++;
+        }
     } else {
-        const size_t per = im->half / es; /* elements per chunk */
+        const size_t per = (src ? im->chunk : im->half) / es; /* elements per chunk */
         const size_t unit = CL / es;      /* ranges in whole cache lines */
         int first = 1;
         for (size_t off = 0; off < count; off += per) {
@@ -448,13 +470,13 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
             size_t units = (n + unit - 1) / unit;
             size_t lo = (units * (size_t)im->r / (size_t)im->p) * unit;
             size_t hi = (units * (size_t)(im->r + 1) / (size_t)im->p) * unit;
-            char *mine = slot(im, im->r, im->chunk);
+            char *mine = slot(im, im->r, im->round);
             if (hi > n) hi = n;
             if (lo > n) lo = n;
             if (src) memcpy(mine, (const char *)src + off * es, n * es);
             TP_CHECK(sync_step(im, first, "all_reduce"));
             first = 0;
-            for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->chunk) + lo * es;
+            for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round) + lo * es;
             if (hi > lo) reduce(dt, mine + lo * es, in, im->p, hi - lo, (int)op);
             TP_CHECK(sync_step(im, 0, "all_reduce"));
             for (int k = 0; k < im->p; k++) {
@@ -463,9 +485,9 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
                 if (khi > n) khi = n;
                 if (klo > n) klo = n;
                 if (khi > klo)
-                    memcpy((char *)dst + (off + klo) * es, slot(im, k, im->chunk) + klo * es, (khi - klo) * es);
+                    memcpy((char *)dst + (off + klo) * es, slot(im, k, im->round) + klo * es, (khi - klo) * es);
             }
-            im->chunk++;
+            im->round++;
         }
     }
     end(im, K_ALL_REDUCE, bytes, t0);
@@ -484,14 +506,14 @@ static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
     *ptr = NULL;
     if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
                                     im->broken_msg);
-    if (bytes <= im->half) *ptr = slot(im, im->r, im->chunk);
+    if (bytes <= im->half) *ptr = slot(im, im->r, im->round);
     return TP_OK;
 }
 
 static tp_status shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
 {
     shm_impl *im = g->impl;
-    char *mine = slot(im, im->r, im->chunk);
+    char *mine = slot(im, im->r, im->round);
     size_t bytes = count * tp_dtype_size(dt);
     if (bytes > im->half)
         return tp_error(TP_ERR_VALUE, "all_reduce_staged: %zu bytes exceed the staging area of %zu bytes", bytes,
@@ -525,18 +547,18 @@ static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, cons
         if (counts[j] * es > maxb) maxb = counts[j] * es;
     }
     TP_CHECK(begin(im, K_ALL_GATHER, total * es, dt, 0, -1, hash_counts(counts, im->p)));
-    for (size_t off = 0; first || off < maxb; off += im->half) {
+    for (size_t off = 0; first || off < maxb; off += im->chunk) {
         size_t mine = counts[im->r] * es;
-        if (off < mine) memcpy(slot(im, im->r, im->chunk), (const char *)send + off,
-                               mine - off < im->half ? mine - off : im->half);
+        if (off < mine) memcpy(slot(im, im->r, im->round), (const char *)send + off,
+                               mine - off < im->chunk ? mine - off : im->chunk);
         TP_CHECK(sync_step(im, first, "all_gather"));
         first = 0;
         for (int j = 0; j < im->p; j++) {
             size_t b = counts[j] * es;
             if (off < b && !(j == im->r && (const char *)recv + displ[j] == (const char *)send))
-                memcpy((char *)recv + displ[j] + off, slot(im, j, im->chunk), b - off < im->half ? b - off : im->half);
+                memcpy((char *)recv + displ[j] + off, slot(im, j, im->round), b - off < im->chunk ? b - off : im->chunk);
         }
-        im->chunk++;
+        im->round++;
     }
     end(im, K_ALL_GATHER, total * es, t0);
 out:
@@ -550,7 +572,7 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
-    const size_t piece = (im->half / (size_t)im->p) / CL * CL; /* bytes per destination block per round */
+    const size_t piece = (im->chunk / (size_t)im->p) / CL * CL; /* bytes per destination block per round */
     const size_t per = piece / es;
     char *in[TP_SHM_MAX_RANKS];
     int first = 1;
@@ -558,14 +580,14 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
     TP_CHECK(begin(im, K_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
     for (size_t off = 0; first || off < count; off += per) {
         size_t n = count - off < per ? count - off : per;
-        char *mine = slot(im, im->r, im->chunk);
+        char *mine = slot(im, im->r, im->round);
         for (int k = 0; k < im->p && n > 0; k++)
             memcpy(mine + (size_t)k * piece, (const char *)send + ((size_t)k * count + off) * es, n * es);
         TP_CHECK(sync_step(im, first, "reduce_scatter"));
         first = 0;
-        for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->chunk) + (size_t)im->r * piece;
+        for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round) + (size_t)im->r * piece;
         if (n > 0) reduce(dt, (char *)recv + off * es, in, im->p, n, (int)op);
-        im->chunk++;
+        im->round++;
     }
     end(im, K_REDUCE_SCATTER, count * es * (size_t)im->p, t0);
 out:
@@ -580,13 +602,13 @@ static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
     int first = 1;
     TP_CHECK(begin(im, K_BROADCAST, bytes, dt, 0, root, 0));
-    for (size_t off = 0; first || off < bytes; off += im->half) {
-        size_t n = bytes - off < im->half ? bytes - off : im->half;
-        if (im->r == root && n) memcpy(slot(im, root, im->chunk), (char *)buf + off, n);
+    for (size_t off = 0; first || off < bytes; off += im->chunk) {
+        size_t n = bytes - off < im->chunk ? bytes - off : im->chunk;
+        if (im->r == root && n) memcpy(slot(im, root, im->round), (char *)buf + off, n);
         TP_CHECK(sync_step(im, first, "broadcast"));
         first = 0;
-        if (im->r != root && n) memcpy((char *)buf + off, slot(im, root, im->chunk), n);
-        im->chunk++;
+        if (im->r != root && n) memcpy((char *)buf + off, slot(im, root, im->round), n);
+        im->round++;
     }
     end(im, K_BROADCAST, bytes, t0);
 out:
@@ -658,9 +680,11 @@ tp_status tp_shm_create(tp_group *g)
     shm_impl *im = NULL;
     char key[160];
     size_t ctrl_bytes, data_off, len = 0;
-    long slot_kb = tp_env_long("TPLINEAR_SHM_SLOT_KB", 2048);
+    long slot_kb = tp_env_long("TPLINEAR_SHM_SLOT_KB", 8192);
     long oneshot_kb = tp_env_long("TPLINEAR_SHM_ONESHOT_KB", 64);
     long spin_us = tp_env_long("TPLINEAR_SHM_SPIN_US", -1);
+    long chunk_kb = tp_env_long("TPLINEAR_SHM_CHUNK_KB", -1);
+    long yield_us = tp_env_long("TPLINEAR_SHM_YIELD_US", 200);
     int fd = -1, created = 0, unlinked = 0;
     int64_t mapped = 0;
     struct stat sb;
@@ -682,6 +706,9 @@ tp_status tp_shm_create(tp_group *g)
     im->oneshot = (size_t)oneshot_kb * 1024;
     if (im->oneshot > im->half) im->oneshot = im->half;
     im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= online_cpus() ? 50e-6 : 2e-6);
+    im->oneshot_big = getenv("TPLINEAR_SHM_ALGO") && strcmp(getenv("TPLINEAR_SHM_ALGO"), "oneshot") == 0;
+    im->yield_s = yield_us >= 0 ? (double)yield_us * 1e-6 : 1e-3;
+    im->spin_cur = im->spin_s;
     ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
     data_off = round_up(sizeof(shm_header) + ctrl_bytes, 4096);
     im->map_bytes = data_off + (size_t)g->size * im->slot_bytes;
@@ -724,6 +751,12 @@ tp_status tp_shm_create(tp_group *g)
     im->ctrl = (rank_ctrl *)(im->base + round_up(sizeof(shm_header), CL));
     im->slots = im->base + data_off;
     if (g->rank == 0) {
+        /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
+        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 64 * 1024 : 1024 * 1024);
+        chunk = chunk / ((size_t)CL * (size_t)g->size) * ((size_t)CL * (size_t)g->size);
+        if (chunk > im->half) chunk = im->half;
+        if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
+        im->hdr->chunk_bytes = chunk;
         im->hdr->slot_bytes = im->slot_bytes;
         im->hdr->nranks = g->size;
         im->hdr->magic = SHM_MAGIC;
@@ -732,6 +765,7 @@ tp_status tp_shm_create(tp_group *g)
         st = tp_error(TP_ERR_COMM, "shm: segment %s is not a tplinear segment of %d ranks", im->name, g->size);
         goto out;
     }
+    im->chunk = im->hdr->chunk_bytes;
     atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
     atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
     snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
@@ -742,9 +776,9 @@ tp_status tp_shm_create(tp_group *g)
     }
     TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
     unlinked = 1;
-    tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, one-shot <= %zu KB, spin %.0f us)",
+    tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, spin %.0f us)",
            g->prefix, g->rank, g->size, g->world_rank, im->name, (double)im->map_bytes / 1048576.0,
-           im->slot_bytes / 1024, im->oneshot / 1024, im->spin_s * 1e6);
+           im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024, im->spin_s * 1e6);
     g->impl = im;
     g->backend = &shm_backend;
     im = NULL;
