@@ -212,6 +212,24 @@ def check_from_init(training, in_f, out_f, dtype="float32"):
         assert np.array_equal(row.weight.data, full.weight.data)
 
 
+def check_skip_partition():
+    """from_weights / skip_partition=True: the given weights are this rank's shard, used as they are;
+    gathering concatenates the ranks' shards (of any sizes)."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    rng = rng_for("skip", p)
+    full = rng.standard_normal((3 * p + 3, 10))  # uneven: rank r holds 3 + (r == 0) * 3 rows
+    bounds = np.cumsum([0] + [6 if q == 0 else 3 for q in range(p)])
+    shard = full[bounds[r]:bounds[r + 1]]
+    layer = tp.LinearLayer.from_weights(weight=shard.copy(), bias=np.arange(len(shard), dtype=np.float64))
+    assert layer.skip_partition and np.array_equal(layer.weight.data, shard)
+    x = rng.standard_normal((4, 10))
+    close(layer(x), x @ shard.T + np.arange(len(shard)), "float64", "from_weights forward")
+    with tp.GatherReplacedLayerParams(layer.parameters(), layer):
+        assert np.array_equal(layer.weight.data, full)
+    zero = tp.LinearLayer.from_weights(weight_shape=(4, 6), dtype="float64")
+    assert zero.weight.data.shape == (4, 6) and not zero.weight.data.any() and zero.bias is None
+
+
 def run_layer_checks(training_dims, inference_dims):
     """The full matrix for one world size."""
     for training, (in_f, out_f) in ((True, training_dims), (False, inference_dims)):
@@ -230,6 +248,7 @@ def run_layer_checks(training_dims, inference_dims):
     check_packed("float32", False, [8 * 4, 2 * 4, 2 * 4], heads=[8, 2, 2])      # GQA: 8 q heads, 2 kv heads
     check_packed("float64", True, [6 * p, 6 * p])                                # gate/up
     check_gather_context()
+    check_skip_partition()
     print(f"rank {dist.get_rank()}: layer checks passed", flush=True)
 
 
