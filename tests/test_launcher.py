@@ -18,7 +18,7 @@ LAUNCH = [sys.executable, "-m", "tplinear.run"]
 # Every worker prints "PID <rank> <pid>" then sleeps far longer than any test may take.
 SLEEPER = """
     import os, sys, time
-    print("PID", os.environ["RANK"], os.getpid(), flush=True)
+    os.write(1, b"PID %s %d\\n" % (os.environ["RANK"].encode(), os.getpid()))   # one write: no interleaving
     time.sleep(600)
 """
 
@@ -64,6 +64,8 @@ class LiveWorld:
             with self.cond:
                 self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
                 self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
 
     @property
     def output(self):
@@ -84,8 +86,9 @@ class LiveWorld:
                 if len(pids) >= n:
                     return pids
                 left = deadline - time.monotonic()
-                assert left > 0, "workers did not start in %.0f s:\n%s" % (timeout, "\n".join(self.lines))
-                self.cond.wait(left)
+                assert left > 0 and self.reader.is_alive(), \
+                    "workers did not start (within %.0f s):\n%s" % (timeout, "\n".join(self.lines))
+                self.cond.wait(min(left, 0.5))
 
     def wait(self, timeout=30.0):
         try:
@@ -264,7 +267,8 @@ def test_no_python(tmp_path):
 
 
 def test_output_without_prefix():
-    res = run_world(2, "import os; print('plain', os.environ['RANK'])", prefix=False)
+    # one write(2) per line: unprefixed ranks share the pipe, so lines written piecewise could interleave
+    res = run_world(2, "import os; os.write(1, b'plain %s\\n' % os.environ['RANK'].encode())", prefix=False)
     assert res.returncode == 0
     assert sorted(res.output.splitlines()) == ["plain 0", "plain 1"]
 
