@@ -407,3 +407,46 @@ def test_run_world_timeout_kills_everything():
     assert len(pids) == 2, out
     assert wait_gone(pids) == []
     assert "did not finish within 3.0 s" in str(ei.value)
+
+
+def test_run_world_interrupted_kills_everything(tmp_path):
+    """A KeyboardInterrupt in the test process still kills the world it started."""
+    piddir = tmp_path / "pids"
+    piddir.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""
+        import os, signal, sys, threading, time
+        from tplinear.testing import run_world
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        def when_started():         # once both ranks run (bounded wait), interrupt the main thread
+            deadline = time.monotonic() + 30
+            while len([n for n in os.listdir(%r) if n.isdigit()]) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        signal.signal(signal.SIGUSR1, interrupt)
+        threading.Thread(target=when_started, daemon=True).start()
+        try:
+            run_world(2, '''
+                import os, time
+                path = os.path.join(%r, os.environ["RANK"])
+                with open(path + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.rename(path + ".tmp", path)      # complete once it is visible
+                time.sleep(600)
+            ''', timeout=60)
+        except KeyboardInterrupt:
+            print("interrupted")
+            sys.exit(0)
+        sys.exit("run_world returned")
+    """ % (str(piddir), str(piddir))))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, env=world_env(),
+                       timeout=60)
+    assert p.returncode == 0 and "interrupted" in p.stdout, p.stdout + p.stderr
+    assert time.monotonic() - t0 < 30
+    pids = [int((piddir / str(r)).read_text()) for r in range(2)]
+    assert wait_gone(pids) == []
