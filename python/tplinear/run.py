@@ -407,6 +407,9 @@ class Launcher:
         cmd = worker_cmd(args)
         preexec = _make_preexec()
         pipe = subprocess.PIPE if args.prefix_output else None
+        # Workers deliberately stay in the launcher's process group (no start_new_session/setpgid):
+        # a terminal Ctrl-C reaches every rank at once, and killing the group (as tplinear.testing does
+        # on a timeout) takes the whole world down. PR_SET_PDEATHSIG covers a launcher killed alone.
         for local_rank in range(args.nproc_per_node):
             rank = args.node_rank * args.nproc_per_node + local_rank
             proc = subprocess.Popen(cmd, env=worker_env(args, local_rank), stdout=pipe, stderr=pipe,
