@@ -72,14 +72,14 @@ def config(link_blas=False, with_cuda=True):
 def shell_words(kind):
     c = config(link_blas=True, with_cuda=False)
     if kind == "cflags":
-        words = c["cflags"] + ["-I" + i for i in c["include_dirs"]] + [
+        words = c["cflags"] + ["-I" + os.path.join(ROOT, i) for i in c["include_dirs"]] + [
             "-D%s=%s" % m for m in c["define_macros"]
         ]
     elif kind == "ldflags":
         words = ["-L" + d for d in c["library_dirs"]] + ["-l" + l for l in c["libraries"]]
         words += ["-Wl,-rpath," + d for d in c["runtime_library_dirs"]] + c["ldflags"] + ["-lm"]
     elif kind == "sources":
-        words = c["sources"]
+        words = [os.path.join(ROOT, src) for src in c["sources"]]
     elif kind == "cuda":
         words = [c["cuda"] or ""]
     else:
