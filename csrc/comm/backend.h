@@ -21,7 +21,14 @@ struct tp_backend {
     tp_status (*barrier)(tp_group *g);
     tp_status (*abort)(tp_group *g);
     void (*destroy)(tp_group *g);
+    /* Optional (NULL: not offered). The row-parallel fast path: a pointer to `bytes` of this rank's
+     * staging area (NULL if too large), and an all-reduce whose input is already there. */
+    tp_status (*staging)(tp_group *g, size_t bytes, void **ptr);
+    tp_status (*all_reduce_staged)(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
 };
+
+/* Largest group the shm backend serves. */
+#define TP_SHM_MAX_RANKS 256
 
 struct tp_group {
     const tp_backend *backend;

@@ -41,7 +41,12 @@ static void self_destroy(tp_group *g) { (void)g; }
 
 static const tp_backend self_backend = {
     "self", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
-    self_destroy,
+    self_destroy, NULL, NULL,
+};
+
+static const tp_backend none_backend = {
+    "none", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
+    self_destroy, NULL, NULL,
 };
 
 /* ---------------------------------------------------------------- creation */
@@ -57,30 +62,181 @@ void tp_init_options_default(tp_init_options *opts)
     opts->timeout_s = 300.0;
 }
 
+/* Ends a bootstrap phase that used the store: every rank of `members` ranks checks in, and rank 0
+ * (world rank 0, the store's server, when it is a member) returns last, so no rank is left mid-request when rank 0 moves on (or exits). */
+static tp_status store_checkout(tp_store *store, const char *prefix, int world_rank, int members)
+{
+    tp_status st = TP_OK;
+    char key[128];
+    snprintf(key, sizeof key, "%sdone", prefix);
+    TP_CHECK(tp_store_add(store, key, 1, NULL));
+    if (world_rank == 0) TP_CHECK(tp_store_wait_ge(store, key, members));
+out:
+    return st;
+}
+
+/* An integer from the first set variable of names (torchrun's, then OpenMPI's); dflt when none is set. */
+static tp_status env_int(const char *a, const char *b, long dflt, long *out)
+{
+    const char *names[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        const char *v;
+        if (names[i] == NULL || (v = getenv(names[i])) == NULL || v[0] == '\0') continue;
+        *out = tp_env_long(names[i], dflt);
+        if (*out < 0)
+            return tp_error(TP_ERR_VALUE, "environment variable %s must be a non-negative integer, got '%s'", names[i], v);
+        return TP_OK;
+    }
+    *out = dflt;
+    return TP_OK;
+}
+
+static tp_group *group_alloc(int size)
+{
+    tp_group *g = calloc(1, sizeof *g);
+    if (g == NULL) return NULL;
+    if ((g->global_ranks = calloc((size_t)size, sizeof(int))) == NULL) {
+        free(g);
+        return NULL;
+    }
+    return g;
+}
+
 tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
 {
     tp_status st = TP_OK;
     tp_group *g = NULL;
-    int size = opts->world_size >= 0 ? opts->world_size : (int)tp_env_long("WORLD_SIZE", 1);
-    TP_REQUIRE(world != NULL, "init: output is NULL");
+    long size, rank, lrank, lsize, port;
+    const char *backend = opts ? opts->backend : NULL, *addr;
+    TP_REQUIRE(world != NULL && opts != NULL, "init: NULL argument");
     *world = NULL;
-    TP_REQUIRE(size == 1, "multi-rank worlds need the shm backend (not built yet)");
-    g = calloc(1, sizeof *g);
-    if (g == NULL || (g->global_ranks = calloc(1, sizeof(int))) == NULL) {
+    if (opts->world_size >= 0) size = opts->world_size;
+    else TP_CHECK(env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", 1, &size));
+    if (opts->rank >= 0) rank = opts->rank;
+    else TP_CHECK(env_int("RANK", "OMPI_COMM_WORLD_RANK", 0, &rank));
+    if (opts->local_rank >= 0) lrank = opts->local_rank;
+    else TP_CHECK(env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", rank, &lrank));
+    if (opts->local_world_size >= 0) lsize = opts->local_world_size;
+    else TP_CHECK(env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", size, &lsize));
+    TP_REQUIRE(size >= 1 && size <= 65536, "init: WORLD_SIZE must be >= 1, got %ld", size);
+    TP_REQUIRE(rank >= 0 && rank < size, "init: RANK must be in 0..%ld (WORLD_SIZE=%ld), got %ld", size - 1, size, rank);
+    if (backend != NULL && strcmp(backend, "auto") == 0) backend = NULL;
+    if (backend != NULL && strcmp(backend, "mpi") == 0) {
+        st = tp_error(TP_ERR_UNSUPPORTED, "init: the 'mpi' backend is not built into this tplinear; use 'shm' "
+                                          "(all ranks on one host, the CPU default) or 'nccl' (GPU)");
+        goto out;
+    }
+    TP_REQUIRE(backend == NULL || strcmp(backend, "shm") == 0 || strcmp(backend, "nccl") == 0,
+               "init: backend must be None, 'auto', 'shm', 'nccl' or 'mpi', got '%s'", backend);
+    if ((g = group_alloc((int)size)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "init: out of memory");
         goto out;
     }
+    for (int i = 0; i < size; i++) g->global_ranks[i] = i;
     g->backend = &self_backend;
-    g->rank = 0;
-    g->size = 1;
-    g->world_size = 1;
-    g->local_world_size = 1;
+    g->rank = g->world_rank = (int)rank;
+    g->size = g->world_size = (int)size;
+    g->local_rank = (int)lrank;
+    g->local_world_size = (int)lsize;
     g->timeout_s = opts->timeout_s > 0 ? opts->timeout_s : 300.0;
     snprintf(g->prefix, sizeof g->prefix, "g0/");
+    if (size > 1) {
+        if (opts->master_port > 0) port = opts->master_port;
+        else TP_CHECK(env_int("MASTER_PORT", NULL, -1, &port));
+        TP_REQUIRE(port > 0 && port < 65536,
+                   "init: WORLD_SIZE=%ld but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)", size);
+        addr = opts->master_addr && opts->master_addr[0] ? opts->master_addr : getenv("MASTER_ADDR");
+        if (addr == NULL || addr[0] == '\0') addr = "127.0.0.1";
+        if ((backend == NULL || strcmp(backend, "shm") == 0) && lsize != size) {
+            st = tp_error(TP_ERR_UNSUPPORTED,
+                          "init: the shm backend needs every rank on one host (LOCAL_WORLD_SIZE=%ld, WORLD_SIZE=%ld); "
+                          "the multi-host 'mpi' backend is not built", lsize, size);
+            goto out;
+        }
+        tp_log(TP_LOG_INFO, "init: rank %ld of %ld (local %ld of %ld), store %s:%ld, timeout %g s", rank, size, lrank,
+               lsize, addr, port, g->timeout_s);
+        TP_CHECK(tp_store_open(addr, (int)port, (int)rank, (int)size, g->timeout_s, &g->store));
+        g->owns_store = 1;
+    }
+    if (backend != NULL && strcmp(backend, "nccl") == 0) {
+        TP_CHECK(tp_nccl_create(g)); /* a world of one has no store (g->store == NULL) */
+    } else if (size > 1) {
+        TP_CHECK(tp_shm_create(g));
+    }
+    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->world_rank, g->size));
+    tp_log(TP_LOG_INFO, "init: backend %s for a world of %ld", g->backend->name, size);
     *world = g;
     g = NULL;
 out:
+    if (g) g->backend = g->backend == &self_backend ? g->backend : NULL; /* half-made backends own nothing */
     tp_group_destroy(g);
+    return st;
+}
+
+tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out)
+{
+    tp_status st = TP_OK;
+    tp_group *g = NULL;
+    int me = -1;
+    int *seen = NULL, *other = NULL;
+    char key[128];
+    size_t len = 0;
+    TP_REQUIRE(out != NULL, "new_group: output is NULL");
+    *out = NULL;
+    TP_REQUIRE(parent != NULL, "new_group: parent group is NULL");
+    TP_REQUIRE(parent->rank >= 0, "new_group: this rank is not a member of the parent group");
+    TP_REQUIRE(ranks != NULL && n >= 1 && n <= parent->size, "new_group: need 1..%d ranks, got %d", parent->size, n);
+    if ((seen = calloc((size_t)parent->size, sizeof *seen)) == NULL || (other = calloc((size_t)n, sizeof *other)) == NULL ||
+        (g = group_alloc(n)) == NULL) {
+        st = tp_error(TP_ERR_NOMEM, "new_group: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        TP_REQUIRE(ranks[i] >= 0 && ranks[i] < parent->size, "new_group: rank %d is not in the parent group of %d",
+                   ranks[i], parent->size);
+        TP_REQUIRE(!seen[ranks[i]], "new_group: rank %d is listed twice", ranks[i]);
+        seen[ranks[i]] = 1;
+        if (ranks[i] == parent->rank) me = i;
+        g->global_ranks[i] = parent->global_ranks[ranks[i]];
+    }
+    g->backend = &none_backend;
+    g->rank = me;
+    g->size = n;
+    g->world_rank = parent->world_rank;
+    g->world_size = parent->world_size;
+    g->local_rank = parent->local_rank;
+    g->local_world_size = parent->local_world_size;
+    g->timeout_s = parent->timeout_s;
+    TP_REQUIRE(strlen(parent->prefix) + 12 < sizeof g->prefix, "new_group: subgroups nested too deeply");
+    snprintf(g->prefix, sizeof g->prefix, "%s%d/", parent->prefix, parent->next_child++);
+    if (parent->store) {
+        g->store = tp_store_retain(parent->store);
+        g->owns_store = 1;
+        /* every rank of the parent must pass the same list */
+        snprintf(key, sizeof key, "%sranks", g->prefix);
+        if (parent->rank == 0) {
+            TP_CHECK(tp_store_set(g->store, key, ranks, (size_t)n * sizeof *ranks));
+        } else {
+            TP_CHECK(tp_store_get(g->store, key, other, (size_t)n * sizeof *other, &len));
+            TP_REQUIRE(len == (size_t)n * sizeof *ranks && memcmp(other, ranks, len) == 0,
+                       "new_group: rank %d of the parent passed different ranks than rank 0 (every rank must pass "
+                       "the same list)", parent->rank);
+        }
+    }
+    if (me >= 0) {
+        g->backend = &self_backend;
+        if (strcmp(parent->backend->name, "nccl") == 0) TP_CHECK(tp_nccl_create(g));
+        else if (n > 1) TP_CHECK(tp_shm_create(g));
+    }
+    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
+    tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me, g->backend->name);
+    *out = g;
+    g = NULL;
+out:
+    if (g && g->backend != &self_backend) g->backend = NULL;
+    tp_group_destroy(g);
+    free(seen);
+    free(other);
     return st;
 }
 
@@ -88,13 +244,14 @@ void tp_group_destroy(tp_group *g)
 {
     if (g == NULL) return;
     if (g->backend && g->backend->destroy) g->backend->destroy(g);
+    if (g->owns_store) tp_store_close(g->store);
     free(g->global_ranks);
     free(g);
 }
 
 tp_status tp_group_abort(tp_group *g)
 {
-    if (g == NULL || g->backend == NULL) return TP_OK;
+    if (g == NULL || g->backend == NULL || g->backend->abort == NULL) return TP_OK;
     return g->backend->abort(g);
 }
 
@@ -189,8 +346,27 @@ out:
     return st;
 }
 
-tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out)
+tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr)
 {
-    (void)parent; (void)ranks; (void)n; (void)out;
-    return tp_error(TP_ERR_UNSUPPORTED, "new_group: not built yet");
+    tp_status st = TP_OK;
+    TP_REQUIRE(ptr != NULL, "all_reduce_staging: ptr is NULL");
+    *ptr = NULL;
+    TP_CHECK(check_member(g, "all_reduce_staging"));
+    if (g->backend->staging) TP_CHECK(g->backend->staging(g, bytes, ptr));
+out:
+    return st;
+}
+
+tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    TP_CHECK(check_member(g, "all_reduce_staged"));
+    TP_CHECK(check_dtype(dt, op, "all_reduce_staged"));
+    if (g->backend->all_reduce_staged == NULL) {
+        st = tp_error(TP_ERR_UNSUPPORTED, "all_reduce_staged: the %s backend has no staging buffer", g->backend->name);
+        goto out;
+    }
+    TP_CHECK(g->backend->all_reduce_staged(g, out, count, dt, op));
+out:
+    return st;
 }

@@ -12,7 +12,12 @@ typedef struct tp_store tp_store;
  * ("timed out after 30 s waiting for rank 3 of 4 to join"). */
 tp_status tp_store_open(const char *addr, int port, int rank, int world_size, double timeout_s,
                         tp_store **out);
+/* Stores are reference counted (a subgroup keeps its world's store alive): retain adds a reference,
+ * close drops one and frees on the last. Rank 0's last close lingers (bounded by the timeout) until
+ * the other ranks have disconnected, so nobody loses the server mid-request. */
+tp_store *tp_store_retain(tp_store *s);
 void tp_store_close(tp_store *s);
+double tp_store_timeout(const tp_store *s);
 tp_status tp_store_set(tp_store *s, const char *key, const void *val, size_t len);
 /* Waits (bounded by the store's timeout) until key exists, then copies up to cap bytes. */
 tp_status tp_store_get(tp_store *s, const char *key, void *val, size_t cap, size_t *len);

@@ -189,6 +189,22 @@ tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t co
 tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
 tp_status tp_barrier(tp_group *g);
 
+/* Reductions: sum/avg/max/min over float32, float64, int32, int64. Integer sums wrap around; avg of
+ * integers is the sum divided by the group size with C's truncating integer division. Results are
+ * bitwise identical on every rank (reductions run in rank order).
+ * Failures: a peer that died, destroyed the group, called a different collective (the fingerprint of
+ * sequence number, kind, count, dtype, op, root differs) or did not arrive within the timeout fails the
+ * collective on every rank with TP_ERR_COMM / TP_ERR_TIMEOUT; the group is unusable afterwards. */
+
+/* Row-parallel fast path (zero-copy input). tp_all_reduce_staging sets *ptr to `bytes` of this rank's
+ * staging buffer inside the backend's shared memory, or to NULL when the backend has none or bytes is
+ * larger than it (then use tp_all_reduce). Write the input there (e.g. as a GEMM's output), then make
+ * tp_all_reduce_staged(g, out, count, dt, op) the next collective on g: it all-reduces the staged data
+ * into out (any buffer except the staging area itself) without copying it in first. The pointer is
+ * valid only until the next collective on g. */
+tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr);
+tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
+
 /* ------------------------------------------------------------------ tensor-parallel layers */
 
 /* Row-parallel forward: y = all_reduce_g(x_r @ w_r^T) + b (b added once, may be NULL).

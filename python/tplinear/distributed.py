@@ -164,6 +164,12 @@ def barrier(group=None):
     _C.barrier(_group(group)._handle)
 
 
+def abort(group=None):
+    """Marks the group (default: the world) failed: collectives waiting on any rank of it raise
+    CommError at once, and every later collective on it raises. Safe to call from another thread."""
+    _C.abort(_group(group)._handle)
+
+
 def destroy_process_group(group=None):
     """Destroys group, or the default group (and with it the world) when group is None."""
     global _world

@@ -1,0 +1,794 @@
+/* The shm backend: collectives between the processes of one host through one POSIX shared segment
+ * per group.
+ *
+ * Segment: header (futex word, failure flag and message) | one control block per rank (step counter,
+ * pid, heartbeat, "left" flag, fingerprints) each padded to cache lines | one data slot per rank.
+ * Each slot has two halves used alternately by successive rounds ("chunks"), so a rank may fill the
+ * next half while slower peers still read the previous one.
+ *
+ * Synchronisation is one primitive: a rank bumps its own step counter ("post") and waits until every
+ * rank's counter has reached the same value ("wait_all"). Because every rank posts the same sequence
+ * of steps as long as they call the same collectives, the first step of each collective also checks
+ * the fingerprints (sequence number, kind, bytes, dtype, op, root): a mismatch fails every rank
+ * instead of corrupting memory. Invariant that makes two halves enough: a rank posts the first step
+ * of round i+1 only after it has finished reading the slots of round i.
+ *
+ * Waiting spins briefly, then sleeps on a shared futex word that every post increments; each wait is
+ * bounded by the group's timeout and checks, every 50 ms, whether the ranks it waits for are alive
+ * (kill(pid, 0), zombie state in /proc) or have destroyed the group. Any failure marks the segment
+ * failed (first message wins) and wakes everybody, and the group stays unusable afterwards.
+ *
+ * Algorithms: all-reduce of up to TPLINEAR_SHM_ONESHOT_KB (default 64 KB) is one-shot (copy in,
+ * one step, every rank reduces all slots in rank order); larger ones are reduce-scatter + all-gather
+ * per chunk (two steps). Reductions are in rank order everywhere, so every rank gets bitwise identical
+ * results. all_gather(v), reduce_scatter and broadcast take one step per chunk.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+
+#define CL 64
+#define SHM_MAGIC 0x74706c696e736d31ull /* "tplinsm1" */
+#define MSG_CAP 512
+
+enum { K_ALL_REDUCE = 1, K_ALL_GATHER = 2, K_REDUCE_SCATTER = 3, K_BROADCAST = 4, K_BARRIER = 5 };
+
+typedef struct {
+    uint64_t seq;
+    uint64_t bytes;
+    uint64_t extra; /* all_gatherv: hash of the counts */
+    int32_t kind, dtype, op, root;
+} fingerprint;
+
+typedef struct {
+    _Alignas(CL) _Atomic uint64_t step; /* written only by its rank, read by everyone */
+    _Alignas(CL) _Atomic int pid;
+    _Atomic int left;
+    _Atomic uint64_t heartbeat_ms;
+    fingerprint fp[2]; /* by sequence parity */
+} rank_ctrl;
+
+typedef struct {
+    uint64_t magic;
+    uint64_t slot_bytes;
+    uint64_t chunk_bytes; /* rounds of the chunked algorithms, chosen by rank 0 */
+    int32_t nranks;
+    _Alignas(CL) _Atomic uint32_t futex; /* bumped by every post */
+    _Atomic int32_t nwaiters;
+    _Alignas(CL) _Atomic int failed; /* 0 ok, 1 message being written, 2 failed */
+    char fail_msg[MSG_CAP];
+} shm_header;
+
+typedef struct {
+    char *base;
+    size_t map_bytes;
+    shm_header *hdr;
+    rank_ctrl *ctrl;
+    char *slots;
+    size_t slot_bytes, half, oneshot, chunk;
+    int oneshot_big; /* chunked one-shot for every size (TPLINEAR_SHM_ALGO=oneshot) */
+    int p, r;
+    const int *granks; /* global rank of each group rank (the group's array) */
+    uint64_t step, seq, round;
+    double spin_s, yield_s, timeout_s;
+    double spin_cur; /* adaptive spin budget: shrinks while spinning fails (peer not running), regrows */
+    int log_level;
+    int broken;
+    tp_status broken_status;
+    char broken_msg[MSG_CAP];
+    char name[96];
+} shm_impl;
+
+/* ---------------------------------------------------------------- helpers */
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static uint64_t now_ms(void) { return (uint64_t)(tp_now() * 1e3); }
+
+static const char *kind_name(int k)
+{
+    switch (k) {
+    case K_ALL_REDUCE: return "all_reduce";
+    case K_ALL_GATHER: return "all_gather";
+    case K_REDUCE_SCATTER: return "reduce_scatter";
+    case K_BROADCAST: return "broadcast";
+    case K_BARRIER: return "barrier";
+    }
+    return "?";
+}
+
+static const char *op_name(int op)
+{
+    static const char *const names[] = {"sum", "avg", "max", "min"};
+    return op >= 0 && op < 4 ? names[op] : "?";
+}
+
+static void describe(const fingerprint *f, char *buf, size_t cap)
+{
+    size_t es = tp_dtype_size((tp_dtype)f->dtype);
+    unsigned long long n = es ? (unsigned long long)(f->bytes / es) : 0ull;
+    const char *dt = tp_dtype_name((tp_dtype)f->dtype);
+    switch (f->kind) {
+    case K_ALL_REDUCE:
+    case K_REDUCE_SCATTER:
+        snprintf(buf, cap, "%s of %llu %s (%s)", kind_name(f->kind), n, dt, op_name(f->op));
+        break;
+    case K_ALL_GATHER:
+        snprintf(buf, cap, "all_gather of %llu %s in all (counts hash %llx)", n, dt, (unsigned long long)f->extra);
+        break;
+    case K_BROADCAST:
+        snprintf(buf, cap, "broadcast of %llu %s from root %d", n, dt, f->root);
+        break;
+    case K_BARRIER:
+        snprintf(buf, cap, "barrier");
+        break;
+    default:
+        snprintf(buf, cap, "an unknown collective (kind %d)", f->kind);
+    }
+}
+
+static void futex_wake_all(_Atomic uint32_t *w)
+{
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static void futex_wait(_Atomic uint32_t *w, uint32_t val, double seconds)
+{
+    struct timespec ts;
+    if (seconds < 0) seconds = 0;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    /* EAGAIN (the word moved), ETIMEDOUT and EINTR all just mean "look again" */
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, val, &ts, NULL, 0);
+}
+
+static void wake(shm_impl *im)
+{
+    atomic_fetch_add(&im->hdr->futex, 1);
+    if (atomic_load(&im->hdr->nwaiters) > 0) futex_wake_all(&im->hdr->futex);
+}
+
+/* Records the current error message as the group's failure (locally, and in the segment when mark). */
+static tp_status fail(shm_impl *im, tp_status st, int mark)
+{
+    const char *msg = tp_last_error();
+    im->broken = 1;
+    im->broken_status = st;
+    snprintf(im->broken_msg, sizeof im->broken_msg, "%s", msg);
+    if (mark) {
+        int expected = 0;
+        if (atomic_compare_exchange_strong(&im->hdr->failed, &expected, 1)) {
+            snprintf(im->hdr->fail_msg, sizeof im->hdr->fail_msg, "%s", msg);
+            atomic_store(&im->hdr->failed, 2);
+        }
+        wake(im);
+    }
+    return st;
+}
+
+/* A peer marked the segment failed: adopt its message. */
+static tp_status fail_from_segment(shm_impl *im)
+{
+    double until = tp_now() + 0.1;
+    while (atomic_load(&im->hdr->failed) == 1 && tp_now() < until) cpu_relax();
+    if (atomic_load(&im->hdr->failed) == 2)
+        tp_error(TP_ERR_COMM, "%s", im->hdr->fail_msg);
+    else
+        tp_error(TP_ERR_COMM, "the process group failed on another rank");
+    return fail(im, TP_ERR_COMM, 0);
+}
+
+/* 1 if the process is gone (or a zombie), else 0. */
+static int pid_dead(int pid)
+{
+    char path[64], buf[256];
+    FILE *f;
+    int dead = 0;
+    if (pid <= 0) return 0;
+    if (kill(pid, 0) < 0 && errno == ESRCH) return 1;
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    if ((f = fopen(path, "r")) == NULL) return 0;
+    if (fgets(buf, sizeof buf, f) != NULL) {
+        char *p = strrchr(buf, ')');
+        if (p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X')) dead = 1;
+    }
+    fclose(f);
+    return dead;
+}
+
+/* Names the ranks whose step is below target (for timeout messages). */
+static void lagging(shm_impl *im, uint64_t target, char *buf, size_t cap, int *count)
+{
+    size_t used = 0;
+    *count = 0;
+    buf[0] = '\0';
+    for (int j = 0; j < im->p; j++) {
+        if (atomic_load(&im->ctrl[j].step) >= target) continue;
+        if (used + 16 < cap) used += (size_t)snprintf(buf + used, cap - used, "%s%d", *count ? ", " : "", j);
+        (*count)++;
+    }
+}
+
+/* Checks the ranks this rank waits for: gone, or left the group. */
+static tp_status check_peers(shm_impl *im, uint64_t target, const char *what)
+{
+    for (int j = 0; j < im->p; j++) {
+        int pid;
+        if (j == im->r || atomic_load(&im->ctrl[j].step) >= target) continue;
+        pid = atomic_load(&im->ctrl[j].pid);
+        if (pid_dead(pid))
+            return tp_error(TP_ERR_COMM, "%s: rank %d of the group (global rank %d, pid %d) died", what, j,
+                            im->granks[j], pid);
+        if (atomic_load(&im->ctrl[j].left))
+            return tp_error(TP_ERR_COMM, "%s: rank %d (global rank %d) destroyed the process group while this rank "
+                            "waited for it", what, j, im->granks[j]);
+    }
+    return TP_OK;
+}
+
+/* Waits until every rank's step reaches this rank's step. */
+static tp_status wait_all(shm_impl *im, const char *what)
+{
+    const uint64_t target = im->step;
+    int j = 0;
+    double start, deadline, next_check;
+    while (j < im->p && atomic_load_explicit(&im->ctrl[j].step, memory_order_acquire) >= target) j++;
+    if (j == im->p) return TP_OK;
+    start = tp_now();
+    for (unsigned it = 1;; it++) { /* spin */
+        while (j < im->p && atomic_load_explicit(&im->ctrl[j].step, memory_order_acquire) >= target) j++;
+        if (j == im->p) {
+            im->spin_cur = im->spin_cur * 2 < im->spin_s ? im->spin_cur * 2 : im->spin_s;
+            return TP_OK;
+        }
+        cpu_relax();
+        if ((it & 31) == 0) {
+            if (atomic_load_explicit(&im->hdr->failed, memory_order_relaxed)) return fail_from_segment(im);
+            if (tp_now() - start > im->spin_cur) break;
+        }
+    }
+    im->spin_cur = im->spin_cur / 2 > 1e-6 ? im->spin_cur / 2 : 1e-6;
+    /* yield: lets a peer that shares this core run (more ranks than cores, or a busy machine) */
+    while (tp_now() - start < im->yield_s) {
+        sched_yield();
+        while (j < im->p && atomic_load_explicit(&im->ctrl[j].step, memory_order_acquire) >= target) j++;
+        if (j == im->p) return TP_OK;
+        if (atomic_load_explicit(&im->hdr->failed, memory_order_relaxed)) return fail_from_segment(im);
+    }
+    deadline = start + im->timeout_s;
+    next_check = start + 0.05;
+    atomic_store(&im->ctrl[im->r].heartbeat_ms, now_ms());
+    for (;;) {
+        uint32_t v = atomic_load(&im->hdr->futex);
+        double now;
+        while (j < im->p && atomic_load(&im->ctrl[j].step) >= target) j++;
+        if (j == im->p) return TP_OK;
+        if (atomic_load(&im->hdr->failed)) return fail_from_segment(im);
+        now = tp_now();
+        if (now > next_check) {
+            tp_status st = check_peers(im, target, what);
+            if (st != TP_OK) return fail(im, st, 1);
+            atomic_store(&im->ctrl[im->r].heartbeat_ms, now_ms());
+            next_check = now + 0.05;
+        }
+        if (now > deadline) {
+            char who[256];
+            int n;
+            lagging(im, target, who, sizeof who, &n);
+            tp_error(TP_ERR_TIMEOUT, "%s: timed out after %g s waiting for rank%s %s of the group of %d", what,
+                     im->timeout_s, n > 1 ? "s" : "", who, im->p);
+            return fail(im, TP_ERR_TIMEOUT, 1);
+        }
+        atomic_fetch_add(&im->hdr->nwaiters, 1);
+        if (atomic_load(&im->ctrl[j].step) < target && !atomic_load(&im->hdr->failed))
+            futex_wait(&im->hdr->futex, v, deadline - now < 0.02 ? deadline - now : 0.02);
+        atomic_fetch_sub(&im->hdr->nwaiters, 1);
+    }
+}
+
+static void post(shm_impl *im)
+{
+    im->step++;
+    atomic_store_explicit(&im->ctrl[im->r].step, im->step, memory_order_release);
+    atomic_fetch_add(&im->hdr->futex, 1);
+    if (atomic_load(&im->hdr->nwaiters) > 0) futex_wake_all(&im->hdr->futex);
+}
+
+/* Starts a collective: refuses on a failed group, writes this rank's fingerprint. */
+static tp_status begin(shm_impl *im, int kind, uint64_t bytes, tp_dtype dt, int op, int root, uint64_t extra)
+{
+    fingerprint *f;
+    if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
+                                    im->broken_msg);
+    if (atomic_load(&im->hdr->failed)) return fail_from_segment(im);
+    f = &im->ctrl[im->r].fp[im->seq & 1];
+    f->seq = im->seq;
+    f->kind = kind;
+    f->bytes = bytes;
+    f->dtype = (int32_t)dt;
+    f->op = op;
+    f->root = root;
+    f->extra = extra;
+    return TP_OK;
+}
+
+static int fp_equal(const fingerprint *a, const fingerprint *b)
+{
+    return a->seq == b->seq && a->kind == b->kind && a->bytes == b->bytes && a->dtype == b->dtype &&
+           a->op == b->op && a->root == b->root && a->extra == b->extra;
+}
+
+/* After the collective's first wait: every rank's fingerprint must equal rank 0's. The message is the
+ * same on every rank (the first rank that differs from rank 0). */
+static tp_status check_fingerprints(shm_impl *im)
+{
+    const fingerprint *f0 = &im->ctrl[0].fp[im->seq & 1];
+    for (int j = 1; j < im->p; j++) {
+        const fingerprint *fj = &im->ctrl[j].fp[im->seq & 1];
+        if (!fp_equal(f0, fj)) {
+            char a[160], b[160];
+            describe(fj, a, sizeof a);
+            describe(f0, b, sizeof b);
+            tp_error(TP_ERR_COMM, "collective mismatch: rank %d called %s, rank 0 called %s (collective #%llu)", j,
+                     a, b, (unsigned long long)im->seq);
+            return fail(im, TP_ERR_COMM, 1);
+        }
+    }
+    return TP_OK;
+}
+
+/* post + wait; on the collective's first step also the fingerprint check. */
+static tp_status sync_step(shm_impl *im, int first, const char *what)
+{
+    tp_status st;
+    post(im);
+    if ((st = wait_all(im, what)) != TP_OK) return st;
+    return first ? check_fingerprints(im) : TP_OK;
+}
+
+static void end(shm_impl *im, int kind, uint64_t bytes, double t0)
+{
+    im->seq++;
+    if (im->log_level >= TP_LOG_TRACE)
+        tp_log(TP_LOG_TRACE, "shm: %s #%llu of %llu bytes over %d ranks: %.1f us", kind_name(kind),
+               (unsigned long long)(im->seq - 1), (unsigned long long)bytes, im->p, (tp_now() - t0) * 1e6);
+}
+
+static char *slot(shm_impl *im, int rank, uint64_t chunk)
+{
+    return im->slots + (size_t)rank * im->slot_bytes + (size_t)(chunk & 1) * im->half;
+}
+
+/* ---------------------------------------------------------------- reductions */
+
+#define RED_BLK 512
+
+/* out[i] = in[0][i] op in[1][i] op ... in rank order; out may alias any input (each block of inputs is
+ * read before its output is written). Integer sums wrap (computed unsigned). AVG divides the sum by p
+ * (integer division, truncating, for integer dtypes). */
+#define DEFINE_REDUCE(NAME, T, UT)                                                              \
+    static void NAME(void *outv, char *const *in, int p, size_t n, int op)                      \
+    {                                                                                            \
+        T acc[RED_BLK];                                                                          \
+        T *out = outv;                                                                           \
+        for (size_t b = 0; b < n; b += RED_BLK) {                                                \
+            size_t m = n - b < RED_BLK ? n - b : RED_BLK;                                        \
+            memcpy(acc, (const T *)in[0] + b, m * sizeof(T));                                    \
+            for (int j = 1; j < p; j++) {                                                        \
+                const T *s = (const T *)in[j] + b;                                               \
+                if (op == TP_SUM || op == TP_AVG)                                                \
+                    for (size_t i = 0; i < m; i++) acc[i] = (T)((UT)acc[i] + (UT)s[i]);          \
+                else if (op == TP_MAX)                                                           \
+                    for (size_t i = 0; i < m; i++) acc[i] = s[i] > acc[i] ? s[i] : acc[i];       \
+                else                                                                             \
+                    for (size_t i = 0; i < m; i++) acc[i] = s[i] < acc[i] ? s[i] : acc[i];       \
+            }                                                                                    \
+            if (op == TP_AVG)                                                                    \
+                for (size_t i = 0; i < m; i++) acc[i] = (T)(acc[i] / (T)p);                      \
+            memcpy(out + b, acc, m * sizeof(T));                                                 \
+        }                                                                                        \
+    }
+
+DEFINE_REDUCE(reduce_f32, float, float)
+DEFINE_REDUCE(reduce_f64, double, double)
+DEFINE_REDUCE(reduce_i32, int32_t, uint32_t)
+DEFINE_REDUCE(reduce_i64, int64_t, uint64_t)
+
+static void reduce(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op)
+{
+    switch (dt) {
+    case TP_FLOAT32: reduce_f32(out, in, p, n, op); break;
+    case TP_FLOAT64: reduce_f64(out, in, p, n, op); break;
+    case TP_INT32: reduce_i32(out, in, p, n, op); break;
+    case TP_INT64: reduce_i64(out, in, p, n, op); break;
+    default: break;
+    }
+}
+
+static tp_status check_dtype(tp_dtype dt, const char *what)
+{
+    if (dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_INT32 || dt == TP_INT64) return TP_OK;
+    return tp_error(TP_ERR_TYPE, "%s: the shm backend reduces float32, float64, int32 and int64, not %s", what,
+                    tp_dtype_name(dt));
+}
+
+/* ---------------------------------------------------------------- collectives */
+
+/* src == NULL: the input is already in this rank's staging half (tp_all_reduce_staged). */
+static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t count, tp_dtype dt,
+                                 tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = g->impl;
+    const size_t es = tp_dtype_size(dt);
+    const size_t bytes = count * es;
+    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    char *in[TP_SHM_MAX_RANKS];
+    TP_CHECK(check_dtype(dt, "all_reduce"));
+    TP_CHECK(begin(im, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
+    if (bytes <= im->oneshot || ((im->oneshot_big || im->p == 2) && src != NULL)) {
+        /* one-shot, per chunk: copy in, one step, every rank reduces all slots (2 ranks: same traffic as
+         * reduce-scatter + all-gather with half the steps) */
+        const size_t per = (bytes <= im->oneshot ? im->half : im->chunk) / es;
+        int first = 1;
+        for (size_t off = 0; first || off < count; off += per) {
+            size_t n = count - off < per ? count - off : per;
+            if (src && n) memcpy(slot(im, im->r, im->round), (const char *)src + off * es, n * es);
+            TP_CHECK(sync_step(im, first, "all_reduce"));
+            first = 0;
+            for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round);
+            if (n) reduce(dt, (char *)dst + off * es, in, im->p, n, (int)op);
+            im->round++;
+        }
+    } else {
+        const size_t per = (src ? im->chunk : im->half) / es; /* elements per chunk */
+        const size_t unit = CL / es;      /* ranges in whole cache lines */
+        int first = 1;
+        for (size_t off = 0; off < count; off += per) {
+            size_t n = count - off < per ? count - off : per;
+            size_t units = (n + unit - 1) / unit;
+            size_t lo = (units * (size_t)im->r / (size_t)im->p) * unit;
+            size_t hi = (units * (size_t)(im->r + 1) / (size_t)im->p) * unit;
+            char *mine = slot(im, im->r, im->round);
+            if (hi > n) hi = n;
+            if (lo > n) lo = n;
+            if (src) memcpy(mine, (const char *)src + off * es, n * es);
+            TP_CHECK(sync_step(im, first, "all_reduce"));
+            first = 0;
+            for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round) + lo * es;
+            if (hi > lo) reduce(dt, mine + lo * es, in, im->p, hi - lo, (int)op);
+            TP_CHECK(sync_step(im, 0, "all_reduce"));
+            for (int k = 0; k < im->p; k++) {
+                size_t klo = (units * (size_t)k / (size_t)im->p) * unit;
+                size_t khi = (units * (size_t)(k + 1) / (size_t)im->p) * unit;
+                if (khi > n) khi = n;
+                if (klo > n) klo = n;
+                if (khi > klo)
+                    memcpy((char *)dst + (off + klo) * es, slot(im, k, im->round) + klo * es, (khi - klo) * es);
+            }
+            im->round++;
+        }
+    }
+    end(im, K_ALL_REDUCE, bytes, t0);
+out:
+    return st;
+}
+
+static tp_status shm_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op)
+{
+    return all_reduce_impl(g, buf, buf, count, dt, op);
+}
+
+static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
+{
+    shm_impl *im = g->impl;
+    *ptr = NULL;
+    if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
+                                    im->broken_msg);
+    if (bytes <= im->half) *ptr = slot(im, im->r, im->round);
+    return TP_OK;
+}
+
+static tp_status shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
+{
+    shm_impl *im = g->impl;
+    char *mine = slot(im, im->r, im->round);
+    size_t bytes = count * tp_dtype_size(dt);
+    if (bytes > im->half)
+        return tp_error(TP_ERR_VALUE, "all_reduce_staged: %zu bytes exceed the staging area of %zu bytes", bytes,
+                        im->half);
+    if ((char *)out < mine + im->half && (char *)out + bytes > mine)
+        return tp_error(TP_ERR_VALUE, "all_reduce_staged: the output must not be the staging buffer");
+    return all_reduce_impl(g, NULL, out, count, dt, op);
+}
+
+static uint64_t hash_counts(const size_t *counts, int p)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (int j = 0; j < p; j++) {
+        h ^= (uint64_t)counts[j];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = g->impl;
+    const size_t es = tp_dtype_size(dt);
+    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    size_t total = 0, maxb = 0, displ[TP_SHM_MAX_RANKS];
+    int first = 1;
+    for (int j = 0; j < im->p; j++) {
+        displ[j] = total * es;
+        total += counts[j];
+        if (counts[j] * es > maxb) maxb = counts[j] * es;
+    }
+    TP_CHECK(begin(im, K_ALL_GATHER, total * es, dt, 0, -1, hash_counts(counts, im->p)));
+    for (size_t off = 0; first || off < maxb; off += im->chunk) {
+        size_t mine = counts[im->r] * es;
+        if (off < mine) memcpy(slot(im, im->r, im->round), (const char *)send + off,
+                               mine - off < im->chunk ? mine - off : im->chunk);
+        TP_CHECK(sync_step(im, first, "all_gather"));
+        first = 0;
+        for (int j = 0; j < im->p; j++) {
+            size_t b = counts[j] * es;
+            if (off < b && !(j == im->r && (const char *)recv + displ[j] == (const char *)send))
+                memcpy((char *)recv + displ[j] + off, slot(im, j, im->round), b - off < im->chunk ? b - off : im->chunk);
+        }
+        im->round++;
+    }
+    end(im, K_ALL_GATHER, total * es, t0);
+out:
+    return st;
+}
+
+static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
+                                    tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = g->impl;
+    const size_t es = tp_dtype_size(dt);
+    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const size_t piece = (im->chunk / (size_t)im->p) / CL * CL; /* bytes per destination block per round */
+    const size_t per = piece / es;
+    char *in[TP_SHM_MAX_RANKS];
+    int first = 1;
+    TP_CHECK(check_dtype(dt, "reduce_scatter"));
+    TP_CHECK(begin(im, K_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
+    for (size_t off = 0; first || off < count; off += per) {
+        size_t n = count - off < per ? count - off : per;
+        char *mine = slot(im, im->r, im->round);
+        for (int k = 0; k < im->p && n > 0; k++)
+            memcpy(mine + (size_t)k * piece, (const char *)send + ((size_t)k * count + off) * es, n * es);
+        TP_CHECK(sync_step(im, first, "reduce_scatter"));
+        first = 0;
+        for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round) + (size_t)im->r * piece;
+        if (n > 0) reduce(dt, (char *)recv + off * es, in, im->p, n, (int)op);
+        im->round++;
+    }
+    end(im, K_REDUCE_SCATTER, count * es * (size_t)im->p, t0);
+out:
+    return st;
+}
+
+static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = g->impl;
+    const size_t bytes = count * tp_dtype_size(dt);
+    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    int first = 1;
+    TP_CHECK(begin(im, K_BROADCAST, bytes, dt, 0, root, 0));
+    for (size_t off = 0; first || off < bytes; off += im->chunk) {
+        size_t n = bytes - off < im->chunk ? bytes - off : im->chunk;
+        if (im->r == root && n) memcpy(slot(im, root, im->round), (char *)buf + off, n);
+        TP_CHECK(sync_step(im, first, "broadcast"));
+        first = 0;
+        if (im->r != root && n) memcpy((char *)buf + off, slot(im, root, im->round), n);
+        im->round++;
+    }
+    end(im, K_BROADCAST, bytes, t0);
+out:
+    return st;
+}
+
+static tp_status shm_barrier(tp_group *g)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = g->impl;
+    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    TP_CHECK(begin(im, K_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
+    TP_CHECK(sync_step(im, 1, "barrier"));
+    end(im, K_BARRIER, 0, t0);
+out:
+    return st;
+}
+
+static tp_status shm_abort(tp_group *g)
+{
+    shm_impl *im = g->impl;
+    if (im == NULL) return TP_OK;
+    tp_error(TP_ERR_COMM, "the process group was aborted by rank %d (global rank %d)", im->r, g->world_rank);
+    fail(im, TP_ERR_COMM, 1);
+    tp_clear_error();
+    return TP_OK;
+}
+
+static void shm_destroy(tp_group *g)
+{
+    shm_impl *im = g->impl;
+    if (im == NULL) return;
+    if (im->hdr) {
+        atomic_store(&im->ctrl[im->r].left, 1);
+        wake(im);
+    }
+    if (im->base) munmap(im->base, im->map_bytes);
+    free(im);
+    g->impl = NULL;
+}
+
+static const tp_backend shm_backend = {
+    .name = "shm",
+    .all_reduce = shm_all_reduce,
+    .all_gatherv = shm_all_gatherv,
+    .reduce_scatter = shm_reduce_scatter,
+    .broadcast = shm_broadcast,
+    .barrier = shm_barrier,
+    .abort = shm_abort,
+    .destroy = shm_destroy,
+    .staging = shm_staging,
+    .all_reduce_staged = shm_all_reduce_staged,
+};
+
+/* ---------------------------------------------------------------- creation */
+
+static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+static int online_cpus(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    return (int)sysconf(_SC_NPROCESSORS_ONLN);
+}
+
+tp_status tp_shm_create(tp_group *g)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = NULL;
+    char key[160];
+    size_t ctrl_bytes, data_off, len = 0;
+    long slot_kb = tp_env_long("TPLINEAR_SHM_SLOT_KB", 8192);
+    long oneshot_kb = tp_env_long("TPLINEAR_SHM_ONESHOT_KB", 64);
+    long spin_us = tp_env_long("TPLINEAR_SHM_SPIN_US", -1);
+    long chunk_kb = tp_env_long("TPLINEAR_SHM_CHUNK_KB", -1);
+    long yield_us = tp_env_long("TPLINEAR_SHM_YIELD_US", 200);
+    int fd = -1, created = 0, unlinked = 0;
+    int64_t mapped = 0;
+    struct stat sb;
+    TP_REQUIRE(g->size >= 2 && g->size <= TP_SHM_MAX_RANKS, "shm: group size %d out of range 2..%d", g->size,
+               TP_SHM_MAX_RANKS);
+    TP_REQUIRE(slot_kb >= 8, "TPLINEAR_SHM_SLOT_KB must be an integer >= 8");
+    TP_REQUIRE(oneshot_kb >= 0, "TPLINEAR_SHM_ONESHOT_KB must be an integer >= 0");
+    if ((im = calloc(1, sizeof *im)) == NULL) {
+        st = tp_error(TP_ERR_NOMEM, "shm: out of memory");
+        goto out;
+    }
+    im->p = g->size;
+    im->r = g->rank;
+    im->granks = g->global_ranks;
+    im->timeout_s = g->timeout_s;
+    im->log_level = tp_log_level();
+    im->slot_bytes = round_up((size_t)slot_kb * 1024, 2 * 4096);
+    im->half = im->slot_bytes / 2;
+    im->oneshot = (size_t)oneshot_kb * 1024;
+    if (im->oneshot > im->half) im->oneshot = im->half;
+    im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= online_cpus() ? 50e-6 : 2e-6);
+    im->oneshot_big = getenv("TPLINEAR_SHM_ALGO") && strcmp(getenv("TPLINEAR_SHM_ALGO"), "oneshot") == 0;
+    im->yield_s = yield_us >= 0 ? (double)yield_us * 1e-6 : 1e-3;
+    im->spin_cur = im->spin_s;
+    ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
+    data_off = round_up(sizeof(shm_header) + ctrl_bytes, 4096);
+    im->map_bytes = data_off + (size_t)g->size * im->slot_bytes;
+    snprintf(key, sizeof key, "%sshm/name", g->prefix);
+    if (g->rank == 0) {
+        snprintf(im->name, sizeof im->name, "/tplinear-%d-%llx-%llx", (int)getpid(),
+                 (unsigned long long)(tp_now() * 1e9), (unsigned long long)(uintptr_t)g);
+        if ((fd = shm_open(im->name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600)) < 0) {
+            st = tp_error_errno(TP_ERR_SYSTEM, "shm: shm_open(%s)", im->name);
+            goto out;
+        }
+        created = 1;
+        if (ftruncate(fd, (off_t)im->map_bytes) < 0) {
+            st = tp_error_errno(TP_ERR_SYSTEM, "shm: ftruncate(%s, %zu)", im->name, im->map_bytes);
+            goto out;
+        }
+    } else {
+        TP_CHECK(tp_store_get(g->store, key, im->name, sizeof im->name - 1, &len));
+        im->name[len < sizeof im->name ? len : sizeof im->name - 1] = '\0';
+        if ((fd = shm_open(im->name, O_RDWR | O_CLOEXEC, 0600)) < 0) {
+            st = tp_error_errno(TP_ERR_SYSTEM, "shm: shm_open(%s)", im->name);
+            goto out;
+        }
+        if (fstat(fd, &sb) < 0 || (size_t)sb.st_size != im->map_bytes) {
+            st = tp_error(TP_ERR_VALUE,
+                          "shm: segment %s has %lld bytes, expected %zu (TPLINEAR_SHM_SLOT_KB must be equal on all "
+                          "ranks)", im->name, (long long)sb.st_size, im->map_bytes);
+            goto out;
+        }
+    }
+    im->base = mmap(NULL, im->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (im->base == MAP_FAILED) {
+        im->base = NULL;
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: mmap of %zu bytes", im->map_bytes);
+        goto out;
+    }
+    close(fd);
+    fd = -1;
+    im->hdr = (shm_header *)im->base;
+    im->ctrl = (rank_ctrl *)(im->base + round_up(sizeof(shm_header), CL));
+    im->slots = im->base + data_off;
+    if (g->rank == 0) {
+        /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
+        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 64 * 1024 : 1024 * 1024);
+        chunk = chunk / ((size_t)CL * (size_t)g->size) * ((size_t)CL * (size_t)g->size);
+        if (chunk > im->half) chunk = im->half;
+        if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
+        im->hdr->chunk_bytes = chunk;
+        im->hdr->slot_bytes = im->slot_bytes;
+        im->hdr->nranks = g->size;
+        im->hdr->magic = SHM_MAGIC;
+        TP_CHECK(tp_store_set(g->store, key, im->name, strlen(im->name)));
+    } else if (im->hdr->magic != SHM_MAGIC || im->hdr->nranks != g->size) {
+        st = tp_error(TP_ERR_COMM, "shm: segment %s is not a tplinear segment of %d ranks", im->name, g->size);
+        goto out;
+    }
+    im->chunk = im->hdr->chunk_bytes;
+    atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
+    atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
+    snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
+    TP_CHECK(tp_store_add(g->store, key, 1, &mapped));
+    if (mapped == g->size) { /* the last rank to map removes the name: nothing is left in /dev/shm */
+        shm_unlink(im->name);
+        unlinked = 1;
+    }
+    TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
+    unlinked = 1;
+    tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, spin %.0f us)",
+           g->prefix, g->rank, g->size, g->world_rank, im->name, (double)im->map_bytes / 1048576.0,
+           im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024, im->spin_s * 1e6);
+    g->impl = im;
+    g->backend = &shm_backend;
+    im = NULL;
+out:
+    if (fd >= 0) close(fd);
+    if (im) {
+        if ((created || im->base) && !unlinked) shm_unlink(im->name);
+        if (im->base) munmap(im->base, im->map_bytes);
+        free(im);
+        if (st != TP_OK) st = tp_error_context(st, "shm backend setup (rank %d of %d)", g->rank, g->size);
+    }
+    return st;
+}

@@ -1,0 +1,396 @@
+"""Process groups and collectives (issue 3): multi-rank worlds through the launcher
+(tplinear.testing), failure cases through direct spawning (tests/comm_spawn.py)."""
+import glob
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+import tplinear
+import tplinear.distributed as dist
+from comm_spawn import assert_spawned_ok, spawn_world
+
+try:  # the launcher-based helpers; direct spawning stands in where they are missing
+    from tplinear.testing import assert_world_ok as _assert_world_ok
+except ImportError:  # pragma: no cover
+    _assert_world_ok = None
+
+
+def world_ok(nproc, code, timeout=120, env=None):
+    code = textwrap.dedent(code)
+    if _assert_world_ok is not None:
+        if env:
+            return _assert_world_ok(nproc, code, timeout=timeout, env=env)
+        return _assert_world_ok(nproc, code, timeout=timeout)
+    return assert_spawned_ok(nproc, code, timeout=timeout, env=env)
+
+
+PRELUDE = """
+import os, signal, sys, time
+import numpy as np
+import tplinear
+import tplinear.distributed as dist
+"""
+
+COLLECTIVES = PRELUDE + """
+dist.init_process_group(timeout=60)
+r, p = dist.get_rank(), dist.get_world_size()
+assert dist.get_world_size() == int(os.environ.get("WORLD_SIZE", "1"))
+BIG = int(os.environ["TEST_BIG"])
+DTYPES = [np.float32, np.float64, np.int32, np.int64]
+COUNTS = [0, 1, 7, 513, BIG]
+
+def val(k, n, dt, salt=0):
+    x = (np.arange(n, dtype=np.int64) * 7 + 13 * k + salt) % 101 - 50
+    return x.astype(dt)
+
+def ref(stack, op, dt):
+    if op == "sum":
+        return stack.sum(0).astype(dt)
+    if op == "max":
+        return stack.max(0)
+    if op == "min":
+        return stack.min(0)
+    s = stack.sum(0)
+    if np.dtype(dt).kind == "i":  # C's truncating division
+        return (np.sign(s) * (np.abs(s) // p)).astype(dt)
+    return (s / dt(p)).astype(dt)
+
+def same(a, b, what):
+    ok = np.array_equal(a, b) if a.dtype.kind == "i" else np.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert ok and a.dtype == b.dtype and a.shape == b.shape, (what, a[:8], b[:8])
+
+for dt in DTYPES:
+    for n in COUNTS:
+        stack = np.stack([val(k, n, dt) for k in range(p)])
+        for op in ["sum", "avg", "max", "min"]:
+            a = val(r, n, dt)
+            dist.all_reduce(a, op=op)
+            same(a, ref(stack, op, dt), ("all_reduce", dt, n, op))
+        # 2-D input, op as a ReduceOp
+        a = val(r, 2 * n, dt).reshape(2, n)
+        dist.all_reduce(a, op=dist.ReduceOp.MAX)
+        same(a, np.stack([val(k, 2 * n, dt) for k in range(p)]).max(0).reshape(2, n), ("all_reduce 2d", dt, n))
+        # all-gather
+        out = np.full(p * n, -7, dt)
+        dist.all_gather_into_tensor(out, val(r, n, dt))
+        same(out, stack.reshape(-1), ("all_gather", dt, n))
+        # in place: the input is this rank's slice of the output
+        out = np.zeros(p * n, dt)
+        out[r * n:(r + 1) * n] = val(r, n, dt)
+        dist.all_gather_into_tensor(out, out[r * n:(r + 1) * n])
+        same(out, stack.reshape(-1), ("all_gather in place", dt, n))
+        # variable counts
+        counts = [(n + 3 * k) % (BIG + 1) for k in range(p)]
+        out = np.full(sum(counts), -7, dt)
+        dist.all_gather_v(out, val(r, counts[r], dt), counts)
+        same(out, np.concatenate([val(k, counts[k], dt) for k in range(p)]), ("all_gather_v", dt, n))
+        # reduce-scatter
+        full = np.stack([val(k, p * n, dt, 5) for k in range(p)])
+        for op in ["sum", "avg", "max", "min"]:
+            out = np.full(n, -7, dt)
+            dist.reduce_scatter_tensor(out, val(r, p * n, dt, 5), op=op)
+            same(out, ref(full, op, dt)[r * n:(r + 1) * n], ("reduce_scatter", dt, n, op))
+        # broadcast from every root
+        for root in range(p):
+            a = val(r, n, dt, 11)
+            dist.broadcast(a, src=root)
+            same(a, val(root, n, dt, 11), ("broadcast", dt, n, root))
+        dist.barrier()
+print("rank", r, "of", p, "ok", dist.get_backend(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
+def test_collectives_small_chunks(nproc):
+    # 16 KB slots: 8 KB chunks, so 513 int64/float64 and BIG take several chunks and both all-reduce paths
+    res = world_ok(nproc, COLLECTIVES, env={"TEST_BIG": "3001", "TPLINEAR_SHM_SLOT_KB": "16"})
+    for r in range(nproc):
+        assert f"rank {r} of {nproc} ok" in res.output
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_collectives_default_chunks(nproc):
+    # larger than the default 1 MB chunk for every dtype
+    code = PRELUDE + """
+dist.init_process_group(timeout=60)
+r, p = dist.get_rank(), dist.get_world_size()
+n = 300_001
+for dt in [np.float32, np.float64, np.int32, np.int64]:
+    a = (np.arange(n) % 1000 + r).astype(dt)
+    dist.all_reduce(a)
+    assert np.array_equal(a, (p * (np.arange(n) % 1000) + p * (p - 1) // 2).astype(dt)), dt
+    out = np.empty(p * n, dt)
+    dist.all_gather_into_tensor(out, (np.arange(n) + r).astype(dt))
+    assert np.array_equal(out, np.concatenate([(np.arange(n) + k).astype(dt) for k in range(p)]))
+    b = (np.arange(n) * (r == 1)).astype(dt)
+    dist.broadcast(b, src=1)
+    assert np.array_equal(b, np.arange(n).astype(dt))
+    out = np.empty(n, dt)
+    dist.reduce_scatter_tensor(out, np.ones(p * n, dt))
+    assert np.array_equal(out, np.full(n, p, dt))
+print("big ok", r, flush=True)
+"""
+    world_ok(nproc, code)
+
+
+def test_subgroups_2x2():
+    code = PRELUDE + """
+dist.init_process_group(timeout=60)
+r = dist.get_rank()
+tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+g31 = dist.new_group([3, 1])
+tp, dp, other = tp_groups[r // 2], dp_groups[r % 2], tp_groups[1 - r // 2]
+assert (tp.rank, tp.size, tp.ranks) == (r % 2, 2, [r // 2 * 2, r // 2 * 2 + 1]), tp
+assert (dp.rank, dp.size, dp.ranks) == (r // 2, 2, [r % 2, r % 2 + 2]), dp
+assert other.rank == -1 and not other.is_member() and dist.get_rank(other) == -1
+try:
+    dist.all_reduce(np.ones(3), group=other)
+    raise SystemExit("a non-member's collective did not raise")
+except ValueError as e:
+    assert "not a member" in str(e), e
+for i in range(3):  # interleave the groups
+    a = np.full(5, float(r)); dist.all_reduce(a, group=tp)
+    assert np.all(a == sum(tp.ranks)), a
+    b = np.full(5, float(r)); dist.all_reduce(b, group=dp)
+    assert np.all(b == sum(dp.ranks)), b
+    c = np.full(5, float(r)); dist.all_reduce(c)
+    assert np.all(c == 6), c
+if r in (1, 3):
+    assert g31.rank == (0 if r == 3 else 1) and g31.ranks == [3, 1]
+    x = np.array([r, r], np.int64); dist.broadcast(x, src=0, group=g31)
+    assert list(x) == [3, 3], x
+    out = np.empty(2, np.int64); dist.all_gather_into_tensor(out, np.array([r], np.int64), group=g31)
+    assert list(out) == [3, 1], out
+# the world can go first: subgroups keep what they share with it
+dist.destroy_process_group()
+for i in range(2):
+    a = np.full(4, float(r)); dist.all_reduce(a, group=tp)
+    assert np.all(a == sum(tp.ranks))
+    dist.barrier(group=dp)
+for g in tp_groups + dp_groups + [g31]:
+    dist.destroy_process_group(g)
+print("subgroups ok", r, flush=True)
+"""
+    world_ok(4, code)
+
+
+MISMATCH = PRELUDE + """
+dist.init_process_group(timeout=30)
+r, p = dist.get_rank(), dist.get_world_size()
+last = r == p - 1
+f32 = lambda n: np.ones(n, np.float32)
+cases = [
+    ("all_reduce vs broadcast", lambda g: dist.broadcast(f32(1024), 0, group=g) if last else dist.all_reduce(f32(1024), group=g), "broadcast of 1024 float32"),
+    ("sizes", lambda g: dist.all_reduce(f32(1000 if last else 1024), group=g), "all_reduce of 1000 float32"),
+    ("ops", lambda g: dist.all_reduce(f32(64), op="max" if last else "sum", group=g), "(max)"),
+    ("dtypes", lambda g: dist.all_reduce(np.ones(512, np.float64) if last else f32(1024), group=g), "float64"),
+    ("barrier vs all_gather", lambda g: dist.barrier(group=g) if last else dist.all_gather_into_tensor(f32(4 * p), f32(4), group=g), "barrier"),
+    ("large, multi-chunk", lambda g: dist.reduce_scatter_tensor(f32(1 << 20), f32(p << 20), group=g) if last else dist.all_reduce(f32(3 << 20), group=g), "reduce_scatter"),
+    ("broadcast roots", lambda g: dist.broadcast(f32(10), 1 if last else 0, group=g), "from root 1"),
+    ("gather counts", lambda g: dist.all_gather_v(f32(2 * p), f32(3 if last else 2), ([2] * (p - 2) + [1, 3]) if last else [2] * p, group=g), "counts hash"),
+]
+for name, call, expect in cases:
+    g = dist.new_group(list(range(p)))
+    dist.barrier(group=g)
+    try:
+        call(g)
+        raise SystemExit(f"{name}: no error on rank {r}")
+    except tplinear.CommError as e:
+        msg = str(e)
+        assert "collective mismatch" in msg and f"rank {p - 1} called" in msg and expect in msg, (name, msg)
+    try:  # the group is unusable afterwards, at once
+        dist.barrier(group=g)
+        raise SystemExit(f"{name}: group still usable on rank {r}")
+    except tplinear.CommError as e:
+        assert "unusable" in str(e), e
+    dist.destroy_process_group(g)
+    print("mismatch", name, "ok", flush=True)
+dist.barrier()  # the world is unaffected
+print("mismatch ok", r, flush=True)
+"""
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_mismatch_fails_on_every_rank(nproc):
+    res = world_ok(nproc, MISMATCH, timeout=120)
+    for r in range(nproc):
+        assert f"mismatch ok {r}" in res.output
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_rank(victim):
+    code = PRELUDE + f"""
+dist.init_process_group(timeout=10)
+r = dist.get_rank()
+a = np.ones(1000)
+for i in range(5):
+    dist.all_reduce(a)
+if r == {victim}:
+    os.kill(os.getpid(), signal.SIGKILL)
+t0 = time.monotonic()
+try:
+    while True:
+        dist.all_reduce(a)
+except tplinear.CommError as e:
+    print("CAUGHT after %.1f s:" % (time.monotonic() - t0), e, flush=True)
+"""
+    res = spawn_world(3, textwrap.dedent(code), timeout=60)
+    assert res.returncodes[victim] == -9, res.output
+    for r in range(3):
+        if r != victim:
+            assert res.returncodes[r] == 0, res.output
+            out = res.outputs[r]
+            assert "CAUGHT" in out and f"rank {victim}" in out and "died" in out, res.output
+
+
+def test_rank_that_never_joins():
+    code = PRELUDE + """
+if int(os.environ["RANK"]) == 2:
+    sys.exit(0)
+try:
+    dist.init_process_group(timeout=3)
+    print("NO ERROR", flush=True)
+except tplinear.CommError as e:
+    print("CAUGHT", e, flush=True)
+"""
+    res = spawn_world(3, code, timeout=60)
+    for r in (0, 1):
+        out = res.outputs[r]
+        assert "CAUGHT" in out and "waiting for rank 2 of 3 to join" in out, res.output
+
+
+def test_rank0_gone_is_an_error_not_a_hang():
+    code = PRELUDE + """
+dist.init_process_group(timeout=20)
+if dist.get_rank() == 0:
+    os._exit(3)
+time.sleep(0.5)
+t0 = time.monotonic()
+try:
+    g = dist.new_group([0, 1])   # needs rank 0's store
+    print("NO ERROR", flush=True)
+except tplinear.CommError as e:
+    print("CAUGHT after %.1f s:" % (time.monotonic() - t0), e, flush=True)
+"""
+    res = spawn_world(2, code, timeout=60)
+    assert "CAUGHT" in res.outputs[1] and "rank 0" in res.outputs[1], res.output
+
+
+def test_abort_wakes_peers():
+    code = PRELUDE + """
+dist.init_process_group(timeout=30)
+r = dist.get_rank()
+dist.barrier()
+if r == 0:
+    time.sleep(0.3)
+    dist.abort()
+try:
+    dist.barrier()
+    print("NO ERROR", flush=True)
+except tplinear.CommError as e:
+    assert "aborted by rank 0" in str(e), e
+    print("CAUGHT", e, flush=True)
+"""
+    res = world_ok(2, code, timeout=60)
+    assert res.output.count("CAUGHT") == 2, res.output
+
+
+def test_debug_logging():
+    code = PRELUDE + """
+dist.init_process_group(timeout=30)
+dist.all_reduce(np.ones(10))
+"""
+    res = world_ok(2, code, env={"TPLINEAR_DEBUG": "TRACE"})
+    assert "[tplinear rank 1]" in res.output and "backend shm" in res.output, res.output
+    assert "segment" in res.output and "all_reduce #0 of 80 bytes" in res.output, res.output
+
+
+# ---------------------------------------------------------------- in this process (a world of one)
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    g = dist.init_process_group(timeout=10)
+    yield g
+    dist.destroy_process_group()
+
+
+def test_world_of_one(world_of_one):
+    assert (dist.get_rank(), dist.get_world_size(), dist.get_backend()) == (0, 1, "self")
+    a = np.arange(5.0)
+    dist.all_reduce(a, op="avg")
+    assert list(a) == [0, 1, 2, 3, 4]
+    out = np.empty(5)
+    dist.all_gather_into_tensor(out, a)
+    assert np.array_equal(out, a)
+    g = dist.new_group([0])
+    dist.all_reduce(a, group=g)
+    dist.broadcast(a, 0, group=g)
+    dist.barrier(group=g)
+    with pytest.raises(RuntimeError):
+        dist.init_process_group()
+
+
+def test_argument_errors(world_of_one):
+    with pytest.raises(TypeError):
+        dist.all_reduce(np.ones(4, np.float16))
+    with pytest.raises(TypeError):
+        dist.all_reduce(np.ones(4, np.int8))
+    with pytest.raises(TypeError):
+        dist.all_reduce([1.0, 2.0])
+    with pytest.raises(ValueError, match="contiguous"):
+        dist.all_reduce(np.ones((4, 4))[:, ::2])
+    with pytest.raises(ValueError):
+        dist.all_reduce(np.ones(3), op="prod")
+    with pytest.raises(ValueError, match="elements"):
+        dist.all_gather_into_tensor(np.empty(5), np.ones(3))
+    with pytest.raises(TypeError, match="dtype"):
+        dist.all_gather_into_tensor(np.empty(3, np.float32), np.ones(3))
+    with pytest.raises(ValueError, match="elements"):
+        dist.reduce_scatter_tensor(np.empty(2), np.ones(3))
+    with pytest.raises(ValueError, match="root"):
+        dist.broadcast(np.ones(3), src=1)
+    with pytest.raises(ValueError, match="rank"):
+        dist.new_group([0, 0])
+    with pytest.raises(ValueError):
+        dist.new_group([5])
+    with pytest.raises(TypeError):
+        dist.all_reduce(np.ones(3), group="world")
+
+
+def test_init_errors(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    with pytest.raises(NotImplementedError, match="mpi"):
+        dist.init_process_group(backend="mpi")
+    with pytest.raises(ValueError):
+        dist.init_process_group(backend="bogus")
+    with pytest.raises(ValueError, match="MASTER_PORT"):
+        dist.init_process_group(rank=0, world_size=2, timeout=2)
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        dist.init_process_group()
+    assert not dist.is_initialized()
+
+
+def test_zz_no_segments_left_behind():
+    """Runs last in this file: no tplinear segment of an exited process is left in /dev/shm."""
+    left = []
+    for path in glob.glob("/dev/shm/tplinear-*"):
+        try:
+            pid = int(os.path.basename(path).split("-")[1])
+        except (IndexError, ValueError):
+            left.append(path)
+            continue
+        if not os.path.exists(f"/proc/{pid}"):
+            left.append(path)
+    assert not left, left
