@@ -57,14 +57,15 @@ CASES = {
     "dec_mlp_fwdbwd": (B_DEC, "mlp", 3, 20),
     "dec_row_gemm": (B_DEC, "row_gemm", 20, 200),
     "dec_row_pair": (B_DEC, "row_pair", 20, 300),
+    "mlp_gelu": (B_BIG, "gelu", 1, 5),
     "ar_dec": (B_DEC, "allreduce", 20, 300),
 }
 MAIN_CASES = ["row_fwd", "col_fwd", "mlp_fwdbwd", "dec_row_fwd", "dec_col_fwd", "dec_mlp_fwdbwd"]
-AUX_CASES = ["row_gemm", "dec_row_gemm", "dec_row_pair_gemm", "dec_row_pair_fwd", "dec_row_pair_overhead", "ar_big",
+AUX_CASES = ["mlp_gelu", "row_gemm", "dec_row_gemm", "dec_row_pair_gemm", "dec_row_pair_fwd", "dec_row_pair_overhead", "ar_big",
              "ar_dec"]
 # small cases first, the big MLP last (freeing its GiBs can disturb whatever is timed right after it)
 RUN_ORDER = ["dec_row_pair", "dec_row_gemm", "dec_row_fwd", "dec_col_fwd", "ar_dec", "row_gemm", "row_fwd", "col_fwd", "ar_big",
-             "dec_mlp_fwdbwd", "mlp_fwdbwd"]
+             "mlp_gelu", "dec_mlp_fwdbwd", "mlp_fwdbwd"]
 LABELS = {
     "row_fwd": "row fwd [2048x4096]·[4096→4096]",
     "col_fwd": "column fwd [2048x4096]·[4096→4096]",
@@ -74,6 +75,7 @@ LABELS = {
     "dec_mlp_fwdbwd": "decode MLP fwd+bwd [8x4096]·[4096→16384→4096]",
     "row_gemm": "row GEMM only (shard, no comm) [2048x4096/p]",
     "dec_row_gemm": "decode row GEMM only (shard, no comm) [8x4096/p]",
+    "mlp_gelu": "GELU fwd+bwd alone on [2048x16384/p] (part of the MLP)",
     "dec_row_pair_gemm": "decode row GEMM only, paired steps",
     "dec_row_pair_fwd": "decode row fwd, paired steps",
     "dec_row_pair_overhead": "decode row fwd − GEMM only, median of paired differences",
@@ -125,6 +127,13 @@ def gelu_bwd(np, dh, z, t):
     return g
 
 
+def numpy_gelu_step(np, z, dh):
+    def step():
+        a, t = gelu_fwd(np, z)
+        return gelu_bwd(np, dh, z, t)
+    return step
+
+
 # ================================================================================== contenders (workers)
 
 
@@ -170,6 +179,8 @@ class NumpyTP:
         if kind == "allreduce":
             buf = self._x(b, H)
             return lambda: self.allreduce(buf)
+        if kind == "gelu":
+            return numpy_gelu_step(np, self._x(b, FF // p), self._x(b, FF // p))
         if kind == "mlp":
             w1, b1 = self._w(FF // p, H), np.zeros(FF // p, np.float32)
             w2, b2 = self._w(H, FF // p), np.zeros(H, np.float32)
@@ -256,6 +267,8 @@ class TplinearTP:
         if kind == "allreduce":
             buf = self._x(b, H)
             return lambda: dist.all_reduce(buf)
+        if kind == "gelu":
+            return numpy_gelu_step(np, self._x(b, FF // p), self._x(b, FF // p))
         if kind == "mlp":
             col = tp.LinearLayer.from_init(H, FF, seed=1)
             row = tp.LinearAllreduce.from_init(FF, H, seed=2)
@@ -334,6 +347,16 @@ class DeepSpeedTP:
             if p == 1:
                 return lambda: buf
             return lambda: torch.distributed.all_reduce(buf, group=self.group)
+        if kind == "gelu":
+            z = self._x(b, FF // p).requires_grad_(True)
+            dh = self._x(b, FF // p)
+
+            def step():
+                a = torch.nn.functional.gelu(z, approximate="tanh")
+                a.backward(dh)
+                z.grad = None
+                return a
+            return step
         if kind == "mlp":
             col = L.LinearLayer(self._linear(H, FF), self.group)
             row = L.LinearAllreduce(self._linear(FF, H), self.group)
