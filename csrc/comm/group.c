@@ -168,7 +168,6 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     *world = g;
     g = NULL;
 out:
-    if (g) g->backend = g->backend == &self_backend ? g->backend : NULL; /* half-made backends own nothing */
     tp_group_destroy(g);
     return st;
 }
@@ -177,7 +176,7 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
 {
     tp_status st = TP_OK;
     tp_group *g = NULL;
-    int me = -1;
+    int me = -1, plen;
     int *seen = NULL, *other = NULL;
     char key[128];
     size_t len = 0;
@@ -207,8 +206,8 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
     g->local_rank = parent->local_rank;
     g->local_world_size = parent->local_world_size;
     g->timeout_s = parent->timeout_s;
-    TP_REQUIRE(strlen(parent->prefix) + 12 < sizeof g->prefix, "new_group: subgroups nested too deeply");
-    snprintf(g->prefix, sizeof g->prefix, "%s%d/", parent->prefix, parent->next_child++);
+    plen = snprintf(g->prefix, sizeof g->prefix, "%s%d/", parent->prefix, parent->next_child++);
+    TP_REQUIRE(plen > 0 && (size_t)plen < sizeof g->prefix, "new_group: subgroups nested too deeply");
     if (parent->store) {
         g->store = tp_store_retain(parent->store);
         g->owns_store = 1;
@@ -233,7 +232,6 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
     *out = g;
     g = NULL;
 out:
-    if (g && g->backend != &self_backend) g->backend = NULL;
     tp_group_destroy(g);
     free(seen);
     free(other);

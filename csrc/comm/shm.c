@@ -66,6 +66,8 @@ typedef struct {
     uint64_t magic;
     uint64_t slot_bytes;
     uint64_t chunk_bytes; /* rounds of the chunked algorithms, chosen by rank 0 */
+    uint64_t oneshot_bytes; /* all-reduce algorithm choices, by rank 0 so that every rank agrees */
+    int32_t oneshot_big;
     int32_t nranks;
     _Alignas(CL) _Atomic uint32_t futex; /* bumped by every post */
     _Atomic int32_t nwaiters;
@@ -80,7 +82,7 @@ typedef struct {
     rank_ctrl *ctrl;
     char *slots;
     size_t slot_bytes, half, oneshot, chunk;
-    int oneshot_big; /* chunked one-shot for every size (TPLINEAR_SHM_ALGO=oneshot) */
+    int oneshot_big; /* chunked one-shot for every size */
     int p, r;
     const int *granks; /* global rank of each group rank (the group's array) */
     uint64_t step, seq, round;
@@ -447,7 +449,7 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     char *in[TP_SHM_MAX_RANKS];
     TP_CHECK(check_dtype(dt, "all_reduce"));
     TP_CHECK(begin(im, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
-    if (bytes <= im->oneshot || ((im->oneshot_big || im->p == 2) && src != NULL)) {
+    if (bytes <= im->oneshot || (im->oneshot_big && src != NULL)) {
         /* one-shot, per chunk: copy in, one step, every rank reduces all slots (2 ranks: same traffic as
          * reduce-scatter + all-gather with half the steps) */
         const size_t per = (bytes <= im->oneshot ? im->half : im->chunk) / es;
@@ -706,7 +708,18 @@ tp_status tp_shm_create(tp_group *g)
     im->oneshot = (size_t)oneshot_kb * 1024;
     if (im->oneshot > im->half) im->oneshot = im->half;
     im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= online_cpus() ? 50e-6 : 2e-6);
-    im->oneshot_big = getenv("TPLINEAR_SHM_ALGO") && strcmp(getenv("TPLINEAR_SHM_ALGO"), "oneshot") == 0;
+    {
+        /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else
+         * reduce-scatter + all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag forces either */
+        const char *algo = getenv("TPLINEAR_SHM_ALGO");
+        if (algo && algo[0]) {
+            TP_REQUIRE(strcmp(algo, "oneshot") == 0 || strcmp(algo, "rsag") == 0,
+                       "TPLINEAR_SHM_ALGO must be 'oneshot' or 'rsag', got '%s'", algo);
+            im->oneshot_big = strcmp(algo, "oneshot") == 0;
+        } else {
+            im->oneshot_big = g->size == 2;
+        }
+    }
     im->yield_s = yield_us >= 0 ? (double)yield_us * 1e-6 : 1e-3;
     im->spin_cur = im->spin_s;
     ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
@@ -757,6 +770,8 @@ tp_status tp_shm_create(tp_group *g)
         if (chunk > im->half) chunk = im->half;
         if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
         im->hdr->chunk_bytes = chunk;
+        im->hdr->oneshot_bytes = im->oneshot;
+        im->hdr->oneshot_big = im->oneshot_big;
         im->hdr->slot_bytes = im->slot_bytes;
         im->hdr->nranks = g->size;
         im->hdr->magic = SHM_MAGIC;
@@ -766,6 +781,8 @@ tp_status tp_shm_create(tp_group *g)
         goto out;
     }
     im->chunk = im->hdr->chunk_bytes;
+    im->oneshot = im->hdr->oneshot_bytes;
+    im->oneshot_big = im->hdr->oneshot_big;
     atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
     atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
     snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
