@@ -13,15 +13,26 @@
  * instead of corrupting memory. Invariant that makes two halves enough: a rank posts the first step
  * of round i+1 only after it has finished reading the slots of round i.
  *
- * Waiting spins briefly, then sleeps on a shared futex word that every post increments; each wait is
- * bounded by the group's timeout and checks, every 50 ms, whether the ranks it waits for are alive
- * (kill(pid, 0), zombie state in /proc) or have destroyed the group. Any failure marks the segment
- * failed (first message wins) and wakes everybody, and the group stays unusable afterwards.
+ * Waiting: spin (adaptive budget up to 50 us, shrunk while spinning keeps failing, e.g. when a peer
+ * shares this core; 2 us when there are more ranks than cores), then sched_yield for up to 200 us, then
+ * sleep on a shared (not PRIVATE) futex word that every post increments (a poster only calls FUTEX_WAKE
+ * when someone sleeps). Each wait is bounded by the group's timeout and checks, every 50 ms, whether
+ * the ranks it waits for are alive (kill(pid, 0), zombie state in /proc) or have destroyed the group.
+ * Any failure (dead peer, timeout, mismatch, abort) marks the segment failed (first message wins) and
+ * wakes everybody; the group stays unusable afterwards (every call fails at once).
  *
- * Algorithms: all-reduce of up to TPLINEAR_SHM_ONESHOT_KB (default 64 KB) is one-shot (copy in,
- * one step, every rank reduces all slots in rank order); larger ones are reduce-scatter + all-gather
- * per chunk (two steps). Reductions are in rank order everywhere, so every rank gets bitwise identical
- * results. all_gather(v), reduce_scatter and broadcast take one step per chunk.
+ * Algorithms: an all-reduce of up to TPLINEAR_SHM_ONESHOT_KB (default 64 KB) is one-shot (copy in,
+ * one step, every rank reduces all slots in rank order). Larger ones run in rounds of the chunk size
+ * (64 KB, cache-resident, when every rank has a core; 1 MB otherwise): at 2 ranks one-shot per chunk
+ * (same memory traffic as reduce-scatter + all-gather, half the steps), above that reduce-scatter +
+ * all-gather per chunk (two steps). Reductions are in rank order everywhere, so every rank gets
+ * bitwise identical results. all_gather(v), reduce_scatter and broadcast take one step per chunk.
+ * Rank 0 chooses chunk and algorithm (env: TPLINEAR_SHM_CHUNK_KB, TPLINEAR_SHM_ALGO=oneshot|rsag,
+ * TPLINEAR_SHM_SLOT_KB for the slot size, default 8 MB, whose half bounds the staging buffer) and
+ * publishes them in the header, so the ranks always agree.
+ *
+ * The segment is named /tplinear-<pid of rank 0>-<ns>-<addr>, and unlinked by the last rank to map
+ * it (or by any rank's error path), so nothing is left in /dev/shm after a crash or kill.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -793,9 +804,10 @@ tp_status tp_shm_create(tp_group *g)
     }
     TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
     unlinked = 1;
-    tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, spin %.0f us)",
+    tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, large all-reduce %s, spin %.0f us)",
            g->prefix, g->rank, g->size, g->world_rank, im->name, (double)im->map_bytes / 1048576.0,
-           im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024, im->spin_s * 1e6);
+           im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024,
+           im->oneshot_big ? "one-shot" : "reduce-scatter + all-gather", im->spin_s * 1e6);
     g->impl = im;
     g->backend = &shm_backend;
     im = NULL;

@@ -139,6 +139,12 @@ def new_group(ranks=None):
 
 
 def all_reduce(tensor, op="sum", group=None):
+    """In place on a C-contiguous NumPy array of float32, float64, int32 or int64. op: "sum", "avg",
+    "max", "min" (or ReduceOp.*). Integer sums wrap around; "avg" of integers is the sum divided by the
+    group size with C's truncating division. Every rank gets bitwise identical results. Raises
+    TypeError / ValueError for a bad array, ValueError on a rank that is not a member of group, and
+    tplinear.CommError when a peer died, timed out or called a different collective (the group is
+    unusable afterwards)."""
     _C.all_reduce(_group(group)._handle, tensor, _op(op))
 
 
