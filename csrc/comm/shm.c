@@ -23,7 +23,7 @@
  *
  * Algorithms: an all-reduce of up to TPLINEAR_SHM_ONESHOT_KB (default 64 KB) is one-shot (copy in,
  * one step, every rank reduces all slots in rank order). Larger ones run in rounds of the chunk size
- * (64 KB, cache-resident, when every rank has a core; 1 MB otherwise): at 2 ranks one-shot per chunk
+ * (128 KB, cache-resident, when every rank has a core; 1 MB otherwise): at 2 ranks one-shot per chunk
  * (same memory traffic as reduce-scatter + all-gather, half the steps), above that reduce-scatter +
  * all-gather per chunk (two steps). Reductions are in rank order everywhere, so every rank gets
  * bitwise identical results. all_gather(v), reduce_scatter and broadcast take one step per chunk.
@@ -428,8 +428,64 @@ DEFINE_REDUCE(reduce_f64, double, double)
 DEFINE_REDUCE(reduce_i32, int32_t, uint32_t)
 DEFINE_REDUCE(reduce_i64, int64_t, uint64_t)
 
+/* The same reduction when out overlaps no input: out = in0 op in1, then out op= in[j] (one pass per
+ * input, no staging block; the same order of operations, so the same bits). */
+#define RED_OP(op, x, y, UT, T)                                                                  \
+    ((op) == TP_MAX ? ((y) > (x) ? (y) : (x)) : (op) == TP_MIN ? ((y) < (x) ? (y) : (x))          \
+                                                               : (T)((UT)(x) + (UT)(y)))
+#define DEFINE_REDUCE_NOALIAS(NAME, T, UT)                                                      \
+    static void NAME##_first(T *restrict out, const T *restrict a, const T *restrict b, size_t n, \
+                             int op)                                                             \
+    {                                                                                            \
+        if (op == TP_SUM || op == TP_AVG)                                                        \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_SUM, a[i], b[i], UT, T);           \
+        else if (op == TP_MAX)                                                                   \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MAX, a[i], b[i], UT, T);           \
+        else                                                                                     \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, a[i], b[i], UT, T);           \
+    }                                                                                            \
+    static void NAME##_more(T *restrict out, const T *restrict b, size_t n, int op)              \
+    {                                                                                            \
+        if (op == TP_SUM || op == TP_AVG)                                                        \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_SUM, out[i], b[i], UT, T);         \
+        else if (op == TP_MAX)                                                                   \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MAX, out[i], b[i], UT, T);         \
+        else                                                                                     \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, out[i], b[i], UT, T);         \
+    }                                                                                            \
+    static void NAME(void *outv, char *const *in, int p, size_t n, int op)                      \
+    {                                                                                            \
+        T *out = outv;                                                                           \
+        if (p == 1) {                                                                            \
+            memcpy(out, in[0], n * sizeof(T));                                                   \
+        } else {                                                                                 \
+            NAME##_first(out, (const T *)in[0], (const T *)in[1], n, op);                        \
+            for (int j = 2; j < p; j++) NAME##_more(out, (const T *)in[j], n, op);               \
+        }                                                                                        \
+        if (op == TP_AVG)                                                                        \
+            for (size_t i = 0; i < n; i++) out[i] = (T)(out[i] / (T)p);                          \
+    }
+
+DEFINE_REDUCE_NOALIAS(reduce_na_f32, float, float)
+DEFINE_REDUCE_NOALIAS(reduce_na_f64, double, double)
+DEFINE_REDUCE_NOALIAS(reduce_na_i32, int32_t, uint32_t)
+DEFINE_REDUCE_NOALIAS(reduce_na_i64, int64_t, uint64_t)
+
 static void reduce(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op)
 {
+    const size_t bytes = n * tp_dtype_size(dt);
+    int alias = 0;
+    for (int j = 0; j < p; j++)
+        if ((char *)out < in[j] + bytes && in[j] < (char *)out + bytes) alias = 1;
+    if (!alias) {
+        switch (dt) {
+        case TP_FLOAT32: reduce_na_f32(out, in, p, n, op); return;
+        case TP_FLOAT64: reduce_na_f64(out, in, p, n, op); return;
+        case TP_INT32: reduce_na_i32(out, in, p, n, op); return;
+        case TP_INT64: reduce_na_i64(out, in, p, n, op); return;
+        default: return;
+        }
+    }
     switch (dt) {
     case TP_FLOAT32: reduce_f32(out, in, p, n, op); break;
     case TP_FLOAT64: reduce_f64(out, in, p, n, op); break;
@@ -776,7 +832,7 @@ tp_status tp_shm_create(tp_group *g)
     im->slots = im->base + data_off;
     if (g->rank == 0) {
         /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
-        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 64 * 1024 : 1024 * 1024);
+        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 128 * 1024 : 1024 * 1024);
         chunk = chunk / ((size_t)CL * (size_t)g->size) * ((size_t)CL * (size_t)g->size);
         if (chunk > im->half) chunk = im->half;
         if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
