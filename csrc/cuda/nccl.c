@@ -1,0 +1,437 @@
+/* The NCCL backend: GPU collectives on the current stream.
+ *
+ * - Communicators are non-blocking (ncclConfig_t.blocking = 0): every NCCL call may return
+ *   ncclInProgress, and we poll ncclCommGetAsyncError until it settles, bounded by the group's
+ *   timeout. A collective then waits for its completion the same way (an event polled together with
+ *   ncclCommGetAsyncError), so a dead or stuck peer becomes TP_ERR_TIMEOUT / TP_ERR_COMM after
+ *   ncclCommAbort instead of a hang. TPLINEAR_NCCL_ASYNC=1 skips that wait: the collective returns once
+ *   enqueued and the wait (still bounded) happens at the group's next collective, barrier or destroy.
+ * - The world's ncclUniqueId comes from group rank 0 through the rendezvous store; subgroups split the
+ *   parent communicator (tp_nccl_split) or, without one, make a fresh id the same way.
+ * - The GPU of a communicator is LOCAL_RANK modulo the visible device count. */
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <nccl.h>
+
+#include "../comm/store.h"
+#include "cuda.h"
+
+/* The store lives in csrc/comm/store.c; weak references keep a build without it loadable (the
+ * NCCL backend then says so instead of the whole extension failing to import). */
+#pragma weak tp_store_set
+#pragma weak tp_store_get
+
+typedef struct {
+    ncclComm_t comm;
+    int device;
+    int aborted;
+    int async;          /* TPLINEAR_NCCL_ASYNC=1 */
+    cudaEvent_t done;   /* recorded after each collective */
+    int pending;        /* done is recorded and not yet waited for */
+    double pending_since;
+    void *scratch;      /* 1 int32 on the device, for barriers */
+} nccl_impl;
+
+static nccl_impl *impl_of(tp_group *g) { return (nccl_impl *)g->impl; }
+
+static tp_status nccl_fail(tp_group *g, tp_status s, ncclResult_t r, const char *what)
+{
+    nccl_impl *im = impl_of(g);
+    const char *detail = im && im->comm ? ncclGetLastError(im->comm) : "";
+    tp_status st = tp_error(s, "nccl %s (group rank %d of %d): %s%s%s", what, g->rank, g->size,
+                            ncclGetErrorString(r), detail && detail[0] ? ": " : "", detail ? detail : "");
+    if (im && im->comm && !im->aborted) {
+        ncclCommAbort(im->comm);
+        im->aborted = 1;
+        tp_log(TP_LOG_INFO, "nccl: communicator of group %s aborted after %s failed", g->prefix, what);
+    }
+    return st;
+}
+
+static void pause_briefly(unsigned *spins)
+{
+    if (++*spins < 200) {
+        sched_yield();
+    } else {
+        struct timespec ts = {0, 50 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Waits until the communicator's state leaves ncclInProgress (r: what the call returned). */
+static tp_status settle(tp_group *g, ncclResult_t r, const char *what)
+{
+    nccl_impl *im = impl_of(g);
+    double deadline = tp_now() + g->timeout_s;
+    unsigned spins = 0;
+    while (r == ncclInProgress) {
+        if (tp_now() > deadline) {
+            nccl_fail(g, TP_ERR_TIMEOUT, r, what);
+            return tp_error_context(TP_ERR_TIMEOUT, "timed out after %.0f s (a peer never joined or is stuck)",
+                                    g->timeout_s);
+        }
+        pause_briefly(&spins);
+        if (ncclCommGetAsyncError(im->comm, &r) != ncclSuccess) break;
+    }
+    if (r != ncclSuccess) return nccl_fail(g, TP_ERR_COMM, r, what);
+    return TP_OK;
+}
+
+/* Waits for the last recorded collective to finish on the device, polling for asynchronous NCCL
+ * errors (a peer that died) and bounded by the timeout; aborts the communicator on either. */
+static tp_status wait_pending(tp_group *g, const char *what)
+{
+    tp_status st = TP_OK;
+    nccl_impl *im = impl_of(g);
+    unsigned spins = 0;
+    if (!im->pending) return TP_OK;
+    for (;;) {
+        ncclResult_t r = ncclSuccess;
+        cudaError_t e = cudaEventQuery(im->done);
+        if (e == cudaSuccess) break;
+        if (e != cudaErrorNotReady) {
+            (void)cudaGetLastError();
+            im->pending = 0;
+            TP_CU(e, "cudaEventQuery (nccl)");
+        }
+        if (ncclCommGetAsyncError(im->comm, &r) != ncclSuccess || (r != ncclSuccess && r != ncclInProgress)) {
+            im->pending = 0;
+            st = nccl_fail(g, TP_ERR_COMM, r, what);
+            tp_error_context(st, "a peer failed during %s", what);
+            goto out;
+        }
+        if (tp_now() - im->pending_since > g->timeout_s) {
+            im->pending = 0;
+            nccl_fail(g, TP_ERR_TIMEOUT, ncclInProgress, what);
+            st = tp_error(TP_ERR_TIMEOUT,
+                          "nccl %s did not complete within %.0f s (group rank %d of %d): a peer is dead or "
+                          "stuck; the communicator was aborted",
+                          what, g->timeout_s, g->rank, g->size);
+            goto out;
+        }
+        pause_briefly(&spins);
+    }
+    im->pending = 0;
+out:
+    return st;
+}
+
+static tp_status check_usable(tp_group *g, const void *buf, const char *what)
+{
+    tp_status st = TP_OK;
+    nccl_impl *im = impl_of(g);
+    int dev;
+    if (im->aborted)
+        return tp_error(TP_ERR_COMM, "nccl %s: the group's communicator was aborted after an earlier failure", what);
+    TP_CU(cudaSetDevice(im->device), "cudaSetDevice");
+    if (buf) {
+        TP_CHECK(tp_cuda_pointer_device(buf, &dev));
+        TP_REQUIRE(dev == im->device,
+                   "nccl %s: buffers must be GPU memory on cuda:%d (this rank's device), got %s%.0d", what,
+                   im->device, dev < 0 ? "host memory" : "cuda:", dev < 0 ? 0 : dev);
+    }
+    TP_CHECK(wait_pending(g, what));
+out:
+    return st;
+}
+
+/* After a collective was enqueued: record its completion and wait (unless async). */
+static tp_status finish(tp_group *g, ncclResult_t r, const char *what, int force_wait)
+{
+    tp_status st = TP_OK;
+    nccl_impl *im = impl_of(g);
+    TP_CHECK(settle(g, r, what));
+    TP_CU(cudaEventRecord(im->done, tp_cuda_stream()), "cudaEventRecord (nccl)");
+    im->pending = 1;
+    im->pending_since = tp_now();
+    if (!im->async || force_wait) TP_CHECK(wait_pending(g, what));
+out:
+    return st;
+}
+
+static tp_status nccl_type(tp_dtype dt, ncclDataType_t *t)
+{
+    switch (dt) {
+    case TP_FLOAT32: *t = ncclFloat32; return TP_OK;
+    case TP_FLOAT64: *t = ncclFloat64; return TP_OK;
+    case TP_FLOAT16: *t = ncclFloat16; return TP_OK;
+    case TP_BFLOAT16: *t = ncclBfloat16; return TP_OK;
+    case TP_INT32: *t = ncclInt32; return TP_OK;
+    case TP_INT64: *t = ncclInt64; return TP_OK;
+    }
+    return tp_error(TP_ERR_TYPE, "nccl: unsupported dtype %d", (int)dt);
+}
+
+static ncclRedOp_t nccl_op(tp_reduce_op op)
+{
+    switch (op) {
+    case TP_AVG: return ncclAvg;
+    case TP_MAX: return ncclMax;
+    case TP_MIN: return ncclMin;
+    default: return ncclSum;
+    }
+}
+
+/* ---------------------------------------------------------------- the backend table */
+
+static tp_status b_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    ncclDataType_t t = ncclFloat32;
+    TP_CHECK(nccl_type(dt, &t));
+    TP_CHECK(check_usable(g, count ? buf : NULL, "all_reduce"));
+    if (count == 0) goto out;
+    TP_CHECK(finish(g, ncclAllReduce(buf, buf, count, t, nccl_op(op), impl_of(g)->comm, tp_cuda_stream()),
+                    "all_reduce", 0));
+out:
+    return st;
+}
+
+static tp_status b_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt)
+{
+    tp_status st = TP_OK;
+    ncclDataType_t t = ncclFloat32;
+    nccl_impl *im = impl_of(g);
+    size_t item = tp_dtype_size(dt), off = 0, total = 0;
+    int even = 1;
+    ncclResult_t r = ncclSuccess;
+    TP_CHECK(nccl_type(dt, &t));
+    for (int i = 0; i < g->size; i++) {
+        total += counts[i];
+        if (counts[i] != counts[0]) even = 0;
+    }
+    TP_CHECK(check_usable(g, total ? recv : NULL, "all_gather"));
+    if (counts[g->rank]) TP_CHECK(check_usable(g, send, "all_gather"));
+    if (total == 0) goto out;
+    if (even) {
+        r = ncclAllGather(send, recv, counts[0], t, im->comm, tp_cuda_stream());
+    } else {
+        /* all-gather-v: one broadcast per rank, fused into one NCCL group */
+        r = ncclGroupStart();
+        for (int i = 0; i < g->size && (r == ncclSuccess || r == ncclInProgress); i++) {
+            if (counts[i])
+                r = ncclBroadcast(i == g->rank ? send : NULL, (char *)recv + off * item, counts[i], t, i, im->comm,
+                                  tp_cuda_stream());
+            off += counts[i];
+        }
+        {
+            ncclResult_t e = ncclGroupEnd();
+            if (r == ncclSuccess || r == ncclInProgress) r = e;
+        }
+    }
+    TP_CHECK(finish(g, r, "all_gather", 0));
+out:
+    return st;
+}
+
+static tp_status b_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
+                                  tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    ncclDataType_t t = ncclFloat32;
+    TP_CHECK(nccl_type(dt, &t));
+    TP_CHECK(check_usable(g, count ? recv : NULL, "reduce_scatter"));
+    if (count == 0) goto out;
+    TP_CHECK(check_usable(g, send, "reduce_scatter"));
+    TP_CHECK(finish(g, ncclReduceScatter(send, recv, count, t, nccl_op(op), impl_of(g)->comm, tp_cuda_stream()),
+                    "reduce_scatter", 0));
+out:
+    return st;
+}
+
+static tp_status b_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root)
+{
+    tp_status st = TP_OK;
+    ncclDataType_t t = ncclFloat32;
+    TP_CHECK(nccl_type(dt, &t));
+    TP_CHECK(check_usable(g, count ? buf : NULL, "broadcast"));
+    if (count == 0) goto out;
+    TP_CHECK(finish(g, ncclBroadcast(buf, buf, count, t, root, impl_of(g)->comm, tp_cuda_stream()), "broadcast", 0));
+out:
+    return st;
+}
+
+static tp_status b_barrier(tp_group *g)
+{
+    tp_status st = TP_OK;
+    nccl_impl *im = impl_of(g);
+    TP_CHECK(check_usable(g, NULL, "barrier"));
+    TP_CHECK(finish(g, ncclAllReduce(im->scratch, im->scratch, 1, ncclInt32, ncclSum, im->comm, tp_cuda_stream()),
+                    "barrier", 1));
+out:
+    return st;
+}
+
+static tp_status b_abort(tp_group *g)
+{
+    nccl_impl *im = impl_of(g);
+    if (im && im->comm && !im->aborted) {
+        im->aborted = 1;
+        ncclCommAbort(im->comm);
+    }
+    return TP_OK;
+}
+
+static void impl_free(nccl_impl *im, int device)
+{
+    if (im == NULL) return;
+    if (cudaSetDevice(device) == cudaSuccess) {
+        if (im->done) cudaEventDestroy(im->done);
+        if (im->scratch) cudaFree(im->scratch);
+    }
+    (void)cudaGetLastError();
+    free(im);
+}
+
+static void b_destroy(tp_group *g)
+{
+    nccl_impl *im = impl_of(g);
+    if (im == NULL) return;
+    if (im->comm && !im->aborted) {
+        /* flush outstanding work, bounded by the timeout; abort if a peer never finishes */
+        ncclResult_t r = ncclSuccess;
+        if (wait_pending(g, "destroy") != TP_OK || im->aborted) goto freed;
+        r = ncclCommFinalize(im->comm);
+        if (settle(g, r, "finalize") != TP_OK || im->aborted) goto freed;
+        ncclCommDestroy(im->comm);
+    }
+freed:
+    impl_free(im, im->device);
+    g->impl = NULL;
+}
+
+static const tp_backend nccl_backend = {
+    "nccl", b_all_reduce, b_all_gatherv, b_reduce_scatter, b_broadcast, b_barrier, b_abort, b_destroy,
+};
+
+/* ---------------------------------------------------------------- construction */
+
+static tp_status impl_new(tp_group *g, int device, nccl_impl **out)
+{
+    tp_status st = TP_OK;
+    nccl_impl *im = calloc(1, sizeof *im);
+    if (im == NULL) return tp_error(TP_ERR_NOMEM, "nccl: out of memory");
+    im->device = device;
+    im->async = tp_env_long("TPLINEAR_NCCL_ASYNC", 0) == 1;
+    TP_CU(cudaSetDevice(device), "cudaSetDevice");
+    TP_CU(cudaEventCreateWithFlags(&im->done, cudaEventDisableTiming), "cudaEventCreate");
+    TP_CU(cudaMalloc(&im->scratch, sizeof(int32_t)), "cudaMalloc");
+    TP_CU(cudaMemset(im->scratch, 0, sizeof(int32_t)), "cudaMemset");
+    (void)g;
+    *out = im;
+    im = NULL;
+out:
+    impl_free(im, device);
+    return st;
+}
+
+static void config_init(ncclConfig_t *cfg, tp_group *g)
+{
+    ncclConfig_t c = NCCL_CONFIG_INITIALIZER;
+    c.blocking = 0;
+    c.commName = g->prefix;
+    *cfg = c;
+}
+
+tp_status tp_nccl_create(tp_group *g)
+{
+    tp_status st = TP_OK;
+    ncclUniqueId id;
+    nccl_impl *im = NULL;
+    ncclConfig_t cfg;
+    char key[96];
+    int n = tp_cuda_device_count(), device;
+    size_t len = 0;
+    TP_REQUIRE(g != NULL && g->rank >= 0, "nccl: this rank is not a member of the group");
+    if (n == 0) {
+        st = tp_error(TP_ERR_UNSUPPORTED, "the nccl backend needs a CUDA GPU, and none is visible to this process");
+        goto out;
+    }
+    device = (g->local_rank > 0 ? g->local_rank : 0) % n;
+    TP_CHECK(impl_new(g, device, &im));
+    snprintf(key, sizeof key, "%snccl_id", g->prefix);
+    if (g->size > 1) {
+        if (tp_store_set == NULL || tp_store_get == NULL) {
+            st = tp_error(TP_ERR_UNSUPPORTED, "nccl: this build has no rendezvous store (csrc/comm/store.c)");
+            goto out;
+        }
+        if (g->rank == 0) {
+            ncclResult_t r = ncclGetUniqueId(&id);
+            if (r != ncclSuccess) {
+                st = tp_error(TP_ERR_COMM, "ncclGetUniqueId: %s", ncclGetErrorString(r));
+                goto out;
+            }
+            TP_CHECK(tp_store_set(g->store, key, &id, sizeof id));
+        } else {
+            TP_CHECK(tp_store_get(g->store, key, &id, sizeof id, &len));
+            TP_REQUIRE(len == sizeof id, "nccl: the unique id in the store has %zu bytes, expected %zu", len, sizeof id);
+        }
+    } else {
+        ncclResult_t r = ncclGetUniqueId(&id);
+        if (r != ncclSuccess) {
+            st = tp_error(TP_ERR_COMM, "ncclGetUniqueId: %s", ncclGetErrorString(r));
+            goto out;
+        }
+    }
+    config_init(&cfg, g);
+    g->impl = im;
+    g->backend = &nccl_backend;
+    st = settle(g, ncclCommInitRankConfig(&im->comm, g->size, id, g->rank, &cfg), "init");
+    if (st != TP_OK) goto out;
+    tp_log(TP_LOG_INFO, "nccl: group %s rank %d of %d on cuda:%d (%s)", g->prefix, g->rank, g->size, device,
+           im->async ? "asynchronous waits" : "waits for each collective");
+    im = NULL;
+out:
+    if (im) {
+        if (im->comm && !im->aborted) ncclCommAbort(im->comm);
+        impl_free(im, im->device);
+        if (g) {
+            g->impl = NULL;
+            g->backend = NULL;
+        }
+    }
+    return st;
+}
+
+tp_status tp_nccl_split(tp_group *parent, tp_group *child)
+{
+    tp_status st = TP_OK;
+    nccl_impl *pim = impl_of(parent), *im = NULL;
+    ncclConfig_t cfg;
+    ncclComm_t comm = NULL;
+    int member = child != NULL && child->rank >= 0;
+    TP_REQUIRE(parent && parent->backend == &nccl_backend, "nccl split: the parent group is not an nccl group");
+    TP_CHECK(check_usable(parent, NULL, "split"));
+    if (member) TP_CHECK(impl_new(child, pim->device, &im));
+    config_init(&cfg, member ? child : parent);
+    TP_CHECK(settle(parent, ncclCommSplit(pim->comm, member ? 0 : NCCL_SPLIT_NOCOLOR, member ? child->rank : 0,
+                                          &comm, &cfg),
+                    "split"));
+    if (!member) goto out;
+    im->comm = comm;
+    child->impl = im;
+    child->backend = &nccl_backend;
+    /* the new communicator finishes initialising in the background */
+    {
+        ncclResult_t r = ncclSuccess;
+        if (ncclCommGetAsyncError(comm, &r) == ncclSuccess && r == ncclInProgress) {
+            st = settle(child, r, "split init");
+            if (st != TP_OK) {
+                child->impl = NULL;
+                child->backend = NULL;
+                goto out;
+            }
+        }
+    }
+    im = NULL;
+out:
+    if (im) {
+        if (im->comm && !im->aborted) ncclCommAbort(im->comm);
+        impl_free(im, im->device);
+    }
+    return st;
+}
