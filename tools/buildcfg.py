@@ -29,18 +29,20 @@ def blas():
     return sob.get_include_dir(), sob.get_lib_dir(), sob.get_library()
 
 
-def config(link_blas=False):
+def config(link_blas=False, with_cuda=True):
     """link_blas: link OpenBLAS directly with an rpath (standalone C programs); the extension instead
-    relies on scipy_openblas32 having loaded it globally."""
+    relies on scipy_openblas32 having loaded it globally. with_cuda=False builds the CPU-only core
+    (the C tests: sanitizers and the CUDA runtime do not mix)."""
     inc, libdir, lib = blas()
-    cuda = cuda_home()
+    cuda = cuda_home() if with_cuda else None
     sources = []
     for part in ("core", "gemm", "comm", "layers"):
         sources += sorted(glob.glob(os.path.join("csrc", part, "*.c")))
     include_dirs = ["csrc/include", "csrc", inc]
     library_dirs, libraries, rpath, macros = [], [], [], [("BLAS_SYMBOL_PREFIX", "scipy_")]
-    if cuda:
-        sources += sorted(s for s in glob.glob("csrc/cuda/*.c") if not s.endswith("stub.c"))
+    cuda_sources = sorted(s for s in glob.glob("csrc/cuda/*.c") if not s.endswith("stub.c"))
+    if cuda and cuda_sources:
+        sources += cuda_sources
         include_dirs.append(os.path.join(cuda, "include"))
         cudalib = os.path.join(cuda, "lib64")
         library_dirs.append(cudalib)
@@ -63,21 +65,21 @@ def config(link_blas=False):
         "define_macros": macros,
         "cflags": CFLAGS,
         "ldflags": ldflags,
-        "cuda": cuda,
+        "cuda": cuda if cuda_sources else None,
     }
 
 
 def shell_words(kind):
-    c = config(link_blas=True)
+    c = config(link_blas=True, with_cuda=False)
     if kind == "cflags":
-        words = c["cflags"] + ["-I" + i for i in c["include_dirs"]] + [
+        words = c["cflags"] + ["-I" + os.path.join(ROOT, i) for i in c["include_dirs"]] + [
             "-D%s=%s" % m for m in c["define_macros"]
         ]
     elif kind == "ldflags":
         words = ["-L" + d for d in c["library_dirs"]] + ["-l" + l for l in c["libraries"]]
         words += ["-Wl,-rpath," + d for d in c["runtime_library_dirs"]] + c["ldflags"] + ["-lm"]
     elif kind == "sources":
-        words = c["sources"]
+        words = [os.path.join(ROOT, src) for src in c["sources"]]
     elif kind == "cuda":
         words = [c["cuda"] or ""]
     else:

@@ -199,7 +199,7 @@ tp_status tp_linear_backward_input(const tp_tensor *dy, const tp_tensor *w, tp_t
     TP_CHECK(check_operand(w, dx, "grad_input"));
     TP_CHECK(check_batch(dy, w->shape[0], "grad_output", "out_features"));
     TP_CHECK(check_batch(dx, w->shape[1], "grad_input", "in_features"));
-    TP_CHECK(check_same_lead(dy, dx, "grad_output", "grad_input"));
+    TP_CHECK(check_same_lead(dx, dy, "input", "grad_output"));
     TP_CHECK(tp_mat_view(dy, &mdy, &pdy, "grad_output"));
     TP_CHECK(tp_mat_view(w, &mw, NULL, "weight"));
     TP_CHECK(tp_mat_view(dx, &mdx, NULL, "grad_input"));

@@ -502,6 +502,9 @@ class LinearAllreduce(_TPLayer):
                                  f"input_is_parallel=False), got {width}")
             (off, size), = self._my_pieces()
             x = x[..., off:off + size]
+        elif self.tp_world_size > 1 and _shape(x, "input")[-1] != w.shape[1]:
+            raise ValueError(f"input's last dimension must be {w.shape[1]} (this rank's shard of in_features="
+                             f"{self.in_features} over {self.tp_world_size} ranks), got {_shape(x, 'input')[-1]}")
         y = _empty(_shape(x, "input")[:-1] + (w.shape[0],), w)
         _C.row_forward(self.mp_group._handle, x, w, None if self.bias is None else self.bias.data, y)
         self._input = x

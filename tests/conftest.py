@@ -1,0 +1,27 @@
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+# Fresh random inputs every run; TPLINEAR_TEST_SEED=<n> reproduces a run (the seed is in the header).
+SEED = int(os.environ.get("TPLINEAR_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
+
+
+def pytest_report_header(config):
+    return f"tplinear test seed: TPLINEAR_TEST_SEED={SEED}"
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng([SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def rel_err(got, ref):
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    den = np.linalg.norm(ref)
+    return np.linalg.norm(got - ref) / (den if den > 0 else 1.0)
+
+
+TOL = {"float32": 1e-5, "float64": 1e-12}

@@ -1,0 +1,62 @@
+"""Tensor-parallel layers at world sizes 1-4 (each rank checks against a float64 reference of the full
+layer; see tests/tp_checks.py), checkpoints resharded across group sizes, bad input, the demo."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SEED
+
+from tplinear.testing import assert_world_ok
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+ENV = {"TPLINEAR_TEST_SEED": str(SEED), "PYTHONPATH": TESTS}
+
+# (training dims (in, out) divisible by p, inference dims that do not divide)
+DIMS = {1: ((48, 24), (100, 70)), 2: ((48, 24), (100, 70)), 3: ((48, 24), (100, 70)), 4: ((64, 32), (50, 130))}
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
+def test_layers_match_reference(nproc):
+    training, inference = DIMS[nproc]
+    assert_world_ok(nproc, f"""
+        import tp_checks as c
+        c.init()
+        c.run_layer_checks({training!r}, {inference!r})
+    """, env=ENV, timeout=240)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_bad_input(nproc):
+    assert_world_ok(nproc, """
+        import tp_checks as c
+        c.init(timeout=20)
+        c.check_bad_input()
+    """, env=ENV, timeout=120)
+
+
+def test_checkpoint_reshards(tmp_path):
+    path, ref = str(tmp_path / "mlp.npz"), str(tmp_path / "ref.npy")
+    assert_world_ok(4, f"import tp_checks as c; c.init(); c.checkpoint_save({path!r}, {ref!r})", env=ENV, timeout=120)
+    for nproc in (2, 3, 1):
+        assert_world_ok(nproc, f"import tp_checks as c; c.init(); c.checkpoint_load({path!r}, {ref!r})", env=ENV,
+                        timeout=120)
+
+
+def test_demo_loss_curve_is_the_same_at_1_2_4_ranks(tmp_path):
+    curves = {}
+    for nproc in (1, 2, 4):
+        out = tmp_path / f"losses{nproc}.json"
+        cmd = [sys.executable, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(nproc),
+               os.path.join(ROOT, "examples", "train_mlp.py"), "--steps", "8", "--losses", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "step   8/8" in proc.stdout
+        curves[nproc] = json.loads(out.read_text())["losses"]
+    assert curves[1][-1] < curves[1][0], "the demo's loss does not decrease"
+    for nproc in (2, 4):
+        for a, b in zip(curves[1], curves[nproc]):
+            assert abs(a - b) <= 1e-5 * abs(a), (nproc, curves[1], curves[nproc])

@@ -1,0 +1,343 @@
+"""Checks that run inside each rank of a world spawned by tests/test_tp_layers.py.
+
+Every check builds the full layer in the same way on every rank, runs the tensor-parallel layer, and
+compares this rank's results against a float64 single-process reference of the full layer. All ranks
+draw the same random inputs (seeded from TPLINEAR_TEST_SEED), fresh on every test run.
+"""
+import os
+import zlib
+
+import numpy as np
+
+import tplinear as tp
+import tplinear.distributed as dist
+
+TOL = {"float32": 1e-5, "float64": 1e-12}
+SEED = int(os.environ.get("TPLINEAR_TEST_SEED", "0"))
+
+
+def rel_err(got, ref):
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    den = np.linalg.norm(ref)
+    return np.linalg.norm(got - ref) / (den if den > 0 else 1.0)
+
+
+def close(got, ref, dtype, what):
+    err = rel_err(got, ref)
+    assert np.shape(got) == np.shape(ref), f"{what}: shape {np.shape(got)} != {np.shape(ref)}"
+    assert err < TOL[dtype], f"{what}: relative error {err:.3e} >= {TOL[dtype]}"
+
+
+def rng_for(*key):
+    return np.random.default_rng([SEED, zlib.crc32(repr(key).encode())])
+
+
+def init(timeout=60.0):
+    dist.init_process_group(timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def ranges(n, p, training, heads=0, name=None):
+    return tp._C.partition(n, p, training, heads, name)
+
+
+def gelu(x):
+    c = np.sqrt(2.0 / np.pi)
+    t = np.tanh(c * (x + 0.044715 * x**3))
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+
+
+# ------------------------------------------------------------------------------------------- layers
+
+
+def check_row(dtype, lead, bias, training, in_f, out_f, input_is_parallel=True, group=None):
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    tp.set_training_mode(training)
+    rng = rng_for("row", dtype, lead, bias, training, in_f, out_f, input_is_parallel)
+    lin = tp.Linear(in_f, out_f, bias=bias, dtype=dtype, seed=int(rng.integers(1 << 30)))
+    w64 = lin.weight.data.astype(np.float64)
+    b64 = None if lin.bias is None else lin.bias.data.astype(np.float64)
+    layer = tp.LinearAllreduce(lin, group, input_is_parallel=input_is_parallel)
+    off, size = ranges(in_f, p, training)[r]
+    x = rng.standard_normal(lead + (in_f,)).astype(dtype)
+    dy = rng.standard_normal(lead + (out_f,)).astype(dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    assert layer.weight.data.shape == (out_f, size)
+    assert np.array_equal(layer.weight.data, lin.weight.data[:, off:off + size])
+    y = layer(x[..., off:off + size] if input_is_parallel else x)
+    close(y, x64 @ w64.T + (0 if b64 is None else b64), dtype, f"row forward p={p}")
+    dx = layer.backward(dy)
+    dx_full = dy64 @ w64
+    close(dx, dx_full[..., off:off + size] if input_is_parallel else dx_full, dtype, "row dX")
+    dw = dy64.reshape(-1, out_f).T @ x64.reshape(-1, in_f)
+    close(layer.weight.grad, dw[:, off:off + size], dtype, "row dW")
+    if bias:
+        close(layer.bias.grad, dy64.reshape(-1, out_f).sum(0), dtype, "row db")
+
+
+def check_col(dtype, lead, bias, training, in_f, out_f, gather_output=False, group=None):
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    tp.set_training_mode(training)
+    rng = rng_for("col", dtype, lead, bias, training, in_f, out_f, gather_output)
+    lin = tp.Linear(in_f, out_f, bias=bias, dtype=dtype, seed=int(rng.integers(1 << 30)))
+    w64 = lin.weight.data.astype(np.float64)
+    b64 = None if lin.bias is None else lin.bias.data.astype(np.float64)
+    x = rng.standard_normal(lead + (in_f,)).astype(dtype)
+    dy = rng.standard_normal(lead + (out_f,)).astype(dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    off, size = ranges(out_f, p, training)[r]
+    results = []
+    for overlap in (False, True):
+        layer = tp.LinearLayer(lin, group, gather_output=gather_output, tp_overlap_comm=overlap)
+        assert np.array_equal(layer.weight.data, lin.weight.data[off:off + size])
+        y = layer(x)
+        y_full = x64 @ w64.T + (0 if b64 is None else b64)
+        close(y, y_full if gather_output else y_full[..., off:off + size], dtype, f"col forward p={p}")
+        dx = layer.backward(dy if gather_output else dy[..., off:off + size])
+        close(dx, dy64 @ w64, dtype, f"col dX overlap={overlap}")
+        dw = dy64.reshape(-1, out_f).T @ x64.reshape(-1, in_f)
+        close(layer.weight.grad, dw[off:off + size], dtype, "col dW")
+        if bias:
+            close(layer.bias.grad, dy64.reshape(-1, out_f).sum(0)[off:off + size], dtype, "col db")
+        results.append((dx, layer.weight.grad))
+    # overlapping the dX all-reduce with the dW GEMM changes nothing
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
+def check_mlp(dtype, training, in_f, hidden, lead=(6,)):
+    tp.set_training_mode(training)
+    rng = rng_for("mlp", dtype, training, in_f, hidden, lead)
+    l1 = tp.Linear(in_f, hidden, dtype=dtype, seed=int(rng.integers(1 << 30)))
+    l2 = tp.Linear(hidden, in_f, dtype=dtype, seed=int(rng.integers(1 << 30)))
+    w1, b1, w2, b2 = (a.astype(np.float64) for a in (l1.weight.data, l1.bias.data, l2.weight.data, l2.bias.data))
+    col, row = tp.LinearLayer(l1), tp.LinearAllreduce(l2)
+    x = rng.standard_normal(lead + (in_f,)).astype(dtype)
+    dy = rng.standard_normal(lead + (in_f,)).astype(dtype)
+    h = col(x)
+    a, da = gelu(h)
+    y = row(a.astype(dtype))
+    dh = row.backward(dy) * da.astype(dtype)
+    dx = col.backward(dh.astype(dtype))
+    # float64 reference of the full block
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    h_ref = x64 @ w1.T + b1
+    a_ref, da_ref = gelu(h_ref)
+    close(y, a_ref @ w2.T + b2, dtype, "mlp forward")
+    dh_ref = (dy64 @ w2) * da_ref
+    close(dx, dh_ref @ w1, dtype, "mlp dX")
+    p, r = dist.get_world_size(), dist.get_rank()
+    off, size = ranges(hidden, p, training)[r]
+    dw1 = dh_ref.reshape(-1, hidden).T @ x64.reshape(-1, in_f)
+    close(col.weight.grad, dw1[off:off + size], dtype, "mlp dW1")
+    dw2 = dy64.reshape(-1, in_f).T @ a_ref.reshape(-1, hidden)
+    close(row.weight.grad, dw2[:, off:off + size], dtype, "mlp dW2")
+
+
+def check_packed(dtype, training, blocks, heads=None):
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(training)
+    rng = rng_for("packed", dtype, training, tuple(blocks), heads)
+    in_f, out_f = 24, sum(blocks)
+    lin = tp.Linear(in_f, out_f, dtype=dtype, seed=int(rng.integers(1 << 30)))
+    layer = tp.LinearLayer(lin, block_sizes=blocks, block_heads=heads)
+    flat = tp._C.partition_packed(blocks, p, training, heads, None)
+    mine = flat[r * len(blocks):(r + 1) * len(blocks)]
+    rows = np.concatenate([np.arange(o, o + s) for o, s in mine])
+    assert np.array_equal(layer.weight.data, lin.weight.data[rows]), "packed shard is not this rank's pieces"
+    x = rng.standard_normal((5, in_f)).astype(dtype)
+    y_full = x.astype(np.float64) @ lin.weight.data.T.astype(np.float64) + lin.bias.data
+    close(layer(x), y_full[:, rows], dtype, "packed forward")
+    with tp.GatherReplacedLayerParams(layer.parameters(), layer):
+        assert np.array_equal(layer.weight.data, lin.weight.data), "packed gather is not the original order"
+        assert np.array_equal(layer.bias.data, lin.bias.data)
+    assert np.array_equal(layer.weight.data, lin.weight.data[rows])
+    layer.gather_output = True
+    close(layer(x), y_full, dtype, "packed gather_output")
+
+
+def check_gather_context():
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(False)
+    lin = tp.Linear(100, 70, dtype="float64", seed=11)  # uneven at 3 ranks (and a zero-width shard)
+    row, col = tp.LinearAllreduce(lin), tp.LinearLayer(lin)
+    for layer, dim in ((row, 1), (col, 0)):
+        shard_w = layer.weight.data.copy()
+        with tp.GatherReplacedLayerParams([layer.weight, layer.bias], layer) as ctx:
+            assert ctx is not None
+            assert np.array_equal(layer.weight.data, lin.weight.data)
+            assert np.array_equal(layer.bias.data, lin.bias.data)
+            assert np.array_equal(layer.state_dict()["weight"], lin.weight.data)
+            layer.weight.data = layer.weight.data + 1.0  # an edit made while gathered
+        assert layer.weight.data.shape == shard_w.shape
+        assert np.array_equal(layer.weight.data, shard_w + 1.0), "edits made while gathered must persist"
+        # a single parameter and a generator both work; the body raising still re-partitions
+        with tp.GatherReplacedLayerParams(layer.weight, layer):
+            assert layer.weight.data.shape == (70, 100)
+        with tp.GatherReplacedLayerParams((q for q in [layer.weight]), layer):
+            assert layer.weight.data.shape == (70, 100)
+        try:
+            with tp.GatherReplacedLayerParams(layer.parameters(), layer):
+                raise KeyError("body failed")
+        except KeyError:
+            pass
+        assert layer.weight.data.shape == shard_w.shape, "not re-partitioned after the body raised"
+        # disabled, or no replaced parameter: nothing happens (and no collective is issued)
+        with tp.GatherReplacedLayerParams(layer.parameters(), layer, enabled=False):
+            assert layer.weight.data.shape == shard_w.shape
+        plain = tp.Parameter(np.zeros(3))
+        with tp.GatherReplacedLayerParams([plain], layer):
+            assert plain.data.shape == (3,) and layer.weight.data.shape == shard_w.shape
+        # DeepSpeed's per-parameter hooks
+        layer.weight.gather_params([layer.weight])
+        assert layer.weight.data.shape == (70, 100)
+        layer.weight._tp_partition([layer.weight])
+        assert layer.weight.data.shape == shard_w.shape
+    del r
+
+
+def check_from_init(training, in_f, out_f, dtype="float32"):
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(training)
+    full = tp.Linear(in_f, out_f, dtype=dtype, seed=5)
+    col = tp.LinearLayer.from_init(in_f, out_f, seed=5, dtype=dtype)
+    row = tp.LinearAllreduce.from_init(in_f, out_f, seed=5, dtype=dtype)
+    o, s = ranges(out_f, p, training)[r]
+    assert np.array_equal(col.weight.data, full.weight.data[o:o + s])
+    assert np.array_equal(col.bias.data, full.bias.data[o:o + s])
+    o, s = ranges(in_f, p, training)[r]
+    assert np.array_equal(row.weight.data, full.weight.data[:, o:o + s])
+    assert np.array_equal(row.bias.data, full.bias.data)
+    with tp.GatherReplacedLayerParams(col.parameters() + row.parameters(), None):
+        assert np.array_equal(col.weight.data, full.weight.data)
+        assert np.array_equal(row.weight.data, full.weight.data)
+
+
+def check_skip_partition():
+    """from_weights / skip_partition=True: the given weights are this rank's shard, used as they are;
+    gathering concatenates the ranks' shards (of any sizes)."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    rng = rng_for("skip", p)
+    full = rng.standard_normal((3 * p + 3, 10))  # uneven: rank r holds 3 + (r == 0) * 3 rows
+    bounds = np.cumsum([0] + [6 if q == 0 else 3 for q in range(p)])
+    shard = full[bounds[r]:bounds[r + 1]]
+    layer = tp.LinearLayer.from_weights(weight=shard.copy(), bias=np.arange(len(shard), dtype=np.float64))
+    assert layer.skip_partition and np.array_equal(layer.weight.data, shard)
+    x = rng.standard_normal((4, 10))
+    close(layer(x), x @ shard.T + np.arange(len(shard)), "float64", "from_weights forward")
+    with tp.GatherReplacedLayerParams(layer.parameters(), layer):
+        assert np.array_equal(layer.weight.data, full)
+    zero = tp.LinearLayer.from_weights(weight_shape=(4, 6), dtype="float64")
+    assert zero.weight.data.shape == (4, 6) and not zero.weight.data.any() and zero.bias is None
+
+
+def run_layer_checks(training_dims, inference_dims):
+    """The full matrix for one world size."""
+    for training, (in_f, out_f) in ((True, training_dims), (False, inference_dims)):
+        for dtype in ("float32", "float64"):
+            for lead in ((), (5,), (2, 3)):
+                for bias in (True, False):
+                    check_row(dtype, lead, bias, training, in_f, out_f)
+                    check_col(dtype, lead, bias, training, in_f, out_f)
+            check_row(dtype, (4,), True, training, in_f, out_f, input_is_parallel=False)
+            check_col(dtype, (4,), True, training, in_f, out_f, gather_output=True)
+            check_col(dtype, (0,), True, training, in_f, out_f)  # an empty batch
+            check_mlp(dtype, training, in_f, out_f)
+        check_from_init(training, in_f, out_f)
+    p = dist.get_world_size()
+    check_packed("float32", True, [12 * p, 4 * p, 4 * p])                      # fused QKV, training
+    check_packed("float32", False, [8 * 4, 2 * 4, 2 * 4], heads=[8, 2, 2])      # GQA: 8 q heads, 2 kv heads
+    check_packed("float64", True, [6 * p, 6 * p])                                # gate/up
+    check_gather_context()
+    check_skip_partition()
+    print(f"rank {dist.get_rank()}: layer checks passed", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+CKPT_DIMS = {"fc1": (64, 192), "fc2": (192, 64)}
+
+
+def _ckpt_layers():
+    tp.set_training_mode(False)  # inference split: any group size loads
+    fc1 = tp.LinearLayer.from_init(*CKPT_DIMS["fc1"], seed=21, name="fc1")
+    fc2 = tp.LinearAllreduce.from_init(*CKPT_DIMS["fc2"], seed=22, name="fc2")
+    return fc1, fc2
+
+
+def _mlp_out(fc1, fc2, x):
+    a, _ = gelu(fc1(x))
+    return fc2(a.astype(np.float32))
+
+
+def checkpoint_save(path, ref_path):
+    """Trains one SGD step (so the parameters differ from their init), saves, and records the output."""
+    fc1, fc2 = _ckpt_layers()
+    x = rng_for("ckpt-x").standard_normal((7, 64)).astype(np.float32)
+    y = _mlp_out(fc1, fc2, x)
+    fc2.backward(np.ones_like(y))
+    for p in fc2.parameters():
+        p.data -= 0.1 * p.grad
+    y = _mlp_out(fc1, fc2, x)
+    tp.save_checkpoint(path, {"fc1": fc1, "fc2": fc2})
+    if dist.get_rank() == 0:
+        np.save(ref_path, y)
+
+
+def checkpoint_load(path, ref_path):
+    fc1, fc2 = _ckpt_layers()
+    tp.load_checkpoint(path, {"fc1": fc1, "fc2": fc2})
+    x = rng_for("ckpt-x").standard_normal((7, 64)).astype(np.float32)
+    y = _mlp_out(fc1, fc2, x)
+    ref = np.load(ref_path)
+    close(y, ref, "float32", f"output after reloading at {dist.get_world_size()} ranks")
+    # shard-level state dicts round-trip too
+    sd = fc2.state_dict()
+    fc2.load_state_dict({k: v + 0 for k, v in sd.items()})
+    try:
+        fc2.load_state_dict({"weight": np.zeros((3, 3), np.float32), "bias": sd["bias"]})
+        raise AssertionError("a wrong-shape shard was accepted")
+    except ValueError as exc:
+        assert "shape" in str(exc)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def expect_raises(exc_type, fn, *words):
+    try:
+        fn()
+    except exc_type as exc:
+        msg = str(exc)
+        for w in words:
+            assert w in msg, f"message {msg!r} lacks {w!r}"
+        return
+    raise AssertionError(f"{fn} did not raise {exc_type.__name__}")
+
+
+def check_bad_input():
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(True)
+    lin = tp.Linear(8 * p, 4 * p, seed=1)
+    row = tp.LinearAllreduce(lin)
+    # wrong shard width: every rank passes the full width (so no collective is reached)
+    if p > 1:
+        expect_raises(ValueError, lambda: row(np.zeros((2, 8 * p), np.float32)), "must be 8", f"got {8 * p}")
+    # training mode: a dim the group size does not divide names both
+    if p > 1:
+        expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 4 * p + 1)), str(4 * p + 1), str(p))
+    # a group this rank is not in
+    if p > 1:
+        sub = dist.new_group([0])
+        if r != 0:
+            expect_raises(ValueError, lambda: tp.LinearLayer(lin, sub), "not a member")
+        else:
+            tp.LinearLayer(lin, sub)
+    # mismatched modes across ranks: every rank raises
+    if p > 1:
+        tp.set_training_mode(r == 0)
+        expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(16 * p, 64 * p)), "training mode")
+        tp.set_training_mode(True)
+        # mismatched layer shapes across ranks
+        expect_raises(ValueError, lambda: tp.LinearAllreduce(tp.Linear(8 * p, 4 + r)), "disagree")
+    expect_raises(TypeError, lambda: tp.LinearLayer(lin, mp_group="world"), "ProcessGroup")
+    print(f"rank {r}: bad-input checks passed", flush=True)
