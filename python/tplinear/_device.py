@@ -44,7 +44,15 @@ _TYPESTR = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int32": "<i4"
 
 def as_dtype(d):
     """A device dtype from a name, a NumPy dtype or a torch dtype ('torch.bfloat16')."""
-    name = d if isinstance(d, str) else getattr(d, "name", None) or str(d)
+    if isinstance(d, str) or d is bfloat16:
+        name = str(d)
+    elif "torch." in str(d):
+        name = str(d)
+    else:
+        try:
+            name = np.dtype(d).name
+        except TypeError:
+            name = str(d)
     name = name.replace("torch.", "")
     name = {"half": "float16", "float": "float32", "double": "float64", "bf16": "bfloat16"}.get(name, name)
     if name == "bfloat16":
