@@ -403,30 +403,31 @@ tp_status tp_nccl_split(tp_group *parent, tp_group *child)
     nccl_impl *pim = impl_of(parent), *im = NULL;
     ncclConfig_t cfg;
     ncclComm_t comm = NULL;
+    ncclResult_t r;
     int member = child != NULL && child->rank >= 0;
     TP_REQUIRE(parent && parent->backend == &nccl_backend, "nccl split: the parent group is not an nccl group");
     TP_CHECK(check_usable(parent, NULL, "split"));
     if (member) TP_CHECK(impl_new(child, pim->device, &im));
     config_init(&cfg, member ? child : parent);
-    TP_CHECK(settle(parent, ncclCommSplit(pim->comm, member ? 0 : NCCL_SPLIT_NOCOLOR, member ? child->rank : 0,
-                                          &comm, &cfg),
-                    "split"));
-    if (!member) goto out;
+    r = ncclCommSplit(pim->comm, member ? 0 : NCCL_SPLIT_NOCOLOR, member ? child->rank : 0, &comm, &cfg);
+    if (!member || (r != ncclSuccess && r != ncclInProgress)) {
+        /* a non-member gets no communicator: wait for the parent to finish its part */
+        TP_CHECK(settle(parent, r, "split"));
+        goto out;
+    }
+    /* the new communicator finishes initialising in the background: poll it */
     im->comm = comm;
     child->impl = im;
     child->backend = &nccl_backend;
-    /* the new communicator finishes initialising in the background */
-    {
-        ncclResult_t r = ncclSuccess;
-        if (ncclCommGetAsyncError(comm, &r) == ncclSuccess && r == ncclInProgress) {
-            st = settle(child, r, "split init");
-            if (st != TP_OK) {
-                child->impl = NULL;
-                child->backend = NULL;
-                goto out;
-            }
-        }
+    if (r == ncclSuccess && ncclCommGetAsyncError(comm, &r) != ncclSuccess) r = ncclInternalError;
+    st = settle(child, r, "split");
+    if (st != TP_OK) {
+        child->impl = NULL;
+        child->backend = NULL;
+        goto out;
     }
+    tp_log(TP_LOG_INFO, "nccl: group %s split from %s, rank %d of %d", child->prefix, parent->prefix, child->rank,
+           child->size);
     im = NULL;
 out:
     if (im) {

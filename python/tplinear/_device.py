@@ -269,10 +269,8 @@ class DeviceArray:
             raise BufferError(f"cannot export a cuda:{self.device} array to DLPack device {tuple(dl_device)}")
         if copy:
             raise BufferError("DeviceArray exports without copying only (copy=True is not supported)")
-        if stream is None:
+        if stream is None or stream == 0:  # 0 is disallowed by the protocol; read it as the legacy default
             stream = 1
-        if stream == 0:
-            raise ValueError("stream 0 is ambiguous and disallowed by the DLPack protocol")
         if stream != -1:
             mine = _C.cuda_get_stream() or 1
             if stream != mine:
