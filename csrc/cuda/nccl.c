@@ -8,7 +8,9 @@
  *   enqueued and the wait (still bounded) happens at the group's next collective, barrier or destroy.
  * - The world's ncclUniqueId comes from group rank 0 through the rendezvous store; subgroups split the
  *   parent communicator (tp_nccl_split) or, without one, make a fresh id the same way.
- * - The GPU of a communicator is LOCAL_RANK modulo the visible device count. */
+ * - The GPU of a communicator is LOCAL_RANK modulo the visible device count. Buffers on that GPU are
+ *   used in place; host buffers (NumPy bookkeeping, e.g. the layers' construction checks) are staged
+ *   through a temporary device buffer, a copy each way; a buffer on another GPU is an error. */
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,22 +122,60 @@ out:
     return st;
 }
 
-static tp_status check_usable(tp_group *g, const void *buf, const char *what)
+static tp_status check_usable(tp_group *g, const char *what)
+{
+    tp_status st = TP_OK;
+    nccl_impl *im = impl_of(g);
+    if (im->aborted)
+        return tp_error(TP_ERR_COMM, "nccl %s: the group's communicator was aborted after an earlier failure", what);
+    TP_CU(cudaSetDevice(im->device), "cudaSetDevice");
+    TP_CHECK(wait_pending(g, what));
+out:
+    return st;
+}
+
+/* A buffer for NCCL: device memory of this rank's GPU is used in place; host memory (NumPy bookkeeping
+ * such as the layers' construction checks) is staged through a temporary device buffer, copied in when
+ * copy_in. *tmp is that buffer (NULL when none was needed). */
+typedef struct {
+    void *host;  /* the caller's host buffer, or NULL */
+    void *dev;   /* what NCCL sees */
+    size_t bytes;
+} staged;
+
+static tp_status stage_in(tp_group *g, const void *p, size_t bytes, int copy_in, staged *sb, const char *what)
 {
     tp_status st = TP_OK;
     nccl_impl *im = impl_of(g);
     int dev;
-    if (im->aborted)
-        return tp_error(TP_ERR_COMM, "nccl %s: the group's communicator was aborted after an earlier failure", what);
-    TP_CU(cudaSetDevice(im->device), "cudaSetDevice");
-    if (buf) {
-        TP_CHECK(tp_cuda_pointer_device(buf, &dev));
-        TP_REQUIRE(dev == im->device,
-                   "nccl %s: buffers must be GPU memory on cuda:%d (this rank's device), got %s%.0d", what,
-                   im->device, dev < 0 ? "host memory" : "cuda:", dev < 0 ? 0 : dev);
-    }
-    TP_CHECK(wait_pending(g, what));
+    sb->host = NULL;
+    sb->dev = (void *)p;
+    sb->bytes = bytes;
+    if (bytes == 0 || p == NULL) goto out;
+    TP_CHECK(tp_cuda_pointer_device(p, &dev));
+    if (dev == im->device) goto out;
+    TP_REQUIRE(dev < 0, "nccl %s: a buffer is on cuda:%d but this rank's GPU is cuda:%d", what, dev, im->device);
+    TP_CU(cudaMallocAsync(&sb->dev, bytes, tp_cuda_stream()), "cudaMallocAsync (nccl staging)");
+    sb->host = (void *)p;
+    if (copy_in)
+        TP_CU(cudaMemcpyAsync(sb->dev, p, bytes, cudaMemcpyHostToDevice, tp_cuda_stream()), "cudaMemcpyAsync (nccl staging)");
+    tp_log(TP_LOG_TRACE, "nccl %s: staging %zu bytes of host memory", what, bytes);
 out:
+    return st;
+}
+
+/* Copies a staged result back (copy_out) and frees the staging buffer; keeps an earlier failure. */
+static tp_status stage_out(tp_status st, staged *sb, int copy_out)
+{
+    if (sb->host == NULL) return st;
+    if (st == TP_OK && copy_out) {
+        cudaError_t e = cudaMemcpyAsync(sb->host, sb->dev, sb->bytes, cudaMemcpyDeviceToHost, tp_cuda_stream());
+        if (e == cudaSuccess) e = cudaStreamSynchronize(tp_cuda_stream());
+        if (e != cudaSuccess) st = tp_error(TP_ERR_CUDA, "nccl staging copy: %s", cudaGetErrorString(e));
+    }
+    (void)cudaFreeAsync(sb->dev, tp_cuda_stream());
+    (void)cudaGetLastError();
+    sb->host = NULL;
     return st;
 }
 
@@ -182,13 +222,15 @@ static tp_status b_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt,
 {
     tp_status st = TP_OK;
     ncclDataType_t t = ncclFloat32;
+    staged sb = {NULL, NULL, 0};
     TP_CHECK(nccl_type(dt, &t));
-    TP_CHECK(check_usable(g, count ? buf : NULL, "all_reduce"));
+    TP_CHECK(check_usable(g, "all_reduce"));
     if (count == 0) goto out;
-    TP_CHECK(finish(g, ncclAllReduce(buf, buf, count, t, nccl_op(op), impl_of(g)->comm, tp_cuda_stream()),
-                    "all_reduce", 0));
+    TP_CHECK(stage_in(g, buf, count * tp_dtype_size(dt), 1, &sb, "all_reduce"));
+    TP_CHECK(finish(g, ncclAllReduce(sb.dev, sb.dev, count, t, nccl_op(op), impl_of(g)->comm, tp_cuda_stream()),
+                    "all_reduce", sb.host != NULL));
 out:
-    return st;
+    return stage_out(st, &sb, 1);
 }
 
 static tp_status b_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt)
@@ -199,22 +241,24 @@ static tp_status b_all_gatherv(tp_group *g, const void *send, void *recv, const 
     size_t item = tp_dtype_size(dt), off = 0, total = 0;
     int even = 1;
     ncclResult_t r = ncclSuccess;
+    staged ss = {NULL, NULL, 0}, sr = {NULL, NULL, 0};
     TP_CHECK(nccl_type(dt, &t));
     for (int i = 0; i < g->size; i++) {
         total += counts[i];
         if (counts[i] != counts[0]) even = 0;
     }
-    TP_CHECK(check_usable(g, total ? recv : NULL, "all_gather"));
-    if (counts[g->rank]) TP_CHECK(check_usable(g, send, "all_gather"));
+    TP_CHECK(check_usable(g, "all_gather"));
     if (total == 0) goto out;
+    TP_CHECK(stage_in(g, send, counts[g->rank] * item, 1, &ss, "all_gather"));
+    TP_CHECK(stage_in(g, recv, total * item, 0, &sr, "all_gather"));
     if (even) {
-        r = ncclAllGather(send, recv, counts[0], t, im->comm, tp_cuda_stream());
+        r = ncclAllGather(ss.dev, sr.dev, counts[0], t, im->comm, tp_cuda_stream());
     } else {
         /* all-gather-v: one broadcast per rank, fused into one NCCL group */
         r = ncclGroupStart();
         for (int i = 0; i < g->size && (r == ncclSuccess || r == ncclInProgress); i++) {
             if (counts[i])
-                r = ncclBroadcast(i == g->rank ? send : NULL, (char *)recv + off * item, counts[i], t, i, im->comm,
+                r = ncclBroadcast(i == g->rank ? ss.dev : NULL, (char *)sr.dev + off * item, counts[i], t, i, im->comm,
                                   tp_cuda_stream());
             off += counts[i];
         }
@@ -223,9 +267,10 @@ static tp_status b_all_gatherv(tp_group *g, const void *send, void *recv, const 
             if (r == ncclSuccess || r == ncclInProgress) r = e;
         }
     }
-    TP_CHECK(finish(g, r, "all_gather", 0));
+    TP_CHECK(finish(g, r, "all_gather", ss.host != NULL || sr.host != NULL));
 out:
-    return st;
+    st = stage_out(st, &ss, 0);
+    return stage_out(st, &sr, 1);
 }
 
 static tp_status b_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
@@ -233,33 +278,40 @@ static tp_status b_reduce_scatter(tp_group *g, const void *send, void *recv, siz
 {
     tp_status st = TP_OK;
     ncclDataType_t t = ncclFloat32;
+    size_t item = tp_dtype_size(dt);
+    staged ss = {NULL, NULL, 0}, sr = {NULL, NULL, 0};
     TP_CHECK(nccl_type(dt, &t));
-    TP_CHECK(check_usable(g, count ? recv : NULL, "reduce_scatter"));
+    TP_CHECK(check_usable(g, "reduce_scatter"));
     if (count == 0) goto out;
-    TP_CHECK(check_usable(g, send, "reduce_scatter"));
-    TP_CHECK(finish(g, ncclReduceScatter(send, recv, count, t, nccl_op(op), impl_of(g)->comm, tp_cuda_stream()),
-                    "reduce_scatter", 0));
+    TP_CHECK(stage_in(g, send, count * item * (size_t)g->size, 1, &ss, "reduce_scatter"));
+    TP_CHECK(stage_in(g, recv, count * item, 0, &sr, "reduce_scatter"));
+    TP_CHECK(finish(g, ncclReduceScatter(ss.dev, sr.dev, count, t, nccl_op(op), impl_of(g)->comm, tp_cuda_stream()),
+                    "reduce_scatter", ss.host != NULL || sr.host != NULL));
 out:
-    return st;
+    st = stage_out(st, &ss, 0);
+    return stage_out(st, &sr, 1);
 }
 
 static tp_status b_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root)
 {
     tp_status st = TP_OK;
     ncclDataType_t t = ncclFloat32;
+    staged sb = {NULL, NULL, 0};
     TP_CHECK(nccl_type(dt, &t));
-    TP_CHECK(check_usable(g, count ? buf : NULL, "broadcast"));
+    TP_CHECK(check_usable(g, "broadcast"));
     if (count == 0) goto out;
-    TP_CHECK(finish(g, ncclBroadcast(buf, buf, count, t, root, impl_of(g)->comm, tp_cuda_stream()), "broadcast", 0));
+    TP_CHECK(stage_in(g, buf, count * tp_dtype_size(dt), g->rank == root, &sb, "broadcast"));
+    TP_CHECK(finish(g, ncclBroadcast(sb.dev, sb.dev, count, t, root, impl_of(g)->comm, tp_cuda_stream()), "broadcast",
+                    sb.host != NULL));
 out:
-    return st;
+    return stage_out(st, &sb, 1);
 }
 
 static tp_status b_barrier(tp_group *g)
 {
     tp_status st = TP_OK;
     nccl_impl *im = impl_of(g);
-    TP_CHECK(check_usable(g, NULL, "barrier"));
+    TP_CHECK(check_usable(g, "barrier"));
     TP_CHECK(finish(g, ncclAllReduce(im->scratch, im->scratch, 1, ncclInt32, ncclSum, im->comm, tp_cuda_stream()),
                     "barrier", 1));
 out:
@@ -406,7 +458,7 @@ tp_status tp_nccl_split(tp_group *parent, tp_group *child)
     ncclResult_t r;
     int member = child != NULL && child->rank >= 0;
     TP_REQUIRE(parent && parent->backend == &nccl_backend, "nccl split: the parent group is not an nccl group");
-    TP_CHECK(check_usable(parent, NULL, "split"));
+    TP_CHECK(check_usable(parent, "split"));
     if (member) TP_CHECK(impl_new(child, pim->device, &im));
     config_init(&cfg, member ? child : parent);
     r = ncclCommSplit(pim->comm, member ? 0 : NCCL_SPLIT_NOCOLOR, member ? child->rank : 0, &comm, &cfg);

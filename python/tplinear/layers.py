@@ -128,6 +128,13 @@ def _to_layer_device(arr, device, dtype):
     return arr if device is None else _device.to_device(arr, dtype, device)
 
 
+def _like(ref, value):
+    """A host array placed like ref: on ref's GPU in ref's dtype, or a NumPy copy in ref's dtype."""
+    if isinstance(ref, _device.DeviceArray):
+        return _device.to_device(value, ref.dtype, ref.device)
+    return np.array(value, dtype=ref.dtype, copy=True)
+
+
 def _take(full, dim, pieces):
     """This rank's shard: the pieces [(offset, size)] of full along dim, concatenated (a new array)."""
     parts = [np.take(full, np.arange(off, off + size), axis=dim) for off, size in pieces]
@@ -405,9 +412,11 @@ class _TPLayer:
             dim = self._dim_of(param)
             shape = list(param.data.shape)
             shape[dim] = self._full_shape[dim if param is self.weight else 0]
-            full = _empty(tuple(shape), param.data)
-            _C.gather(self.mp_group._handle, param.data, dim, self._flat_ranges(), len(self._pieces[0]), full)
-            param.data = full
+            on_gpu = isinstance(param.data, _device.DeviceArray)
+            src = _host_array(param.data, "parameter") if on_gpu else param.data  # GPU: gathered via the host
+            full = _empty(tuple(shape), src)
+            _C.gather(self.mp_group._handle, src, dim, self._flat_ranges(), len(self._pieces[0]), full)
+            param.data = _like(param.data, full) if on_gpu else full
             param._tp_gathered = True
 
     def _tp_partition(self, params_list):
@@ -416,7 +425,8 @@ class _TPLayer:
         for param in _param_list(params_list):
             if not self._is_sharded(param) or not getattr(param, "_tp_gathered", False):
                 continue
-            param.data = _take(_host_array(param.data, "parameter"), self._dim_of(param), self._my_pieces())
+            piece = _take(_host_array(param.data, "parameter"), self._dim_of(param), self._my_pieces())
+            param.data = _like(param.data, piece) if isinstance(param.data, _device.DeviceArray) else piece
             param._tp_gathered = False
 
     # -- state dicts and checkpoints
@@ -438,7 +448,7 @@ class _TPLayer:
             if value.shape != tuple(param.data.shape):
                 raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, this rank's shard is "
                                  f"{tuple(param.data.shape)}")
-            param.data = np.array(value, dtype=param.data.dtype, copy=True)
+            param.data = _like(param.data, value)
 
     def consolidated_state_dict(self):
         """The full parameters (collective over mp_group)."""
@@ -456,9 +466,8 @@ class _TPLayer:
             full = self._full_shape if key == "weight" else [self._full_shape[0]]
             if list(value.shape) != list(full):
                 raise ValueError(f"checkpoint[{key!r}] has shape {value.shape}, the layer's full shape is {tuple(full)}")
-            value = value.astype(param.data.dtype, copy=False)
-            param.data = _take(value, self._dim_of(param), self._my_pieces()) if self._is_sharded(param) \
-                else np.array(value, copy=True)
+            piece = _take(value, self._dim_of(param), self._my_pieces()) if self._is_sharded(param) else value
+            param.data = _like(param.data, piece)
 
 
 def _param_list(params):
