@@ -130,6 +130,20 @@ def test_device_array_basics():
     assert _C.tensor_info(bf)["dtype"] == "bfloat16"
 
 
+def test_gather_context_and_state_dicts_on_the_gpu():
+    lin = tp.Linear(12, 10, dtype="bfloat16", device="cuda", seed=5)
+    full_w = lin.weight.data.numpy()
+    for layer in (tp.LinearAllreduce(lin), tp.LinearLayer(lin)):
+        assert layer.weight.data.dtype == "bfloat16" and isinstance(layer.weight.data, _device.DeviceArray)
+        with tp.GatherReplacedLayerParams([layer.weight, layer.bias], layer):
+            np.testing.assert_array_equal(host(layer.weight.data), full_w)
+        assert isinstance(layer.weight.data, _device.DeviceArray) and layer.weight.data.dtype == "bfloat16"
+        sd = layer.consolidated_state_dict()
+        np.testing.assert_array_equal(sd["weight"], full_w)
+        layer.load_state_dict({"weight": np.zeros((10, 12), np.float32), "bias": np.ones(10, np.float32)})
+        assert isinstance(layer.weight.data, _device.DeviceArray) and np.all(layer.weight.data.numpy() == 0)
+
+
 # ---------------------------------------------------------------------------------------------- torch
 
 
@@ -243,6 +257,7 @@ def test_cuda_array_interface_input(cupy):
         wrapped = CAIOnly(x)  # CAI v3 carries the stream: tplinear's stream waits for it
     assert _C.tensor_info(wrapped)["data"] == x.data.ptr
     y = cupy.asarray(lin(wrapped))
+    s.synchronize()  # the reference below runs on CuPy's null stream
     w, b = cupy.asarray(lin.weight.data), cupy.asarray(lin.bias.data)
     assert cupy.allclose(y, x @ w.T + b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="stream 0"):
