@@ -31,6 +31,7 @@ typedef struct {
     ncclComm_t comm;
     int device;
     int aborted;
+    int abort_requested; /* set by tp_group_abort from any thread; acted on by the thread using the comm */
     int async;          /* TPLINEAR_NCCL_ASYNC=1 */
     cudaEvent_t done;   /* recorded after each collective */
     int pending;        /* done is recorded and not yet waited for */
@@ -71,6 +72,7 @@ static tp_status settle(tp_group *g, ncclResult_t r, const char *what)
     double deadline = tp_now() + g->timeout_s;
     unsigned spins = 0;
     while (r == ncclInProgress) {
+        if (__atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE)) return nccl_fail(g, TP_ERR_COMM, r, what);
         if (tp_now() > deadline) {
             nccl_fail(g, TP_ERR_TIMEOUT, r, what);
             return tp_error_context(TP_ERR_TIMEOUT, "timed out after %.0f s (a peer never joined or is stuck)",
@@ -106,6 +108,12 @@ static tp_status wait_pending(tp_group *g, const char *what)
             tp_error_context(st, "a peer failed during %s", what);
             goto out;
         }
+        if (__atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE)) {
+            im->pending = 0;
+            nccl_fail(g, TP_ERR_COMM, ncclInProgress, what);
+            st = tp_error(TP_ERR_COMM, "nccl %s: the group was aborted (tp_group_abort) while waiting", what);
+            goto out;
+        }
         if (tp_now() - im->pending_since > g->timeout_s) {
             im->pending = 0;
             nccl_fail(g, TP_ERR_TIMEOUT, ncclInProgress, what);
@@ -126,6 +134,10 @@ static tp_status check_usable(tp_group *g, const char *what)
 {
     tp_status st = TP_OK;
     nccl_impl *im = impl_of(g);
+    if (!im->aborted && __atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE)) {
+        im->aborted = 1;
+        ncclCommAbort(im->comm);
+    }
     if (im->aborted)
         return tp_error(TP_ERR_COMM, "nccl %s: the group's communicator was aborted after an earlier failure", what);
     TP_CU(cudaSetDevice(im->device), "cudaSetDevice");
@@ -188,7 +200,8 @@ static tp_status finish(tp_group *g, ncclResult_t r, const char *what, int force
     TP_CU(cudaEventRecord(im->done, tp_cuda_stream()), "cudaEventRecord (nccl)");
     im->pending = 1;
     im->pending_since = tp_now();
-    if (!im->async || force_wait) TP_CHECK(wait_pending(g, what));
+    /* a group of one has no peer to lose: its collectives stay asynchronous */
+    if ((!im->async && g->size > 1) || force_wait) TP_CHECK(wait_pending(g, what));
 out:
     return st;
 }
@@ -318,13 +331,13 @@ out:
     return st;
 }
 
+/* Safe from any thread: only flags the request. The thread that uses the communicator (polling in
+ * settle / wait_pending, or at its next collective or destroy) calls ncclCommAbort, so no thread can
+ * touch a communicator after it is freed. Every wait polls, so a blocked collective wakes at once. */
 static tp_status b_abort(tp_group *g)
 {
     nccl_impl *im = impl_of(g);
-    if (im && im->comm && !im->aborted) {
-        im->aborted = 1;
-        ncclCommAbort(im->comm);
-    }
+    if (im) __atomic_store_n(&im->abort_requested, 1, __ATOMIC_RELEASE);
     return TP_OK;
 }
 
@@ -343,6 +356,10 @@ static void b_destroy(tp_group *g)
 {
     nccl_impl *im = impl_of(g);
     if (im == NULL) return;
+    if (im->comm && !im->aborted && __atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE)) {
+        im->aborted = 1;
+        ncclCommAbort(im->comm);
+    }
     if (im->comm && !im->aborted) {
         /* flush outstanding work, bounded by the timeout; abort if a peer never finishes */
         ncclResult_t r = ncclSuccess;
