@@ -283,3 +283,31 @@ def test_gpu_benchmark_parses_and_skips_cleanly_without_a_gpu(tmp_path):
         import json
 
         assert "skipped" in json.loads(out.read_text())
+
+
+def test_device_array_views_and_export_metadata():
+    """DeviceArray bookkeeping without touching memory: a made-up pointer on device 0."""
+    a = _device.DeviceArray((4, 6, 8), "float32", 0, _owner=object(), _ptr=1 << 20)
+    assert a.strides == (48, 8, 1) and a.is_contiguous and a.nbytes == 4 * 6 * 8 * 4
+    v = a[..., 2:5]
+    assert v.shape == (4, 6, 3) and v.strides == (48, 8, 1) and not v.is_contiguous
+    assert v.ptr == a.ptr + 2 * 4
+    r = a[1]
+    assert r.shape == (6, 8) and r.is_contiguous and r.ptr == a.ptr + 48 * 4
+    assert a[1:3, :, -1].shape == (2, 6) and a[1:3, :, -1].strides == (48, 8)
+    with pytest.raises(IndexError):
+        a[..., ::2]
+    with pytest.raises(IndexError):
+        a[4]
+    # what a consumer sees through DLPack and the CUDA Array Interface
+    info = _C.tensor_info(v)
+    assert info == {"data": v.ptr, "dtype": "float32", "shape": (4, 6, 3), "strides": (48, 8, 1),
+                    "device": ("cuda", 0)}
+    cai = v.__cuda_array_interface__
+    assert cai["strides"] == (192, 32, 4) and cai["data"] == (v.ptr, False) and cai["version"] == 3
+    assert a.__cuda_array_interface__["strides"] is None
+    bf = _device.DeviceArray((2, 3), "bfloat16", 0, _owner=object(), _ptr=1 << 20)
+    assert _C.tensor_info(bf)["dtype"] == "bfloat16"
+    assert not hasattr(bf, "__cuda_array_interface__")  # no typestr for bfloat16: DLPack only
+    with pytest.raises(BufferError):
+        a.__dlpack__(dl_device=(1, 0))

@@ -130,6 +130,24 @@ def test_device_array_basics():
     assert _C.tensor_info(bf)["dtype"] == "bfloat16"
 
 
+def test_gather_output_and_full_input_on_the_gpu(rng):
+    lin = tp.Linear(24, 16, device="cuda", seed=9)
+    w, b = host(lin.weight.data), host(lin.bias.data)
+    x = rng.standard_normal((2, 3, 24)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, 16)).astype(np.float32)
+    col = tp.LinearLayer(lin, gather_output=True)
+    y = col(dev(x))
+    assert isinstance(y, _device.DeviceArray) and rel_err(host(y), x @ w.T + b) < 1e-5
+    assert rel_err(host(col.backward(dev(dy))), dy @ w) < 1e-5
+    row = tp.LinearAllreduce(lin, input_is_parallel=False)
+    y = row(dev(x))  # the layer slices its part of a DeviceArray (a strided view)
+    assert rel_err(host(y), x @ w.T + b) < 1e-5
+    dx = row.backward(dev(dy))
+    assert isinstance(dx, _device.DeviceArray) and rel_err(host(dx), dy @ w) < 1e-5
+    view = dev(x)[..., 4:20]
+    assert not view.is_contiguous and np.array_equal(view.numpy(), x[..., 4:20])
+
+
 def test_gather_context_and_state_dicts_on_the_gpu():
     lin = tp.Linear(12, 10, dtype="bfloat16", device="cuda", seed=5)
     full_w = lin.weight.data.numpy()

@@ -243,3 +243,55 @@ tp_status tp_cuda_pointer_device(const void *ptr, int *device)
 out:
     return st;
 }
+
+/* ---------------------------------------------------------------- strided copies */
+
+/* dst = src for views whose innermost dimension is unit-stride: one cudaMemcpy2DAsync per index of the
+ * dimensions before the last two. Either side may be host memory (unified addressing). */
+static tp_status copy_rec(char *d, const char *s, const tp_tensor *dt, const tp_tensor *st_, int dim, size_t item)
+{
+    tp_status st = TP_OK;
+    int nd = dt->ndim;
+    if (dim < nd - 2) {
+        for (int64_t i = 0; i < dt->shape[dim]; i++)
+            TP_CHECK(copy_rec(d + i * dt->strides[dim] * (int64_t)item, s + i * st_->strides[dim] * (int64_t)item, dt,
+                              st_, dim + 1, item));
+        goto out;
+    }
+    {
+        size_t width = (size_t)dt->shape[nd - 1] * item;
+        size_t height = nd >= 2 ? (size_t)dt->shape[nd - 2] : 1;
+        size_t dp = nd >= 2 && height > 1 ? (size_t)dt->strides[nd - 2] * item : width;
+        size_t sp = nd >= 2 && height > 1 ? (size_t)st_->strides[nd - 2] * item : width;
+        TP_CU(cudaMemcpy2DAsync(d, dp, s, sp, width, height, cudaMemcpyDefault, tp_cuda_stream()), "cudaMemcpy2DAsync");
+    }
+out:
+    return st;
+}
+
+tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src)
+{
+    tp_status st = TP_OK;
+    int nd = dst->ndim, device = dst->device.type == TP_DEVICE_CUDA ? dst->device.index : src->device.index;
+    size_t item = tp_dtype_size(dst->dtype);
+    TP_REQUIRE(dst->ndim == src->ndim && dst->dtype == src->dtype, "copy: shapes or dtypes differ");
+    for (int d = 0; d < nd; d++)
+        TP_REQUIRE(dst->shape[d] == src->shape[d], "copy: dim %d is %lld vs %lld", d, (long long)dst->shape[d],
+                   (long long)src->shape[d]);
+    if (tp_tensor_numel(dst) == 0) goto out;
+    if (nd == 0) {
+        TP_CHECK(tp_cuda_memcpy(device, dst->data, src->data, item));
+        goto out;
+    }
+    TP_REQUIRE((dst->shape[nd - 1] <= 1 || (dst->strides[nd - 1] == 1 && src->strides[nd - 1] == 1)),
+               "copy: GPU arrays must be contiguous in their last dimension");
+    if (nd >= 2 && dst->shape[nd - 2] > 1)
+        TP_REQUIRE(dst->strides[nd - 2] >= dst->shape[nd - 1] && src->strides[nd - 2] >= src->shape[nd - 1],
+                   "copy: overlapping rows");
+    TP_CHECK(set_device(device));
+    TP_CHECK(copy_rec(dst->data, src->data, dst, src, 0, item));
+    if (dst->device.type != TP_DEVICE_CUDA || src->device.type != TP_DEVICE_CUDA)
+        TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
+out:
+    return st;
+}

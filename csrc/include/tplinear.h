@@ -78,7 +78,8 @@ int64_t tp_tensor_numel(const tp_tensor *t);
 int tp_tensor_is_contiguous(const tp_tensor *t);
 /* A view of t restricted to [start, start+length) along dim (no copy). */
 tp_status tp_tensor_narrow(const tp_tensor *t, int dim, int64_t start, int64_t length, tp_tensor *out);
-/* Copies src into dst elementwise (same shape and dtype, any strides, CPU). */
+/* Copies src into dst elementwise (same shape and dtype, any strides on the CPU; GPU views must be
+ * contiguous in their last dimension, see tp_cuda_tensor_copy). */
 tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 
 /* ------------------------------------------------------------------ partition math */
@@ -246,6 +247,8 @@ tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes);
 /* Copies bytes between any two of host and device memory (unified addressing); returns once the
  * copy is complete when either side is host memory. */
 tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes);
+/* tp_tensor_copy when either side is on the GPU (views contiguous in their last dimension). */
+tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 /* Where ptr lives: *device = GPU ordinal or -1 for host memory (not registered with CUDA). */
 tp_status tp_cuda_pointer_device(const void *ptr, int *device);
 

@@ -255,10 +255,11 @@ static int dtype_from_name(const char *name, tp_dtype *dt)
     return -1;
 }
 
-/* dlpack_export(owner, ptr, device_type, device_id, dtype_name, shape, versioned, read_only) -> capsule */
+/* dlpack_export(owner, ptr, device_type, device_id, dtype_name, shape, versioned, read_only[, strides])
+ * -> capsule; strides in elements (None: C-contiguous) */
 static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
 {
-    PyObject *owner, *ptr_obj, *shape_obj, *fast = NULL, *cap = NULL;
+    PyObject *owner, *ptr_obj, *shape_obj, *strides_obj = Py_None, *fast = NULL, *sfast = NULL, *cap = NULL;
     int dev_type, dev_id, versioned, readonly;
     const char *dtname;
     tp_dtype dt;
@@ -267,8 +268,8 @@ static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
     tp_DLTensor *dl;
     Py_ssize_t nd;
     (void)m;
-    if (!PyArg_ParseTuple(args, "OOiisOpp", &owner, &ptr_obj, &dev_type, &dev_id, &dtname, &shape_obj, &versioned,
-                          &readonly))
+    if (!PyArg_ParseTuple(args, "OOiisOpp|O", &owner, &ptr_obj, &dev_type, &dev_id, &dtname, &shape_obj, &versioned,
+                          &readonly, &strides_obj))
         return NULL;
     if (dtype_from_name(dtname, &dt) < 0) return NULL;
     ptr = PyLong_AsVoidPtr(ptr_obj);
@@ -278,6 +279,15 @@ static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
     if (nd > TP_MAX_DIMS) {
         Py_DECREF(fast);
         return PyErr_Format(PyExc_ValueError, "at most %d dimensions, got %zd", TP_MAX_DIMS, nd);
+    }
+    if (strides_obj != Py_None) {
+        sfast = PySequence_Fast(strides_obj, "strides must be a sequence of ints");
+        if (sfast == NULL || PySequence_Fast_GET_SIZE(sfast) != nd) {
+            if (sfast) PyErr_Format(PyExc_ValueError, "strides must have %zd entries", nd);
+            Py_DECREF(fast);
+            Py_XDECREF(sfast);
+            return NULL;
+        }
     }
     blk = calloc(1, sizeof *blk);
     if (blk == NULL) {
@@ -292,6 +302,10 @@ static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
             if (s == -1 && PyErr_Occurred()) goto fail;
             blk->shape[d] = s;
             blk->strides[d] = stride;
+            if (sfast) {
+                blk->strides[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(sfast, d));
+                if (blk->strides[d] == -1 && PyErr_Occurred()) goto fail;
+            }
             stride *= s > 0 ? s : 1;
         }
     }
@@ -321,11 +335,34 @@ static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
         goto fail;
     }
     Py_DECREF(fast);
+    Py_XDECREF(sfast);
     return cap;
 fail:
     Py_XDECREF(fast);
+    Py_XDECREF(sfast);
     free(blk);
     return NULL;
+}
+
+/* tensor_copy(dst, src): dst[...] = src, any two arrays of one shape and dtype (host or GPU) */
+static PyObject *py_tensor_copy(PyObject *m, PyObject *args)
+{
+    PyObject *d, *s;
+    tp_status st;
+    tpy_arg a[2];
+    if (!PyArg_ParseTuple(args, "OO", &d, &s)) return NULL;
+    memset(a, 0, sizeof a);
+    a[0].obj = d;
+    a[0].writable = 1;
+    a[0].what = "destination";
+    a[1].obj = s;
+    a[1].what = "source";
+    if (tpy_args_convert(a, 2) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS st = tp_tensor_copy(a[0].p, a[1].p);
+    Py_END_ALLOW_THREADS
+    tpy_args_release(a, 2);
+    if (st != TP_OK) return raise_st(m, st);
+    Py_RETURN_NONE;
 }
 
 /* tensor_info(obj, writable=False) -> dict: how tplinear sees an array argument (for tests/debugging) */
@@ -371,6 +408,7 @@ PyMethodDef tpy_device_methods[] = {
     {"cuda_get_allow_tf32", py_cuda_get_allow_tf32, METH_NOARGS, "cuda_get_allow_tf32() -> bool"},
     {"dlpack_export", py_dlpack_export, METH_VARARGS,
      "dlpack_export(owner, ptr, device_type, device_id, dtype, shape, versioned, read_only) -> capsule"},
+    {"tensor_copy", py_tensor_copy, METH_VARARGS, "tensor_copy(dst, src): copy between any two arrays (host or GPU)"},
     {"tensor_info", py_tensor_info, METH_VARARGS, "tensor_info(obj, writable=False) -> dict"},
     {NULL, NULL, 0, NULL},
 };

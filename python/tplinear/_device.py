@@ -155,18 +155,28 @@ def _bf16_to_float32(bits):
 # ---------------------------------------------------------------------------------------------- the array
 
 
+def _contiguous_strides(shape):
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(out))
+
+
 class DeviceArray:
-    """A C-contiguous array on one GPU. DeviceArray(shape, dtype, device) allocates uninitialised memory;
-    see also zeros(), to_device(), reshape() (a view), numpy()."""
+    """An array on one GPU. DeviceArray(shape, dtype, device) allocates uninitialised C-contiguous memory;
+    see also zeros(), to_device(), reshape() and basic slicing (views), copy(), numpy().
+    strides are in elements; views made by slicing may be non-contiguous."""
 
-    __slots__ = ("_owner", "ptr", "shape", "dtype", "device", "__weakref__")
+    __slots__ = ("_owner", "ptr", "shape", "strides", "dtype", "device", "__weakref__")
 
-    def __init__(self, shape, dtype="float32", device=None, _owner=None, _ptr=None):
+    def __init__(self, shape, dtype="float32", device=None, _owner=None, _ptr=None, _strides=None):
         self.shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in self.shape):
             raise ValueError(f"negative dimension in shape {self.shape}")
         self.dtype = as_dtype(dtype)
         self.device = device_index(device)
+        self.strides = _contiguous_strides(self.shape) if _strides is None else tuple(_strides)
         if _owner is None:
             self._owner, self.ptr = _C.cuda_malloc(self.device, self.nbytes)
         else:
@@ -221,9 +231,42 @@ class DeviceArray:
         return self.shape[0]
 
     def __repr__(self):
-        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device='cuda:{self.device}')"
+        view = "" if self.is_contiguous else f", strides={self.strides}"
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device='cuda:{self.device}'{view})"
+
+    @property
+    def is_contiguous(self):
+        return all(n == 1 or st == c for n, st, c in zip(self.shape, self.strides, _contiguous_strides(self.shape)))
 
     # -- views and copies
+
+    def __getitem__(self, key):
+        """Basic indexing (ints, step-1 slices, one Ellipsis), as a view: x[..., a:b], x[i], x[a:b, :]."""
+        key = key if isinstance(key, tuple) else (key,)
+        if sum(k is Ellipsis for k in key) > 1:
+            raise IndexError("an index can only have a single ellipsis")
+        if Ellipsis in key:
+            at = key.index(Ellipsis)
+            key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1:]
+        if len(key) > self.ndim:
+            raise IndexError(f"too many indices for a {self.ndim}-d array")
+        key = key + (slice(None),) * (self.ndim - len(key))
+        offset, shape, strides = 0, [], []
+        for k, n, st in zip(key, self.shape, self.strides):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step != 1:
+                    raise IndexError("DeviceArray slices must have step 1")
+                offset += start * st
+                shape.append(max(stop - start, 0))
+                strides.append(st)
+            else:
+                i = int(k)
+                if not -n <= i < n:
+                    raise IndexError(f"index {i} is out of bounds for size {n}")
+                offset += (i % n) * st
+        return DeviceArray(shape, self.dtype, self.device, _owner=self._owner,
+                           _ptr=self.ptr + offset * self.dtype.itemsize, _strides=strides)
 
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -235,18 +278,26 @@ class DeviceArray:
                 if s != -1:
                     known *= s
             shape[shape.index(-1)] = self.size // known if known else 0
+        if not self.is_contiguous:
+            return self.copy().reshape(shape)
         out = DeviceArray(shape, self.dtype, self.device, _owner=self._owner, _ptr=self.ptr)
         if out.size != self.size:
             raise ValueError(f"cannot reshape {self.shape} into {tuple(shape)}")
         return out
 
     def copy(self):
+        """A C-contiguous copy on the same GPU."""
         out = DeviceArray(self.shape, self.dtype, self.device)
-        _C.cuda_copy(self.device, out.ptr, self.ptr, self.nbytes)
+        if self.is_contiguous:
+            _C.cuda_copy(self.device, out.ptr, self.ptr, self.nbytes)
+        else:
+            _C.tensor_copy(out, self)
         return out
 
     def numpy(self):
         """A host copy (bfloat16 comes back as float32)."""
+        if not self.is_contiguous:
+            return self.copy().numpy()
         raw_dtype = np.uint16 if self.dtype == bfloat16 else self.dtype
         host = np.empty(self.shape, dtype=raw_dtype)
         if self.nbytes:
@@ -276,7 +327,8 @@ class DeviceArray:
             if stream != mine:
                 _C.cuda_stream_order(self.device, stream, True)
         versioned = max_version is not None and tuple(max_version)[0] >= 1
-        return _C.dlpack_export(self, self.ptr, _KDLCUDA, self.device, self.dtype.name, self.shape, versioned, False)
+        return _C.dlpack_export(self, self.ptr, _KDLCUDA, self.device, self.dtype.name, self.shape, versioned, False,
+                                self.strides)
 
     @property
     def __cuda_array_interface__(self):
@@ -287,7 +339,7 @@ class DeviceArray:
             "typestr": _TYPESTR[self.dtype.name],
             "data": (self.ptr, False),
             "version": 3,
-            "strides": None,
+            "strides": None if self.is_contiguous else tuple(st * self.dtype.itemsize for st in self.strides),
             "stream": _C.cuda_get_stream() or 1,
         }
 
