@@ -49,16 +49,22 @@ def _package_root():
 
 
 def world_env(env=None):
-    """The launcher's environment: ours minus any outer world, plus ``env`` (a None value deletes)."""
+    """The launcher's environment: ours minus any outer world, plus ``env`` (a None value deletes).
+
+    When tplinear is imported from a source tree (not site-packages), that tree is appended to
+    PYTHONPATH (after any PYTHONPATH given in ``env``), so the world imports the same tplinear.
+    """
     out = clean_launcher_env(os.environ)
-    root = _package_root()       # the children import the same tplinear as this process
-    paths = out.get("PYTHONPATH", "")
-    out["PYTHONPATH"] = root + (os.pathsep + paths if paths else "")
     for key, value in (env or {}).items():
         if value is None:
             out.pop(key, None)
         else:
             out[key] = str(value)
+    root = _package_root()
+    if os.path.basename(root) not in ("site-packages", "dist-packages"):
+        paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in paths:
+            out["PYTHONPATH"] = os.pathsep.join(paths + [root])
     return out
 
 
@@ -152,13 +158,14 @@ def _kill_group(proc):
         pass
 
 
-def run_world(nproc, code, timeout=120.0, env=None, args=(), prefix=True, launcher_args=()):
+def run_world(nproc, code, timeout=120.0, env=None, args=(), prefix=True, launcher_args=(), cwd=None):
     """Run the Python source ``code`` (dedented) on ``nproc`` ranks through the launcher.
 
     The command is ``python -m tplinear.run --standalone --nproc-per-node nproc [--prefix-output]
     [launcher_args] <file> [args]``. Returns a :class:`WorldResult` whatever the exit status; raises
     :class:`WorldTimeout` (an AssertionError, with the output so far) when the world takes longer than
-    ``timeout`` seconds, after SIGKILLing its whole process group.
+    ``timeout`` seconds, after SIGKILLing its whole process group. The ranks run in ``cwd``, by default
+    a scratch directory (holding the script) that is removed afterwards.
     """
     with tempfile.TemporaryDirectory(prefix="tplinear-world-") as tmp:
         script = os.path.join(tmp, "world_main.py")
@@ -170,7 +177,7 @@ def run_world(nproc, code, timeout=120.0, env=None, args=(), prefix=True, launch
         cmd += [str(a) for a in launcher_args]
         cmd += [script] + [str(a) for a in args]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=world_env(env), cwd=tmp,
+                                stderr=subprocess.STDOUT, env=world_env(env), cwd=tmp if cwd is None else cwd,
                                 start_new_session=True)
         try:
             try:
