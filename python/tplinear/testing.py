@@ -16,8 +16,18 @@
         assert all("ok" in res.rank_output(r) for r in range(4))
 
     def test_killed_rank():
-        res = run_world(2, "import os, signal; os.kill(os.getpid(), signal.SIGKILL) if ... else ...")
-        assert res.returncode != 0 and res.failed_rank == 1
+        res = run_world(2, '''
+            import os, signal, time
+            if os.environ["RANK"] == "1":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)                        # rank 0 is stopped by the launcher
+        ''')
+        assert res.returncode == 128 + 9 and res.failed_rank == 1
+        assert res.failures == {1: "signal SIGKILL (9)"}
+
+Results: ``res.returncode``, ``res.output`` (launcher and ranks, stdout and stderr merged),
+``res.rank_output(r)`` / ``res.rank_lines(r)`` (what rank r printed, prefixes removed),
+``res.summary`` (the launcher's own lines), ``res.failed_rank``, ``res.failures``, ``res.describe()``.
 
 The world runs in its own session (process group), with every outer launcher variable (RANK, WORLD_SIZE,
 MASTER_PORT, OMPI_COMM_WORLD_*, ...) removed from its environment, so these helpers also work when pytest
