@@ -41,12 +41,12 @@ static void self_destroy(tp_group *g) { (void)g; }
 
 static const tp_backend self_backend = {
     "self", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
-    self_destroy, NULL, NULL,
+    self_destroy,
 };
 
 static const tp_backend none_backend = {
     "none", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
-    self_destroy, NULL, NULL,
+    self_destroy,
 };
 
 /* ---------------------------------------------------------------- creation */
@@ -350,7 +350,7 @@ tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr)
     TP_REQUIRE(ptr != NULL, "all_reduce_staging: ptr is NULL");
     *ptr = NULL;
     TP_CHECK(check_member(g, "all_reduce_staging"));
-    if (g->backend->staging) TP_CHECK(g->backend->staging(g, bytes, ptr));
+    if (tp_shm_owns(g)) TP_CHECK(tp_shm_staging(g, bytes, ptr));
 out:
     return st;
 }
@@ -360,11 +360,11 @@ tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "all_reduce_staged"));
     TP_CHECK(check_dtype(dt, op, "all_reduce_staged"));
-    if (g->backend->all_reduce_staged == NULL) {
+    if (!tp_shm_owns(g)) {
         st = tp_error(TP_ERR_UNSUPPORTED, "all_reduce_staged: the %s backend has no staging buffer", g->backend->name);
         goto out;
     }
-    TP_CHECK(g->backend->all_reduce_staged(g, out, count, dt, op));
+    TP_CHECK(tp_shm_all_reduce_staged(g, out, count, dt, op));
 out:
     return st;
 }

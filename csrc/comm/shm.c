@@ -569,7 +569,7 @@ static tp_status shm_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
     return all_reduce_impl(g, buf, buf, count, dt, op);
 }
 
-static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
+tp_status tp_shm_staging(tp_group *g, size_t bytes, void **ptr)
 {
     shm_impl *im = g->impl;
     *ptr = NULL;
@@ -579,7 +579,7 @@ static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
     return TP_OK;
 }
 
-static tp_status shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
+tp_status tp_shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
 {
     shm_impl *im = g->impl;
     char *mine = slot(im, im->r, im->round);
@@ -728,9 +728,9 @@ static const tp_backend shm_backend = {
     .barrier = shm_barrier,
     .abort = shm_abort,
     .destroy = shm_destroy,
-    .staging = shm_staging,
-    .all_reduce_staged = shm_all_reduce_staged,
 };
+
+int tp_shm_owns(const tp_group *g) { return g != NULL && g->backend == &shm_backend; }
 
 /* ---------------------------------------------------------------- creation */
 
