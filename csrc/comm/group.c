@@ -282,6 +282,7 @@ tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_re
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "all_reduce"));
     TP_CHECK(check_dtype(dt, op, "all_reduce"));
+    TP_REQUIRE(buf != NULL || count == 0, "all_reduce: buffer is NULL");
     TP_CHECK(g->backend->all_reduce(g, buf, count, dt, op));
 out:
     return st;
@@ -292,6 +293,8 @@ tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const size_t
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "all_gather"));
     TP_CHECK(check_dtype(dt, TP_SUM, "all_gather"));
+    TP_REQUIRE(counts != NULL, "all_gather: counts is NULL");
+    TP_REQUIRE((send != NULL || counts[g->rank] == 0) && recv != NULL, "all_gather: buffer is NULL");
     TP_CHECK(g->backend->all_gatherv(g, send, recv, counts, dt));
 out:
     return st;
@@ -319,6 +322,7 @@ tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t co
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "reduce_scatter"));
     TP_CHECK(check_dtype(dt, op, "reduce_scatter"));
+    TP_REQUIRE((send != NULL && recv != NULL) || count == 0, "reduce_scatter: buffer is NULL");
     TP_CHECK(g->backend->reduce_scatter(g, send, recv, count, dt, op));
 out:
     return st;
@@ -330,6 +334,7 @@ tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int ro
     TP_CHECK(check_member(g, "broadcast"));
     TP_CHECK(check_dtype(dt, TP_SUM, "broadcast"));
     TP_REQUIRE(root >= 0 && root < g->size, "broadcast: root %d is not a rank of the group of %d", root, g->size);
+    TP_REQUIRE(buf != NULL || count == 0, "broadcast: buffer is NULL");
     TP_CHECK(g->backend->broadcast(g, buf, count, dt, root));
 out:
     return st;
