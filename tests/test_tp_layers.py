@@ -60,3 +60,23 @@ def test_demo_loss_curve_is_the_same_at_1_2_4_ranks(tmp_path):
     for nproc in (2, 4):
         for a, b in zip(curves[1], curves[nproc]):
             assert abs(a - b) <= 1e-5 * abs(a), (nproc, curves[1], curves[nproc])
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_row_forward_through_small_staging_blocks(nproc):
+    """A 16 KB staging area splits the row layer's GEMM + all-reduce into many row blocks (and one row
+    of 130 float64 is still < 16 KB); strided and Fortran-ordered inputs go the same way."""
+    assert_world_ok(nproc, """
+        import numpy as np
+        import tplinear.distributed as dist
+        import tp_checks as c
+        c.init()
+        for dtype in ("float32", "float64"):
+            for lead in ((37,), (3, 29), (1,)):
+                c.check_row(dtype, lead, True, False, 100, 130)
+        import tplinear as tp
+        lin = tp.Linear(60, 130, dtype="float64", seed=4)
+        row = tp.LinearAllreduce(lin, input_is_parallel=False)
+        x = np.asfortranarray(np.random.default_rng(1).standard_normal((45, 60)))
+        c.close(row(x), x @ lin.weight.data.T + lin.bias.data, "float64", "fortran input, staged blocks")
+    """, env=dict(ENV, TPLINEAR_SHM_SLOT_KB="32"), timeout=120)

@@ -47,6 +47,9 @@ struct tp_group {
  * store, prefix, timeout). Collective over g's members. */
 tp_status tp_shm_create(tp_group *g);
 tp_status tp_nccl_create(tp_group *g); /* csrc/cuda/nccl.c, or the stub of a build without CUDA */
+/* Called by every rank of an nccl parent: members of child (rank >= 0) get a communicator split from
+ * the parent's; a non-member passes its rank -1 child and gets none. */
+tp_status tp_nccl_split(tp_group *parent, tp_group *child);
 
 /* The shm backend's row-parallel fast path (see tp_all_reduce_staging in tplinear.h); g must be a
  * member of an shm group (tp_shm_owns). */

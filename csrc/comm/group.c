@@ -222,10 +222,12 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
                        "the same list)", parent->rank);
         }
     }
-    if (me >= 0) {
+    if (strcmp(parent->backend->name, "nccl") == 0) {
+        /* ncclCommSplit is collective over the whole parent; non-members (rank -1) get no communicator */
+        TP_CHECK(tp_nccl_split(parent, g));
+    } else if (me >= 0) {
         g->backend = &self_backend;
-        if (strcmp(parent->backend->name, "nccl") == 0) TP_CHECK(tp_nccl_create(g));
-        else if (n > 1) TP_CHECK(tp_shm_create(g));
+        if (n > 1) TP_CHECK(tp_shm_create(g));
     }
     if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
     tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me, g->backend->name);
@@ -258,6 +260,14 @@ int tp_group_size(const tp_group *g) { return g ? g->size : 0; }
 int tp_group_global_rank(const tp_group *g, int r) { return (g && r >= 0 && r < g->size) ? g->global_ranks[r] : -1; }
 const char *tp_group_backend(const tp_group *g) { return g && g->backend ? g->backend->name : "none"; }
 double tp_group_timeout(const tp_group *g) { return g ? g->timeout_s : 0.0; }
+
+tp_status tp_group_check_device(const tp_group *g, tp_device dev, const char *what)
+{
+    const char *name = tp_group_backend(g);
+    if (dev.type != TP_DEVICE_CUDA || strcmp(name, "nccl") == 0) return TP_OK;
+    return tp_error(TP_ERR_VALUE, "%s is GPU memory but the process group's backend is '%s': GPU arrays need a "
+                    "group made with backend='nccl'", what, name);
+}
 
 /* ---------------------------------------------------------------- collectives */
 

@@ -55,9 +55,4 @@ cudaStream_t tp_cuda_stream(void);
 /* A device vector of at least n ones of dtype dt (grown on demand, cached). Caller holds the lock. */
 tp_status tp_cuda_ones(tp_cuda_ctx *ctx, tp_dtype dt, int64_t n, const void **ones);
 
-/* Subgroups of an NCCL group through ncclCommSplit: collective over every rank of parent (members
- * of child and the others, which pass child == NULL or a child with rank -1). The process-group code
- * calls this instead of tp_nccl_create when the parent's backend is nccl. */
-tp_status tp_nccl_split(tp_group *parent, tp_group *child);
-
 #endif

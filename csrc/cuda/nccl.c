@@ -22,11 +22,6 @@
 #include "../comm/store.h"
 #include "cuda.h"
 
-/* The store lives in csrc/comm/store.c; weak references keep a build without it loadable (the
- * NCCL backend then says so instead of the whole extension failing to import). */
-#pragma weak tp_store_set
-#pragma weak tp_store_get
-
 typedef struct {
     ncclComm_t comm;
     int device;
@@ -424,10 +419,6 @@ tp_status tp_nccl_create(tp_group *g)
     TP_CHECK(impl_new(g, device, &im));
     snprintf(key, sizeof key, "%snccl_id", g->prefix);
     if (g->size > 1) {
-        if (tp_store_set == NULL || tp_store_get == NULL) {
-            st = tp_error(TP_ERR_UNSUPPORTED, "nccl: this build has no rendezvous store (csrc/comm/store.c)");
-            goto out;
-        }
         if (g->rank == 0) {
             ncclResult_t r = ncclGetUniqueId(&id);
             if (r != ncclSuccess) {

@@ -40,7 +40,6 @@ tp_status tp_gemm_bias_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp
     return no_cuda();
 }
 
-tp_status tp_nccl_split(tp_group *parent, tp_group *child);
 tp_status tp_nccl_split(tp_group *parent, tp_group *child)
 {
     (void)parent; (void)child;

@@ -19,6 +19,10 @@ typedef struct {
  * else fails with TP_ERR_VALUE (outputs must be viewable in place). */
 tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *what);
 
+/* The argument checks of tp_linear_forward (shapes, dtypes, devices of x [..., in], w [out, in],
+ * b [out] or NULL, y [..., out]). */
+tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, const tp_tensor *y);
+
 /* C = op(A) @ op(B) (+ C when accumulate), where op(X) is X^T when tX. All on one device,
  * one dtype. Any of the dims may be zero. */
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);

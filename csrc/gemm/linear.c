@@ -166,17 +166,25 @@ out:
 
 /* ---------------------------------------------------------------- the linear ops */
 
-tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y)
+tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, const tp_tensor *y)
 {
     tp_status st = TP_OK;
-    tp_mat mx, mw, my;
-    void *px = NULL;
     TP_CHECK(check_weight(w, b));
     TP_CHECK(check_operand(w, x, "input"));
     TP_CHECK(check_operand(w, y, "output"));
     TP_CHECK(check_batch(x, w->shape[1], "input", "in_features"));
     TP_CHECK(check_batch(y, w->shape[0], "output", "out_features"));
     TP_CHECK(check_same_lead(x, y, "input", "output"));
+out:
+    return st;
+}
+
+tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y)
+{
+    tp_status st = TP_OK;
+    tp_mat mx, mw, my;
+    void *px = NULL;
+    TP_CHECK(tp_linear_check(x, w, b, y));
     TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
     TP_CHECK(tp_mat_view(w, &mw, NULL, "weight"));
     TP_CHECK(tp_mat_view(y, &my, NULL, "output"));

@@ -177,6 +177,9 @@ int tp_group_size(const tp_group *g);
 int tp_group_global_rank(const tp_group *g, int group_rank);
 const char *tp_group_backend(const tp_group *g);
 double tp_group_timeout(const tp_group *g);
+/* TP_OK when the group's backend can take buffers on dev (GPU memory needs an nccl group; host memory
+ * works everywhere), else TP_ERR_VALUE saying so. what names the buffer in the message. */
+tp_status tp_group_check_device(const tp_group *g, tp_device dev, const char *what);
 
 /* In place on `count` elements of buf (device given by t->device where tensors are taken). */
 tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);

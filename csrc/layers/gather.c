@@ -32,6 +32,7 @@ tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const t
     tp_tensor flat;
     TP_REQUIRE(g != NULL && tp_group_rank(g) >= 0, "gather: this rank is not a member of the group");
     TP_REQUIRE(nblocks >= 1, "gather: need at least one block");
+    if (tp_group_size(g) > 1) TP_CHECK(tp_group_check_device(g, full->device, "gather: the full tensor"));
     TP_REQUIRE(shard->device.type == full->device.type && shard->device.index == full->device.index,
                "gather: the shard is on %s:%d but the full tensor on %s:%d",
                shard->device.type == TP_DEVICE_CUDA ? "cuda" : "cpu", shard->device.index,
