@@ -19,26 +19,15 @@ class ProcessGroup:
     def __init__(self, handle):
         self._handle = handle
 
-    @property
-    def rank(self):
-        return _C.group_info(self._handle)["rank"]
+    def _info(key):  # noqa: N805 - builds the read-only properties below
+        return property(lambda self: _C.group_info(self._handle)[key])
 
-    @property
-    def size(self):
-        return _C.group_info(self._handle)["size"]
-
-    @property
-    def ranks(self):
-        """Global ranks of the members, in group order."""
-        return _C.group_info(self._handle)["ranks"]
-
-    @property
-    def backend(self):
-        return _C.group_info(self._handle)["backend"]
-
-    @property
-    def timeout(self):
-        return _C.group_info(self._handle)["timeout"]
+    rank = _info("rank")
+    size = _info("size")
+    ranks = _info("ranks")  # global ranks of the members, in group order
+    backend = _info("backend")
+    timeout = _info("timeout")
+    del _info
 
     def is_member(self):
         return self.rank >= 0
