@@ -299,6 +299,23 @@ except tplinear.CommError as e:
     assert res.output.count("CAUGHT") == 2, res.output
 
 
+def test_openmpi_variables():
+    code = PRELUDE + """
+# as under mpirun: OpenMPI's variables instead of torchrun's (MASTER_ADDR/PORT still given)
+env = os.environ
+for a, b in [("RANK", "OMPI_COMM_WORLD_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+             ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"), ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")]:
+    env[b] = env.pop(a)
+dist.init_process_group(timeout=30)
+assert dist.get_world_size() == 2 and dist.get_rank() == int(env["OMPI_COMM_WORLD_RANK"])
+a = np.ones(3, np.int32); dist.all_reduce(a)
+assert list(a) == [2, 2, 2], a
+print("ompi ok", flush=True)
+"""
+    res = world_ok(2, code)
+    assert res.output.count("ompi ok") == 2, res.output
+
+
 def test_debug_logging():
     code = PRELUDE + """
 dist.init_process_group(timeout=30)

@@ -247,7 +247,7 @@ def test_script_args_pass_through():
 def test_module_mode(tmp_path):
     (tmp_path / "mymod_tplinear_test.py").write_text(
         "import os, sys\nprint('MOD', os.environ['RANK'], sys.argv[1:])\n")
-    env = world_env({"PYTHONPATH": str(tmp_path) + os.pathsep + world_env()["PYTHONPATH"]})
+    env = world_env({"PYTHONPATH": str(tmp_path)})
     p = subprocess.run(LAUNCH + ["--nproc-per-node", "2", "--prefix-output", "-m", "mymod_tplinear_test",
                                  "--x", "-m", "y"],
                        capture_output=True, text=True, env=env, timeout=60)
@@ -450,3 +450,26 @@ def test_run_world_interrupted_kills_everything(tmp_path):
     assert time.monotonic() - t0 < 30
     pids = [int((piddir / str(r)).read_text()) for r in range(2)]
     assert wait_gone(pids) == []
+
+
+def test_all_failed_ranks_are_reported():
+    res = run_world(3, """
+        import os, signal, sys, time
+        r = int(os.environ["RANK"])
+        if r == 0:
+            time.sleep(600)
+        if r == 2:   # fails "on its own" while the world is being stopped
+            signal.signal(signal.SIGTERM, lambda *a: (print("rank 2 error", flush=True), sys.exit(4)))
+            open("r2ready", "w").close()
+            time.sleep(600)
+        deadline = time.monotonic() + 30
+        while not os.path.exists("r2ready") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("rank 1 error", flush=True)
+        sys.exit(1)
+    """, timeout=60)
+    assert res.returncode == 1, res.output
+    assert res.failed_rank == 1
+    assert res.failures == {1: "exit code 1", 2: "exit code 4"}, res.output
+    msg = res.describe()
+    assert "| rank 1 error" in msg and "| rank 2 error" in msg

@@ -60,3 +60,23 @@ def test_demo_loss_curve_is_the_same_at_1_2_4_ranks(tmp_path):
     for nproc in (2, 4):
         for a, b in zip(curves[1], curves[nproc]):
             assert abs(a - b) <= 1e-5 * abs(a), (nproc, curves[1], curves[nproc])
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_row_forward_staged_and_plain_paths(nproc):
+    """With a 16 KB staging area, small outputs take the staged path (GEMM straight into the shared
+    segment) and larger ones the plain one; strided and Fortran-ordered inputs both ways."""
+    assert_world_ok(nproc, """
+        import numpy as np
+        import tp_checks as c
+        import tplinear as tp
+        c.init()
+        for dtype in ("float32", "float64"):
+            for lead in ((3,), (2, 5), (1,), (37,), (3, 29)):  # 3 x 130 x 8 bytes fits 16 KB, 37 rows do not
+                c.check_row(dtype, lead, True, False, 100, 130)
+        lin = tp.Linear(60, 130, dtype="float64", seed=4)
+        row = tp.LinearAllreduce(lin, input_is_parallel=False)
+        for n in (4, 45):
+            x = np.asfortranarray(np.random.default_rng(n).standard_normal((n, 60)))
+            c.close(row(x), x @ lin.weight.data.T + lin.bias.data, "float64", "fortran input")
+    """, env=dict(ENV, TPLINEAR_SHM_SLOT_KB="32"), timeout=120)

@@ -18,9 +18,76 @@ def cuda_home():
     found = os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h"))
     if force == "0":
         return None
+    if not found:  # no toolkit: NVIDIA's wheels (nvidia-cuda-runtime, nvidia-cublas, nvidia-nccl-cu13) will do
+        wheel = next((d for d in _wheel_dirs("include") if os.path.isfile(os.path.join(d, "cuda_runtime_api.h"))), None)
+        if wheel:
+            home, found = os.path.dirname(wheel), True
     if force == "1" and not found:
         raise SystemExit(f"TPLINEAR_CUDA=1 but no CUDA toolkit at {home} (set CUDA_HOME)")
     return home if found else None
+
+
+CUDA_LIBS = ["cublasLt", "cublas", "nccl", "cudart"]
+CUDA_HEADERS = {"cuda_runtime_api.h": "cudart", "cublasLt.h": "cublas", "nccl.h": "nccl"}
+
+
+def _wheel_dirs(kind):
+    """include/ or lib/ folders of NVIDIA's PyPI wheels (nvidia-nccl-cu13, nvidia-cublas, ...)."""
+    out = []
+    for base in sys.path:
+        for pattern in (os.path.join(base, "nvidia", "*", kind), os.path.join(base, "nvidia", "*", "*", kind)):
+            out += sorted(glob.glob(pattern))
+    return out
+
+
+def _relative_to_site(path):
+    """nvidia/nccl/lib for a folder inside some sys.path entry's nvidia/ package, else None."""
+    for base in sys.path:
+        if base and path.startswith(os.path.join(base, "nvidia") + os.sep):
+            return os.path.relpath(path, base)
+    return None
+
+
+def cuda_link(home):
+    """Where the CUDA headers and libraries come from: the toolkit first, then NVIDIA's wheels.
+    Returns (include_dirs, library_dirs, libraries, rpath); fails naming what is missing."""
+    inc_dirs = [os.path.join(home, "include")] + _wheel_dirs("include")
+    lib_dirs = [os.path.join(home, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+    lib_dirs = [d for d in lib_dirs if os.path.isdir(d)] + _wheel_dirs("lib")
+    includes, libdirs, libs, missing, rpath = [], [], [], [], []
+    for header in CUDA_HEADERS:
+        where = next((d for d in inc_dirs if os.path.isfile(os.path.join(d, header))), None)
+        if where is None:
+            missing.append(header)
+        elif where not in includes:
+            includes.append(where)
+    for name in CUDA_LIBS:
+        found = None
+        for d in lib_dirs:
+            if os.path.exists(os.path.join(d, f"lib{name}.so")):
+                found = (d, name)
+            else:  # wheels ship only the versioned name (libnccl.so.2)
+                versioned = sorted(glob.glob(os.path.join(d, f"lib{name}.so.[0-9]*")), key=len)
+                if versioned:
+                    found = (d, ":" + os.path.basename(versioned[0]))
+            if found:
+                break
+        if found is None:
+            missing.append(f"lib{name}.so")
+            continue
+        if found[0] not in libdirs:
+            libdirs.append(found[0])
+            # a wheel's folder relative to the extension (site-packages/tplinear/_C.so), as torch does,
+            # so the build environment's path is not baked in; then the absolute one
+            rel = _relative_to_site(found[0])
+            if rel:
+                rpath.append("$ORIGIN/../" + rel)
+            rpath.append(found[0])
+        libs.append(found[1])
+    if missing:
+        raise SystemExit(f"CUDA toolkit at {home} but {', '.join(missing)} not found there nor in NVIDIA's wheels "
+                         "(pip install nvidia-nccl-cu13 nvidia-cublas); TPLINEAR_CUDA=0 builds without the GPU path")
+    return includes, libdirs, libs, rpath
 
 
 def blas():
@@ -43,11 +110,11 @@ def config(link_blas=False, with_cuda=True):
     cuda_sources = sorted(s for s in glob.glob("csrc/cuda/*.c") if not s.endswith("stub.c"))
     if cuda and cuda_sources:
         sources += cuda_sources
-        include_dirs.append(os.path.join(cuda, "include"))
-        cudalib = os.path.join(cuda, "lib64")
-        library_dirs.append(cudalib)
-        libraries += ["cublasLt", "cublas", "nccl", "cudart"]
-        rpath.append(cudalib)
+        cinc, cdirs, clibs, crpath = cuda_link(cuda)
+        include_dirs += cinc
+        library_dirs += cdirs
+        libraries += clibs
+        rpath += crpath
         macros.append(("TPLINEAR_CUDA", "1"))
     else:
         sources.append("csrc/cuda/stub.c")

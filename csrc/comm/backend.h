@@ -21,10 +21,6 @@ struct tp_backend {
     tp_status (*barrier)(tp_group *g);
     tp_status (*abort)(tp_group *g);
     void (*destroy)(tp_group *g);
-    /* Optional (NULL: not offered). The row-parallel fast path: a pointer to `bytes` of this rank's
-     * staging area (NULL if too large), and an all-reduce whose input is already there. */
-    tp_status (*staging)(tp_group *g, size_t bytes, void **ptr);
-    tp_status (*all_reduce_staged)(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
 };
 
 /* Largest group the shm backend serves. */
@@ -51,5 +47,14 @@ struct tp_group {
  * store, prefix, timeout). Collective over g's members. */
 tp_status tp_shm_create(tp_group *g);
 tp_status tp_nccl_create(tp_group *g); /* csrc/cuda/nccl.c, or the stub of a build without CUDA */
+/* Called by every rank of an nccl parent: members of child (rank >= 0) get a communicator split from
+ * the parent's; a non-member passes its rank -1 child and gets none. */
+tp_status tp_nccl_split(tp_group *parent, tp_group *child);
+
+/* The shm backend's row-parallel fast path (see tp_all_reduce_staging in tplinear.h); g must be a
+ * member of an shm group (tp_shm_owns). */
+int tp_shm_owns(const tp_group *g);
+tp_status tp_shm_staging(tp_group *g, size_t bytes, void **ptr);
+tp_status tp_shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
 
 #endif

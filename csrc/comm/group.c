@@ -41,12 +41,12 @@ static void self_destroy(tp_group *g) { (void)g; }
 
 static const tp_backend self_backend = {
     "self", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
-    self_destroy, NULL, NULL,
+    self_destroy,
 };
 
 static const tp_backend none_backend = {
     "none", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
-    self_destroy, NULL, NULL,
+    self_destroy,
 };
 
 /* ---------------------------------------------------------------- creation */
@@ -168,7 +168,6 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     *world = g;
     g = NULL;
 out:
-    if (g) g->backend = g->backend == &self_backend ? g->backend : NULL; /* half-made backends own nothing */
     tp_group_destroy(g);
     return st;
 }
@@ -177,7 +176,7 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
 {
     tp_status st = TP_OK;
     tp_group *g = NULL;
-    int me = -1;
+    int me = -1, plen;
     int *seen = NULL, *other = NULL;
     char key[128];
     size_t len = 0;
@@ -207,8 +206,8 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
     g->local_rank = parent->local_rank;
     g->local_world_size = parent->local_world_size;
     g->timeout_s = parent->timeout_s;
-    TP_REQUIRE(strlen(parent->prefix) + 12 < sizeof g->prefix, "new_group: subgroups nested too deeply");
-    snprintf(g->prefix, sizeof g->prefix, "%s%d/", parent->prefix, parent->next_child++);
+    plen = snprintf(g->prefix, sizeof g->prefix, "%s%d/", parent->prefix, parent->next_child++);
+    TP_REQUIRE(plen > 0 && (size_t)plen < sizeof g->prefix, "new_group: subgroups nested too deeply");
     if (parent->store) {
         g->store = tp_store_retain(parent->store);
         g->owns_store = 1;
@@ -223,17 +222,18 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
                        "the same list)", parent->rank);
         }
     }
-    if (me >= 0) {
+    if (strcmp(parent->backend->name, "nccl") == 0) {
+        /* ncclCommSplit is collective over the whole parent; non-members (rank -1) get no communicator */
+        TP_CHECK(tp_nccl_split(parent, g));
+    } else if (me >= 0) {
         g->backend = &self_backend;
-        if (strcmp(parent->backend->name, "nccl") == 0) TP_CHECK(tp_nccl_create(g));
-        else if (n > 1) TP_CHECK(tp_shm_create(g));
+        if (n > 1) TP_CHECK(tp_shm_create(g));
     }
     if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
     tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me, g->backend->name);
     *out = g;
     g = NULL;
 out:
-    if (g && g->backend != &self_backend) g->backend = NULL;
     tp_group_destroy(g);
     free(seen);
     free(other);
@@ -261,6 +261,14 @@ int tp_group_global_rank(const tp_group *g, int r) { return (g && r >= 0 && r < 
 const char *tp_group_backend(const tp_group *g) { return g && g->backend ? g->backend->name : "none"; }
 double tp_group_timeout(const tp_group *g) { return g ? g->timeout_s : 0.0; }
 
+tp_status tp_group_check_device(const tp_group *g, tp_device dev, const char *what)
+{
+    const char *name = tp_group_backend(g);
+    if (dev.type != TP_DEVICE_CUDA || strcmp(name, "nccl") == 0) return TP_OK;
+    return tp_error(TP_ERR_VALUE, "%s is GPU memory but the process group's backend is '%s': GPU arrays need a "
+                    "group made with backend='nccl'", what, name);
+}
+
 /* ---------------------------------------------------------------- collectives */
 
 static tp_status check_member(const tp_group *g, const char *what)
@@ -284,6 +292,7 @@ tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_re
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "all_reduce"));
     TP_CHECK(check_dtype(dt, op, "all_reduce"));
+    TP_REQUIRE(buf != NULL || count == 0, "all_reduce: buffer is NULL");
     TP_CHECK(g->backend->all_reduce(g, buf, count, dt, op));
 out:
     return st;
@@ -294,6 +303,8 @@ tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const size_t
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "all_gather"));
     TP_CHECK(check_dtype(dt, TP_SUM, "all_gather"));
+    TP_REQUIRE(counts != NULL, "all_gather: counts is NULL");
+    TP_REQUIRE((send != NULL || counts[g->rank] == 0) && recv != NULL, "all_gather: buffer is NULL");
     TP_CHECK(g->backend->all_gatherv(g, send, recv, counts, dt));
 out:
     return st;
@@ -321,6 +332,7 @@ tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t co
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "reduce_scatter"));
     TP_CHECK(check_dtype(dt, op, "reduce_scatter"));
+    TP_REQUIRE((send != NULL && recv != NULL) || count == 0, "reduce_scatter: buffer is NULL");
     TP_CHECK(g->backend->reduce_scatter(g, send, recv, count, dt, op));
 out:
     return st;
@@ -332,6 +344,7 @@ tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int ro
     TP_CHECK(check_member(g, "broadcast"));
     TP_CHECK(check_dtype(dt, TP_SUM, "broadcast"));
     TP_REQUIRE(root >= 0 && root < g->size, "broadcast: root %d is not a rank of the group of %d", root, g->size);
+    TP_REQUIRE(buf != NULL || count == 0, "broadcast: buffer is NULL");
     TP_CHECK(g->backend->broadcast(g, buf, count, dt, root));
 out:
     return st;
@@ -352,7 +365,7 @@ tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr)
     TP_REQUIRE(ptr != NULL, "all_reduce_staging: ptr is NULL");
     *ptr = NULL;
     TP_CHECK(check_member(g, "all_reduce_staging"));
-    if (g->backend->staging) TP_CHECK(g->backend->staging(g, bytes, ptr));
+    if (tp_shm_owns(g)) TP_CHECK(tp_shm_staging(g, bytes, ptr));
 out:
     return st;
 }
@@ -362,11 +375,11 @@ tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "all_reduce_staged"));
     TP_CHECK(check_dtype(dt, op, "all_reduce_staged"));
-    if (g->backend->all_reduce_staged == NULL) {
+    if (!tp_shm_owns(g)) {
         st = tp_error(TP_ERR_UNSUPPORTED, "all_reduce_staged: the %s backend has no staging buffer", g->backend->name);
         goto out;
     }
-    TP_CHECK(g->backend->all_reduce_staged(g, out, count, dt, op));
+    TP_CHECK(tp_shm_all_reduce_staged(g, out, count, dt, op));
 out:
     return st;
 }

@@ -13,15 +13,26 @@
  * instead of corrupting memory. Invariant that makes two halves enough: a rank posts the first step
  * of round i+1 only after it has finished reading the slots of round i.
  *
- * Waiting spins briefly, then sleeps on a shared futex word that every post increments; each wait is
- * bounded by the group's timeout and checks, every 50 ms, whether the ranks it waits for are alive
- * (kill(pid, 0), zombie state in /proc) or have destroyed the group. Any failure marks the segment
- * failed (first message wins) and wakes everybody, and the group stays unusable afterwards.
+ * Waiting: spin (adaptive budget up to 50 us, shrunk while spinning keeps failing, e.g. when a peer
+ * shares this core; 2 us when there are more ranks than cores), then sched_yield for up to 200 us, then
+ * sleep on a shared (not PRIVATE) futex word that every post increments (a poster only calls FUTEX_WAKE
+ * when someone sleeps). Each wait is bounded by the group's timeout and checks, every 50 ms, whether
+ * the ranks it waits for are alive (kill(pid, 0), zombie state in /proc) or have destroyed the group.
+ * Any failure (dead peer, timeout, mismatch, abort) marks the segment failed (first message wins) and
+ * wakes everybody; the group stays unusable afterwards (every call fails at once).
  *
- * Algorithms: all-reduce of up to TPLINEAR_SHM_ONESHOT_KB (default 64 KB) is one-shot (copy in,
- * one step, every rank reduces all slots in rank order); larger ones are reduce-scatter + all-gather
- * per chunk (two steps). Reductions are in rank order everywhere, so every rank gets bitwise identical
- * results. all_gather(v), reduce_scatter and broadcast take one step per chunk.
+ * Algorithms: an all-reduce of up to TPLINEAR_SHM_ONESHOT_KB (default 64 KB) is one-shot (copy in,
+ * one step, every rank reduces all slots in rank order). Larger ones run in rounds of the chunk size
+ * (128 KB, cache-resident, when every rank has a core; 1 MB otherwise): at 2 ranks one-shot per chunk
+ * (same memory traffic as reduce-scatter + all-gather, half the steps), above that reduce-scatter +
+ * all-gather per chunk (two steps). Reductions are in rank order everywhere, so every rank gets
+ * bitwise identical results. all_gather(v), reduce_scatter and broadcast take one step per chunk.
+ * Rank 0 chooses chunk and algorithm (env: TPLINEAR_SHM_CHUNK_KB, TPLINEAR_SHM_ALGO=oneshot|rsag,
+ * TPLINEAR_SHM_SLOT_KB for the slot size, default 8 MB, whose half bounds the staging buffer) and
+ * publishes them in the header, so the ranks always agree.
+ *
+ * The segment is named /tplinear-<pid of rank 0>-<ns>-<addr>, and unlinked by the last rank to map
+ * it (or by any rank's error path), so nothing is left in /dev/shm after a crash or kill.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -66,6 +77,8 @@ typedef struct {
     uint64_t magic;
     uint64_t slot_bytes;
     uint64_t chunk_bytes; /* rounds of the chunked algorithms, chosen by rank 0 */
+    uint64_t oneshot_bytes; /* all-reduce algorithm choices, by rank 0 so that every rank agrees */
+    int32_t oneshot_big;
     int32_t nranks;
     _Alignas(CL) _Atomic uint32_t futex; /* bumped by every post */
     _Atomic int32_t nwaiters;
@@ -80,7 +93,7 @@ typedef struct {
     rank_ctrl *ctrl;
     char *slots;
     size_t slot_bytes, half, oneshot, chunk;
-    int oneshot_big; /* chunked one-shot for every size (TPLINEAR_SHM_ALGO=oneshot) */
+    int oneshot_big; /* chunked one-shot for every size */
     int p, r;
     const int *granks; /* global rank of each group rank (the group's array) */
     uint64_t step, seq, round;
@@ -415,8 +428,64 @@ DEFINE_REDUCE(reduce_f64, double, double)
 DEFINE_REDUCE(reduce_i32, int32_t, uint32_t)
 DEFINE_REDUCE(reduce_i64, int64_t, uint64_t)
 
+/* The same reduction when out overlaps no input: out = in0 op in1, then out op= in[j] (one pass per
+ * input, no staging block; the same order of operations, so the same bits). */
+#define RED_OP(op, x, y, UT, T)                                                                  \
+    ((op) == TP_MAX ? ((y) > (x) ? (y) : (x)) : (op) == TP_MIN ? ((y) < (x) ? (y) : (x))          \
+                                                               : (T)((UT)(x) + (UT)(y)))
+#define DEFINE_REDUCE_NOALIAS(NAME, T, UT)                                                      \
+    static void NAME##_first(T *restrict out, const T *restrict a, const T *restrict b, size_t n, \
+                             int op)                                                             \
+    {                                                                                            \
+        if (op == TP_SUM || op == TP_AVG)                                                        \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_SUM, a[i], b[i], UT, T);           \
+        else if (op == TP_MAX)                                                                   \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MAX, a[i], b[i], UT, T);           \
+        else                                                                                     \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, a[i], b[i], UT, T);           \
+    }                                                                                            \
+    static void NAME##_more(T *restrict out, const T *restrict b, size_t n, int op)              \
+    {                                                                                            \
+        if (op == TP_SUM || op == TP_AVG)                                                        \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_SUM, out[i], b[i], UT, T);         \
+        else if (op == TP_MAX)                                                                   \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MAX, out[i], b[i], UT, T);         \
+        else                                                                                     \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, out[i], b[i], UT, T);         \
+    }                                                                                            \
+    static void NAME(void *outv, char *const *in, int p, size_t n, int op)                      \
+    {                                                                                            \
+        T *out = outv;                                                                           \
+        if (p == 1) {                                                                            \
+            memcpy(out, in[0], n * sizeof(T));                                                   \
+        } else {                                                                                 \
+            NAME##_first(out, (const T *)in[0], (const T *)in[1], n, op);                        \
+            for (int j = 2; j < p; j++) NAME##_more(out, (const T *)in[j], n, op);               \
+        }                                                                                        \
+        if (op == TP_AVG)                                                                        \
+            for (size_t i = 0; i < n; i++) out[i] = (T)(out[i] / (T)p);                          \
+    }
+
+DEFINE_REDUCE_NOALIAS(reduce_na_f32, float, float)
+DEFINE_REDUCE_NOALIAS(reduce_na_f64, double, double)
+DEFINE_REDUCE_NOALIAS(reduce_na_i32, int32_t, uint32_t)
+DEFINE_REDUCE_NOALIAS(reduce_na_i64, int64_t, uint64_t)
+
 static void reduce(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op)
 {
+    const size_t bytes = n * tp_dtype_size(dt);
+    int alias = 0;
+    for (int j = 0; j < p; j++)
+        if ((char *)out < in[j] + bytes && in[j] < (char *)out + bytes) alias = 1;
+    if (!alias) {
+        switch (dt) {
+        case TP_FLOAT32: reduce_na_f32(out, in, p, n, op); return;
+        case TP_FLOAT64: reduce_na_f64(out, in, p, n, op); return;
+        case TP_INT32: reduce_na_i32(out, in, p, n, op); return;
+        case TP_INT64: reduce_na_i64(out, in, p, n, op); return;
+        default: return;
+        }
+    }
     switch (dt) {
     case TP_FLOAT32: reduce_f32(out, in, p, n, op); break;
     case TP_FLOAT64: reduce_f64(out, in, p, n, op); break;
@@ -447,7 +516,7 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     char *in[TP_SHM_MAX_RANKS];
     TP_CHECK(check_dtype(dt, "all_reduce"));
     TP_CHECK(begin(im, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
-    if (bytes <= im->oneshot || ((im->oneshot_big || im->p == 2) && src != NULL)) {
+    if (bytes <= im->oneshot || (im->oneshot_big && src != NULL)) {
         /* one-shot, per chunk: copy in, one step, every rank reduces all slots (2 ranks: same traffic as
          * reduce-scatter + all-gather with half the steps) */
         const size_t per = (bytes <= im->oneshot ? im->half : im->chunk) / es;
@@ -500,7 +569,7 @@ static tp_status shm_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
     return all_reduce_impl(g, buf, buf, count, dt, op);
 }
 
-static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
+tp_status tp_shm_staging(tp_group *g, size_t bytes, void **ptr)
 {
     shm_impl *im = g->impl;
     *ptr = NULL;
@@ -510,7 +579,7 @@ static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
     return TP_OK;
 }
 
-static tp_status shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
+tp_status tp_shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
 {
     shm_impl *im = g->impl;
     char *mine = slot(im, im->r, im->round);
@@ -659,9 +728,9 @@ static const tp_backend shm_backend = {
     .barrier = shm_barrier,
     .abort = shm_abort,
     .destroy = shm_destroy,
-    .staging = shm_staging,
-    .all_reduce_staged = shm_all_reduce_staged,
 };
+
+int tp_shm_owns(const tp_group *g) { return g != NULL && g->backend == &shm_backend; }
 
 /* ---------------------------------------------------------------- creation */
 
@@ -706,7 +775,18 @@ tp_status tp_shm_create(tp_group *g)
     im->oneshot = (size_t)oneshot_kb * 1024;
     if (im->oneshot > im->half) im->oneshot = im->half;
     im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= online_cpus() ? 50e-6 : 2e-6);
-    im->oneshot_big = getenv("TPLINEAR_SHM_ALGO") && strcmp(getenv("TPLINEAR_SHM_ALGO"), "oneshot") == 0;
+    {
+        /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else
+         * reduce-scatter + all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag forces either */
+        const char *algo = getenv("TPLINEAR_SHM_ALGO");
+        if (algo && algo[0]) {
+            TP_REQUIRE(strcmp(algo, "oneshot") == 0 || strcmp(algo, "rsag") == 0,
+                       "TPLINEAR_SHM_ALGO must be 'oneshot' or 'rsag', got '%s'", algo);
+            im->oneshot_big = strcmp(algo, "oneshot") == 0;
+        } else {
+            im->oneshot_big = g->size == 2;
+        }
+    }
     im->yield_s = yield_us >= 0 ? (double)yield_us * 1e-6 : 1e-3;
     im->spin_cur = im->spin_s;
     ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
@@ -752,11 +832,13 @@ tp_status tp_shm_create(tp_group *g)
     im->slots = im->base + data_off;
     if (g->rank == 0) {
         /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
-        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 64 * 1024 : 1024 * 1024);
+        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 128 * 1024 : 1024 * 1024);
         chunk = chunk / ((size_t)CL * (size_t)g->size) * ((size_t)CL * (size_t)g->size);
         if (chunk > im->half) chunk = im->half;
         if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
         im->hdr->chunk_bytes = chunk;
+        im->hdr->oneshot_bytes = im->oneshot;
+        im->hdr->oneshot_big = im->oneshot_big;
         im->hdr->slot_bytes = im->slot_bytes;
         im->hdr->nranks = g->size;
         im->hdr->magic = SHM_MAGIC;
@@ -766,6 +848,8 @@ tp_status tp_shm_create(tp_group *g)
         goto out;
     }
     im->chunk = im->hdr->chunk_bytes;
+    im->oneshot = im->hdr->oneshot_bytes;
+    im->oneshot_big = im->hdr->oneshot_big;
     atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
     atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
     snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
@@ -776,9 +860,10 @@ tp_status tp_shm_create(tp_group *g)
     }
     TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
     unlinked = 1;
-    tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, spin %.0f us)",
+    tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, large all-reduce %s, spin %.0f us)",
            g->prefix, g->rank, g->size, g->world_rank, im->name, (double)im->map_bytes / 1048576.0,
-           im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024, im->spin_s * 1e6);
+           im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024,
+           im->oneshot_big ? "one-shot" : "reduce-scatter + all-gather", im->spin_s * 1e6);
     g->impl = im;
     g->backend = &shm_backend;
     im = NULL;

@@ -109,8 +109,7 @@ tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src)
     TP_REQUIRE(dst->ndim == src->ndim, "copy: ndim %d vs %d", dst->ndim, src->ndim);
     TP_REQUIRE(dst->dtype == src->dtype, "copy: dtype %s vs %s", tp_dtype_name(dst->dtype),
                tp_dtype_name(src->dtype));
-    TP_REQUIRE(dst->device.type == TP_DEVICE_CPU && src->device.type == TP_DEVICE_CPU,
-               "copy: CPU tensors only");
+    if (dst->device.type == TP_DEVICE_CUDA || src->device.type == TP_DEVICE_CUDA) return tp_cuda_tensor_copy(dst, src);
     for (int d = 0; d < dst->ndim; d++)
         TP_REQUIRE(dst->shape[d] == src->shape[d], "copy: dim %d is %lld vs %lld", d,
                    (long long)dst->shape[d], (long long)src->shape[d]);

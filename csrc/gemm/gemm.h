@@ -19,6 +19,10 @@ typedef struct {
  * else fails with TP_ERR_VALUE (outputs must be viewable in place). */
 tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *what);
 
+/* The argument checks of tp_linear_forward (shapes, dtypes, devices of x [..., in], w [out, in],
+ * b [out] or NULL, y [..., out]). */
+tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, const tp_tensor *y);
+
 /* C = op(A) @ op(B) (+ C when accumulate), where op(X) is X^T when tX. All on one device,
  * one dtype. Any of the dims may be zero. */
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
@@ -28,6 +32,9 @@ tp_status tp_mat_add_row(tp_mat *c, const void *bias);
 tp_status tp_mat_col_sums(const tp_mat *a, void *out);
 /* Each row of C = bias (initialises an output before an accumulating GEMM). */
 tp_status tp_mat_fill_rows(tp_mat *c, const void *bias);
+/* C = op(A) @ op(B) + bias broadcast over rows (CPU: fill rows, then an accumulating GEMM;
+ * GPU: cuBLASLt's bias epilogue, one kernel). */
+tp_status tp_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
 
 /* Backends (gemm/cpu.c, cuda/). */
 tp_status tp_gemm_cpu(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
@@ -36,5 +43,6 @@ tp_status tp_col_sums_cpu(const tp_mat *a, void *out);
 tp_status tp_gemm_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
 tp_status tp_rows_cuda(tp_mat *c, const void *bias, int mode);
 tp_status tp_col_sums_cuda(const tp_mat *a, void *out);
+tp_status tp_gemm_bias_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
 
 #endif

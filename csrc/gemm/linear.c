@@ -97,6 +97,16 @@ tp_status tp_mat_col_sums(const tp_mat *a, void *out)
     return on_cuda(a) ? tp_col_sums_cuda(a, out) : tp_col_sums_cpu(a, out);
 }
 
+tp_status tp_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
+{
+    tp_status st = TP_OK;
+    if (on_cuda(c)) return tp_gemm_bias_cuda(a, ta, b, tb, c, bias);
+    TP_CHECK(tp_mat_fill_rows(c, bias));
+    TP_CHECK(tp_gemm(a, ta, b, tb, c, 1));
+out:
+    return st;
+}
+
 /* ---------------------------------------------------------------- argument checks */
 
 static int same_device(const tp_tensor *a, const tp_tensor *b)
@@ -156,22 +166,32 @@ out:
 
 /* ---------------------------------------------------------------- the linear ops */
 
-tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y)
+tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, const tp_tensor *y)
 {
     tp_status st = TP_OK;
-    tp_mat mx, mw, my;
-    void *px = NULL;
     TP_CHECK(check_weight(w, b));
     TP_CHECK(check_operand(w, x, "input"));
     TP_CHECK(check_operand(w, y, "output"));
     TP_CHECK(check_batch(x, w->shape[1], "input", "in_features"));
     TP_CHECK(check_batch(y, w->shape[0], "output", "out_features"));
     TP_CHECK(check_same_lead(x, y, "input", "output"));
+out:
+    return st;
+}
+
+tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y)
+{
+    tp_status st = TP_OK;
+    tp_mat mx, mw, my;
+    void *px = NULL;
+    TP_CHECK(tp_linear_check(x, w, b, y));
     TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
     TP_CHECK(tp_mat_view(w, &mw, NULL, "weight"));
     TP_CHECK(tp_mat_view(y, &my, NULL, "output"));
-    if (b) TP_CHECK(tp_mat_fill_rows(&my, b->data));
-    TP_CHECK(tp_gemm(&mx, 0, &mw, 1, &my, b != NULL));
+    if (b)
+        TP_CHECK(tp_gemm_bias(&mx, 0, &mw, 1, &my, b->data));
+    else
+        TP_CHECK(tp_gemm(&mx, 0, &mw, 1, &my, 0));
 out:
     free(px);
     return st;

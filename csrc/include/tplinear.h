@@ -78,7 +78,8 @@ int64_t tp_tensor_numel(const tp_tensor *t);
 int tp_tensor_is_contiguous(const tp_tensor *t);
 /* A view of t restricted to [start, start+length) along dim (no copy). */
 tp_status tp_tensor_narrow(const tp_tensor *t, int dim, int64_t start, int64_t length, tp_tensor *out);
-/* Copies src into dst elementwise (same shape and dtype, any strides, CPU). */
+/* Copies src into dst elementwise (same shape and dtype, any strides on the CPU; GPU views must be
+ * contiguous in their last dimension, see tp_cuda_tensor_copy). */
 tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 
 /* ------------------------------------------------------------------ partition math */
@@ -176,6 +177,9 @@ int tp_group_size(const tp_group *g);
 int tp_group_global_rank(const tp_group *g, int group_rank);
 const char *tp_group_backend(const tp_group *g);
 double tp_group_timeout(const tp_group *g);
+/* TP_OK when the group's backend can take buffers on dev (GPU memory needs an nccl group; host memory
+ * works everywhere), else TP_ERR_VALUE saying so. what names the buffer in the message. */
+tp_status tp_group_check_device(const tp_group *g, tp_device dev, const char *what);
 
 /* In place on `count` elements of buf (device given by t->device where tensors are taken). */
 tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);
@@ -238,6 +242,34 @@ tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const t
 int tp_cuda_available(void);
 /* 1 when the library was built with the CUDA path. */
 int tp_cuda_compiled(void);
+/* Number of visible GPUs (0 without CUDA or without a driver). */
+int tp_cuda_device_count(void);
+
+/* The stream every GPU operation of the process is enqueued on (GEMMs, NCCL collectives, copies).
+ * A cudaStream_t as a pointer; NULL (the default) is CUDA's legacy default stream. Process-wide, so
+ * helper threads (the overlapped all-reduce) use the caller's stream too. */
+tp_status tp_cuda_set_stream(void *stream);
+void *tp_cuda_get_stream(void);
+/* Makes the current stream wait (on the device, not the host) for the work queued so far on `other`
+ * (a foreign producer's or consumer's stream), or the other way round when `other_waits` is set. */
+tp_status tp_cuda_stream_order(int device, void *other, int other_waits);
+/* Blocks the host until the current stream has finished. */
+tp_status tp_cuda_synchronize(int device);
+/* float32 GEMMs may use TF32 tensor cores (off unless asked; TPLINEAR_ALLOW_TF32=1 sets the default). */
+void tp_cuda_set_allow_tf32(int allow);
+int tp_cuda_get_allow_tf32(void);
+
+/* Device memory, stream-ordered on the current stream. */
+tp_status tp_cuda_malloc(int device, size_t bytes, void **ptr);
+tp_status tp_cuda_free(int device, void *ptr);
+tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes);
+/* Copies bytes between any two of host and device memory (unified addressing); returns once the
+ * copy is complete when either side is host memory. */
+tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes);
+/* tp_tensor_copy when either side is on the GPU (views contiguous in their last dimension). */
+tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src);
+/* Where ptr lives: *device = GPU ordinal or -1 for host memory (not registered with CUDA). */
+tp_status tp_cuda_pointer_device(const void *ptr, int *device);
 
 #ifdef __cplusplus
 }

@@ -33,6 +33,16 @@ static int check_contig(const tp_tensor *t, const char *what)
     return 0;
 }
 
+static int check_device(PyObject *m, tp_group *g, const tp_tensor *t, const char *what)
+{
+    tp_status st = tp_group_check_device(g, t->device, what);
+    if (st != TP_OK) {
+        tpy_raise(m, st);
+        return -1;
+    }
+    return 0;
+}
+
 static int check_float_or_int(const tp_tensor *t, const char *what)
 {
     if (t->dtype == TP_FLOAT16 || t->dtype == TP_BFLOAT16) {
@@ -119,7 +129,8 @@ static PyObject *py_all_reduce(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO", &go, &arr, &opobj)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL || parse_op(opobj, &op) < 0) return NULL;
     if (tpy_tensor(arr, &t, &v, 1, "tensor") < 0) return NULL;
-    if (check_contig(&t, "tensor") < 0 || check_float_or_int(&t, "all_reduce") < 0) {
+    if (check_contig(&t, "tensor") < 0 || check_float_or_int(&t, "all_reduce") < 0 ||
+        check_device(m, g, &t, "tensor") < 0) {
         tpy_view_release(&v);
         return NULL;
     }
@@ -141,7 +152,7 @@ static PyObject *py_broadcast(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOi", &go, &arr, &root)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     if (tpy_tensor(arr, &t, &v, 1, "tensor") < 0) return NULL;
-    if (check_contig(&t, "tensor") < 0) {
+    if (check_contig(&t, "tensor") < 0 || check_device(m, g, &t, "tensor") < 0) {
         tpy_view_release(&v);
         return NULL;
     }
@@ -158,11 +169,11 @@ static int pair(PyObject *m, tp_group *g, PyObject *so, PyObject *ro, tpy_arg a[
                 const size_t *counts, const char *what)
 {
     int64_t ns, nr, p = tp_group_size(g);
-    (void)m;
     a[0] = (tpy_arg){.obj = so, .what = "input"};
     a[1] = (tpy_arg){.obj = ro, .writable = 1, .what = "output"};
     if (tpy_args_convert(a, 2) < 0) return -1;
     if (check_contig(&a[0].t, "input") < 0 || check_contig(&a[1].t, "output") < 0) goto fail;
+    if (check_device(m, g, &a[0].t, "input") < 0 || check_device(m, g, &a[1].t, "output") < 0) goto fail;
     if (check_float_or_int(&a[0].t, what) < 0) goto fail;
     if (a[0].t.dtype != a[1].t.dtype) {
         PyErr_Format(PyExc_TypeError, "%s: output dtype %s differs from input dtype %s", what,

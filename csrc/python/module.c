@@ -108,6 +108,7 @@ static int module_exec(PyObject *m)
     if (tpy_group_register(m, state) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_core_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_comm_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, tpy_device_methods) < 0) return -1;
     if (PyModule_AddStringConstant(m, "VERSION", TPLINEAR_VERSION) < 0) return -1;
     return 0;
 }

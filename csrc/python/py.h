@@ -62,5 +62,6 @@ PyObject *tpy_group_wrap(PyObject *module, tp_group *g, PyObject *parent);
 
 extern PyMethodDef tpy_comm_methods[];
 extern PyMethodDef tpy_core_methods[];
+extern PyMethodDef tpy_device_methods[]; /* device.c: GPU memory, streams, DLPack out */
 
 #endif

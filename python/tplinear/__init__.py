@@ -11,6 +11,7 @@ import scipy_openblas32 as _openblas  # noqa: F401
 
 from . import _C
 from . import distributed
+from ._device import DeviceArray, set_allow_tf32, set_stream
 from .layers import (
     GatherReplacedLayerParams,
     Linear,
@@ -46,8 +47,8 @@ def get_num_threads():
 
 
 __all__ = [
-    "CommError", "GatherReplacedLayerParams", "Linear", "LinearAllreduce", "LinearLayer", "Parameter",
+    "CommError", "DeviceArray", "GatherReplacedLayerParams", "Linear", "LinearAllreduce", "LinearLayer", "Parameter",
     "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "is_autotp_training_mode",
     "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode", "set_num_kv_heads",
-    "set_num_threads", "set_training_mode",
+    "set_allow_tf32", "set_num_threads", "set_stream", "set_training_mode",
 ]

@@ -19,26 +19,15 @@ class ProcessGroup:
     def __init__(self, handle):
         self._handle = handle
 
-    @property
-    def rank(self):
-        return _C.group_info(self._handle)["rank"]
+    def _info(key):  # noqa: N805 - builds the read-only properties below
+        return property(lambda self: _C.group_info(self._handle)[key])
 
-    @property
-    def size(self):
-        return _C.group_info(self._handle)["size"]
-
-    @property
-    def ranks(self):
-        """Global ranks of the members, in group order."""
-        return _C.group_info(self._handle)["ranks"]
-
-    @property
-    def backend(self):
-        return _C.group_info(self._handle)["backend"]
-
-    @property
-    def timeout(self):
-        return _C.group_info(self._handle)["timeout"]
+    rank = _info("rank")
+    size = _info("size")
+    ranks = _info("ranks")  # global ranks of the members, in group order
+    backend = _info("backend")
+    timeout = _info("timeout")
+    del _info
 
     def is_member(self):
         return self.rank >= 0
@@ -67,7 +56,12 @@ def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, 
     """Creates the default group from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or OpenMPI's OMPI_COMM_WORLD_*); nothing set means a
     world of one. backend: None (auto), "shm", "nccl" or "mpi". Every wait is bounded by timeout
-    seconds (a datetime.timedelta works too)."""
+    seconds (a datetime.timedelta works too).
+
+    backend=None picks, in order: the TPLINEAR_BACKEND environment variable; "nccl" when the group is
+    created implicitly by a layer whose tensors are on the GPU (device="cuda", or a module whose weight
+    is a GPU array); otherwise the CPU default (shm on one host, mpi under mpirun). A GPU training
+    script that calls init_process_group() itself should pass backend="nccl" (as with torch)."""
     global _world
     if _world is not None:
         raise RuntimeError("the default process group is already initialized; call destroy_process_group() first")
@@ -82,6 +76,8 @@ def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, 
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if init_method is not None and not str(init_method).startswith("env://"):
         raise ValueError("only init_method='env://' (torchrun's environment) is supported")
+    if backend in (None, "auto") and os.environ.get("TPLINEAR_BACKEND"):
+        backend = os.environ["TPLINEAR_BACKEND"]
     r = rank if rank is not None else _env_int(["RANK", "OMPI_COMM_WORLD_RANK"], -1)
     n = world_size if world_size is not None else _env_int(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], -1)
     lr = _env_int(["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"], -1)
@@ -93,21 +89,22 @@ def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, 
     return _world
 
 
-def _default():
-    """The default group; a world of one is created on first use when the environment names no world."""
+def _default(gpu=False):
+    """The default group; a world of one is created on first use when the environment names no world
+    (with the nccl backend when the layer asking for it lives on the GPU)."""
     if _world is None:
         n = _env_int(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], 1)
         if n > 1:
             raise RuntimeError(
                 f"this process is one of {n} ranks (WORLD_SIZE={n}): call "
                 "tplinear.distributed.init_process_group() before using collectives or layers")
-        init_process_group()
+        init_process_group(backend="nccl" if gpu and not os.environ.get("TPLINEAR_BACKEND") else None)
     return _world
 
 
-def _group(group):
+def _group(group, gpu=False):
     if group is None:
-        return _default()
+        return _default(gpu)
     if not isinstance(group, ProcessGroup):
         raise TypeError(f"group must be a tplinear.distributed.ProcessGroup or None, got {type(group).__name__}")
     return group
@@ -139,6 +136,12 @@ def new_group(ranks=None):
 
 
 def all_reduce(tensor, op="sum", group=None):
+    """In place on a C-contiguous NumPy array of float32, float64, int32 or int64. op: "sum", "avg",
+    "max", "min" (or ReduceOp.*). Integer sums wrap around; "avg" of integers is the sum divided by the
+    group size with C's truncating division. Every rank gets bitwise identical results. Raises
+    TypeError / ValueError for a bad array, ValueError on a rank that is not a member of group, and
+    tplinear.CommError when a peer died, timed out or called a different collective (the group is
+    unusable afterwards)."""
     _C.all_reduce(_group(group)._handle, tensor, _op(op))
 
 

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from . import _C
+from . import _device
 from . import distributed as dist
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -65,8 +66,11 @@ def _host_array(obj, what):
     """A parameter value as a NumPy array (Parameter, NumPy, torch tensors and other array-likes)."""
     if isinstance(obj, Parameter):
         obj = obj.data
+    if isinstance(obj, _device.DeviceArray):  # GPU parameters: a host copy (half types as float32)
+        obj = obj.numpy().astype(np.float32, copy=False) if obj.dtype.itemsize == 2 else obj.numpy()
     if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # torch.Tensor / nn.Parameter
-        obj = obj.detach().cpu().numpy()
+        obj = obj.detach().cpu()
+        obj = (obj.float() if str(obj.dtype) in ("torch.float16", "torch.bfloat16") else obj).numpy()
     if hasattr(obj, "numpy") and not isinstance(obj, np.ndarray) and not hasattr(obj, "__array__"):
         obj = obj.numpy()
     try:
@@ -89,11 +93,46 @@ def _shape(x, what):
 
 def _empty(shape, like):
     """An uninitialised output on the same device as `like` (a parameter array)."""
+    if isinstance(like, _device.DeviceArray):
+        return _device.empty(shape, like.dtype, like.device)
     return np.empty(shape, dtype=like.dtype)
 
 
 def _zeros_like(arr):
+    if isinstance(arr, _device.DeviceArray):
+        return _device.zeros(arr.shape, arr.dtype, arr.device)
     return np.zeros(arr.shape, dtype=arr.dtype)
+
+
+def _dtypes(dtype, device):
+    """(host dtype, GPU dtype name) of a layer: float16 / bfloat16 live on the GPU only and are
+    initialised in float32 on the host, then rounded once when copied to the device."""
+    name = dtype if isinstance(dtype, str) else getattr(dtype, "name", str(dtype))
+    name = name.replace("torch.", "")
+    if name in ("float16", "bfloat16"):
+        if device is None:
+            raise TypeError(f"dtype {name} runs on the GPU only: pass device='cuda'")
+        return np.dtype(np.float32), name
+    dt = _dtype(dtype)
+    return dt, dt.name
+
+
+def _layer_device(weight, device):
+    """The GPU index of a layer (None: host): device= when given, else where module.weight lives."""
+    if device is not None:
+        return None if device == "cpu" else _device.device_index(device)
+    return _device.where(weight.data if isinstance(weight, Parameter) else weight)
+
+
+def _to_layer_device(arr, device, dtype):
+    return arr if device is None else _device.to_device(arr, dtype, device)
+
+
+def _like(ref, value):
+    """A host array placed like ref: on ref's GPU in ref's dtype, or a NumPy copy in ref's dtype."""
+    if isinstance(ref, _device.DeviceArray):
+        return _device.to_device(value, ref.dtype, ref.device)
+    return np.array(value, dtype=ref.dtype, copy=True)
 
 
 def _take(full, dim, pieces):
@@ -153,9 +192,10 @@ class Linear:
     (uniform in +-1/sqrt(in_features)) from a counter-based generator: element (i, j) of W depends only on
     (seed, i * in_features + j), so any shard can be initialised alone (see from_init)."""
 
-    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=0):
+    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=0, device=None):
         in_features, out_features = _check_features(in_features, out_features)
-        dt = _dtype(dtype)
+        device = _layer_device(None, device)
+        dt, ddt = _dtypes(dtype, device)
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(np.empty((out_features, in_features), dtype=dt))
         _init_block(self.weight.data, seed, 0, in_features, 0, 0, in_features)
@@ -163,6 +203,8 @@ class Linear:
         if bias:
             self.bias = Parameter(np.empty((out_features,), dtype=dt))
             _init_block(self.bias.data, seed, 1, in_features, 0, 0, out_features)
+        for p in self.parameters():  # device="cuda": initialised on the host, then copied once
+            p.data = _to_layer_device(p.data, device, ddt)
         self._input = None
 
     def forward(self, x):
@@ -235,8 +277,15 @@ class _TPLayer:
     _kind = None
     _bias_sharded = False
 
-    def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None):
-        self.mp_group = dist._group(mp_group)
+    def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
+                 dtype=None):
+        wobj = getattr(module, "weight", None) if module is not None else None
+        device = _layer_device(wobj, device)
+        if dtype is None:  # half-precision modules stay half on the GPU
+            dtype = str(getattr(wobj.data if isinstance(wobj, Parameter) else wobj, "dtype", "")).replace("torch.", "")
+        ddt = dtype if device is not None and dtype in ("float16", "bfloat16") else None
+        self.device = device
+        self.mp_group = dist._group(mp_group, gpu=device is not None)
         self.tp_world_size = self.mp_group.size
         self.tp_index = self.mp_group.rank
         if self.tp_index < 0:
@@ -269,8 +318,8 @@ class _TPLayer:
             w_shard = _take(weight, self._shard_dim, self._my_pieces())
             b_shard = None if bias is None else (
                 _take(bias, 0, self._my_pieces()) if self._bias_sharded else np.array(bias, copy=True))
-        self.weight = self._mark(Parameter(w_shard))
-        self.bias = None if b_shard is None else self._mark(Parameter(b_shard))
+        self.weight = self._mark(Parameter(_to_layer_device(w_shard, device, ddt)))
+        self.bias = None if b_shard is None else self._mark(Parameter(_to_layer_device(b_shard, device, ddt)))
 
     # -- construction
 
@@ -363,9 +412,11 @@ class _TPLayer:
             dim = self._dim_of(param)
             shape = list(param.data.shape)
             shape[dim] = self._full_shape[dim if param is self.weight else 0]
-            full = _empty(tuple(shape), param.data)
-            _C.gather(self.mp_group._handle, param.data, dim, self._flat_ranges(), len(self._pieces[0]), full)
-            param.data = full
+            on_gpu = isinstance(param.data, _device.DeviceArray)
+            src = _host_array(param.data, "parameter") if on_gpu else param.data  # GPU: gathered via the host
+            full = _empty(tuple(shape), src)
+            _C.gather(self.mp_group._handle, src, dim, self._flat_ranges(), len(self._pieces[0]), full)
+            param.data = _like(param.data, full) if on_gpu else full
             param._tp_gathered = True
 
     def _tp_partition(self, params_list):
@@ -374,7 +425,8 @@ class _TPLayer:
         for param in _param_list(params_list):
             if not self._is_sharded(param) or not getattr(param, "_tp_gathered", False):
                 continue
-            param.data = _take(_host_array(param.data, "parameter"), self._dim_of(param), self._my_pieces())
+            piece = _take(_host_array(param.data, "parameter"), self._dim_of(param), self._my_pieces())
+            param.data = _like(param.data, piece) if isinstance(param.data, _device.DeviceArray) else piece
             param._tp_gathered = False
 
     # -- state dicts and checkpoints
@@ -396,7 +448,7 @@ class _TPLayer:
             if value.shape != tuple(param.data.shape):
                 raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, this rank's shard is "
                                  f"{tuple(param.data.shape)}")
-            param.data = np.array(value, dtype=param.data.dtype, copy=True)
+            param.data = _like(param.data, value)
 
     def consolidated_state_dict(self):
         """The full parameters (collective over mp_group)."""
@@ -414,9 +466,8 @@ class _TPLayer:
             full = self._full_shape if key == "weight" else [self._full_shape[0]]
             if list(value.shape) != list(full):
                 raise ValueError(f"checkpoint[{key!r}] has shape {value.shape}, the layer's full shape is {tuple(full)}")
-            value = value.astype(param.data.dtype, copy=False)
-            param.data = _take(value, self._dim_of(param), self._my_pieces()) if self._is_sharded(param) \
-                else np.array(value, copy=True)
+            piece = _take(value, self._dim_of(param), self._my_pieces()) if self._is_sharded(param) else value
+            param.data = _like(param.data, piece)
 
 
 def _param_list(params):
@@ -439,16 +490,17 @@ class LinearAllreduce(_TPLayer):
     _shard_dim = 1
     _kind = _KIND_ROW
 
-    def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False):
-        super().__init__(module, mp_group, name, skip_partition)
+    def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False, device=None,
+                 dtype=None):
+        super().__init__(module, mp_group, name, skip_partition, device=device, dtype=dtype)
         self.input_is_parallel = bool(input_is_parallel)
 
     @classmethod
     def from_init(cls, in_features, out_features, mp_group=None, seed=0, bias=True, dtype="float32", name=None,
-                  input_is_parallel=True):
+                  input_is_parallel=True, device=None):
         """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed)."""
         return _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name,
-                          input_is_parallel=input_is_parallel)
+                          input_is_parallel=input_is_parallel, device=device)
 
     def forward(self, x):
         w = self.weight.data
@@ -493,8 +545,8 @@ class LinearLayer(_TPLayer):
     _bias_sharded = True
 
     def __init__(self, module=None, mp_group=None, skip_partition=False, name=None, gather_output=False,
-                 tp_overlap_comm=False, block_sizes=None, block_heads=None):
-        super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads)
+                 tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None):
+        super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype)
         self.gather_output = bool(gather_output)
         self.tp_overlap_comm = bool(tp_overlap_comm)
 
@@ -552,8 +604,9 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     """Builds the layer around this rank's shard only, initialised in place from the counter-based
     generator with the shard's global offsets (no full copy is ever allocated)."""
     in_features, out_features = _check_features(in_features, out_features)
-    dt = _dtype(dtype)
-    group = dist._group(mp_group)
+    device = _layer_device(None, kwargs.get("device"))
+    dt, kwargs["dtype"] = _dtypes(dtype, device)
+    group = dist._group(mp_group, gpu=device is not None)
     p, r = group.size, group.rank
     if r < 0:
         raise ValueError("this rank is not a member of mp_group")

@@ -538,6 +538,7 @@ class Launcher:
             if failed:
                 failed.sort(key=lambda w: w.rank)
                 self.first_failure, self.other_failures = failed[0], failed[1:]
+                targets = self.alive()
                 stopped = self._stop(signal.SIGTERM)
                 self._drain()
                 f = self.first_failure
@@ -549,6 +550,12 @@ class Launcher:
                          % (f.rank, f.local_rank, f.describe_exit(), what))
                 for o in self.other_failures:
                     self.log("rank %d (local %d) also failed with %s" % (o.rank, o.local_rank, o.describe_exit()))
+                # A positive exit code while stopping is (almost always) the rank's own failure, e.g. a peer
+                # error seen in a collective; deaths by our SIGTERM/SIGKILL are negative and not reported.
+                for o in targets:
+                    if o.returncode is not None and o.returncode > 0:
+                        self.log("rank %d (local %d) also failed with %s; it exited while the others were "
+                                 "being stopped" % (o.rank, o.local_rank, o.describe_exit()))
                 code = f.returncode
                 return 128 - code if code < 0 else code
         self._drain()

@@ -16,8 +16,18 @@
         assert all("ok" in res.rank_output(r) for r in range(4))
 
     def test_killed_rank():
-        res = run_world(2, "import os, signal; os.kill(os.getpid(), signal.SIGKILL) if ... else ...")
-        assert res.returncode != 0 and res.failed_rank == 1
+        res = run_world(2, '''
+            import os, signal, time
+            if os.environ["RANK"] == "1":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)                        # rank 0 is stopped by the launcher
+        ''')
+        assert res.returncode == 128 + 9 and res.failed_rank == 1
+        assert res.failures == {1: "signal SIGKILL (9)"}
+
+Results: ``res.returncode``, ``res.output`` (launcher and ranks, stdout and stderr merged),
+``res.rank_output(r)`` / ``res.rank_lines(r)`` (what rank r printed, prefixes removed),
+``res.summary`` (the launcher's own lines), ``res.failed_rank``, ``res.failures``, ``res.describe()``.
 
 The world runs in its own session (process group), with every outer launcher variable (RANK, WORLD_SIZE,
 MASTER_PORT, OMPI_COMM_WORLD_*, ...) removed from its environment, so these helpers also work when pytest
@@ -49,16 +59,22 @@ def _package_root():
 
 
 def world_env(env=None):
-    """The launcher's environment: ours minus any outer world, plus ``env`` (a None value deletes)."""
+    """The launcher's environment: ours minus any outer world, plus ``env`` (a None value deletes).
+
+    When tplinear is imported from a source tree (not site-packages), that tree is appended to
+    PYTHONPATH (after any PYTHONPATH given in ``env``), so the world imports the same tplinear.
+    """
     out = clean_launcher_env(os.environ)
-    root = _package_root()       # the children import the same tplinear as this process
-    paths = out.get("PYTHONPATH", "")
-    out["PYTHONPATH"] = root + (os.pathsep + paths if paths else "")
     for key, value in (env or {}).items():
         if value is None:
             out.pop(key, None)
         else:
             out[key] = str(value)
+    root = _package_root()
+    if os.path.basename(root) not in ("site-packages", "dist-packages"):
+        paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in paths:
+            out["PYTHONPATH"] = os.pathsep.join(paths + [root])
     return out
 
 
@@ -152,13 +168,14 @@ def _kill_group(proc):
         pass
 
 
-def run_world(nproc, code, timeout=120.0, env=None, args=(), prefix=True, launcher_args=()):
+def run_world(nproc, code, timeout=120.0, env=None, args=(), prefix=True, launcher_args=(), cwd=None):
     """Run the Python source ``code`` (dedented) on ``nproc`` ranks through the launcher.
 
     The command is ``python -m tplinear.run --standalone --nproc-per-node nproc [--prefix-output]
     [launcher_args] <file> [args]``. Returns a :class:`WorldResult` whatever the exit status; raises
     :class:`WorldTimeout` (an AssertionError, with the output so far) when the world takes longer than
-    ``timeout`` seconds, after SIGKILLing its whole process group.
+    ``timeout`` seconds, after SIGKILLing its whole process group. The ranks run in ``cwd``, by default
+    a scratch directory (holding the script) that is removed afterwards.
     """
     with tempfile.TemporaryDirectory(prefix="tplinear-world-") as tmp:
         script = os.path.join(tmp, "world_main.py")
@@ -170,7 +187,7 @@ def run_world(nproc, code, timeout=120.0, env=None, args=(), prefix=True, launch
         cmd += [str(a) for a in launcher_args]
         cmd += [script] + [str(a) for a in args]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=world_env(env), cwd=tmp,
+                                stderr=subprocess.STDOUT, env=world_env(env), cwd=tmp if cwd is None else cwd,
                                 start_new_session=True)
         try:
             try:

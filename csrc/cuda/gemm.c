@@ -1,0 +1,279 @@
+/* GPU GEMMs through cuBLAS / cuBLASLt on the current stream.
+ *
+ * tp_mat is row-major; cuBLAS is column-major. A row-major [r, c] matrix with leading dimension ld is
+ * the column-major [c, r] matrix with the same ld, so C = op(A) op(B) (row-major) is computed as the
+ * column-major C^T = op(B)^T op(A)^T: cuBLAS's "A" is our B, its "B" is our A, M = n, N = m.
+ *
+ * Precision: float32 (TF32 tensor cores only with tp_cuda_set_allow_tf32(1)), float64, and float16 /
+ * bfloat16 with float32 accumulation and float32 alpha/beta. */
+#include <limits.h>
+#include <string.h>
+
+#include "../gemm/gemm.h"
+#include "cuda.h"
+
+typedef struct {
+    cudaDataType_t type;
+    cublasComputeType_t compute;
+    cudaDataType_t scale;
+} gemm_types;
+
+static tp_status types_of(tp_dtype dt, gemm_types *t)
+{
+    switch (dt) {
+    case TP_FLOAT32:
+        t->type = CUDA_R_32F;
+        t->compute = tp_cuda_get_allow_tf32() ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+        t->scale = CUDA_R_32F;
+        return TP_OK;
+    case TP_FLOAT64:
+        t->type = CUDA_R_64F;
+        t->compute = CUBLAS_COMPUTE_64F;
+        t->scale = CUDA_R_64F;
+        return TP_OK;
+    case TP_FLOAT16:
+        t->type = CUDA_R_16F;
+        t->compute = CUBLAS_COMPUTE_32F;
+        t->scale = CUDA_R_32F;
+        return TP_OK;
+    case TP_BFLOAT16:
+        t->type = CUDA_R_16BF;
+        t->compute = CUBLAS_COMPUTE_32F;
+        t->scale = CUDA_R_32F;
+        return TP_OK;
+    default:
+        return tp_error(TP_ERR_TYPE, "GPU GEMM supports float32, float64, float16 and bfloat16, got %s",
+                        tp_dtype_name(dt));
+    }
+}
+
+/* alpha / beta in the scale type (host pointers). */
+typedef union {
+    float f;
+    double d;
+} scalar;
+
+static const void *scal(const gemm_types *t, scalar *s, double v)
+{
+    if (t->scale == CUDA_R_64F)
+        s->d = v;
+    else
+        s->f = (float)v;
+    return s;
+}
+
+static tp_status check_dims(int64_t v, const char *what)
+{
+    if (v > INT_MAX) return tp_error(TP_ERR_VALUE, "%s %lld exceeds cuBLAS' 32-bit limit", what, (long long)v);
+    return TP_OK;
+}
+
+static tp_status check_mats(const tp_mat *a, const tp_mat *b, const tp_mat *c)
+{
+    tp_status st = TP_OK;
+    TP_REQUIRE(!c->trans, "gemm: output must be row-major");
+    TP_REQUIRE(a->device.type == TP_DEVICE_CUDA && b->device.type == TP_DEVICE_CUDA,
+               "gemm: the output is on the GPU but an operand is in host memory");
+    TP_REQUIRE(a->device.index == c->device.index && b->device.index == c->device.index,
+               "gemm: operands on cuda:%d and cuda:%d, output on cuda:%d", a->device.index, b->device.index,
+               c->device.index);
+    TP_REQUIRE(a->dtype == c->dtype && b->dtype == c->dtype, "gemm: mixed dtypes %s, %s -> %s",
+               tp_dtype_name(a->dtype), tp_dtype_name(b->dtype), tp_dtype_name(c->dtype));
+    TP_CHECK(check_dims(c->rows, "rows"));
+    TP_CHECK(check_dims(c->cols, "columns"));
+    TP_CHECK(check_dims(a->rows > a->cols ? a->rows : a->cols, "inner dimension"));
+    TP_CHECK(check_dims(a->ld, "leading dimension"));
+    TP_CHECK(check_dims(b->ld, "leading dimension"));
+    TP_CHECK(check_dims(c->ld, "leading dimension"));
+out:
+    return st;
+}
+
+/* C = 0 (rows x cols, row-major with ld). */
+static tp_status zero_mat(tp_mat *c)
+{
+    tp_status st = TP_OK;
+    size_t item = tp_dtype_size(c->dtype);
+    TP_CU(cudaMemset2DAsync(c->data, (size_t)c->ld * item, 0, (size_t)c->cols * item, (size_t)c->rows,
+                            tp_cuda_stream()),
+          "cudaMemset2DAsync");
+out:
+    return st;
+}
+
+/* The cublasGemmEx call of a row-major C = op(A) op(B) (+ C). Caller holds the lock. */
+static tp_status gemm_ex(tp_cuda_ctx *ctx, const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c,
+                         double beta)
+{
+    tp_status st = TP_OK;
+    gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
+    scalar sa, sb;
+    int64_t m = c->rows, n = c->cols, k = ta ? a->rows : a->cols;
+    cublasOperation_t opa = (tb != b->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t opb = (ta != a->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
+    TP_CHECK(types_of(c->dtype, &t));
+    TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
+    TP_CUBLAS(cublasGemmEx(ctx->blas, opa, opb, (int)n, (int)m, (int)k, scal(&t, &sa, 1.0), b->data, t.type,
+                           (int)b->ld, a->data, t.type, (int)a->ld, scal(&t, &sb, beta), c->data, t.type,
+                           (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
+              "cublasGemmEx");
+out:
+    return st;
+}
+
+tp_status tp_gemm_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
+{
+    tp_status st = TP_OK;
+    tp_cuda_ctx *ctx;
+    int64_t k = ta ? a->rows : a->cols;
+    TP_CHECK(check_mats(a, b, c));
+    if (c->rows == 0 || c->cols == 0) goto out;
+    TP_CHECK(tp_cuda_ctx_get(c->device.index, &ctx));
+    if (k == 0) {
+        if (!accumulate) TP_CHECK(zero_mat(c));
+        goto out;
+    }
+    tp_cuda_lock();
+    st = gemm_ex(ctx, a, ta, b, tb, c, accumulate ? 1.0 : 0.0);
+    tp_cuda_unlock();
+out:
+    return st;
+}
+
+/* Each row of C = bias (mode 0) or += bias (mode 1): the rank-1 GEMM C^T (+)= bias * ones^T. */
+tp_status tp_rows_cuda(tp_mat *c, const void *bias, int mode)
+{
+    tp_status st = TP_OK;
+    tp_cuda_ctx *ctx;
+    const void *ones;
+    gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
+    scalar sa, sb;
+    int locked = 0;
+    TP_REQUIRE(!c->trans, "bias: output must be row-major");
+    TP_CHECK(check_dims(c->rows, "rows"));
+    TP_CHECK(check_dims(c->ld, "leading dimension"));
+    if (c->rows == 0 || c->cols == 0) goto out;
+    TP_CHECK(types_of(c->dtype, &t));
+    TP_CHECK(tp_cuda_ctx_get(c->device.index, &ctx));
+    tp_cuda_lock();
+    locked = 1;
+    TP_CHECK(tp_cuda_ones(ctx, c->dtype, c->rows, &ones));
+    TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
+    TP_CUBLAS(cublasGemmEx(ctx->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)c->cols, (int)c->rows, 1, scal(&t, &sa, 1.0),
+                           bias, t.type, (int)c->cols, ones, t.type, 1, scal(&t, &sb, mode ? 1.0 : 0.0), c->data,
+                           t.type, (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
+              "cublasGemmEx (bias rows)");
+out:
+    if (locked) tp_cuda_unlock();
+    return st;
+}
+
+/* out (cols) += A^T ones: a GEMV as a GEMM with N = 1, float32 accumulation for half types. */
+tp_status tp_col_sums_cuda(const tp_mat *a, void *out)
+{
+    tp_status st = TP_OK;
+    tp_cuda_ctx *ctx;
+    const void *ones;
+    gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
+    scalar sa, sb;
+    int locked = 0;
+    TP_CHECK(check_dims(a->rows, "rows"));
+    TP_CHECK(check_dims(a->cols, "columns"));
+    TP_CHECK(check_dims(a->ld, "leading dimension"));
+    if (a->rows == 0 || a->cols == 0) goto out;
+    TP_CHECK(types_of(a->dtype, &t));
+    TP_CHECK(tp_cuda_ctx_get(a->device.index, &ctx));
+    tp_cuda_lock();
+    locked = 1;
+    TP_CHECK(tp_cuda_ones(ctx, a->dtype, a->rows, &ones));
+    TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
+    TP_CUBLAS(cublasGemmEx(ctx->blas, a->trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, (int)a->cols, 1,
+                           (int)a->rows, scal(&t, &sa, 1.0), a->data, t.type, (int)a->ld, ones, t.type,
+                           (int)a->rows, scal(&t, &sb, 1.0), out, t.type, (int)a->cols, t.compute,
+                           CUBLAS_GEMM_DEFAULT),
+              "cublasGemmEx (column sums)");
+out:
+    if (locked) tp_cuda_unlock();
+    return st;
+}
+
+/* ---------------------------------------------------------------- bias in the epilogue */
+
+/* C = op(A) op(B) + bias through cuBLASLt's BIAS epilogue (bias broadcast along the rows of the
+ * row-major C = the columns of the column-major D). Returns TP_ERR_UNSUPPORTED, with no work queued,
+ * when cuBLASLt has no algorithm for the case. Caller holds the lock. */
+static tp_status lt_bias(tp_cuda_ctx *ctx, const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c,
+                         const void *bias)
+{
+    tp_status st = TP_OK;
+    gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
+    scalar sa, sb;
+    cublasLtMatmulDesc_t op = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    int64_t m = c->rows, n = c->cols, k = ta ? a->rows : a->cols;
+    cublasOperation_t opa = (tb != b->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t opb = (ta != a->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    size_t ws = ctx->workspace_bytes;
+    memset(&res, 0, sizeof res);
+    TP_CHECK(types_of(c->dtype, &t));
+    TP_CUBLAS(cublasLtMatmulDescCreate(&op, t.compute, t.scale), "cublasLtMatmulDescCreate");
+    TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa), "cublasLt TRANSA");
+    TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb), "cublasLt TRANSB");
+    TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi), "cublasLt EPILOGUE");
+    TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias),
+              "cublasLt BIAS_POINTER");
+    /* column-major shapes as stored: cuBLAS' A is n x k (or k x n transposed), B is k x m (or m x k) */
+    TP_CUBLAS(cublasLtMatrixLayoutCreate(&la, t.type, opa == CUBLAS_OP_N ? n : k, opa == CUBLAS_OP_N ? k : n, b->ld),
+              "cublasLtMatrixLayoutCreate");
+    TP_CUBLAS(cublasLtMatrixLayoutCreate(&lb, t.type, opb == CUBLAS_OP_N ? k : m, opb == CUBLAS_OP_N ? m : k, a->ld),
+              "cublasLtMatrixLayoutCreate");
+    TP_CUBLAS(cublasLtMatrixLayoutCreate(&lc, t.type, n, m, c->ld), "cublasLtMatrixLayoutCreate");
+    TP_CUBLAS(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+    TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
+              "cublasLt MAX_WORKSPACE_BYTES");
+    if (cublasLtMatmulAlgoGetHeuristic(ctx->lt, op, la, lb, lc, lc, pref, 1, &res, &found) != CUBLAS_STATUS_SUCCESS ||
+        found == 0) {
+        st = tp_error(TP_ERR_UNSUPPORTED, "cuBLASLt has no bias-epilogue algorithm for %lldx%lldx%lld %s",
+                      (long long)m, (long long)n, (long long)k, tp_dtype_name(c->dtype));
+        goto out;
+    }
+    TP_CUBLAS(cublasLtMatmul(ctx->lt, op, scal(&t, &sa, 1.0), b->data, la, a->data, lb, scal(&t, &sb, 0.0), c->data,
+                             lc, c->data, lc, &res.algo, ctx->workspace, ws, tp_cuda_stream()),
+              "cublasLtMatmul");
+    tp_log(TP_LOG_TRACE, "cuBLASLt bias GEMM %lldx%lldx%lld %s", (long long)m, (long long)n, (long long)k,
+           tp_dtype_name(c->dtype));
+out:
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (op) cublasLtMatmulDescDestroy(op);
+    return st;
+}
+
+tp_status tp_gemm_bias_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
+{
+    tp_status st = TP_OK;
+    tp_cuda_ctx *ctx;
+    int64_t k = ta ? a->rows : a->cols;
+    TP_CHECK(check_mats(a, b, c));
+    if (c->rows == 0 || c->cols == 0) goto out;
+    TP_CHECK(tp_cuda_ctx_get(c->device.index, &ctx));
+    if (k > 0) {
+        tp_cuda_lock();
+        st = lt_bias(ctx, a, ta, b, tb, c, bias);
+        tp_cuda_unlock();
+        if (st != TP_ERR_UNSUPPORTED) goto out;
+        tp_log(TP_LOG_INFO, "%s; bias added by a separate GEMM", tp_last_error());
+        st = TP_OK;
+    }
+    /* fallback: rows = bias, then the accumulating GEMM */
+    TP_CHECK(tp_rows_cuda(c, bias, 0));
+    TP_CHECK(tp_gemm_cuda(a, ta, b, tb, c, 1));
+out:
+    return st;
+}

@@ -1,0 +1,270 @@
+/* Process groups and the shm backend: worlds of 2, 3 and 4 forked processes exercise every collective
+ * (all dtypes and ops, counts 0 / 1 / odd / several chunks), subgroups, the staging fast path, mismatch
+ * detection, a killed rank and a rank that never joins. The parent only forks and collects exit codes. */
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+
+static int free_port(void)
+{
+    struct sockaddr_in sa;
+    socklen_t len = sizeof sa;
+    int port = 0, fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return 0;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0 && getsockname(fd, (struct sockaddr *)&sa, &len) == 0)
+        port = ntohs(sa.sin_port);
+    close(fd);
+    return port;
+}
+
+static tp_status init(int rank, int size, int port, double timeout, tp_group **g)
+{
+    tp_init_options o;
+    tp_init_options_default(&o);
+    o.rank = rank;
+    o.world_size = size;
+    o.local_rank = rank;
+    o.local_world_size = size;
+    o.master_addr = "127.0.0.1";
+    o.master_port = port;
+    o.timeout_s = timeout;
+    o.backend = "shm";
+    return tp_group_init_world(&o, g);
+}
+
+/* rank k's value at i (small integers: float sums are exact) */
+static int64_t val(int k, size_t i, int salt) { return (int64_t)((i * 7 + (size_t)(13 * k + salt)) % 101) - 50; }
+
+static double get(const void *buf, tp_dtype dt, size_t i)
+{
+    switch (dt) {
+    case TP_FLOAT32: return ((const float *)buf)[i];
+    case TP_FLOAT64: return ((const double *)buf)[i];
+    case TP_INT32: return ((const int32_t *)buf)[i];
+    default: return (double)((const int64_t *)buf)[i];
+    }
+}
+
+static void set(void *buf, tp_dtype dt, size_t i, int64_t v)
+{
+    switch (dt) {
+    case TP_FLOAT32: ((float *)buf)[i] = (float)v; break;
+    case TP_FLOAT64: ((double *)buf)[i] = (double)v; break;
+    case TP_INT32: ((int32_t *)buf)[i] = (int32_t)v; break;
+    default: ((int64_t *)buf)[i] = v; break;
+    }
+}
+
+static double expect_reduced(int p, size_t i, int salt, tp_reduce_op op, tp_dtype dt)
+{
+    int64_t s = 0, mx = INT64_MIN, mn = INT64_MAX;
+    for (int k = 0; k < p; k++) {
+        int64_t v = val(k, i, salt);
+        s += v;
+        if (v > mx) mx = v;
+        if (v < mn) mn = v;
+    }
+    if (op == TP_MAX) return (double)mx;
+    if (op == TP_MIN) return (double)mn;
+    if (op == TP_SUM) return (double)s;
+    if (dt == TP_INT32 || dt == TP_INT64) return (double)(s / p);
+    return dt == TP_FLOAT32 ? (double)((float)s / (float)p) : (double)s / p;
+}
+
+static int collectives(tp_group *g)
+{
+    const int p = tp_group_size(g), r = tp_group_rank(g);
+    const tp_dtype dts[] = {TP_FLOAT32, TP_FLOAT64, TP_INT32, TP_INT64};
+    const size_t counts[] = {0, 1, 7, 3001};
+    for (int d = 0; d < 4; d++) {
+        tp_dtype dt = dts[d];
+        size_t es = tp_dtype_size(dt);
+        for (int c = 0; c < 4; c++) {
+            size_t n = counts[c], vc[8], total = 0;
+            char *a = malloc((n * (size_t)p + 3 * (size_t)p + 8) * es), *b = malloc((n * (size_t)p + 3 * (size_t)p + 8) * es);
+            if (!a || !b) return 1;
+            for (int op = TP_SUM; op <= TP_MIN; op++) {
+                for (size_t i = 0; i < n; i++) set(a, dt, i, val(r, i, 0));
+                EXPECT_OK(tp_all_reduce(g, a, n, dt, (tp_reduce_op)op));
+                for (size_t i = 0; i < n; i++) EXPECT(get(a, dt, i) == expect_reduced(p, i, 0, (tp_reduce_op)op, dt));
+                /* reduce-scatter of p blocks of n */
+                for (size_t i = 0; i < n * (size_t)p; i++) set(a, dt, i, val(r, i, 3));
+                EXPECT_OK(tp_reduce_scatter(g, a, b, n, dt, (tp_reduce_op)op));
+                for (size_t i = 0; i < n; i++)
+                    EXPECT(get(b, dt, i) == expect_reduced(p, (size_t)r * n + i, 3, (tp_reduce_op)op, dt));
+            }
+            /* all-gather */
+            for (size_t i = 0; i < n; i++) set(a, dt, i, val(r, i, 5));
+            EXPECT_OK(tp_all_gather(g, a, b, n, dt));
+            for (int k = 0; k < p; k++)
+                for (size_t i = 0; i < n; i++) EXPECT(get(b, dt, (size_t)k * n + i) == (double)val(k, i, 5));
+            /* variable counts */
+            for (int k = 0; k < p; k++) total += (vc[k] = n + 3 * (size_t)k);
+            for (size_t i = 0; i < vc[r]; i++) set(a, dt, i, val(r, i, 9));
+            EXPECT_OK(tp_all_gatherv(g, a, b, vc, dt));
+            for (size_t k = 0, off = 0; k < (size_t)p; off += vc[k], k++)
+                for (size_t i = 0; i < vc[k]; i++) EXPECT(get(b, dt, off + i) == (double)val((int)k, i, 9));
+            EXPECT(total > 0 || n == 0);
+            /* broadcast from every root */
+            for (int root = 0; root < p; root++) {
+                for (size_t i = 0; i < n; i++) set(a, dt, i, val(r, i, 11));
+                EXPECT_OK(tp_broadcast(g, a, n, dt, root));
+                for (size_t i = 0; i < n; i++) EXPECT(get(a, dt, i) == (double)val(root, i, 11));
+            }
+            EXPECT_OK(tp_barrier(g));
+            free(a);
+            free(b);
+        }
+    }
+    return 0;
+}
+
+static int staging(tp_group *g)
+{
+    const int p = tp_group_size(g), r = tp_group_rank(g);
+    float out[1000];
+    void *ptr = NULL;
+    EXPECT_OK(tp_all_reduce_staging(g, sizeof out, &ptr));
+    if (ptr != NULL) {
+        for (int i = 0; i < 1000; i++) ((float *)ptr)[i] = (float)(i + r);
+        EXPECT_STATUS(tp_all_reduce_staged(g, ptr, 1000, TP_FLOAT32, TP_SUM), TP_ERR_VALUE); /* out = staging */
+        EXPECT_OK(tp_all_reduce_staged(g, out, 1000, TP_FLOAT32, TP_SUM));
+        for (int i = 0; i < 1000; i++) EXPECT(out[i] == (float)(p * i + p * (p - 1) / 2));
+    }
+    EXPECT_OK(tp_all_reduce_staging(g, (size_t)1 << 40, &ptr)); /* too large: no staging, not an error */
+    EXPECT(ptr == NULL);
+    return 0;
+}
+
+static int world(int rank, int size, int port)
+{
+    tp_group *w = NULL, *even = NULL, *all = NULL;
+    int evens[4], ne = 0;
+    float x[16];
+    EXPECT_OK(init(rank, size, port, 30.0, &w));
+    if (w == NULL) return 1;
+    EXPECT(tp_group_rank(w) == rank && tp_group_size(w) == size && strcmp(tp_group_backend(w), "shm") == 0);
+    collectives(w);
+    staging(w);
+    /* subgroup of the even ranks (in reverse order) */
+    for (int k = size - 1; k >= 0; k--)
+        if (k % 2 == 0) evens[ne++] = k;
+    EXPECT_OK(tp_group_new(w, evens, ne, &even));
+    EXPECT_STATUS(tp_group_new(w, evens, 0, &all), TP_ERR_VALUE); /* invalid: refused on every rank */
+    if (rank % 2 == 0) {
+        EXPECT(tp_group_rank(even) == (ne - 1 - rank / 2) && tp_group_global_rank(even, 0) == evens[0]);
+        for (int i = 0; i < 16; i++) x[i] = (float)rank;
+        EXPECT_OK(tp_all_reduce(even, x, 16, TP_FLOAT32, TP_SUM));
+        EXPECT(x[3] == (float)(ne * (ne - 1)));
+    } else {
+        EXPECT(tp_group_rank(even) == -1);
+        EXPECT_STATUS(tp_all_reduce(even, x, 16, TP_FLOAT32, TP_SUM), TP_ERR_VALUE);
+    }
+    /* mismatch: the last rank broadcasts while the others all-reduce */
+    {
+        int ranks[4] = {0, 1, 2, 3};
+        EXPECT_OK(tp_group_new(w, ranks, size, &all));
+        if (rank == size - 1)
+            EXPECT_STATUS(tp_broadcast(all, x, 16, TP_FLOAT32, 0), TP_ERR_COMM);
+        else
+            EXPECT_STATUS(tp_all_reduce(all, x, 16, TP_FLOAT32, TP_SUM), TP_ERR_COMM);
+        EXPECT(strstr(tp_last_error(), "collective mismatch") != NULL);
+        EXPECT_STATUS(tp_barrier(all), TP_ERR_COMM); /* unusable afterwards */
+    }
+    /* the world goes first; the subgroup still works */
+    tp_group_destroy(w);
+    if (rank % 2 == 0) EXPECT_OK(tp_barrier(even));
+    tp_group_destroy(even);
+    tp_group_destroy(all);
+    return tp_test_failures;
+}
+
+static int killed(int rank, int size, int port)
+{
+    tp_group *w = NULL;
+    double x[64] = {0};
+    tp_status st = TP_OK;
+    EXPECT_OK(init(rank, size, port, 10.0, &w));
+    if (w == NULL) return 1;
+    EXPECT_OK(tp_all_reduce(w, x, 64, TP_FLOAT64, TP_SUM));
+    if (rank == 1) raise(SIGKILL);
+    for (int i = 0; i < 1000000 && st == TP_OK; i++) st = tp_all_reduce(w, x, 64, TP_FLOAT64, TP_SUM);
+    EXPECT(st == TP_ERR_COMM);
+    EXPECT(strstr(tp_last_error(), "rank 1") != NULL && strstr(tp_last_error(), "died") != NULL);
+    tp_group_destroy(w);
+    return tp_test_failures;
+}
+
+static int never_joins(int rank, int size, int port)
+{
+    tp_group *w = NULL;
+    if (rank == size - 1) return 0; /* never arrives */
+    EXPECT_STATUS(init(rank, size, port, 2.0, &w), TP_ERR_TIMEOUT);
+    EXPECT(strstr(tp_last_error(), "waiting for rank 2 of 3 to join") != NULL);
+    EXPECT(w == NULL);
+    return tp_test_failures;
+}
+
+/* Forks size ranks running fn; returns the number of ranks that failed. expect_killed: that rank must
+ * die of SIGKILL. */
+static int run_world(int size, int (*fn)(int, int, int), int expect_killed)
+{
+    pid_t pids[8];
+    int port = free_port(), bad = 0, left = size;
+    struct timespec nap = {0, 2000000};
+    time_t deadline = time(NULL) + 120;
+    if (port == 0) return 1;
+    for (int r = 0; r < size; r++) {
+        pids[r] = fork();
+        if (pids[r] < 0) return 1;
+        if (pids[r] == 0) exit(fn(r, size, port) ? 1 : 0);
+    }
+    while (left > 0) { /* reap promptly (a dead rank must not linger as a zombie) */
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid > 0) {
+            int r = 0;
+            while (r < size && pids[r] != pid) r++;
+            left--;
+            if (r == expect_killed ? !(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+                                   : !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+                fprintf(stderr, "world of %d: rank %d failed (status 0x%x)\n", size, r, status);
+                bad++;
+            }
+            continue;
+        }
+        if (time(NULL) > deadline) {
+            fprintf(stderr, "world of %d: timed out, killing\n", size);
+            for (int r = 0; r < size; r++) kill(pids[r], SIGKILL);
+            deadline = time(NULL) + 1000;
+            bad++;
+        }
+        nanosleep(&nap, NULL);
+    }
+    return bad;
+}
+
+int main(void)
+{
+    setenv("TPLINEAR_SHM_SLOT_KB", "16", 1); /* 8 KB chunks: 3001 elements take several */
+    for (int size = 2; size <= 4; size++) EXPECT(run_world(size, world, -1) == 0);
+    setenv("TPLINEAR_SHM_ALGO", "oneshot", 1);
+    EXPECT(run_world(3, world, -1) == 0);
+    setenv("TPLINEAR_SHM_ALGO", "rsag", 1);
+    EXPECT(run_world(2, world, -1) == 0);
+    unsetenv("TPLINEAR_SHM_ALGO");
+    EXPECT(run_world(3, killed, 1) == 0);
+    EXPECT(run_world(3, never_joins, -1) == 0);
+    TEST_MAIN_END();
+}
