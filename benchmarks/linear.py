@@ -59,14 +59,16 @@ CASES = {
     "dec_mlp_fwdbwd": (B_DEC, "mlp", 3, 20),
     "dec_row_gemm": (B_DEC, "row_gemm", 20, 200),
     "dec_row_pair": (B_DEC, "row_pair", 20, 300),
+    "row_pair": (B_BIG, "row_pair", 1, 7),
     "mlp_gelu": (B_BIG, "gelu", 1, 5),
     "ar_dec": (B_DEC, "allreduce", 20, 300),
 }
 MAIN_CASES = ["row_fwd", "col_fwd", "mlp_fwdbwd", "dec_row_fwd", "dec_col_fwd", "dec_mlp_fwdbwd"]
-AUX_CASES = ["mlp_gelu", "row_gemm", "dec_row_gemm", "dec_row_pair_gemm", "dec_row_pair_fwd", "dec_row_pair_overhead", "ar_big",
+AUX_CASES = ["mlp_gelu", "row_gemm", "dec_row_gemm", "dec_row_pair_gemm", "dec_row_pair_fwd", "dec_row_pair_overhead", "row_pair_gemm", "row_pair_fwd", "row_pair_overhead", "ar_big",
              "ar_dec"]
 # small cases first, the big MLP last (freeing its GiBs can disturb whatever is timed right after it)
-RUN_ORDER = ["dec_row_pair", "dec_row_gemm", "dec_row_fwd", "dec_col_fwd", "ar_dec", "row_gemm", "row_fwd", "col_fwd", "ar_big",
+RUN_ORDER = ["dec_row_pair", "dec_row_gemm", "dec_row_fwd", "dec_col_fwd", "ar_dec", "row_pair", "row_gemm", "row_fwd",
+             "col_fwd", "ar_big",
              "mlp_gelu", "dec_mlp_fwdbwd", "mlp_fwdbwd"]
 LABELS = {
     "row_fwd": "row fwd [2048x4096]·[4096→4096]",
@@ -77,6 +79,9 @@ LABELS = {
     "dec_mlp_fwdbwd": "decode MLP fwd+bwd [8x4096]·[4096→16384→4096]",
     "row_gemm": "row GEMM only (shard, no comm) [2048x4096/p]",
     "dec_row_gemm": "decode row GEMM only (shard, no comm) [8x4096/p]",
+    "row_pair_gemm": "row GEMM only, paired steps",
+    "row_pair_fwd": "row fwd, paired steps",
+    "row_pair_overhead": "row fwd − GEMM only, median of paired differences",
     "mlp_gelu": "GELU fwd+bwd alone on [2048x16384/p] (part of the MLP)",
     "dec_row_pair_gemm": "decode row GEMM only, paired steps",
     "dec_row_pair_fwd": "decode row fwd, paired steps",
@@ -164,12 +169,11 @@ class NumpyTP:
             w, bias, x = self._w(H, H // p), np.zeros(H, np.float32), self._x(b, H // p)
             if self.prealloc:
                 return self._prealloc_linear(x, w, bias, kind == "row_fwd")
-            if kind == "row_gemm":
-                return lambda: x @ w.T + bias
+            reduce = self.allreduce if kind == "row_fwd" else (lambda a: None)
 
-            def step():
+            def step():                          # row_gemm: the same without the all-reduce
                 y = x @ w.T
-                self.allreduce(y)
+                reduce(y)
                 y += bias
                 return y
             return step
@@ -206,6 +210,22 @@ class NumpyTP:
                 return y, dx
             return step
         raise ValueError(case)
+
+    def build_pair(self, b):
+        """(GEMM alone, row forward) on the same weight and input."""
+        np, p = self.np, self.p
+        w, bias, x = self._w(H, H // p), np.zeros(H, np.float32), self._x(b, H // p)
+        if self.prealloc:
+            return self._prealloc_linear(x, w, bias, False), self._prealloc_linear(x, w, bias, True)
+
+        def make(reduce):
+            def step():
+                y = x @ w.T
+                reduce(y)
+                y += bias
+                return y
+            return step
+        return make(lambda a: None), make(self.allreduce)
 
     def _prealloc_linear(self, x, w, bias, reduce):
         np = self.np
@@ -286,6 +306,14 @@ class TplinearTP:
                 return y, dx
             return step
         raise ValueError(case)
+
+    def build_pair(self, b):
+        """(GEMM alone, row forward) on the same weight and input: a plain Linear sharing the shard."""
+        tp = self.tp
+        layer, x = tp.LinearAllreduce.from_init(H, H, seed=0), self._x(b, H // self.p)
+        lin = tp.Linear(H // self.p, H, seed=0)
+        lin.weight.data, lin.bias.data = layer.weight.data, layer.bias.data
+        return (lambda: lin(x)), (lambda: layer(x))
 
     def close(self):
         if self.p > 1:
@@ -373,6 +401,20 @@ class DeepSpeedTP:
             return step
         raise ValueError(case)
 
+    def build_pair(self, b):
+        """(GEMM alone, row forward) on the same weight and input."""
+        torch, F = self.torch, self.torch.nn.functional
+        layer, x = self.L.LinearAllreduce(self._linear(H, H), self.group), self._x(b, H // self.p)
+
+        def gemm():
+            with torch.no_grad():
+                return F.linear(x, layer.weight, layer.bias)
+
+        def fwd():
+            with torch.no_grad():
+                return layer(x)
+        return gemm, fwd
+
     def close(self):
         self.torch.distributed.destroy_process_group()
 
@@ -423,8 +465,7 @@ def run_worker(args):
             # GEMM alone and the full row forward alternately, each after a barrier: the per-step
             # difference is the communication overhead, free of slow drifts on a shared machine
             b = CASES[case][0]
-            CASES["_g"], CASES["_f"] = (b, "row_gemm", 0, 0), (b, "row_fwd", 0, 0)
-            fg, ff = impl.build("_g"), impl.build("_f")
+            fg, ff = impl.build_pair(b)
             tg, tf, sg, sf = [], [], [], []
             for i in range(warm + reps):
                 for f, acc, st in ((fg, tg, sg), (ff, tf, sf)):
@@ -576,10 +617,11 @@ def run_world(contender, ws, args, tmp):
         else:
             steps = max_rank
         res["cases"][case] = dict(stats(steps), steps_s=steps, median_max_rank_s=stats(max_rank)["median_s"])
-    pg, pf = res["cases"].get("dec_row_pair_gemm"), res["cases"].get("dec_row_pair_fwd")
-    if pg and pf:
-        diffs = [f - g for f, g in zip(pf["steps_s"], pg["steps_s"])]
-        res["cases"]["dec_row_pair_overhead"] = dict(stats(diffs), steps_s=diffs)
+    for pair in ("dec_row_pair", "row_pair"):
+        pg, pf = res["cases"].get(pair + "_gemm"), res["cases"].get(pair + "_fwd")
+        if pg and pf:
+            diffs = [f - g for f, g in zip(pf["steps_s"], pg["steps_s"])]
+            res["cases"][pair + "_overhead"] = dict(stats(diffs), steps_s=diffs)
     return res
 
 
@@ -601,6 +643,11 @@ def merge_rounds(rounds):
     out["noise"] = [r.get("noise") for r in rounds]
     out["cases"] = {}
     for case in ok[0]["cases"]:
+        if case.endswith("_overhead"):  # a difference, not a time: pool the steps of every round
+            steps = [v for r in ok if case in r["cases"] for v in r["cases"][case]["steps_s"]]
+            out["cases"][case] = dict(stats(steps), steps_s=steps,
+                                      round_medians_s=[r["cases"][case]["median_s"] for r in ok if case in r["cases"]])
+            continue
         best = min((r["cases"][case] for r in ok if case in r["cases"]), key=lambda c: c["median_s"])
         out["cases"][case] = dict(best, round_medians_s=[r["cases"][case]["median_s"] for r in ok if case in r["cases"]])
     return out
@@ -666,6 +713,10 @@ def derive(results, world_sizes):
                                                "met": tp_row2 / base_row <= 1.15}
     if tp_row1 and tp_row2:
         d["row_fwd_2ranks_over_tplinear_1rank"] = {"value": tp_row2 / tp_row1, "target": "(info: same BLAS)"}
+    for who in ("tplinear", "mpi4py", "deepspeed"):
+        o = med(results, who, 2, "row_pair_overhead")
+        if o is not None:
+            d[f"row_fwd_comm_overhead_2ranks_{who}"] = {"value_us": o * 1e6, "paired_us": o * 1e6}
     tp_mlp2 = med(results, "tplinear", 2, "mlp_fwdbwd")
     ds_mlp2 = med(results, "deepspeed", 2, "mlp_fwdbwd")
     mpi_mlp2 = med(results, "mpi4py", 2, "mlp_fwdbwd")
