@@ -2,9 +2,9 @@
  *
  * Every rank holds the columns [off, off + size) of W (in-features split) and the same slice of the
  * input; tp_row_forward multiplies and all-reduces, adding the bias once. Run it as one process
- * (a world of one), or several under `python -m tplinear.run --nproc-per-node N examples/c/row_forward`
- * ... launched through a tiny wrapper; see the Makefile. Prints one checksum line per rank and exits 0
- * when the result matches a naive loop over the full layer.
+ * (a world of one), or several under the launcher: `python -m tplinear.run --nproc-per-node N --no-python
+ * examples/c/row_forward` (`make -C examples/c run2`). Prints one line per rank and exits 0 when the
+ * result matches a naive loop over the full layer.
  */
 #include <math.h>
 #include <stdio.h>
