@@ -278,7 +278,9 @@ class _TPLayer:
     _bias_sharded = False
 
     def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
-                 dtype=None):
+                 dtype=None, _full=None):
+        """_full (from_init): module.weight is already this rank's shard by the partition rule of a split
+        dim of _full elements, so nothing is sliced and the rule's ranges are kept."""
         wobj = getattr(module, "weight", None) if module is not None else None
         device = _layer_device(wobj, device)
         if dtype is None:  # half-precision modules stay half on the GPU
@@ -308,11 +310,13 @@ class _TPLayer:
         self._block_heads = None if block_heads is None else [int(h) for h in block_heads]
         self.skip_partition = bool(skip_partition)
         local = weight.shape[self._shard_dim]
+        full = _full if _full is not None else (None if self.skip_partition else local)
+        locals_ = self._agree(weight, bias, local, full)
         self._full_shape = list(weight.shape)
-        self._full_shape[self._shard_dim] = self._agree(weight, bias, local)
-        self._pieces = self._partition(self._full_shape[self._shard_dim], local)
+        self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
+        self._pieces = self._partition(self._full_shape[self._shard_dim], locals_)
         self.in_features, self.out_features = self._full_shape[1], self._full_shape[0]
-        if self.skip_partition:
+        if self.skip_partition or _full is not None:
             w_shard, b_shard = np.ascontiguousarray(weight), None if bias is None else np.ascontiguousarray(bias)
         else:
             w_shard = _take(weight, self._shard_dim, self._my_pieces())
@@ -323,54 +327,38 @@ class _TPLayer:
 
     # -- construction
 
-    def _agree(self, weight, bias, local):
-        """One exchange at construction: every rank must agree on mode, kind, dtype, bias and the
-        unsplit dim; returns the full size of the split dim (the sum of shards under skip_partition)."""
+    def _agree(self, weight, bias, local, full):
+        """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim
+        and (when known: full is not None) the full size of the split dim. Returns every rank's size
+        along the split dim."""
         other = weight.shape[1 - self._shard_dim]
         mine = np.array([self._kind, int(self.training_mode), {"float32": 4, "float64": 8}[weight.dtype.name],
-                         int(bias is not None), other, local], dtype=np.int64)
+                         int(bias is not None), other, -1 if full is None else full, local], dtype=np.int64)
         p = self.tp_world_size
         if p == 1:
-            return local
-        every = np.empty(6 * p, dtype=np.int64)
+            return [local]
+        every = np.empty(7 * p, dtype=np.int64)
         dist.all_gather_into_tensor(every, mine, group=self.mp_group)
-        every = every.reshape(p, 6)
+        every = every.reshape(p, 7)
         fields = ["layer kind", "training mode", "dtype size", "bias presence",
-                  "in_features" if self._shard_dim == 0 else "out_features"]
-        if not self.skip_partition:
-            fields.append("full " + ("out_features" if self._shard_dim == 0 else "in_features"))
+                  "in_features" if self._shard_dim == 0 else "out_features",
+                  "full " + ("out_features" if self._shard_dim == 0 else "in_features")]
         for i, field in enumerate(fields):
             if not np.all(every[:, i] == every[0, i]):
                 raise ValueError(f"ranks disagree on the {field} of layer {self.name or type(self).__name__}: "
                                  f"{every[:, i].tolist()} across ranks {list(range(p))} "
                                  "(every rank must build the same layer in the same mode)")
-        return int(every[:, 5].sum()) if self.skip_partition else local
+        return every[:, 6].tolist()
 
-    def _partition(self, n, local):
-        p, training = self.tp_world_size, self.training_mode
-        heads = self._heads()
+    def _partition(self, n, locals_):
+        """Every rank's pieces: the given shards one after another under skip_partition, else the rule."""
         if self.skip_partition:
-            sizes = self._shard_sizes(local)
-            offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-            return [[(int(o), int(s))] for o, s in zip(offs, sizes)]
-        if self._blocks is not None:
-            if sum(self._blocks) != n:
-                raise ValueError(f"packed block sizes {self._blocks} sum to {sum(self._blocks)}, "
-                                 f"but the split dimension is {n}")
-            flat = _C.partition_packed(self._blocks, p, training, self._block_heads, self.name)
-            nb = len(self._blocks)
-            return [flat[r * nb:(r + 1) * nb] for r in range(p)]
-        return [[rng] for rng in _C.partition(n, p, training, heads, self.name)]
-
-    def _shard_sizes(self, local):
-        if self.tp_world_size == 1:
-            return [local]
-        every = np.empty(self.tp_world_size, dtype=np.int64)
-        dist.all_gather_into_tensor(every, np.array([local], dtype=np.int64), group=self.mp_group)
-        return every.tolist()
-
-    def _heads(self):
-        return _state["num_kv_heads"] or 0
+            offs = np.concatenate([[0], np.cumsum(locals_)[:-1]]).tolist()
+            return [[(int(o), int(s))] for o, s in zip(offs, locals_)]
+        if self._blocks is not None and sum(self._blocks) != n:
+            raise ValueError(f"packed block sizes {self._blocks} sum to {sum(self._blocks)}, "
+                             f"but the split dimension is {n}")
+        return _rule_pieces(n, self.tp_world_size, self.training_mode, self.name, self._blocks, self._block_heads)
 
     def _my_pieces(self):
         return self._pieces[self.tp_index]
@@ -491,8 +479,8 @@ class LinearAllreduce(_TPLayer):
     _kind = _KIND_ROW
 
     def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False, device=None,
-                 dtype=None):
-        super().__init__(module, mp_group, name, skip_partition, device=device, dtype=dtype)
+                 dtype=None, _full=None):
+        super().__init__(module, mp_group, name, skip_partition, device=device, dtype=dtype, _full=_full)
         self.input_is_parallel = bool(input_is_parallel)
 
     @classmethod
@@ -545,8 +533,9 @@ class LinearLayer(_TPLayer):
     _bias_sharded = True
 
     def __init__(self, module=None, mp_group=None, skip_partition=False, name=None, gather_output=False,
-                 tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None):
-        super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype)
+                 tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None, _full=None):
+        super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
+                         _full=_full)
         self.gather_output = bool(gather_output)
         self.tp_overlap_comm = bool(tp_overlap_comm)
 
@@ -613,13 +602,7 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     training = is_training_mode()
     split_dim = cls._shard_dim
     n = out_features if split_dim == 0 else in_features
-    blocks = kwargs.get("block_sizes")
-    if blocks is not None:
-        flat = _C.partition_packed([int(b) for b in blocks], p, training, kwargs.get("block_heads"), name)
-        pieces = flat[r * len(blocks):(r + 1) * len(blocks)]
-    else:
-        heads = _state["num_kv_heads"] or 0
-        pieces = [_C.partition(n, p, training, heads, name)[r]]
+    pieces = _rule_pieces(n, p, training, name, kwargs.get("block_sizes"), kwargs.get("block_heads"))[r]
     local = sum(size for _, size in pieces)
     wshape = (local, in_features) if split_dim == 0 else (out_features, local)
     weight = np.empty(wshape, dtype=dt)
@@ -641,11 +624,17 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
         else:
             b = np.empty((out_features,), dtype=dt)
             _init_block(b, seed, 1, in_features, 0, 0, out_features)
-    layer = cls(_Module(weight, b), mp_group=group, skip_partition=True, name=name, **kwargs)
-    # the shard came from the partition rule, not from the caller: keep the rule's ranges (packed too)
-    layer.skip_partition = False
-    layer._pieces = layer._partition(n, local)
-    return layer
+    return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
+
+
+def _rule_pieces(n, p, training, name, blocks=None, block_heads=None):
+    """Every rank's pieces [(offset, size)] of a split dim of n by the partition rule (C core): one piece,
+    or one per block of a packed dim."""
+    if blocks is None:
+        return [[rng] for rng in _C.partition(n, p, training, _state["num_kv_heads"] or 0, name)]
+    blocks = [int(b) for b in blocks]
+    flat = _C.partition_packed(blocks, p, training, block_heads, name)
+    return [flat[r * len(blocks):(r + 1) * len(blocks)] for r in range(p)]
 
 
 # ---------------------------------------------------------------------------------------------- gather context
