@@ -236,6 +236,17 @@ tp_status tp_gather_dim(tp_group *g, const tp_tensor *shard, int dim, const tp_r
 tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
                            int nblocks, tp_tensor *full);
 
+/* The inverse of tp_gather_packed, on this process alone (no collective): writes rank `rank`'s shard of
+ * full into shard, i.e. its pieces ranges[rank*nblocks + i] along dim, concatenated in block order.
+ * ranges is [p][nblocks] from tp_partition_packed (p*nblocks entries covering full's dim). shard has
+ * full's shape except along dim, where it has the rank's pieces together. Both on one device; the copy
+ * runs there (GPU views must be contiguous in their last dimension, as for tp_tensor_copy). */
+tp_status tp_shard_packed(const tp_tensor *full, int dim, const tp_range *ranges, int p, int nblocks,
+                          int rank, tp_tensor *shard);
+/* The unpacked form: ranges has p entries (from tp_partition). */
+tp_status tp_shard_dim(const tp_tensor *full, int dim, const tp_range *ranges, int p, int rank,
+                       tp_tensor *shard);
+
 /* ------------------------------------------------------------------ GPU (TPLINEAR_CUDA builds) */
 
 /* 1 when the library was built with CUDA and a GPU is visible, else 0. */
