@@ -111,14 +111,14 @@ typedef struct {
  *  "w3", or equal to "lm_head"/"embed_out", never use the head rule (as DeepSpeed).
  * out has p entries. */
 TP_API tp_status tp_partition(int64_t n, int p, tp_split_mode mode, int64_t num_heads, const char *name,
-                       tp_range *out);
+                              tp_range *out);
 
 /* Packed split: the dimension is nblocks consecutive blocks (fused QKV, gate/up), each split
  * separately with tp_partition (block_heads[i] heads, or 0; block_heads may be NULL).
  * out is [p][nblocks] row-major: out[r*nblocks+i] is rank r's piece of block i, with offset
  * in the full dimension. A rank's shard is its pieces concatenated in block order. */
 TP_API tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, tp_split_mode mode,
-                              const int64_t *block_heads, const char *name, tp_range *out);
+                                     const int64_t *block_heads, const char *name, tp_range *out);
 
 /* ------------------------------------------------------------------ initialisation */
 
@@ -127,7 +127,7 @@ TP_API tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, in
  * (row_offset + i) * full_cols + (col_offset + j) of stream `stream` yields for `seed`.
  * A shard therefore equals the same slice of the full tensor. CPU, float32/float64. */
 TP_API tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double bound,
-                          int64_t row_offset, int64_t col_offset, int64_t full_cols);
+                                 int64_t row_offset, int64_t col_offset, int64_t full_cols);
 
 /* ------------------------------------------------------------------ BLAS threads */
 
@@ -143,7 +143,7 @@ TP_API tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const
 TP_API tp_status tp_linear_backward_input(const tp_tensor *dy, const tp_tensor *w, tp_tensor *dx);
 /* dW[out, in] += dY^T X ; db[out] += sum over leading dims of dY (db may be NULL). */
 TP_API tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw,
-                                    tp_tensor *db);
+                                           tp_tensor *db);
 /* y += b broadcast along the last dim. */
 TP_API tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b);
 
@@ -248,7 +248,7 @@ TP_API tp_status tp_all_gather(tp_group *g, const void *send, void *recv, size_t
 TP_API tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt);
 /* send holds size(g) * count elements; recv gets the reduction of block `rank`. */
 TP_API tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
-                            tp_reduce_op op);
+                                   tp_reduce_op op);
 TP_API tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
 TP_API tp_status tp_barrier(tp_group *g);
 
@@ -273,27 +273,27 @@ TP_API tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_d
 /* Row-parallel forward: y = all_reduce_g(x_r @ w_r^T) + b (b added once, may be NULL).
  * x_r is this rank's slice of the input's last dim (width = w_r's in). */
 TP_API tp_status tp_row_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
-                         tp_tensor *y);
+                                tp_tensor *y);
 /* Row-parallel backward, no collective: dx = dy @ w_r ; dw += dy^T x_r ; db += sum(dy).
  * dx, dw, db may each be NULL to skip. */
 TP_API tp_status tp_row_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
-                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db);
+                                 tp_tensor *dx, tp_tensor *dw, tp_tensor *db);
 /* Column-parallel forward: y_r = x @ w_r^T + b_r (b may be NULL). */
 TP_API tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
-                         tp_tensor *y);
+                                tp_tensor *y);
 /* Column-parallel backward: dx = all_reduce_g(dy_r @ w_r) ; dw += dy_r^T x ; db += sum(dy_r).
  * overlap != 0 runs the dx all-reduce concurrently with the dw GEMM (same results). */
 TP_API tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
-                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
+                                 tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
 
 /* All-gathers shards of a tensor along dim: rank r holds `shard` (all dims equal to full's except
  * dim, whose size is ranges[r].size); full receives every rank's shard at ranges[r].offset along dim.
  * ranges has size(g) entries (from tp_partition). Uneven shards are fine. */
 TP_API tp_status tp_gather_dim(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
-                        tp_tensor *full);
+                               tp_tensor *full);
 /* The packed form: ranges is [p][nblocks] from tp_partition_packed. */
 TP_API tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
-                           int nblocks, tp_tensor *full);
+                                  int nblocks, tp_tensor *full);
 
 /* The inverse of tp_gather_packed, on this process alone (no collective): writes rank `rank`'s shard of
  * full into shard, i.e. its pieces ranges[rank*nblocks + i] along dim, concatenated in block order.
@@ -301,10 +301,10 @@ TP_API tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, 
  * full's shape except along dim, where it has the rank's pieces together. Both on one device; the copy
  * runs there (GPU views must be contiguous in their last dimension, as for tp_tensor_copy). */
 TP_API tp_status tp_shard_packed(const tp_tensor *full, int dim, const tp_range *ranges, int p, int nblocks,
-                          int rank, tp_tensor *shard);
+                                 int rank, tp_tensor *shard);
 /* The unpacked form: ranges has p entries (from tp_partition). */
 TP_API tp_status tp_shard_dim(const tp_tensor *full, int dim, const tp_range *ranges, int p, int rank,
-                       tp_tensor *shard);
+                              tp_tensor *shard);
 
 /* ------------------------------------------------------------------ GPU (TPLINEAR_CUDA builds) */
 
