@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <ifaddrs.h>
 #include <net/if.h>
+#include <sched.h>
 #include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -335,6 +336,24 @@ out:
     return st;
 }
 
+/* Gives this rank its share of the cores for BLAS (DESIGN.md: cores / ranks of this host) unless
+ * OMP_NUM_THREADS says otherwise (torchrun and tplinear.run set it; mpirun and srun do not). A process
+ * the launcher bound to some cores (mpirun --bind-to core) uses those. */
+static tp_status share_cores(const tp_group *g)
+{
+    tp_status st = TP_OK;
+    tp_launcher l;
+    cpu_set_t set;
+    long online = sysconf(_SC_NPROCESSORS_ONLN), mine = online;
+    TP_CHECK(tp_launcher_from_env(&l));
+    if (l.omp_threads_set || g->size == 1) goto out;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) mine = CPU_COUNT(&set);
+    if (mine >= online && g->local_world_size > 0) mine = online / g->local_world_size;
+    TP_CHECK(tp_set_num_threads(mine > 0 ? (int)mine : 1));
+out:
+    return st;
+}
+
 tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
 {
     tp_status st = TP_OK;
@@ -361,6 +380,7 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     if (size > 1) { /* a world of one has no store (g->store == NULL) */
         TP_CHECK(open_store(opts, g));
         TP_CHECK(exchange_hosts(g, lrank));
+        TP_CHECK(share_cores(g));
     }
     TP_CHECK(tp_backend_choose(opts->backend, opts->device, g, &family));
     TP_CHECK(make_member(g, family));
@@ -431,9 +451,8 @@ tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const 
     }
     g->hosts = hosts_retain(parent->hosts);
     g->booted_by = parent->booted_by;
-    family = parent->family;
-    if (backend != NULL) /* every rank of the parent decides alike: same names, same host table */
-        TP_CHECK(tp_backend_choose(backend, TP_DEVICE_CPU, g, &family));
+    /* every rank of the parent decides alike: the same name, the same host table */
+    TP_CHECK(tp_backend_choose_sub(backend, g, parent->family, &family));
     g->family = family;
     if (family == parent->family && family->split && parent->backend == family) {
         /* collective over the whole parent (e.g. ncclCommSplit, MPI_Comm_split); non-members (rank -1) get

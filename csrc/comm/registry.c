@@ -160,6 +160,22 @@ out:
     return st;
 }
 
+tp_status tp_backend_choose_sub(const char *name, const tp_group *g, const tp_backend *parent, const tp_backend **out)
+{
+    *out = parent;
+    if (name == NULL) return TP_OK;
+    if (strcmp(name, "auto") != 0) return tp_backend_choose(name, TP_DEVICE_CPU, g, out);
+    for (int i = 0; i < NBACKENDS; i++) {
+        if (!BACKENDS[i]->one_host || !(BACKENDS[i]->devices & parent->devices)) continue;
+        if (serves(BACKENDS[i], g) == TP_OK) {
+            *out = BACKENDS[i];
+            break;
+        }
+    }
+    tp_clear_error();
+    return TP_OK;
+}
+
 tp_status tp_backend_boot_bcast(int rank, int size, void *buf, size_t len, double timeout_s, const tp_backend **by)
 {
     *by = NULL;

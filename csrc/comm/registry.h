@@ -12,6 +12,11 @@
  * would bring it; any other name is TP_ERR_VALUE listing the registered ones. */
 tp_status tp_backend_choose(const char *name, tp_device_type device, const tp_group *g, const tp_backend **out);
 
+/* The backend of subgroup g of a group whose backend is `parent`: name NULL, parent; "auto", a one-host
+ * backend (shm) when g's members share a host and it takes the parent's memory, else parent; any other
+ * name as tp_backend_choose (host memory). */
+tp_status tp_backend_choose_sub(const char *name, const tp_group *g, const tp_backend *parent, const tp_backend **out);
+
 /* World rank 0's len bytes of buf to every rank through the first backend whose launcher started the
  * processes (mpi under mpirun/srun); *by gets that backend. TP_ERR_UNSUPPORTED (saying what would help)
  * when none did. */

@@ -294,6 +294,7 @@ tp_status tp_launcher_from_env(tp_launcher *l)
     TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
     if (l->restart_count < 0) l->restart_count = 0;
     copy_env(l->run_id, sizeof l->run_id, "TORCHELASTIC_RUN_ID");
+    l->omp_threads_set = getenv("OMP_NUM_THREADS") != NULL && getenv("OMP_NUM_THREADS")[0] != '\0';
     for (size_t i = 0; i < sizeof MPI_RUNTIME_VARS / sizeof MPI_RUNTIME_VARS[0]; i++)
         if (getenv(MPI_RUNTIME_VARS[i]) != NULL) l->mpi_runtime = l->kind == TP_LAUNCHER_MPI || l->kind == TP_LAUNCHER_SLURM;
 out:

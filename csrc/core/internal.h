@@ -83,6 +83,7 @@ typedef struct {
     /* An MPI runtime started this process (PMIx's, OpenMPI's or MPICH's own variables are set), so MPI_Init
      * joins the launcher's world; OMPI_COMM_WORLD_* set by hand does not count. */
     int mpi_runtime;
+    int omp_threads_set;   /* OMP_NUM_THREADS is set (torchrun and tplinear.run set it; mpirun and srun do not) */
 } tp_launcher;
 tp_status tp_launcher_from_env(tp_launcher *l);
 const char *tp_launcher_name(tp_launcher_kind k);

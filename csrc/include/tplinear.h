@@ -225,8 +225,9 @@ TP_API tp_status tp_group_init_world(const tp_init_options *opts, tp_group **wor
 TP_API tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out);
 /* The same with the new group's backend named: NULL keeps the parent's (its subgroups are made the
  * way the parent's backend makes them, e.g. ncclCommSplit / MPI_Comm_split); a name ("shm", "mpi",
- * "nccl") or "auto" makes the members a group of that backend, e.g. an shm group of the ranks of one
- * host inside an mpi world. Every rank of parent passes the same name. */
+ * "nccl") makes the members a group of that backend, e.g. an shm group of the ranks of one host inside
+ * an mpi world; "auto" takes shm when the members share a host (and the parent's backend takes host
+ * memory), else the parent's. Every rank of parent passes the same name. */
 TP_API tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const char *backend,
                                       tp_group **out);
 /* Frees the group's resources (not collective; call on every rank). NULL is fine. */

@@ -128,7 +128,8 @@ def new_group(ranks=None, backend=None):
     backend: None makes the group the way the world's backend makes subgroups (MPI_Comm_split for mpi,
     ncclCommSplit for nccl, a segment of its own for shm); a name makes it a group of that backend, e.g.
     an "shm" group of the ranks of one host inside an "mpi" world (tensor parallelism inside a node,
-    data parallelism across nodes). "gloo" means "shm", as in init_process_group."""
+    data parallelism across nodes); "auto" takes "shm" when the ranks share a host, else the world's
+    backend. "gloo" means "shm", as in init_process_group."""
     world = _default()
     if ranks is None:
         ranks = range(world.size)
