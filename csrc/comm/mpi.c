@@ -8,18 +8,20 @@
  *     TP_ERR_TIMEOUT naming the ranks it waits for (MPI's blocking collectives cannot be bounded, and its
  *     non-blocking ones, libnbc in OpenMPI, are several times slower);
  *   - the fingerprint check costs nothing: every message of a collective carries a tag hashed from its
- *     fingerprint (sequence number, kind, bytes, dtype, op, root, counts), and receives take any tag
- *     from their peer, so a message of a different collective is seen for what it is before its data is
- *     used. The ranks then swap their full fingerprints on the group's notice communicator, and every
- *     rank fails with the same text as the shm backend ("collective mismatch: rank 1 called ...");
+ *     fingerprint (sequence number, kind, bytes, dtype, op, root, counts) and receives take only that
+ *     tag, so a message of a different collective never lands in a buffer sized for this one; a wait
+ *     that lasts probes its peers for such a message instead (probe_peer). The ranks then swap
+ *     their full fingerprints on the group's notice communicator, and every rank fails with the same
+ *     text as the shm backend ("collective mismatch: rank 1 called ...");
  *   - results are bitwise identical on every rank and equal the shm backend's: every element is reduced
  *     once, in rank order, by one rank (or by each rank alike), and AVG / integer wrap-around follow the
  *     same code as shm.
  * Algorithms (rank 0's choices, published at creation so that all ranks agree): all_reduce up to
  * TPLINEAR_MPI_ONESHOT_KB sends every buffer to every rank and reduces locally (one round); larger ones
  * run in rounds of TPLINEAR_MPI_CHUNK_KB as reduce-scatter + all-gather with every peer at once;
- * all_gather(v) and reduce_scatter exchange pieces with every peer at once; broadcast is a binomial tree;
- * barrier a dissemination of empty messages.
+ * all_gather(v) and reduce_scatter exchange pieces with every peer at once (so every rank sees every
+ * rank's tag); barrier is a dissemination of empty messages; broadcast such a dissemination (the root
+ * receives nothing otherwise) then a binomial tree.
  *
  * Failures: a timeout, a mismatch, a peer's notice or tp_group_abort marks the group failed (first
  * message wins), cancels its pending receives, and sends the message to every peer on the group's notice
@@ -74,8 +76,9 @@ typedef struct {
 typedef struct {
     MPI_Request req;
     int peer;       /* group rank */
-    int recv;       /* a receive whose tag is checked */
-    size_t bytes;   /* expected bytes of a receive */
+    int recv;       /* a receive (else a send) */
+    size_t bytes;   /* bytes of the message */
+    void *buf;      /* a receive's buffer (to post it again after a probe) */
 } pending;
 
 typedef struct {
@@ -312,8 +315,12 @@ static void drop_pending(mpi_impl *im)
 {
     for (int i = 0; i < im->npend; i++) {
         if (im->pend[i].req == MPI_REQUEST_NULL) continue;
-        if (im->pend[i].recv) MPI_Cancel(&im->pend[i].req);
-        MPI_Request_free(&im->pend[i].req);
+        if (im->pend[i].recv) { /* a cancelled receive completes at once (MPI 3.1, 3.8.4): nothing lands later */
+            MPI_Cancel(&im->pend[i].req);
+            MPI_Wait(&im->pend[i].req, MPI_STATUS_IGNORE);
+        } else { /* a send only reads its buffer, and its peer has cancelled the receive it would meet */
+            MPI_Request_free(&im->pend[i].req);
+        }
     }
     im->npend = 0;
 }
@@ -426,7 +433,7 @@ static tp_status check_notices(mpi_impl *im)
 
 /* ---------------------------------------------------------------- requests */
 
-static tp_status add_pending(mpi_impl *im, MPI_Request req, int peer, int recv, size_t bytes)
+static tp_status add_pending(mpi_impl *im, MPI_Request req, int peer, int recv, size_t bytes, void *buf)
 {
     if (im->npend == im->pend_cap) {
         int cap = im->pend_cap ? 2 * im->pend_cap : 64;
@@ -438,12 +445,13 @@ static tp_status add_pending(mpi_impl *im, MPI_Request req, int peer, int recv, 
         im->pend = p;
         im->pend_cap = cap;
     }
-    im->pend[im->npend++] = (pending){req, peer, recv, bytes};
+    im->pend[im->npend++] = (pending){req, peer, recv, bytes, buf};
     return TP_OK;
 }
 
-/* Posts the receive of `bytes` from group rank peer (any tag: the tag is checked on arrival), in
- * messages of at most MAX_MSG bytes. */
+/* Posts the receive of `bytes` from group rank peer with the collective's tag, in messages of at most
+ * MAX_MSG bytes. A message of another collective does not match it (and so never lands in a buffer sized
+ * for this one): wait_all probes for it. */
 static tp_status post_recv(mpi_impl *im, void *buf, size_t bytes, int peer)
 {
     tp_status st = TP_OK;
@@ -451,8 +459,8 @@ static tp_status post_recv(mpi_impl *im, void *buf, size_t bytes, int peer)
     do {
         size_t n = bytes - off < MAX_MSG ? bytes - off : MAX_MSG;
         MPI_Request req;
-        MPI_CHECK(MPI_Irecv((char *)buf + off, (int)n, MPI_BYTE, peer, MPI_ANY_TAG, im->comm, &req), "MPI_Irecv");
-        TP_CHECK(add_pending(im, req, peer, 1, n));
+        MPI_CHECK(MPI_Irecv((char *)buf + off, (int)n, MPI_BYTE, peer, im->tag, im->comm, &req), "MPI_Irecv");
+        TP_CHECK(add_pending(im, req, peer, 1, n, (char *)buf + off));
         off += n;
     } while (off < bytes);
 out:
@@ -467,7 +475,7 @@ static tp_status post_send(mpi_impl *im, const void *buf, size_t bytes, int peer
         size_t n = bytes - off < MAX_MSG ? bytes - off : MAX_MSG;
         MPI_Request req;
         MPI_CHECK(MPI_Isend((const char *)buf + off, (int)n, MPI_BYTE, peer, im->tag, im->comm, &req), "MPI_Isend");
-        TP_CHECK(add_pending(im, req, peer, 0, n));
+        TP_CHECK(add_pending(im, req, peer, 0, n, NULL));
         off += n;
     } while (off < bytes);
 out:
@@ -489,14 +497,75 @@ static void lagging(mpi_impl *im, char *buf, size_t cap, int *count)
     }
 }
 
-/* Waits until every pending request completes, checking each receive's tag, polling the inbox and the
- * abort flag, bounded by the group's timeout. */
+/* Whether peer's next message to this rank belongs to another collective (*foreign), without a race:
+ * messages between two ranks match in the order they were sent, and a rank sends a collective's messages
+ * before any of its next one's. So this rank's pending receives from peer are cancelled, last first; one
+ * that had matched already cannot be (nor can any before it): then there is nothing to see. When none had
+ * matched, the first message from peer that has arrived (MPI_Iprobe) is the one they wait for, unless its
+ * tag is another collective's. The cancelled receives are posted again, in order. */
+static tp_status probe_peer(mpi_impl *im, int peer, int *foreign)
+{
+    tp_status st = TP_OK;
+    int first = -1, cancelled = 1, flag = 0;
+    MPI_Status stat;
+    *foreign = 0;
+    for (int i = im->npend - 1; i >= 0; i--) {
+        pending *pd = &im->pend[i];
+        int was = 0;
+        if (!pd->recv || pd->peer != peer || pd->req == MPI_REQUEST_NULL) continue;
+        MPI_CHECK(MPI_Cancel(&pd->req), "MPI_Cancel");
+        MPI_CHECK(MPI_Wait(&pd->req, &stat), "MPI_Wait (cancelled receive)");
+        MPI_CHECK(MPI_Test_cancelled(&stat, &was), "MPI_Test_cancelled");
+        if (!was) { /* it had matched (and now is complete): so had every receive before it */
+            int got = 0;
+            MPI_Get_count(&stat, MPI_BYTE, &got);
+            if ((size_t)got != pd->bytes) *foreign = 1; /* the same tag, another size: a tag collision */
+            cancelled = 0;
+            break;
+        }
+        pd->req = MPI_REQUEST_NULL;
+        pd->recv = 2; /* to be posted again */
+        first = i;
+    }
+    if (cancelled && first >= 0) {
+        MPI_CHECK(MPI_Iprobe(peer, MPI_ANY_TAG, im->comm, &flag, &stat), "MPI_Iprobe");
+        if (flag && stat.MPI_TAG != im->tag) *foreign = 1;
+    }
+    for (int i = 0; i < im->npend; i++) { /* post the cancelled receives again, in their order */
+        pending *pd = &im->pend[i];
+        if (pd->recv != 2) continue;
+        pd->recv = 1;
+        MPI_CHECK(MPI_Irecv(pd->buf, (int)pd->bytes, MPI_BYTE, peer, im->tag, im->comm, &pd->req), "MPI_Irecv");
+    }
+out:
+    return st;
+}
+
+/* The first peer whose next message to this rank belongs to another collective, or -1. */
+static tp_status foreign_message(mpi_impl *im, int *who)
+{
+    tp_status st = TP_OK;
+    *who = -1;
+    for (int i = 0; i < im->npend && *who < 0; i++) {
+        int foreign = 0, peer = im->pend[i].peer, seen = 0;
+        if (im->pend[i].req == MPI_REQUEST_NULL || !im->pend[i].recv) continue;
+        for (int k = 0; k < i && !seen; k++) seen = im->pend[k].recv && im->pend[k].peer == peer;
+        if (seen) continue; /* probed with its first receive */
+        TP_CHECK(probe_peer(im, peer, &foreign));
+        if (foreign) *who = peer;
+    }
+out:
+    return st;
+}
+
+/* Waits until every pending request completes, probing for messages of other collectives, polling the
+ * inbox and the abort flag, bounded by the group's timeout. */
 static tp_status wait_all(mpi_impl *im, const char *what)
 {
     tp_status st = TP_OK;
-    double deadline = 0.0;
+    double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3;
     unsigned spins = 0;
-    int left = 0, *idx = NULL;
+    int left = 0, *idx = NULL, peer;
     MPI_Request *reqs = NULL;
     MPI_Status *stats = NULL;
     for (int i = 0; i < im->npend; i++) left += im->pend[i].req != MPI_REQUEST_NULL;
@@ -510,36 +579,48 @@ static tp_status wait_all(mpi_impl *im, const char *what)
     while (left > 0) {
         int outcount = 0, rc = MPI_Testsome(im->npend, reqs, &outcount, idx, stats);
         if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
+            for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
             st = fail(im, mpi_error(rc, what), 1);
             goto out;
         }
-        for (int k = 0; k < outcount && outcount != MPI_UNDEFINED; k++) {
+        for (int k = 0; k < outcount; k++) {
             pending *pd = &im->pend[idx[k]];
             int got = 0;
-            pd->req = MPI_REQUEST_NULL;
             left--;
-            if (!pd->recv) {
-                if (rc == MPI_ERR_IN_STATUS && stats[k].MPI_ERROR != MPI_SUCCESS) {
-                    st = fail(im, mpi_error(stats[k].MPI_ERROR, what), 1);
-                    goto out;
-                }
-                continue;
-            }
-            MPI_Get_count(&stats[k], MPI_BYTE, &got);
-            if (stats[k].MPI_TAG != im->tag || (rc == MPI_ERR_IN_STATUS && stats[k].MPI_ERROR != MPI_SUCCESS) ||
-                (size_t)got != pd->bytes) {
-                /* a message of another collective (or one that does not fit): find out whose */
+            if (rc == MPI_ERR_IN_STATUS && stats[k].MPI_ERROR != MPI_SUCCESS) {
                 for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
-                st = resolve_mismatch(im, pd->peer);
+                st = fail(im, mpi_error(stats[k].MPI_ERROR, what), 1);
+                goto out;
+            }
+            if (pd->recv && (MPI_Get_count(&stats[k], MPI_BYTE, &got) != MPI_SUCCESS || (size_t)got != pd->bytes)) {
+                for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
+                st = resolve_mismatch(im, pd->peer); /* the same tag, another size: a hash collision's mismatch */
                 goto out;
             }
         }
         if (left == 0) break;
-        if ((spins & 63) == 0) {
+        if ((++spins & 63) == 0) {
             double now = tp_now();
             for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
             if ((st = check_notices(im)) != TP_OK) goto out;
-            if (deadline == 0.0) deadline = now + im->timeout_s;
+            if (deadline == 0.0) {
+                deadline = now + im->timeout_s;
+                next_probe = now + probe_every;
+            }
+            if (now > next_probe) { /* a wait that lasts: is a peer in another collective? */
+                if ((st = foreign_message(im, &peer)) != TP_OK) {
+                    st = fail(im, st, 1);
+                    goto out;
+                }
+                if (peer >= 0) {
+                    st = resolve_mismatch(im, peer);
+                    goto out;
+                }
+                left = 0; /* a receive the probe found matched is complete now */
+                for (int i = 0; i < im->npend; i++) left += (reqs[i] = im->pend[i].req) != MPI_REQUEST_NULL;
+                if (probe_every < 0.02) probe_every *= 2;
+                next_probe = now + probe_every;
+            }
             if (now > deadline) {
                 char who[256];
                 int n;
@@ -550,7 +631,7 @@ static tp_status wait_all(mpi_impl *im, const char *what)
                 goto out;
             }
         }
-        sleep_briefly(&spins);
+        if (spins > 1000) sched_yield(); /* more ranks than cores: let the peer run */
     }
     im->npend = 0;
 out:
@@ -798,6 +879,20 @@ out:
     return st;
 }
 
+/* Dissemination: round k tells rank r + 2^k and hears from rank r - 2^k, each round after the one before,
+ * so that when it returns every rank has heard (through others) from every rank: a rank whose fingerprint
+ * differs is seen by its successor, which stops, and everyone after waits until the notice comes. */
+static tp_status dissemination(mpi_impl *im, const char *what)
+{
+    tp_status st = TP_OK;
+    char dummy = 0;
+    for (int k = 1; k < im->p && st == TP_OK; k <<= 1)
+        if ((st = post_recv(im, &dummy, 0, (im->r - k + im->p) % im->p)) == TP_OK &&
+            (st = post_send(im, &dummy, 0, (im->r + k) % im->p)) == TP_OK)
+            st = wait_all(im, what);
+    return st;
+}
+
 static tp_status mpi_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root)
 {
     tp_status st = TP_OK;
@@ -806,8 +901,10 @@ static tp_status mpi_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
     int vr = (im->r - root + im->p) % im->p, mask = 1;
     TP_CHECK(begin(g, K_BROADCAST, bytes, dt, 0, root, 0));
-    /* binomial tree over ranks relative to the root: receive from the parent, then send to the children */
-    for (; mask < im->p; mask <<= 1) {
+    /* the root sends and receives nothing: the ranks first agree on the call (a root mismatch otherwise goes
+     * unseen), then a binomial tree over ranks relative to the root: from the parent, to the children */
+    st = dissemination(im, "broadcast");
+    for (; mask < im->p && st == TP_OK; mask <<= 1) {
         if (vr & mask) {
             st = post_recv(im, buf, bytes, (vr - mask + root) % im->p);
             if (st == TP_OK) st = wait_all(im, "broadcast");
@@ -827,15 +924,8 @@ static tp_status mpi_barrier(tp_group *g)
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
-    char dummy = 0;
     TP_CHECK(begin(g, K_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
-    /* dissemination: round k tells rank r + 2^k and hears from rank r - 2^k */
-    for (int k = 1; k < im->p && st == TP_OK; k <<= 1) {
-        if ((st = post_recv(im, &dummy, 0, (im->r - k + im->p) % im->p)) == TP_OK &&
-            (st = post_send(im, &dummy, 0, (im->r + k) % im->p)) == TP_OK)
-            st = wait_all(im, "barrier");
-    }
-    st = end(g, st, t0);
+    st = end(g, dissemination(im, "barrier"), t0);
 out:
     return st;
 }

@@ -234,10 +234,10 @@ def launcher_missing(launcher):
 
     if launcher == "tplinear.run":
         return None
-    if launcher == "torchrun":
-        try:
-            import torch.distributed.run  # noqa: F401
-        except ImportError:
+    if launcher == "torchrun":  # found, not imported: torch and a CUDA build of tplinear may load different NCCLs
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
             return "torch is not installed (pip install torch) so there is no torchrun"
         return None
     if launcher == "mpirun":
