@@ -94,6 +94,9 @@ typedef struct {
     size_t scratch_cap;
     pending *pend;
     int npend, pend_cap;
+    MPI_Request *reqs;        /* wait_all's arrays, pend_cap entries each */
+    int *idx;
+    MPI_Status *stats;
     double timeout_s;
     int log_level;
     fingerprint fp;           /* the collective in progress */
@@ -438,11 +441,21 @@ static tp_status add_pending(mpi_impl *im, MPI_Request req, int peer, int recv, 
     if (im->npend == im->pend_cap) {
         int cap = im->pend_cap ? 2 * im->pend_cap : 64;
         pending *p = realloc(im->pend, (size_t)cap * sizeof *p);
+        MPI_Request *r = NULL;
+        int *x = NULL;
+        MPI_Status *t = NULL;
         if (p == NULL) {
             MPI_Request_free(&req);
             return tp_error(TP_ERR_NOMEM, "mpi: out of memory");
         }
         im->pend = p;
+        if ((r = realloc(im->reqs, (size_t)cap * sizeof *r)) != NULL) im->reqs = r;
+        if ((x = realloc(im->idx, (size_t)cap * sizeof *x)) != NULL) im->idx = x;
+        if ((t = realloc(im->stats, (size_t)cap * sizeof *t)) != NULL) im->stats = t;
+        if (r == NULL || x == NULL || t == NULL) {
+            MPI_Request_free(&req);
+            return tp_error(TP_ERR_NOMEM, "mpi: out of memory");
+        }
         im->pend_cap = cap;
     }
     im->pend[im->npend++] = (pending){req, peer, recv, bytes, buf};
@@ -565,17 +578,11 @@ static tp_status wait_all(mpi_impl *im, const char *what)
     tp_status st = TP_OK;
     double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3;
     unsigned spins = 0;
-    int left = 0, *idx = NULL, peer;
-    MPI_Request *reqs = NULL;
-    MPI_Status *stats = NULL;
-    for (int i = 0; i < im->npend; i++) left += im->pend[i].req != MPI_REQUEST_NULL;
+    int left = 0, *idx = im->idx, peer;
+    MPI_Request *reqs = im->reqs;
+    MPI_Status *stats = im->stats;
+    for (int i = 0; i < im->npend; i++) left += (reqs[i] = im->pend[i].req) != MPI_REQUEST_NULL;
     if (left == 0) goto out;
-    if ((reqs = malloc((size_t)im->npend * sizeof *reqs)) == NULL || (idx = malloc((size_t)im->npend * sizeof *idx)) == NULL ||
-        (stats = malloc((size_t)im->npend * sizeof *stats)) == NULL) {
-        st = tp_error(TP_ERR_NOMEM, "mpi: out of memory");
-        goto out;
-    }
-    for (int i = 0; i < im->npend; i++) reqs[i] = im->pend[i].req;
     while (left > 0) {
         int outcount = 0, rc = MPI_Testsome(im->npend, reqs, &outcount, idx, stats);
         if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
@@ -635,25 +642,27 @@ static tp_status wait_all(mpi_impl *im, const char *what)
     }
     im->npend = 0;
 out:
-    free(reqs);
-    free(idx);
-    free(stats);
     return st;
 }
 
 /* ---------------------------------------------------------------- reductions */
 
-/* out = in[0] op in[1] op ... in rank order (out overlaps no input); integer sums wrap (computed
- * unsigned); AVG divides the sum by p (truncating for integers). The same operations in the same order
- * as the shm backend, so the same bits. */
+/* out = in[0] op in[1] op ... in rank order; out may be in[0] or in[1] (each element is read before it
+ * is written), no other input. Integer sums wrap (computed unsigned); AVG divides the sum by p
+ * (truncating for integers). The same operations in the same order as the shm backend, so the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define REDUCE_CLONES __attribute__((target_clones("avx2", "default"))) /* as MPI's own ops: wide vectors */
+#else
+#define REDUCE_CLONES
+#endif
 #define DEFINE_REDUCE(NAME, T, UT)                                                               \
-    static void NAME(void *outv, char *const *in, int p, size_t n, int op)                       \
+    REDUCE_CLONES static void NAME(void *outv, char *const *in, int p, size_t n, int op)         \
     {                                                                                             \
-        T *restrict out = outv;                                                                   \
+        T *out = outv;                                                                            \
         const T *a = (const T *)in[0];                                                            \
-        if (p == 1) memcpy(out, a, n * sizeof(T));                                                \
+        if (p == 1 && out != a) memcpy(out, a, n * sizeof(T));                                    \
         for (int j = 1; j < p; j++) {                                                             \
-            const T *restrict b = (const T *)in[j];                                               \
+            const T *b = (const T *)in[j];                                                        \
             if (j > 1) a = out;                                                                   \
             if (op == TP_SUM || op == TP_AVG)                                                     \
                 for (size_t i = 0; i < n; i++) out[i] = (T)((UT)a[i] + (UT)b[i]);                 \
@@ -700,7 +709,8 @@ static tp_status begin(tp_group *g, int kind, uint64_t bytes, tp_dtype dt, int o
     im->fp = (fingerprint){im->seq, bytes, extra, kind, (int32_t)dt, op, root};
     im->tag = fp_tag(&im->fp, im->tag_mask);
     im->npend = 0;
-    st = im->broken ? unusable(im) : check_notices(im);
+    /* a peer's notice is taken in by the first wait that lasts (wait_all polls the inbox) */
+    st = im->broken ? unusable(im) : atomic_load(&im->abort_requested) ? check_notices(im) : TP_OK;
     if (st != TP_OK) pthread_mutex_unlock(&im->busy);
     return st;
 }
@@ -762,9 +772,10 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
             if ((st = post_recv(im, im->scratch + (size_t)from * bytes, bytes, from)) == TP_OK)
                 st = post_send(im, buf, bytes, to);
         }
-        if (st == TP_OK) memcpy(im->scratch + (size_t)im->r * bytes, buf, bytes);
+        /* the reduction may write over in[0] or in[1] only: ranks 0 and 1 reduce in place */
+        if (st == TP_OK && im->r >= 2) memcpy(im->scratch + (size_t)im->r * bytes, buf, bytes);
         if (st == TP_OK) st = wait_all(im, "all_reduce");
-        for (int j = 0; j < im->p; j++) inp[j] = im->scratch + (size_t)j * bytes;
+        for (int j = 0; j < im->p; j++) inp[j] = j == im->r && j < 2 ? (char *)buf : im->scratch + (size_t)j * bytes;
         if (st == TP_OK && count) reduce(dt, buf, inp, im->p, count, (int)op);
     } else if (st == TP_OK) {
         /* rounds of reduce-scatter + all-gather with every peer at once */
@@ -783,9 +794,10 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
                     st = post_send(im, base + tlo * es, (thi - tlo) * es, to);
             }
             if (st != TP_OK) break;
-            memcpy(im->scratch + (size_t)im->r * blk_cap, base + lo * es, (hi - lo) * es);
+            if (im->r >= 2) memcpy(im->scratch + (size_t)im->r * blk_cap, base + lo * es, (hi - lo) * es);
             if ((st = wait_all(im, "all_reduce")) != TP_OK) break;
-            for (int j = 0; j < im->p; j++) inp[j] = im->scratch + (size_t)j * blk_cap;
+            for (int j = 0; j < im->p; j++)
+                inp[j] = j == im->r && j < 2 ? base + lo * es : im->scratch + (size_t)j * blk_cap;
             if (hi > lo) reduce(dt, base + lo * es, inp, im->p, hi - lo, (int)op);
             for (int k = 1; k < im->p && st == TP_OK; k++) {
                 int from = (im->r + k) % im->p, to = (im->r - k + im->p) % im->p;
@@ -961,6 +973,9 @@ static void impl_free(mpi_impl *im)
     pthread_mutex_destroy(&im->busy);
     free(im->scratch);
     free(im->pend);
+    free(im->reqs);
+    free(im->idx);
+    free(im->stats);
     free(im->peer_fp);
     free(im->have_fp);
     free(im);
