@@ -642,25 +642,25 @@ static PyObject *array_to_device(PyObject *cls, PyObject *args, PyObject *kwargs
     if (state == NULL) return NULL;
     is_array = tpy_array_check(arr);
     if (dtype_obj != Py_None && tpy_dtype_from_object(state, dtype_obj, &dt) < 0) return NULL;
-    if (is_array && device_obj == Py_None) {
-        device = ((tpy_array *)arr)->t.device.index;
-    } else if (tpy_device_index(device_obj, &device) < 0) {
-        return NULL;
-    }
-    if (is_array && (dtype_obj == Py_None || dt == ((tpy_array *)arr)->t.dtype) &&
-        device == ((tpy_array *)arr)->t.device.index) {
-        Py_INCREF(arr);
-        return arr;
+    if (is_array) { /* already on a GPU: by default it stays on its own */
+        const tp_tensor *t = &((tpy_array *)arr)->t;
+        if (device_obj == Py_None) device = t->device.index;
+        else if (tpy_device_index(device_obj, &device) < 0) return NULL;
+        if (dtype_obj == Py_None) dt = t->dtype;
+        if (dt == t->dtype && device == t->device.index) {
+            Py_INCREF(arr);
+            return arr;
+        }
     }
     host = is_array ? array_numpy(arr, NULL) : PyObject_CallMethod(state->numpy, "asarray", "(O)", arr);
     if (host == NULL) return NULL;
-    if (dtype_obj == Py_None) {
+    if (!is_array && dtype_obj == Py_None) { /* the host array's own dtype, checked before the device */
         PyObject *own = PyObject_GetAttrString(host, "dtype");
         int rc = own ? tpy_dtype_from_object(state, own, &dt) : -1;
         Py_XDECREF(own);
         if (rc < 0) goto out;
-        if (is_array) dt = ((tpy_array *)arr)->t.dtype; /* a bfloat16 array came back as float32 */
     }
+    if (!is_array && tpy_device_index(device_obj, &device) < 0) goto out;
     payload = PyObject_CallMethod(state->numpy, "ascontiguousarray", "(OO)", host,
                                   state->dtypes[dt == TP_BFLOAT16 ? TP_FLOAT32 : dt]);
     if (payload == NULL || PyObject_GetBuffer(payload, &buf, PyBUF_C_CONTIGUOUS) < 0) goto out;
