@@ -502,6 +502,9 @@ static PyObject *array_item(PyObject *self, Py_ssize_t i)
     return res;
 }
 
+/* iter(): the rows, as views (through __getitem__ until IndexError) */
+static PyObject *array_iter(PyObject *self) { return PySeqIter_New(self); }
+
 /* ---------------------------------------------------------------- copies */
 
 static PyObject *array_copy(PyObject *self, PyObject *unused)
@@ -783,6 +786,7 @@ static PyType_Slot array_slots[] = {
     {Py_mp_subscript, array_subscript},
     {Py_sq_length, array_length},
     {Py_sq_item, array_item},
+    {Py_tp_iter, array_iter},
     {Py_tp_doc,
      "DeviceArray(shape, dtype='float32', device=None)\n\n"
      "An array on one GPU, owning its memory (freed with the last array or view on it). The constructor\n"
