@@ -23,6 +23,12 @@ def dtype_name(obj):
         return None
 
 
+def host_dtype(name):
+    """The dtype of an array's host copy: half types (GPU only) become float32, the others stay."""
+    d = DTYPES.get(name)
+    return "float32" if d is not None and d["floating"] and not d["host_math"] else name
+
+
 def host_array(obj, what):
     """An array (NumPy, a DeviceArray, torch tensors, other array-likes) as a float32 / float64 NumPy array;
     GPU and torch half types become float32. Host arrays are not copied."""
@@ -30,7 +36,7 @@ def host_array(obj, what):
         obj = obj.numpy()  # bfloat16 comes back as float32
     if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # torch.Tensor / nn.Parameter
         obj = obj.detach().cpu()
-        obj = (obj.float() if str(obj.dtype) in ("torch.float16", "torch.bfloat16") else obj).numpy()
+        obj = (obj.float() if host_dtype(dtype_name(obj)) != dtype_name(obj) else obj).numpy()
     if hasattr(obj, "numpy") and not isinstance(obj, np.ndarray) and not hasattr(obj, "__array__"):
         obj = obj.numpy()
     try:

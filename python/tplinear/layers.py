@@ -13,7 +13,7 @@ import numpy as np
 from . import _C
 from . import checkpoint
 from . import distributed as dist
-from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array
+from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
 from .parameter import Parameter, data_of, param_list
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -85,12 +85,6 @@ def _init_block(arr, seed, stream, in_features, row_offset, col_offset, full_col
                     full_cols)
 
 
-def _host_init_dtype(place):
-    """The dtype a layer is initialised in on the host: half types start as float32 and are rounded once,
-    on their way to the GPU."""
-    return place.dtype if place.dtype in HOST_DTYPES else "float32"
-
-
 def _saved(x):
     if x is None:
         raise RuntimeError("backward() called before forward(): there is no saved input")
@@ -145,7 +139,7 @@ class Linear(_Layer):
         self._place = Placement.resolve(None, device, dtype)
         self.device = self._place.device
         self.in_features, self.out_features = in_features, out_features
-        host = _host_init_dtype(self._place)
+        host = host_dtype(self._place.dtype)  # half types: drawn in float32, rounded once on the way to the GPU
         self.weight = Parameter(np.empty((out_features, in_features), dtype=host))
         _init_block(self.weight.data, seed, 0, in_features, 0, 0, in_features)
         self.bias = None
@@ -206,7 +200,7 @@ class _TPLayer(_Layer):
         if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[0]):
             raise ValueError(f"module.bias must be 1-d of size {weight.shape[0]} (out_features), "
                              f"got shape {tuple(bias.shape)}")
-        if bias is not None and _host_kind(bias) != _host_kind(weight):
+        if bias is not None and host_dtype(dtype_name(bias)) != host_dtype(dtype_name(weight)):
             raise TypeError(f"module.bias has dtype {dtype_name(bias)} but module.weight has {dtype_name(weight)}")
         self._blocks = None if block_sizes is None else [int(b) for b in block_sizes]
         self._block_heads = None if block_heads is None else [int(h) for h in block_heads]
@@ -341,12 +335,6 @@ class _TPLayer(_Layer):
     def load_consolidated_state_dict(self, state_dict):
         """Loads full parameters and keeps this rank's shards (works at any group size)."""
         checkpoint.load_consolidated_state_dict(self, state_dict)
-
-
-def _host_kind(arr):
-    """The dtype an array's host copy has (half types read as float32), for comparing weight and bias."""
-    name = dtype_name(arr)
-    return "float32" if name in DTYPES and name not in HOST_DTYPES and DTYPES[name]["floating"] else name
 
 
 class LinearAllreduce(_TPLayer):
@@ -485,7 +473,7 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     in_features, out_features = _check_features(in_features, out_features)
     place, group = _resolve(None, mp_group, kwargs.get("device"), dtype)
     kwargs["dtype"] = place.dtype
-    host = _host_init_dtype(place)
+    host = host_dtype(place.dtype)
     split_dim = cls._shard_dim
     n = out_features if split_dim == 0 else in_features
     pieces = _rule_pieces(n, group.size, is_training_mode(), name, kwargs.get("block_sizes"),
