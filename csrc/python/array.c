@@ -207,9 +207,10 @@ static PyObject *array_alloc(PyTypeObject *type, int ndim, const int64_t *shape,
     st = tp_cuda_malloc(device, nbytes, &a->alloc);
     if (st == TP_OK && zero) st = tp_cuda_memset_zero(device, a->alloc, nbytes);
     Py_END_ALLOW_THREADS
-    if (st != TP_OK) {
+    if (st != TP_OK) { /* the message first: the array's teardown may call into CUDA again */
+        raise_st(type, st);
         Py_DECREF(a);
-        return raise_st(type, st);
+        return NULL;
     }
     a->t.data = a->alloc;
     return (PyObject *)a;
@@ -305,7 +306,6 @@ static void array_dealloc(PyObject *self)
     if (a->weakrefs) PyObject_ClearWeakRefs(self);
     if (a->alloc) {
         (void)tp_cuda_free(a->t.device.index, a->alloc); /* a failure at teardown has nowhere to go */
-        tp_clear_error();
         a->alloc = NULL;
     }
     Py_CLEAR(a->base);
@@ -522,8 +522,9 @@ static PyObject *array_copy(PyObject *self, PyObject *unused)
         st = tp_tensor_copy(&out->t, &SELF->t);
     Py_END_ALLOW_THREADS
     if (st != TP_OK) {
+        raise_st(Py_TYPE(self), st);
         Py_DECREF(out);
-        return raise_st(Py_TYPE(self), st);
+        return NULL;
     }
     return (PyObject *)out;
 }
@@ -690,8 +691,8 @@ static PyObject *array_to_device(PyObject *cls, PyObject *args, PyObject *kwargs
         st = tp_cuda_memcpy(device, data, stage ? (void *)stage : buf.buf, stage ? (size_t)buf.len / 2 : (size_t)buf.len);
         Py_END_ALLOW_THREADS
         if (st != TP_OK) {
-            Py_CLEAR(res);
             raise_st(type, st);
+            Py_CLEAR(res);
         }
     }
     PyBuffer_Release(&buf);
