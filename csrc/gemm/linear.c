@@ -74,55 +74,83 @@ out:
     return st;
 }
 
-static int on_cuda(const tp_mat *m) { return m->device.type == TP_DEVICE_CUDA; }
+/* The provider for the memory of m's device. */
+static tp_status provider(const tp_mat *m, const tp_gemm_provider **out)
+{
+    if (m->device.type == TP_DEVICE_CPU) {
+        *out = &tp_gemm_openblas;
+        return TP_OK;
+    }
+#if TPLINEAR_CUDA
+    if (m->device.type == TP_DEVICE_CUDA) {
+        *out = &tp_gemm_cublas;
+        return TP_OK;
+    }
+#endif
+    return tp_error(TP_ERR_UNSUPPORTED, "GEMM on %s memory: tplinear was built without CUDA (set TPLINEAR_CUDA=1 "
+                    "and a CUDA toolkit)", tp_device_kind(m->device));
+}
 
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
 {
-    if (on_cuda(c)) return tp_gemm_cuda(a, ta, b, tb, c, accumulate);
-    return tp_gemm_cpu(a, ta, b, tb, c, accumulate);
+    tp_status st = TP_OK;
+    const tp_gemm_provider *p = NULL;
+    TP_CHECK(provider(c, &p));
+    TP_CHECK(p->gemm(a, ta, b, tb, c, accumulate));
+out:
+    return st;
 }
 
 tp_status tp_mat_add_row(tp_mat *c, const void *bias)
 {
-    return on_cuda(c) ? tp_rows_cuda(c, bias, 1) : tp_rows_cpu(c, bias, 1);
+    tp_status st = TP_OK;
+    const tp_gemm_provider *p = NULL;
+    TP_CHECK(provider(c, &p));
+    TP_CHECK(p->rows(c, bias, 1));
+out:
+    return st;
 }
 
 tp_status tp_mat_fill_rows(tp_mat *c, const void *bias)
 {
-    return on_cuda(c) ? tp_rows_cuda(c, bias, 0) : tp_rows_cpu(c, bias, 0);
+    tp_status st = TP_OK;
+    const tp_gemm_provider *p = NULL;
+    TP_CHECK(provider(c, &p));
+    TP_CHECK(p->rows(c, bias, 0));
+out:
+    return st;
 }
 
 tp_status tp_mat_col_sums(const tp_mat *a, void *out)
 {
-    return on_cuda(a) ? tp_col_sums_cuda(a, out) : tp_col_sums_cpu(a, out);
+    tp_status st = TP_OK;
+    const tp_gemm_provider *p = NULL;
+    TP_CHECK(provider(a, &p));
+    TP_CHECK(p->col_sums(a, out));
+out:
+    return st;
 }
 
 tp_status tp_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
 {
     tp_status st = TP_OK;
-    if (on_cuda(c)) return tp_gemm_bias_cuda(a, ta, b, tb, c, bias);
-    TP_CHECK(tp_mat_fill_rows(c, bias));
-    TP_CHECK(tp_gemm(a, ta, b, tb, c, 1));
+    const tp_gemm_provider *p = NULL;
+    TP_CHECK(provider(c, &p));
+    TP_CHECK(p->gemm_bias(a, ta, b, tb, c, bias));
 out:
     return st;
 }
 
 /* ---------------------------------------------------------------- argument checks */
 
-static int same_device(const tp_tensor *a, const tp_tensor *b)
-{
-    return a->device.type == b->device.type && a->device.index == b->device.index;
-}
-
 static tp_status check_operand(const tp_tensor *ref, const tp_tensor *t, const char *what)
 {
     if (t->dtype != ref->dtype)
         return tp_error(TP_ERR_TYPE, "%s has dtype %s, expected %s like the weight", what,
                         tp_dtype_name(t->dtype), tp_dtype_name(ref->dtype));
-    if (!same_device(ref, t))
-        return tp_error(TP_ERR_VALUE, "%s is on %s:%d but the weight is on %s:%d", what,
-                        t->device.type == TP_DEVICE_CUDA ? "cuda" : "cpu", t->device.index,
-                        ref->device.type == TP_DEVICE_CUDA ? "cuda" : "cpu", ref->device.index);
+    if (!tp_device_same(ref->device, t->device))
+        return tp_error(TP_ERR_VALUE, "%s is on %s:%d but the weight is on %s:%d", what, tp_device_kind(t->device),
+                        t->device.index, tp_device_kind(ref->device), ref->device.index);
     return TP_OK;
 }
 

@@ -4,23 +4,6 @@
 
 #include "shard.h"
 
-/* Staging buffers live where the tensors do (GPU tensors: device memory, so NCCL reads them in place). */
-static tp_status buf_alloc(const tp_tensor *like, size_t bytes, void **p)
-{
-    if (like->device.type == TP_DEVICE_CUDA) return tp_cuda_malloc(like->device.index, bytes, p);
-    *p = malloc(bytes);
-    return *p ? TP_OK : tp_error(TP_ERR_NOMEM, "gather: out of memory for %zu bytes", bytes);
-}
-
-static void buf_free(const tp_tensor *like, void *p)
-{
-    if (p == NULL) return;
-    if (like->device.type == TP_DEVICE_CUDA)
-        (void)tp_cuda_free(like->device.index, p);
-    else
-        free(p);
-}
-
 tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges, int nblocks,
                            tp_tensor *full)
 {
@@ -54,8 +37,9 @@ tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const t
         counts[r] = (size_t)(widths[r] * other);
         total += counts[r];
     }
-    TP_CHECK(buf_alloc(full, counts[me] * item + 1, &send));
-    TP_CHECK(buf_alloc(full, total * item + 1, &recv));
+    /* staging buffers live where the tensors do (GPU tensors: device memory, so NCCL reads them in place) */
+    TP_CHECK(tp_device_alloc(full->device, counts[me] * item, &send));
+    TP_CHECK(tp_device_alloc(full->device, total * item, &recv));
     TP_CHECK(tp_tensor_init(&flat, send, shard->dtype, shard->ndim, shard->shape));
     flat.device = full->device;
     TP_CHECK(tp_tensor_copy(&flat, shard));
@@ -75,8 +59,8 @@ tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const t
 out:
     free(counts);
     free(widths);
-    buf_free(full, send);
-    buf_free(full, recv);
+    tp_device_free(full->device, send);
+    tp_device_free(full->device, recv);
     return st;
 }
 

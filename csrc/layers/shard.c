@@ -3,8 +3,6 @@
  * parameters re-partition without a trip through the host. */
 #include "shard.h"
 
-static const char *device_kind(tp_device d) { return d.type == TP_DEVICE_CUDA ? "cuda" : "cpu"; }
-
 tp_status tp_shard_check(const tp_tensor *shard, const tp_tensor *full, int dim, const tp_range *ranges, int p,
                          int nblocks, int rank, const char *what)
 {
@@ -14,9 +12,9 @@ tp_status tp_shard_check(const tp_tensor *shard, const tp_tensor *full, int dim,
     TP_REQUIRE(p >= 1 && nblocks >= 1, "%s: need a group size and a block count >= 1, got %d and %d", what, p,
                nblocks);
     TP_REQUIRE(rank >= 0 && rank < p, "%s: rank %d is not in 0..%d", what, rank, p - 1);
-    TP_REQUIRE(shard->device.type == full->device.type && shard->device.index == full->device.index,
-               "%s: the shard is on %s:%d but the full tensor on %s:%d", what, device_kind(shard->device),
-               shard->device.index, device_kind(full->device), full->device.index);
+    TP_REQUIRE(tp_device_same(shard->device, full->device), "%s: the shard is on %s:%d but the full tensor on %s:%d",
+               what, tp_device_kind(shard->device), shard->device.index, tp_device_kind(full->device),
+               full->device.index);
     TP_REQUIRE(shard->dtype == full->dtype, "%s: shard is %s but the full tensor is %s", what,
                tp_dtype_name(shard->dtype), tp_dtype_name(full->dtype));
     TP_REQUIRE(shard->ndim == full->ndim && dim >= 0 && dim < full->ndim,

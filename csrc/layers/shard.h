@@ -2,7 +2,7 @@
 #ifndef TP_LAYERS_SHARD_H
 #define TP_LAYERS_SHARD_H
 
-#include "../core/internal.h"
+#include "../device/device.h"
 
 /* Checks that `shard` can hold rank `rank`'s shard of `full` along dim under ranges ([p][nblocks],
  * from tp_partition_packed): same dtype, device and number of dims, equal sizes except along dim,
