@@ -5,11 +5,12 @@
  * Streams: everything runs on tplinear's current stream (tp_cuda_get_stream; NULL is the legacy default
  * stream, the protocols' 1). An exported array orders the consumer's stream after ours. */
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "dlpack_h.h"
 #include "py.h"
-#include "structmember.h"
+#include <structmember.h>
 
 typedef struct {
     PyObject_HEAD
@@ -30,30 +31,23 @@ static PyObject *raise_st(PyTypeObject *type, tp_status st) { return tpy_raise(P
 
 /* ---------------------------------------------------------------- devices */
 
-/* This process's GPU: its local rank (torchrun's LOCAL_RANK, OpenMPI's OMPI_COMM_WORLD_LOCAL_RANK)
- * modulo the visible GPUs. */
+/* This process's GPU: its local rank (tp_world_from_env: torchrun's LOCAL_RANK, OpenMPI's
+ * OMPI_COMM_WORLD_LOCAL_RANK; 0 when unset) modulo the visible GPUs, as the nccl backend picks it. */
 static int default_device(int *device)
 {
-    const char *names[] = {"LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"};
+    tp_world_env w;
+    tp_status st;
     int n = tp_cuda_device_count();
-    long local = 0;
     if (n == 0) {
         PyErr_Format(PyExc_RuntimeError, "no CUDA GPU is visible to this process%s",
                      tp_cuda_compiled() ? "" : " (tplinear was built without CUDA)");
         return -1;
     }
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        const char *v = getenv(names[i]);
-        char *end;
-        if (v == NULL || *v == '\0') continue;
-        local = strtol(v, &end, 10);
-        if (*end != '\0' || local < 0) {
-            PyErr_Format(PyExc_ValueError, "environment variable %s must be a rank >= 0, got '%s'", names[i], v);
-            return -1;
-        }
-        break;
+    if ((st = tp_world_from_env(&w)) != TP_OK) {
+        PyErr_SetString(PyExc_ValueError, tp_last_error());
+        return -1;
     }
-    *device = (int)(local % n);
+    *device = (w.local_rank > 0 ? w.local_rank : 0) % n;
     return 0;
 }
 

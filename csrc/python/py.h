@@ -6,7 +6,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "core/dtype.h"
+#include "../core/dtype.h"
 #include "tplinear.h"
 
 typedef struct {

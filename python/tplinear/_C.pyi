@@ -127,8 +127,17 @@ def set_num_threads(n: int, /) -> None: ...
 def get_num_threads() -> int: ...
 
 # ---------------------------------------------------------------- process groups and collectives
-def init_world(backend: Optional[str], timeout: float, rank: int, world_size: int, local_rank: int,
-               local_world_size: int, master_addr: Optional[str], master_port: int, /) -> Group: ...
+def init_world(backend: Optional[str] = None, timeout: float = 300.0, rank: Optional[int] = None,
+               world_size: Optional[int] = None, device: str = "cpu") -> Group:
+    """The world group; what is None comes from the launcher's environment. device ("cpu", "cuda"): the
+    memory an automatic backend choice must take."""
+def world_env() -> Dict[str, Optional[Union[int, str]]]:
+    """The launcher's world: rank, world_size, local_rank, local_world_size, master_addr, master_port
+    (None where the environment says nothing)."""
+def backends() -> List[str]:
+    """The backends this build registers, in the order an automatic choice considers them."""
+def env_knobs() -> List[Dict[str, Any]]:
+    """The environment knobs the C library reads: name, type, default, choices, doc."""
 def new_group(parent: Group, ranks: Sequence[int], /) -> Group: ...
 def group_info(group: Group, /) -> Dict[str, Any]: ...
 def all_reduce(group: Group, arr: _Array, op: str, /) -> None: ...
