@@ -2,6 +2,10 @@
 with the package."""
 import ast
 import os
+import subprocess
+import sys
+
+import pytest
 
 import tplinear
 from tplinear import _C
@@ -52,3 +56,13 @@ def test_stub_classes_match_the_types():
 
 def test_type_information_is_installed_with_the_package():
     assert os.path.isfile(STUB) and os.path.isfile(os.path.join(PKG, "py.typed"))
+
+
+def test_stubtest_finds_the_stub_consistent_with_the_module(tmp_path):
+    """mypy's stubtest compares the stub with the imported module: names, kinds, positional-only
+    parameters of the slots, final classes."""
+    pytest.importorskip("mypy.stubtest")
+    env = dict(os.environ, MYPYPATH=os.path.dirname(PKG))
+    proc = subprocess.run([sys.executable, "-m", "mypy.stubtest", "tplinear._C"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

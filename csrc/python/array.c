@@ -752,19 +752,23 @@ static PyObject *array_dlpack(PyObject *self, PyObject *args, PyObject *kwargs)
 
 static PyMethodDef array_methods_[] = {
     {"zeros", (PyCFunction)(void (*)(void))array_zeros, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-     "zeros(shape, dtype='float32', device=None) -> a zero-filled DeviceArray"},
+     "zeros($type, /, shape, dtype='float32', device=None)\n--\n\nA zero-filled DeviceArray."},
     {"to_device", (PyCFunction)(void (*)(void))array_to_device, METH_VARARGS | METH_KEYWORDS | METH_CLASS,
-     "to_device(arr, dtype=None, device=None) -> a GPU copy of a host array (float32 can become float16 / bfloat16)"},
+     "to_device($type, /, arr, dtype=None, device=None)\n--\n\n"
+     "A GPU copy of a host array (float32 can become float16 / bfloat16); a DeviceArray of that dtype and "
+     "device is returned as it is."},
     {"_borrow", array_borrow, METH_VARARGS | METH_CLASS,
-     "_borrow(owner, ptr, shape, dtype, device, strides=None): an array over memory owner keeps alive (tests)"},
-    {"reshape", array_reshape, METH_VARARGS, "reshape(*shape): a view (a copy first when not contiguous); -1 inferred"},
-    {"copy", array_copy, METH_NOARGS, "copy() -> a C-contiguous copy on the same GPU"},
-    {"numpy", array_numpy, METH_NOARGS, "numpy() -> a host copy (bfloat16 comes back as float32)"},
+     "_borrow($type, owner, ptr, shape, dtype, device, strides=None, /)\n--\n\n"
+     "An array over memory that owner keeps alive; nothing is checked or touched (tests)."},
+    {"reshape", array_reshape, METH_VARARGS, "reshape($self, /, *shape)\n--\n\nA view (of a copy when not contiguous); one -1 is inferred."},
+    {"copy", array_copy, METH_NOARGS, "copy($self, /)\n--\n\nA C-contiguous copy on the same GPU."},
+    {"numpy", array_numpy, METH_NOARGS, "numpy($self, /)\n--\n\nA host copy (bfloat16 comes back as float32)."},
     {"__array__", (PyCFunction)(void (*)(void))array_array, METH_VARARGS | METH_KEYWORDS,
-     "__array__(dtype=None, copy=None) -> numpy(), converted to dtype"},
+     "__array__($self, /, dtype=None, copy=None)\n--\n\nnumpy(), converted to dtype."},
     {"__dlpack__", (PyCFunction)(void (*)(void))array_dlpack, METH_VARARGS | METH_KEYWORDS,
-     "__dlpack__(stream=None, max_version=None, dl_device=None, copy=None) -> a DLPack capsule (zero-copy)"},
-    {"__dlpack_device__", array_dlpack_device, METH_NOARGS, "__dlpack_device__() -> (2, device): kDLCUDA"},
+     "__dlpack__($self, /, stream=None, max_version=None, dl_device=None, copy=None)\n--\n\n"
+     "A DLPack capsule (zero-copy); the consumer's stream is ordered after tplinear's."},
+    {"__dlpack_device__", array_dlpack_device, METH_NOARGS, "__dlpack_device__($self, /)\n--\n\n(2, device): kDLCUDA."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -783,7 +787,7 @@ static PyType_Slot array_slots[] = {
     {Py_sq_item, array_item},
     {Py_tp_iter, array_iter},
     {Py_tp_doc,
-     "DeviceArray(shape, dtype='float32', device=None)\n\n"
+     "DeviceArray(shape, dtype='float32', device=None)\n--\n\n"
      "An array on one GPU, owning its memory (freed with the last array or view on it). The constructor\n"
      "allocates uninitialised C-contiguous memory on device ('cuda' / None: this process's GPU, 'cuda:N', N).\n"
      "See zeros(), to_device(), reshape() and basic slicing (views), copy(), numpy(); exported zero-copy\n"
@@ -810,7 +814,8 @@ int tpy_array_register(PyObject *module, tpy_state *state)
 
 PyMethodDef tpy_array_methods[] = {
     {"device_index", py_device_index, METH_O,
-     "device_index(device) -> int: None / 'cuda' (this process's GPU: local rank modulo the visible GPUs), "
-     "'cuda:N', N or a torch.device"},
+     "device_index($module, device, /)\n--\n\n"
+     "The GPU index of None / 'cuda' (this process's GPU: local rank modulo the visible GPUs), 'cuda:N', N "
+     "or a torch.device."},
     {NULL, NULL, 0, NULL},
 };

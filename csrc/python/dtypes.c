@@ -276,11 +276,15 @@ static PyObject *py_bfloat16_to_float32(PyObject *m, PyObject *args) { (void)m; 
 
 PyMethodDef tpy_dtype_methods[] = {
     {"as_dtype", py_as_dtype, METH_O,
-     "as_dtype(d) -> the dtype d names (a name, NumPy or torch dtype): a NumPy dtype, or tplinear._C.bfloat16"},
-    {"dtypes", py_dtypes, METH_NOARGS, "dtypes() -> {name: {code, itemsize, formats, dlpack, typestr, ...}}"},
+     "as_dtype($module, d, /)\n--\n\n"
+     "The dtype d names (a name, a NumPy or torch dtype): a NumPy dtype, or tplinear._C.bfloat16."},
+    {"dtypes", py_dtypes, METH_NOARGS,
+     "dtypes($module, /)\n--\n\n{name: {code, name, alias, itemsize, formats, dlpack, typestr, floating, host_math, "
+     "device_math, dtype}}: the C table."},
     {"float32_to_bfloat16", py_float32_to_bfloat16, METH_VARARGS,
-     "float32_to_bfloat16(src, dst): bfloat16 bit patterns (round to nearest even, NaN kept) of float32 src"},
+     "float32_to_bfloat16($module, src, dst, /)\n--\n\n"
+     "dst (uint16) = the bfloat16 bit patterns of float32 src: round to nearest even, NaN kept."},
     {"bfloat16_to_float32", py_bfloat16_to_float32, METH_VARARGS,
-     "bfloat16_to_float32(src, dst): float32 values of bfloat16 bit patterns"},
+     "bfloat16_to_float32($module, src, dst, /)\n--\n\ndst (float32) = the values of bfloat16 bit patterns src."},
     {NULL, NULL, 0, NULL},
 };

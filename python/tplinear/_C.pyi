@@ -6,7 +6,7 @@ and DeviceArray. Every function raises TypeError / ValueError for bad arguments,
 peer fails, MemoryError, NotImplementedError (not built in) or RuntimeError (CUDA) otherwise.
 tests/test_stubs.py keeps this file and the module's names in step.
 """
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 
@@ -20,9 +20,11 @@ VERSION: str
 class CommError(RuntimeError):
     """A collective failed because of a peer: it died, timed out, or called a different collective."""
 
+@final
 class Group:
     """A process group handle (made by tplinear.distributed)."""
 
+@final
 class _BFloat16DType:
     """The dtype of bfloat16 device arrays (NumPy has none); compares equal to "bfloat16"."""
 
@@ -38,6 +40,7 @@ class _BFloat16DType:
 
 bfloat16: _BFloat16DType
 
+@final
 class DeviceArray:
     """An array on one GPU that owns its memory (freed with the last array or view on it)."""
 
@@ -71,7 +74,7 @@ class DeviceArray:
     @property
     def __cuda_array_interface__(self) -> Dict[str, Any]: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, key: Any) -> "DeviceArray": ...
+    def __getitem__(self, key: Any, /) -> "DeviceArray": ...
     def __iter__(self) -> Iterator["DeviceArray"]: ...
     def reshape(self, *shape: Union[int, Sequence[int]]) -> "DeviceArray": ...
     def copy(self) -> "DeviceArray": ...
