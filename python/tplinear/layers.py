@@ -16,6 +16,10 @@ from . import distributed as dist
 from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
 from .parameter import Parameter, data_of, param_list
 
+# tplinear.layers held these before parameter.py and checkpoint.py were split out of it
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
+from .parameter import GatherReplacedLayerParams  # noqa: F401,E402
+
 # ---------------------------------------------------------------------------------------------- modes
 
 _state = {"training": False, "num_kv_heads": None}  # DeepSpeed's default mode is inference
@@ -214,10 +218,10 @@ class _TPLayer(_Layer):
         self.in_features, self.out_features = self._full_shape[1], self._full_shape[0]
         self.weight = self._mark(Parameter(None))
         self.bias = None if bias is None else self._mark(Parameter(None))
+        given_shard = self.skip_partition or _full is not None  # module.weight is this rank's shard already
         for param, value, what in ((self.weight, weight, "module.weight"), (self.bias, bias, "module.bias")):
-            if param is not None:  # already this rank's shard (skip_partition, from_init): used as it is
-                keep = self.skip_partition or _full is not None
-                param.data = self._place.adopt(value, what) if keep else self._piece(param, value, what)
+            if param is not None:
+                param.data = self._place.adopt(value, what) if given_shard else self._piece(param, value, what)
 
     # -- construction
 
