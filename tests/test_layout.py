@@ -48,3 +48,22 @@ def test_a_violation_is_reported(tmp_path, case):
         want = 'comm/group.c: names the backend "shm"'
     errors = check_layout.check(str(csrc))
     assert any(want in e for e in errors), errors
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_extension_exports_exactly_the_public_api():
+    """The library is compiled with -fvisibility=hidden: the extension exports its init function and the
+    functions tplinear.h marks TP_API, nothing of the library's internals."""
+    import re
+    import subprocess
+
+    from tplinear import _C
+
+    header = open(os.path.join(ROOT, "csrc", "include", "tplinear.h")).read()
+    public = set(re.findall(r"^TP_API [^(]*?\b(tp_\w+)\(", header, re.M))
+    declared = set(re.findall(r"^(?:TP_API )?(?:const )?\w+ \**(tp_\w+)\(", header, re.M))
+    assert declared == public, f"public functions without TP_API: {sorted(declared - public)}"
+    out = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.split()[-2:-1] in (["T"], ["D"], ["B"], ["R"])}
+    assert "PyInit__C" in exported
+    assert exported - {"PyInit__C"} == public, (sorted(exported - public), sorted(public - exported))

@@ -132,8 +132,9 @@ def config(link_blas=False, with_cuda=True):
     sources = [src for src in sources if src not in skip]
     include_dirs = ["csrc/include", inc]
     library_dirs, libraries, rpath = [], [], []
-    macros = [("BLAS_SYMBOL_PREFIX", "scipy_"), ("TPLINEAR_CUDA", "1" if cuda else "0")]
-    if cuda:
+    macros = [("BLAS_SYMBOL_PREFIX", "scipy_")]
+    if cuda:  # TPLINEAR_CUDA is defined (to 1) only in CUDA builds: `#if TPLINEAR_CUDA` and `#ifdef` agree
+        macros.append(("TPLINEAR_CUDA", "1"))
         cinc, cdirs, clibs, crpath = cuda_link(cuda)
         include_dirs += cinc
         library_dirs += cdirs
@@ -171,7 +172,7 @@ def _replace(tmp, path):
 
 def build_library(flavour="plain"):
     """Compiles the CPU-only library for a flavour into build/c/<flavour>/libtplinear.a (objects rebuilt
-    when their source or any header is newer); returns (library path, config)."""
+    when their source, any header or the flags changed); returns (library path, config)."""
     cfg = config(link_blas=True, with_cuda=False)
     out = os.path.join(ROOT, "build", "c", flavour)
     os.makedirs(out, exist_ok=True)
@@ -179,6 +180,13 @@ def build_library(flavour="plain"):
     args = cflags + ["-I" + (i if os.path.isabs(i) else os.path.join(ROOT, i)) for i in cfg["include_dirs"]]
     args += ["-D%s=%s" % m for m in cfg["define_macros"]]
     stamp = max(os.path.getmtime(os.path.join(ROOT, h)) for h in cfg["headers"])
+    flags = os.path.join(out, "flags.txt")  # a change of compiler or flags rebuilds every object
+    if not os.path.exists(flags) or open(flags).read() != " ".join(args):
+        tmp = f"{flags}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(" ".join(args))
+        _replace(tmp, flags)
+    stamp = max(stamp, os.path.getmtime(flags))
 
     def compile_one(src):
         obj = os.path.join(out, src.replace("/", "_")[:-2] + ".o")

@@ -53,18 +53,9 @@ static const tp_backend self_backend = {
     .destroy = self_destroy,
 };
 
-/* The handle of a rank that is not a member of its group: the entry points refuse before dispatching. */
-static const tp_backend none_backend = {
-    .name = "none",
-    .devices = 1u << TP_DEVICE_CPU,
-    .all_reduce = self_all_reduce,
-    .all_gatherv = self_all_gatherv,
-    .reduce_scatter = self_reduce_scatter,
-    .broadcast = self_broadcast,
-    .barrier = self_barrier,
-    .abort = self_abort,
-    .destroy = self_destroy,
-};
+/* The handle of a rank that is not a member of its group: every entry point refuses before it would
+ * dispatch (check_member), abort and destroy have nothing to do. */
+static const tp_backend none_backend = {.name = "none", .devices = 1u << TP_DEVICE_CPU};
 
 /* ---------------------------------------------------------------- creation */
 

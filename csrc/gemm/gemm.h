@@ -26,23 +26,19 @@ tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tenso
 /* C = op(A) @ op(B) (+ C when accumulate), where op(X) is X^T when tX. All on one device,
  * one dtype. Any of the dims may be zero. */
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
-/* Each row of C += bias (bias: cols elements, contiguous). */
-tp_status tp_mat_add_row(tp_mat *c, const void *bias);
-/* out (cols elements) += column sums of A. */
-tp_status tp_mat_col_sums(const tp_mat *a, void *out);
-/* Each row of C = bias (initialises an output before an accumulating GEMM). */
-tp_status tp_mat_fill_rows(tp_mat *c, const void *bias);
-/* C = op(A) @ op(B) + bias broadcast over rows (CPU: fill rows, then an accumulating GEMM;
- * GPU: cuBLASLt's bias epilogue, one kernel). */
-tp_status tp_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
 
 /* A GEMM provider: the same operations for the memory of one device type. linear.c picks the provider of
  * the output's device: OpenBLAS for host memory, cuBLAS for GPU memory when the build has CUDA. */
 typedef struct {
     const char *name;
+    /* C = op(A) @ op(B) (+ C when accumulate), as tp_gemm */
     tp_status (*gemm)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
-    tp_status (*rows)(tp_mat *c, const void *bias, int mode); /* each row of C: mode 0 = bias, 1 += bias */
+    /* each row of C = bias (mode 0) or += bias (mode 1); bias: cols elements, contiguous */
+    tp_status (*rows)(tp_mat *c, const void *bias, int mode);
+    /* out (cols elements) += the column sums of A */
     tp_status (*col_sums)(const tp_mat *a, void *out);
+    /* C = op(A) @ op(B) + bias broadcast over rows (OpenBLAS: rows, then an accumulating GEMM; cuBLAS:
+     * cuBLASLt's bias epilogue, one kernel) */
     tp_status (*gemm_bias)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
 } tp_gemm_provider;
 

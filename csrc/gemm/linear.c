@@ -93,52 +93,9 @@ static tp_status provider(const tp_mat *m, const tp_gemm_provider **out)
 
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
 {
-    tp_status st = TP_OK;
     const tp_gemm_provider *p = NULL;
-    TP_CHECK(provider(c, &p));
-    TP_CHECK(p->gemm(a, ta, b, tb, c, accumulate));
-out:
-    return st;
-}
-
-tp_status tp_mat_add_row(tp_mat *c, const void *bias)
-{
-    tp_status st = TP_OK;
-    const tp_gemm_provider *p = NULL;
-    TP_CHECK(provider(c, &p));
-    TP_CHECK(p->rows(c, bias, 1));
-out:
-    return st;
-}
-
-tp_status tp_mat_fill_rows(tp_mat *c, const void *bias)
-{
-    tp_status st = TP_OK;
-    const tp_gemm_provider *p = NULL;
-    TP_CHECK(provider(c, &p));
-    TP_CHECK(p->rows(c, bias, 0));
-out:
-    return st;
-}
-
-tp_status tp_mat_col_sums(const tp_mat *a, void *out)
-{
-    tp_status st = TP_OK;
-    const tp_gemm_provider *p = NULL;
-    TP_CHECK(provider(a, &p));
-    TP_CHECK(p->col_sums(a, out));
-out:
-    return st;
-}
-
-tp_status tp_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
-{
-    tp_status st = TP_OK;
-    const tp_gemm_provider *p = NULL;
-    TP_CHECK(provider(c, &p));
-    TP_CHECK(p->gemm_bias(a, ta, b, tb, c, bias));
-out:
-    return st;
+    tp_status st = provider(c, &p);
+    return st != TP_OK ? st : p->gemm(a, ta, b, tb, c, accumulate);
 }
 
 /* ---------------------------------------------------------------- argument checks */
@@ -212,14 +169,16 @@ tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_ten
     tp_status st = TP_OK;
     tp_mat mx, mw, my;
     void *px = NULL;
+    const tp_gemm_provider *p = NULL;
     TP_CHECK(tp_linear_check(x, w, b, y));
     TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
     TP_CHECK(tp_mat_view(w, &mw, NULL, "weight"));
     TP_CHECK(tp_mat_view(y, &my, NULL, "output"));
+    TP_CHECK(provider(&my, &p));
     if (b)
-        TP_CHECK(tp_gemm_bias(&mx, 0, &mw, 1, &my, b->data));
+        TP_CHECK(p->gemm_bias(&mx, 0, &mw, 1, &my, b->data));
     else
-        TP_CHECK(tp_gemm(&mx, 0, &mw, 1, &my, 0));
+        TP_CHECK(p->gemm(&mx, 0, &mw, 1, &my, 0));
 out:
     free(px);
     return st;
@@ -250,6 +209,7 @@ tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_
     tp_status st = TP_OK;
     tp_mat mdy, mx, mdw;
     void *pdy = NULL, *px = NULL;
+    const tp_gemm_provider *p = NULL;
     TP_CHECK(check_weight(dw, db));
     TP_CHECK(check_operand(dw, dy, "grad_output"));
     TP_CHECK(check_operand(dw, x, "input"));
@@ -259,8 +219,9 @@ tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_
     TP_CHECK(tp_mat_view(dy, &mdy, &pdy, "grad_output"));
     TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
     TP_CHECK(tp_mat_view(dw, &mdw, NULL, "weight grad"));
-    TP_CHECK(tp_gemm(&mdy, 1, &mx, 0, &mdw, 1));
-    if (db) TP_CHECK(tp_mat_col_sums(&mdy, db->data));
+    TP_CHECK(provider(&mdw, &p));
+    TP_CHECK(p->gemm(&mdy, 1, &mx, 0, &mdw, 1));
+    if (db) TP_CHECK(p->col_sums(&mdy, db->data));
 out:
     free(pdy);
     free(px);
@@ -271,12 +232,14 @@ tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b)
 {
     tp_status st = TP_OK;
     tp_mat my;
+    const tp_gemm_provider *p = NULL;
     TP_CHECK(check_operand(y, b, "bias"));
     TP_REQUIRE(b->ndim == 1 && y->ndim >= 1 && b->shape[0] == y->shape[y->ndim - 1],
                "bias of size %lld does not match the output width %lld", (long long)(b->ndim ? b->shape[0] : 0),
                (long long)(y->ndim ? y->shape[y->ndim - 1] : 0));
     TP_CHECK(tp_mat_view(y, &my, NULL, "output"));
-    TP_CHECK(tp_mat_add_row(&my, b->data));
+    TP_CHECK(provider(&my, &p));
+    TP_CHECK(p->rows(&my, b->data, 1));
 out:
     return st;
 }

@@ -116,17 +116,12 @@ static PyObject *py_world_env(PyObject *m, PyObject *unused)
 /* backends() -> [name]: the backends this build registers, in the order an automatic choice considers */
 static PyObject *py_backends(PyObject *m, PyObject *unused)
 {
-    int n = tp_backend_count();
-    PyObject *list = PyList_New(n);
+    PyObject *list = PyList_New(0);
     (void)m; (void)unused;
-    if (list == NULL) return NULL;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; list != NULL && i < tp_backend_count(); i++) {
         PyObject *name = PyUnicode_FromString(tp_backend_name(i));
-        if (name == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, name);
+        if (name == NULL || PyList_Append(list, name) < 0) Py_CLEAR(list);
+        Py_XDECREF(name);
     }
     return list;
 }
@@ -134,25 +129,16 @@ static PyObject *py_backends(PyObject *m, PyObject *unused)
 /* env_knobs() -> [{name, type, default, choices, doc}]: the environment knobs the C library reads */
 static PyObject *py_env_knobs(PyObject *m, PyObject *unused)
 {
-    int n = tp_env_knob_count();
-    PyObject *list = PyList_New(n);
+    PyObject *list = PyList_New(0);
     (void)unused;
-    if (list == NULL) return NULL;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; list != NULL && i < tp_env_knob_count(); i++) {
         tp_env_knob k;
-        PyObject *d;
         tp_status st = tp_env_knob_at(i, &k);
-        if (st != TP_OK) {
-            Py_DECREF(list);
-            return tpy_raise(m, st);
-        }
-        d = Py_BuildValue("{s:s,s:s,s:s,s:z,s:s}", "name", k.name, "type", k.type, "default", k.default_value,
-                          "choices", k.choices, "doc", k.doc);
-        if (d == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, i, d);
+        PyObject *d = st != TP_OK ? tpy_raise(m, st)
+                                  : Py_BuildValue("{s:s,s:s,s:s,s:z,s:s}", "name", k.name, "type", k.type, "default",
+                                                  k.default_value, "choices", k.choices, "doc", k.doc);
+        if (d == NULL || PyList_Append(list, d) < 0) Py_CLEAR(list);
+        Py_XDECREF(d);
     }
     return list;
 }

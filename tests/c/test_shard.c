@@ -97,13 +97,14 @@ static void *make(const shard_case *c, const int64_t *shape, tp_tensor *t)
     return buf;
 }
 
-/* The position in the full tensor of rank r's shard element idx: its coordinate along dim walks the
- * rank's pieces in block order. */
-static void full_index(const shard_case *c, const tp_range *pieces, const int64_t *idx, int64_t *out)
+/* The position in the full tensor of element idx of a tensor made of the given pieces of the full one
+ * along dim (a shard: the rank's pieces; the full tensor: one piece covering the dim): its coordinate
+ * along dim walks the pieces in order. */
+static void full_index(const shard_case *c, const tp_range *pieces, int npieces, const int64_t *idx, int64_t *out)
 {
     int64_t at = idx[c->dim];
     memcpy(out, idx, sizeof(int64_t) * (size_t)c->ndim);
-    for (int i = 0; i < c->nblocks; i++) {
+    for (int i = 0; i < npieces; i++) {
         if (at < pieces[i].size) {
             out[c->dim] = pieces[i].offset + at;
             return;
@@ -113,34 +114,31 @@ static void full_index(const shard_case *c, const tp_range *pieces, const int64_
     out[c->dim] = -1;
 }
 
-/* Fills a shard from the value function (through the partition only) or checks it; returns mismatches. */
-static int shard_values(const shard_case *c, const tp_range *pieces, const tp_tensor *shard, int check)
+/* Fills t from the value function (through the pieces only) or checks it; returns the mismatches. */
+static int values(const shard_case *c, const tp_range *pieces, int npieces, const tp_tensor *t, int check)
 {
     int64_t idx[3] = {0, 0, 0}, at[3];
     int bad = 0;
-    if (!has_elements(shard->shape, c->ndim)) return 0;
+    if (!has_elements(t->shape, c->ndim)) return 0;
     do {
-        full_index(c, pieces, idx, at);
+        full_index(c, pieces, npieces, idx, at);
         if (!check)
-            put(shard, idx, value_at(at, c->ndim));
-        else if (get(shard, idx) != value_at(at, c->ndim))
+            put(t, idx, value_at(at, c->ndim));
+        else if (get(t, idx) != value_at(at, c->ndim))
             bad++;
-    } while (next_index(idx, shard->shape, c->ndim));
+    } while (next_index(idx, t->shape, c->ndim));
     return bad;
+}
+
+static int shard_values(const shard_case *c, const tp_range *pieces, const tp_tensor *shard, int check)
+{
+    return values(c, pieces, c->nblocks, shard, check);
 }
 
 static int full_values(const shard_case *c, const tp_tensor *full, int check)
 {
-    int64_t idx[3] = {0, 0, 0};
-    int bad = 0;
-    if (!has_elements(full->shape, c->ndim)) return 0;
-    do {
-        if (!check)
-            put(full, idx, value_at(idx, c->ndim));
-        else if (get(full, idx) != value_at(idx, c->ndim))
-            bad++;
-    } while (next_index(idx, full->shape, c->ndim));
-    return bad;
+    const tp_range all = {0, c->shape[c->dim]};
+    return values(c, &all, 1, full, check);
 }
 
 static void one_case(tp_group *g, const shard_case *c)
