@@ -60,9 +60,13 @@ def test_type_information_is_installed_with_the_package():
 
 def test_stubtest_finds_the_stub_consistent_with_the_module(tmp_path):
     """mypy's stubtest compares the stub with the imported module: names, kinds, positional-only
-    parameters of the slots, final classes."""
+    parameters of the slots, final classes. An installed package is found through py.typed (PEP 561);
+    a source tree (editable install) through MYPYPATH."""
     pytest.importorskip("mypy.stubtest")
-    env = dict(os.environ, MYPYPATH=os.path.dirname(PKG))
+    env = {k: v for k, v in os.environ.items() if k != "MYPYPATH"}
+    root = os.path.dirname(PKG)
+    if os.path.basename(root) not in ("site-packages", "dist-packages"):
+        env["MYPYPATH"] = root
     proc = subprocess.run([sys.executable, "-m", "mypy.stubtest", "tplinear._C"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
