@@ -7,53 +7,23 @@ module holds parameters, shapes and bookkeeping only.
     LinearLayer      column-parallel: W, b split along out; backward all-reduces dX
 """
 import math
+import zlib
 
 import numpy as np
 
 from . import _C
 from . import checkpoint
 from . import distributed as dist
+from . import partition
 from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
 from .parameter import Parameter, data_of, param_list
 
-# tplinear.layers held these before parameter.py and checkpoint.py were split out of it
+# tplinear.layers held these before parameter.py, checkpoint.py and partition.py were split out of it
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .parameter import GatherReplacedLayerParams  # noqa: F401,E402
-
-# ---------------------------------------------------------------------------------------------- modes
-
-_state = {"training": False, "num_kv_heads": None}  # DeepSpeed's default mode is inference
-
-
-def set_training_mode(training=True):
-    """Training mode splits evenly (torch.chunk; a dimension the group does not divide is an error);
-    inference mode (the default, as in DeepSpeed) uses DeepSpeed's uneven shard-size rule."""
-    _state["training"] = bool(training)
-
-
-def is_training_mode():
-    return _state["training"]
-
-
-def set_autotp_mode(training=False):
-    """DeepSpeed's name for set_training_mode."""
-    set_training_mode(training)
-
-
-def is_autotp_training_mode():
-    return is_training_mode()
-
-
-def set_num_kv_heads(num):
-    """Head count used by the inference split of attention layers (DeepSpeed's set_num_kv_heads)."""
-    if num is not None and (not isinstance(num, (int, np.integer)) or num < 1):
-        raise ValueError(f"num_kv_heads must be a positive int or None, got {num!r}")
-    _state["num_kv_heads"] = None if num is None else int(num)
-
-
-def get_num_kv_heads():
-    return _state["num_kv_heads"]
-
+from .partition import (  # noqa: F401,E402
+    get_num_kv_heads, is_autotp_training_mode, is_training_mode, set_autotp_mode, set_num_kv_heads, set_training_mode,
+)
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -184,7 +154,7 @@ class _TPLayer(_Layer):
     _bias_sharded = False
 
     def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
-                 dtype=None, _full=None):
+                 dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, _full=None):
         """_full (from_init): module.weight is already this rank's shard by the partition rule of a split
         dim of _full elements, so nothing is sliced and the rule's ranges are kept."""
         wobj = data_of(getattr(module, "weight", None))
@@ -197,6 +167,10 @@ class _TPLayer(_Layer):
         self.training_mode = is_training_mode()
         self.tp_overlap_comm = False
         self._input = None
+        self._split = _split_args(self.training_mode, name, tp_grain_size, num_heads, num_kv_heads, head_dim,
+                                  block_sizes, block_heads)
+        self.tp_grain_size = self._split["grain"]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         weight = self._place.readable(wobj, "module.weight")
         if len(weight.shape) != 2:
             raise ValueError(f"module.weight must be 2-d [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -206,15 +180,19 @@ class _TPLayer(_Layer):
                              f"got shape {tuple(bias.shape)}")
         if bias is not None and host_dtype(dtype_name(bias)) != host_dtype(dtype_name(weight)):
             raise TypeError(f"module.bias has dtype {dtype_name(bias)} but module.weight has {dtype_name(weight)}")
-        self._blocks = None if block_sizes is None else [int(b) for b in block_sizes]
-        self._block_heads = None if block_heads is None else [int(h) for h in block_heads]
         self.skip_partition = bool(skip_partition)
         local = int(weight.shape[self._shard_dim])
         full = _full if _full is not None else (None if self.skip_partition else local)
-        locals_ = self._agree(weight.shape, bias is not None, local, full)
+        pieces, error = None, None
+        if full is not None and not self.skip_partition:
+            try:  # every rank learns of a bad split in the exchange below, rather than some waiting in it
+                pieces = self._rule(full)
+            except ValueError as exc:
+                error = exc
+        locals_ = self._agree(weight.shape, bias is not None, local, full, pieces, error)
         self._full_shape = [int(s) for s in weight.shape]
         self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
-        self._pieces = self._partition(self._full_shape[self._shard_dim], locals_)
+        self._pieces = pieces if pieces is not None else _concatenated(locals_)
         self.in_features, self.out_features = self._full_shape[1], self._full_shape[0]
         self.weight = self._mark(Parameter(None))
         self.bias = None if bias is None else self._mark(Parameter(None))
@@ -225,40 +203,61 @@ class _TPLayer(_Layer):
 
     # -- construction
 
-    def _agree(self, weight_shape, has_bias, local, full):
-        """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim
-        and (when known: full is not None) the full size of the split dim. Returns every rank's size
-        along the split dim."""
+    def _rule(self, n):
+        """Every rank's pieces of a split dim of n by the partition rule (partition.shard_ranges)."""
+        return partition.shard_ranges(n, self.tp_world_size, **self._split)
+
+    def _agree(self, weight_shape, has_bias, local, full, pieces, error):
+        """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim,
+        (when known: full is not None) the full size of the split dim, the grain and the partition (heads,
+        name, blocks, set_num_kv_heads). Raises `error` (a rule that failed on this rank) on every rank.
+        Returns every rank's size along the split dim."""
         p = self.tp_world_size
-        if p == 1:
-            return [local]
-        other = int(weight_shape[1 - self._shard_dim])
-        mine = np.array([self._kind, int(self.training_mode), DTYPES[self._place.dtype]["code"], int(has_bias),
-                         other, -1 if full is None else full, local], dtype=np.int64)
-        every = np.empty(7 * p, dtype=np.int64)
-        dist.all_gather_into_tensor(every, mine, group=self.mp_group)
-        every = every.reshape(p, 7)
+        digest = -1 if error is not None else zlib.crc32(repr(pieces).encode())
+        if p > 1:
+            other = int(weight_shape[1 - self._shard_dim])
+            mine = np.array([self._kind, int(self.training_mode), DTYPES[self._place.dtype]["code"], int(has_bias),
+                             other, -1 if full is None else full, self.tp_grain_size, digest, local], dtype=np.int64)
+            every = np.empty(len(mine) * p, dtype=np.int64)
+            dist.all_gather_into_tensor(every, mine, group=self.mp_group)
+            every = every.reshape(p, len(mine))
+        else:
+            every = np.array([[digest, local]], dtype=np.int64)
+        if error is not None or np.any(every[:, -2] == -1):
+            raise error if error is not None else ValueError(
+                f"the partition of layer {self._label()} failed on ranks "
+                f"{np.flatnonzero(every[:, -2] == -1).tolist()} (see their error)")
         fields = ["layer kind", "training mode", "dtype", "bias presence",
                   "in_features" if self._shard_dim == 0 else "out_features",
-                  "full " + ("out_features" if self._shard_dim == 0 else "in_features")]
+                  "full " + ("out_features" if self._shard_dim == 0 else "in_features"), "tp_grain_size",
+                  "partition (heads, name, block sizes or set_num_kv_heads)"]
         names = {d["code"]: name for name, d in DTYPES.items()}
-        for i, field in enumerate(fields):
+        for i, field in enumerate(fields if p > 1 else ()):
             if not np.all(every[:, i] == every[0, i]):
                 seen = [names[int(v)] for v in every[:, i]] if field == "dtype" else every[:, i].tolist()
-                raise ValueError(f"ranks disagree on the {field} of layer {self.name or type(self).__name__}: "
+                raise ValueError(f"ranks disagree on the {field} of layer {self._label()}: "
                                  f"{seen} across ranks {list(range(p))} "
                                  "(every rank must build the same layer in the same mode)")
-        return every[:, 6].tolist()
+        return every[:, -1].tolist()
 
-    def _partition(self, n, locals_):
-        """Every rank's pieces: the given shards one after another under skip_partition, else the rule."""
-        if self.skip_partition:
-            offs = np.concatenate([[0], np.cumsum(locals_)[:-1]]).tolist()
-            return [[(int(o), int(s))] for o, s in zip(offs, locals_)]
-        if self._blocks is not None and sum(self._blocks) != n:
-            raise ValueError(f"packed block sizes {self._blocks} sum to {sum(self._blocks)}, "
-                             f"but the split dimension is {n}")
-        return _rule_pieces(n, self.tp_world_size, self.training_mode, self.name, self._blocks, self._block_heads)
+    def _label(self):
+        return self.name or type(self).__name__
+
+    # -- what the layer holds (public)
+
+    def shard_ranges(self):
+        """Every rank's pieces of the split dimension (in_features for a row layer, out_features for a
+        column layer): a list per rank of [(offset, size), ...], one piece or one per packed block; a
+        rank's shard is its pieces concatenated in order. The same as tplinear.shard_ranges for this
+        layer's arguments (skip_partition: the given shards one after another)."""
+        return [list(pieces) for pieces in self._pieces]
+
+    @property
+    def local_shape(self):
+        """The shape of this rank's weight shard (also while gathered)."""
+        shape = list(self._full_shape)
+        shape[self._shard_dim] = sum(size for _, size in self._pieces[self.tp_index])
+        return tuple(shape)
 
     def _my_pieces(self):
         return self._pieces[self.tp_index]
@@ -347,22 +346,30 @@ class LinearAllreduce(_TPLayer):
 
     input_is_parallel=True (default): x is this rank's slice of the input's last dim.
     input_is_parallel=False: x is the full input; the layer slices its part, and backward returns the full
-    dX (all-gathered)."""
+    dX (all-gathered).
+
+    num_heads / num_kv_heads / head_dim: the attention output projection's heads (in_features is
+    num_heads * head_dim); the same arguments as the column layer before attention give the same heads.
+    block_sizes / block_heads: a packed input dim, each block split on its own."""
 
     _shard_dim = 1
     _kind = _KIND_ROW
 
     def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False, device=None,
-                 dtype=None, _full=None):
-        super().__init__(module, mp_group, name, skip_partition, device=device, dtype=dtype, _full=_full)
+                 dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, block_sizes=None,
+                 block_heads=None, _full=None):
+        super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
+                         tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, _full=_full)
         self.input_is_parallel = bool(input_is_parallel)
 
     @classmethod
     def from_init(cls, in_features, out_features, mp_group=None, seed=0, bias=True, dtype="float32", name=None,
-                  input_is_parallel=True, device=None):
-        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed)."""
+                  input_is_parallel=True, device=None, **kwargs):
+        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed).
+        kwargs: the constructor's (tp_grain_size, num_heads, num_kv_heads, head_dim, block_sizes, ...)."""
         return _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name,
-                          input_is_parallel=input_is_parallel, device=device)
+                          input_is_parallel=input_is_parallel, device=device, **kwargs)
 
     def forward(self, x):
         w = self.weight.data
@@ -371,8 +378,11 @@ class LinearAllreduce(_TPLayer):
             if width != self.in_features:
                 raise ValueError(f"input's last dimension must be {self.in_features} (in_features, "
                                  f"input_is_parallel=False), got {width}")
-            (off, size), = self._my_pieces()
-            x = x[..., off:off + size]
+            if self._nblocks == 1:
+                (off, size), = self._my_pieces()
+                x = x[..., off:off + size]
+            else:
+                x = _shard_where_it_is(x, self._flat_ranges(), self._nblocks, self.tp_index, "input")
         elif self.tp_world_size > 1 and width != w.shape[1]:
             raise ValueError(f"input's last dimension must be {w.shape[1]} (this rank's shard of in_features="
                              f"{self.in_features} over {self.tp_world_size} ranks), got {width}")
@@ -398,16 +408,20 @@ class LinearLayer(_TPLayer):
     tp_overlap_comm=True).
 
     block_sizes / block_heads: a packed output dim (fused QKV, gate/up): each block is split separately
-    and a rank's shard is its pieces in block order."""
+    and a rank's shard is its pieces in block order.
+    num_heads / num_kv_heads / head_dim: the attention heads of q_proj, k_proj, v_proj or a packed QKV;
+    query heads follow their KV group (tplinear.attention_heads)."""
 
     _shard_dim = 0
     _kind = _KIND_COL
     _bias_sharded = True
 
     def __init__(self, module=None, mp_group=None, skip_partition=False, name=None, gather_output=False,
-                 tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None, _full=None):
+                 tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None,
+                 tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, _full=None):
         super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
-                         _full=_full)
+                         tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, _full=_full)
         self.gather_output = bool(gather_output)
         self.tp_overlap_comm = bool(tp_overlap_comm)
 
@@ -425,7 +439,8 @@ class LinearLayer(_TPLayer):
     @classmethod
     def from_init(cls, in_features, out_features, mp_group=None, seed=0, bias=True, dtype="float32", name=None,
                   block_sizes=None, block_heads=None, **kwargs):
-        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed)."""
+        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed).
+        kwargs: the constructor's (tp_grain_size, num_heads, num_kv_heads, head_dim, gather_output, ...)."""
         return _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name,
                           block_sizes=block_sizes, block_heads=block_heads, **kwargs)
 
@@ -454,14 +469,14 @@ class LinearLayer(_TPLayer):
         return dx
 
 
-def _shard_where_it_is(arr, ranges, nblocks, rank):
+def _shard_where_it_is(arr, ranges, nblocks, rank, what="grad_output"):
     """rank's pieces of arr's last dim, as a new array on arr's device in arr's dtype."""
     if dtype_name(arr) is None:
-        arr = host_array(arr, "grad_output")
+        arr = host_array(arr, what)
     place = Placement.of(arr)
     if place.device is None and place.dtype not in HOST_DTYPES:
-        arr = host_array(arr, "grad_output")  # reports the dtype the host cannot take
-    return place.shard(arr, len(arr.shape) - 1, ranges, nblocks, rank, "grad_output")
+        arr = host_array(arr, what)  # reports the dtype the host cannot take
+    return place.shard(arr, len(arr.shape) - 1, ranges, nblocks, rank, what)
 
 
 class _Module:
@@ -480,8 +495,10 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     host = host_dtype(place.dtype)
     split_dim = cls._shard_dim
     n = out_features if split_dim == 0 else in_features
-    pieces = _rule_pieces(n, group.size, is_training_mode(), name, kwargs.get("block_sizes"),
-                          kwargs.get("block_heads"))[group.rank]
+    split = _split_args(is_training_mode(), name, kwargs.get("tp_grain_size"), kwargs.get("num_heads"),
+                        kwargs.get("num_kv_heads"), kwargs.get("head_dim"), kwargs.get("block_sizes"),
+                        kwargs.get("block_heads"))
+    pieces = partition.shard_ranges(n, group.size, **split)[group.rank]
     local = sum(size for _, size in pieces)
     weight = np.empty((local, in_features) if split_dim == 0 else (out_features, local), dtype=host)
     at = 0
@@ -505,11 +522,16 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
 
 
-def _rule_pieces(n, p, training, name, blocks=None, block_heads=None):
-    """Every rank's pieces [(offset, size)] of a split dim of n by the partition rule (C core): one piece,
-    or one per block of a packed dim."""
-    if blocks is None:
-        return [[rng] for rng in _C.partition(n, p, training, _state["num_kv_heads"] or 0, name)]
-    blocks = [int(b) for b in blocks]
-    flat = _C.partition_packed(blocks, p, training, block_heads, name)
-    return [flat[r * len(blocks):(r + 1) * len(blocks)] for r in range(p)]
+def _split_args(training, name, grain, num_heads, num_kv_heads, head_dim, block_sizes, block_heads):
+    """A layer's arguments of partition.shard_ranges, the grain resolved once (tp_grain_size=, else the
+    default of the mode it is built in)."""
+    grain = partition.get_tp_grain_size(training) if grain is None else partition._count(grain, "tp_grain_size")
+    return {"grain": grain, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "name": name,
+            "block_sizes": None if block_sizes is None else list(block_sizes),
+            "block_heads": None if block_heads is None else list(block_heads)}
+
+
+def _concatenated(sizes):
+    """Pieces of shards given one after another (skip_partition)."""
+    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    return [[(int(o), int(s))] for o, s in zip(offs, sizes)]
