@@ -382,9 +382,26 @@ def check_bad_input():
     tp.set_training_mode(True)
     lin = tp.Linear(8 * p, 4 * p, seed=1)
     row = tp.LinearAllreduce(lin)
-    # wrong shard width: every rank passes the full width (so no collective is reached)
+    # wrong shard width: every rank passes the full width (so no collective is reached); the message names
+    # the shard, the full size and the rank
     if p > 1:
-        expect_raises(ValueError, lambda: row(np.zeros((2, 8 * p), np.float32)), "must be 8", f"got {8 * p}")
+        expect_raises(ValueError, lambda: row(np.zeros((2, 8 * p), np.float32)), "must be 8",
+                      f"shard of in_features={8 * p}: 8 at rank {r} of {p}", f"got {8 * p}")
+        col = tp.LinearLayer(tp.Linear(8, 17 * p))
+        col(np.zeros((2, 8), np.float32))
+        expect_raises(ValueError, lambda: col.backward(np.zeros((2, 17 * p), np.float32)), "must be 17",
+                      f"shard of out_features={17 * p}: 17 at rank {r} of {p}", f"got {17 * p}")
+        col.backward(np.zeros((2, 17), np.float32))  # the rejected call kept the saved input
+        expect_raises(RuntimeError, lambda: col.backward(np.zeros((2, 17), np.float32)), "second time", "retain=True")
+    # the repr names the shard, as the example
+    tp.set_training_mode(False)
+    shard = tp.shard_ranges(4100, p)[r][0][1]
+    text = repr(tp.LinearLayer.from_init(16, 4100))
+    assert text == (f"LinearLayer(in_features=16, out_features=4100, shard={shard}/4100 at rank {r} of {p}, "
+                    "mode=inference, bias=True)"), text
+    if p == 3 and r == 2:
+        assert shard == 1348
+    tp.set_training_mode(True)
     # heads that do not tile the split dim: every rank raises, naming the dim and the heads
     expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 4 * p + 1), num_heads=4), str(4 * p + 1), "4 heads")
     # ranks that disagree on the grain or the heads: every rank raises

@@ -59,12 +59,6 @@ def _init_block(arr, seed, stream, in_features, row_offset, col_offset, full_col
                     full_cols)
 
 
-def _saved(x):
-    if x is None:
-        raise RuntimeError("backward() called before forward(): there is no saved input")
-    return x
-
-
 def _optional(param):
     return None if param is None else param.data
 
@@ -73,12 +67,46 @@ def _optional(param):
 
 
 class _Layer:
-    """What every layer shares: a placement, parameters, gradients, state dicts."""
+    """What every layer shares: a placement, parameters, gradients, state dicts, and the input saved by
+    forward for backward.
+
+    The backward contract (torch's, with retain for retain_graph): forward saves its input; backward uses
+    it and releases it, so a second backward without a new forward raises RuntimeError instead of adding
+    the same gradient twice; backward(dy, retain=True) keeps it for another backward."""
 
     _place = None
+    _input = None
+    _released = False
 
     def __call__(self, x):
         return self.forward(x)
+
+    def _save(self, x):
+        self._input, self._released = x, False
+
+    def _saved(self):
+        """The input forward saved (raises when there is none: see the class doc)."""
+        x = self._input
+        if x is None:
+            if self._released:
+                raise RuntimeError(f"{type(self).__name__}.backward() called a second time without a new forward(): "
+                                   "the saved input was released by the first backward (pass retain=True to "
+                                   "a backward that another backward follows, as torch's retain_graph=True)")
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): there is no saved input")
+        return x
+
+    def _release(self, retain):
+        """Called by backward once its arguments are checked: drops the saved input unless retain."""
+        if not retain:
+            self._input, self._released = None, True
+
+    def _check_grad_output(self, grad_output, x, width, what):
+        """grad_output must be [*x's leading dims, width]; `what` says what width is."""
+        got, lead = _shape(grad_output, "grad_output"), _shape(x, "input")[:-1]
+        if got[-1] != width:
+            raise ValueError(f"grad_output's last dimension must be {width} ({what}), got {got[-1]}")
+        if got[:-1] != lead:
+            raise ValueError(f"grad_output has leading dimensions {got[:-1]} but the input of forward() had {lead}")
 
     def parameters(self):
         return [p for p in (self.weight, self.bias) if p is not None]
@@ -122,19 +150,25 @@ class Linear(_Layer):
             _init_block(self.bias.data, seed, 1, in_features, 0, 0, out_features)
         for p in self.parameters():  # device="cuda": initialised on the host, then copied once
             p.data = self._place.adopt(p.data, "parameter")
-        self._input = None
 
     def forward(self, x):
         y = self._place.empty(_shape(x, "input")[:-1] + (self.weight.data.shape[0],))
         _C.linear_forward(x, self.weight.data, _optional(self.bias), y)
-        self._input = x
+        self._save(x)
         return y
 
-    def backward(self, grad_output):
-        x = _saved(self._input)
+    def backward(self, grad_output, retain=False):
+        """dX; accumulates .grad. Releases the saved input unless retain=True (see _Layer)."""
+        x = self._saved()
+        self._check_grad_output(grad_output, x, self.out_features, "out_features")
+        self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
         _C.linear_backward(grad_output, x, self.weight.data, dx, *self._grads())
         return dx
+
+    def __repr__(self):
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{_placement_repr(self._place)})")
 
 
 # ---------------------------------------------------------------------------------------------- TP layers
@@ -166,7 +200,6 @@ class _TPLayer(_Layer):
         self.name = name
         self.training_mode = is_training_mode()
         self.tp_overlap_comm = False
-        self._input = None
         self._split = _split_args(self.training_mode, name, tp_grain_size, num_heads, num_kv_heads, head_dim,
                                   block_sizes, block_heads)
         self.tp_grain_size = self._split["grain"]
@@ -258,6 +291,32 @@ class _TPLayer(_Layer):
         shape = list(self._full_shape)
         shape[self._shard_dim] = sum(size for _, size in self._pieces[self.tp_index])
         return tuple(shape)
+
+    def _shard_words(self):
+        """'this rank's shard of out_features=34: 17 at rank 0 of 2', for messages."""
+        dim = "out_features" if self._shard_dim == 0 else "in_features"
+        return (f"this rank's shard of {dim}={self._full_shape[self._shard_dim]}: "
+                f"{self.local_shape[self._shard_dim]} at rank {self.tp_index} of {self.tp_world_size}")
+
+    def __repr__(self):
+        """Like torch's: LinearLayer(in_features=4096, out_features=4100, shard=1348/4100 at rank 2 of 3,
+        mode=inference, bias=True), then what differs from the defaults."""
+        d = self._shard_dim
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"shard={self.local_shape[d]}/{self._full_shape[d]} at rank {self.tp_index} of {self.tp_world_size}",
+                 f"mode={'training' if self.training_mode else 'inference'}", f"bias={self.bias is not None}"]
+        if self.name is not None:
+            parts.append(f"name={self.name!r}")
+        for key in ("num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, key) is not None:
+                parts.append(f"{key}={getattr(self, key)}")
+        if self.tp_grain_size != (partition.GRAIN_TRAINING if self.training_mode else partition.GRAIN_INFERENCE):
+            parts.append(f"tp_grain_size={self.tp_grain_size}")
+        if self._split["block_sizes"] is not None:
+            parts.append(f"block_sizes={self._split['block_sizes']}")
+        if self.skip_partition:
+            parts.append("skip_partition=True")
+        return f"{type(self).__name__}({', '.join(parts)}{_placement_repr(self._place)})"
 
     def _my_pieces(self):
         return self._pieces[self.tp_index]
@@ -376,23 +435,27 @@ class LinearAllreduce(_TPLayer):
         width = _shape(x, "input")[-1]
         if not self.input_is_parallel:
             if width != self.in_features:
-                raise ValueError(f"input's last dimension must be {self.in_features} (in_features, "
-                                 f"input_is_parallel=False), got {width}")
+                raise ValueError(f"input's last dimension must be {self.in_features} (in_features; "
+                                 f"input_is_parallel=False takes the full input), got {width}")
             if self._nblocks == 1:
                 (off, size), = self._my_pieces()
                 x = x[..., off:off + size]
             else:
                 x = _shard_where_it_is(x, self._flat_ranges(), self._nblocks, self.tp_index, "input")
-        elif self.tp_world_size > 1 and width != w.shape[1]:
-            raise ValueError(f"input's last dimension must be {w.shape[1]} (this rank's shard of in_features="
-                             f"{self.in_features} over {self.tp_world_size} ranks), got {width}")
+        elif width != w.shape[1]:
+            raise ValueError(f"input's last dimension must be {w.shape[1]} ({self._shard_words()}; "
+                             f"input_is_parallel=True), got {width}")
         y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
         _C.row_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
-        self._input = x
+        self._save(x)
         return y
 
-    def backward(self, grad_output):
-        x = _saved(self._input)
+    def backward(self, grad_output, retain=False):
+        """dX (this rank's slice; the full dX when input_is_parallel=False); accumulates .grad. Releases
+        the saved input unless retain=True."""
+        x = self._saved()
+        self._check_grad_output(grad_output, x, self.out_features, "out_features, the full output")
+        self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
         _C.row_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads())
         if self.input_is_parallel:
@@ -446,23 +509,29 @@ class LinearLayer(_TPLayer):
 
     def forward(self, x):
         w = self.weight.data
+        width = _shape(x, "input")[-1]
+        if width != self.in_features:
+            raise ValueError(f"input's last dimension must be {self.in_features} (in_features; a column layer "
+                             f"takes the full input), got {width}")
         y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
         _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
-        self._input = x
+        self._save(x)
         if not self.gather_output:
             return y
         full = self._place.empty(y.shape[:-1] + (self.out_features,))
         _C.gather(self.mp_group._handle, y, y.ndim - 1, self._flat_ranges(), self._nblocks, full)
         return full
 
-    def backward(self, grad_output):
-        x = _saved(self._input)
+    def backward(self, grad_output, retain=False):
+        """The full dX (all-reduced); accumulates .grad. grad_output is this rank's shard of the output,
+        or the full output with gather_output=True. Releases the saved input unless retain=True."""
+        x = self._saved()
         if self.gather_output:
-            width = _shape(grad_output, "grad_output")[-1]
-            if width != self.out_features:
-                raise ValueError(f"grad_output's last dimension must be {self.out_features} (out_features, "
-                                 f"gather_output=True), got {width}")
+            self._check_grad_output(grad_output, x, self.out_features, "out_features, gather_output=True")
             grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
+        else:
+            self._check_grad_output(grad_output, x, self.local_shape[0], self._shard_words())
+        self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
         _C.col_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads(),
                         self.tp_overlap_comm)
@@ -520,6 +589,12 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
             b = np.empty((out_features,), dtype=host)
             _init_block(b, seed, 1, in_features, 0, 0, out_features)
     return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
+
+
+def _placement_repr(place):
+    """', dtype=float64, device=cuda:0' for what is not the default (float32 on the host)."""
+    out = "" if place.dtype == "float32" else f", dtype={place.dtype}"
+    return out if place.device is None else f"{out}, device=cuda:{place.device}"
 
 
 def _split_args(training, name, grain, num_heads, num_kv_heads, head_dim, block_sizes, block_heads):
