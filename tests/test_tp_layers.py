@@ -29,6 +29,18 @@ def test_layers_match_reference(nproc):
     """, env=ENV, timeout=240)
 
 
+@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
+def test_deepspeed_layer_classes(nproc):
+    """LmHeadLinearAllreduce, SubParamLinearLayer / SubParamLinearAllreduce, fused_LinearLayer,
+    conv_LinearLayer / Conv_LinearALlreduce against DeepSpeed 0.19's partition code re-implemented in NumPy
+    and a float64 reference; their universal-checkpoint metadata describes their shards."""
+    assert_world_ok(nproc, """
+        import tp_checks as c
+        c.init()
+        c.check_autotp_layers()
+    """, env=ENV, timeout=240)
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_bad_input(nproc):
     assert_world_ok(nproc, """

@@ -122,13 +122,22 @@ class _Layer:
             out["bias"] = self.bias.data
         return out
 
+    _transposed = False  # the weight is stored [in_features, out_features] (GPT-2's Conv1D)
+
     def _grad(self, param):
+        """param's gradient array, created at zero; a transposed weight's in the core's [out, in] layout (its
+        .grad is then a transposed view of it, in the layout of .data)."""
+        flip = self._transposed and param is self.weight
         if param.grad is None:
-            param.grad = self._place.zeros(param.data.shape)
-        return param.grad
+            param.grad = self._place.zeros(param.data.shape[::-1]).T if flip else self._place.zeros(param.data.shape)
+        return param.grad.T if flip else param.grad
 
     def _grads(self):
         return self._grad(self.weight), None if self.bias is None else self._grad(self.bias)
+
+    def _w(self):
+        """The weight as the core takes it, [out, in] (a transposed view of a transposed weight)."""
+        return self.weight.data.T if self._transposed else self.weight.data
 
 
 class Linear(_Layer):
@@ -179,7 +188,8 @@ _KIND_ROW, _KIND_COL = 1, 2
 class _TPLayer(_Layer):
     """Shared bookkeeping: group, partition, parameter marks, gather / re-partition, checkpoints.
 
-    _shard_dim: the weight dim split across ranks (1: row-parallel, 0: column-parallel).
+    _shard_dim: the weight dim split across ranks (1: row-parallel, 0: column-parallel; the other way round
+    for a transposed weight).
     _pieces[r]: rank r's pieces [(offset, size)] along that dim (one piece, or one per packed block).
     """
 
@@ -195,6 +205,8 @@ class _TPLayer(_Layer):
         bobj = data_of(getattr(module, "bias", None))
         self._place, self.mp_group = _resolve(wobj, mp_group, device, dtype)
         self.device = self._place.device
+        if self._transposed and self.device is not None:
+            raise NotImplementedError(f"{type(self).__name__} (a transposed Conv1D weight) runs on host arrays only")
         self.tp_world_size = self.mp_group.size
         self.tp_index = self.mp_group.rank
         self.name = name
@@ -208,8 +220,9 @@ class _TPLayer(_Layer):
         if len(weight.shape) != 2:
             raise ValueError(f"module.weight must be 2-d [out_features, in_features], got shape {tuple(weight.shape)}")
         bias = None if bobj is None else self._place.readable(bobj, "module.bias")
-        if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[0]):
-            raise ValueError(f"module.bias must be 1-d of size {weight.shape[0]} (out_features), "
+        out_dim = 1 if self._transposed else 0
+        if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[out_dim]):
+            raise ValueError(f"module.bias must be 1-d of size {weight.shape[out_dim]} (out_features), "
                              f"got shape {tuple(bias.shape)}")
         if bias is not None and host_dtype(dtype_name(bias)) != host_dtype(dtype_name(weight)):
             raise TypeError(f"module.bias has dtype {dtype_name(bias)} but module.weight has {dtype_name(weight)}")
@@ -226,13 +239,15 @@ class _TPLayer(_Layer):
         self._full_shape = [int(s) for s in weight.shape]
         self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
         self._pieces = pieces if pieces is not None else _concatenated(locals_)
-        self.in_features, self.out_features = self._full_shape[1], self._full_shape[0]
+        self.out_features, self.in_features = self._full_shape[out_dim], self._full_shape[1 - out_dim]
         self.weight = self._mark(Parameter(None))
         self.bias = None if bias is None else self._mark(Parameter(None))
         given_shard = self.skip_partition or _full is not None  # module.weight is this rank's shard already
         for param, value, what in ((self.weight, weight, "module.weight"), (self.bias, bias, "module.bias")):
             if param is not None:
                 param.data = self._place.adopt(value, what) if given_shard else self._piece(param, value, what)
+        for key, meta in self.universal_checkpoint_meta().items():  # DeepSpeed's per-parameter attribute
+            setattr(getattr(self, key), UC_META_ATTR, meta)
 
     # -- construction
 
@@ -260,9 +275,8 @@ class _TPLayer(_Layer):
             raise error if error is not None else ValueError(
                 f"the partition of layer {self._label()} failed on ranks "
                 f"{np.flatnonzero(every[:, -2] == -1).tolist()} (see their error)")
-        fields = ["layer kind", "training mode", "dtype", "bias presence",
-                  "in_features" if self._shard_dim == 0 else "out_features",
-                  "full " + ("out_features" if self._shard_dim == 0 else "in_features"), "tp_grain_size",
+        fields = ["layer kind", "training mode", "dtype", "bias presence", self._dim_name(1 - self._shard_dim),
+                  "full " + self._dim_name(self._shard_dim), "tp_grain_size",
                   "partition (heads, name, block sizes or set_num_kv_heads)"]
         names = {d["code"]: name for name, d in DTYPES.items()}
         for i, field in enumerate(fields if p > 1 else ()):
@@ -275,6 +289,10 @@ class _TPLayer(_Layer):
 
     def _label(self):
         return self.name or type(self).__name__
+
+    def _dim_name(self, dim):
+        """What a weight dim is: 'out_features' or 'in_features'."""
+        return "out_features" if dim == (1 if self._transposed else 0) else "in_features"
 
     # -- what the layer holds (public)
 
@@ -292,9 +310,54 @@ class _TPLayer(_Layer):
         shape[self._shard_dim] = sum(size for _, size in self._pieces[self.tp_index])
         return tuple(shape)
 
+    # -- universal-checkpoint metadata (DeepSpeed 0.19's ds_autotp_universal_checkpoint_meta)
+
+    def _uc_layout(self):
+        """The weight's split as DeepSpeed describes it: (partition_dim, logical_shape, output_shape,
+        sub-parameter shape spec, their sizes, their per-rank widths); the last three None unless packed."""
+        blocks = self._split["block_sizes"]
+        logical, output = tuple(self._full_shape), (self.out_features,)
+        if blocks is None or self.skip_partition:
+            return self._shard_dim, logical, output, None, None, None
+        spec = list(self._full_shape)
+        spec[self._shard_dim] = tuple(blocks)
+        widths = [[self._pieces[r][i][1] for r in range(self.tp_world_size)] for i in range(len(blocks))]
+        return self._shard_dim, logical, output, tuple(spec), tuple(blocks), widths
+
+    def universal_checkpoint_meta(self):
+        """How each parameter was split, for a checkpoint converter: {"weight": meta, "bias": meta} with
+        DeepSpeed 0.19's fields (its layers' ds_autotp_universal_checkpoint_meta, which tplinear also sets
+        on each Parameter): universal_checkpoint_version, partition_type ("row" / "column"), partition_dim
+        (of logical_shape), logical_shape, output_shape, sub_param_shape, sub_param_sizes,
+        sub_param_shard_widths (per sub-parameter, every rank's width), partition_sizes (every rank's
+        width, unpacked layers), target_partition_shape (this rank's shard), original_shape, is_bias,
+        replicated, and "conversion" (the subset a model-level converter reads). tplinear adds "pieces":
+        every rank's [(offset, size)] along dim "pieces_dim" of the parameter as stored, which a converter
+        can apply without knowing the rule."""
+        kind = "column" if self._kind == _KIND_COL else "row"
+        dim, logical, output, spec, sizes, widths = self._uc_layout()
+        totals = None if widths else tuple(sum(size for _, size in pieces) for pieces in self._pieces)
+        pieces = self.shard_ranges()
+        out = {"weight": _uc_meta(kind, dim, logical, output, spec, sizes, widths, totals, self.local_shape,
+                                  tuple(self._full_shape), False, False, pieces, self._shard_dim)}
+        if self.bias is None:
+            return out
+        full = (self.out_features,)
+        if self._bias_sharded:
+            bias_spec = None
+            if spec is not None:
+                bias_spec = list(output)
+                bias_spec[dim] = tuple(sizes)
+            out["bias"] = _uc_meta(kind, dim, output, output, bias_spec, sizes, widths, totals,
+                                   (self.local_shape[self._shard_dim],), full, True, False, pieces, 0)
+        else:
+            out["bias"] = _uc_meta(kind, None, full, full, None, None, None, None, full, full, True, True,
+                                   [[(0, self.out_features)]] * self.tp_world_size, 0)
+        return out
+
     def _shard_words(self):
         """'this rank's shard of out_features=34: 17 at rank 0 of 2', for messages."""
-        dim = "out_features" if self._shard_dim == 0 else "in_features"
+        dim = self._dim_name(self._shard_dim)
         return (f"this rank's shard of {dim}={self._full_shape[self._shard_dim]}: "
                 f"{self.local_shape[self._shard_dim]} at rank {self.tp_index} of {self.tp_world_size}")
 
@@ -358,7 +421,7 @@ class _TPLayer(_Layer):
             dim = self._dim_of(param)
             shard = self._place.adopt(param.data, "parameter")
             shape = list(shard.shape)
-            shape[dim] = self._full_shape[dim if param is self.weight else 0]
+            shape[dim] = self._full_shape[dim] if param is self.weight else self.out_features
             full = self._place.empty(tuple(shape))
             _C.gather(self.mp_group._handle, shard, dim, self._flat_ranges(), self._nblocks, full)
             param.data = full
@@ -431,7 +494,7 @@ class LinearAllreduce(_TPLayer):
                           input_is_parallel=input_is_parallel, device=device, **kwargs)
 
     def forward(self, x):
-        w = self.weight.data
+        w = self._w()
         width = _shape(x, "input")[-1]
         if not self.input_is_parallel:
             if width != self.in_features:
@@ -457,7 +520,7 @@ class LinearAllreduce(_TPLayer):
         self._check_grad_output(grad_output, x, self.out_features, "out_features, the full output")
         self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
-        _C.row_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads())
+        _C.row_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads())
         if self.input_is_parallel:
             return dx
         full = self._place.empty(dx.shape[:-1] + (self.in_features,))
@@ -508,7 +571,7 @@ class LinearLayer(_TPLayer):
                           block_sizes=block_sizes, block_heads=block_heads, **kwargs)
 
     def forward(self, x):
-        w = self.weight.data
+        w = self._w()
         width = _shape(x, "input")[-1]
         if width != self.in_features:
             raise ValueError(f"input's last dimension must be {self.in_features} (in_features; a column layer "
@@ -530,10 +593,10 @@ class LinearLayer(_TPLayer):
             self._check_grad_output(grad_output, x, self.out_features, "out_features, gather_output=True")
             grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
         else:
-            self._check_grad_output(grad_output, x, self.local_shape[0], self._shard_words())
+            self._check_grad_output(grad_output, x, self.local_shape[self._shard_dim], self._shard_words())
         self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
-        _C.col_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads(),
+        _C.col_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads(),
                         self.tp_overlap_comm)
         return dx
 
@@ -558,6 +621,8 @@ class _Module:
 def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name, **kwargs):
     """Builds the layer around this rank's shard only, initialised in place from the counter-based
     generator with the shard's global offsets (no full copy is ever allocated)."""
+    if cls._transposed:
+        raise TypeError(f"{cls.__name__}.from_init is not available: build it from a Conv1D module")
     in_features, out_features = _check_features(in_features, out_features)
     place, group = _resolve(None, mp_group, kwargs.get("device"), dtype)
     kwargs["dtype"] = place.dtype
@@ -589,6 +654,27 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
             b = np.empty((out_features,), dtype=host)
             _init_block(b, seed, 1, in_features, 0, 0, out_features)
     return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
+
+
+UC_META_ATTR = "ds_autotp_universal_checkpoint_meta"  # DeepSpeed's DS_AUTOTP_UC_META
+UC_VERSION = 0.4  # DeepSpeed 0.19's UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+
+def _uc_meta(kind, dim, logical, output, spec, sizes, widths, partition_sizes, target, original, is_bias, replicated,
+             pieces, pieces_dim):
+    """One parameter's universal-checkpoint metadata, in DeepSpeed 0.19's schema (restore fields, with the
+    conversion subset nested), plus tplinear's explicit pieces."""
+    tup = (lambda v: None if v is None else tuple(v))
+    return {
+        "universal_checkpoint_version": UC_VERSION, "partition_type": kind, "partition_dim": dim,
+        "logical_shape": tup(logical), "output_shape": tup(output), "sub_param_shape": tup(spec),
+        "sub_param_sizes": tup(sizes), "sub_param_shard_widths": widths, "partition_sizes": tup(partition_sizes),
+        "target_partition_shape": tup(target), "original_shape": tup(original), "is_bias": is_bias,
+        "replicated": replicated, "pieces": [list(p) for p in pieces], "pieces_dim": pieces_dim,
+        "conversion": {"partition_type": kind, "partition_dim": dim, "sub_param_shape": tup(spec),
+                       "sub_param_shard_widths": widths, "original_shape": tup(original), "is_bias": is_bias,
+                       "replicated": replicated, "unsupported_reason": None},
+    }
 
 
 def _placement_repr(place):
