@@ -317,11 +317,11 @@ def run_layer_checks(training_dims, inference_dims):
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
-CKPT_DIMS = {"fc1": (64, 192), "fc2": (192, 64)}
+CKPT_DIMS = {"fc1": (64, 190), "fc2": (190, 64)}  # 190: uneven at 3 and 4 ranks in either mode
 
 
-def _ckpt_layers():
-    tp.set_training_mode(False)  # inference split: any group size loads
+def _ckpt_layers(training=False):
+    tp.set_training_mode(training)  # either mode's split; any group size loads
     fc1 = tp.LinearLayer.from_init(*CKPT_DIMS["fc1"], seed=21, name="fc1")
     fc2 = tp.LinearAllreduce.from_init(*CKPT_DIMS["fc2"], seed=22, name="fc2")
     return fc1, fc2
@@ -332,9 +332,9 @@ def _mlp_out(fc1, fc2, x):
     return fc2(a.astype(np.float32))
 
 
-def checkpoint_save(path, ref_path):
+def checkpoint_save(path, ref_path, training=False):
     """Trains one SGD step (so the parameters differ from their init), saves, and records the output."""
-    fc1, fc2 = _ckpt_layers()
+    fc1, fc2 = _ckpt_layers(training)
     x = rng_for("ckpt-x").standard_normal((7, 64)).astype(np.float32)
     y = _mlp_out(fc1, fc2, x)
     fc2.backward(np.ones_like(y))
@@ -346,8 +346,8 @@ def checkpoint_save(path, ref_path):
         np.save(ref_path, y)
 
 
-def checkpoint_load(path, ref_path):
-    fc1, fc2 = _ckpt_layers()
+def checkpoint_load(path, ref_path, training=False):
+    fc1, fc2 = _ckpt_layers(training)
     tp.load_checkpoint(path, {"fc1": fc1, "fc2": fc2})
     x = rng_for("ckpt-x").standard_normal((7, 64)).astype(np.float32)
     y = _mlp_out(fc1, fc2, x)

@@ -88,6 +88,25 @@ def subparam_layout(weight_shape, shape, partition_dim, name=None):
     return tuple(dims), tuple(dims[:-1]), sizes
 
 
+def subparam_pieces(logical, partition_dim, sizes, p, **split):
+    """Every rank's pieces of the stored 2-d weight's split dim for a logical shape split at partition_dim
+    into sub-parameters of `sizes` (None: one), and every sub-parameter's per-rank widths. A column split
+    (an output dim) gives, for each index of the logical dims before partition_dim, the rank's piece of
+    every sub-parameter, each `inner` rows per logical element (the product of the output dims after it):
+    DeepSpeed's _partition_logical_tensor flattened. A row split (the last, input, dim) gives the
+    sub-parameters' pieces themselves. split: shard_ranges's keyword arguments (grain, heads, name)."""
+    k, d = partition_dim, logical[partition_dim]
+    column = k < len(logical) - 1
+    outer = math.prod(logical[:k]) if column else 1
+    inner = math.prod(logical[k + 1:-1]) if column else 1
+    split = dict(split, block_sizes=list(sizes) if sizes and len(sizes) > 1 else None, block_heads=None)
+    per = partition.shard_ranges(d, p, **split)
+    widths = [[rank[i][1] for rank in per] for i in range(len(per[0]))]
+    pieces = [[(o * d * inner + off * inner, size * inner) for o in range(outer) for off, size in rank]
+              for rank in per]
+    return pieces, widths
+
+
 class _SubParams:
     """A layer whose split dim is a logical dim of a shape spec: every sub-parameter is split on its own by
     the rule (with the layer's heads, grain and name), and a rank's shard holds its piece of each, for
@@ -110,20 +129,9 @@ class _SubParams:
                              f"{shape!r}), got partition_dim={partition_dim}")
 
     def _rule(self, n):
-        """Every rank's pieces of the stored weight's split dim: for each index of the logical output dims
-        before partition_dim, this rank's piece of every sub-parameter (each `inner` rows per logical
-        element, the product of the output dims after it). A row layer's split dim is the input dim, so
-        its pieces are the sub-parameters' pieces themselves."""
-        k, d = self.partition_dim, self._logical[self.partition_dim]
-        column = k < len(self._logical) - 1
-        outer = math.prod(self._logical[:k]) if column else 1
-        inner = math.prod(self._logical[k + 1:-1]) if column else 1
-        sizes = self._subparam_sizes
-        split = dict(self._split, block_sizes=list(sizes) if sizes and len(sizes) > 1 else None, block_heads=None)
-        per = partition.shard_ranges(d, self.tp_world_size, **split)
-        self._widths = [[rank[i][1] for rank in per] for i in range(len(per[0]))]
-        return [[(o * d * inner + off * inner, size * inner) for o in range(outer) for off, size in rank]
-                for rank in per]
+        pieces, self._widths = subparam_pieces(self._logical, self.partition_dim, self._subparam_sizes,
+                                               self.tp_world_size, **self._split)
+        return pieces
 
     def _uc_layout(self):
         sizes = self._subparam_sizes or (self._logical[self.partition_dim],)
@@ -169,6 +177,36 @@ def fused_qkv_type(fused_module):
     return FUSED_QKV_TYPES[max(names, key=len)] if names else None
 
 
+def fused_qkv_split(kind, n, in_features, num_heads=None, num_kv_heads=None, head_dim=None):
+    """How a fused QKV of n rows (layout `kind`) is split, as LinearLayer keyword arguments: block_sizes for
+    the [Q | K | V] layouts, the head arguments adjusted for the interleaved bloom one (a head's q, k, v
+    rows are one unit). DeepSpeed's prepare_tp_fused_qkvw, as a description."""
+    nh, nkv = num_heads, num_kv_heads
+    kv = nkv or nh or partition.get_num_kv_heads()
+    if kind == "bloomtype":
+        if head_dim is not None and nh is not None and n != 3 * nh * head_dim:
+            raise ValueError(f"a bloom-type fused QKV of {n} rows is not 3 * num_heads * head_dim")
+        return {} if nh is None else {"num_heads": nkv or nh, "num_kv_heads": None, "head_dim": None}
+    if kind in ("glmtype", "qwentype"):
+        if kv == 2:  # ChatGLM2/3: the query block is the hidden size
+            kv_dim = (n - in_features) // 2
+            return {"block_sizes": [in_features, kv_dim, kv_dim]}
+        if n % 3:
+            raise ValueError(f"a {kind} fused QKV of {n} rows is not three equal blocks")
+        return {"block_sizes": [n // 3] * 3}
+    if kind == "phi3type":
+        if not nh or not nkv:
+            raise ValueError("a phi3-type fused QKV needs num_heads and num_kv_heads")
+        kv_dim = nkv * (in_features // nh)
+        return {"block_sizes": [n - 2 * kv_dim, kv_dim, kv_dim]}
+    if kind in ("codegentype", "bigcodetype"):
+        raise NotImplementedError(
+            f"fused QKV layout {kind}: its rows are permuted across ranks (codegen) or its K/V block is held "
+            "whole by every rank (bigcode), which no gather or checkpoint description can undo; DeepSpeed "
+            "0.19 cannot gather it either")
+    raise ValueError(f"unknown fused QKV type {kind!r}; one of {sorted(set(FUSED_QKV_TYPES.values()))}")
+
+
 class fused_LinearLayer(LinearLayer):  # noqa: N801 - DeepSpeed's name
     """DeepSpeed's fused QKV column layer, cut by its model family's layout:
 
@@ -187,33 +225,8 @@ class fused_LinearLayer(LinearLayer):  # noqa: N801 - DeepSpeed's name
         kind = fused_type or (fused_qkv_type(fused_module) if fused_module is not None else None) or "bloomtype"
         self.fused_type = kind
         n, in_features = (int(s) for s in module.weight.shape)
-        nh, nkv = kwargs.get("num_heads"), kwargs.get("num_kv_heads")
-        kv = nkv or nh or partition.get_num_kv_heads()
-        if kind == "bloomtype":
-            if kwargs.get("head_dim") is not None and nh is not None and n != 3 * nh * kwargs["head_dim"]:
-                raise ValueError(f"a bloom-type fused QKV of {n} rows is not 3 * num_heads * head_dim")
-            if nh is not None:  # each head's q, k, v rows are one unit
-                kwargs.update(num_heads=nkv or nh, num_kv_heads=None, head_dim=None)
-        elif kind in ("glmtype", "qwentype"):
-            if kv == 2:
-                kv_dim = (n - in_features) // 2
-                kwargs["block_sizes"] = [in_features, kv_dim, kv_dim]
-            elif n % 3:
-                raise ValueError(f"a {kind} fused QKV of {n} rows is not three equal blocks")
-            else:
-                kwargs["block_sizes"] = [n // 3] * 3
-        elif kind == "phi3type":
-            if not nh or not nkv:
-                raise ValueError("a phi3-type fused QKV needs num_heads and num_kv_heads")
-            kv_dim = nkv * (in_features // nh)
-            kwargs["block_sizes"] = [n - 2 * kv_dim, kv_dim, kv_dim]
-        elif kind in ("codegentype", "bigcodetype"):
-            raise NotImplementedError(
-                f"fused QKV layout {kind}: its rows are permuted across ranks (codegen) or its K/V block is held "
-                "whole by every rank (bigcode), which no gather or checkpoint description can undo; DeepSpeed "
-                "0.19 cannot gather it either")
-        else:
-            raise ValueError(f"unknown fused QKV type {kind!r}; one of {sorted(set(FUSED_QKV_TYPES.values()))}")
+        kwargs.update(fused_qkv_split(kind, n, in_features, kwargs.get("num_heads"), kwargs.get("num_kv_heads"),
+                                      kwargs.get("head_dim")))
         super().__init__(module, mp_group, skip_partition=skip_partition, **kwargs)
 
 
