@@ -27,6 +27,8 @@ class LmHeadLinearAllreduce(LinearAllreduce):
     """DeepSpeed's output head: row-parallel, named "lm_head" (so never split by heads), and its forward takes
     the full input and uses its own slice (input_is_parallel=False; backward returns the full dX)."""
 
+    _from_init_ok = False
+
     def __init__(self, module, mp_group=None, **kwargs):
         kwargs["name"] = "lm_head"
         kwargs["input_is_parallel"] = False
@@ -111,6 +113,8 @@ class _SubParams:
     """A layer whose split dim is a logical dim of a shape spec: every sub-parameter is split on its own by
     the rule (with the layer's heads, grain and name), and a rank's shard holds its piece of each, for
     every index of the logical dims before the split one (DeepSpeed's _partition_logical_tensor)."""
+
+    _from_init_ok = False
 
     def _init_subparams(self, module, shape, partition_dim, kwargs, column):
         name = kwargs.get("name")
@@ -221,6 +225,8 @@ class fused_LinearLayer(LinearLayer):  # noqa: N801 - DeepSpeed's name
     bigcodetype (rows permuted across ranks; a K/V block every rank holds whole) raise
     NotImplementedError: DeepSpeed cannot gather or describe them either."""
 
+    _from_init_ok = False
+
     def __init__(self, module, mp_group=None, skip_partition=False, fused_module=None, fused_type=None, **kwargs):
         kind = fused_type or (fused_qkv_type(fused_module) if fused_module is not None else None) or "bloomtype"
         self.fused_type = kind
@@ -238,6 +244,7 @@ class conv_LinearLayer(LinearLayer):  # noqa: N801 - DeepSpeed's name
     [in_features, out_features] and y = x @ W + b; the shard keeps that layout, [in_features, out_r], so
     state dicts and checkpoints match the model's. Host arrays only."""
 
+    _from_init_ok = False
     _transposed = True
     _shard_dim = 1
 
@@ -246,6 +253,7 @@ class Conv_LinearALlreduce(LinearAllreduce):  # noqa: N801 - DeepSpeed's name (s
     """Row-parallel over GPT-2's Conv1D: weight [in_features, out_features] split along in_features, kept in
     that layout ([in_r, out_features]); the bias stays whole. Host arrays only."""
 
+    _from_init_ok = False
     _transposed = True
     _shard_dim = 0
 

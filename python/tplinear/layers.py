@@ -196,6 +196,7 @@ class _TPLayer(_Layer):
     _shard_dim = None
     _kind = None
     _bias_sharded = False
+    _from_init_ok = True  # False where the constructor changes the split from_init would initialise
 
     def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
                  dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, _full=None):
@@ -621,8 +622,8 @@ class _Module:
 def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name, **kwargs):
     """Builds the layer around this rank's shard only, initialised in place from the counter-based
     generator with the shard's global offsets (no full copy is ever allocated)."""
-    if cls._transposed:
-        raise TypeError(f"{cls.__name__}.from_init is not available: build it from a Conv1D module")
+    if not cls._from_init_ok:
+        raise TypeError(f"{cls.__name__}.from_init is not available: build it from a module")
     in_features, out_features = _check_features(in_features, out_features)
     place, group = _resolve(None, mp_group, kwargs.get("device"), dtype)
     kwargs["dtype"] = place.dtype
