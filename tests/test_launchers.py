@@ -308,7 +308,7 @@ def test_torch_store_protocol_and_restart_namespaces(tmp_path):
 dist.init_process_group(timeout=20)
 a = np.full(3, dist.get_rank() + 1.0); dist.all_reduce(a)
 g = dist.new_group([1, 0])
-b = np.arange(4.0) * (dist.get_rank() == 1); dist.broadcast(b, src=0, group=g)  # group rank 0: global 1
+b = np.arange(4.0) * (dist.get_rank() == 1); dist.broadcast(b, group_src=0, group=g)  # group rank 0: global 1
 assert list(a) == [3.0] * 3 and list(b) == [0, 1, 2, 3], (a, b)
 print("attempt", os.environ["TORCHELASTIC_RESTART_COUNT"], "rank", dist.get_rank(), "ok", dist.get_backend(), flush=True)
 """
