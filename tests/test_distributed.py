@@ -321,8 +321,7 @@ except tplinear.CommError as e:
     assert "CAUGHT" in res.outputs[1] and "rank 0" in res.outputs[1], res.output
 
 
-def test_abort_wakes_peers():
-    code = PRELUDE + """
+ABORT = PRELUDE + """
 dist.init_process_group(timeout=30)
 r = dist.get_rank()
 dist.barrier()
@@ -336,7 +335,10 @@ except tplinear.CommError as e:
     assert "aborted by rank 0" in str(e), e
     print("CAUGHT", e, flush=True)
 """
-    res = world_ok(2, code, timeout=60)
+
+
+def test_abort_wakes_peers():
+    res = world_ok(2, ABORT, timeout=60)
     assert res.output.count("CAUGHT") == 2, res.output
 
 

@@ -269,12 +269,19 @@ static void hosts_release(tp_hosts *h)
     free(h);
 }
 
+/* What a rank publishes about its host. */
+typedef struct {
+    char id[160];
+    char name[64];
+} host_rec;
+
 /* Every rank publishes its host identity; ranks with equal ones share a host. Sets g->hosts and this
  * rank's local rank (unless the launcher gave one) and local world size from them. */
 static tp_status exchange_hosts(tp_group *g, int env_local_rank)
 {
     tp_status st = TP_OK;
-    char key[128], mine[224], other[224], (*ids)[160] = NULL;
+    char key[128];
+    host_rec mine, other, *ids = NULL;
     size_t len = 0;
     tp_hosts *h = calloc(1, sizeof *h);
     int here = 0, before = 0;
@@ -285,23 +292,25 @@ static tp_status exchange_hosts(tp_group *g, int env_local_rank)
         goto out;
     }
     h->refs = 1;
-    memset(mine, 0, sizeof mine);
-    TP_CHECK(tp_host_identity(mine, 160, mine + 160, 64));
+    memset(&mine, 0, sizeof mine);
+    TP_CHECK(tp_host_identity(mine.id, sizeof mine.id, mine.name, sizeof mine.name));
     snprintf(key, sizeof key, "%shost/%d", g->prefix, g->rank);
-    TP_CHECK(tp_store_set(g->store, key, mine, sizeof mine));
+    TP_CHECK(tp_store_set(g->store, key, &mine, sizeof mine));
     for (int r = 0; r < g->size; r++) {
         int k = 0;
         if (r == g->rank) {
-            memcpy(other, mine, sizeof other);
+            other = mine;
         } else {
             snprintf(key, sizeof key, "%shost/%d", g->prefix, r);
-            TP_CHECK(tp_store_get(g->store, key, other, sizeof other, &len));
-            other[159] = other[223] = '\0';
+            TP_CHECK(tp_store_get(g->store, key, &other, sizeof other, &len));
+            TP_REQUIRE(len == sizeof other, "init: rank %d published a host record of %zu bytes, expected %zu (another "
+                       "tplinear version?)", r, len, sizeof other);
+            other.id[sizeof other.id - 1] = other.name[sizeof other.name - 1] = '\0';
         }
-        while (k < h->nhosts && strcmp(ids[k], other) != 0) k++;
+        while (k < h->nhosts && strcmp(ids[k].id, other.id) != 0) k++;
         if (k == h->nhosts) {
-            snprintf(ids[k], sizeof ids[k], "%s", other);
-            snprintf(h->names[k], sizeof h->names[k], "%s", other + 160);
+            ids[k] = other;
+            memcpy(h->names[k], other.name, sizeof h->names[k]);
             h->nhosts++;
         }
         h->host_of[r] = k;
