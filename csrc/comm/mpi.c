@@ -16,8 +16,9 @@
  *   - results are bitwise identical on every rank and equal the shm backend's: every element is reduced
  *     once, in rank order, by one rank (or by each rank alike), and AVG / integer wrap-around follow the
  *     same code as shm.
- * Algorithms (rank 0's choices, published at creation so that all ranks agree): all_reduce up to
- * TPLINEAR_MPI_ONESHOT_KB sends every buffer to every rank and reduces locally (one round); larger ones
+ * Algorithms (rank 0's choices, published at creation so that all ranks agree): an all_reduce whose
+ * one-shot traffic per rank (bytes x (ranks - 1)) is at most TPLINEAR_MPI_ONESHOT_KB sends every buffer
+ * to every rank and reduces locally (one round: 64 KB at 2 ranks, 21 KB at 4); larger ones
  * run in rounds of TPLINEAR_MPI_CHUNK_KB as reduce-scatter + all-gather with every peer at once;
  * all_gather(v) and reduce_scatter exchange pieces with every peer at once (so every rank sees every
  * rank's tag); barrier is a dissemination of empty messages; broadcast such a dissemination (the root
@@ -764,7 +765,7 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
         goto out;
     }
     st = begin(g, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0);
-    if (st == TP_OK && bytes <= im->oneshot) {
+    if (st == TP_OK && bytes * (size_t)(im->p - 1) <= im->oneshot) { /* what one rank sends, one-shot */
         /* one round: every buffer to every rank, each reduces all of them in rank order */
         if ((st = scratch(im, (size_t)im->p * bytes)) != TP_OK) goto done;
         for (int k = 1; k < im->p && st == TP_OK; k++) {

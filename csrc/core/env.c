@@ -61,8 +61,9 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
                          "the host identity ranks compare at rendezvous: ranks with equal ones share a host "
                          "(local ranks, the shm backend's one-host check, the automatic backend choice)"},
     [TP_KNOB_MPI_ONESHOT_KB] = {"TPLINEAR_MPI_ONESHOT_KB", KNOB_INT, "64", 64, 0, 1L << 22, NULL,
-                                "mpi: all-reduces up to this many KiB send every rank's buffer to every rank "
-                                "(one round); larger ones reduce-scatter + all-gather (rank 0's value is used)"},
+                                "mpi: an all-reduce whose one-shot traffic per rank (size x (ranks - 1)) is at most "
+                                "this many KiB sends every buffer to every rank (one round); larger ones "
+                                "reduce-scatter + all-gather (rank 0's value is used)"},
     [TP_KNOB_MPI_CHUNK_KB] = {"TPLINEAR_MPI_CHUNK_KB", KNOB_INT, "1024", 1024, 4, 1L << 22, NULL,
                               "mpi: the round size of large all-reduces and reduce-scatters in KiB (bounds the "
                               "scratch memory; rank 0's value is used)"},
