@@ -1,5 +1,6 @@
 /* Process groups: creation, the public collective entry points (argument checks + dispatch through
  * the backend table), and the trivial backend of a group of one. */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,19 +115,27 @@ static tp_status world_shape(const tp_init_options *opts, int *size, int *rank, 
     *lrank = opts->local_rank >= 0 ? opts->local_rank : env.local_rank >= 0 ? env.local_rank : *rank;
     *lsize = opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size >= 0 ? env.local_world_size
                                                                                               : *size;
-    TP_REQUIRE(*size >= 1 && *size <= 65536, "init: WORLD_SIZE must be >= 1, got %d", *size);
+    TP_REQUIRE(*size >= 1 && *size <= 65536, "init: WORLD_SIZE must be in 1..65536, got %d", *size);
     TP_REQUIRE(*rank >= 0 && *rank < *size, "init: RANK must be in 0..%d (WORLD_SIZE=%d), got %d", *size - 1, *size,
                *rank);
 out:
     return st;
 }
 
-/* Rank 0's rendezvous store of a world of more than one rank. */
+/* How many worlds of more than one rank this process has started: the generation of the next one. Every
+ * rank counts the same, so the n-th init of each meets the n-th of the others, and a rank that re-inits
+ * cannot reach the previous world's store (the one counter of the process, like the registry's tables). */
+static _Atomic uint64_t g_world_generation;
+
+/* Rank 0's rendezvous store of a world of more than one rank. One host: loopback, whatever MASTER_ADDR
+ * says (nothing outside the host can reach the store); else MASTER_ADDR, where rank 0 binds that address. */
 static tp_status open_store(const tp_init_options *opts, tp_group *g)
 {
     tp_status st = TP_OK;
     tp_world_env env;
-    const char *addr;
+    tp_store_config cfg;
+    char token[TP_TOKEN_MAX + 1];
+    const char *addr, *source = NULL;
     int port;
     TP_CHECK(tp_world_from_env(&env));
     port = opts->master_port > 0 ? opts->master_port : env.master_port;
@@ -134,9 +143,21 @@ static tp_status open_store(const tp_init_options *opts, tp_group *g)
                "init: WORLD_SIZE=%d but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)", g->size);
     addr = opts->master_addr && opts->master_addr[0] ? opts->master_addr : env.master_addr[0] ? env.master_addr
                                                                                              : "127.0.0.1";
-    tp_log(TP_LOG_INFO, "init: rank %d of %d (local %d of %d), store %s:%d, timeout %g s", g->rank, g->size,
-           g->local_rank, g->local_world_size, addr, port, g->timeout_s);
-    TP_CHECK(tp_store_open(addr, port, g->rank, g->size, g->timeout_s, &g->store));
+    TP_CHECK(tp_store_token(opts->token, addr, port, g->size, token, &source));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.addr = g->local_world_size == g->size ? "127.0.0.1" : addr;
+    cfg.port = port;
+    cfg.rank = g->rank;
+    cfg.world_size = g->size;
+    cfg.timeout_s = g->timeout_s;
+    cfg.token = token;
+    cfg.generation = atomic_fetch_add(&g_world_generation, 1) + 1;
+    tp_log(TP_LOG_INFO, "init: rank %d of %d (local %d of %d), store %s:%d, world generation %llu, token from %s, "
+           "timeout %g s", g->rank, g->size, g->local_rank, g->local_world_size, cfg.addr, port,
+           (unsigned long long)cfg.generation, source, g->timeout_s);
+    st = tp_store_open_world(&cfg, &g->store);
+    memset(token, 0, sizeof token);
+    TP_CHECK(st);
     g->owns_store = 1;
 out:
     return st;
