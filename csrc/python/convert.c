@@ -55,8 +55,8 @@ int tpy_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const 
     }
     view->has_buf = 1;
     if (dtype_from_format(b->format, b->itemsize, &t->dtype) < 0) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64, got an array of format '%s'", what,
-                     b->format ? b->format : "B");
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64 (layers and collectives), or int32 or "
+                     "int64 (collectives), got an array of format '%s'", what, b->format ? b->format : "B");
         goto fail;
     }
     if (b->ndim > TP_MAX_DIMS) {
