@@ -79,15 +79,17 @@ static tp_status check_options(const tp_init_options *o)
                     o->version, sizeof(tp_init_options), TP_INIT_OPTIONS_MAGIC, TP_INIT_OPTIONS_VERSION);
 }
 
-/* Ends a bootstrap phase that used the store: every rank of `members` ranks checks in, and rank 0
- * (world rank 0, the store's server, when it is a member) returns last, so no rank is left mid-request when rank 0 moves on (or exits). */
-static tp_status store_checkout(tp_store *store, const char *prefix, int world_rank, int members)
+/* Ends a bootstrap phase that used the store: every member of the parent (index me of members, world
+ * ranks in world[]) checks in, and world rank 0 (the store's server, when it is a member) returns last, so
+ * no rank is left mid-request when rank 0 moves on (or exits). */
+static tp_status store_checkout(tp_store *store, const char *prefix, int me, int members, const int *world,
+                                int world_rank)
 {
     tp_status st = TP_OK;
     char key[128];
     snprintf(key, sizeof key, "%sdone", prefix);
-    TP_CHECK(tp_store_add(store, key, 1, NULL));
-    if (world_rank == 0) TP_CHECK(tp_store_wait_ge(store, key, members));
+    TP_CHECK(tp_store_arrive(store, key, me));
+    if (world_rank == 0) TP_CHECK(tp_store_wait_all(store, key, members, world, "to finish setting up the group"));
 out:
     return st;
 }
@@ -204,11 +206,12 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     tp_log_set_rank(rank);
     if (size > 1) TP_CHECK(open_store(opts, g)); /* a world of one has no store (g->store == NULL) */
     TP_CHECK(make_member(g, family));
-    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->world_rank, g->size));
+    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->rank, g->size, g->global_ranks, g->world_rank));
     tp_log(TP_LOG_INFO, "init: backend %s for a world of %d", g->backend->name, size);
     *world = g;
     g = NULL;
 out:
+    if (g) tp_store_abandon(g->store);
     tp_group_destroy(g);
     return st;
 }
@@ -271,7 +274,9 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
     } else if (me >= 0) {
         TP_CHECK(make_member(g, parent->family));
     }
-    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
+    if (g->store)
+        TP_CHECK(store_checkout(g->store, g->prefix, parent->rank, parent->size, parent->global_ranks,
+                                parent->world_rank));
     tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me, g->backend->name);
     *out = g;
     g = NULL;

@@ -883,8 +883,8 @@ static tp_status shm_create(tp_group *g)
     atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
     atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
     snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
-    TP_CHECK(tp_store_add(g->store, key, 1, NULL));
-    TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
+    TP_CHECK(tp_store_arrive(g->store, key, g->rank));
+    TP_CHECK(tp_store_wait_all(g->store, key, g->size, g->global_ranks, "to map the shm segment"));
     tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, large all-reduce %s, spin %.0f us)",
            g->prefix, g->rank, g->size, g->world_rank, im->name, (double)im->map_bytes / 1048576.0,
            im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024,

@@ -945,68 +945,70 @@ out:
     return st;
 }
 
-/* The ranks from `from` on that have not joined yet, as "2, 5" (*n of them). */
-static tp_status missing_ranks(tp_store *s, int from, char *buf, size_t cap, int *n)
+tp_status tp_store_arrive(tp_store *s, const char *key, int me)
+{
+    char k[MAX_KEY];
+    int one = 1;
+    snprintf(k, sizeof k, "%s/%d", key, me);
+    return tp_store_set(s, k, &one, sizeof one);
+}
+
+/* The ones of n from `from` on that have not arrived at key, as "2, 5" (*count of them). */
+static tp_status not_arrived(tp_store *s, const char *key, int from, int n, const int *world, char *buf, size_t cap,
+                             int *count)
 {
     tp_status st = TP_OK;
-    char key[64];
+    char k[MAX_KEY];
     size_t used = 0, len;
     int v, found;
     buf[0] = '\0';
-    *n = 0;
-    for (int r = from; r < s->world_size; r++) {
-        snprintf(key, sizeof key, "join/%d", r);
-        TP_CHECK(try_get(s, key, &v, sizeof v, &len, &found));
+    *count = 0;
+    for (int i = from; i < n; i++) {
+        snprintf(k, sizeof k, "%s/%d", key, i);
+        TP_CHECK(try_get(s, k, &v, sizeof v, &len, &found));
         if (found) continue;
-        if (used + 16 < cap) used += (size_t)snprintf(buf + used, cap - used, "%s%d", *n ? ", " : "", r);
-        (*n)++;
+        if (used + 24 < cap)
+            used += (size_t)(world && world[i] != i ? snprintf(buf + used, cap - used, "%s%d (global %d)",
+                                                               *count ? ", " : "", i, world[i])
+                                                    : snprintf(buf + used, cap - used, "%s%d", *count ? ", " : "", i));
+        (*count)++;
     }
 out:
     return st;
 }
 
-/* Every rank sets "join/<rank>" and waits for all the others; a rank that joined the store and lost its
- * connection fails the rendezvous at once, and the timeout names the missing ranks (and, on rank 0, any
- * connection it refused). */
-static tp_status join(tp_store *s)
+tp_status tp_store_wait_all(tp_store *s, const char *key, int n, const int *world, const char *what)
 {
     tp_status st = TP_OK;
-    char key[64], missing[512], refused[320] = "", what[600];
+    char k[MAX_KEY], missing[512], refused[320] = "", msg[640];
     double start = tp_now(), deadline = start + s->timeout_s, pause = 0.0002;
-    int one = 1, found, next = 0, nmiss = 0, lost = -1, logged = 0;
+    int next = 0, nmiss = 0, logged = 0, v, found;
     size_t len;
-    snprintf(key, sizeof key, "join/%d", s->rank);
-    TP_CHECK(tp_store_set(s, key, &one, sizeof one));
-    while (next < s->world_size) {
-        int v;
-        snprintf(key, sizeof key, "join/%d", next);
-        TP_CHECK(try_get(s, key, &v, sizeof v, &len, &found));
+    while (next < n) {
+        snprintf(k, sizeof k, "%s/%d", key, next);
+        TP_CHECK(try_get(s, k, &v, sizeof v, &len, &found));
         if (found) {
             next++;
             continue;
         }
-        snprintf(key, sizeof key, "lost/%d", next);
-        TP_CHECK(try_get(s, key, &v, sizeof v, &len, &found));
+        snprintf(k, sizeof k, "lost/%d", world ? world[next] : next);
+        TP_CHECK(try_get(s, k, &v, sizeof v, &len, &found));
         if (found) {
-            lost = next;
-            break;
+            st = tp_error(TP_ERR_COMM, "rank %d of %d (global rank %d) lost its connection to the store (it died or "
+                          "exited) while this rank waited for it %s", next, n, world ? world[next] : next, what);
+            goto out;
         }
         if (tp_now() > deadline) break;
         if (!logged && s->watchdog_s > 0 && tp_now() - start >= s->watchdog_s) {
-            TP_CHECK(missing_ranks(s, next, missing, sizeof missing, &nmiss));
-            snprintf(what, sizeof what, "rank%s %s of %d to join", nmiss > 1 ? "s" : "", missing, s->world_size);
-            watchdog(s, start, &logged, what);
+            TP_CHECK(not_arrived(s, key, next, n, world, missing, sizeof missing, &nmiss));
+            snprintf(msg, sizeof msg, "rank%s %s of %d %s", nmiss > 1 ? "s" : "", missing, n, what);
+            watchdog(s, start, &logged, msg);
         }
         sleep_s(pause);
         if (pause < 0.01) pause *= 1.5;
     }
-    if (next == s->world_size) goto out;
-    if (lost >= 0) {
-        st = tp_error(TP_ERR_COMM, "rendezvous: rank %d of %d connected to the store and then lost its connection "
-                      "before the world was complete (it died or exited)", lost, s->world_size);
-        goto out;
-    }
-    TP_CHECK(missing_ranks(s, next, missing, sizeof missing, &nmiss));
+    if (next == n) goto out;
+    TP_CHECK(not_arrived(s, key, next, n, world, missing, sizeof missing, &nmiss));
     if (nmiss == 0) goto out;
     if (s->srv) {
         pthread_mutex_lock(&s->srv->lock);
@@ -1015,8 +1017,8 @@ static tp_status join(tp_store *s)
                      s->srv->refused > 1 ? "s" : "", s->srv->refusal);
         pthread_mutex_unlock(&s->srv->lock);
     }
-    st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for rank%s %s of %d to join%s", s->timeout_s,
-                  nmiss > 1 ? "s" : "", missing, s->world_size, refused);
+    st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for rank%s %s of %d %s%s", s->timeout_s,
+                  nmiss > 1 ? "s" : "", missing, n, what, refused);
 out:
     return st;
 }
@@ -1097,12 +1099,16 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
         TP_CHECK(tp_store_token(NULL, s->addr, cfg->port, cfg->world_size, s->token, &source));
     if (cfg->rank == 0) TP_CHECK(server_start(cfg, s->token, &s->srv));
     TP_CHECK(connect_retry(s, deadline));
-    TP_CHECK(join(s));
+    /* the rendezvous: every rank arrives and waits for the others (a rank that died after connecting
+     * fails it at once; the timeout names the missing ranks and, on rank 0, refused connections) */
+    TP_CHECK(tp_store_arrive(s, "join", s->rank));
+    TP_CHECK(tp_store_wait_all(s, "join", s->world_size, NULL, "to join"));
     tp_log(TP_LOG_INFO, "store: rank %d of %d joined world generation %llu at %s:%d (token: %s)", cfg->rank,
            cfg->world_size, (unsigned long long)cfg->generation, s->addr, cfg->port, source);
     *out = s;
     s = NULL;
 out:
+    tp_store_abandon(s); /* the world never formed: nobody needs the server any more */
     tp_store_close(s);
     return st;
 }
@@ -1127,6 +1133,12 @@ void tp_store_close(tp_store *s)
     pthread_mutex_destroy(&s->lock);
     memset(s->token, 0, sizeof s->token);
     free(s);
+}
+
+void tp_store_abandon(tp_store *s)
+{
+    /* a second for the others to hit their own error (and so report why) rather than a closed connection */
+    if (s && s->srv && s->srv->linger_s > 1.0) s->srv->linger_s = 1.0;
 }
 
 double tp_store_timeout(const tp_store *s) { return s->timeout_s; }

@@ -45,6 +45,8 @@ tp_status tp_store_token(const char *given, const char *master_addr, int port, i
  * loses the server mid-request. */
 tp_store *tp_store_retain(tp_store *s);
 void tp_store_close(tp_store *s);
+/* The world failed to form: rank 0's last close lingers at most a second for the others (NULL is fine). */
+void tp_store_abandon(tp_store *s);
 double tp_store_timeout(const tp_store *s);
 uint64_t tp_store_generation(const tp_store *s);
 tp_status tp_store_set(tp_store *s, const char *key, const void *val, size_t len);
@@ -54,6 +56,13 @@ tp_status tp_store_get(tp_store *s, const char *key, void *val, size_t cap, size
 tp_status tp_store_add(tp_store *s, const char *key, int64_t delta, int64_t *result);
 /* Waits until an integer key reaches at least target (bounded by the timeout). */
 tp_status tp_store_wait_ge(tp_store *s, const char *key, int64_t target);
+/* A barrier of n ranks through the store: each calls arrive with its index me in [0, n) (sets
+ * "<key>/<me>"); wait_all waits until all n have (bounded by the timeout). world[i] is the world rank of
+ * the i-th (NULL: i): one whose connection to the store is gone (it died or exited) fails the wait at
+ * once (TP_ERR_COMM naming it); the timeout names the missing ones ("waiting for rank 2 of 3 <what>"),
+ * and so does the watchdog's log line. */
+tp_status tp_store_arrive(tp_store *s, const char *key, int me);
+tp_status tp_store_wait_all(tp_store *s, const char *key, int n, const int *world, const char *what);
 /* HMAC-SHA-256 under the world's token of (label, the generation, data): what a backend puts where
  * only the world's ranks may trust it (the shm segment's header), without the token leaving the store. */
 void tp_store_proof(const tp_store *s, const char *label, const void *data, size_t len,
