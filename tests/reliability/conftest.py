@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from relkit import _LATENCIES, SLACK, T, Ranks, base_env, free_port
+from relkit import _FUZZ, _LATENCIES, SLACK, T, Ranks, base_env, free_port
 
 
 @pytest.fixture
@@ -31,9 +31,12 @@ def spawn():
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if _FUZZ:
+        tr.section("tplinear fuzz")
+        tr.write_line("%d Hypothesis cases run in 2-rank worlds (each a call on both ranks)" % sum(_FUZZ))
     if not _LATENCIES:
         return
-    tr = terminalreporter
     tr.section("tplinear detection latency (fault -> CommError/OSError on the surviving ranks; bound: "
                "timeout %.0f s + %.0f s)" % (T, SLACK))
     tr.write_line("%-10s %-24s %-9s %10s  %s" % ("victim", "phase", "fault", "ms", "what the survivor said"))

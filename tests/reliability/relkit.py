@@ -24,8 +24,10 @@ import time
 T = 3.0
 SLACK = 2.0  # detection must come within T + SLACK (issue 10)
 
+# an outer world's variables, and the job ids a token may be derived from
 WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-              "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "TPLINEAR_TOKEN")
+              "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "TPLINEAR_TOKEN",
+              "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID", "SLURM_STEP_ID")
 def _pkg_root():
     import tplinear
     return os.path.dirname(os.path.dirname(os.path.abspath(tplinear.__file__)))
@@ -164,12 +166,18 @@ def alive(pids):
 # ----------------------------------------------------------------------------------- latency reporting
 
 _LATENCIES = []
+_FUZZ = []
 
 
 def record_latency(role, phase, fault, seconds, what=""):
     """Prints and records one detection latency (shown in the table at the end of the run)."""
     _LATENCIES.append((role, phase, fault, seconds * 1e3, what))
     print("detection latency: %-9s %-22s %-8s %8.0f ms  %s" % (role, phase, fault, seconds * 1e3, what[:160]))
+
+
+def record_fuzz(cases):
+    """Records how many cases a fuzz world ran (shown at the end of the run)."""
+    _FUZZ.append(cases)
 
 
 # ------------------------------------------------------------------------------------ a command world
