@@ -245,6 +245,13 @@ static int pid_dead(int pid)
     return dead;
 }
 
+/* The last collective rank j began (of its two fingerprint slots, the later one). */
+static const fingerprint *latest(shm_impl *im, int j)
+{
+    const fingerprint *a = &im->ctrl[j].fp[0], *b = &im->ctrl[j].fp[1];
+    return b->seq > a->seq ? b : a;
+}
+
 /* What a wait is stuck on, for the watchdog and the timeout: "all_reduce #12 of 1024 float32 (sum): ...
  * rank 1 (global rank 1, pid 4242, alive, last in all_reduce #11 of 1024 float32 (sum))", the first few
  * ranks whose step is below target. */
@@ -255,7 +262,7 @@ static void waiting_for(shm_impl *im, uint64_t target, char *buf, size_t cap, in
     *count = 0;
     buf[0] = '\0';
     for (int j = 0; j < im->p; j++) {
-        const fingerprint *a = &im->ctrl[j].fp[0], *b = &im->ctrl[j].fp[1], *last = b->seq > a->seq ? b : a;
+        const fingerprint *last = latest(im, j);
         int pid;
         if (atomic_load(&im->ctrl[j].step) >= target) continue;
         if ((*count)++ >= 4) continue;
@@ -397,9 +404,12 @@ static tp_status check_fingerprints(shm_impl *im)
             char a[160], b[160];
             describe(fj, a, sizeof a);
             describe(f0, b, sizeof b);
-            if (fj->seq != f0->seq) /* not in step: one of them did more (or fewer) steps than the other */
+            if (fj->seq != f0->seq) { /* out of step: a slot is stale; name the collective each rank is in */
+                describe(latest(im, j), a, sizeof a);
+                describe(latest(im, 0), b, sizeof b);
                 tp_error(TP_ERR_COMM, "collective mismatch: rank %d is in %s while rank 0 is in %s (the ranks called "
                          "different collectives, or a different number of them)", j, a, b);
+            }
             else
                 tp_error(TP_ERR_COMM, "collective mismatch: rank %d called %s, rank 0 called %s", j, a, b);
             return fail(im, TP_ERR_COMM, 1);

@@ -78,7 +78,7 @@ WORLD = """
 def test_worlds_back_to_back_leave_no_process_or_segment():
     before = shm_files()
     pids = []
-    for i in range(6):
+    for i in range(4):
         res = assert_world_ok(2 + i % 2, WORLD, timeout=60)
         pids += _pids(res, 2 + i % 2)
     assert alive(pids) == []

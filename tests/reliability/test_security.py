@@ -23,7 +23,7 @@ def say(*a):
     print(*a, flush=True)
 t0 = time.monotonic()
 try:
-    dist.init_process_group(timeout=float(os.environ.get("TMO", "4")), token=os.environ.get("INIT_TOKEN"))
+    dist.init_process_group(timeout=float(os.environ.get("TMO", "2.5")), token=os.environ.get("INIT_TOKEN"))
     a = np.ones(8); dist.all_reduce(a)
     say("JOINED", a[0])
 except tplinear.CommError as e:
@@ -72,6 +72,22 @@ def test_derived_tokens_keep_jobs_apart(spawn, var):
     w2.start(1, token=None, env={var: "job-a"})
     w2.wait(30)
     assert "JOINED 2.0" in w2.output(0) and "JOINED 2.0" in w2.output(1), w2.all_output()
+
+
+def documented_derivation(addr, port, size, job_id):
+    """docs/security.md's formula, as the torchrun-store and MPI bootstrap paths must compute it."""
+    import hashlib
+    parts = ["tplinear-token-v1", str(os.geteuid()), addr, str(port), str(size), job_id]
+    return hashlib.sha256(b"".join(p.encode() + b"\0" for p in parts)).hexdigest()
+
+
+def test_derivation_is_the_documented_one(spawn):
+    """A rank given the documented formula's value as TPLINEAR_TOKEN joins a rank that derives its token."""
+    w = spawn(JOIN, 2)
+    w.start(0, token=None, env={"TORCHELASTIC_RUN_ID": "job-x"})
+    w.start(1, token=documented_derivation("127.0.0.1", w.port, 2, "job-x"))
+    w.wait(30)
+    assert "JOINED 2.0" in w.output(0) and "JOINED 2.0" in w.output(1), w.all_output()
 
 
 def test_other_generation_is_sent_away(spawn):
