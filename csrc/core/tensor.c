@@ -1,33 +1,7 @@
-/* tp_tensor: dtypes, descriptors and views (copies are on the device floor: device/device.c). */
+/* tp_tensor: descriptors and views (dtypes: dtype.c; copies are on the device floor: device/device.c). */
 #include <string.h>
 
 #include "internal.h"
-
-size_t tp_dtype_size(tp_dtype dt)
-{
-    switch (dt) {
-    case TP_FLOAT32: return 4;
-    case TP_FLOAT64: return 8;
-    case TP_FLOAT16: return 2;
-    case TP_BFLOAT16: return 2;
-    case TP_INT32: return 4;
-    case TP_INT64: return 8;
-    }
-    return 0;
-}
-
-const char *tp_dtype_name(tp_dtype dt)
-{
-    switch (dt) {
-    case TP_FLOAT32: return "float32";
-    case TP_FLOAT64: return "float64";
-    case TP_FLOAT16: return "float16";
-    case TP_BFLOAT16: return "bfloat16";
-    case TP_INT32: return "int32";
-    case TP_INT64: return "int64";
-    }
-    return "unknown";
-}
 
 tp_status tp_tensor_init(tp_tensor *t, void *data, tp_dtype dt, int ndim, const int64_t *shape)
 {

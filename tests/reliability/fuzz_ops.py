@@ -79,7 +79,7 @@ def collective(case):
             return np.asarray(x)
         if kind == "broadcast":
             x = wrap(data(case["seed"], me, n, dt), how)
-            dist.broadcast(x, case["root"], group=g)
+            dist.broadcast(x, group=g, group_src=case["root"])
             return np.asarray(x)
         if kind == "barrier":
             dist.barrier(group=g)

@@ -35,7 +35,7 @@ def test_fifty_worlds_back_to_back_in_one_process_pair():
             a = np.full(1000, float(r + i)); dist.all_reduce(a)
             assert a[0] == 1 + 2 * i, a[0]
             g = dist.new_group([1, 0])
-            b = np.arange(4.0) * r; dist.broadcast(b, 0, group=g)   # group rank 0 is world rank 1
+            b = np.arange(4.0) * r; dist.broadcast(b, group=g, group_src=0)   # group rank 0 is world rank 1
             assert b[3] == 3.0
             assert holdings()[2] == 2     # the world's segment and the subgroup's are mapped (and only they)
             dist.destroy_process_group(g)

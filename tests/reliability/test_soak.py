@@ -94,7 +94,7 @@ while True:
         want = reduce_ref(np.stack([data(seed, k, p * n, dt) for k in gr]), op, dt, p)[me * n:(me + 1) * n]
     elif kind == "broadcast":
         root = int(rng.integers(p))
-        x = data(seed, r, n, dt); dist.broadcast(x, root, group=grp)
+        x = data(seed, r, n, dt); dist.broadcast(x, group=grp, group_src=root)
         want = data(seed, gr[root], n, dt)
     else:
         dist.barrier(group=grp); x = want = np.zeros(0)
