@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from relkit import _FUZZ, _LATENCIES, SLACK, T, Ranks, base_env, free_port
+from .relkit import _FUZZ, _LATENCIES, SLACK, T, Ranks, base_env, free_port
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 import tplinear
 import tplinear.distributed as dist
-from relkit import SLACK, T, base_env, free_port, shm_files
+from .relkit import SLACK, T, base_env, free_port, shm_files
 from tplinear.testing import run_world
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from relkit import SLACK, T, base_env, record_latency
+from .relkit import SLACK, T, base_env, record_latency
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,7 +49,7 @@ try:
             step = lambda: row(col(x))
         else:
             h = col(x); row(h)
-            step = lambda: col.backward(row.backward(dy))
+            step = lambda: col.backward(row.backward(dy, retain=True), retain=True)
     for i in range(2):
         step()
     say("LOOPING")

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from relkit import alive, shm_files
+from .relkit import alive, shm_files
 from tplinear.testing import assert_world_ok
 
 pytestmark = pytest.mark.timeout(180)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from relkit import shm_files
+from .relkit import shm_files
 
 pytestmark = pytest.mark.timeout(90)
 
