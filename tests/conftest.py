@@ -25,3 +25,17 @@ def rel_err(got, ref):
 
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """The default group as a world of one in this process (no launcher variables), destroyed afterwards."""
+    import tplinear.distributed as dist
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    g = dist.init_process_group(timeout=10)
+    yield g
+    dist.destroy_process_group()
+

@@ -623,42 +623,29 @@ static int wait_fd(int fd, short ev, double deadline)
     }
 }
 
-static int send_all(int fd, const void *buf, size_t n, double deadline)
+/* Sends (sending) or receives all n bytes by the deadline: IO_OK, IO_EOF (the peer closed), IO_TIMEOUT or
+ * IO_ERR (errno). */
+static int io_all(int fd, void *buf, size_t n, double deadline, int sending)
 {
-    const char *p = buf;
+    char *p = buf;
     while (n > 0) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t k = sending ? send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT) : recv(fd, p, n, MSG_DONTWAIT);
         if (k < 0) {
             int rc;
             if (errno == EINTR) continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK) return IO_ERR;
-            if ((rc = wait_fd(fd, POLLOUT, deadline)) != IO_OK) return rc;
+            if ((rc = wait_fd(fd, sending ? POLLOUT : POLLIN, deadline)) != IO_OK) return rc;
             continue;
         }
+        if (k == 0 && !sending) return IO_EOF;
         p += k;
         n -= (size_t)k;
     }
     return IO_OK;
 }
 
-static int recv_all(int fd, void *buf, size_t n, double deadline)
-{
-    char *p = buf;
-    while (n > 0) {
-        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
-        if (k < 0) {
-            int rc;
-            if (errno == EINTR) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) return IO_ERR;
-            if ((rc = wait_fd(fd, POLLIN, deadline)) != IO_OK) return rc;
-            continue;
-        }
-        if (k == 0) return IO_EOF;
-        p += k;
-        n -= (size_t)k;
-    }
-    return IO_OK;
-}
+static int send_all(int fd, const void *buf, size_t n, double deadline) { return io_all(fd, (void *)buf, n, deadline, 1); }
+static int recv_all(int fd, void *buf, size_t n, double deadline) { return io_all(fd, buf, n, deadline, 0); }
 
 /* A connected socket to addr:port, or -1 (refused, unreachable, or the deadline passed). */
 static int connect_once(const struct addrinfo *ai, double deadline)

@@ -371,17 +371,6 @@ except tplinear.CommError as e:
 
 # ---------------------------------------------------------------- 5. small holes (not the checkpoint ones)
 
-@pytest.fixture
-def world_of_one(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
-        monkeypatch.delenv(k, raising=False)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group(timeout=10)
-    yield
-    dist.destroy_process_group()
-
-
 def test_5a_new_group_rank_is_not_truncated(world_of_one):
     for bad in (2 ** 32, 2 ** 32 + 1, -(2 ** 32), 2 ** 70):
         with pytest.raises(ValueError, match="not in the parent group"):

@@ -23,6 +23,7 @@ SCRIPT = """
 import os, sys, time
 import numpy as np
 import tplinear.distributed as dist
+from fuzz_ops import data, reduce_ref      # the fuzz cases' exact data and NumPy references
 
 SOAK = float(os.environ["TPLINEAR_SOAK"])
 dist.init_process_group(timeout=60)
@@ -30,18 +31,6 @@ r, p = dist.get_rank(), dist.get_world_size()
 rng = np.random.default_rng(1234)          # the same stream on every rank: the same calls
 DT = [np.float32, np.float64, np.int32, np.int64]
 OPS = ["sum", "avg", "max", "min"]
-
-def data(seed, who, n, dt):
-    v = np.random.default_rng([seed, who]).integers(-400, 400, n)
-    return (v / 8).astype(dt) if np.dtype(dt).kind == "f" else v.astype(dt)
-
-def reduce_ref(stack, op, dt, p):
-    if op == "sum": return stack.sum(0).astype(dt)
-    if op == "max": return stack.max(0)
-    if op == "min": return stack.min(0)
-    s = stack.sum(0)
-    if np.dtype(dt).kind == "i": return (np.sign(s) * (np.abs(s) // p)).astype(dt)
-    return (s / np.dtype(dt).type(p)).astype(dt)
 
 def usage():
     # (private resident bytes, resident shared-memory bytes, open descriptors)
@@ -114,7 +103,9 @@ assert end[1] <= 2 * (2 * 8 + 1) * 2**20, ("shared rss", start, end)
 
 
 def test_soak():
-    res = assert_world_ok(2, SCRIPT, timeout=SOAK + 150, env={"TPLINEAR_SOAK": SOAK, "MALLOC_MMAP_THRESHOLD_": 65536})
+    env = {"TPLINEAR_SOAK": SOAK, "MALLOC_MMAP_THRESHOLD_": 65536,
+           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    res = assert_world_ok(2, SCRIPT, timeout=SOAK + 150, env=env)
     for r in (0, 1):
         line = [l for l in res.rank_lines(r) if l.startswith("SOAK")]
         assert line, res.output
