@@ -25,3 +25,22 @@ def rel_err(got, ref):
 
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
+
+
+@pytest.fixture
+def no_outer_world(monkeypatch):
+    """This process may be a rank of a launcher's world (pytest under torchrun or mpirun): forget it."""
+    from tplinear.run import clean_launcher_env
+    for k in set(os.environ) - set(clean_launcher_env(os.environ)):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture
+def world_of_one(no_outer_world):
+    """The default group as a world of one in this process (no launcher variables), destroyed afterwards."""
+    import tplinear.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    g = dist.init_process_group(timeout=10)
+    yield g
+    dist.destroy_process_group()

@@ -10,7 +10,6 @@ import pytest
 import tplinear
 import tplinear.distributed as dist
 from comm_spawn import assert_spawned_ok, spawn_world
-from tplinear.run import clean_launcher_env
 
 try:  # the launcher-based helpers; direct spawning stands in where they are missing
     from tplinear.testing import assert_world_ok as _assert_world_ok
@@ -371,20 +370,6 @@ dist.all_reduce(np.ones(10))
 
 # ---------------------------------------------------------------- in this process (a world of one)
 
-def no_outer_world(monkeypatch):
-    """This process may be a rank of a launcher's world (pytest under torchrun or mpirun): forget it."""
-    for k in set(os.environ) - set(clean_launcher_env(os.environ)):
-        monkeypatch.delenv(k, raising=False)
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    no_outer_world(monkeypatch)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    g = dist.init_process_group(timeout=10)
-    yield g
-    dist.destroy_process_group()
 
 
 def test_world_of_one(world_of_one):
@@ -430,8 +415,7 @@ def test_argument_errors(world_of_one):
         dist.all_reduce(np.ones(3), group="world")
 
 
-def test_init_errors(monkeypatch):
-    no_outer_world(monkeypatch)
+def test_init_errors(monkeypatch, no_outer_world):
     if dist.is_initialized():
         dist.destroy_process_group()
     if "mpi" in dist.available_backends():  # a world of one needs no MPI launcher

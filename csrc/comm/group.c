@@ -86,15 +86,17 @@ static tp_status check_options(const tp_init_options *o)
                     o->version, sizeof(tp_init_options), TP_INIT_OPTIONS_MAGIC, TP_INIT_OPTIONS_VERSION);
 }
 
-/* Ends a bootstrap phase that used the store: every rank of `members` ranks checks in, and rank 0
- * (world rank 0, the store's server, when it is a member) returns last, so no rank is left mid-request when rank 0 moves on (or exits). */
-static tp_status store_checkout(tp_store *store, const char *prefix, int world_rank, int members)
+/* Ends a bootstrap phase that used the store: every member of the parent (index me of members, world
+ * ranks in world[]) checks in, and world rank 0 (the store's server, when it is a member) returns last, so
+ * no rank is left mid-request when rank 0 moves on (or exits). */
+static tp_status store_checkout(tp_store *store, const char *prefix, int me, int members, const int *world,
+                                int world_rank)
 {
     tp_status st = TP_OK;
     char key[128];
     snprintf(key, sizeof key, "%sdone", prefix);
-    TP_CHECK(tp_store_add(store, key, 1, NULL));
-    if (world_rank == 0) TP_CHECK(tp_store_wait_ge(store, key, members));
+    TP_CHECK(tp_store_arrive(store, key, me));
+    if (world_rank == 0) TP_CHECK(tp_store_wait_all(store, key, members, world, "to finish setting up the group"));
 out:
     return st;
 }
@@ -122,12 +124,17 @@ static tp_status world_shape(const tp_init_options *opts, int *size, int *rank, 
     /* -1 when nobody says: a world of more than one counts the ranks of each host at rendezvous */
     *lrank = opts->local_rank >= 0 ? opts->local_rank : env.local_rank;
     *lsize = opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size;
-    TP_REQUIRE(*size >= 1 && *size <= 65536, "init: WORLD_SIZE must be >= 1, got %d", *size);
+    TP_REQUIRE(*size >= 1 && *size <= 65536, "init: WORLD_SIZE must be in 1..65536, got %d", *size);
     TP_REQUIRE(*rank >= 0 && *rank < *size, "init: RANK must be in 0..%d (WORLD_SIZE=%d), got %d", *size - 1, *size,
                *rank);
 out:
     return st;
 }
+
+/* How many worlds of more than one rank this process has started: the generation of the next one. Every
+ * rank counts the same, so the n-th init of each meets the n-th of the others, and a rank that re-inits
+ * cannot reach the previous world's store (the one counter of the process, like the registry's tables). */
+static _Atomic uint64_t g_world_generation;
 
 /* The key namespace in a store that outlives one world (torchrun's agent store serves every restart
  * of a run): the run id and the restart count, so a restarted world never sees an earlier attempt's
@@ -184,27 +191,28 @@ out:
 
 /* What world rank 0 tells the others through a launcher's channel. */
 typedef struct {
-    char host_id[160];
     char addr[256];
     int port;
 } boot_msg;
 
-/* Under mpirun/mpiexec/srun: rank 0 picks a free port and its address, and the launcher's channel (MPI)
- * carries them to the others; ranks on rank 0's host dial 127.0.0.1. */
-static tp_status boot_through_launcher(tp_group *g, const tp_world_env *env, char *addr, size_t cap, int *port)
+/* Under mpirun/mpiexec/srun: rank 0 picks a free port and the address it will serve on (loopback when
+ * the launcher says the world is one host), and the launcher's channel (MPI) carries them to the others. */
+static tp_status boot_through_launcher(tp_group *g, const tp_world_env *env, int one_host, char *addr, size_t cap,
+                                       int *port)
 {
     tp_status st = TP_OK;
     boot_msg m;
-    char id[160], name[64];
     memset(&m, 0, sizeof m);
-    TP_CHECK(tp_host_identity(id, sizeof id, name, sizeof name));
     if (g->rank == 0) {
-        snprintf(m.host_id, sizeof m.host_id, "%s", id);
-        own_address(env, m.addr, sizeof m.addr);
+        if (one_host)
+            snprintf(m.addr, sizeof m.addr, "127.0.0.1");
+        else
+            own_address(env, m.addr, sizeof m.addr);
         TP_CHECK(free_port(&m.port));
     }
     TP_CHECK(tp_backend_boot_bcast(g->rank, g->size, &m, sizeof m, g->timeout_s, &g->booted_by));
-    snprintf(addr, cap, "%s", strcmp(m.host_id, id) == 0 ? "127.0.0.1" : m.addr);
+    m.addr[sizeof m.addr - 1] = '\0';
+    snprintf(addr, cap, "%s", m.addr);
     *port = m.port;
 out:
     return st;
@@ -214,22 +222,28 @@ out:
  * - under torchrun (TORCHELASTIC_USE_AGENT_STORE=True), the agent's own store at MASTER_ADDR:MASTER_PORT;
  * - under mpirun/mpiexec/srun, rank 0 serves one on a free port, announced through the launcher (MPI);
  *   without MPI in this build, MASTER_ADDR/MASTER_PORT as below;
- * - else (tplinear.run, by hand, the C API's options) rank 0 serves one at MASTER_ADDR:MASTER_PORT. */
+ * - else (tplinear.run, by hand, the C API's options) rank 0 serves one at MASTER_ADDR:MASTER_PORT.
+ * A store of our own is served on 127.0.0.1 when the launcher says the world is one host (LOCAL_WORLD_SIZE ==
+ * WORLD_SIZE): nothing outside the host can reach it. Every world of the process gets the next generation. */
 static tp_status open_store(const tp_init_options *opts, tp_group *g)
 {
     tp_status st = TP_OK;
     tp_world_env env;
     tp_launcher l;
-    char addr[256], ns[192];
-    int port;
+    tp_store_config cfg;
+    char addr[256], ns[TP_STORE_NS_MAX], token[TP_TOKEN_MAX + 1];
+    const char *source = NULL;
+    int one_host, torch, port;
     TP_CHECK(tp_world_from_env(&env));
     TP_CHECK(tp_launcher_from_env(&l));
+    one_host = (opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size) == g->size;
+    torch = l.agent_store && opts->master_port <= 0;
     port = opts->master_port > 0 ? opts->master_port : env.master_port;
     snprintf(addr, sizeof addr, "%s", opts->master_addr && opts->master_addr[0] ? opts->master_addr
                                       : env.master_addr[0]                   ? env.master_addr
                                                                              : "127.0.0.1");
     if (opts->master_port <= 0 && (l.kind == TP_LAUNCHER_MPI || l.kind == TP_LAUNCHER_SLURM)) {
-        st = l.mpi_runtime ? boot_through_launcher(g, &env, addr, sizeof addr, &port)
+        st = l.mpi_runtime ? boot_through_launcher(g, &env, one_host, addr, sizeof addr, &port)
                            : tp_error(TP_ERR_UNSUPPORTED, "the launcher's MPI runtime is not there (no PMIx/PMI "
                                       "variables: the MPI launcher's variables were set by hand?); set MASTER_ADDR "
                                       "and MASTER_PORT");
@@ -242,14 +256,25 @@ static tp_status open_store(const tp_init_options *opts, tp_group *g)
     }
     TP_REQUIRE(port > 0 && port < 65536,
                "init: WORLD_SIZE=%d but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)", g->size);
-    tp_log(TP_LOG_INFO, "init: rank %d of %d (%s), store %s:%d%s, timeout %g s", g->rank, g->size,
-           tp_launcher_name(l.kind), addr, port, l.agent_store ? " (torchrun's)" : "", g->timeout_s);
-    if (l.agent_store && opts->master_port <= 0) {
+    TP_CHECK(tp_store_token(opts->token, addr, port, g->size, token, &source));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.addr = one_host && !torch ? "127.0.0.1" : addr;
+    cfg.port = port;
+    cfg.rank = g->rank;
+    cfg.world_size = g->size;
+    cfg.timeout_s = g->timeout_s;
+    cfg.token = token;
+    cfg.generation = atomic_fetch_add(&g_world_generation, 1) + 1;
+    if (torch) {
         store_namespace(&l, ns, sizeof ns);
-        TP_CHECK(tp_store_open_torch(addr, port, ns, g->rank, g->size, g->timeout_s, &g->store));
-    } else {
-        TP_CHECK(tp_store_open(addr, port, g->rank, g->size, g->timeout_s, &g->store));
+        cfg.torch_ns = ns;
     }
+    tp_log(TP_LOG_INFO, "init: rank %d of %d (%s), store %s:%d%s, world generation %llu, token from %s, timeout %g s",
+           g->rank, g->size, tp_launcher_name(l.kind), cfg.addr, port, cfg.torch_ns ? " (torchrun's)" : "",
+           (unsigned long long)cfg.generation, source, g->timeout_s);
+    st = tp_store_open_world(&cfg, &g->store);
+    memset(token, 0, sizeof token);
+    TP_CHECK(st);
     g->owns_store = 1;
 out:
     return st;
@@ -296,6 +321,10 @@ static tp_status exchange_hosts(tp_group *g, int env_local_rank)
     TP_CHECK(tp_host_identity(mine.id, sizeof mine.id, mine.name, sizeof mine.name));
     snprintf(key, sizeof key, "%shost/%d", g->prefix, g->rank);
     TP_CHECK(tp_store_set(g->store, key, &mine, sizeof mine));
+    /* the records are "<prefix>host/<rank>", the keys of a store barrier: it names a rank that never
+     * publishes and fails at once for one that died after joining */
+    snprintf(key, sizeof key, "%shost", g->prefix);
+    TP_CHECK(tp_store_wait_all(g->store, key, g->size, NULL, "to publish its host"));
     for (int r = 0; r < g->size; r++) {
         int k = 0;
         if (r == g->rank) {
@@ -393,11 +422,12 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     }
     TP_CHECK(tp_backend_choose(opts->backend, opts->device, g, &family));
     TP_CHECK(make_member(g, family));
-    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->world_rank, g->size));
+    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->rank, g->size, g->global_ranks, g->world_rank));
     tp_log(TP_LOG_INFO, "init: backend %s for a world of %d", g->backend->name, size);
     *world = g;
     g = NULL;
 out:
+    if (g) tp_store_abandon(g->store);
     tp_group_destroy(g);
     return st;
 }
@@ -471,7 +501,9 @@ tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const 
     } else if (me >= 0) {
         TP_CHECK(make_member(g, family));
     }
-    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
+    if (g->store)
+        TP_CHECK(store_checkout(g->store, g->prefix, parent->rank, parent->size, parent->global_ranks,
+                                parent->world_rank));
     tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me,
            me >= 0 ? g->backend->name : family->name);
     *out = g;

@@ -10,8 +10,9 @@
  *   - GET (3): key; reply payload (torch's own client WAITs for the key first: we CHECK first);
  *   - ADD (4): key, i64 delta; reply i64 new value (a missing key counts as 0);
  *   - CHECK (5): u64 n, n keys; reply u8 0 (READY: all exist) or 1 (NOT_READY).
- * Waiting is client-side polling (CHECK / ADD 0) with a growing sleep, bounded by the store's timeout,
- * and every read and write of the socket is bounded by it too, so a dead agent is an error, not a hang.
+ * Only the primitives live here (set, a non-waiting get, add): waiting, the join and barriers are
+ * comm/store.c's, the same for both stores. Every read and write of the socket is bounded by the store's
+ * timeout, so a dead agent is an error, not a hang.
  *
  * Every key is put under the namespace the caller gives (group.c: "tplinear/<run id>/<restart count>/"),
  * so a world restarted by --max-restarts never reads the keys of the attempt before it, and tplinear's
@@ -42,7 +43,7 @@ struct tp_torch_store {
     double timeout_s;
     char addr[256];
     int port;
-    char ns[192];
+    char ns[384];
 };
 
 static void sleep_s(double s)
@@ -258,80 +259,11 @@ out:
     return st;
 }
 
-tp_status tp_torch_store_get(tp_torch_store *s, const char *key, void *val, size_t cap, size_t *len)
+tp_status tp_torch_store_try_get(tp_torch_store *s, const char *key, void *val, size_t cap, size_t *len, int *found)
 {
     tp_status st = TP_OK;
-    double deadline = tp_now() + s->timeout_s, pause = 0.0001;
-    int found = 0;
-    for (;;) {
-        TP_CHECK(check(s, key, &found));
-        if (found) break;
-        if (tp_now() > deadline) {
-            st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for store key '%s'", s->timeout_s, key);
-            goto out;
-        }
-        sleep_s(pause);
-        if (pause < 0.01) pause *= 1.5;
-    }
-    TP_CHECK(get_now(s, key, val, cap, len));
-out:
-    return st;
-}
-
-tp_status tp_torch_store_wait_ge(tp_torch_store *s, const char *key, int64_t target)
-{
-    tp_status st = TP_OK;
-    double deadline = tp_now() + s->timeout_s, pause = 0.0001;
-    int64_t v = 0;
-    for (;;) {
-        TP_CHECK(tp_torch_store_add(s, key, 0, &v));
-        if (v >= target) break;
-        if (tp_now() > deadline) {
-            st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for store key '%s' to reach %lld (at %lld)",
-                          s->timeout_s, key, (long long)target, (long long)v);
-            goto out;
-        }
-        sleep_s(pause);
-        if (pause < 0.01) pause *= 1.5;
-    }
-out:
-    return st;
-}
-
-/* Every rank sets "join/<rank>" and waits for all the others; on timeout names the missing ones. */
-static tp_status join(tp_torch_store *s, int rank, int world_size)
-{
-    tp_status st = TP_OK;
-    char key[64], missing[512];
-    double deadline = tp_now() + s->timeout_s, pause = 0.0002;
-    int one = 1, found = 0, next = 0, nmiss = 0;
-    size_t used = 0;
-    snprintf(key, sizeof key, "join/%d", rank);
-    TP_CHECK(tp_torch_store_set(s, key, &one, sizeof one));
-    while (next < world_size) {
-        snprintf(key, sizeof key, "join/%d", next);
-        TP_CHECK(check(s, key, &found));
-        if (found) {
-            next++;
-            continue;
-        }
-        if (tp_now() > deadline) break;
-        sleep_s(pause);
-        if (pause < 0.01) pause *= 1.5;
-    }
-    if (next == world_size) goto out;
-    missing[0] = '\0';
-    for (int r = next; r < world_size; r++) {
-        snprintf(key, sizeof key, "join/%d", r);
-        TP_CHECK(check(s, key, &found));
-        if (found) continue;
-        if (used + 16 < sizeof missing)
-            used += (size_t)snprintf(missing + used, sizeof missing - used, "%s%d", nmiss ? ", " : "", r);
-        nmiss++;
-    }
-    if (nmiss == 0) goto out;
-    st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for rank%s %s of %d to join (through torchrun's store "
-                  "at %s:%d)", s->timeout_s, nmiss > 1 ? "s" : "", missing, world_size, s->addr, s->port);
+    TP_CHECK(check(s, key, found));
+    if (*found) TP_CHECK(get_now(s, key, val, cap, len));
 out:
     return st;
 }
@@ -375,8 +307,7 @@ out:
     return st;
 }
 
-tp_status tp_torch_store_open(const char *addr, int port, const char *ns, int rank, int world_size, double timeout_s,
-                              tp_torch_store **out)
+tp_status tp_torch_store_open(const char *addr, int port, const char *ns, double timeout_s, tp_torch_store **out)
 {
     tp_status st = TP_OK;
     tp_torch_store *s = NULL;
@@ -399,9 +330,7 @@ tp_status tp_torch_store_open(const char *addr, int port, const char *ns, int ra
     put_u8(&m, Q_VALIDATE);
     put(&m, &magic, sizeof magic);
     TP_CHECK(exchange(s, &m, NULL, 0));
-    TP_CHECK(join(s, rank, world_size));
-    tp_log(TP_LOG_INFO, "store: rank %d of %d joined torchrun's store at %s:%d (keys under '%s')", rank, world_size,
-           s->addr, port, s->ns);
+    tp_log(TP_LOG_INFO, "store: connected to torchrun's store at %s:%d (keys under '%s')", s->addr, port, s->ns);
     *out = s;
     s = NULL;
 out:

@@ -27,10 +27,11 @@ typedef struct {
 } knob_def;
 
 static const knob_def KNOBS[TP_KNOB_COUNT] = {
-    [TP_KNOB_DEBUG] = {"TPLINEAR_DEBUG", KNOB_CHOICE, "off", -1, 0, 0, "INFO|TRACE",
-                       "log to stderr, each line prefixed with the world rank: INFO the backend choice, ranks, "
-                       "segment sizes and the knobs set; TRACE also every collective with its time (any other "
-                       "value: off)"},
+    [TP_KNOB_DEBUG] = {"TPLINEAR_DEBUG", KNOB_CHOICE, "WARN", -1, 0, 0, "INFO|TRACE|WARN|OFF",
+                       "log to stderr, each line prefixed with the world rank: WARN (the default) only what a "
+                       "user must see before any call fails (a hung peer, a refused join); INFO also the "
+                       "backend choice, ranks, segment sizes and the knobs set; TRACE also every collective "
+                       "with its time; OFF nothing"},
     [TP_KNOB_BACKEND] = {"TPLINEAR_BACKEND", KNOB_STRING, "auto", 0, 0, 0, NULL,
                          "the backend a world gets when init asks for none (backend=None or 'auto'): one of "
                          "the backends this build registers (tplinear.distributed.available_backends())"},
@@ -67,6 +68,10 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_MPI_CHUNK_KB] = {"TPLINEAR_MPI_CHUNK_KB", KNOB_INT, "1024", 1024, 4, 1L << 22, NULL,
                               "mpi: the round size of large all-reduces and reduce-scatters in KiB (bounds the "
                               "scratch memory; rank 0's value is used)"},
+    [TP_KNOB_WATCHDOG_S] = {"TPLINEAR_WATCHDOG_S", KNOB_INT, "30", 30, 0, 1L << 30, NULL,
+                            "after a rank has waited this many seconds for a peer (a collective, the rendezvous, "
+                            "a store key), it logs once which rank and which collective it waits for (0: never); "
+                            "the wait itself ends at the group's timeout"},
 };
 
 #define VALUE_CAP 128
@@ -157,7 +162,8 @@ static void log_knobs(void)
 int tp_log_level(void)
 {
     const knob_value *v = &values()[TP_KNOB_DEBUG];
-    int level = v->err[0] ? TP_LOG_OFF : (int)v->value + 1; /* -1 unset, 0 INFO, 1 TRACE */
+    static const int levels[] = {TP_LOG_INFO, TP_LOG_TRACE, TP_LOG_WARN, TP_LOG_OFF}; /* the choices' order */
+    int level = v->err[0] || v->value < 0 ? TP_LOG_WARN : levels[v->value];
     if (level >= TP_LOG_INFO && !__atomic_load_n(&g_logged, __ATOMIC_ACQUIRE)) log_knobs();
     return level;
 }
@@ -275,10 +281,15 @@ out:
 static const char *const MPI_RUNTIME_VARS[] = {"PMIX_RANK", "PMIX_NAMESPACE", "OMPI_MCA_orte_hnp_uri", "PMI_FD",
                                                "PMI_PORT"};
 
-static void copy_env(char *dst, size_t cap, const char *name)
+/* Copies the variable's value into buf (cap bytes); 0 when unset or empty, -1 when too long. */
+static int env_copy(const char *name, char *buf, size_t cap)
 {
     const char *v = getenv(name);
-    snprintf(dst, cap, "%s", v ? v : "");
+    buf[0] = '\0';
+    if (v == NULL || v[0] == '\0') return 0;
+    if (strlen(v) >= cap) return -1;
+    strcpy(buf, v);
+    return 1;
 }
 
 tp_status tp_launcher_from_env(tp_launcher *l)
@@ -294,10 +305,38 @@ tp_status tp_launcher_from_env(tp_launcher *l)
     bad = env_int("TORCHELASTIC_RESTART_COUNT", &l->restart_count);
     TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
     if (l->restart_count < 0) l->restart_count = 0;
-    copy_env(l->run_id, sizeof l->run_id, "TORCHELASTIC_RUN_ID");
+    TP_REQUIRE(env_copy("TORCHELASTIC_RUN_ID", l->run_id, sizeof l->run_id) >= 0,
+               "environment variable TORCHELASTIC_RUN_ID is longer than %zu bytes", sizeof l->run_id - 1);
     l->omp_threads_set = getenv("OMP_NUM_THREADS") != NULL && getenv("OMP_NUM_THREADS")[0] != '\0';
     for (size_t i = 0; i < sizeof MPI_RUNTIME_VARS / sizeof MPI_RUNTIME_VARS[0]; i++)
         if (getenv(MPI_RUNTIME_VARS[i]) != NULL) l->mpi_runtime = l->kind == TP_LAUNCHER_MPI || l->kind == TP_LAUNCHER_SLURM;
+out:
+    return st;
+}
+
+tp_status tp_env_token(tp_token_env *out)
+{
+    static const char *const JOB_VARS[] = {"TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid",
+                                           "SLURM_JOB_ID"};
+    tp_status st = TP_OK;
+    const char *tok = getenv("TPLINEAR_TOKEN");
+    memset(out, 0, sizeof *out);
+    TP_REQUIRE(tok == NULL || (tok[0] != '\0' && strlen(tok) <= TP_TOKEN_MAX),
+               "environment variable TPLINEAR_TOKEN must be 1..%d characters when set, got %zu", TP_TOKEN_MAX,
+               tok ? strlen(tok) : (size_t)0);
+    if (tok) strcpy(out->token, tok);
+    for (size_t i = 0; i < sizeof JOB_VARS / sizeof JOB_VARS[0]; i++) {
+        int rc = env_copy(JOB_VARS[i], out->job_id, sizeof out->job_id - 32);
+        TP_REQUIRE(rc >= 0, "environment variable %s is longer than %zu bytes", JOB_VARS[i], sizeof out->job_id - 33);
+        if (rc == 0) continue;
+        out->job_var = JOB_VARS[i];
+        if (strcmp(JOB_VARS[i], "SLURM_JOB_ID") == 0) { /* a job's steps are worlds of their own */
+            const char *step = getenv("SLURM_STEP_ID");
+            size_t n = strlen(out->job_id);
+            snprintf(out->job_id + n, sizeof out->job_id - n, ".%.20s", step ? step : "");
+        }
+        break;
+    }
 out:
     return st;
 }

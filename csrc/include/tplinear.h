@@ -215,7 +215,7 @@ typedef struct tp_group tp_group;
 typedef enum { TP_SUM = 0, TP_AVG = 1, TP_MAX = 2, TP_MIN = 3 } tp_reduce_op;
 
 #define TP_INIT_OPTIONS_MAGIC 0x74706f70u /* "tpop" */
-#define TP_INIT_OPTIONS_VERSION 1u
+#define TP_INIT_OPTIONS_VERSION 2u
 
 typedef struct {
     /* What the caller's header declared: filled by TP_INIT_OPTIONS_INITIALIZER or tp_init_options_default,
@@ -236,19 +236,28 @@ typedef struct {
     /* With backend NULL / "auto": the memory the group's buffers will live in, so that the choice
      * takes it (TP_DEVICE_CUDA: a backend that takes GPU memory). */
     tp_device_type device;
+    /* The world's secret, the same on every rank (1..256 characters): every rank proves it to join the
+     * rendezvous and to map the world's shared memory. NULL: TPLINEAR_TOKEN (tplinear.run sets a fresh
+     * one per run), else a value derived from the launcher's job id, address and port (docs/security.md). */
+    const char *token;
 } tp_init_options;
 
 /* Everything from the environment, automatic backend, 300 s. */
 #define TP_INIT_OPTIONS_INITIALIZER                                                                   \
     {                                                                                                 \
         sizeof(tp_init_options), TP_INIT_OPTIONS_MAGIC, TP_INIT_OPTIONS_VERSION, NULL, 300.0, -1, -1, -1, -1, \
-            NULL, -1, TP_DEVICE_CPU                                                                   \
+            NULL, -1, TP_DEVICE_CPU, NULL                                                             \
     }
 
 /* Fills opts as TP_INIT_OPTIONS_INITIALIZER does. */
 TP_API void tp_init_options_default(tp_init_options *opts);
 
-/* Creates the world group (collective over all ranks). */
+/* Creates the world group (collective over all ranks). A world of more than one rank meets at rank 0's
+ * rendezvous store: on one host (LOCAL_WORLD_SIZE == WORLD_SIZE) over 127.0.0.1 whatever MASTER_ADDR says,
+ * else at MASTER_ADDR, where rank 0 listens on that address only. Each call of a process starts a fresh
+ * world: the n-th init of every rank meets the n-th init of the others (a re-initialising rank that
+ * reaches the previous world's store is sent away until its new one is up). A rank whose token differs is
+ * refused on both sides (TP_ERR_COMM); every wait is bounded by timeout_s. */
 TP_API tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world);
 /* Collective over every rank of parent: ranks (n entries, ranks of parent, ascending or not, no
  * repeats) form a new group. A rank of parent not listed gets a non-member handle whose
@@ -261,7 +270,10 @@ TP_API tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_grou
  * memory), else the parent's. Every rank of parent passes the same name. */
 TP_API tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const char *backend,
                                       tp_group **out);
-/* Frees the group's resources (not collective; call on every rank). NULL is fine. */
+/* Frees the group's resources (not collective; call on every rank). NULL is fine. It must not run while
+ * another thread is inside a call on g: call tp_group_abort (safe from any thread) first, which makes
+ * such calls return TP_ERR_COMM at once, and destroy after they have returned (the Python binding does
+ * this for destroy_process_group). */
 TP_API void tp_group_destroy(tp_group *g);
 /* Marks the group failed and wakes/aborts anything waiting on it (safe from another thread). */
 TP_API tp_status tp_group_abort(tp_group *g);

@@ -327,6 +327,12 @@ static PyObject *py_cuda_compiled(PyObject *m, PyObject *unused)
     return PyBool_FromLong(tp_cuda_compiled());
 }
 
+TPY_IN_GROUP(py_row_forward)
+TPY_IN_GROUP(py_row_backward)
+TPY_IN_GROUP(py_col_forward)
+TPY_IN_GROUP(py_col_backward)
+TPY_IN_GROUP(py_gather)
+
 PyMethodDef tpy_core_methods[] = {
     {"partition", (PyCFunction)(void (*)(void))py_partition, METH_VARARGS | METH_KEYWORDS,
      "partition(blocks, p, grain, kv_heads=0, name=None, num_heads=0, num_kv_heads=0, head_dim=0, "
@@ -336,11 +342,11 @@ PyMethodDef tpy_core_methods[] = {
     {"init_uniform", py_init_uniform, METH_VARARGS, "init_uniform(out, seed, stream, bound, row_off, col_off, full_cols)"},
     {"linear_forward", py_linear_forward, METH_VARARGS, "linear_forward(x, w, b|None, y)"},
     {"linear_backward", py_linear_backward, METH_VARARGS, "linear_backward(dy, x, w, dx|None, dw|None, db|None)"},
-    {"row_forward", py_row_forward, METH_VARARGS, "row_forward(group, x, w, b|None, y)"},
-    {"row_backward", py_row_backward, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None)"},
-    {"col_forward", py_col_forward, METH_VARARGS, "col_forward(group, x, w, b|None, y)"},
-    {"col_backward", py_col_backward, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap)"},
-    {"gather", py_gather, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full): all-gather along dim"},
+    {"row_forward", py_row_forward_in_group, METH_VARARGS, "row_forward(group, x, w, b|None, y)"},
+    {"row_backward", py_row_backward_in_group, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None)"},
+    {"col_forward", py_col_forward_in_group, METH_VARARGS, "col_forward(group, x, w, b|None, y)"},
+    {"col_backward", py_col_backward_in_group, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap)"},
+    {"gather", py_gather_in_group, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full): all-gather along dim"},
     {"shard", py_shard, METH_VARARGS,
      "shard(full, dim, ranges, nblocks, rank, out): rank's pieces of full along dim into out (no collective)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): BLAS threads (n <= 0: automatic)"},

@@ -132,9 +132,9 @@ def get_num_threads() -> int: ...
 
 # ---------------------------------------------------------------- process groups and collectives
 def init_world(backend: Optional[str] = None, timeout: float = 300.0, rank: Optional[int] = None,
-               world_size: Optional[int] = None, device: str = "cpu") -> Group:
-    """The world group; what is None comes from the launcher's environment. device ("cpu", "cuda"): the
-    memory an automatic backend choice must take."""
+               world_size: Optional[int] = None, device: str = "cpu", token: Optional[str] = None) -> Group:
+    """The world group; what is None comes from the launcher's environment (token: TPLINEAR_TOKEN, else
+    derived, docs/security.md). device ("cpu", "cuda"): the memory an automatic backend choice must take."""
 def world_env() -> Dict[str, Optional[Union[int, str]]]:
     """The launcher's world: rank, world_size, local_rank, local_world_size, master_addr, master_port
     (None where the environment says nothing)."""
@@ -150,4 +150,5 @@ def reduce_scatter(group: Group, out: _Array, arr: _Array, op: str, /) -> None: 
 def broadcast(group: Group, arr: _Array, root: int, /) -> None: ...
 def barrier(group: Group, /) -> None: ...
 def abort(group: Group, /) -> None: ...
-def destroy(group: Group, /) -> None: ...
+def destroy(group: Group, /) -> None:
+    """Frees the group; a call running on it in another thread is aborted (CommError) and waited for."""

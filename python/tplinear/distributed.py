@@ -48,7 +48,7 @@ def available_backends():
     return _C.backends()
 
 
-def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, init_method=None):
+def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, init_method=None, token=None):
     """Creates the default group from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; under mpirun/mpiexec/srun the MPI launcher's variables,
     no MASTER_* needed in MPI builds; under torchrun its agent's store); nothing set means a world of
@@ -56,16 +56,23 @@ def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, 
     as torch-compatible sugar for the CPU backend "shm"; a backend this build lacks says how to get it.
     Every wait is bounded by timeout seconds (a datetime.timedelta works too).
 
+    token: the world's secret (a str of 1..256 characters, the same on every rank). Every rank proves it
+    to join rank 0's rendezvous store and to map the world's shared memory, so no other process (another
+    job on the same port, another user) can join or read the world; a rank with another token is refused
+    with a CommError on both sides. None: TPLINEAR_TOKEN, which ``python -m tplinear.run`` sets to a fresh
+    random value per run, else a value derived from the launcher's job id, MASTER_ADDR, MASTER_PORT and
+    WORLD_SIZE (docs/security.md). Each call starts a fresh world, also on the same MASTER_PORT.
+
     backend=None picks, in order: the TPLINEAR_BACKEND environment variable; a backend that takes GPU
     memory ("nccl") when the group is created implicitly by a layer whose tensors are on the GPU
     (device="cuda", or a module whose weight is a GPU array); otherwise the CPU default: "mpi" when an
     MPI launcher started the processes (on one host or many), "shm" when all ranks share a host. A world
     that spans hosts without MPI is an error naming the hosts. A GPU training script that calls
     init_process_group() itself should pass backend="nccl" (as with torch)."""
-    return _init(backend, timeout, rank, world_size, init_method, device="cpu")
+    return _init(backend, timeout, rank, world_size, init_method, device="cpu", token=token)
 
 
-def _init(backend, timeout, rank, world_size, init_method, device):
+def _init(backend, timeout, rank, world_size, init_method, device, token=None):
     global _world
     if _world is not None:
         raise RuntimeError("the default process group is already initialized; call destroy_process_group() first")
@@ -80,7 +87,9 @@ def _init(backend, timeout, rank, world_size, init_method, device):
         raise ValueError("only init_method='env://' (torchrun's environment) is supported")
     if backend is not None and not isinstance(backend, str):
         raise ValueError(f"backend must be None or a name such as 'shm' or 'nccl', got {backend!r}")
-    _world = ProcessGroup(_C.init_world(backend, timeout, rank, world_size, device))
+    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 256 or "\0" in token):
+        raise ValueError("token must be None or a string of 1..256 characters without NUL")
+    _world = ProcessGroup(_C.init_world(backend, timeout, rank, world_size, device, token))
     return _world
 
 
@@ -227,7 +236,9 @@ def abort(group=None):
 
 
 def destroy_process_group(group=None):
-    """Destroys group, or the default group (and with it the world) when group is None."""
+    """Destroys group, or the default group (and with it the world) when group is None. Safe while another
+    thread is inside a collective or a layer call on that group: the call raises CommError at once, and
+    the group is freed after it has returned."""
     global _world
     if group is None:
         if _world is not None:

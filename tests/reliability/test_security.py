@@ -1,0 +1,164 @@
+"""Security (issue 10): a world is a closed club. A rank that cannot prove the world's token is refused with
+a clear error on both sides, whatever the token's source (init's token=, TPLINEAR_TOKEN, the derivation for
+plain torchrun/mpirun); worlds of other generations or jobs never mix; the shared segment is reachable by no
+other process once the world is set up and appears nowhere in /dev/shm; the token is never logged. (The
+segment header's proof, refused when it is another world's, is checked by tests/c/test_comm.c, which can
+hand a rank a foreign segment directly.)"""
+import os
+import re
+import time
+
+import pytest
+
+from .relkit import shm_files
+
+pytestmark = pytest.mark.timeout(90)
+
+JOIN = """
+import os, sys, time
+import numpy as np
+import tplinear, tplinear.distributed as dist
+rank = int(os.environ["RANK"])
+def say(*a):
+    print(*a, flush=True)
+t0 = time.monotonic()
+try:
+    dist.init_process_group(timeout=float(os.environ.get("TMO", "2.5")), token=os.environ.get("INIT_TOKEN"))
+    a = np.ones(8); dist.all_reduce(a)
+    say("JOINED", a[0])
+except tplinear.CommError as e:
+    say("REFUSED %.2f" % (time.monotonic() - t0), e)
+"""
+
+
+@pytest.mark.parametrize("source", ["env", "init"])
+@pytest.mark.parametrize("wrong", [0, 1], ids=["rank0-wrong", "rank1-wrong"])
+def test_wrong_token_is_refused_on_both_sides(spawn, wrong, source):
+    w = spawn(JOIN, 2)
+    for r in (0, 1):
+        tok = "intruder" if r == wrong else "the-world"
+        if source == "env":
+            w.start(r, token=tok)
+        else:
+            w.start(r, token=None, env={"INIT_TOKEN": tok})
+    w.wait(30)
+    out0, out1 = w.wait_line(0, "REFUSED|JOINED", 1), w.wait_line(1, "REFUSED|JOINED", 1)
+    # the joining rank learns at once that the token differs; rank 0 says so in its timeout and its warning
+    assert out1.startswith("REFUSED") and "token differs" in out1 and float(out1.split()[1]) < 2, w.all_output()
+    assert out0.startswith("REFUSED") and "refused 1 connection" in out0 and "token differs" in out0, w.all_output()
+    assert "store: refused a connection from 127.0.0.1:" in w.output(0), w.all_output()
+
+
+def test_token_from_init_and_environment_agree(spawn):
+    w = spawn(JOIN, 2)
+    w.start(0, token=None, env={"INIT_TOKEN": "same-secret"})
+    w.start(1, token="same-secret")
+    w.wait(30)
+    for r in (0, 1):
+        assert "JOINED 2.0" in w.output(r), w.all_output()
+
+
+@pytest.mark.parametrize("var", ["TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "SLURM_JOB_ID"])
+def test_derived_tokens_keep_jobs_apart(spawn, var):
+    """Without TPLINEAR_TOKEN (plain torchrun / mpirun / srun), the token is derived from the job id: two jobs
+    that meet on one port are refused, ranks of one job join."""
+    w = spawn(JOIN, 2)
+    w.start(0, token=None, env={var: "job-a"})
+    w.start(1, token=None, env={var: "job-b"})
+    w.wait(30)
+    assert "token differs" in w.output(1) and "REFUSED" in w.output(0), w.all_output()
+    w2 = spawn(JOIN, 2)
+    w2.start(0, token=None, env={var: "job-a"})
+    w2.start(1, token=None, env={var: "job-a"})
+    w2.wait(30)
+    assert "JOINED 2.0" in w2.output(0) and "JOINED 2.0" in w2.output(1), w2.all_output()
+
+
+def documented_derivation(addr, port, size, job_id):
+    """docs/security.md's formula, as the torchrun-store and MPI bootstrap paths must compute it."""
+    import hashlib
+    parts = ["tplinear-token-v1", str(os.geteuid()), addr, str(port), str(size), job_id]
+    return hashlib.sha256(b"".join(p.encode() + b"\0" for p in parts)).hexdigest()
+
+
+def test_derivation_is_the_documented_one(spawn):
+    """A rank given the documented formula's value as TPLINEAR_TOKEN joins a rank that derives its token."""
+    w = spawn(JOIN, 2)
+    w.start(0, token=None, env={"TORCHELASTIC_RUN_ID": "job-x"})
+    w.start(1, token=documented_derivation("127.0.0.1", w.port, 2, "job-x"))
+    w.wait(30)
+    assert "JOINED 2.0" in w.output(0) and "JOINED 2.0" in w.output(1), w.all_output()
+
+
+def test_other_generation_is_sent_away(spawn):
+    """A rank that called init_process_group once more than rank 0 (here: one failed attempt) is not let into
+    rank 0's world of another generation; it says why."""
+    w = spawn("""
+import os, socket, time
+import tplinear, tplinear.distributed as dist
+rank = int(os.environ["RANK"])
+if rank == 1:   # a first attempt that fails (nobody serves DEAD_PORT): this process's world #1
+    port, os.environ["MASTER_PORT"] = os.environ["MASTER_PORT"], os.environ["DEAD_PORT"]
+    try:
+        dist.init_process_group(timeout=0.5)
+    except tplinear.CommError as e:
+        print("FIRST", e, flush=True)
+    os.environ["MASTER_PORT"] = port
+try:
+    dist.init_process_group(timeout=4)
+    print("JOINED", flush=True)
+except tplinear.CommError as e:
+    print("REFUSED", e, flush=True)
+""", 2, env={"DEAD_PORT": _dead_port()})
+    w.start_all()
+    w.wait(30)
+    assert "FIRST" in w.output(1), w.all_output()
+    line = w.wait_line(1, "REFUSED|JOINED", 1)
+    assert "REFUSED" in line and "generation 1" in line and "generation 2" in line, w.all_output()
+    assert "REFUSED" in w.output(0) and "waiting for rank 1 of 2 to join" in w.output(0), w.all_output()
+
+
+def _dead_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_segment_is_unreachable_once_the_world_is_up(spawn):
+    """The shm segment never appears in /dev/shm, and once every rank has mapped it no descriptor of it is
+    left open anywhere, so no other process can open it (only the ranks' own mappings reach it)."""
+    before = shm_files()
+    w = spawn("""
+import os, time
+import numpy as np
+import tplinear.distributed as dist
+dist.init_process_group(timeout=20)
+g = dist.new_group([0, 1])
+a = np.ones(8); dist.all_reduce(a, group=g)
+with open("/proc/self/maps") as f:
+    n = sum("memfd:tplinear" in l for l in f)
+print("UP", os.getpid(), n, flush=True)
+time.sleep(20)
+""", 2).start_all()
+    for r in (0, 1):
+        line = w.wait_line(r, "UP", 30)
+        assert line.split()[2] == "2", line                  # the world's segment and the subgroup's
+    for pid in w.pids:
+        fd_dir = "/proc/%d/fd" % pid
+        for fd in os.listdir(fd_dir):
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            assert "memfd:tplinear" not in target and "/dev/shm" not in target, (pid, fd, target)
+    assert shm_files() - before == set()
+
+
+def test_token_is_never_logged(spawn):
+    w = spawn(JOIN, 2, env={"TPLINEAR_DEBUG": "TRACE"}, token="s3cr3t-t0ken-value-0123456789")
+    w.start_all()
+    w.wait(30)
+    out = w.all_output()
+    assert "JOINED 2.0" in out and "token from TPLINEAR_TOKEN" in out, out
+    assert "s3cr3t-t0ken" not in out
