@@ -1,6 +1,7 @@
 """Process groups and collectives (issue 3): multi-rank worlds through the launcher
 (tplinear.testing), failure cases through direct spawning (tests/comm_spawn.py)."""
 import glob
+import inspect
 import os
 import textwrap
 
@@ -10,6 +11,7 @@ import pytest
 import tplinear
 import tplinear.distributed as dist
 from comm_spawn import assert_spawned_ok, spawn_world
+from reliability.fuzz_ops import reduce_ref
 
 try:  # the launcher-based helpers; direct spawning stands in where they are missing
     from tplinear.testing import assert_world_ok as _assert_world_ok
@@ -33,7 +35,8 @@ import tplinear
 import tplinear.distributed as dist
 """
 
-COLLECTIVES = PRELUDE + """
+# the reference reduction is the fuzz tests' one (tests/reliability/fuzz_ops.py), pasted into the script
+COLLECTIVES = PRELUDE + inspect.getsource(reduce_ref) + """
 dist.init_process_group(timeout=60)
 r, p = dist.get_rank(), dist.get_world_size()
 assert dist.get_world_size() == int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
@@ -46,16 +49,7 @@ def val(k, n, dt, salt=0):
     return x.astype(dt)
 
 def ref(stack, op, dt):
-    if op == "sum":
-        return stack.sum(0).astype(dt)
-    if op == "max":
-        return stack.max(0)
-    if op == "min":
-        return stack.min(0)
-    s = stack.sum(0)
-    if np.dtype(dt).kind == "i":  # C's truncating division
-        return (np.sign(s) * (np.abs(s) // p)).astype(dt)
-    return (s / dt(p)).astype(dt)
+    return reduce_ref(stack, op, dt, p)
 
 def same(a, b, what):
     ok = np.array_equal(a, b) if a.dtype.kind == "i" else np.allclose(a, b, rtol=1e-6, atol=1e-6)

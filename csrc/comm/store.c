@@ -46,6 +46,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "net.h"
 #include "store.h"
 #include "torch_store.h"
 
@@ -121,13 +122,6 @@ struct tp_store {
     char broken[384];       /* why the connection is gone, once it is */
     tp_torch_store *torch;  /* under torchrun: the agent's store, where set/get/add go instead */
 };
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
-}
 
 static void put_u32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
 static uint32_t get_u32(const unsigned char *p)
@@ -611,71 +605,16 @@ out:
     return st;
 }
 
-/* ---------------------------------------------------------------- client io with deadlines */
+/* ---------------------------------------------------------------- client */
 
-enum { IO_OK = 0, IO_ERR = -1, IO_EOF = 1, IO_TIMEOUT = 2 };
+static int send_all(int fd, const void *buf, size_t n, double deadline) { return tp_net_io(fd, (void *)buf, n, deadline, 1); }
+static int recv_all(int fd, void *buf, size_t n, double deadline) { return tp_net_io(fd, buf, n, deadline, 0); }
 
-/* Waits until fd is ready for ev or the deadline passes: IO_OK, IO_TIMEOUT or IO_ERR. */
-static int wait_fd(int fd, short ev, double deadline)
+/* The client's half of the handshake on a fresh connection (tp_net_greet): TP_DIAL_RETRY when it is not
+ * (yet) this world's store, with the reason in why; TP_DIAL_FAIL with *st holding the error. */
+static int handshake(void *ctx, int fd, double deadline, tp_status *st, char *why, size_t cap)
 {
-    for (;;) {
-        struct pollfd p = {.fd = fd, .events = ev};
-        double left = deadline - tp_now();
-        int n;
-        if (left <= 0) return IO_TIMEOUT;
-        n = poll(&p, 1, (int)(left * 1000) + 1);
-        if (n < 0 && errno != EINTR) return IO_ERR;
-        if (n > 0) return IO_OK;
-    }
-}
-
-/* Sends (sending) or receives all n bytes by the deadline: IO_OK, IO_EOF (the peer closed), IO_TIMEOUT or
- * IO_ERR (errno). */
-static int io_all(int fd, void *buf, size_t n, double deadline, int sending)
-{
-    char *p = buf;
-    while (n > 0) {
-        ssize_t k = sending ? send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT) : recv(fd, p, n, MSG_DONTWAIT);
-        if (k < 0) {
-            int rc;
-            if (errno == EINTR) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) return IO_ERR;
-            if ((rc = wait_fd(fd, sending ? POLLOUT : POLLIN, deadline)) != IO_OK) return rc;
-            continue;
-        }
-        if (k == 0 && !sending) return IO_EOF;
-        p += k;
-        n -= (size_t)k;
-    }
-    return IO_OK;
-}
-
-static int send_all(int fd, const void *buf, size_t n, double deadline) { return io_all(fd, (void *)buf, n, deadline, 1); }
-static int recv_all(int fd, void *buf, size_t n, double deadline) { return io_all(fd, buf, n, deadline, 0); }
-
-/* A connected socket to addr:port, or -1 (refused, unreachable, or the deadline passed). */
-static int connect_once(const struct addrinfo *ai, double deadline)
-{
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol), one = 1, err = 0;
-    socklen_t len = sizeof err;
-    if (fd < 0) return -1;
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-        if (errno != EINPROGRESS || wait_fd(fd, POLLOUT, deadline) != IO_OK ||
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err != 0) {
-            close(fd);
-            return -1;
-        }
-    }
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    return fd;
-}
-
-enum { HS_OK, HS_RETRY, HS_FAIL };
-
-/* The client's half of the handshake on a fresh connection. HS_RETRY: not (yet) this world's store, with
- * the reason in why; HS_FAIL: *st holds the error. */
-static int handshake(tp_store *s, int fd, double deadline, tp_status *st, char *why, size_t cap)
-{
+    tp_store *s = ctx;
     unsigned char hello[HELLO_BYTES], ch[CHALLENGE_BYTES], mine[TP_SHA256_BYTES], want[TP_SHA256_BYTES], wb[4];
     uint32_t status, welcome;
     uint64_t their_gen;
@@ -685,22 +624,22 @@ static int handshake(tp_store *s, int fd, double deadline, tp_status *st, char *
     put_u32(hello + 8, (uint32_t)s->rank);
     put_u32(hello + 12, (uint32_t)s->world_size);
     memcpy(hello + 16, &s->generation, 8);
-    if ((*st = tp_random_bytes(hello + 24, NONCE)) != TP_OK) return HS_FAIL;
-    if ((rc = send_all(fd, hello, sizeof hello, deadline)) == IO_OK) rc = recv_all(fd, ch, sizeof ch, deadline);
-    if (rc == IO_TIMEOUT) {
+    if ((*st = tp_random_bytes(hello + 24, NONCE)) != TP_OK) return TP_DIAL_FAIL;
+    if ((rc = send_all(fd, hello, sizeof hello, deadline)) == TP_IO_OK) rc = recv_all(fd, ch, sizeof ch, deadline);
+    if (rc == TP_IO_TIMEOUT) {
         *st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s: the process at %s:%d accepted the connection but "
                        "did not answer as a tplinear store (rank 0 stopped or hung, or another program listens on "
                        "MASTER_PORT)", s->timeout_s, s->addr, s->port);
-        return HS_FAIL;
+        return TP_DIAL_FAIL;
     }
-    if (rc != IO_OK) { /* closed: evicted as a slow newcomer, or a store that was closing */
+    if (rc != TP_IO_OK) { /* closed: evicted as a slow newcomer, or a store that was closing */
         snprintf(why, cap, "the connection to %s:%d was closed during the handshake", s->addr, s->port);
-        return HS_RETRY;
+        return TP_DIAL_RETRY;
     }
     if (get_u32(ch) != STORE_MAGIC || get_u32(ch + 4) != STORE_VERSION) {
         *st = tp_error(TP_ERR_COMM, "the process at %s:%d is not a tplinear store of this version (another "
                        "program listens on MASTER_PORT?)", s->addr, s->port);
-        return HS_FAIL;
+        return TP_DIAL_FAIL;
     }
     status = get_u32(ch + 8);
     memcpy(&their_gen, ch + 12, 8);
@@ -710,78 +649,47 @@ static int handshake(tp_store *s, int fd, double deadline, tp_status *st, char *
         snprintf(why, cap, "the store at %s:%d serves world generation %llu (closing, or another world), this "
                  "rank is at generation %llu (every rank must call init_process_group the same number of times)",
                  s->addr, s->port, (unsigned long long)their_gen, (unsigned long long)s->generation);
-        return HS_RETRY;
+        return TP_DIAL_RETRY;
     case H_SIZE:
         *st = tp_error(TP_ERR_VALUE, "the world at %s:%d has %u ranks, this rank was started for %d (WORLD_SIZE "
                        "differs between ranks)", s->addr, s->port, get_u32(ch + 20), s->world_size);
-        return HS_FAIL;
+        return TP_DIAL_FAIL;
     default:
         *st = tp_error(TP_ERR_VALUE, "the world at %s:%d has %u ranks: rank %d is not one of them", s->addr,
                        s->port, get_u32(ch + 20), s->rank);
-        return HS_FAIL;
+        return TP_DIAL_FAIL;
     }
     proof(s->token, "tplinear-store-server", hello, ch + 24, want);
     server_ok = tp_secret_equal(want, ch + 24 + NONCE, TP_SHA256_BYTES);
     proof(s->token, "tplinear-store-client", hello, ch + 24, mine); /* sent either way: rank 0 reports it */
-    if ((rc = send_all(fd, mine, sizeof mine, deadline)) == IO_OK) rc = recv_all(fd, wb, sizeof wb, deadline);
-    welcome = rc == IO_OK ? get_u32(wb) : H_TOKEN;
-    if (server_ok && rc != IO_OK) {
+    if ((rc = send_all(fd, mine, sizeof mine, deadline)) == TP_IO_OK) rc = recv_all(fd, wb, sizeof wb, deadline);
+    welcome = rc == TP_IO_OK ? get_u32(wb) : H_TOKEN;
+    if (server_ok && rc != TP_IO_OK) {
         snprintf(why, cap, "the connection to %s:%d was closed during the handshake", s->addr, s->port);
-        return HS_RETRY;
+        return TP_DIAL_RETRY;
     }
     if (!server_ok || welcome == H_TOKEN) {
         *st = tp_error(TP_ERR_COMM, "the store at %s:%d refused this rank, or this rank refused it: the world's "
                        "token differs (another world or job on MASTER_PORT %d, or ranks given different "
                        "TPLINEAR_TOKEN / init_process_group(token=...))", s->addr, s->port, s->port);
-        return HS_FAIL;
+        return TP_DIAL_FAIL;
     }
     if (welcome == H_DUP) {
         *st = tp_error(TP_ERR_COMM, "the store at %s:%d refused this rank: rank %d has already joined this world "
                        "(two processes with the same RANK?)", s->addr, s->port, s->rank);
-        return HS_FAIL;
+        return TP_DIAL_FAIL;
     }
     if (welcome != H_OK) {
         snprintf(why, cap, "the store at %s:%d turned this rank away (status %u)", s->addr, s->port, welcome);
-        return HS_RETRY;
+        return TP_DIAL_RETRY;
     }
-    return HS_OK;
+    return TP_DIAL_OK;
 }
 
 static tp_status connect_retry(tp_store *s, double deadline)
 {
-    tp_status st = TP_OK;
-    struct addrinfo hints, *res = NULL;
-    char portstr[16], why[768] = "";
-    int rc, fd = -1;
-    double pause = 0.001;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_INET;
-    hints.ai_socktype = SOCK_STREAM;
-    snprintf(portstr, sizeof portstr, "%d", s->port);
-    if ((rc = getaddrinfo(s->addr, portstr, &hints, &res)) != 0) {
-        st = tp_error(TP_ERR_VALUE, "store: cannot resolve MASTER_ADDR '%s': %s", s->addr, gai_strerror(rc));
-        goto out;
-    }
-    for (;;) {
-        if ((fd = connect_once(res, deadline)) >= 0) {
-            int hs = handshake(s, fd, deadline, &st, why, sizeof why);
-            if (hs == HS_OK) break;
-            close(fd);
-            fd = -1;
-            if (hs == HS_FAIL) goto out;
-        }
-        if (tp_now() > deadline) {
-            st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s connecting to the store of rank 0 at %s:%d (%s)",
-                          s->timeout_s, s->addr, s->port, why[0] ? why : "is rank 0 running?");
-            goto out;
-        }
-        sleep_s(pause);
-        if (pause < 0.05) pause *= 2;
-    }
-    s->fd = fd;
-out:
-    if (res) freeaddrinfo(res);
-    return st;
+    return tp_net_dial("the store of rank 0", s->addr, s->port, s->timeout_s, deadline, handshake, s,
+                       "is rank 0 running?", &s->fd);
 }
 
 /* Marks the connection gone (every later request fails with this message) and returns st. */
@@ -816,15 +724,15 @@ static tp_status request(tp_store *s, int cmd, const char *key, const void *val,
     hdr[0] = (unsigned char)cmd;
     put_u32(hdr + 1, (uint32_t)n);
     put_u32(hdr + 5, vlen);
-    if ((rc = send_all(s->fd, hdr, sizeof hdr, deadline)) == IO_OK && (rc = send_all(s->fd, full, (size_t)n, deadline)) == IO_OK &&
+    if ((rc = send_all(s->fd, hdr, sizeof hdr, deadline)) == TP_IO_OK && (rc = send_all(s->fd, full, (size_t)n, deadline)) == TP_IO_OK &&
         vlen > 0)
         rc = send_all(s->fd, val, vlen, deadline);
-    if (rc == IO_OK) rc = recv_all(s->fd, hdr, 5, deadline);
-    if (rc == IO_OK) {
+    if (rc == TP_IO_OK) rc = recv_all(s->fd, hdr, 5, deadline);
+    if (rc == TP_IO_OK) {
         *status = hdr[0];
         rlen = get_u32(hdr + 1);
         if (outlen) *outlen = rlen;
-        for (uint32_t got = 0; rc == IO_OK && got < rlen;) {
+        for (uint32_t got = 0; rc == TP_IO_OK && got < rlen;) {
             uint32_t k = rlen - got;
             void *dst = drain;
             if (got < cap) {
@@ -837,11 +745,11 @@ static tp_status request(tp_store *s, int cmd, const char *key, const void *val,
             got += k;
         }
     }
-    if (rc == IO_TIMEOUT) {
+    if (rc == TP_IO_TIMEOUT) {
         st = broken(s, tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for the store of rank 0 at %s:%d to "
                                 "answer (rank 0 stopped or hung?)", s->timeout_s, s->addr, s->port));
-    } else if (rc != IO_OK) {
-        st = broken(s, rc == IO_EOF ? tp_error(TP_ERR_COMM, "store: rank 0 closed the connection (did it exit?)")
+    } else if (rc != TP_IO_OK) {
+        st = broken(s, rc == TP_IO_EOF ? tp_error(TP_ERR_COMM, "store: rank 0 closed the connection (did it exit?)")
                                     : tp_error_errno(TP_ERR_COMM, "store: lost the connection to rank 0 (did it "
                                                      "exit?)"));
     } else if (*status == RS_NOMEM) {
@@ -898,7 +806,7 @@ tp_status tp_store_get(tp_store *s, const char *key, void *val, size_t cap, size
         }
         snprintf(what, sizeof what, "store key '%s'", key);
         watchdog(s, start, &logged, what);
-        sleep_s(pause);
+        tp_sleep(pause);
         if (pause < 0.01) pause *= 1.5;
     }
 out:
@@ -934,7 +842,7 @@ tp_status tp_store_wait_ge(tp_store *s, const char *key, int64_t target)
         }
         snprintf(what, sizeof what, "store key '%s' to reach %lld (at %lld)", key, (long long)target, (long long)v);
         watchdog(s, start, &logged, what);
-        sleep_s(pause);
+        tp_sleep(pause);
         if (pause < 0.01) pause *= 1.5;
     }
 out:
@@ -1001,7 +909,7 @@ tp_status tp_store_wait_all(tp_store *s, const char *key, int n, const int *worl
             snprintf(msg, sizeof msg, "rank%s %s of %d %s", nmiss > 1 ? "s" : "", missing, n, what);
             watchdog(s, start, &logged, msg);
         }
-        sleep_s(pause);
+        tp_sleep(pause);
         if (pause < 0.01) pause *= 1.5;
     }
     if (next == n) goto out;

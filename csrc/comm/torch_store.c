@@ -14,22 +14,16 @@
  * comm/store.c's, the same for both stores. Every read and write of the socket is bounded by the store's
  * timeout, so a dead agent is an error, not a hang.
  *
- * Every key is put under the namespace the caller gives (group.c: "tplinear/<run id>/<restart count>/"),
+ * Every key is put under the namespace the caller gives (store.c: "tplinear/<run id>/<restart count>/<generation>/"),
  * so a world restarted by --max-restarts never reads the keys of the attempt before it, and tplinear's
  * keys never meet torch's own ("/worker/attempt_N/..."). */
-#include <errno.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "net.h"
 #include "torch_store.h"
 
 enum { Q_VALIDATE = 0, Q_SET = 1, Q_GET = 3, Q_ADD = 4, Q_CHECK = 5 };
@@ -45,78 +39,6 @@ struct tp_torch_store {
     int port;
     char ns[384];
 };
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
-}
-
-static tp_status lost(const tp_torch_store *s, const char *what)
-{
-    return tp_error_errno(TP_ERR_COMM, "torchrun store at %s:%d: %s (did the torchrun agent exit?)", s->addr, s->port,
-                          what);
-}
-
-/* Waits until fd is ready for `events`, bounded by the store's timeout. */
-static tp_status wait_fd(const tp_torch_store *s, short events, const char *what)
-{
-    struct pollfd p = {.fd = s->fd, .events = events};
-    double deadline = tp_now() + s->timeout_s;
-    for (;;) {
-        double left = deadline - tp_now();
-        int n;
-        if (left <= 0)
-            return tp_error(TP_ERR_TIMEOUT, "torchrun store at %s:%d: timed out after %g s %s", s->addr, s->port,
-                            s->timeout_s, what);
-        n = poll(&p, 1, (int)(left * 1e3) + 1);
-        if (n > 0) return TP_OK;
-        if (n < 0 && errno != EINTR) return lost(s, "poll");
-    }
-}
-
-static tp_status send_all(tp_torch_store *s, const void *buf, size_t n)
-{
-    tp_status st = TP_OK;
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t k = send(s->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                TP_CHECK(wait_fd(s, POLLOUT, "sending a request"));
-                continue;
-            }
-            return lost(s, "send");
-        }
-        p += k;
-        n -= (size_t)k;
-    }
-out:
-    return st;
-}
-
-static tp_status recv_all(tp_torch_store *s, void *buf, size_t n)
-{
-    tp_status st = TP_OK;
-    char *p = buf;
-    while (n > 0) {
-        ssize_t k;
-        TP_CHECK(wait_fd(s, POLLIN, "waiting for a reply"));
-        k = recv(s->fd, p, n, MSG_DONTWAIT);
-        if (k < 0) {
-            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
-            return lost(s, "recv");
-        }
-        if (k == 0) return tp_error(TP_ERR_COMM, "torchrun store at %s:%d closed the connection (did the torchrun "
-                                    "agent exit?)", s->addr, s->port);
-        p += k;
-        n -= (size_t)k;
-    }
-out:
-    return st;
-}
 
 /* A request being built: the command byte, then strings and values. */
 typedef struct {
@@ -160,17 +82,57 @@ static void put_key(msg *m, const tp_torch_store *s, const char *key)
     put(m, key, strlen(key));
 }
 
-/* Sends m (and frees it); with reply != NULL reads reply_len bytes back. Under the lock. */
-static tp_status exchange(tp_torch_store *s, msg *m, void *reply, size_t reply_len)
+static tp_status io_error(const tp_torch_store *s, int rc)
+{
+    if (rc == TP_IO_TIMEOUT)
+        return tp_error(TP_ERR_TIMEOUT, "torchrun store at %s:%d: timed out after %g s waiting for it to answer (the "
+                        "torchrun agent stopped or hung?)", s->addr, s->port, s->timeout_s);
+    if (rc == TP_IO_EOF)
+        return tp_error(TP_ERR_COMM, "torchrun store at %s:%d closed the connection (did the torchrun agent exit?)",
+                        s->addr, s->port);
+    return tp_error_errno(TP_ERR_COMM, "torchrun store at %s:%d: lost the connection (did the torchrun agent exit?)",
+                          s->addr, s->port);
+}
+
+/* Sends m (and frees it) and reads the reply by one deadline: reply_len bytes into reply, or with value
+ * != NULL a u64 length and that many bytes into a new buffer (*value, *value_len; the caller frees it). */
+static tp_status exchange(tp_torch_store *s, msg *m, void *reply, size_t reply_len, unsigned char **value,
+                          size_t *value_len)
 {
     tp_status st = TP_OK;
+    uint64_t n = 0;
+    double deadline;
+    int rc;
     if (m->failed) {
         free(m->buf);
         return tp_error(TP_ERR_NOMEM, "torchrun store: out of memory");
     }
     pthread_mutex_lock(&s->lock);
-    TP_CHECK(send_all(s, m->buf, m->len));
-    if (reply) TP_CHECK(recv_all(s, reply, reply_len));
+    deadline = tp_now() + s->timeout_s;
+    rc = tp_net_io(s->fd, m->buf, m->len, deadline, 1);
+    if (rc == TP_IO_OK && reply) rc = tp_net_io(s->fd, reply, reply_len, deadline, 0);
+    if (rc == TP_IO_OK && value) rc = tp_net_io(s->fd, &n, sizeof n, deadline, 0);
+    if (rc != TP_IO_OK) {
+        st = io_error(s, rc);
+        goto out;
+    }
+    if (value) {
+        if (n > MAX_VALUE) {
+            st = tp_error(TP_ERR_COMM, "torchrun store at %s:%d: a value of %llu bytes (more than tplinear ever "
+                          "stores)", s->addr, s->port, (unsigned long long)n);
+            goto out;
+        }
+        if ((*value = malloc(n > 0 ? (size_t)n : 1)) == NULL) {
+            st = tp_error(TP_ERR_NOMEM, "torchrun store: out of memory");
+            goto out;
+        }
+        *value_len = (size_t)n;
+        if ((rc = tp_net_io(s->fd, *value, (size_t)n, deadline, 0)) != TP_IO_OK) {
+            free(*value);
+            *value = NULL;
+            st = io_error(s, rc);
+        }
+    }
 out:
     pthread_mutex_unlock(&s->lock);
     free(m->buf);
@@ -183,7 +145,7 @@ tp_status tp_torch_store_set(tp_torch_store *s, const char *key, const void *val
     put_u8(&m, Q_SET);
     put_key(&m, s, key);
     put_bytes(&m, val, len);
-    return exchange(s, &m, NULL, 0);
+    return exchange(s, &m, NULL, 0, NULL, NULL);
 }
 
 tp_status tp_torch_store_add(tp_torch_store *s, const char *key, int64_t delta, int64_t *result)
@@ -194,116 +156,34 @@ tp_status tp_torch_store_add(tp_torch_store *s, const char *key, int64_t delta, 
     put_u8(&m, Q_ADD);
     put_key(&m, s, key);
     put(&m, &delta, sizeof delta);
-    TP_CHECK(exchange(s, &m, &v, sizeof v));
+    TP_CHECK(exchange(s, &m, &v, sizeof v, NULL, NULL));
     if (result) *result = v;
 out:
-    return st;
-}
-
-/* Whether key exists (one CHECK, no waiting). */
-static tp_status check(tp_torch_store *s, const char *key, int *found)
-{
-    tp_status st = TP_OK;
-    uint64_t one = 1;
-    uint8_t r = 1;
-    msg m = {0};
-    put_u8(&m, Q_CHECK);
-    put(&m, &one, sizeof one);
-    put_key(&m, s, key);
-    TP_CHECK(exchange(s, &m, &r, 1));
-    *found = r == CHECK_READY;
-out:
-    return st;
-}
-
-/* GET of a key known to exist: the value (up to cap bytes into val, the rest drained), its length. */
-static tp_status get_now(tp_torch_store *s, const char *key, void *val, size_t cap, size_t *len)
-{
-    tp_status st = TP_OK;
-    uint64_t n = 0;
-    char drain[256];
-    msg m = {0};
-    int locked = 0;
-    put_u8(&m, Q_GET);
-    put_key(&m, s, key);
-    if (m.failed) {
-        st = tp_error(TP_ERR_NOMEM, "torchrun store: out of memory");
-        goto out;
-    }
-    pthread_mutex_lock(&s->lock);
-    locked = 1;
-    TP_CHECK(send_all(s, m.buf, m.len));
-    TP_CHECK(recv_all(s, &n, sizeof n));
-    if (n > MAX_VALUE) {
-        st = tp_error(TP_ERR_COMM, "torchrun store: the value of '%s%s' has %llu bytes", s->ns, key,
-                      (unsigned long long)n);
-        goto out;
-    }
-    if (len) *len = (size_t)n;
-    for (uint64_t got = 0; got < n;) {
-        size_t k = (size_t)(n - got);
-        void *dst;
-        if (got < cap) {
-            if (k > cap - got) k = (size_t)(cap - got);
-            dst = (char *)val + got;
-        } else {
-            if (k > sizeof drain) k = sizeof drain;
-            dst = drain;
-        }
-        TP_CHECK(recv_all(s, dst, k));
-        got += k;
-    }
-out:
-    if (locked) pthread_mutex_unlock(&s->lock);
-    free(m.buf);
     return st;
 }
 
 tp_status tp_torch_store_try_get(tp_torch_store *s, const char *key, void *val, size_t cap, size_t *len, int *found)
 {
     tp_status st = TP_OK;
-    TP_CHECK(check(s, key, found));
-    if (*found) TP_CHECK(get_now(s, key, val, cap, len));
+    uint64_t one = 1;
+    uint8_t ready = 1;
+    unsigned char *v = NULL;
+    size_t n = 0;
+    msg m = {0};
+    put_u8(&m, Q_CHECK); /* CHECK first: torch's GET of a missing key would wait in the server */
+    put(&m, &one, sizeof one);
+    put_key(&m, s, key);
+    TP_CHECK(exchange(s, &m, &ready, 1, NULL, NULL));
+    *found = ready == CHECK_READY;
+    if (!*found) goto out;
+    memset(&m, 0, sizeof m);
+    put_u8(&m, Q_GET);
+    put_key(&m, s, key);
+    TP_CHECK(exchange(s, &m, NULL, 0, &v, &n));
+    memcpy(val, v, n < cap ? n : cap);
+    if (len) *len = n;
 out:
-    return st;
-}
-
-static tp_status connect_retry(tp_torch_store *s, double deadline)
-{
-    tp_status st = TP_OK;
-    struct addrinfo hints, *res = NULL;
-    char portstr[16];
-    int rc, fd = -1, one = 1;
-    double pause = 0.001;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    snprintf(portstr, sizeof portstr, "%d", s->port);
-    if ((rc = getaddrinfo(s->addr, portstr, &hints, &res)) != 0) {
-        st = tp_error(TP_ERR_VALUE, "torchrun store: cannot resolve MASTER_ADDR '%s': %s", s->addr, gai_strerror(rc));
-        goto out;
-    }
-    for (;;) {
-        for (struct addrinfo *a = res; a != NULL && fd < 0; a = a->ai_next) {
-            if ((fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol)) < 0) continue;
-            if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) break;
-            close(fd);
-            fd = -1;
-        }
-        if (fd >= 0) break;
-        if (tp_now() > deadline) {
-            st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s connecting to torchrun's store at %s:%d "
-                          "(TORCHELASTIC_USE_AGENT_STORE is set: is the torchrun agent running?)", s->timeout_s,
-                          s->addr, s->port);
-            goto out;
-        }
-        sleep_s(pause);
-        if (pause < 0.05) pause *= 2;
-    }
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    s->fd = fd;
-out:
-    if (res) freeaddrinfo(res);
+    free(v);
     return st;
 }
 
@@ -326,10 +206,11 @@ tp_status tp_torch_store_open(const char *addr, int port, const char *ns, double
     s->port = port;
     snprintf(s->addr, sizeof s->addr, "%s", addr && addr[0] ? addr : "127.0.0.1");
     snprintf(s->ns, sizeof s->ns, "%s", ns);
-    TP_CHECK(connect_retry(s, tp_now() + timeout_s));
+    TP_CHECK(tp_net_dial("torchrun's store", s->addr, port, timeout_s, tp_now() + timeout_s, NULL, NULL,
+                         "TORCHELASTIC_USE_AGENT_STORE is set: is the torchrun agent running?", &s->fd));
     put_u8(&m, Q_VALIDATE);
     put(&m, &magic, sizeof magic);
-    TP_CHECK(exchange(s, &m, NULL, 0));
+    TP_CHECK(exchange(s, &m, NULL, 0, NULL, NULL));
     tp_log(TP_LOG_INFO, "store: connected to torchrun's store at %s:%d (keys under '%s')", s->addr, port, s->ns);
     *out = s;
     s = NULL;

@@ -43,8 +43,9 @@ void tp_log(int level, const char *fmt, ...) TP_PRINTF(2, 3);
  * OMPI_COMM_WORLD_RANK, else 0). */
 void tp_log_set_rank(int rank);
 
-/* Monotonic clock in seconds. */
+/* Monotonic clock in seconds; a sleep of s seconds (resumed when a signal interrupts it). */
 double tp_now(void);
+void tp_sleep(double s);
 
 /* The tuning knobs (core/env.c declares each with its type, default and doc); read from the
  * environment once per process. */
