@@ -1006,7 +1006,7 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
         char ns[TP_STORE_NS_MAX + 32];
         TP_REQUIRE(strlen(cfg->torch_ns) < TP_STORE_NS_MAX, "store: the key namespace '%s' is too long", cfg->torch_ns);
         snprintf(ns, sizeof ns, "%s%llu/", cfg->torch_ns, (unsigned long long)cfg->generation);
-        TP_CHECK(tp_torch_store_open(s->addr, cfg->port, ns, cfg->timeout_s, &s->torch));
+        TP_CHECK(tp_torch_store_open(s->addr, cfg->port, ns, s->token, cfg->timeout_s, &s->torch));
     } else {
         if (cfg->rank == 0) TP_CHECK(server_start(cfg, s->token, &s->srv));
         TP_CHECK(connect_retry(s, deadline));
@@ -1014,7 +1014,12 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
     /* the rendezvous: every rank arrives and waits for the others (a rank that died after connecting
      * fails it at once; the timeout names the missing ranks and, on rank 0, refused connections) */
     TP_CHECK(tp_store_arrive(s, "join", s->rank));
-    TP_CHECK(tp_store_wait_all(s, "join", s->world_size, NULL, "to join"));
+    st = tp_store_wait_all(s, "join", s->world_size, NULL, "to join");
+    if (st == TP_ERR_TIMEOUT && s->torch) /* no server to send another generation away: say what to check */
+        tp_error_context(st, "init of world generation %llu of this process through torchrun's store (every rank "
+                         "must call init_process_group the same number of times)",
+                         (unsigned long long)cfg->generation);
+    TP_CHECK(st);
     tp_log(TP_LOG_INFO, "store: rank %d of %d joined world generation %llu at %s:%d%s (token: %s)", cfg->rank,
            cfg->world_size, (unsigned long long)cfg->generation, s->addr, cfg->port,
            s->torch ? " (torchrun's store)" : "", source);

@@ -15,8 +15,18 @@
  * timeout, so a dead agent is an error, not a hang.
  *
  * Every key is put under the namespace the caller gives (store.c: "tplinear/<run id>/<restart count>/<generation>/"),
- * so a world restarted by --max-restarts never reads the keys of the attempt before it, and tplinear's
- * keys never meet torch's own ("/worker/attempt_N/..."). */
+ * so a world restarted by --max-restarts, or the next init of the same processes, never reads the keys of
+ * the world before it, and tplinear's keys never meet torch's own ("/worker/attempt_N/...").
+ *
+ * torch's store has no authentication: any process that reaches the agent's port reads and writes every key.
+ * So every value tplinear sets carries a proof of the world's token, HMAC-SHA-256(token, label | namespaced
+ * key | value), appended to it, and every value it reads must prove it: a rank given another token, or a
+ * process that is not a rank of this world, cannot make a value that the ranks accept (a join record
+ * included), and a value copied from another key, namespace (another run, restart or generation) or world
+ * does not prove its new place. Counters (add) are the store's own arithmetic and cannot carry a proof;
+ * tplinear's barriers use proved per-rank keys instead (store.c's arrive / wait_all). What torch's store
+ * cannot give is secrecy: the values (segment paths, NCCL ids, host names) are readable by whoever reaches
+ * the port, as torch's own are (docs/security.md). */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +40,7 @@ enum { Q_VALIDATE = 0, Q_SET = 1, Q_GET = 3, Q_ADD = 4, Q_CHECK = 5 };
 #define VALIDATION_MAGIC 0x3C85F7CEu
 #define CHECK_READY 0
 #define MAX_VALUE (64u << 20)
+#define PROOF_LABEL "tplinear-torch-store-v1"
 
 struct tp_torch_store {
     pthread_mutex_t lock; /* one request at a time on the socket (groups share the store) */
@@ -38,7 +49,21 @@ struct tp_torch_store {
     char addr[256];
     int port;
     char ns[384];
+    char token[TP_TOKEN_MAX + 1];
 };
+
+/* The proof that the world's token wrote val under key. */
+static void prove(const tp_torch_store *s, const char *key, const void *val, size_t len,
+                  unsigned char out[TP_SHA256_BYTES])
+{
+    tp_hmac m;
+    tp_hmac_init(&m, s->token, strlen(s->token));
+    tp_hmac_update(&m, PROOF_LABEL, sizeof PROOF_LABEL);
+    tp_hmac_update(&m, s->ns, strlen(s->ns));
+    tp_hmac_update(&m, key, strlen(key) + 1);
+    tp_hmac_update(&m, val, len);
+    tp_hmac_final(&m, out);
+}
 
 /* A request being built: the command byte, then strings and values. */
 typedef struct {
@@ -66,12 +91,6 @@ static void put(msg *m, const void *p, size_t n)
 }
 
 static void put_u8(msg *m, uint8_t v) { put(m, &v, 1); }
-
-static void put_bytes(msg *m, const void *p, uint64_t n)
-{
-    put(m, &n, sizeof n);
-    put(m, p, (size_t)n);
-}
 
 /* The namespaced key. */
 static void put_key(msg *m, const tp_torch_store *s, const char *key)
@@ -141,10 +160,15 @@ out:
 
 tp_status tp_torch_store_set(tp_torch_store *s, const char *key, const void *val, size_t len)
 {
+    unsigned char tag[TP_SHA256_BYTES];
+    uint64_t n = (uint64_t)len + sizeof tag;
     msg m = {0};
+    prove(s, key, val, len, tag);
     put_u8(&m, Q_SET);
     put_key(&m, s, key);
-    put_bytes(&m, val, len);
+    put(&m, &n, sizeof n);
+    put(&m, val, len);
+    put(&m, tag, sizeof tag);
     return exchange(s, &m, NULL, 0, NULL, NULL);
 }
 
@@ -162,12 +186,21 @@ out:
     return st;
 }
 
+/* A value that does not prove this world's token. */
+static tp_status refused(const tp_torch_store *s, const char *key)
+{
+    return tp_error(TP_ERR_COMM, "torchrun store at %s:%d: the value of '%s%s' does not prove this world's token: "
+                    "the rank that wrote it was given another token (TPLINEAR_TOKEN or init_process_group(token=...) "
+                    "differ between ranks), or a process that is not a rank of this world wrote it", s->addr,
+                    s->port, s->ns, key);
+}
+
 tp_status tp_torch_store_try_get(tp_torch_store *s, const char *key, void *val, size_t cap, size_t *len, int *found)
 {
     tp_status st = TP_OK;
     uint64_t one = 1;
     uint8_t ready = 1;
-    unsigned char *v = NULL;
+    unsigned char *v = NULL, want[TP_SHA256_BYTES];
     size_t n = 0;
     msg m = {0};
     put_u8(&m, Q_CHECK); /* CHECK first: torch's GET of a missing key would wait in the server */
@@ -180,6 +213,16 @@ tp_status tp_torch_store_try_get(tp_torch_store *s, const char *key, void *val, 
     put_u8(&m, Q_GET);
     put_key(&m, s, key);
     TP_CHECK(exchange(s, &m, NULL, 0, &v, &n));
+    if (n < sizeof want) {
+        st = refused(s, key);
+        goto out;
+    }
+    n -= sizeof want;
+    prove(s, key, v, n, want);
+    if (!tp_secret_equal(want, v + n, sizeof want)) {
+        st = refused(s, key);
+        goto out;
+    }
     memcpy(val, v, n < cap ? n : cap);
     if (len) *len = n;
 out:
@@ -187,7 +230,8 @@ out:
     return st;
 }
 
-tp_status tp_torch_store_open(const char *addr, int port, const char *ns, double timeout_s, tp_torch_store **out)
+tp_status tp_torch_store_open(const char *addr, int port, const char *ns, const char *token, double timeout_s,
+                              tp_torch_store **out)
 {
     tp_status st = TP_OK;
     tp_torch_store *s = NULL;
@@ -196,6 +240,7 @@ tp_status tp_torch_store_open(const char *addr, int port, const char *ns, double
     *out = NULL;
     TP_REQUIRE(port > 0 && port < 65536, "torchrun store: MASTER_PORT must be in 1..65535, got %d", port);
     TP_REQUIRE(strlen(ns) < sizeof s->ns, "torchrun store: the key namespace '%s' is too long", ns);
+    TP_REQUIRE(token != NULL && token[0] != '\0' && strlen(token) <= TP_TOKEN_MAX, "torchrun store: no token");
     if ((s = calloc(1, sizeof *s)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "torchrun store: out of memory");
         goto out;
@@ -206,6 +251,7 @@ tp_status tp_torch_store_open(const char *addr, int port, const char *ns, double
     s->port = port;
     snprintf(s->addr, sizeof s->addr, "%s", addr && addr[0] ? addr : "127.0.0.1");
     snprintf(s->ns, sizeof s->ns, "%s", ns);
+    snprintf(s->token, sizeof s->token, "%s", token);
     TP_CHECK(tp_net_dial("torchrun's store", s->addr, port, timeout_s, tp_now() + timeout_s, NULL, NULL,
                          "TORCHELASTIC_USE_AGENT_STORE is set: is the torchrun agent running?", &s->fd));
     put_u8(&m, Q_VALIDATE);
@@ -224,5 +270,6 @@ void tp_torch_store_close(tp_torch_store *s)
     if (s == NULL) return;
     if (s->fd >= 0) close(s->fd);
     pthread_mutex_destroy(&s->lock);
+    memset(s->token, 0, sizeof s->token);
     free(s);
 }

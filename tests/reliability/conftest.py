@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from .relkit import _FUZZ, _LATENCIES, SLACK, T, Ranks, base_env, free_port
+from .relkit import _FUZZ, _LATENCIES, SLACK, T, Ranks, TorchStore, base_env, free_port
 
 
 @pytest.fixture
@@ -28,6 +28,18 @@ def spawn():
         r.kill()
     for d in dirs:
         subprocess.run(["rm", "-rf", d], check=False)
+
+
+@pytest.fixture
+def torch_store():
+    """A torch TCPStore server as torchrun's agent serves it (skipped without torch)."""
+    from tplinear.testing import launcher_missing
+    why = launcher_missing("torchrun")
+    if why:
+        pytest.skip(why)
+    store = TorchStore()
+    yield store
+    store.close()
 
 
 def pytest_terminal_summary(terminalreporter):

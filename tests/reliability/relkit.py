@@ -24,10 +24,12 @@ import time
 T = 3.0
 SLACK = 2.0  # detection must come within T + SLACK (issue 10)
 
-# an outer world's variables, and the job ids a token may be derived from
-WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-              "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "TPLINEAR_TOKEN",
-              "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID", "SLURM_STEP_ID")
+# besides an outer world's variables (tplinear.run.clean_launcher_env), the job ids a token may be derived
+# from and the MPI runtime's variables (an outer mpirun's must not make a rank think MPI started it)
+WORLD_VARS = ("PMIX_NAMESPACE", "PMIX_RANK", "OMPI_MCA_ess_base_jobid", "OMPI_MCA_orte_hnp_uri", "PMI_FD",
+              "PMI_PORT", "SLURM_JOB_ID", "SLURM_STEP_ID")
+
+
 def _pkg_root():
     import tplinear
     return os.path.dirname(os.path.dirname(os.path.abspath(tplinear.__file__)))
@@ -40,7 +42,8 @@ def free_port():
 
 
 def base_env(extra=None):
-    env = {k: v for k, v in os.environ.items() if k not in WORLD_VARS and not k.startswith("OMPI_COMM_WORLD_")}
+    from tplinear.run import clean_launcher_env
+    env = {k: v for k, v in clean_launcher_env(os.environ).items() if k not in WORLD_VARS}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     root = _pkg_root()
@@ -149,6 +152,73 @@ class Ranks:
     @property
     def pids(self):
         return [p.pid for p in self.procs.values()]
+
+
+# ------------------------------------------------------------------------------ torchrun's agent store
+
+# A real torch TCPStore server in a process of its own (torch is not imported by the tests: a CUDA build of
+# tplinear and torch may load different NCCLs); it prints its port and serves until stdin closes.
+_TORCH_STORE = r"""
+import sys
+import torch.distributed as td
+store = td.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+print(store.port, flush=True)
+sys.stdin.read()
+"""
+
+
+class TorchStore:
+    """The store torchrun's agent serves (a torch TCPStore), for ranks started with ``agent_env``. The test
+    reads and writes raw keys as any process that reaches the port can: torch's wire protocol (VALIDATE, SET,
+    GET, CHECK; comm/torch_store.c) over a socket of its own, without torch's client, which would put "/"
+    before every key."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _TORCH_STORE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=base_env())
+        import select
+        if not select.select([self.proc.stdout], [], [], 60)[0]:
+            self.close()
+            raise AssertionError("the torch store server did not start within 60 s")
+        self.port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        self.sock.sendall(struct.pack("=BI", 0, 0x3C85F7CE))   # VALIDATE
+
+    def _recv(self, n):
+        b = b""
+        while len(b) < n:
+            c = self.sock.recv(n - len(b))
+            if not c:
+                raise AssertionError("the torch store closed the connection")
+            b += c
+        return b
+
+    @staticmethod
+    def _str(b):
+        return struct.pack("=Q", len(b)) + b
+
+    def has(self, key):
+        self.sock.sendall(struct.pack("=BQ", 5, 1) + self._str(key.encode()))   # CHECK
+        return self._recv(1) == b"\0"
+
+    def get(self, key):
+        assert self.has(key), key
+        self.sock.sendall(b"\3" + self._str(key.encode()))                     # GET
+        return self._recv(struct.unpack("=Q", self._recv(8))[0])
+
+    def set(self, key, value):
+        self.sock.sendall(b"\1" + self._str(key.encode()) + self._str(value))  # SET
+
+    def agent_env(self, run_id, restart=0):
+        """What torchrun gives its workers about its store (the ranks' MASTER_PORT is self.port)."""
+        return {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": run_id,
+                "TORCHELASTIC_RESTART_COUNT": restart}
+
+    def close(self):
+        if getattr(self, "sock", None):
+            self.sock.close()
+        self.proc.kill()
+        self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------- hygiene

@@ -162,3 +162,124 @@ def test_token_is_never_logged(spawn):
     out = w.all_output()
     assert "JOINED 2.0" in out and "token from TPLINEAR_TOKEN" in out, out
     assert "s3cr3t-t0ken" not in out
+
+
+# ---------------------------------------------------------------- torchrun's agent store (no auth of its own)
+
+def _torch_proof(token, key, value):
+    """docs/security.md: the proof a value in torchrun's store carries (HMAC-SHA-256 over the label, the
+    namespaced key and the value)."""
+    import hashlib
+    import hmac
+    return hmac.new(token.encode(), b"tplinear-torch-store-v1\0" + key.encode() + b"\0" + value,
+                    hashlib.sha256).digest()
+
+
+def test_torchrun_store_values_carry_the_token_proof(spawn, torch_store):
+    """Under torchrun the ranks meet in the agent's store, which anyone reaching its port may read and write:
+    every value tplinear stores there is the value followed by the documented proof of the world's token,
+    under tplinear/<run id>/<restart>/<generation>/."""
+    w = spawn(JOIN, 2, port=torch_store.port, env=torch_store.agent_env("run-p"), token="the-world")
+    w.start_all()
+    w.wait(30)
+    assert "JOINED 2.0" in w.output(0) and "JOINED 2.0" in w.output(1), w.all_output()
+    # the records of the rendezvous, the host exchange, the segment's path and the barriers of the setup
+    keys = ["join/0", "join/1", "g0/host/0", "g0/host/1", "g0/shm/path", "g0/shm/mapped/1", "g0/done/1"]
+    for key in ("tplinear/run-p/0/1/" + k for k in keys):
+        raw = torch_store.get(key)
+        assert len(raw) > 32 and raw[-32:] == _torch_proof("the-world", key, raw[:-32]), key
+    assert b"/proc/" in torch_store.get("tplinear/run-p/0/1/g0/shm/path")   # readable: torch's store is not secret
+
+
+@pytest.mark.parametrize("wrong", [0, 1], ids=["rank0-wrong", "rank1-wrong"])
+def test_torchrun_store_wrong_token_is_refused_on_both_sides(spawn, torch_store, wrong):
+    w = spawn(JOIN, 2, port=torch_store.port, env=torch_store.agent_env("run-w"))
+    for r in (0, 1):
+        w.start(r, token="intruder" if r == wrong else "the-world")
+    w.wait(30)
+    for r in (0, 1):
+        line = w.wait_line(r, "REFUSED|JOINED", 1)
+        assert line.startswith("REFUSED") and "does not prove this world's token" in line, w.all_output()
+        assert float(line.split()[1]) < 2, line   # at once, not at the timeout
+
+
+@pytest.mark.parametrize("how", ["forged", "other-run", "other-restart"])
+def test_torchrun_store_forged_or_replayed_join_is_refused(spawn, torch_store, how):
+    """A process that is not a rank writes rank 1's join record into the store while rank 0 waits for it:
+    garbage, or a record rank 1 of another run or restart proved with the same token (a replay). Rank 0
+    refuses it at once instead of starting a world with a rank that is not there."""
+    if how != "forged":   # a real world whose record is replayed
+        env = torch_store.agent_env("run-a" if how == "other-run" else "run-b", restart=0)
+        w0 = spawn(JOIN, 2, port=torch_store.port, env=env, token="the-world")
+        w0.start_all()
+        w0.wait(30)
+        assert "JOINED 2.0" in w0.output(1), w0.all_output()
+        record = torch_store.get("tplinear/%s/0/1/join/1" % env["TORCHELASTIC_RUN_ID"])
+    else:
+        record = b"\1\0\0\0" + bytes(32)
+    env = torch_store.agent_env("run-b", restart=1 if how == "other-restart" else 0)
+    w = spawn(JOIN, 2, port=torch_store.port, env=dict(env, TMO=20), token="the-world")
+    w.start(0)
+    target = "tplinear/run-b/%d/1/join/0" % env["TORCHELASTIC_RESTART_COUNT"]
+    deadline = time.monotonic() + 20
+    while not torch_store.has(target) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    torch_store.set(target[:-1] + "1", record)
+    line = w.wait_line(0, "REFUSED|JOINED", 10)
+    assert line.startswith("REFUSED") and "join/1' does not prove this world's token" in line, w.all_output()
+    assert time.monotonic() - t0 < 5, line
+
+
+def test_torchrun_store_generations_keep_worlds_of_one_process_apart(spawn, torch_store):
+    """Each init of the same processes is a world of its own in the agent's store: its keys live under the next
+    generation, so a rank that re-initialises early never reads the previous world's records, and ranks that
+    called init a different number of times are told so at the timeout."""
+    w = spawn("""
+import os, time
+import numpy as np
+import tplinear.distributed as dist
+rank = int(os.environ["RANK"])
+for i in range(3):
+    if rank == 1:
+        time.sleep(0.5)     # rank 0 reaches each new world first, while rank 1 is still in the last one
+    dist.init_process_group(timeout=20)
+    a = np.full(4, 10.0 * i + rank); dist.all_reduce(a)
+    assert a[0] == 20.0 * i + 1, (i, a)
+    b = np.arange(3.0) * (rank == 1); dist.broadcast(b, src=1)
+    assert list(b) == [0, 1, 2], b
+    dist.destroy_process_group()
+print("WORLDS OK", flush=True)
+""", 2, port=torch_store.port, env=torch_store.agent_env("run-g"))
+    w.start_all()
+    w.wait(60)
+    assert "WORLDS OK" in w.output(0) and "WORLDS OK" in w.output(1), w.all_output()
+    for gen in (1, 2, 3):
+        assert torch_store.has("tplinear/run-g/0/%d/join/1" % gen), gen
+    # a rank one world ahead (its first init was another world: our own store on a dead port)
+    w2 = spawn("""
+import os
+import tplinear, tplinear.distributed as dist
+rank = int(os.environ["RANK"])
+if rank == 1:
+    agent, os.environ["TORCHELASTIC_USE_AGENT_STORE"] = os.environ["TORCHELASTIC_USE_AGENT_STORE"], "False"
+    port, os.environ["MASTER_PORT"] = os.environ["MASTER_PORT"], os.environ["DEAD_PORT"]
+    try:
+        dist.init_process_group(timeout=0.5)
+    except tplinear.CommError as e:
+        print("FIRST", e, flush=True)
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"], os.environ["MASTER_PORT"] = agent, port
+try:
+    dist.init_process_group(timeout=3)
+    print("JOINED", flush=True)
+except tplinear.CommError as e:
+    print("REFUSED", e, flush=True)
+""", 2, port=torch_store.port, env=dict(torch_store.agent_env("run-h"), DEAD_PORT=_dead_port()))
+    w2.start_all()
+    w2.wait(30)
+    assert "FIRST" in w2.output(1), w2.all_output()
+    for r, gen in ((0, 1), (1, 2)):
+        line = w2.wait_line(r, "REFUSED|JOINED", 1)
+        assert "REFUSED" in line and "world generation %d of this process through torchrun's store" % gen in line, \
+            w2.all_output()
+        assert "every rank must call init_process_group the same number of times" in line, line
