@@ -138,7 +138,7 @@ static _Atomic uint64_t g_world_generation;
 
 /* The key namespace in a store that outlives one world (torchrun's agent store serves every restart
  * of a run): the run id and the restart count, so a restarted world never sees an earlier attempt's
- * keys. The seam for a per-world token (issue 10): it joins the namespace here. */
+ * keys (store.c adds the generation, and proves every value with the world's token). */
 static void store_namespace(const tp_launcher *l, char *ns, size_t cap)
 {
     snprintf(ns, cap, "tplinear/%s/%d/", l->run_id[0] ? l->run_id : "none", l->restart_count);
@@ -168,60 +168,89 @@ static void own_address(const tp_world_env *env, char *addr, size_t cap)
     if (gethostname(addr, cap - 1) < 0) snprintf(addr, cap, "127.0.0.1");
 }
 
-/* A TCP port that was free a moment ago (rank 0 serves on it right after). */
-static tp_status free_port(int *port)
-{
-    tp_status st = TP_OK;
-    struct sockaddr_in sa;
-    socklen_t len = sizeof sa;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return tp_error_errno(TP_ERR_SYSTEM, "init: socket");
-    memset(&sa, 0, sizeof sa);
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_ANY);
-    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || getsockname(fd, (struct sockaddr *)&sa, &len) < 0) {
-        st = tp_error_errno(TP_ERR_SYSTEM, "init: cannot find a free port for the rendezvous store");
-        goto out;
-    }
-    *port = ntohs(sa.sin_port);
-out:
-    close(fd);
-    return st;
-}
-
-/* What world rank 0 tells the others through a launcher's channel. */
+/* What world rank 0 tells the others through the launcher's channel (MPI) before any store exists. */
 typedef struct {
-    char addr[256];
-    int port;
+    uint64_t generation;          /* rank 0's world generation: every rank must be at the same */
+    int port;                     /* where rank 0's store listens (the kernel's pick); 0: it failed, see why */
+    char addr[256];               /* where to dial it: 127.0.0.1 when the launcher says the world is one host */
+    char token[TP_TOKEN_MAX + 1]; /* a fresh random token for this world (2 x 32 hex digits) */
+    char why[512];
 } boot_msg;
 
-/* Under mpirun/mpiexec/srun: rank 0 picks a free port and the address it will serve on (loopback when
- * the launcher says the world is one host), and the launcher's channel (MPI) carries them to the others. */
-static tp_status boot_through_launcher(tp_group *g, const tp_world_env *env, int one_host, char *addr, size_t cap,
-                                       int *port)
+typedef struct {
+    tp_group *g;
+    boot_msg m;
+    int sent;
+} boot;
+
+static tp_status boot_send(boot *b)
+{
+    b->sent = 1;
+    return tp_backend_boot_bcast(b->g->rank, b->g->size, &b->m, sizeof b->m, b->g->timeout_s, &b->g->booted_by);
+}
+
+/* Rank 0's tp_store_config.on_serving: its store listens, so the others learn where (and the token). */
+static tp_status boot_announce(void *ctx, int port)
+{
+    boot *b = ctx;
+    b->m.port = port;
+    return boot_send(b);
+}
+
+/* Rank 0 could not serve: the others hear why at once instead of waiting for the broadcast's timeout. */
+static void boot_fail(boot *b)
+{
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", tp_last_error());
+    b->m.port = 0;
+    snprintf(b->m.why, sizeof b->m.why, "%.*s", (int)sizeof b->m.why - 1, msg);
+    (void)boot_send(b);
+    tp_error(TP_ERR_COMM, "%s", msg); /* this rank's error stays the one that made it fail */
+}
+
+/* Under mpirun/mpiexec/srun: rank 0 will serve on a port the kernel picks, at its own address (loopback for
+ * a one-host world), with a fresh random token; once it listens the launcher's channel carries all three
+ * to the others (boot_announce), so no port is guessed or raced for and no token is derived. Sets cfg's
+ * address, port and fallback token. */
+static tp_status boot_through_launcher(const tp_world_env *env, int one_host, boot *b, tp_store_config *cfg)
 {
     tp_status st = TP_OK;
-    boot_msg m;
-    memset(&m, 0, sizeof m);
+    tp_group *g = b->g;
     if (g->rank == 0) {
+        unsigned char rnd[32];
+        b->m.generation = cfg->generation;
         if (one_host)
-            snprintf(m.addr, sizeof m.addr, "127.0.0.1");
+            snprintf(b->m.addr, sizeof b->m.addr, "127.0.0.1");
         else
-            own_address(env, m.addr, sizeof m.addr);
-        TP_CHECK(free_port(&m.port));
+            own_address(env, b->m.addr, sizeof b->m.addr);
+        TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
+        tp_hex(rnd, sizeof rnd, b->m.token);
+        memset(rnd, 0, sizeof rnd);
+        cfg->port = 0;
+        cfg->on_serving = boot_announce;
+        cfg->ctx = b;
+    } else {
+        TP_CHECK(boot_send(b));
+        b->m.addr[sizeof b->m.addr - 1] = b->m.token[sizeof b->m.token - 1] = b->m.why[sizeof b->m.why - 1] = '\0';
+        if (b->m.port <= 0 || b->m.port > 65535) {
+            st = tp_error(TP_ERR_COMM, "init: rank 0 could not serve the rendezvous store: %s", b->m.why);
+            goto out;
+        }
+        TP_REQUIRE(b->m.generation == cfg->generation, "init: rank 0 starts world generation %llu, this rank %llu "
+                   "(every rank must call init_process_group the same number of times)",
+                   (unsigned long long)b->m.generation, (unsigned long long)cfg->generation);
+        cfg->port = b->m.port;
     }
-    TP_CHECK(tp_backend_boot_bcast(g->rank, g->size, &m, sizeof m, g->timeout_s, &g->booted_by));
-    m.addr[sizeof m.addr - 1] = '\0';
-    snprintf(addr, cap, "%s", m.addr);
-    *port = m.port;
+    cfg->addr = b->m.addr;
 out:
     return st;
 }
 
 /* The rendezvous store of a world of more than one rank:
- * - under torchrun (TORCHELASTIC_USE_AGENT_STORE=True), the agent's own store at MASTER_ADDR:MASTER_PORT;
- * - under mpirun/mpiexec/srun, rank 0 serves one on a free port, announced through the launcher (MPI);
- *   without MPI in this build, MASTER_ADDR/MASTER_PORT as below;
+ * - under torchrun (TORCHELASTIC_USE_AGENT_STORE=True), the agent's own store at MASTER_ADDR:MASTER_PORT,
+ *   tplinear's keys under tplinear/<run id>/<restart>/<generation>/, every value proving the token;
+ * - under mpirun/mpiexec/srun, rank 0 serves one on a port the kernel picks, with a fresh random token,
+ *   both announced through the launcher (MPI); without MPI in this build, MASTER_ADDR/MASTER_PORT as below;
  * - else (tplinear.run, by hand, the C API's options) rank 0 serves one at MASTER_ADDR:MASTER_PORT.
  * A store of our own is served on 127.0.0.1 when the launcher says the world is one host (LOCAL_WORLD_SIZE ==
  * WORLD_SIZE): nothing outside the host can reach it. Every world of the process gets the next generation. */
@@ -231,52 +260,63 @@ static tp_status open_store(const tp_init_options *opts, tp_group *g)
     tp_world_env env;
     tp_launcher l;
     tp_store_config cfg;
+    boot b;
     char addr[256], ns[TP_STORE_NS_MAX], token[TP_TOKEN_MAX + 1];
     const char *source = NULL;
-    int one_host, torch, port;
+    int one_host, torch, mpi_boot = 0;
+    memset(&cfg, 0, sizeof cfg);
+    memset(&b, 0, sizeof b);
+    b.g = g;
     TP_CHECK(tp_world_from_env(&env));
     TP_CHECK(tp_launcher_from_env(&l));
     one_host = (opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size) == g->size;
     torch = l.agent_store && opts->master_port <= 0;
-    port = opts->master_port > 0 ? opts->master_port : env.master_port;
-    snprintf(addr, sizeof addr, "%s", opts->master_addr && opts->master_addr[0] ? opts->master_addr
-                                      : env.master_addr[0]                   ? env.master_addr
-                                                                             : "127.0.0.1");
-    if (opts->master_port <= 0 && (l.kind == TP_LAUNCHER_MPI || l.kind == TP_LAUNCHER_SLURM)) {
-        st = l.mpi_runtime ? boot_through_launcher(g, &env, one_host, addr, sizeof addr, &port)
-                           : tp_error(TP_ERR_UNSUPPORTED, "the launcher's MPI runtime is not there (no PMIx/PMI "
-                                      "variables: the MPI launcher's variables were set by hand?); set MASTER_ADDR "
-                                      "and MASTER_PORT");
-        if (st != TP_OK && (st != TP_ERR_UNSUPPORTED || env.master_port <= 0)) {
+    mpi_boot = opts->master_port <= 0 && (l.kind == TP_LAUNCHER_MPI || l.kind == TP_LAUNCHER_SLURM);
+    if (mpi_boot) {
+        st = !l.mpi_runtime ? tp_error(TP_ERR_UNSUPPORTED, "the launcher's MPI runtime is not there (no PMIx/PMI "
+                                       "variables: the MPI launcher's variables were set by hand?); set MASTER_ADDR "
+                                       "and MASTER_PORT")
+                            : tp_backend_boot_check();
+        if (st != TP_OK && env.master_port <= 0) {
             tp_error_context(st, "init: WORLD_SIZE=%d from %s", g->size, tp_launcher_name(l.kind));
             goto out;
         }
-        if (st != TP_OK) port = env.master_port; /* no MPI in this build, but the user gave the store's place */
+        mpi_boot = st == TP_OK; /* else no MPI to meet through, but the user gave the store's place */
         st = TP_OK;
     }
-    TP_REQUIRE(port > 0 && port < 65536,
-               "init: WORLD_SIZE=%d but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)", g->size);
-    TP_CHECK(tp_store_token(opts->token, addr, port, g->size, token, &source));
-    memset(&cfg, 0, sizeof cfg);
+    snprintf(addr, sizeof addr, "%s", opts->master_addr && opts->master_addr[0] ? opts->master_addr
+                                      : env.master_addr[0]                   ? env.master_addr
+                                                                             : "127.0.0.1");
     cfg.addr = one_host && !torch ? "127.0.0.1" : addr;
-    cfg.port = port;
+    cfg.port = opts->master_port > 0 ? opts->master_port : env.master_port;
     cfg.rank = g->rank;
     cfg.world_size = g->size;
     cfg.timeout_s = g->timeout_s;
-    cfg.token = token;
     cfg.generation = atomic_fetch_add(&g_world_generation, 1) + 1;
+    if (mpi_boot) {
+        TP_CHECK(boot_through_launcher(&env, one_host, &b, &cfg));
+        snprintf(addr, sizeof addr, "%s", cfg.addr);
+    } else {
+        TP_REQUIRE(cfg.port > 0 && cfg.port < 65536,
+                   "init: WORLD_SIZE=%d but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)",
+                   g->size);
+    }
+    TP_CHECK(tp_store_token(opts->token, mpi_boot ? b.m.token : NULL, addr, cfg.port, g->size, token, &source));
+    cfg.token = token;
     if (torch) {
         store_namespace(&l, ns, sizeof ns);
         cfg.torch_ns = ns;
     }
     tp_log(TP_LOG_INFO, "init: rank %d of %d (%s), store %s:%d%s, world generation %llu, token from %s, timeout %g s",
-           g->rank, g->size, tp_launcher_name(l.kind), cfg.addr, port, cfg.torch_ns ? " (torchrun's)" : "",
-           (unsigned long long)cfg.generation, source, g->timeout_s);
-    st = tp_store_open_world(&cfg, &g->store);
-    memset(token, 0, sizeof token);
-    TP_CHECK(st);
+           g->rank, g->size, tp_launcher_name(l.kind), cfg.addr, cfg.port,
+           torch ? " (torchrun's)" : cfg.port == 0 ? " (a port the kernel picks)" : "", (unsigned long long)cfg.generation,
+           source, g->timeout_s);
+    TP_CHECK(tp_store_open_world(&cfg, &g->store));
     g->owns_store = 1;
 out:
+    if (st != TP_OK && mpi_boot && g->rank == 0 && !b.sent) boot_fail(&b);
+    memset(token, 0, sizeof token);
+    memset(b.m.token, 0, sizeof b.m.token);
     return st;
 }
 

@@ -176,6 +176,19 @@ tp_status tp_backend_choose_sub(const char *name, const tp_group *g, const tp_ba
     return TP_OK;
 }
 
+tp_status tp_backend_boot_check(void)
+{
+    for (int i = 0; i < NBACKENDS; i++)
+        if (BACKENDS[i]->boot_bcast != NULL) return TP_OK;
+#if TPLINEAR_MPI
+    return tp_error(TP_ERR_UNSUPPORTED, "no backend of this build bootstraps through this launcher");
+#else
+    return tp_error(TP_ERR_UNSUPPORTED, "tplinear was built without MPI, so it cannot bootstrap through mpirun/srun: "
+                    "install an MPI (apt-get install libopenmpi-dev, or libmpich-dev) and reinstall tplinear, or set "
+                    "MASTER_ADDR and MASTER_PORT (rank 0 serves its rendezvous store there)");
+#endif
+}
+
 tp_status tp_backend_boot_bcast(int rank, int size, void *buf, size_t len, double timeout_s, const tp_backend **by)
 {
     *by = NULL;
@@ -187,11 +200,5 @@ tp_status tp_backend_boot_bcast(int rank, int size, void *buf, size_t len, doubl
         if (st == TP_OK) *by = BACKENDS[i];
         return st;
     }
-#if TPLINEAR_MPI
-    return tp_error(TP_ERR_UNSUPPORTED, "no backend of this build bootstraps through this launcher");
-#else
-    return tp_error(TP_ERR_UNSUPPORTED, "tplinear was built without MPI, so it cannot bootstrap through mpirun/srun: "
-                    "install an MPI (apt-get install libopenmpi-dev, or libmpich-dev) and reinstall tplinear, or set "
-                    "MASTER_ADDR and MASTER_PORT (rank 0 serves its rendezvous store there)");
-#endif
+    return tp_backend_boot_check();
 }

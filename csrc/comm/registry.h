@@ -17,6 +17,9 @@ tp_status tp_backend_choose(const char *name, tp_device_type device, const tp_gr
  * name as tp_backend_choose (host memory). */
 tp_status tp_backend_choose_sub(const char *name, const tp_group *g, const tp_backend *parent, const tp_backend **out);
 
+/* TP_OK when a backend of this build has a launcher's channel (mpi), else TP_ERR_UNSUPPORTED saying what
+ * would bring one. */
+tp_status tp_backend_boot_check(void);
 /* World rank 0's len bytes of buf to every rank through the first backend whose launcher started the
  * processes (mpi under mpirun/srun); *by gets that backend. TP_ERR_UNSUPPORTED (saying what would help)
  * when none did. */

@@ -521,12 +521,13 @@ static void server_free(server *s)
 }
 
 /* The address the server listens on: bind_addr (numeric or a name), falling back to every interface
- * when it is not an address of this host. */
-static tp_status server_bind(server *s, const char *bind_addr, int port)
+ * when it is not an address of this host; port 0: one the kernel picks. *bound: the port it listens on. */
+static tp_status server_bind(server *s, const char *bind_addr, int port, int *bound)
 {
     tp_status st = TP_OK;
     struct addrinfo hints, *res = NULL;
     struct sockaddr_in sa;
+    socklen_t salen = sizeof sa;
     char portstr[16];
     int one = 1, rc;
     memset(&sa, 0, sizeof sa);
@@ -561,16 +562,17 @@ static tp_status server_bind(server *s, const char *bind_addr, int port)
                             "or another world, uses it)", bind_addr, port);
         goto out;
     }
-    if (listen(s->listen_fd, 128) < 0) {
+    if (listen(s->listen_fd, 128) < 0 || getsockname(s->listen_fd, (struct sockaddr *)&sa, &salen) < 0) {
         st = tp_error_errno(TP_ERR_SYSTEM, "store: listen on port %d", port);
         goto out;
     }
+    *bound = ntohs(sa.sin_port);
 out:
     if (res) freeaddrinfo(res);
     return st;
 }
 
-static tp_status server_start(const tp_store_config *cfg, const char *token, server **out)
+static tp_status server_start(const tp_store_config *cfg, const char *token, server **out, int *port)
 {
     tp_status st = TP_OK;
     server *s = calloc(1, sizeof *s);
@@ -592,7 +594,7 @@ static tp_status server_start(const tp_store_config *cfg, const char *token, ser
         st = tp_error_errno(TP_ERR_SYSTEM, "store: pipe");
         goto out;
     }
-    TP_CHECK(server_bind(s, cfg->bind_addr ? cfg->bind_addr : cfg->addr, cfg->port));
+    TP_CHECK(server_bind(s, cfg->bind_addr ? cfg->bind_addr : cfg->addr, cfg->port, port));
     if (pthread_create(&s->thread, NULL, server_main, s) != 0) {
         st = tp_error(TP_ERR_SYSTEM, "store: cannot start the server thread");
         goto out;
@@ -930,8 +932,8 @@ out:
 
 /* ---------------------------------------------------------------- open / close */
 
-tp_status tp_store_token(const char *given, const char *master_addr, int port, int world_size, char *out,
-                         const char **source)
+tp_status tp_store_token(const char *given, const char *fallback, const char *master_addr, int port, int world_size,
+                         char *out, const char **source)
 {
     tp_status st = TP_OK;
     tp_token_env env;
@@ -946,6 +948,9 @@ tp_status tp_store_token(const char *given, const char *master_addr, int port, i
         if (env.token[0] != '\0') {
             strcpy(out, env.token);
             src = "TPLINEAR_TOKEN";
+        } else if (fallback != NULL) {
+            snprintf(out, TP_TOKEN_MAX + 1, "%s", fallback);
+            src = "rank 0, through the launcher (a fresh random token for this world)";
         } else {
             /* docs/security.md: the derivation that plain torchrun / mpirun worlds share */
             unsigned char h[TP_SHA256_BYTES];
@@ -979,7 +984,8 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
     long watchdog_s;
     double deadline;
     *out = NULL;
-    TP_REQUIRE(cfg->port > 0 && cfg->port < 65536, "store: MASTER_PORT must be in 1..65535, got %d", cfg->port);
+    TP_REQUIRE((cfg->port > 0 || (cfg->port == 0 && cfg->rank == 0 && cfg->on_serving)) && cfg->port < 65536,
+               "store: MASTER_PORT must be in 1..65535, got %d", cfg->port);
     TP_REQUIRE(cfg->world_size >= 1 && cfg->rank >= 0 && cfg->rank < cfg->world_size,
                "store: rank %d of a world of %d", cfg->rank, cfg->world_size);
     TP_CHECK(tp_knob_int(TP_KNOB_WATCHDOG_S, &watchdog_s));
@@ -1001,14 +1007,17 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
     if (cfg->token != NULL)
         snprintf(s->token, sizeof s->token, "%s", cfg->token);
     else
-        TP_CHECK(tp_store_token(NULL, s->addr, cfg->port, cfg->world_size, s->token, &source));
+        TP_CHECK(tp_store_token(NULL, NULL, s->addr, cfg->port, cfg->world_size, s->token, &source));
     if (cfg->torch_ns) {
         char ns[TP_STORE_NS_MAX + 32];
         TP_REQUIRE(strlen(cfg->torch_ns) < TP_STORE_NS_MAX, "store: the key namespace '%s' is too long", cfg->torch_ns);
         snprintf(ns, sizeof ns, "%s%llu/", cfg->torch_ns, (unsigned long long)cfg->generation);
         TP_CHECK(tp_torch_store_open(s->addr, cfg->port, ns, s->token, cfg->timeout_s, &s->torch));
     } else {
-        if (cfg->rank == 0) TP_CHECK(server_start(cfg, s->token, &s->srv));
+        if (cfg->rank == 0) {
+            TP_CHECK(server_start(cfg, s->token, &s->srv, &s->port));
+            if (cfg->on_serving) TP_CHECK(cfg->on_serving(cfg->ctx, s->port));
+        }
         TP_CHECK(connect_retry(s, deadline));
     }
     /* the rendezvous: every rank arrives and waits for the others (a rank that died after connecting
@@ -1021,7 +1030,7 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
                          (unsigned long long)cfg->generation);
     TP_CHECK(st);
     tp_log(TP_LOG_INFO, "store: rank %d of %d joined world generation %llu at %s:%d%s (token: %s)", cfg->rank,
-           cfg->world_size, (unsigned long long)cfg->generation, s->addr, cfg->port,
+           cfg->world_size, (unsigned long long)cfg->generation, s->addr, s->port,
            s->torch ? " (torchrun's store)" : "", source);
     *out = s;
     s = NULL;

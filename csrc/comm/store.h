@@ -31,16 +31,21 @@ typedef struct {
                               is up), and every key is stored under it */
     const char *torch_ns;  /* not NULL: join torchrun's agent store at addr:port (no server of our own),
                               keys under "<torch_ns><generation>/" */
+    /* Rank 0: called once its server listens, with the port, before any rank can join (the launcher's
+     * channel announces it); with port 0 the kernel picks the port, so no other program can take it first. */
+    tp_status (*on_serving)(void *ctx, int port);
+    void *ctx;
 } tp_store_config;
 #define TP_STORE_NS_MAX 320
 tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out);
 
 /* The world's token into out (TP_TOKEN_MAX + 1 bytes): `given` when not NULL (init's token=); else
- * TPLINEAR_TOKEN; else derived (docs/security.md) from the user id, MASTER_ADDR, MASTER_PORT, WORLD_SIZE
+ * TPLINEAR_TOKEN; else `fallback` when not NULL (the fresh random token rank 0 sent through the launcher's
+ * channel: MPI); else derived (docs/security.md) from the user id, MASTER_ADDR, MASTER_PORT, WORLD_SIZE
  * and the launcher's job id (TORCHELASTIC_RUN_ID, PMIX_NAMESPACE, OMPI_MCA_ess_base_jobid,
  * SLURM_JOB_ID.SLURM_STEP_ID). *source (may be NULL) names where it came from, for logs. */
-tp_status tp_store_token(const char *given, const char *master_addr, int port, int world_size, char *out,
-                         const char **source);
+tp_status tp_store_token(const char *given, const char *fallback, const char *master_addr, int port, int world_size,
+                         char *out, const char **source);
 
 /* Stores are reference counted (a subgroup keeps its world's store alive): retain adds a reference,
  * close drops one and frees on the last. Rank 0's last close stops accepting connections at once and

@@ -93,37 +93,47 @@ static int token_resolution(void)
     unsetenv("PMIX_NAMESPACE");
     unsetenv("OMPI_MCA_ess_base_jobid");
     unsetenv("SLURM_JOB_ID");
-    EXPECT_OK(tp_store_token("given", "h", 1, 2, a, &src));
+    EXPECT_OK(tp_store_token("given", NULL, "h", 1, 2, a, &src));
     EXPECT(strcmp(a, "given") == 0 && strstr(src, "token=") != NULL);
-    EXPECT_STATUS(tp_store_token("", "h", 1, 2, a, &src), TP_ERR_VALUE);
+    EXPECT_STATUS(tp_store_token("", NULL, "h", 1, 2, a, &src), TP_ERR_VALUE);
     memset(big, 'x', sizeof big - 1);
     big[sizeof big - 1] = '\0';
-    EXPECT_STATUS(tp_store_token(big, "h", 1, 2, a, &src), TP_ERR_VALUE);
+    EXPECT_STATUS(tp_store_token(big, NULL, "h", 1, 2, a, &src), TP_ERR_VALUE);
     setenv("TPLINEAR_TOKEN", "from-env", 1);
-    EXPECT_OK(tp_store_token(NULL, "h", 1, 2, a, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "h", 1, 2, a, &src));
     EXPECT(strcmp(a, "from-env") == 0 && strcmp(src, "TPLINEAR_TOKEN") == 0);
+    /* rank 0's fresh token through the launcher (MPI) comes after init's and TPLINEAR_TOKEN, before the
+     * derivation */
+    EXPECT_OK(tp_store_token(NULL, "fresh", "h", 1, 2, a, &src));
+    EXPECT(strcmp(a, "from-env") == 0);
+    EXPECT_OK(tp_store_token("given", "fresh", "h", 1, 2, a, &src));
+    EXPECT(strcmp(a, "given") == 0);
+    unsetenv("TPLINEAR_TOKEN");
+    EXPECT_OK(tp_store_token(NULL, "fresh", "h", 1, 2, a, &src));
+    EXPECT(strcmp(a, "fresh") == 0 && strstr(src, "rank 0") != NULL);
+    setenv("TPLINEAR_TOKEN", "from-env", 1);
     setenv("TPLINEAR_TOKEN", "", 1);
-    EXPECT_STATUS(tp_store_token(NULL, "h", 1, 2, a, &src), TP_ERR_VALUE);
+    EXPECT_STATUS(tp_store_token(NULL, NULL, "h", 1, 2, a, &src), TP_ERR_VALUE);
     unsetenv("TPLINEAR_TOKEN");
     /* derived: the same inputs give the same token, any difference another one */
     setenv("TORCHELASTIC_RUN_ID", "job-1", 1);
-    EXPECT_OK(tp_store_token(NULL, "host0", 29500, 4, a, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "host0", 29500, 4, a, &src));
     EXPECT(strcmp(src, "TORCHELASTIC_RUN_ID") == 0 && strlen(a) == 64);
-    EXPECT_OK(tp_store_token(NULL, "host0", 29500, 4, b, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "host0", 29500, 4, b, &src));
     EXPECT(strcmp(a, b) == 0);
-    EXPECT_OK(tp_store_token(NULL, "host0", 29501, 4, b, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "host0", 29501, 4, b, &src));
     EXPECT(strcmp(a, b) != 0);
-    EXPECT_OK(tp_store_token(NULL, "host0", 29500, 8, b, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "host0", 29500, 8, b, &src));
     EXPECT(strcmp(a, b) != 0);
     setenv("TORCHELASTIC_RUN_ID", "job-2", 1);
-    EXPECT_OK(tp_store_token(NULL, "host0", 29500, 4, b, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "host0", 29500, 4, b, &src));
     EXPECT(strcmp(a, b) != 0);
     unsetenv("TORCHELASTIC_RUN_ID");
     setenv("SLURM_JOB_ID", "77", 1);
     setenv("SLURM_STEP_ID", "0", 1);
-    EXPECT_OK(tp_store_token(NULL, "host0", 29500, 4, a, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "host0", 29500, 4, a, &src));
     setenv("SLURM_STEP_ID", "1", 1);
-    EXPECT_OK(tp_store_token(NULL, "host0", 29500, 4, b, &src));
+    EXPECT_OK(tp_store_token(NULL, NULL, "host0", 29500, 4, b, &src));
     EXPECT(strcmp(a, b) != 0 && strcmp(src, "SLURM_JOB_ID") == 0); /* job steps are worlds of their own */
     unsetenv("SLURM_JOB_ID");
     unsetenv("SLURM_STEP_ID");
@@ -246,11 +256,45 @@ static int foreign_segment(int rank, int size, int port)
     return tp_test_failures;
 }
 
+static tp_status note_port(void *ctx, int port)
+{
+    *(int *)ctx = port;
+    return TP_OK;
+}
+
+/* Rank 0 of a world bootstrapped through a launcher's channel serves on a port the kernel picks and hears
+ * which before anyone joins; port 0 is refused where nobody could be told. */
+static int kernel_port(void)
+{
+    tp_store *s = NULL;
+    int port = 0;
+    char buf[8];
+    size_t len = 0;
+    tp_store_config cfg = {.addr = "127.0.0.1", .port = 0, .rank = 0, .world_size = 1, .timeout_s = 5.0,
+                           .token = "t", .generation = 1, .on_serving = note_port, .ctx = &port};
+    EXPECT_OK(tp_store_open_world(&cfg, &s));
+    EXPECT(port > 0 && port < 65536);
+    EXPECT_OK(tp_store_set(s, "k", "v", 1));
+    EXPECT_OK(tp_store_get(s, "k", buf, sizeof buf, &len));
+    EXPECT(len == 1 && buf[0] == 'v');
+    tp_store_close(s);
+    s = NULL;
+    cfg.on_serving = NULL;
+    EXPECT_STATUS(tp_store_open_world(&cfg, &s), TP_ERR_VALUE);
+    cfg.on_serving = note_port;
+    cfg.rank = 1;
+    cfg.world_size = 2;
+    EXPECT_STATUS(tp_store_open_world(&cfg, &s), TP_ERR_VALUE);
+    EXPECT(s == NULL);
+    return 0;
+}
+
 int main(void)
 {
     sha_vectors();
     hmac_vectors();
     token_resolution();
+    kernel_port();
     EXPECT(run_world(3, store_ok, -1) == 0);
     EXPECT(run_world(2, wrong_token, -1) == 0);
     EXPECT(run_world(2, other_generation, -1) == 0);

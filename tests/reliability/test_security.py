@@ -283,3 +283,97 @@ except tplinear.CommError as e:
         assert "REFUSED" in line and "world generation %d of this process through torchrun's store" % gen in line, \
             w2.all_output()
         assert "every rank must call init_process_group the same number of times" in line, line
+
+
+# ---------------------------------------------------------------- mpirun: the bootstrap through MPI
+
+def _mpirun(code, nproc=2, env=None, timeout=60):
+    from tplinear.testing import launch, launcher_missing
+    why = launcher_missing("mpirun")
+    if why:
+        pytest.skip(why)
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(code)
+    try:
+        return launch("mpirun", nproc, [f.name], timeout=timeout, env=env)
+    finally:
+        os.unlink(f.name)
+
+
+def test_mpirun_world_meets_on_a_kernel_port_with_a_fresh_token():
+    """Under mpirun rank 0 serves on a port the kernel picks and sends it, with a fresh random token, through
+    MPI: no port is raced for (a program holding MASTER_PORT does not matter), no token is derived from
+    guessable inputs, and every init of the same processes is a world of its own."""
+    import socket
+    with socket.socket() as squatter:   # MASTER_PORT is taken: the bootstrap must not need it
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        port = squatter.getsockname()[1]
+        res = _mpirun("""
+import numpy as np
+import tplinear.distributed as dist
+for i in range(2):
+    dist.init_process_group(timeout=20)
+    a = np.full(4, 10.0 * i + dist.get_rank()); dist.all_reduce(a)
+    assert a[0] == 20.0 * i + 1, a
+    dist.destroy_process_group()
+print("WORLDS OK", flush=True)
+""", env={"TPLINEAR_DEBUG": "INFO", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    out = res.output
+    assert res.returncode == 0 and out.count("WORLDS OK") == 2, out
+    joined = re.findall(r"rank 0 of 2 joined world generation (\d) at 127\.0\.0\.1:(\d+)", out)
+    assert [g for g, _ in joined] == ["1", "2"], out
+    assert all(int(p) not in (0, port) for _, p in joined), joined
+    assert out.count("token from rank 0, through the launcher (a fresh random token for this world)") == 4, out
+    assert "a port the kernel picks" in out, out
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_mpirun_tokens_given_to_the_ranks_win_and_must_agree(same):
+    res = _mpirun("""
+import os
+import numpy as np
+import tplinear, tplinear.distributed as dist
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+try:
+    dist.init_process_group(timeout=2.5, token="secret" if rank == 0 or %r else "other")
+    a = np.ones(4); dist.all_reduce(a)
+    print("JOINED", rank, a[0], flush=True)
+except tplinear.CommError as e:
+    print("REFUSED", rank, e, flush=True)
+""" % same)
+    out = res.output
+    if same:
+        assert "JOINED 0 2.0" in out and "JOINED 1 2.0" in out, out
+    else:
+        assert re.search(r"REFUSED 1 .*token differs", out), out              # at once
+        assert re.search(r"REFUSED 0 .*refused 1 connection.*token differs", out), out   # at its timeout
+
+
+def test_mpirun_ranks_at_different_generations_are_told_so():
+    """Rank 1's first init was another world (its own store on a dead port): at its second it is one world
+    ahead of rank 0, and says so at once instead of joining rank 0's world."""
+    res = _mpirun("""
+import os
+import tplinear, tplinear.distributed as dist
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+if rank == 1:
+    os.environ.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["DEAD_PORT"])
+    try:
+        dist.init_process_group(timeout=0.5)
+    except tplinear.CommError as e:
+        print("FIRST", e, flush=True)
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        del os.environ[k]
+try:
+    dist.init_process_group(timeout=3)
+    print("JOINED", rank, flush=True)
+except (tplinear.CommError, ValueError) as e:
+    print("REFUSED", rank, e, flush=True)
+""", env={"DEAD_PORT": _dead_port()})
+    out = res.output
+    assert "FIRST" in out, out
+    assert re.search(r"REFUSED 1 .*rank 0 starts world generation 1, this rank 2 \(every rank must call "
+                     r"init_process_group the same number of times\)", out), out
+    assert re.search(r"REFUSED 0 .*waiting for rank 1 of 2 to join", out), out
