@@ -1057,8 +1057,8 @@ static tp_status members_ready(tp_group *g, const char *what, long params[2])
         TP_REQUIRE(len == 2 * sizeof *params, "mpi: bad parameters in the store");
     }
     snprintf(key, sizeof key, "%smpi/%s", g->prefix, what);
-    TP_CHECK(tp_store_add(g->store, key, 1, NULL));
-    TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
+    TP_CHECK(tp_store_arrive(g->store, key, g->rank));
+    TP_CHECK(tp_store_wait_all(g->store, key, g->size, g->global_ranks, "to set up the mpi group"));
 out:
     return st;
 }
@@ -1104,8 +1104,8 @@ static tp_status mpi_split(tp_group *parent, tp_group *child)
     TP_REQUIRE(parent->backend == &tp_mpi_backend && pim != NULL, "mpi split: the parent group is not an mpi group");
     if (pim->broken) return unusable(pim);
     snprintf(key, sizeof key, "%smpi/split", child->prefix);
-    TP_CHECK(tp_store_add(parent->store, key, 1, NULL));
-    TP_CHECK(tp_store_wait_ge(parent->store, key, parent->size));
+    TP_CHECK(tp_store_arrive(parent->store, key, parent->rank));
+    TP_CHECK(tp_store_wait_all(parent->store, key, parent->size, parent->global_ranks, "to split the mpi group"));
     pthread_mutex_lock(&pim->busy);
     st = MPI_Comm_split(pim->comm, member ? 0 : MPI_UNDEFINED, member ? child->rank : 0, &comm) == MPI_SUCCESS
              ? TP_OK
