@@ -238,7 +238,8 @@ typedef struct {
     tp_device_type device;
     /* The world's secret, the same on every rank (1..256 characters): every rank proves it to join the
      * rendezvous and to map the world's shared memory. NULL: TPLINEAR_TOKEN (tplinear.run sets a fresh
-     * one per run), else a value derived from the launcher's job id, address and port (docs/security.md). */
+     * one per run), else under an MPI launcher a fresh one from rank 0 through MPI, else a value derived
+     * from the launcher's job id, address and port (docs/security.md). */
     const char *token;
 } tp_init_options;
 
@@ -252,12 +253,16 @@ typedef struct {
 /* Fills opts as TP_INIT_OPTIONS_INITIALIZER does. */
 TP_API void tp_init_options_default(tp_init_options *opts);
 
-/* Creates the world group (collective over all ranks). A world of more than one rank meets at rank 0's
- * rendezvous store: on one host (LOCAL_WORLD_SIZE == WORLD_SIZE) over 127.0.0.1 whatever MASTER_ADDR says,
- * else at MASTER_ADDR, where rank 0 listens on that address only. Each call of a process starts a fresh
- * world: the n-th init of every rank meets the n-th init of the others (a re-initialising rank that
- * reaches the previous world's store is sent away until its new one is up). A rank whose token differs is
- * refused on both sides (TP_ERR_COMM); every wait is bounded by timeout_s. */
+/* Creates the world group (collective over all ranks). A world of more than one rank meets at a
+ * rendezvous store (docs/security.md, docs/launching.md): under torchrun the agent's own (keys under
+ * tplinear/<run id>/<restart>/<generation>/, every value proving the token); under mpirun/mpiexec/srun in
+ * MPI builds rank 0's, on a port the kernel picks, announced with a fresh token through MPI; else rank 0's
+ * at MASTER_ADDR:MASTER_PORT. Rank 0's store listens on 127.0.0.1 when the launcher says the world is one
+ * host (LOCAL_WORLD_SIZE == WORLD_SIZE) whatever MASTER_ADDR says, else on its address only. Each call of
+ * a process starts a fresh world: the n-th init of every rank meets the n-th init of the others (a
+ * re-initialising rank that reaches the previous world's store is sent away until its new one is up; a
+ * rank of another generation is told so). A rank whose token differs is refused on both sides
+ * (TP_ERR_COMM); every wait is bounded by timeout_s. */
 TP_API tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world);
 /* Collective over every rank of parent: ranks (n entries, ranks of parent, ascending or not, no
  * repeats) form a new group. A rank of parent not listed gets a non-member handle whose

@@ -57,11 +57,13 @@ def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, 
     Every wait is bounded by timeout seconds (a datetime.timedelta works too).
 
     token: the world's secret (a str of 1..256 characters, the same on every rank). Every rank proves it
-    to join rank 0's rendezvous store and to map the world's shared memory, so no other process (another
-    job on the same port, another user) can join or read the world; a rank with another token is refused
-    with a CommError on both sides. None: TPLINEAR_TOKEN, which ``python -m tplinear.run`` sets to a fresh
-    random value per run, else a value derived from the launcher's job id, MASTER_ADDR, MASTER_PORT and
-    WORLD_SIZE (docs/security.md). Each call starts a fresh world, also on the same MASTER_PORT.
+    to join the rendezvous (rank 0's store; under torchrun, with every value it puts in the agent's store)
+    and to map the world's shared memory, so no other process (another job on the same port, another
+    user) can join the world; a rank with another token is refused with a CommError on both sides. None:
+    TPLINEAR_TOKEN, which ``python -m tplinear.run`` sets to a fresh random value per run; else under
+    mpirun/mpiexec/srun a fresh random one that rank 0 sends through MPI; else a value derived from the
+    launcher's job id, MASTER_ADDR, MASTER_PORT and WORLD_SIZE (docs/security.md says what each launcher
+    gets). Each call starts a fresh world, also on the same MASTER_PORT.
 
     backend=None picks, in order: the TPLINEAR_BACKEND environment variable; a backend that takes GPU
     memory ("nccl") when the group is created implicitly by a layer whose tensors are on the GPU
