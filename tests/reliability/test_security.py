@@ -90,26 +90,34 @@ def test_derivation_is_the_documented_one(spawn):
     assert "JOINED 2.0" in w.output(0) and "JOINED 2.0" in w.output(1), w.all_output()
 
 
-def test_other_generation_is_sent_away(spawn):
-    """A rank that called init_process_group once more than rank 0 (here: one failed attempt) is not let into
-    rank 0's world of another generation; it says why."""
-    w = spawn("""
-import os, socket, time
+# Rank 1 calls init_process_group once more than rank 0: its first init is a world of its own that fails
+# (its own store's rank 1, on DEAD_PORT, which nobody serves), under whatever launcher started the ranks.
+ONE_WORLD_AHEAD = """
+import os
 import tplinear, tplinear.distributed as dist
-rank = int(os.environ["RANK"])
-if rank == 1:   # a first attempt that fails (nobody serves DEAD_PORT): this process's world #1
-    port, os.environ["MASTER_PORT"] = os.environ["MASTER_PORT"], os.environ["DEAD_PORT"]
+rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+if rank == 1:   # this process's world #1
+    launcher = dict(os.environ)
+    os.environ.update(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["DEAD_PORT"],
+                      TORCHELASTIC_USE_AGENT_STORE="False")
     try:
         dist.init_process_group(timeout=0.5)
     except tplinear.CommError as e:
         print("FIRST", e, flush=True)
-    os.environ["MASTER_PORT"] = port
+    os.environ.clear()
+    os.environ.update(launcher)
 try:
-    dist.init_process_group(timeout=4)
-    print("JOINED", flush=True)
-except tplinear.CommError as e:
-    print("REFUSED", e, flush=True)
-""", 2, env={"DEAD_PORT": _dead_port()})
+    dist.init_process_group(timeout=float(os.environ.get("TMO", "4")))
+    print("JOINED", rank, flush=True)
+except (tplinear.CommError, ValueError) as e:
+    print("REFUSED", rank, e, flush=True)
+"""
+
+
+def test_other_generation_is_sent_away(spawn):
+    """A rank that called init_process_group once more than rank 0 (here: one failed attempt) is not let into
+    rank 0's world of another generation; it says why."""
+    w = spawn(ONE_WORLD_AHEAD, 2, env={"DEAD_PORT": _dead_port()})
     w.start_all()
     w.wait(30)
     assert "FIRST" in w.output(1), w.all_output()
@@ -256,25 +264,9 @@ print("WORLDS OK", flush=True)
     assert "WORLDS OK" in w.output(0) and "WORLDS OK" in w.output(1), w.all_output()
     for gen in (1, 2, 3):
         assert torch_store.has("tplinear/run-g/0/%d/join/1" % gen), gen
-    # a rank one world ahead (its first init was another world: our own store on a dead port)
-    w2 = spawn("""
-import os
-import tplinear, tplinear.distributed as dist
-rank = int(os.environ["RANK"])
-if rank == 1:
-    agent, os.environ["TORCHELASTIC_USE_AGENT_STORE"] = os.environ["TORCHELASTIC_USE_AGENT_STORE"], "False"
-    port, os.environ["MASTER_PORT"] = os.environ["MASTER_PORT"], os.environ["DEAD_PORT"]
-    try:
-        dist.init_process_group(timeout=0.5)
-    except tplinear.CommError as e:
-        print("FIRST", e, flush=True)
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"], os.environ["MASTER_PORT"] = agent, port
-try:
-    dist.init_process_group(timeout=3)
-    print("JOINED", flush=True)
-except tplinear.CommError as e:
-    print("REFUSED", e, flush=True)
-""", 2, port=torch_store.port, env=dict(torch_store.agent_env("run-h"), DEAD_PORT=_dead_port()))
+    # a rank one world ahead
+    w2 = spawn(ONE_WORLD_AHEAD, 2, port=torch_store.port,
+               env=dict(torch_store.agent_env("run-h"), DEAD_PORT=_dead_port(), TMO=3))
     w2.start_all()
     w2.wait(30)
     assert "FIRST" in w2.output(1), w2.all_output()
@@ -354,24 +346,7 @@ except tplinear.CommError as e:
 def test_mpirun_ranks_at_different_generations_are_told_so():
     """Rank 1's first init was another world (its own store on a dead port): at its second it is one world
     ahead of rank 0, and says so at once instead of joining rank 0's world."""
-    res = _mpirun("""
-import os
-import tplinear, tplinear.distributed as dist
-rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-if rank == 1:
-    os.environ.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["DEAD_PORT"])
-    try:
-        dist.init_process_group(timeout=0.5)
-    except tplinear.CommError as e:
-        print("FIRST", e, flush=True)
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        del os.environ[k]
-try:
-    dist.init_process_group(timeout=3)
-    print("JOINED", rank, flush=True)
-except (tplinear.CommError, ValueError) as e:
-    print("REFUSED", rank, e, flush=True)
-""", env={"DEAD_PORT": _dead_port()})
+    res = _mpirun(ONE_WORLD_AHEAD, env={"DEAD_PORT": _dead_port(), "TMO": 3})
     out = res.output
     assert "FIRST" in out, out
     assert re.search(r"REFUSED 1 .*rank 0 starts world generation 1, this rank 2 \(every rank must call "
