@@ -11,10 +11,11 @@ import math
 import numpy as np
 
 from . import _C
+from . import _layout
 from . import checkpoint
 from . import distributed as dist
-from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
-from .parameter import Parameter, data_of, param_list
+from ._arrays import HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
+from .parameter import Parameter, data_of
 
 # tplinear.layers held these before parameter.py and checkpoint.py were split out of it
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
@@ -169,19 +170,12 @@ class Linear(_Layer):
 
 # ---------------------------------------------------------------------------------------------- TP layers
 
-_KIND_ROW, _KIND_COL = 1, 2
+_KIND_ROW, _KIND_COL = _layout.KIND_ROW, _layout.KIND_COL
 
 
-class _TPLayer(_Layer):
-    """Shared bookkeeping: group, partition, parameter marks, gather / re-partition, checkpoints.
-
-    _shard_dim: the weight dim split across ranks (1: row-parallel, 0: column-parallel).
-    _pieces[r]: rank r's pieces [(offset, size)] along that dim (one piece, or one per packed block).
-    """
-
-    _shard_dim = None
-    _kind = None
-    _bias_sharded = False
+class _TPLayer(_Layer, _layout.Sharded):
+    """A NumPy / DeviceArray tensor-parallel layer: group, placement, parameters, state dicts; the shard
+    bookkeeping (partition, marks, gather / re-partition) is _layout.Sharded's."""
 
     def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
                  dtype=None, _full=None):
@@ -211,7 +205,7 @@ class _TPLayer(_Layer):
         self.skip_partition = bool(skip_partition)
         local = int(weight.shape[self._shard_dim])
         full = _full if _full is not None else (None if self.skip_partition else local)
-        locals_ = self._agree(weight.shape, bias is not None, local, full)
+        locals_ = self._agree(weight.shape, bias is not None, local, full, self._place.dtype)
         self._full_shape = [int(s) for s in weight.shape]
         self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
         self._pieces = self._partition(self._full_shape[self._shard_dim], locals_)
@@ -224,96 +218,6 @@ class _TPLayer(_Layer):
                 param.data = self._place.adopt(value, what) if given_shard else self._piece(param, value, what)
 
     # -- construction
-
-    def _agree(self, weight_shape, has_bias, local, full):
-        """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim
-        and (when known: full is not None) the full size of the split dim. Returns every rank's size
-        along the split dim."""
-        p = self.tp_world_size
-        if p == 1:
-            return [local]
-        other = int(weight_shape[1 - self._shard_dim])
-        mine = np.array([self._kind, int(self.training_mode), DTYPES[self._place.dtype]["code"], int(has_bias),
-                         other, -1 if full is None else full, local], dtype=np.int64)
-        every = np.empty(7 * p, dtype=np.int64)
-        dist.all_gather_into_tensor(every, mine, group=self.mp_group)
-        every = every.reshape(p, 7)
-        fields = ["layer kind", "training mode", "dtype", "bias presence",
-                  "in_features" if self._shard_dim == 0 else "out_features",
-                  "full " + ("out_features" if self._shard_dim == 0 else "in_features")]
-        names = {d["code"]: name for name, d in DTYPES.items()}
-        for i, field in enumerate(fields):
-            if not np.all(every[:, i] == every[0, i]):
-                seen = [names[int(v)] for v in every[:, i]] if field == "dtype" else every[:, i].tolist()
-                raise ValueError(f"ranks disagree on the {field} of layer {self.name or type(self).__name__}: "
-                                 f"{seen} across ranks {list(range(p))} "
-                                 "(every rank must build the same layer in the same mode)")
-        return every[:, 6].tolist()
-
-    def _partition(self, n, locals_):
-        """Every rank's pieces: the given shards one after another under skip_partition, else the rule."""
-        if self.skip_partition:
-            offs = np.concatenate([[0], np.cumsum(locals_)[:-1]]).tolist()
-            return [[(int(o), int(s))] for o, s in zip(offs, locals_)]
-        if self._blocks is not None and sum(self._blocks) != n:
-            raise ValueError(f"packed block sizes {self._blocks} sum to {sum(self._blocks)}, "
-                             f"but the split dimension is {n}")
-        return _rule_pieces(n, self.tp_world_size, self.training_mode, self.name, self._blocks, self._block_heads)
-
-    def _my_pieces(self):
-        return self._pieces[self.tp_index]
-
-    def _flat_ranges(self):
-        return [rng for pieces in self._pieces for rng in pieces]
-
-    @property
-    def _nblocks(self):
-        return len(self._pieces[0])
-
-    def _mark(self, param):
-        param.ds_is_replaced_module = True
-        param.tp_layer = self
-        return param
-
-    # -- shards (DeepSpeed's gather_params / _tp_partition)
-
-    def _is_sharded(self, param):
-        return param is self.weight or (param is self.bias and self._bias_sharded)
-
-    def _dim_of(self, param):
-        return self._shard_dim if param is self.weight else 0
-
-    def _piece(self, param, full, what):
-        """This rank's part of param's full value, placed like the layer: its shard of a sharded
-        parameter (cut on the GPU for GPU arrays), a copy of a replicated one."""
-        if not self._is_sharded(param):
-            return self._place.put(full, what)
-        return self._place.shard(full, self._dim_of(param), self._flat_ranges(), self._nblocks, self.tp_index, what)
-
-    def gather_params(self, params_list):
-        """All-gathers each of this layer's sharded parameters in params_list into the full tensor, in
-        place (param.data becomes the full array, on the parameter's device). Collective over mp_group;
-        uneven shards work."""
-        for param in param_list(params_list):
-            if not self._is_sharded(param) or getattr(param, "_tp_gathered", False):
-                continue
-            dim = self._dim_of(param)
-            shard = self._place.adopt(param.data, "parameter")
-            shape = list(shard.shape)
-            shape[dim] = self._full_shape[dim if param is self.weight else 0]
-            full = self._place.empty(tuple(shape))
-            _C.gather(self.mp_group._handle, shard, dim, self._flat_ranges(), self._nblocks, full)
-            param.data = full
-            param._tp_gathered = True
-
-    def _tp_partition(self, params_list):
-        """Re-slices each gathered parameter from its current full value (edits made while gathered
-        persist in the shards); GPU parameters stay on the GPU."""
-        for param in param_list(params_list):
-            if not self._is_sharded(param) or not getattr(param, "_tp_gathered", False):
-                continue
-            param.data = self._piece(param, param.data, "parameter")
-            param._tp_gathered = False
 
     # -- state dicts (checkpoint.py holds the consolidated ones and the files)
 
