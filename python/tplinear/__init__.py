@@ -16,16 +16,18 @@ from . import _C  # noqa: E402
 from . import distributed
 from ._device import DeviceArray, set_allow_tf32, set_stream
 from .checkpoint import load_checkpoint, save_checkpoint
-from .layers import (
-    Linear,
-    LinearAllreduce,
-    LinearLayer,
+from .layers import Linear, LinearAllreduce, LinearLayer
+from .partition import (
+    attention_heads,
     get_num_kv_heads,
+    get_tp_grain_size,
     is_autotp_training_mode,
     is_training_mode,
     set_autotp_mode,
     set_num_kv_heads,
+    set_tp_grain_size,
     set_training_mode,
+    shard_ranges,
 )
 from .parameter import GatherReplacedLayerParams, Parameter
 
@@ -49,7 +51,8 @@ def get_num_threads():
 
 __all__ = [
     "CommError", "DeviceArray", "GatherReplacedLayerParams", "Linear", "LinearAllreduce", "LinearLayer", "Parameter",
-    "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "is_autotp_training_mode",
-    "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode", "set_num_kv_heads",
-    "set_allow_tf32", "set_num_threads", "set_stream", "set_training_mode",
+    "attention_heads", "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "get_tp_grain_size",
+    "is_autotp_training_mode", "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode",
+    "set_num_kv_heads", "set_allow_tf32", "set_num_threads", "set_stream", "set_tp_grain_size", "set_training_mode",
+    "shard_ranges",
 ]

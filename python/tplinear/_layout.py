@@ -1,58 +1,45 @@
 """The shard bookkeeping of a tensor-parallel layer, shared by the NumPy layers (``layers.py``) and the
-torch modules (``tplinear.torch``): the one exchange at construction that checks the ranks build the same
-layer, every rank's pieces of the split dimension, the parameter marks DeepSpeed looks for, and
-DeepSpeed's gather_params / _tp_partition. Where arrays live and how they are made is the layer's
-``_place`` (``_arrays.Placement`` for NumPy / DeviceArray, a torch placement for torch tensors)."""
+torch modules (``tplinear.torch``): the layer's split arguments, the one exchange at construction that
+checks the ranks build the same layer, every rank's pieces of the split dimension (by
+``partition.shard_ranges``), the parameter marks DeepSpeed looks for, and DeepSpeed's gather_params /
+_tp_partition. Where arrays live and how they are made is the layer's ``_place`` (``_arrays.Placement``
+for NumPy / DeviceArray, ``tplinear.torch.TorchPlacement`` for torch tensors)."""
+import zlib
+
 import numpy as np
 
 from . import _C
 from . import distributed as dist
+from . import partition
 from ._arrays import DTYPES
 from .parameter import param_list
 
 KIND_ROW, KIND_COL = 1, 2
 
 
-def agree(group, kind, shard_dim, training, dtype_code, dtype_names, has_bias, weight_shape, local, full, name):
-    """One all-gather over group: every rank must agree on the layer kind, mode, dtype, bias presence, the
-    unsplit dim and (when known: full is not None) the full size of the split dim. Raises ValueError on
-    every rank naming the field and each rank's value. Returns every rank's size along the split dim.
-
-    dtype_names maps dtype codes to names (for the message)."""
-    p = group.size
-    if p == 1:
-        return [int(local)]
-    other = int(weight_shape[1 - shard_dim])
-    mine = np.array([kind, int(training), dtype_code, int(has_bias), other, -1 if full is None else full, local],
-                    dtype=np.int64)
-    every = np.empty(7 * p, dtype=np.int64)
-    dist.all_gather_into_tensor(every, mine, group=group)
-    every = every.reshape(p, 7)
-    fields = ["layer kind", "training mode", "dtype", "bias presence",
-              "in_features" if shard_dim == 0 else "out_features",
-              "full " + ("out_features" if shard_dim == 0 else "in_features")]
-    for i, field in enumerate(fields):
-        if not np.all(every[:, i] == every[0, i]):
-            seen = [dtype_names.get(int(v), int(v)) for v in every[:, i]] if field == "dtype" else every[:, i].tolist()
-            raise ValueError(f"ranks disagree on the {field} of layer {name}: {seen} across ranks {list(range(p))} "
-                             "(every rank must build the same layer in the same mode)")
-    return every[:, 6].tolist()
+def split_args(training, name, grain, num_heads, num_kv_heads, head_dim, block_sizes, block_heads):
+    """A layer's arguments of partition.shard_ranges, the grain resolved once (tp_grain_size=, else the
+    default of the mode it is built in)."""
+    grain = partition.get_tp_grain_size(training) if grain is None else partition._count(grain, "tp_grain_size")
+    return {"grain": grain, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "name": name,
+            "block_sizes": None if block_sizes is None else list(block_sizes),
+            "block_heads": None if block_heads is None else list(block_heads)}
 
 
-def skip_partition_pieces(locals_):
-    """Every rank's pieces when each rank brings its own shard (skip_partition): the shards one after
-    another in rank order."""
-    offs = np.concatenate([[0], np.cumsum(locals_)[:-1]]).tolist()
-    return [[(int(o), int(s))] for o, s in zip(offs, locals_)]
+def concatenated(sizes):
+    """Pieces of shards given one after another (skip_partition)."""
+    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    return [[(int(o), int(s))] for o, s in zip(offs, sizes)]
 
 
 class Sharded:
-    """Mixed into a layer that has: mp_group, tp_world_size, tp_index, name, training_mode, skip_partition,
-    _place, _blocks, _block_heads, weight / bias (objects with .data), _full_shape ([out, in]) and
-    _pieces (set from _partition).
+    """Mixed into a tensor-parallel layer. The layer sets mp_group, tp_world_size, tp_index, name,
+    training_mode, skip_partition and _place, calls _set_split, then _set_partition, and holds weight /
+    bias (objects with .data).
 
     _shard_dim: the weight dim split across ranks (1: row-parallel, 0: column-parallel).
-    _pieces[r]: rank r's pieces [(offset, size)] along that dim (one piece, or one per packed block)."""
+    _full_shape: the full weight's [out, in].
+    _pieces[r]: rank r's pieces [(offset, size)] along the split dim (one piece, or one per packed block)."""
 
     _shard_dim = None
     _kind = None
@@ -60,22 +47,81 @@ class Sharded:
 
     # -- construction
 
-    def _agree(self, weight_shape, has_bias, local, full, dtype):
-        """The construction exchange (agree above) for this layer; dtype is a dtype name."""
-        return agree(self.mp_group, self._kind, self._shard_dim, self.training_mode, DTYPES[dtype]["code"],
-                     {d["code"]: n for n, d in DTYPES.items()}, has_bias, weight_shape, local, full,
-                     self.name or type(self).__name__)
+    def _set_split(self, tp_grain_size, num_heads, num_kv_heads, head_dim, block_sizes, block_heads):
+        self._split = split_args(self.training_mode, self.name, tp_grain_size, num_heads, num_kv_heads, head_dim,
+                                 block_sizes, block_heads)
+        self.tp_grain_size = self._split["grain"]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
-    def _partition(self, n, locals_):
-        """Every rank's pieces: the given shards one after another under skip_partition, else the rule."""
-        from .layers import _rule_pieces  # layers.py imports this module
+    def _set_partition(self, weight_shape, has_bias, local, full, dtype):
+        """Every rank's pieces, agreed in one exchange: full is the split dim's full size when this rank
+        knows it (None under skip_partition: the shards' sum); local this rank's size; dtype a name."""
+        pieces, error = None, None
+        if full is not None and not self.skip_partition:
+            try:  # every rank learns of a bad split in the exchange below, rather than some waiting in it
+                pieces = self._rule(full)
+            except ValueError as exc:
+                error = exc
+        locals_ = self._agree(weight_shape, has_bias, local, full, pieces, error, dtype)
+        self._full_shape = [int(s) for s in weight_shape]
+        self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
+        self._pieces = pieces if pieces is not None else concatenated(locals_)
 
-        if self.skip_partition:
-            return skip_partition_pieces(locals_)
-        if self._blocks is not None and sum(self._blocks) != n:
-            raise ValueError(f"packed block sizes {self._blocks} sum to {sum(self._blocks)}, "
-                             f"but the split dimension is {n}")
-        return _rule_pieces(n, self.tp_world_size, self.training_mode, self.name, self._blocks, self._block_heads)
+    def _rule(self, n):
+        """Every rank's pieces of a split dim of n by the partition rule (partition.shard_ranges)."""
+        return partition.shard_ranges(n, self.tp_world_size, **self._split)
+
+    def _agree(self, weight_shape, has_bias, local, full, pieces, error, dtype):
+        """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim,
+        (when known: full is not None) the full size of the split dim, the grain and the partition (heads,
+        name, blocks, set_num_kv_heads). Raises `error` (a rule that failed on this rank) on every rank.
+        Returns every rank's size along the split dim."""
+        p = self.tp_world_size
+        digest = -1 if error is not None else zlib.crc32(repr(pieces).encode())
+        if p > 1:
+            other = int(weight_shape[1 - self._shard_dim])
+            mine = np.array([self._kind, int(self.training_mode), DTYPES[dtype]["code"], int(has_bias),
+                             other, -1 if full is None else full, self.tp_grain_size, digest, local], dtype=np.int64)
+            every = np.empty(len(mine) * p, dtype=np.int64)
+            dist.all_gather_into_tensor(every, mine, group=self.mp_group)
+            every = every.reshape(p, len(mine))
+        else:
+            every = np.array([[digest, local]], dtype=np.int64)
+        if error is not None or np.any(every[:, -2] == -1):
+            raise error if error is not None else ValueError(
+                f"the partition of layer {self._label()} failed on ranks "
+                f"{np.flatnonzero(every[:, -2] == -1).tolist()} (see their error)")
+        fields = ["layer kind", "training mode", "dtype", "bias presence",
+                  "in_features" if self._shard_dim == 0 else "out_features",
+                  "full " + ("out_features" if self._shard_dim == 0 else "in_features"), "tp_grain_size",
+                  "partition (heads, name, block sizes or set_num_kv_heads)"]
+        names = {d["code"]: name for name, d in DTYPES.items()}
+        for i, field in enumerate(fields if p > 1 else ()):
+            if not np.all(every[:, i] == every[0, i]):
+                seen = [names[int(v)] for v in every[:, i]] if field == "dtype" else every[:, i].tolist()
+                raise ValueError(f"ranks disagree on the {field} of layer {self._label()}: "
+                                 f"{seen} across ranks {list(range(p))} "
+                                 "(every rank must build the same layer in the same mode)")
+        return every[:, -1].tolist()
+
+    def _label(self):
+        return self.name or type(self).__name__
+
+    # -- what the layer holds (public)
+
+    def shard_ranges(self):
+        """Every rank's pieces of the split dimension (in_features for a row layer, out_features for a
+        column layer): a list per rank of [(offset, size), ...], one piece or one per packed block; a
+        rank's shard is its pieces concatenated in order. The same as tplinear.shard_ranges for this
+        layer's arguments (skip_partition: the given shards one after another)."""
+        return [list(pieces) for pieces in self._pieces]
+
+    @property
+    def local_shape(self):
+        """The shape of this rank's weight shard (also while gathered)."""
+        shape = list(self._full_shape)
+        shape[self._shard_dim] = sum(size for _, size in self._pieces[self.tp_index])
+        return tuple(shape)
 
     def _my_pieces(self):
         return self._pieces[self.tp_index]
