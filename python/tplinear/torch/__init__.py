@@ -13,7 +13,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError("tplinear.torch needs PyTorch: pip install 'tplinear[torch]' (or pip install torch)") from exc
 
-from ..layers import is_autotp_training_mode, is_training_mode, set_autotp_mode, set_training_mode
+from ..partition import (  # noqa: F401
+    attention_heads, get_tp_grain_size, is_autotp_training_mode, is_training_mode, set_autotp_mode, set_tp_grain_size,
+    set_training_mode, shard_ranges,
+)
 from ..parameter import GatherReplacedLayerParams
 from .modules import (
     Conv_LinearALlreduce,
@@ -27,7 +30,7 @@ from .modules import (
 )
 
 __all__ = [
-    "Conv_LinearALlreduce", "GatherReplacedLayerParams", "LinearAllreduce", "LinearAllreduceWithReplicatedInput",
+    "attention_heads", "get_tp_grain_size", "set_tp_grain_size", "shard_ranges", "Conv_LinearALlreduce", "GatherReplacedLayerParams", "LinearAllreduce", "LinearAllreduceWithReplicatedInput",
     "LinearLayer", "TorchPlacement", "conv_LinearLayer", "fused_LinearLayer", "is_autotp_training_mode",
     "is_training_mode", "release_grad_buffers", "set_autotp_mode", "set_training_mode",
 ]

@@ -15,7 +15,7 @@ from .. import _C
 from .. import _layout
 from .. import distributed as dist
 from .._arrays import DTYPES, dtype_name
-from ..layers import is_training_mode
+from ..partition import is_training_mode
 from . import _ops
 
 
@@ -88,7 +88,7 @@ class _TPModule(nn.Module, _layout.Sharded):
     _conv1d = False  # the source stores its weight [in, out] (GPT-2's Conv1D)
 
     def __init__(self, module, mp_group, name, skip_partition, tp_overlap_comm=False, block_sizes=None,
-                 block_heads=None):
+                 block_heads=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None):
         nn.Module.__init__(self)
         weight = _weight_of(module)
         bias = getattr(module, "bias", None)
@@ -120,15 +120,11 @@ class _TPModule(nn.Module, _layout.Sharded):
         self.training_mode = is_training_mode()
         self.skip_partition = bool(skip_partition)
         self.tp_overlap_comm = bool(tp_overlap_comm)
-        self._blocks = None if block_sizes is None else [int(b) for b in block_sizes]
-        self._block_heads = None if block_heads is None else [int(h) for h in block_heads]
+        self._set_split(tp_grain_size, num_heads, num_kv_heads, head_dim, block_sizes, block_heads)
         self._grads = _ops.GradBuffers()
         local = int(full_w.shape[self._shard_dim])
         full = None if self.skip_partition else local  # skip_partition: the full size is the shards' sum
-        locals_ = self._agree(full_w.shape, bias is not None, local, full, dname)
-        self._full_shape = [int(s) for s in full_w.shape]
-        self._full_shape[self._shard_dim] = sum(locals_) if full is None else full
-        self._pieces = self._partition(self._full_shape[self._shard_dim], locals_)
+        self._set_partition(full_w.shape, bias is not None, local, full, dname)
         self.out_features, self.in_features = self._full_shape
         self.weight = self._adopt_param(weight, full_w, sharded=True)
         if bias is None:
@@ -166,10 +162,6 @@ class _TPModule(nn.Module, _layout.Sharded):
 
     # -- what users and checkpoints read
 
-    def shard_ranges(self):
-        """Every rank's pieces [(offset, size)] of the split dim (one per packed block), rank by rank."""
-        return [list(pieces) for pieces in self._pieces]
-
     @property
     def full_shape(self):
         """The full weight's shape [out_features, in_features]."""
@@ -185,12 +177,16 @@ class _TPModule(nn.Module, _layout.Sharded):
         self._grads.clear()
 
     def extra_repr(self):
-        width = self.weight.shape[self._shard_dim]
-        full = self._full_shape[self._shard_dim]
-        mode = "training" if self.training_mode else "inference"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"shard={width}/{full} at rank {self.tp_index} of {self.tp_world_size}, mode={mode}"
-                + (f", name={self.name!r}" if self.name else ""))
+        d = self._shard_dim
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"shard={self.local_shape[d]}/{self._full_shape[d]} at rank {self.tp_index} of {self.tp_world_size}",
+                 f"mode={'training' if self.training_mode else 'inference'}", f"bias={self.bias is not None}"]
+        for key in ("name", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, key) is not None:
+                parts.append(f"{key}={getattr(self, key)!r}")
+        if self._split["block_sizes"] is not None:
+            parts.append(f"block_sizes={self._split['block_sizes']}")
+        return ", ".join(parts)
 
     def _check_width(self, x, expected, what):
         if not isinstance(x, torch.Tensor):
@@ -212,8 +208,10 @@ class LinearAllreduce(_TPModule):
     _kind = _layout.KIND_ROW
 
     def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False,
-                 tp_overlap_comm=False, block_sizes=None, block_heads=None):
-        super().__init__(module, mp_group, name, skip_partition, tp_overlap_comm, block_sizes, block_heads)
+                 tp_overlap_comm=False, block_sizes=None, block_heads=None, tp_grain_size=None, num_heads=None,
+                 num_kv_heads=None, head_dim=None):
+        super().__init__(module, mp_group, name, skip_partition, tp_overlap_comm, block_sizes, block_heads,
+                         tp_grain_size, num_heads, num_kv_heads, head_dim)
         self.input_is_parallel = bool(input_is_parallel)
 
     def forward(self, input):
@@ -247,8 +245,10 @@ class LinearLayer(_TPModule):
     _bias_sharded = True
 
     def __init__(self, module, mp_group=None, skip_partition=False, name=None, gather_output=False,
-                 tp_overlap_comm=False, block_sizes=None, block_heads=None):
-        super().__init__(module, mp_group, name, skip_partition, tp_overlap_comm, block_sizes, block_heads)
+                 tp_overlap_comm=False, block_sizes=None, block_heads=None, tp_grain_size=None, num_heads=None,
+                 num_kv_heads=None, head_dim=None):
+        super().__init__(module, mp_group, name, skip_partition, tp_overlap_comm, block_sizes, block_heads,
+                         tp_grain_size, num_heads, num_kv_heads, head_dim)
         self.gather_output = bool(gather_output)
 
     def forward(self, input):
