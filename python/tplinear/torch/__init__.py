@@ -28,9 +28,10 @@ from .modules import (
     fused_LinearLayer,
     release_grad_buffers,
 )
+from .parallel import STYLES, parallelize, tp_modules
 
 __all__ = [
     "attention_heads", "get_tp_grain_size", "set_tp_grain_size", "shard_ranges", "Conv_LinearALlreduce", "GatherReplacedLayerParams", "LinearAllreduce", "LinearAllreduceWithReplicatedInput",
     "LinearLayer", "TorchPlacement", "conv_LinearLayer", "fused_LinearLayer", "is_autotp_training_mode",
-    "is_training_mode", "release_grad_buffers", "set_autotp_mode", "set_training_mode",
+    "is_training_mode", "parallelize", "release_grad_buffers", "STYLES", "tp_modules", "set_autotp_mode", "set_training_mode",
 ]
