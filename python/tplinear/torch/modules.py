@@ -172,6 +172,21 @@ class _TPModule(nn.Module, _layout.Sharded):
         """The weight dim split across the ranks: 1 for row-parallel, 0 for column-parallel."""
         return self._shard_dim
 
+    def full_tensor(self, param, value=None):
+        """The full tensor of one of this layer's parameters (value: a tensor laid out like param's shard,
+        e.g. param.grad; default param's data), all-gathered into a new tensor; a replicated parameter's
+        value as it is. Collective over mp_group."""
+        value = param.detach() if value is None else value.detach()
+        if not self._is_sharded(param) or getattr(param, "_tp_gathered", False):
+            return value
+        dim = self._dim_of(param)
+        shape = list(value.shape)
+        shape[dim] = self._full_shape[dim if param is self.weight else 0]
+        full = self._place.empty(shape)
+        _C.gather(self.mp_group._handle, self._place.adopt(value, "value"), dim, self._flat_ranges(), self._nblocks,
+                  full)
+        return full
+
     def release_grad_buffers(self):
         """Drops the host gradient buffers this layer keeps for reuse (see tplinear.torch docs)."""
         self._grads.clear()
