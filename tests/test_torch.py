@@ -97,7 +97,8 @@ def _free_port():
 def test_data_parallel_over_torch_beside_tensor_parallel_over_tplinear():
     """2 x 2 on 4 ranks: DistributedDataParallel over torch.distributed (gloo) across the data-parallel
     pairs {0, 2} and {1, 3}, tensor parallel over tplinear in {0, 1} and {2, 3}. Three AdamW steps on a
-    batch split between the DP replicas equal single-process training on the whole batch."""
+    batch split between the DP replicas equal single-process training on the whole batch (float64: AdamW
+    amplifies float32 rounding in near-zero gradients beyond 1e-5 within a few steps)."""
     port = _free_port()
     assert_world_ok(4, f"""
         import copy, datetime, torch, torch.distributed as tdist
@@ -110,7 +111,7 @@ def test_data_parallel_over_torch_beside_tensor_parallel_over_tplinear():
         dp_groups = [tdist.new_group([0, 2]), tdist.new_group([1, 3])]
         tp_group, dp_group = tp_groups[rank // 2], dp_groups[rank % 2]
         tp.set_training_mode(True)
-        model = c.hf_model("llama")
+        model = c.hf_model("llama", torch.float64)
         ref = copy.deepcopy(model)
         tpt.parallelize(model, mp_group=tp_group)
         assert model.model.layers[0].mlp.up_proj.tp_world_size == 2
@@ -127,13 +128,13 @@ def test_data_parallel_over_torch_beside_tensor_parallel_over_tplinear():
             ref_loss = (ref(ids[:2], labels=ids[:2]).loss + ref(ids[2:], labels=ids[2:]).loss) / 2
             ref_loss.backward()
             opt.step(); ropt.step()
-            both = torch.tensor([loss.item()]); tdist.all_reduce(both, group=dp_group)
-            c.close(both / 2, ref_loss.detach().reshape(1), torch.float32, f"DP x TP loss at step {{step}}", 1e-5)
+            both = torch.tensor([loss.item()], dtype=torch.float64); tdist.all_reduce(both, group=dp_group)
+            c.close(both / 2, ref_loss.detach().reshape(1), torch.float64, f"DP x TP loss at step {{step}}", 1e-10)
         refs = dict(ref.named_parameters())
         for name, p in model.named_parameters():
             layer = getattr(p, "tp_layer", None)
             full = p.detach() if layer is None else layer.full_tensor(p)
-            c.close(full, refs[name], torch.float32, f"DP x TP parameter {{name}} after 3 steps", 1e-5)
+            c.close(full, refs[name], torch.float64, f"DP x TP parameter {{name}} after 3 steps", 1e-9)
         tdist.destroy_process_group()
         print("rank", rank, "dp x tp ok", flush=True)
     """, env=ENV, timeout=300)
@@ -149,7 +150,7 @@ def _torchrun_supported():
         return True, ""
     return False, ("tplinear cannot bootstrap under torchrun yet: its agent already serves the store on "
                    "MASTER_PORT (issue 14, branch mpi14, makes tplinear use torchrun's agent store; not in main "
-                   f"yet): {(probe.stdout + probe.stderr).strip().splitlines()[-1:]}")
+                   f"yet): {[ln for ln in (probe.stdout + probe.stderr).splitlines() if 'Error' in ln][-1:]}")
 
 
 def test_example_under_torchrun(tmp_path):
