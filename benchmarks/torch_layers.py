@@ -187,7 +187,7 @@ def worker(name, out_path):
             results[f"{kind}_{shape}"] = {"median_s": statistics.median(times), "times_s": times}
             if rank == 0:
                 print(f"{name}: {kind} {shape}: median {statistics.median(times) * 1e3:.1f} ms", flush=True)
-        del block, params
+        block = params = None  # free this block before building the next
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"contender": name, "results": results, "checksums": checks, "versions": versions,

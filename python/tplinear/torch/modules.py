@@ -237,7 +237,7 @@ class LinearAllreduce(_TPModule):
         else:
             self._check_width(x, self.weight.shape[1], f"this rank's shard of in_features={self.in_features} over "
                                                        f"{self.tp_world_size} ranks")
-        return _ops.RowLinear.apply(x, self.weight, self.bias, self)
+        return _ops.TPLinear.apply(x, self.weight, self.bias, self)
 
 
 class LinearAllreduceWithReplicatedInput(LinearAllreduce):
@@ -268,7 +268,7 @@ class LinearLayer(_TPModule):
 
     def forward(self, input):
         self._check_width(input, self.in_features, "in_features")
-        y = _ops.ColumnLinear.apply(input, self.weight, self.bias, self)
+        y = _ops.TPLinear.apply(input, self.weight, self.bias, self)
         if self.gather_output:
             y = _ops.GatherLastDim.apply(y, self.mp_group, self._flat_ranges(), self._nblocks, self.out_features)
         return y
