@@ -132,6 +132,8 @@ class _TPModule(nn.Module, _layout.Sharded):
             self.register_parameter("bias", None)
         else:
             self.bias = self._adopt_param(bias, bias.detach(), sharded=self._bias_sharded)
+        for key, meta in self.universal_checkpoint_meta().items():  # DeepSpeed's per-parameter attribute
+            setattr(getattr(self, key), _layout.UC_META_ATTR, meta)
 
     def _adopt_param(self, source, full, sharded):
         """This rank's Parameter for source: the source's own Parameter object with its data replaced by
