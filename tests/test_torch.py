@@ -125,7 +125,9 @@ def test_data_parallel_over_torch_beside_tensor_parallel_over_tplinear():
             opt.zero_grad(); ropt.zero_grad()
             loss = ddp(mine, labels=mine).loss
             loss.backward()
-            ref_loss = (ref(ids[:2], labels=ids[:2]).loss + ref(ids[2:], labels=ids[2:]).loss) / 2
+            # transformers computes the loss in float32 whatever the model's dtype: average in float64, as the
+            # float64 all-reduce of the two replicas' losses below does
+            ref_loss = (ref(ids[:2], labels=ids[:2]).loss.double() + ref(ids[2:], labels=ids[2:]).loss.double()) / 2
             ref_loss.backward()
             opt.step(); ropt.step()
             both = torch.tensor([loss.item()], dtype=torch.float64); tdist.all_reduce(both, group=dp_group)
