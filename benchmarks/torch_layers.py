@@ -2,8 +2,8 @@
 
     python benchmarks/torch_layers.py --json out.json --md table.md --plot plot.png
 
-p = 2 ranks, float32, forward + backward of transformers' Llama blocks with Llama-3-8B's sizes (hidden 4096,
-intermediate 14336, 32 query heads in 8 KV groups of 128):
+p = 2 ranks, float32, forward + backward of transformers' Llama blocks (hidden 4096, intermediate 11008 as
+Llama-2-7B, 32 query heads of 128 in 8 KV groups):
 
     mlp       LlamaMLP: gate_proj, up_proj (column) -> SiLU * -> down_proj (row)
     decoder   LlamaDecoderLayer: RMSNorm, q/k/v (column), RoPE, SDPA attention, o_proj (row), RMSNorm, the MLP
@@ -40,13 +40,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 P = 2
-HIDDEN, INTER, HEADS, KV_HEADS = 4096, 14336, 32, 8
+HIDDEN, INTER, HEADS, KV_HEADS = 4096, 11008, 32, 8
 SHAPES = {"decode": 8, "training": 2048}
 if os.environ.get("TORCH_LAYERS_SMALL") == "1":  # --small: a quick run of the script itself
     HIDDEN, INTER, HEADS, KV_HEADS = 256, 512, 8, 2
     SHAPES = {"decode": 8, "training": 128}
 BLOCKS = ("mlp", "decoder")
-REPS = {"decode": (3, 15), "training": (1, 3)}  # (warm-up, timed) steps
+REPS = {"decode": (2, 8), "training": (1, 2)}  # (warm-up, timed) steps
 CONTENDERS = ("tplinear", "deepspeed", "torch_tp")
 LABELS = {"tplinear": "tplinear.torch", "deepspeed": "DeepSpeed 0.19 AutoTP (gloo)",
           "torch_tp": "torch parallelize_module (gloo)"}
