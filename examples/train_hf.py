@@ -2,7 +2,7 @@
 tplinear.torch.parallelize and torch.optim.AdamW, on synthetic tokens.
 
     python -m tplinear.run --nproc-per-node 2 examples/train_hf.py [--steps 20 --losses out.json]
-    torchrun --nproc-per-node 2 examples/train_hf.py        (with tplinear's torchrun support)
+    torchrun --nproc-per-node 2 examples/train_hf.py
 
 A plain single-process script becomes tensor-parallel with three lines (marked "tplinear" below): create
 tplinear's process group, set training mode, parallelize the model. Every rank builds the same model

@@ -150,9 +150,8 @@ def _torchrun_supported():
                            env=world_env())
     if probe.returncode == 0 and probe.stdout.count("up") == 2:
         return True, ""
-    return False, ("tplinear cannot bootstrap under torchrun yet: its agent already serves the store on "
-                   "MASTER_PORT (issue 14, branch mpi14, makes tplinear use torchrun's agent store; not in main "
-                   f"yet): {[ln for ln in (probe.stdout + probe.stderr).splitlines() if 'Error' in ln][-1:]}")
+    return False, ("tplinear cannot bootstrap under this torchrun (it needs torchrun's agent store, issue 14): "
+                   f"{[ln for ln in (probe.stdout + probe.stderr).splitlines() if 'Error' in ln][-1:]}")
 
 
 def test_example_under_torchrun(tmp_path):
