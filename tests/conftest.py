@@ -4,6 +4,8 @@ import zlib
 import numpy as np
 import pytest
 
+import tplinear.distributed as dist
+
 # Fresh random inputs every run; TPLINEAR_TEST_SEED=<n> reproduces a run (the seed is in the header).
 SEED = int(os.environ.get("TPLINEAR_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
 
@@ -25,3 +27,15 @@ def rel_err(got, ref):
 
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """A world of one in this process (no launcher variables), destroyed afterwards."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    g = dist.init_process_group(timeout=10)
+    yield g
+    dist.destroy_process_group()

@@ -328,17 +328,6 @@ dist.all_reduce(np.ones(10))
 
 # ---------------------------------------------------------------- in this process (a world of one)
 
-@pytest.fixture
-def world_of_one(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
-        monkeypatch.delenv(k, raising=False)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    g = dist.init_process_group(timeout=10)
-    yield g
-    dist.destroy_process_group()
-
-
 def test_world_of_one(world_of_one):
     assert (dist.get_rank(), dist.get_world_size(), dist.get_backend()) == (0, 1, "self")
     a = np.arange(5.0)

@@ -925,6 +925,8 @@ def _plan(ck, entries, strict, cast, key_map):
         mapped = e.section == "model"
         segs = _segments(e, key_map if mapped else None, shapes)
         absent = [k for k, _, _ in segs if k not in ck.sources]
+        if absent and not strict:
+            continue  # strict=False: what the checkpoint lacks keeps its value
         if absent:
             missing.extend(k if k == e.name else f"{k} (for {e.name})" for k in absent)
             continue

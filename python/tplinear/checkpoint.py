@@ -253,13 +253,18 @@ def _save_npz(path, entries):
         del full
     if out is not None:
         try:
-            if failure is not None:
-                raise failure
-            zf.close()
-            out.commit()
+            if failure is None:
+                zf.close()
+                out.commit()
         except Exception as exc:  # noqa: BLE001
-            out.abort()
             failure = exc
+        if failure is not None:
+            try:
+                if zf is not None:
+                    zf.close()
+            except Exception:  # noqa: BLE001 - the file is removed anyway
+                pass
+            out.abort()
     _ckpt._agree_ok(world, failure, "writing the .npz file")
 
 
@@ -281,6 +286,8 @@ def _load_npz(path, entries, strict, cast):
     with zf:
         members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
         headers, problems = {}, []
+        if not strict:
+            entries = [e for e in entries if e.name in members]
         for e in entries:
             if e.name not in members:
                 problems.append(f"missing from the checkpoint: {e.name!r}")
