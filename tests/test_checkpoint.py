@@ -329,6 +329,9 @@ def test_npz_save_is_atomic(world_of_one, tmp_path, monkeypatch):
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
     os.symlink(victim, tmp_path / "c.npz")
+    # the temporary name of earlier versions, predictable, planted as a symlink: never written through
+    planted = tmp_path / f"c.npz.tmp{os.getpid()}.npz"
+    os.symlink(victim, planted)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         tp.save_checkpoint(tmp_path / "c.npz", layers)
@@ -336,6 +339,7 @@ def test_npz_save_is_atomic(world_of_one, tmp_path, monkeypatch):
         monkeypatch.setattr(np.lib.format, "write_array", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
         with pytest.raises(OSError, match="disk full"):
             tp.save_checkpoint(tmp_path / "d.npz", layers)
+    os.unlink(planted)
     assert sorted(os.listdir(tmp_path)) == ["c.npz", "victim"]
 
 

@@ -799,14 +799,9 @@ class Checkpoint:
             for src in self.sources.values():
                 self._check_cover(src)
 
-    def _check_id(self, name, meta):
+    def _check_id(self, name, got):
         want = getattr(self, "save_id", None)
-        if want is None:
-            return
-        got = (meta or {}).get("tplinear_save_id")
-        if got is None and meta and "tplinear" in meta:
-            got = json.loads(meta["tplinear"]).get("save_id")
-        if got != want:
+        if want is not None and got != want:
             raise ValueError(f"checkpoint {self.path}: {name} belongs to another save ({got}) than the manifest "
                              f"({want}); an interrupted save over an older checkpoint?")
 
@@ -828,7 +823,7 @@ class Checkpoint:
 
     def _add_full(self, name):
         h = self.open(name)
-        self._check_id(name, h.metadata())
+        self._check_id(name, (h.metadata() or {}).get("tplinear_save_id"))
         keys = list(h.keys())
         for key in keys:
             if key in self.sources:
@@ -842,24 +837,26 @@ class Checkpoint:
 
     def _add_sharded(self, name):
         h = self.open(name)
-        meta = h.metadata() or {}
-        self._check_id(name, meta)
         try:
-            tensors = json.loads(meta["tplinear"])["tensors"]
-            assert isinstance(tensors, dict)
-        except (KeyError, ValueError, TypeError, AssertionError) as exc:
-            raise ValueError(f"{name}: no tplinear shard description in its header ({exc})") from exc
+            desc = json.loads((h.metadata() or {})["tplinear"])
+            tensors = desc["tensors"]
+            if not isinstance(tensors, dict):
+                raise TypeError("'tensors' is not a dict")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: no valid tplinear shard description in its header ({exc!r})") from exc
+        self._check_id(name, desc.get("save_id"))
         stored = set(h.keys())
         for key, d in tensors.items():
             if key not in stored:
                 raise ValueError(f"{name}: its header describes {key!r} but holds no such tensor")
             sl = h.get_slice(key)
             stored_shape, code = tuple(sl.get_shape()), sl.get_dtype()
-            try:
-                shape = tuple(int(s) for s in d["shape"])
-                boxes = [(tuple(map(int, g)), tuple(map(int, loc)), tuple(map(int, sz))) for g, loc, sz in d["boxes"]]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{name}: bad description of {key!r} ({exc})") from exc
+            shape = _ints(d.get("shape") if isinstance(d, dict) else None)
+            boxes = d.get("boxes") if isinstance(d, dict) else None
+            boxes = [tuple(_ints(v, len(shape)) for v in b) if isinstance(b, list) and len(b) == 3 else None
+                     for b in boxes] if isinstance(boxes, list) and shape is not None else None
+            if boxes is None or any(b is None or None in b for b in boxes):
+                raise ValueError(f"{name}: bad description of {key!r} (shape and boxes of ints expected)")
             src = self.sources.get(key)
             if src is None:
                 src = self.sources[key] = _Source(key, shape, code)
@@ -867,7 +864,7 @@ class Checkpoint:
                 raise ValueError(f"checkpoint {self.path}: {key!r} is {src.shape} {src.code} in one file and "
                                  f"{shape} {code} in {name}")
             for g, loc, sz in boxes:
-                ok = (len(g) == len(loc) == len(sz) == len(shape) == len(stored_shape)
+                ok = (len(stored_shape) == len(shape)
                       and all(0 <= a and a + n <= m for a, n, m in zip(g, sz, shape))
                       and all(0 <= a and a + n <= m for a, n, m in zip(loc, sz, stored_shape)))
                 if not ok:
@@ -887,6 +884,15 @@ class Checkpoint:
         if total != math.prod(src.shape):
             raise ValueError(f"checkpoint {self.path}: the pieces of {src.key!r} cover {total} of its "
                              f"{math.prod(src.shape)} elements (a rank's file is missing?)")
+
+
+def _ints(v, n=None):
+    """v as a tuple of non-negative ints (of length n when given), or None."""
+    if not isinstance(v, list) or (n is not None and len(v) != n):
+        return None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        return None
+    return tuple(v)
 
 
 def load(path, entries, strict=True, cast=False, key_map=None, progress=True):

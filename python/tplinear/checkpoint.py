@@ -9,6 +9,7 @@ deprecated, writes) the ``.npz`` files of earlier versions.
 import os
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -268,12 +269,22 @@ def _save_npz(path, entries):
     _ckpt._agree_ok(world, failure, "writing the .npz file")
 
 
-def _npz_header(zf, member):
-    with zf.open(member) as f:
-        major, _ = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-    return tuple(shape), dtype
+# what zipfile, zlib and numpy raise for a damaged or unusual archive member
+_ZIP_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
+
+
+def _npz_member(zf, path, member, header_only):
+    """A member's (shape, dtype) from its .npy header, or its array; any damage is a ValueError."""
+    try:
+        with zf.open(member) as f:
+            if not header_only:
+                return np.lib.format.read_array(f, allow_pickle=False)
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            return tuple(shape), dtype
+    except _ZIP_ERRORS as exc:
+        raise ValueError(f"{path}: {member} is damaged or not a plain .npy member ({exc})") from exc
 
 
 def _load_npz(path, entries, strict, cast):
@@ -281,21 +292,19 @@ def _load_npz(path, entries, strict, cast):
     tensor at a time (a compressed member cannot be read in slices), keeping this rank's pieces."""
     try:
         zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
+        names = zf.namelist()
+    except _ZIP_ERRORS as exc:
         raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
     with zf:
-        members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
-        headers, problems = {}, []
+        members = {n[:-4]: n for n in names if n.endswith(".npy")}
+        problems = []
         if not strict:
             entries = [e for e in entries if e.name in members]
         for e in entries:
             if e.name not in members:
                 problems.append(f"missing from the checkpoint: {e.name!r}")
                 continue
-            try:
-                shape, dtype = _npz_header(zf, members[e.name])
-            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-                raise ValueError(f"{path}: {members[e.name]} has no valid .npy header ({exc})") from exc
+            shape, dtype = _npz_member(zf, path, members[e.name], header_only=True)
             if dtype.hasobject:
                 raise ValueError(f"{path}: {e.name!r} holds Python objects; checkpoints hold numbers only")
             if shape != e.shape:
@@ -303,15 +312,15 @@ def _load_npz(path, entries, strict, cast):
             elif dtype != e.dtype and not cast:
                 raise TypeError(f"{path}: {e.name!r} is {dtype} in the checkpoint but the layer is {e.dtype} "
                                 "(cast=True converts)")
-            headers[e.name] = shape
         extra = sorted(set(members) - {e.name for e in entries}) if strict else []
         if extra:
             problems.append(f"in the checkpoint but not loaded: {', '.join(map(repr, extra))} (strict=False ignores them)")
         if problems:
             raise ValueError(f"cannot load {path}: " + "; ".join(problems))
         for e in entries:
-            with zf.open(members[e.name]) as f:
-                full = np.lib.format.read_array(f, allow_pickle=False)
+            full = _npz_member(zf, path, members[e.name], header_only=False)
+            if full.shape != e.shape:
+                raise ValueError(f"{path}: {members[e.name]} holds {full.shape}, its header said {e.shape}")
             dest = np.empty(e.local_shape, dtype=e.dtype)
             for g, loc, size in e.boxes():
                 dest[_ckpt._slices(loc, size)] = full[_ckpt._slices(g, size)]
