@@ -161,7 +161,7 @@ for i in range(3):  # interleave the groups
     assert np.all(c == 6), c
 if r in (1, 3):
     assert g31.rank == (0 if r == 3 else 1) and g31.ranks == [3, 1]
-    x = np.array([r, r], np.int64); dist.broadcast(x, src=0, group=g31)
+    x = np.array([r, r], np.int64); dist.broadcast(x, src=3, group=g31)
     assert list(x) == [3, 3], x
     out = np.empty(2, np.int64); dist.all_gather_into_tensor(out, np.array([r], np.int64), group=g31)
     assert list(out) == [3, 1], out
@@ -176,6 +176,46 @@ for g in tp_groups + dp_groups + [g31]:
 print("subgroups ok", r, flush=True)
 """
     world_ok(4, code)
+
+
+def test_broadcast_roots_are_global_ranks_as_in_torch():
+    """torch.distributed.broadcast(tensor, src=None, group=None, group_src=None): src is a global rank,
+    group_src a rank within the group, exactly one of them; a src outside the group raises. On the
+    strided groups [1, 3] and [0, 2] and the reordered group [3, 1]."""
+    code = PRELUDE + """
+dist.init_process_group(timeout=30)
+r = dist.get_rank()
+odd, even, g31 = dist.new_group([1, 3]), dist.new_group([0, 2]), dist.new_group([3, 1])
+mine = odd if r % 2 else even
+for g in (mine, g31) if r in (1, 3) else (mine,):
+    for gr, src in enumerate(g.ranks):
+        assert dist.get_group_rank(g, src) == gr and dist.get_global_rank(g, gr) == src
+        for kw in ({"src": src}, {"group_src": gr}):
+            x = np.full(3, 10.0 * r)
+            dist.broadcast(x, group=g, **kw)
+            assert np.all(x == 10.0 * src), (g.ranks, kw, x)
+        x = np.full(2, float(r)); dist.broadcast(x, src, g)  # positional, as torch's broadcast(t, src, group)
+        assert np.all(x == src)
+    outsider = [q for q in range(4) if q not in g.ranks][0]
+    for kw, words in (({"src": outsider}, f"src={outsider} is a global rank that is not a member"),
+                      ({"group_src": 2}, "group rank 2 is out of range"),
+                      ({}, "exactly one of src="), ({"src": g.ranks[0], "group_src": 0}, "exactly one")):
+        try:
+            dist.broadcast(np.ones(2), group=g, **kw)
+            raise SystemExit(f"broadcast {kw} on {g.ranks} did not raise")
+        except ValueError as e:
+            assert words in str(e), (kw, str(e))
+    try:
+        dist.get_group_rank(g, outsider)
+        raise SystemExit("get_group_rank of an outsider did not raise")
+    except ValueError as e:
+        assert "not a member" in str(e)
+    dist.barrier(group=g)
+print("broadcast roots ok", r, flush=True)
+"""
+    res = world_ok(4, code)
+    for r in range(4):
+        assert f"broadcast roots ok {r}" in res.output
 
 
 MISMATCH = PRELUDE + """
@@ -361,7 +401,7 @@ def test_argument_errors(world_of_one):
         dist.all_gather_into_tensor(np.empty(3, np.float32), np.ones(3))
     with pytest.raises(ValueError, match="elements"):
         dist.reduce_scatter_tensor(np.empty(2), np.ones(3))
-    with pytest.raises(ValueError, match="root"):
+    with pytest.raises(ValueError, match="src=1 is a global rank that is not a member"):
         dist.broadcast(np.ones(3), src=1)
     with pytest.raises(ValueError, match="rank"):
         dist.new_group([0, 0])

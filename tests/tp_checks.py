@@ -37,8 +37,9 @@ def init(timeout=60.0):
     return dist.get_rank(), dist.get_world_size()
 
 
-def ranges(n, p, training, heads=0, name=None):
-    return tp._C.partition(n, p, training, heads, name)
+def ranges(n, p, training, **kwargs):
+    """Every rank's (offset, size) of an unpacked split dim."""
+    return [pieces[0] for pieces in tp.shard_ranges(n, p, training=training, **kwargs)]
 
 
 def gelu(x):
@@ -140,8 +141,8 @@ def check_packed(dtype, training, blocks, heads=None):
     in_f, out_f = 24, sum(blocks)
     lin = tp.Linear(in_f, out_f, dtype=dtype, seed=int(rng.integers(1 << 30)))
     layer = tp.LinearLayer(lin, block_sizes=blocks, block_heads=heads)
-    flat = tp._C.partition_packed(blocks, p, training, heads, None)
-    mine = flat[r * len(blocks):(r + 1) * len(blocks)]
+    mine = tp.shard_ranges(sum(blocks), p, training=training, block_sizes=blocks, block_heads=heads)[r]
+    assert layer.shard_ranges()[r] == mine
     rows = np.concatenate([np.arange(o, o + s) for o, s in mine])
     assert np.array_equal(layer.weight.data, lin.weight.data[rows]), "packed shard is not this rank's pieces"
     x = rng.standard_normal((5, in_f)).astype(dtype)
@@ -153,6 +154,67 @@ def check_packed(dtype, training, blocks, heads=None):
     assert np.array_equal(layer.weight.data, lin.weight.data[rows])
     layer.gather_output = True
     close(layer(x), y_full, dtype, "packed gather_output")
+
+
+def _attention(q, k, v, nh, nkv, hd):
+    """Grouped-query attention in float64: q [t, nh*hd], k and v [t, nkv*hd] -> [t, nh*hd]; query head j
+    attends with KV head j // (nh // nkv)."""
+    t = q.shape[0]
+    q, k, v = q.reshape(t, nh, hd), k.reshape(t, max(nkv, 0), hd), v.reshape(t, max(nkv, 0), hd)
+    out = np.empty((t, nh, hd))
+    for j in range(nh):
+        kv = j // (nh // nkv) if nkv else 0
+        s = q[:, j] @ k[:, kv].T / np.sqrt(hd)
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, j] = (w / w.sum(axis=1, keepdims=True)) @ v[:, kv]
+    return out.reshape(t, nh * hd)
+
+
+def check_gqa_attention(training, nh, nkv, hd, packed, hidden=12, tokens=5):
+    """A small attention block: QKV column layer(s) -> per-head attention on this rank's heads -> o_proj
+    row layer, against the unsharded block in float64. The column and row layers get the same head
+    arguments; tplinear.attention_heads names the heads this rank holds."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(training)
+    rng = rng_for("gqa", training, nh, nkv, hd, packed)
+    heads = dict(num_heads=nh, num_kv_heads=nkv, head_dim=hd)
+    qkv = tp.Linear(hidden, (nh + 2 * nkv) * hd, dtype="float64", seed=int(rng.integers(1 << 30)))
+    o = tp.Linear(nh * hd, hidden, dtype="float64", seed=int(rng.integers(1 << 30)))
+    x = rng.standard_normal((tokens, hidden))
+    w, b = qkv.weight.data, qkv.bias.data
+    full = x @ w.T + b
+    ref = _attention(full[:, :nh * hd], full[:, nh * hd:(nh + nkv) * hd], full[:, (nh + nkv) * hd:], nh, nkv, hd)
+    ref = ref @ o.weight.data.T + o.bias.data
+    q_heads, kv_heads = tp.attention_heads(nh, nkv, p)[r]
+    if packed:
+        col = tp.LinearLayer(qkv, block_sizes=[nh * hd, nkv * hd, nkv * hd], **heads)
+        y = col(x)
+        lq, lkv = len(q_heads) * hd, len(kv_heads) * hd
+        q, k, v = y[:, :lq], y[:, lq:lq + lkv], y[:, lq + lkv:]
+    else:
+        def part(lo, hi):
+            return _Holder(w[lo:hi], b[lo:hi])
+        q = tp.LinearLayer(part(0, nh * hd), **heads)(x)
+        k = tp.LinearLayer(part(nh * hd, (nh + nkv) * hd), **heads)(x)
+        v = tp.LinearLayer(part((nh + nkv) * hd, (nh + 2 * nkv) * hd), **heads)(x)
+    assert q.shape[1] == len(q_heads) * hd and k.shape[1] == len(kv_heads) * hd
+    row = tp.LinearAllreduce(o, **heads)
+    assert row.shard_ranges() == [[(qh.start * hd, len(qh) * hd)] for qh, _ in tp.attention_heads(nh, nkv, p)]
+    local = _attention(q, k, v, len(q_heads), len(kv_heads), hd) if len(q_heads) else np.zeros((tokens, 0))
+    close(row(local), ref, "float64", f"GQA attention nh={nh} nkv={nkv} p={p} packed={packed} training={training}")
+
+
+class _Holder:
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+
+def check_gqa_attentions():
+    for training in (True, False):
+        for nh, nkv, hd in ((4, 4, 4), (8, 2, 4), (6, 3, 2), (12, 4, 3), (10, 5, 2), (4, 1, 4)):
+            for packed in (True, False):
+                check_gqa_attention(training, nh, nkv, hd, packed)
+    print(f"rank {dist.get_rank()}: GQA attention checks passed", flush=True)
 
 
 def check_gather_context():
@@ -249,6 +311,7 @@ def run_layer_checks(training_dims, inference_dims):
     check_packed("float64", True, [6 * p, 6 * p])                                # gate/up
     check_gather_context()
     check_skip_partition()
+    check_gqa_attentions()
     print(f"rank {dist.get_rank()}: layer checks passed", flush=True)
 
 
@@ -319,12 +382,36 @@ def check_bad_input():
     tp.set_training_mode(True)
     lin = tp.Linear(8 * p, 4 * p, seed=1)
     row = tp.LinearAllreduce(lin)
-    # wrong shard width: every rank passes the full width (so no collective is reached)
+    # wrong shard width: every rank passes the full width (so no collective is reached); the message names
+    # the shard, the full size and the rank
     if p > 1:
-        expect_raises(ValueError, lambda: row(np.zeros((2, 8 * p), np.float32)), "must be 8", f"got {8 * p}")
-    # training mode: a dim the group size does not divide names both
+        expect_raises(ValueError, lambda: row(np.zeros((2, 8 * p), np.float32)), "must be 8",
+                      f"shard of in_features={8 * p}: 8 at rank {r} of {p}", f"got {8 * p}")
+        col = tp.LinearLayer(tp.Linear(8, 17 * p))
+        col(np.zeros((2, 8), np.float32))
+        expect_raises(ValueError, lambda: col.backward(np.zeros((2, 17 * p), np.float32)), "must be 17",
+                      f"shard of out_features={17 * p}: 17 at rank {r} of {p}", f"got {17 * p}")
+        col.backward(np.zeros((2, 17), np.float32))  # the rejected call kept the saved input
+        expect_raises(RuntimeError, lambda: col.backward(np.zeros((2, 17), np.float32)), "second time", "retain=True")
+    # the repr names the shard, as the issue's example
+    tp.set_training_mode(False)
+    shard = tp.shard_ranges(4100, p)[r][0][1]
+    text = repr(tp.LinearLayer.from_init(16, 4100))
+    assert text == (f"LinearLayer(in_features=16, out_features=4100, shard={shard}/4100 at rank {r} of {p}, "
+                    "mode=inference, bias=True)"), text
+    if p == 3 and r == 2:
+        assert shard == 1348
+    tp.set_training_mode(True)
+    # heads that do not tile the split dim: every rank raises, naming the dim and the heads
+    expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 4 * p + 1), num_heads=4), str(4 * p + 1), "4 heads")
+    # ranks that disagree on the grain or the heads: every rank raises
     if p > 1:
-        expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 4 * p + 1)), str(4 * p + 1), str(p))
+        expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 64 * p), tp_grain_size=1 + r), "tp_grain_size")
+        expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 6 * p), num_heads=3 if r else 2), "partition")
+        if r == 0:
+            expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 4 * p + 1), num_heads=4), "4 heads")
+        else:
+            expect_raises(ValueError, lambda: tp.LinearLayer(tp.Linear(8, 4 * p + 1)), "failed on ranks [0]")
     # a group this rank is not in
     if p > 1:
         sub = dist.new_group([0])

@@ -92,33 +92,64 @@ TP_API tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 
 /* ------------------------------------------------------------------ partition math */
 
-typedef enum {
-    TP_SPLIT_EVEN = 0,   /* training mode: torch.chunk semantics, must divide exactly */
-    TP_SPLIT_UNEVEN = 1  /* inference mode: DeepSpeed's get_shard_size_list rule     */
-} tp_split_mode;
+/* DeepSpeed's tp_grain_size defaults: its training engine's (tensor_parallel.tp_grain_size) and its
+ * inference engine's. */
+#define TP_GRAIN_TRAINING 1
+#define TP_GRAIN_INFERENCE 64
 
 typedef struct {
     int64_t offset;
     int64_t size;
 } tp_range;
 
-/* Size and offset of every rank's shard of a dimension of n elements over p ranks.
- *  - TP_SPLIT_EVEN: torch.chunk; n % p != 0 is TP_ERR_VALUE naming n and p.
- *  - TP_SPLIT_UNEVEN: num_heads > 0 and n % num_heads == 0 and the name allows heads:
- *    rank r gets num_heads/p (+1 for r < num_heads%p) slices of n/num_heads; otherwise n >= 64:
- *    grains of 64 dealt the same way, the n%64 tail to the last rank; n < 64: single elements.
- *  name may be NULL; names containing "mlp", "gate_proj", "up_proj", "down_proj", "w1", "w2",
- *  "w3", or equal to "lm_head"/"embed_out", never use the head rule (as DeepSpeed).
- * out has p entries. */
-TP_API tp_status tp_partition(int64_t n, int p, tp_split_mode mode, int64_t num_heads, const char *name,
-                              tp_range *out);
+/* How a dimension is split. Zero-initialise it and set what applies.
+ *  grain         >= 1: DeepSpeed's tp_grain_size (TP_GRAIN_TRAINING or TP_GRAIN_INFERENCE).
+ *  kv_heads      DeepSpeed's model-wide num_kv_heads (tplinear's set_num_kv_heads), 0: none. Used as
+ *                DeepSpeed uses it: only where it divides the dimension and the name allows heads.
+ *  name          the layer's name or NULL; names containing "mlp", "gate_proj", "up_proj",
+ *                "down_proj", "w1", "w2", "w3", or equal to "lm_head"/"embed_out", never take kv_heads.
+ *  num_heads, num_kv_heads, head_dim
+ *                the layer's own attention heads (0: none; num_kv_heads 0 means num_heads, multi-head
+ *                attention; head_dim 0: not checked). They override kv_heads and the name: the split
+ *                dimension is made of these heads, a dimension they do not tile is TP_ERR_VALUE, and
+ *                the split unit is the KV group (the GQA rule, tp_attention_heads). */
+typedef struct {
+    int64_t grain;
+    int64_t kv_heads;
+    const char *name;
+    int64_t num_heads;
+    int64_t num_kv_heads;
+    int64_t head_dim;
+} tp_split_spec;
 
-/* Packed split: the dimension is nblocks consecutive blocks (fused QKV, gate/up), each split
- * separately with tp_partition (block_heads[i] heads, or 0; block_heads may be NULL).
- * out is [p][nblocks] row-major: out[r*nblocks+i] is rank r's piece of block i, with offset
- * in the full dimension. A rank's shard is its pieces concatenated in block order. */
-TP_API tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, tp_split_mode mode,
-                                     const int64_t *block_heads, const char *name, tp_range *out);
+/* Size and offset of every rank's shard of a dimension of n elements over p ranks: DeepSpeed 0.19's
+ * tp_shard.get_shard_size_list, the one rule for training and inference (they differ in the grain).
+ * With h head units (the layer's KV groups, or kv_heads where it applies): rank r gets
+ * h/p (+1 for r < h%p) units of n/h. Otherwise, n >= grain: n/grain grains dealt the same way, the
+ * n%grain tail to the last rank; n < grain: single elements dealt the same way.
+ * out has p entries, offsets ascending. */
+TP_API tp_status tp_partition(int64_t n, int p, const tp_split_spec *spec, tp_range *out);
+
+/* Packed split: the dimension is nblocks consecutive blocks (fused QKV, gate/up), each split on its
+ * own by tp_partition's rule. block_heads (NULL: none) gives the heads of each block (0: a block
+ * without heads). Heads of a packed block follow their KV group: with k the fewest heads of any
+ * block that has heads (the KV head count), every such block's heads must be a multiple of k and tile
+ * the block, and each is dealt as k units, so a rank holds the Q heads of exactly its KV heads; a
+ * packed dimension whose heads cannot be split that way is TP_ERR_VALUE. Without block_heads, the
+ * layer's own heads (with head_dim: block i holds block_sizes[i]/head_dim heads) or kv_heads apply to
+ * every block. out is [p][nblocks] row-major: out[r*nblocks+i] is rank r's piece of block i, with
+ * offset in the full dimension. A rank's shard is its pieces concatenated in block order. */
+TP_API tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, const tp_split_spec *spec,
+                                     const int64_t *block_heads, tp_range *out);
+
+/* The GQA rule: which attention heads rank r holds when num_heads query heads share num_kv_heads
+ * key/value heads (num_kv_heads 0: num_heads) over p ranks. KV heads are dealt as whole heads
+ * (rank r gets num_kv_heads/p, +1 for r < num_kv_heads%p) and every query head goes with its KV group
+ * (query head j belongs to KV head j / (num_heads/num_kv_heads)), so kv[r] = that range of KV heads and
+ * q[r] = the query heads of those groups. num_heads % num_kv_heads != 0 is TP_ERR_VALUE. q and kv
+ * have p entries each (in heads, not elements). tp_partition with the same heads gives these ranges
+ * times head_dim, for q_proj, k_proj, v_proj, a packed QKV and the attention output projection. */
+TP_API tp_status tp_attention_heads(int64_t num_heads, int64_t num_kv_heads, int p, tp_range *q, tp_range *kv);
 
 /* ------------------------------------------------------------------ initialisation */
 

@@ -9,20 +9,25 @@
 # (as NumPy does with the same package), so no LD_LIBRARY_PATH or rpath is needed.
 import scipy_openblas32 as _openblas  # noqa: F401
 
-from . import _C
+from ._libs import preload_cuda_libraries as _preload
+
+_preload()  # the CUDA libraries torch's wheels ship, shared with torch (see _libs.py)
+from . import _C  # noqa: E402
 from . import distributed
 from ._device import DeviceArray, set_allow_tf32, set_stream
 from .checkpoint import load_checkpoint, save_checkpoint
-from .layers import (
-    Linear,
-    LinearAllreduce,
-    LinearLayer,
+from .layers import Linear, LinearAllreduce, LinearLayer
+from .partition import (
+    attention_heads,
     get_num_kv_heads,
+    get_tp_grain_size,
     is_autotp_training_mode,
     is_training_mode,
     set_autotp_mode,
     set_num_kv_heads,
+    set_tp_grain_size,
     set_training_mode,
+    shard_ranges,
 )
 from .parameter import GatherReplacedLayerParams, Parameter
 
@@ -46,7 +51,8 @@ def get_num_threads():
 
 __all__ = [
     "CommError", "DeviceArray", "GatherReplacedLayerParams", "Linear", "LinearAllreduce", "LinearLayer", "Parameter",
-    "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "is_autotp_training_mode",
-    "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode", "set_num_kv_heads",
-    "set_allow_tf32", "set_num_threads", "set_stream", "set_training_mode",
+    "attention_heads", "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "get_tp_grain_size",
+    "is_autotp_training_mode", "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode",
+    "set_num_kv_heads", "set_allow_tf32", "set_num_threads", "set_stream", "set_tp_grain_size", "set_training_mode",
+    "shard_ranges",
 ]

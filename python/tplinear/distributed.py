@@ -150,9 +150,57 @@ def reduce_scatter_tensor(output, input, op="sum", group=None):
     _C.reduce_scatter(_group(group)._handle, output, input, _op(op))
 
 
-def broadcast(tensor, src, group=None):
-    """src is a rank of the group."""
-    _C.broadcast(_group(group)._handle, tensor, int(src))
+def broadcast(tensor, src=None, group=None, *, group_src=None):
+    """In place from the root, as torch.distributed.broadcast: src is the root's GLOBAL rank (its rank in
+    the default group), group_src its rank within group; give exactly one. A src that is not a member of
+    group is a ValueError (torch raises too), never another rank's data."""
+    g = _group(group)
+    _C.broadcast(g._handle, tensor, _root(g, src, group_src, "src"))
+
+
+def get_group_rank(group, global_rank):
+    """The rank within group of the process whose global rank is global_rank (torch's name); ValueError
+    when it is not a member."""
+    g = _group(group)
+    ranks = g.ranks
+    global_rank = _rank_arg(global_rank, "global_rank")
+    if global_rank not in ranks:
+        raise ValueError(f"global rank {global_rank} is not a member of the group (its global ranks: {ranks})")
+    return ranks.index(global_rank)
+
+
+def get_global_rank(group, group_rank):
+    """The global rank of the group's member group_rank (torch's name); ValueError when out of range."""
+    ranks = _group(group).ranks
+    group_rank = _rank_arg(group_rank, "group_rank")
+    if not 0 <= group_rank < len(ranks):
+        raise ValueError(f"group rank {group_rank} is out of range for a group of {len(ranks)}")
+    return ranks[group_rank]
+
+
+def _root(g, src, group_src, what):
+    """The group rank of a collective's root given as torch gives it: `what` (a global rank) or
+    group_<what> (a rank within g), exactly one of them."""
+    if (src is None) == (group_src is None):
+        raise ValueError(f"give exactly one of {what}= (a global rank) and group_{what}= (a rank within the "
+                         f"group), got {what}={src!r}, group_{what}={group_src!r}")
+    if g.rank < 0:
+        return 0  # a non-member: the C core raises "not a member"
+    if group_src is not None:
+        get_global_rank(g, group_src)  # checks the range
+        return int(group_src)
+    ranks = g.ranks
+    src = _rank_arg(src, what)
+    if src not in ranks:
+        raise ValueError(f"{what}={src} is a global rank that is not a member of the group (its global ranks: "
+                         f"{ranks}); pass group_{what}= for a rank within the group")
+    return ranks.index(src)
+
+
+def _rank_arg(v, what):
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{what} must be an int, got {type(v).__name__}")
+    return int(v)
 
 
 def barrier(group=None):

@@ -11,49 +11,19 @@ import math
 import numpy as np
 
 from . import _C
+from . import _layout
 from . import checkpoint
 from . import distributed as dist
-from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
-from .parameter import Parameter, data_of, param_list
+from . import partition
+from ._arrays import HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
+from .parameter import Parameter, data_of
 
-# tplinear.layers held these before parameter.py and checkpoint.py were split out of it
+# tplinear.layers held these before parameter.py, checkpoint.py and partition.py were split out of it
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .parameter import GatherReplacedLayerParams  # noqa: F401,E402
-
-# ---------------------------------------------------------------------------------------------- modes
-
-_state = {"training": False, "num_kv_heads": None}  # DeepSpeed's default mode is inference
-
-
-def set_training_mode(training=True):
-    """Training mode splits evenly (torch.chunk; a dimension the group does not divide is an error);
-    inference mode (the default, as in DeepSpeed) uses DeepSpeed's uneven shard-size rule."""
-    _state["training"] = bool(training)
-
-
-def is_training_mode():
-    return _state["training"]
-
-
-def set_autotp_mode(training=False):
-    """DeepSpeed's name for set_training_mode."""
-    set_training_mode(training)
-
-
-def is_autotp_training_mode():
-    return is_training_mode()
-
-
-def set_num_kv_heads(num):
-    """Head count used by the inference split of attention layers (DeepSpeed's set_num_kv_heads)."""
-    if num is not None and (not isinstance(num, (int, np.integer)) or num < 1):
-        raise ValueError(f"num_kv_heads must be a positive int or None, got {num!r}")
-    _state["num_kv_heads"] = None if num is None else int(num)
-
-
-def get_num_kv_heads():
-    return _state["num_kv_heads"]
-
+from .partition import (  # noqa: F401,E402
+    get_num_kv_heads, is_autotp_training_mode, is_training_mode, set_autotp_mode, set_num_kv_heads, set_training_mode,
+)
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -89,12 +59,6 @@ def _init_block(arr, seed, stream, in_features, row_offset, col_offset, full_col
                     full_cols)
 
 
-def _saved(x):
-    if x is None:
-        raise RuntimeError("backward() called before forward(): there is no saved input")
-    return x
-
-
 def _optional(param):
     return None if param is None else param.data
 
@@ -103,12 +67,46 @@ def _optional(param):
 
 
 class _Layer:
-    """What every layer shares: a placement, parameters, gradients, state dicts."""
+    """What every layer shares: a placement, parameters, gradients, state dicts, and the input saved by
+    forward for backward.
+
+    The backward contract (torch's, with retain for retain_graph): forward saves its input; backward uses
+    it and releases it, so a second backward without a new forward raises RuntimeError instead of adding
+    the same gradient twice; backward(dy, retain=True) keeps it for another backward."""
 
     _place = None
+    _input = None
+    _released = False
 
     def __call__(self, x):
         return self.forward(x)
+
+    def _save(self, x):
+        self._input, self._released = x, False
+
+    def _saved(self):
+        """The input forward saved (raises when there is none: see the class doc)."""
+        x = self._input
+        if x is None:
+            if self._released:
+                raise RuntimeError(f"{type(self).__name__}.backward() called a second time without a new forward(): "
+                                   "the saved input was released by the first backward (pass retain=True to "
+                                   "a backward that another backward follows, as torch's retain_graph=True)")
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): there is no saved input")
+        return x
+
+    def _release(self, retain):
+        """Called by backward once its arguments are checked: drops the saved input unless retain."""
+        if not retain:
+            self._input, self._released = None, True
+
+    def _check_grad_output(self, grad_output, x, width, what):
+        """grad_output must be [*x's leading dims, width]; `what` says what width is."""
+        got, lead = _shape(grad_output, "grad_output"), _shape(x, "input")[:-1]
+        if got[-1] != width:
+            raise ValueError(f"grad_output's last dimension must be {width} ({what}), got {got[-1]}")
+        if got[:-1] != lead:
+            raise ValueError(f"grad_output has leading dimensions {got[:-1]} but the input of forward() had {lead}")
 
     def parameters(self):
         return [p for p in (self.weight, self.bias) if p is not None]
@@ -152,39 +150,38 @@ class Linear(_Layer):
             _init_block(self.bias.data, seed, 1, in_features, 0, 0, out_features)
         for p in self.parameters():  # device="cuda": initialised on the host, then copied once
             p.data = self._place.adopt(p.data, "parameter")
-        self._input = None
 
     def forward(self, x):
         y = self._place.empty(_shape(x, "input")[:-1] + (self.weight.data.shape[0],))
         _C.linear_forward(x, self.weight.data, _optional(self.bias), y)
-        self._input = x
+        self._save(x)
         return y
 
-    def backward(self, grad_output):
-        x = _saved(self._input)
+    def backward(self, grad_output, retain=False):
+        """dX; accumulates .grad. Releases the saved input unless retain=True (see _Layer)."""
+        x = self._saved()
+        self._check_grad_output(grad_output, x, self.out_features, "out_features")
+        self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
         _C.linear_backward(grad_output, x, self.weight.data, dx, *self._grads())
         return dx
 
+    def __repr__(self):
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{_placement_repr(self._place)})")
+
 
 # ---------------------------------------------------------------------------------------------- TP layers
 
-_KIND_ROW, _KIND_COL = 1, 2
+_KIND_ROW, _KIND_COL = _layout.KIND_ROW, _layout.KIND_COL
 
 
-class _TPLayer(_Layer):
-    """Shared bookkeeping: group, partition, parameter marks, gather / re-partition, checkpoints.
-
-    _shard_dim: the weight dim split across ranks (1: row-parallel, 0: column-parallel).
-    _pieces[r]: rank r's pieces [(offset, size)] along that dim (one piece, or one per packed block).
-    """
-
-    _shard_dim = None
-    _kind = None
-    _bias_sharded = False
+class _TPLayer(_Layer, _layout.Sharded):
+    """A NumPy / DeviceArray tensor-parallel layer: group, placement, parameters, state dicts, messages; the
+    shard bookkeeping (split arguments, partition, marks, gather / re-partition) is _layout.Sharded's."""
 
     def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
-                 dtype=None, _full=None):
+                 dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, _full=None):
         """_full (from_init): module.weight is already this rank's shard by the partition rule of a split
         dim of _full elements, so nothing is sliced and the rule's ranges are kept."""
         wobj = data_of(getattr(module, "weight", None))
@@ -196,7 +193,7 @@ class _TPLayer(_Layer):
         self.name = name
         self.training_mode = is_training_mode()
         self.tp_overlap_comm = False
-        self._input = None
+        self._set_split(tp_grain_size, num_heads, num_kv_heads, head_dim, block_sizes, block_heads)
         weight = self._place.readable(wobj, "module.weight")
         if len(weight.shape) != 2:
             raise ValueError(f"module.weight must be 2-d [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -206,15 +203,10 @@ class _TPLayer(_Layer):
                              f"got shape {tuple(bias.shape)}")
         if bias is not None and host_dtype(dtype_name(bias)) != host_dtype(dtype_name(weight)):
             raise TypeError(f"module.bias has dtype {dtype_name(bias)} but module.weight has {dtype_name(weight)}")
-        self._blocks = None if block_sizes is None else [int(b) for b in block_sizes]
-        self._block_heads = None if block_heads is None else [int(h) for h in block_heads]
         self.skip_partition = bool(skip_partition)
         local = int(weight.shape[self._shard_dim])
         full = _full if _full is not None else (None if self.skip_partition else local)
-        locals_ = self._agree(weight.shape, bias is not None, local, full)
-        self._full_shape = [int(s) for s in weight.shape]
-        self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
-        self._pieces = self._partition(self._full_shape[self._shard_dim], locals_)
+        self._set_partition(weight.shape, bias is not None, local, full, self._place.dtype)
         self.in_features, self.out_features = self._full_shape[1], self._full_shape[0]
         self.weight = self._mark(Parameter(None))
         self.bias = None if bias is None else self._mark(Parameter(None))
@@ -223,97 +215,33 @@ class _TPLayer(_Layer):
             if param is not None:
                 param.data = self._place.adopt(value, what) if given_shard else self._piece(param, value, what)
 
-    # -- construction
+    # -- what the layer holds
 
-    def _agree(self, weight_shape, has_bias, local, full):
-        """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim
-        and (when known: full is not None) the full size of the split dim. Returns every rank's size
-        along the split dim."""
-        p = self.tp_world_size
-        if p == 1:
-            return [local]
-        other = int(weight_shape[1 - self._shard_dim])
-        mine = np.array([self._kind, int(self.training_mode), DTYPES[self._place.dtype]["code"], int(has_bias),
-                         other, -1 if full is None else full, local], dtype=np.int64)
-        every = np.empty(7 * p, dtype=np.int64)
-        dist.all_gather_into_tensor(every, mine, group=self.mp_group)
-        every = every.reshape(p, 7)
-        fields = ["layer kind", "training mode", "dtype", "bias presence",
-                  "in_features" if self._shard_dim == 0 else "out_features",
-                  "full " + ("out_features" if self._shard_dim == 0 else "in_features")]
-        names = {d["code"]: name for name, d in DTYPES.items()}
-        for i, field in enumerate(fields):
-            if not np.all(every[:, i] == every[0, i]):
-                seen = [names[int(v)] for v in every[:, i]] if field == "dtype" else every[:, i].tolist()
-                raise ValueError(f"ranks disagree on the {field} of layer {self.name or type(self).__name__}: "
-                                 f"{seen} across ranks {list(range(p))} "
-                                 "(every rank must build the same layer in the same mode)")
-        return every[:, 6].tolist()
+    def _shard_words(self):
+        """'this rank's shard of out_features=34: 17 at rank 0 of 2', for messages."""
+        dim = "out_features" if self._shard_dim == 0 else "in_features"
+        return (f"this rank's shard of {dim}={self._full_shape[self._shard_dim]}: "
+                f"{self.local_shape[self._shard_dim]} at rank {self.tp_index} of {self.tp_world_size}")
 
-    def _partition(self, n, locals_):
-        """Every rank's pieces: the given shards one after another under skip_partition, else the rule."""
+    def __repr__(self):
+        """Like torch's: LinearLayer(in_features=4096, out_features=4100, shard=1348/4100 at rank 2 of 3,
+        mode=inference, bias=True), then what differs from the defaults."""
+        d = self._shard_dim
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"shard={self.local_shape[d]}/{self._full_shape[d]} at rank {self.tp_index} of {self.tp_world_size}",
+                 f"mode={'training' if self.training_mode else 'inference'}", f"bias={self.bias is not None}"]
+        if self.name is not None:
+            parts.append(f"name={self.name!r}")
+        for key in ("num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, key) is not None:
+                parts.append(f"{key}={getattr(self, key)}")
+        if self.tp_grain_size != (partition.GRAIN_TRAINING if self.training_mode else partition.GRAIN_INFERENCE):
+            parts.append(f"tp_grain_size={self.tp_grain_size}")
+        if self._split["block_sizes"] is not None:
+            parts.append(f"block_sizes={self._split['block_sizes']}")
         if self.skip_partition:
-            offs = np.concatenate([[0], np.cumsum(locals_)[:-1]]).tolist()
-            return [[(int(o), int(s))] for o, s in zip(offs, locals_)]
-        if self._blocks is not None and sum(self._blocks) != n:
-            raise ValueError(f"packed block sizes {self._blocks} sum to {sum(self._blocks)}, "
-                             f"but the split dimension is {n}")
-        return _rule_pieces(n, self.tp_world_size, self.training_mode, self.name, self._blocks, self._block_heads)
-
-    def _my_pieces(self):
-        return self._pieces[self.tp_index]
-
-    def _flat_ranges(self):
-        return [rng for pieces in self._pieces for rng in pieces]
-
-    @property
-    def _nblocks(self):
-        return len(self._pieces[0])
-
-    def _mark(self, param):
-        param.ds_is_replaced_module = True
-        param.tp_layer = self
-        return param
-
-    # -- shards (DeepSpeed's gather_params / _tp_partition)
-
-    def _is_sharded(self, param):
-        return param is self.weight or (param is self.bias and self._bias_sharded)
-
-    def _dim_of(self, param):
-        return self._shard_dim if param is self.weight else 0
-
-    def _piece(self, param, full, what):
-        """This rank's part of param's full value, placed like the layer: its shard of a sharded
-        parameter (cut on the GPU for GPU arrays), a copy of a replicated one."""
-        if not self._is_sharded(param):
-            return self._place.put(full, what)
-        return self._place.shard(full, self._dim_of(param), self._flat_ranges(), self._nblocks, self.tp_index, what)
-
-    def gather_params(self, params_list):
-        """All-gathers each of this layer's sharded parameters in params_list into the full tensor, in
-        place (param.data becomes the full array, on the parameter's device). Collective over mp_group;
-        uneven shards work."""
-        for param in param_list(params_list):
-            if not self._is_sharded(param) or getattr(param, "_tp_gathered", False):
-                continue
-            dim = self._dim_of(param)
-            shard = self._place.adopt(param.data, "parameter")
-            shape = list(shard.shape)
-            shape[dim] = self._full_shape[dim if param is self.weight else 0]
-            full = self._place.empty(tuple(shape))
-            _C.gather(self.mp_group._handle, shard, dim, self._flat_ranges(), self._nblocks, full)
-            param.data = full
-            param._tp_gathered = True
-
-    def _tp_partition(self, params_list):
-        """Re-slices each gathered parameter from its current full value (edits made while gathered
-        persist in the shards); GPU parameters stay on the GPU."""
-        for param in param_list(params_list):
-            if not self._is_sharded(param) or not getattr(param, "_tp_gathered", False):
-                continue
-            param.data = self._piece(param, param.data, "parameter")
-            param._tp_gathered = False
+            parts.append("skip_partition=True")
+        return f"{type(self).__name__}({', '.join(parts)}{_placement_repr(self._place)})"
 
     # -- state dicts (checkpoint.py holds the consolidated ones and the files)
 
@@ -347,42 +275,57 @@ class LinearAllreduce(_TPLayer):
 
     input_is_parallel=True (default): x is this rank's slice of the input's last dim.
     input_is_parallel=False: x is the full input; the layer slices its part, and backward returns the full
-    dX (all-gathered)."""
+    dX (all-gathered).
+
+    num_heads / num_kv_heads / head_dim: the attention output projection's heads (in_features is
+    num_heads * head_dim); the same arguments as the column layer before attention give the same heads.
+    block_sizes / block_heads: a packed input dim, each block split on its own."""
 
     _shard_dim = 1
     _kind = _KIND_ROW
 
     def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False, device=None,
-                 dtype=None, _full=None):
-        super().__init__(module, mp_group, name, skip_partition, device=device, dtype=dtype, _full=_full)
+                 dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, block_sizes=None,
+                 block_heads=None, _full=None):
+        super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
+                         tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, _full=_full)
         self.input_is_parallel = bool(input_is_parallel)
 
     @classmethod
     def from_init(cls, in_features, out_features, mp_group=None, seed=0, bias=True, dtype="float32", name=None,
-                  input_is_parallel=True, device=None):
-        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed)."""
+                  input_is_parallel=True, device=None, **kwargs):
+        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed).
+        kwargs: the constructor's (tp_grain_size, num_heads, num_kv_heads, head_dim, block_sizes, ...)."""
         return _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name,
-                          input_is_parallel=input_is_parallel, device=device)
+                          input_is_parallel=input_is_parallel, device=device, **kwargs)
 
     def forward(self, x):
         w = self.weight.data
         width = _shape(x, "input")[-1]
         if not self.input_is_parallel:
             if width != self.in_features:
-                raise ValueError(f"input's last dimension must be {self.in_features} (in_features, "
-                                 f"input_is_parallel=False), got {width}")
-            (off, size), = self._my_pieces()
-            x = x[..., off:off + size]
-        elif self.tp_world_size > 1 and width != w.shape[1]:
-            raise ValueError(f"input's last dimension must be {w.shape[1]} (this rank's shard of in_features="
-                             f"{self.in_features} over {self.tp_world_size} ranks), got {width}")
+                raise ValueError(f"input's last dimension must be {self.in_features} (in_features; "
+                                 f"input_is_parallel=False takes the full input), got {width}")
+            if self._nblocks == 1:
+                (off, size), = self._my_pieces()
+                x = x[..., off:off + size]
+            else:
+                x = _shard_where_it_is(x, self._flat_ranges(), self._nblocks, self.tp_index, "input")
+        elif width != w.shape[1]:
+            raise ValueError(f"input's last dimension must be {w.shape[1]} ({self._shard_words()}; "
+                             f"input_is_parallel=True), got {width}")
         y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
         _C.row_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
-        self._input = x
+        self._save(x)
         return y
 
-    def backward(self, grad_output):
-        x = _saved(self._input)
+    def backward(self, grad_output, retain=False):
+        """dX (this rank's slice; the full dX when input_is_parallel=False); accumulates .grad. Releases
+        the saved input unless retain=True."""
+        x = self._saved()
+        self._check_grad_output(grad_output, x, self.out_features, "out_features, the full output")
+        self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
         _C.row_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads())
         if self.input_is_parallel:
@@ -398,16 +341,20 @@ class LinearLayer(_TPLayer):
     tp_overlap_comm=True).
 
     block_sizes / block_heads: a packed output dim (fused QKV, gate/up): each block is split separately
-    and a rank's shard is its pieces in block order."""
+    and a rank's shard is its pieces in block order.
+    num_heads / num_kv_heads / head_dim: the attention heads of q_proj, k_proj, v_proj or a packed QKV;
+    query heads follow their KV group (tplinear.attention_heads)."""
 
     _shard_dim = 0
     _kind = _KIND_COL
     _bias_sharded = True
 
     def __init__(self, module=None, mp_group=None, skip_partition=False, name=None, gather_output=False,
-                 tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None, _full=None):
+                 tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None,
+                 tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, _full=None):
         super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
-                         _full=_full)
+                         tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, _full=_full)
         self.gather_output = bool(gather_output)
         self.tp_overlap_comm = bool(tp_overlap_comm)
 
@@ -425,43 +372,50 @@ class LinearLayer(_TPLayer):
     @classmethod
     def from_init(cls, in_features, out_features, mp_group=None, seed=0, bias=True, dtype="float32", name=None,
                   block_sizes=None, block_heads=None, **kwargs):
-        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed)."""
+        """Creates only this rank's shard, equal to slicing tplinear.Linear(in, out, bias, dtype, seed).
+        kwargs: the constructor's (tp_grain_size, num_heads, num_kv_heads, head_dim, gather_output, ...)."""
         return _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name,
                           block_sizes=block_sizes, block_heads=block_heads, **kwargs)
 
     def forward(self, x):
         w = self.weight.data
+        width = _shape(x, "input")[-1]
+        if width != self.in_features:
+            raise ValueError(f"input's last dimension must be {self.in_features} (in_features; a column layer "
+                             f"takes the full input), got {width}")
         y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
         _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
-        self._input = x
+        self._save(x)
         if not self.gather_output:
             return y
         full = self._place.empty(y.shape[:-1] + (self.out_features,))
         _C.gather(self.mp_group._handle, y, y.ndim - 1, self._flat_ranges(), self._nblocks, full)
         return full
 
-    def backward(self, grad_output):
-        x = _saved(self._input)
+    def backward(self, grad_output, retain=False):
+        """The full dX (all-reduced); accumulates .grad. grad_output is this rank's shard of the output,
+        or the full output with gather_output=True. Releases the saved input unless retain=True."""
+        x = self._saved()
         if self.gather_output:
-            width = _shape(grad_output, "grad_output")[-1]
-            if width != self.out_features:
-                raise ValueError(f"grad_output's last dimension must be {self.out_features} (out_features, "
-                                 f"gather_output=True), got {width}")
+            self._check_grad_output(grad_output, x, self.out_features, "out_features, gather_output=True")
             grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
+        else:
+            self._check_grad_output(grad_output, x, self.local_shape[0], self._shard_words())
+        self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
         _C.col_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads(),
                         self.tp_overlap_comm)
         return dx
 
 
-def _shard_where_it_is(arr, ranges, nblocks, rank):
+def _shard_where_it_is(arr, ranges, nblocks, rank, what="grad_output"):
     """rank's pieces of arr's last dim, as a new array on arr's device in arr's dtype."""
     if dtype_name(arr) is None:
-        arr = host_array(arr, "grad_output")
+        arr = host_array(arr, what)
     place = Placement.of(arr)
     if place.device is None and place.dtype not in HOST_DTYPES:
-        arr = host_array(arr, "grad_output")  # reports the dtype the host cannot take
-    return place.shard(arr, len(arr.shape) - 1, ranges, nblocks, rank, "grad_output")
+        arr = host_array(arr, what)  # reports the dtype the host cannot take
+    return place.shard(arr, len(arr.shape) - 1, ranges, nblocks, rank, what)
 
 
 class _Module:
@@ -480,8 +434,10 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     host = host_dtype(place.dtype)
     split_dim = cls._shard_dim
     n = out_features if split_dim == 0 else in_features
-    pieces = _rule_pieces(n, group.size, is_training_mode(), name, kwargs.get("block_sizes"),
-                          kwargs.get("block_heads"))[group.rank]
+    split = _layout.split_args(is_training_mode(), name, kwargs.get("tp_grain_size"), kwargs.get("num_heads"),
+                        kwargs.get("num_kv_heads"), kwargs.get("head_dim"), kwargs.get("block_sizes"),
+                        kwargs.get("block_heads"))
+    pieces = partition.shard_ranges(n, group.size, **split)[group.rank]
     local = sum(size for _, size in pieces)
     weight = np.empty((local, in_features) if split_dim == 0 else (out_features, local), dtype=host)
     at = 0
@@ -505,11 +461,7 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
 
 
-def _rule_pieces(n, p, training, name, blocks=None, block_heads=None):
-    """Every rank's pieces [(offset, size)] of a split dim of n by the partition rule (C core): one piece,
-    or one per block of a packed dim."""
-    if blocks is None:
-        return [[rng] for rng in _C.partition(n, p, training, _state["num_kv_heads"] or 0, name)]
-    blocks = [int(b) for b in blocks]
-    flat = _C.partition_packed(blocks, p, training, block_heads, name)
-    return [flat[r * len(blocks):(r + 1) * len(blocks)] for r in range(p)]
+def _placement_repr(place):
+    """', dtype=float64, device=cuda:0' for what is not the default (float32 on the host)."""
+    out = "" if place.dtype == "float32" else f", dtype={place.dtype}"
+    return out if place.device is None else f"{out}, device=cuda:{place.device}"
