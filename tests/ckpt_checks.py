@@ -53,13 +53,10 @@ def full_shapes():
 
 
 def pieces(name, training):
-    """Every rank's pieces of a layer's split dim, by the partition rule."""
+    """Every rank's pieces of a layer's split dim, by the partition rule (tplinear.shard_ranges)."""
     kind, i, o, blocks, heads, _ = LAYERS[name]
-    p = dist.get_world_size()
-    if blocks is None:
-        return [[rng] for rng in tp._C.partition(o if kind == "col" else i, p, training, 0, name)]
-    flat = tp._C.partition_packed(blocks, p, training, heads, name)
-    return [flat[r * len(blocks):(r + 1) * len(blocks)] for r in range(p)]
+    return tp.shard_ranges(o if kind == "col" else i, dist.get_world_size(), training=training, name=name,
+                           block_sizes=blocks, block_heads=heads)
 
 
 def shard_of(full, key, training):

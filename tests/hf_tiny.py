@@ -1,7 +1,5 @@
-"""A tiny Hugging Face Llama for the checkpoint tests, run in a process of its own (python tests/hf_tiny.py
-make DIR SEED | compare ORIG BACK...): transformers needs torch, and a process that imported tplinear first
-cannot import a CUDA build of torch: the extension loads the system libnccl.so.2 first, which lacks symbols
-that torch's own NCCL has."""
+"""A tiny Hugging Face Llama for the checkpoint tests, in a process of its own so that the test process
+never imports torch and transformers (python tests/hf_tiny.py make DIR SEED | compare ORIG BACK...)."""
 import os
 import sys
 

@@ -347,8 +347,7 @@ def test_npz_save_is_atomic(world_of_one, tmp_path, monkeypatch):
 
 
 def _hf(*args):
-    """tests/hf_tiny.py in a process of its own (transformers needs torch, which cannot be imported after
-    tplinear's CUDA build in one process)."""
+    """tests/hf_tiny.py in a process of its own (this one never imports torch or transformers)."""
     import importlib.util
     import subprocess
     import sys

@@ -39,7 +39,7 @@ def test_bad_input(nproc):
 
 
 def test_checkpoint_reshards(tmp_path):
-    path, ref = str(tmp_path / "mlp.npz"), str(tmp_path / "ref.npy")
+    path, ref = str(tmp_path / "mlp"), str(tmp_path / "ref.npy")
     assert_world_ok(4, f"import tp_checks as c; c.init(); c.checkpoint_save({path!r}, {ref!r})", env=ENV, timeout=120)
     for nproc in (2, 3, 1):
         assert_world_ok(nproc, f"import tp_checks as c; c.init(); c.checkpoint_load({path!r}, {ref!r})", env=ENV,

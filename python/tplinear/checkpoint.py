@@ -109,7 +109,7 @@ def _is_npz(path):
 
 def _entries(layers, arrays, optimizer_state):
     """Layers, arrays and optimizer state as the engine's entries (see _ckpt.Entry)."""
-    entries = [e for lname, layer in _named_layers(layers) for e in _layer_entries(lname, layer)]
+    entries = [e for lname, layer in _named_layers(layers) for e in layer_entries(lname, layer)]
     world = dist.get_world_group()
     if arrays is not None:
         if not isinstance(arrays, dict):
@@ -125,26 +125,63 @@ def _entries(layers, arrays, optimizer_state):
     return entries
 
 
-def _layer_entries(lname, layer):
+class NumpyTensors:
+    """How a NumPy layer's parameter data (NumPy or DeviceArray) becomes and takes NumPy arrays; the torch
+    half has its own (tplinear.torch.checkpoint.TorchTensors)."""
+
+    @staticmethod
+    def dtype(layer, param):
+        return _ckpt.np_dtype(layer._place.dtype)
+
+    @staticmethod
+    def host(layer, param):
+        data = param.data
+        if isinstance(data, DeviceArray):
+            return data.numpy()  # bfloat16 comes back as float32 (exactly) and is stored as bfloat16 again
+        return np.asarray(data)
+
+    @staticmethod
+    def live(layer, param, dtype):
+        """The data itself when a load can write into it in place."""
+        data = param.data
+        if isinstance(data, np.ndarray) and data.dtype == dtype and data.flags.c_contiguous and data.flags.writeable:
+            return data
+        return None
+
+    @staticmethod
+    def store(layer, param, arr):
+        if arr is param.data:
+            return
+        if arr.dtype.name not in ("float32", "float64"):
+            arr = arr.astype(np.float32)  # half types travel to the GPU as float32 (exact)
+        param.data = layer._place.put(arr, "checkpoint")
+
+
+def layer_entries(lname, layer, tensors=NumpyTensors):
+    """The entries of a tensor-parallel layer's weight and bias (keys "<lname>.weight", "<lname>.bias"):
+    split by the layer's partition (layer.shard_ranges()) or replicated on its group. Works for every
+    layer with the shared shard bookkeeping (_layout.Sharded): NumPy layers and tplinear.torch modules."""
     out = []
-    for key, param in (("weight", layer.weight), ("bias", layer.bias)):
+    for key in ("weight", "bias"):
+        param = getattr(layer, key)
         if param is None:
             continue
         if getattr(param, "_tp_gathered", False):
-            raise ValueError(f"layers[{lname!r}].{key} is gathered (inside GatherReplacedLayerParams): "
-                             "save or load outside it")
+            raise ValueError(f"{lname}.{key} is gathered (inside GatherReplacedLayerParams): save or load outside it")
         sharded = layer._is_sharded(param)
         dim = layer._dim_of(param) if sharded else None
         shape = layer._full_shape if key == "weight" else [layer._full_shape[0]]
-        dtype = _ckpt.np_dtype(layer._place.dtype)
-        info = {"kind": type(layer).__name__, "mode": "training" if layer.training_mode else "inference"}
-        if layer.name is not None:
-            info["layer_name"] = layer.name
+        dtype = tensors.dtype(layer, param)
+        info = {"kind": type(layer).__name__, "mode": "training" if layer.training_mode else "inference",
+                "tp_grain_size": layer.tp_grain_size}
+        for k in ("name", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(layer, k, None) is not None:
+                info[k if k != "name" else "layer_name"] = getattr(layer, k)
+        blocks = layer._split["block_sizes"] if sharded and dim == layer._dim_of(layer.weight) == 0 else None
         out.append(_ckpt.Entry(
-            f"{lname}.{key}", shape, dtype, dim, layer._pieces if sharded else None, layer.mp_group, layer.tp_index,
-            get=lambda p=param: _param_host(p), put=lambda a, p=param: _param_put(layer, p, a),
-            buffer=lambda p=param, dt=dtype: _live(p.data, dt),
-            blocks=layer._blocks if sharded and dim == 0 else None, info=info))
+            f"{lname}.{key}", shape, dtype, dim, layer.shard_ranges() if sharded else None, layer.mp_group,
+            layer.tp_index, get=lambda p=param: tensors.host(layer, p), put=lambda a, p=param: tensors.store(layer, p, a),
+            buffer=lambda p=param, dt=dtype: tensors.live(layer, p, dt), blocks=blocks, info=info))
     return out
 
 
@@ -178,28 +215,6 @@ def _optimizer_entries(optimizer_state, params):
                 raise ValueError(f"{what} has shape {arr.shape}: optimizer state must have the shape of this rank's "
                                  f"shard of {pkey!r} {base.local_shape}, or be 0-d")
     return out
-
-
-def _param_host(param):
-    data = param.data
-    if isinstance(data, DeviceArray):
-        return data.numpy()  # bfloat16 comes back as float32 (exactly) and is stored as bfloat16 again
-    return np.asarray(data)
-
-
-def _param_put(layer, param, arr):
-    if arr is param.data:
-        return
-    if arr.dtype.name not in ("float32", "float64"):
-        arr = arr.astype(np.float32)  # half types travel to the GPU as float32 (exact)
-    param.data = layer._place.put(arr, "checkpoint")
-
-
-def _live(data, dtype):
-    """data itself when a load can write into it in place."""
-    if isinstance(data, np.ndarray) and data.dtype == dtype and data.flags.c_contiguous and data.flags.writeable:
-        return data
-    return None
 
 
 def _inplace(arr):
