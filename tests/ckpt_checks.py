@@ -257,3 +257,16 @@ def write_losses(path, losses):
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(losses, f)
+
+
+def save_both(root, losses_path):
+    """The uninterrupted run's losses (8 steps), and a checkpoint after 4 steps in each layout."""
+    ref = train(8)
+    for layout in ("sharded", "consolidated"):
+        assert train(4, save=os.path.join(root, layout), layout=layout) == ref[:4]
+    write_losses(losses_path, ref)
+
+
+def resume_both(root, losses_path):
+    write_losses(losses_path, {layout: train(4, start=4, resume=os.path.join(root, layout))
+                               for layout in ("sharded", "consolidated")})

@@ -44,23 +44,18 @@ def test_every_layout_save_size_and_mode_loads_at(saved, nproc):
 
 def test_resume_continues_the_loss_curve(tmp_path):
     """Adam at 2 ranks for 8 steps, against 4 steps at 2 ranks, a checkpoint (moments, a trained
-    replicated array, step), and 4 more steps at 1, 2 and 3 ranks: bit-identical at 2, 1e-6 otherwise."""
-    def run(nproc, code):
-        assert_world_ok(nproc, "import ckpt_checks as c; c.init()\n" + code, env=ENV, timeout=120)
-
+    replicated array, step), and 4 more steps at 1, 2 and 3 ranks: bit-identical at 2, 1e-6 otherwise
+    (float32)."""
     full = str(tmp_path / "full.json")
-    run(2, f"c.write_losses({full!r}, c.train(8))")
+    assert_world_ok(2, f"import ckpt_checks as c; c.init(); c.save_both({str(tmp_path)!r}, {full!r})", env=ENV,
+                    timeout=120)
     ref = json.loads(open(full).read())
     assert ref[-1] < ref[0]
-    for layout in ("sharded", "consolidated"):
-        ck = str(tmp_path / layout)
-        first = str(tmp_path / f"first-{layout}.json")
-        run(2, f"c.write_losses({first!r}, c.train(4, save={ck!r}, layout={layout!r}))")
-        assert json.loads(open(first).read()) == ref[:4]
-        for nproc in (1, 2, 3):
-            out = str(tmp_path / f"resumed-{layout}-{nproc}.json")
-            run(nproc, f"c.write_losses({out!r}, c.train(4, start=4, resume={ck!r}))")
-            got = json.loads(open(out).read())
+    for nproc in (1, 2, 3):
+        out = str(tmp_path / f"resumed-{nproc}.json")
+        assert_world_ok(nproc, f"import ckpt_checks as c; c.init(); c.resume_both({str(tmp_path)!r}, {out!r})",
+                        env=ENV, timeout=120)
+        for layout, got in json.loads(open(out).read()).items():
             if nproc == 2:
                 assert got == ref[4:], (layout, got, ref[4:])
             else:
@@ -423,3 +418,51 @@ def test_hugging_face_round_trip(hf_dir, tmp_path):
         assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
         outs.append(out)
     assert _hf("compare", hf_dir, *outs).count("every tensor and the logits are equal") == 2
+
+
+# ---------------------------------------------------------------------------------- tplinear.torch
+
+
+def _needs(*mods):
+    import importlib.util
+
+    for mod in mods:
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed")
+
+
+def test_torch_hugging_face_into_parallel_modules(hf_dir, tmp_path):
+    """A save_pretrained directory loads into a Llama whose linear layers are tplinear.torch modules, at 2
+    and 3 ranks: the logits equal the unsharded model's; saved back, transformers loads it unchanged.
+    GPT-2 style Conv1D layers (fused c_attn) read and write the [in, out] layout of their files."""
+    _needs("torch", "transformers")
+    outs = []
+    for nproc in (2, 3):
+        out = str(tmp_path / f"torch{nproc}")
+        conv = tmp_path / f"conv{nproc}"
+        conv.mkdir()
+        res = assert_world_ok(nproc, f"import torch_ckpt_checks as c; c.init(); c.hf_logits({hf_dir!r}, {out!r}); "
+                                     f"c.conv({str(conv)!r})", env=ENV, timeout=240)
+        assert res.output.count("hf logits ok") == nproc and res.output.count("conv ok") == nproc, res.output
+        outs.append(out)
+    assert _hf("compare", hf_dir, *outs).count("every tensor and the logits are equal") == 2
+
+
+def test_torch_resume_with_the_optimizer(tmp_path):
+    """AdamW at 2 ranks for 8 steps, against 4 steps, a checkpoint (model, optimizer state, param groups)
+    and 4 more at 1, 2 and 3 ranks: bit-identical at 2 ranks, 1e-6 at the others (float64)."""
+    _needs("torch")
+    full = str(tmp_path / "full.json")
+    assert_world_ok(2, f"import torch_ckpt_checks as c; c.init(); c.save_both({str(tmp_path)!r}, {full!r})",
+                    env=ENV, timeout=240)
+    ref = json.loads(open(full).read())
+    for nproc in (1, 2, 3):
+        out = str(tmp_path / f"resumed-{nproc}.json")
+        assert_world_ok(nproc, f"import torch_ckpt_checks as c; c.init(); c.resume_both({str(tmp_path)!r}, {out!r})",
+                        env=ENV, timeout=240)
+        for layout, got in json.loads(open(out).read()).items():
+            if nproc == 2:
+                assert got == ref[4:], (layout, got, ref[4:])
+            else:
+                err = max(abs(a - b) / abs(b) for a, b in zip(got, ref[4:]))
+                assert err <= 1e-6, (layout, nproc, err)

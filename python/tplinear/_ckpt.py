@@ -362,9 +362,12 @@ def check_entries(entries):
         st_code(e.dtype, e.name)
 
 
-def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_shard_size=None, progress=True):
+def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_shard_size=None, progress=True,
+         extra=None):
     """Writes entries to the directory path. Collective over the world: every rank calls it, with the
-    entries it holds (the same names in the same order on the ranks of each group)."""
+    entries it holds (the same names in the same order on the ranks of each group). metadata: the user's
+    (JSON), returned by load; extra: the caller's own facts (JSON, e.g. optimizer hyperparameters), read
+    back as Checkpoint(path).extra."""
     if layout not in ("consolidated", "sharded"):
         raise ValueError(f"layout must be 'consolidated' or 'sharded', got {layout!r}")
     path = os.fspath(path)
@@ -374,6 +377,7 @@ def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_
         raise TypeError(f"metadata must be a dict (JSON-serialisable), got {type(user).__name__}")
     try:
         json.dumps(user)
+        json.dumps(extra)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"metadata must be JSON-serialisable: {exc}") from exc
     limit = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
@@ -388,7 +392,7 @@ def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_
         try:
             write_json(os.path.join(path, MANIFEST), {
                 "format": FORMAT, "version": VERSION, "layout": layout, "save_id": save_id,
-                "world_size": world.size, "files": files, "metadata": user})
+                "world_size": world.size, "files": files, "metadata": user, "extra": extra or {}})
             _remove_stale(path, files)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             failure = exc
@@ -700,6 +704,7 @@ class Checkpoint:
         self.handles = {}
         self.sources = {}
         self.metadata = {}
+        self.extra = {}
         self.layout = None
         try:
             self._index()
@@ -780,8 +785,9 @@ class Checkpoint:
             raise ValueError(f"{manifest}: format version {info.get('version')!r} is newer than this tplinear "
                              f"reads ({VERSION}); upgrade tplinear")
         self.layout, self.save_id = info.get("layout"), info.get("save_id")
-        meta = info.get("metadata", {})
+        meta, extra = info.get("metadata", {}), info.get("extra", {})
         self.metadata = meta if isinstance(meta, dict) else {}
+        self.extra = extra if isinstance(extra, dict) else {}
         files = info.get("files")
         if self.layout not in ("consolidated", "sharded") or not isinstance(files, dict):
             raise ValueError(f"{manifest}: bad layout {self.layout!r} or file list")
@@ -895,34 +901,44 @@ def _ints(v, n=None):
     return tuple(v)
 
 
-def load(path, entries, strict=True, cast=False, key_map=None, progress=True):
-    """Fills entries from the checkpoint at path (any layout, any group size), reading only the bytes of
-    this rank's pieces. Every name, shape and dtype is checked from the headers before any data is read.
-    Not collective. Returns the checkpoint's user metadata."""
+def load(path, entries, strict=True, cast=False, key_map=None, progress=True, sections=None):
+    """Fills entries from the checkpoint at path (any layout, any group size; an open Checkpoint too),
+    reading only the bytes of this rank's pieces. Every name, shape and dtype is checked from the headers
+    before any data is read. Not collective. Returns the checkpoint's user metadata.
+
+    sections: the parts of the checkpoint whose keys strict checks ("model", "optimizer"); by default
+    the model and the sections of the entries."""
     check_entries(entries)
+    if isinstance(path, Checkpoint):
+        return _load(path, entries, strict, cast, key_map, progress, sections)
     with Checkpoint(path) as ck:
-        plan = _plan(ck, entries, strict, cast, key_map)
-        total = sum(n for _, _, ops in plan for *_, n in ops)
-        bar = _Progress(total, f"load {os.path.basename(os.path.abspath(ck.path))}", progress and _world_rank() == 0)
-        try:
-            for e, shape, ops in plan:
-                dest = e.buffer()
-                if dest is None or tuple(dest.shape) != shape or dest.dtype != e.dtype:
-                    dest = np.empty(shape, dtype=e.dtype)
-                for file, key, src_sl, dst_sl, n in ops:
-                    h = ck.handles[file]
-                    part = h.get_tensor(key) if not src_sl else h.get_slice(key)[src_sl]
-                    dest[dst_sl] = part
-                    del part
-                    bar.update(n)
-                e.put(dest)
-                del dest
-        finally:
-            bar.close()
-        return dict(ck.metadata)
+        return _load(ck, entries, strict, cast, key_map, progress, sections)
 
 
-def _plan(ck, entries, strict, cast, key_map):
+def _load(ck, entries, strict, cast, key_map, progress, sections):
+    asked = set(sections) if sections is not None else {e.section for e in entries} | {"model"}
+    plan = _plan(ck, entries, strict, cast, key_map, asked)
+    total = sum(n for _, _, ops in plan for *_, n in ops)
+    bar = _Progress(total, f"load {os.path.basename(os.path.abspath(ck.path))}", progress and _world_rank() == 0)
+    try:
+        for e, shape, ops in plan:
+            dest = e.buffer()
+            if dest is None or tuple(dest.shape) != shape or dest.dtype != e.dtype:
+                dest = np.empty(shape, dtype=e.dtype)
+            for file, key, src_sl, dst_sl, n in ops:
+                h = ck.handles[file]
+                part = h.get_tensor(key) if not src_sl else h.get_slice(key)[src_sl]
+                dest[dst_sl] = part
+                del part
+                bar.update(n)
+            e.put(dest)
+            del dest
+    finally:
+        bar.close()
+    return dict(ck.metadata)
+
+
+def _plan(ck, entries, strict, cast, key_map, asked):
     """For each entry, the slice reads that fill this rank's shard; every problem found from the headers
     raises here, before any data is read."""
     missing, wrong_shape, wrong_dtype, used, plan = [], [], [], set(), []
@@ -972,7 +988,6 @@ def _plan(ck, entries, strict, cast, key_map):
         plan.append((e, e.local_shape, ops))
     extra = []
     if strict:
-        asked = {e.section for e in entries} | {"model"}
         extra = sorted(k for k in ck.sources if k not in used
                        and ("optimizer" if k.startswith(OPTIMIZER_PREFIX) else "model") in asked)
     if missing or extra or wrong_shape:

@@ -97,7 +97,8 @@ def load_checkpoint(path, layers, arrays=None, optimizer_state=None, strict=True
         if arrays or optimizer_state or key_map:
             raise ValueError(".npz checkpoints hold layers only")
         return _load_npz(path, entries, strict, cast)
-    return _ckpt.load(path, entries, strict=strict, cast=cast, key_map=key_map, progress=progress)
+    sections = ("model", "optimizer") if optimizer_state is not None else ("model",)
+    return _ckpt.load(path, entries, strict=strict, cast=cast, key_map=key_map, progress=progress, sections=sections)
 
 
 def _is_npz(path):
@@ -178,10 +179,15 @@ def layer_entries(lname, layer, tensors=NumpyTensors):
             if getattr(layer, k, None) is not None:
                 info[k if k != "name" else "layer_name"] = getattr(layer, k)
         blocks = layer._split["block_sizes"] if sharded and dim == layer._dim_of(layer.weight) == 0 else None
+        get, put = (lambda p=param: tensors.host(layer, p)), (lambda a, p=param: tensors.store(layer, p, a))
+        buffer = lambda p=param, dt=dtype: tensors.live(layer, p, dt)  # noqa: E731
+        if getattr(layer, "_conv1d", False) and key == "weight":
+            # GPT-2's Conv1D stores its weight [in, out]: the file keeps that layout, the layer [out, in]
+            shape, dim, blocks, buffer = shape[::-1], None if dim is None else 1 - dim, None, None
+            get, put = (lambda p=param: tensors.host(layer, p).T), (lambda a, p=param: tensors.store(layer, p, a.T))
         out.append(_ckpt.Entry(
-            f"{lname}.{key}", shape, dtype, dim, layer.shard_ranges() if sharded else None, layer.mp_group,
-            layer.tp_index, get=lambda p=param: tensors.host(layer, p), put=lambda a, p=param: tensors.store(layer, p, a),
-            buffer=lambda p=param, dt=dtype: tensors.live(layer, p, dt), blocks=blocks, info=info))
+            f"{lname}.{key}" if lname else key, shape, dtype, dim, layer.shard_ranges() if sharded else None,
+            layer.mp_group, layer.tp_index, get=get, put=put, buffer=buffer, blocks=blocks, info=info))
     return out
 
 

@@ -18,6 +18,7 @@ from ..partition import (  # noqa: F401
     set_training_mode, shard_ranges,
 )
 from ..parameter import GatherReplacedLayerParams
+from .checkpoint import load_checkpoint, save_checkpoint
 from .modules import (
     Conv_LinearALlreduce,
     LinearAllreduce,
@@ -32,5 +33,5 @@ from .modules import (
 __all__ = [
     "attention_heads", "get_tp_grain_size", "set_tp_grain_size", "shard_ranges", "Conv_LinearALlreduce", "GatherReplacedLayerParams", "LinearAllreduce", "LinearAllreduceWithReplicatedInput",
     "LinearLayer", "TorchPlacement", "conv_LinearLayer", "fused_LinearLayer", "is_autotp_training_mode",
-    "is_training_mode", "release_grad_buffers", "set_autotp_mode", "set_training_mode",
+    "is_training_mode", "load_checkpoint", "release_grad_buffers", "save_checkpoint", "set_autotp_mode", "set_training_mode",
 ]
