@@ -42,25 +42,31 @@ def test_every_layout_save_size_and_mode_loads_at(saved, nproc):
 # ---------------------------------------------------------------------------------- resume
 
 
-def test_resume_continues_the_loss_curve(tmp_path):
-    """Adam at 2 ranks for 8 steps, against 4 steps at 2 ranks, a checkpoint (moments, a trained
-    replicated array, step), and 4 more steps at 1, 2 and 3 ranks: bit-identical at 2, 1e-6 otherwise
-    (float32)."""
+def resume_matches(module, tmp_path, timeout):
+    """module.save_both at 2 ranks (8 steps uninterrupted; 4 steps then a checkpoint in each layout), then
+    module.resume_both at 1, 2 and 3 ranks (4 more steps from each checkpoint): the resumed losses equal
+    the uninterrupted run's bit for bit at 2 ranks and to 1e-6 at 1 and 3. Returns the reference losses."""
     full = str(tmp_path / "full.json")
-    assert_world_ok(2, f"import ckpt_checks as c; c.init(); c.save_both({str(tmp_path)!r}, {full!r})", env=ENV,
-                    timeout=120)
+    assert_world_ok(2, f"import {module} as c; c.init(); c.save_both({str(tmp_path)!r}, {full!r})", env=ENV,
+                    timeout=timeout)
     ref = json.loads(open(full).read())
-    assert ref[-1] < ref[0]
     for nproc in (1, 2, 3):
         out = str(tmp_path / f"resumed-{nproc}.json")
-        assert_world_ok(nproc, f"import ckpt_checks as c; c.init(); c.resume_both({str(tmp_path)!r}, {out!r})",
-                        env=ENV, timeout=120)
+        assert_world_ok(nproc, f"import {module} as c; c.init(); c.resume_both({str(tmp_path)!r}, {out!r})",
+                        env=ENV, timeout=timeout)
         for layout, got in json.loads(open(out).read()).items():
             if nproc == 2:
                 assert got == ref[4:], (layout, got, ref[4:])
             else:
                 err = max(abs(a - b) / abs(b) for a, b in zip(got, ref[4:]))
                 assert err <= 1e-6, (layout, nproc, err, got, ref[4:])
+    return ref
+
+
+def test_resume_continues_the_loss_curve(tmp_path):
+    """Adam (NumPy, float32) with moments, a trained replicated array and the step in the checkpoint."""
+    ref = resume_matches("ckpt_checks", tmp_path, timeout=120)
+    assert ref[-1] < ref[0]
 
 
 # ---------------------------------------------------------------------------------- in this process
@@ -177,6 +183,29 @@ def test_optimizer_state_argument_errors(world_of_one, tmp_path):
         tp.load_checkpoint(tmp_path / "c", layers, optimizer_state={"m": {"col.weight": ro}})
     # without optimizer_state, a checkpoint's optimizer state is not "extra"
     tp.load_checkpoint(tmp_path / "c", layers)
+
+
+def test_byte_range_reads_equal_numpy_slices(world_of_one, tmp_path, rng):
+    """The pread path (runs contiguous in file and shard) and the get_slice path read the same boxes."""
+    from safetensors.numpy import save_file
+
+    full = rng.standard_normal((6, 5, 2048)).astype(np.float32)
+    save_file({"t": full}, str(tmp_path / "model.safetensors"))
+    ck = _ckpt.Checkpoint(tmp_path)
+    try:
+        # (start, size, read with pread: one run, or runs of >= 4 KiB; else get_slice)
+        for start, size, fast in [((0, 0, 0), (6, 5, 2048), True), ((2, 0, 0), (3, 5, 2048), True),
+                                  ((0, 1, 0), (6, 3, 2048), True), ((1, 2, 1024), (4, 2, 1024), True),
+                                  ((0, 0, 5), (6, 5, 3), False), ((3, 4, 7), (1, 1, 1), True)]:
+            want = full[_ckpt._slices(start, size)]
+            dest = np.zeros((8,) + size[1:], np.float32)  # the box lands at row 1 of a larger shard
+            direct = ck.read_into("model.safetensors", "t", start, dest, (1, 0, 0), size)
+            assert direct == fast, (start, size)
+            if not direct:
+                dest[1:1 + size[0]] = ck.open("model.safetensors").get_slice("t")[_ckpt._slices(start, size)]
+            assert np.array_equal(dest[1:1 + size[0]], want) and not dest[0].any(), (start, size)
+    finally:
+        ck.close()
 
 
 def _corrupt(path, how):
@@ -449,20 +478,7 @@ def test_torch_hugging_face_into_parallel_modules(hf_dir, tmp_path):
 
 
 def test_torch_resume_with_the_optimizer(tmp_path):
-    """AdamW at 2 ranks for 8 steps, against 4 steps, a checkpoint (model, optimizer state, param groups)
-    and 4 more at 1, 2 and 3 ranks: bit-identical at 2 ranks, 1e-6 at the others (float64)."""
+    """torch.optim.AdamW (amsgrad: three state tensors and step per parameter; float64) with the model,
+    its optimizer state and param groups in the checkpoint."""
     _needs("torch")
-    full = str(tmp_path / "full.json")
-    assert_world_ok(2, f"import torch_ckpt_checks as c; c.init(); c.save_both({str(tmp_path)!r}, {full!r})",
-                    env=ENV, timeout=240)
-    ref = json.loads(open(full).read())
-    for nproc in (1, 2, 3):
-        out = str(tmp_path / f"resumed-{nproc}.json")
-        assert_world_ok(nproc, f"import torch_ckpt_checks as c; c.init(); c.resume_both({str(tmp_path)!r}, {out!r})",
-                        env=ENV, timeout=240)
-        for layout, got in json.loads(open(out).read()).items():
-            if nproc == 2:
-                assert got == ref[4:], (layout, got, ref[4:])
-            else:
-                err = max(abs(a - b) / abs(b) for a, b in zip(got, ref[4:]))
-                assert err <= 1e-6, (layout, nproc, err)
+    resume_matches("torch_ckpt_checks", tmp_path, timeout=240)

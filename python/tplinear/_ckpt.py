@@ -702,6 +702,7 @@ class Checkpoint:
     def __init__(self, path):
         self.path = os.fspath(path)
         self.handles = {}
+        self.fds = {}
         self.sources = {}
         self.metadata = {}
         self.extra = {}
@@ -718,7 +719,53 @@ class Checkpoint:
                 h.__exit__(None, None, None)
             except Exception:  # noqa: BLE001
                 pass
-        self.handles = {}
+        for fd, _ in self.fds.values():
+            os.close(fd)
+        self.handles, self.fds = {}, {}
+
+    def release(self, name):
+        h = self.handles.pop(name, None)
+        if h is not None:
+            h.__exit__(None, None, None)
+        fd = self.fds.pop(name, None)
+        if fd is not None:
+            os.close(fd[0])
+
+    def read_into(self, name, key, start, dest, dst_start, size):
+        """Reads the box (start, size) of a stored tensor straight into dest at dst_start with pread, in
+        runs contiguous in both (one run for a whole shard, a row each for a column range), when the
+        dtypes match and the runs are long enough; False when get_slice should do it instead."""
+        if name not in self.fds:
+            path = name if os.path.isabs(name) else os.path.join(self.folder, name)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:  # safe_open has checked this header already; only the offsets are needed
+                n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+                header = json.loads(os.pread(fd, n, 8))
+                tensors = {k: (8 + n + v["data_offsets"][0], tuple(v["shape"]), v["dtype"])
+                           for k, v in header.items() if k != "__metadata__"}
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fds[name] = (fd, tensors)
+        fd, tensors = self.fds[name]
+        begin, shape, code = tensors[key]
+        if _CODES.get(code) != dest.dtype or not dest.flags.c_contiguous:
+            return False
+        runs = _runs(start, shape, dst_start, dest.shape, size, dest.dtype.itemsize)
+        if runs is None:
+            return False
+        src_offs, dst_offs, length = runs
+        item = dest.dtype.itemsize
+        flat = dest.reshape(-1).view(np.uint8)
+        for so, do in zip(src_offs.tolist(), dst_offs.tolist()):
+            view = memoryview(flat[do * item:(do + length) * item])
+            at, done = begin + so * item, 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], at + done)
+                if got <= 0:
+                    raise ValueError(f"{name}: {key!r} ends early (was the file truncated while being read?)")
+                done += got
+        return True
 
     def __enter__(self):
         return self
@@ -892,6 +939,29 @@ class Checkpoint:
                              f"{math.prod(src.shape)} elements (a rank's file is missing?)")
 
 
+def _runs(src_start, src_shape, dst_start, dst_shape, size, item, min_bytes=4096, max_runs=1 << 16):
+    """A box as runs contiguous in both C-ordered tensors: (source element offsets, destination element
+    offsets, run length), or None when the runs would be too many or too short to beat get_slice."""
+    nd = len(size)
+    if nd == 0:
+        return np.zeros(1, np.int64), np.zeros(1, np.int64), 1
+    k = nd - 1  # the dims after k are whole in both tensors: they join the run
+    while k > 0 and size[k] == src_shape[k] == dst_shape[k]:
+        k -= 1
+    length, count = math.prod(size[k:]), math.prod(size[:k])
+    if length == 0 or count > max_runs or (count > 1 and length * item < min_bytes):
+        return None
+
+    def offsets(start, shape):
+        strides = [math.prod(shape[d + 1:]) for d in range(nd)]
+        offs = np.full(1, sum(start[d] * strides[d] for d in range(nd)), np.int64)
+        for d in range(k):
+            offs = (offs[:, None] + np.arange(size[d], dtype=np.int64)[None, :] * strides[d]).reshape(-1)
+        return offs
+
+    return offsets(src_start, src_shape), offsets(dst_start, dst_shape), length
+
+
 def _ints(v, n=None):
     """v as a tuple of non-negative ints (of length n when given), or None."""
     if not isinstance(v, list) or (n is not None and len(v) != n):
@@ -920,19 +990,23 @@ def _load(ck, entries, strict, cast, key_map, progress, sections):
     plan = _plan(ck, entries, strict, cast, key_map, asked)
     total = sum(n for _, _, ops in plan for *_, n in ops)
     bar = _Progress(total, f"load {os.path.basename(os.path.abspath(ck.path))}", progress and _world_rank() == 0)
+    last = {file: i for i, (_, _, ops) in enumerate(plan) for file, *_ in ops}
     try:
-        for e, shape, ops in plan:
+        for i, (e, shape, ops) in enumerate(plan):
             dest = e.buffer()
             if dest is None or tuple(dest.shape) != shape or dest.dtype != e.dtype:
                 dest = np.empty(shape, dtype=e.dtype)
-            for file, key, src_sl, dst_sl, n in ops:
-                h = ck.handles[file]
-                part = h.get_tensor(key) if not src_sl else h.get_slice(key)[src_sl]
-                dest[dst_sl] = part
-                del part
+            for file, key, src_start, dst_start, size, n in ops:
+                if not ck.read_into(file, key, src_start, dest, dst_start, size):
+                    h = ck.handles[file]
+                    part = h.get_slice(key)[_slices(src_start, size)] if size else h.get_tensor(key)
+                    dest[_slices(dst_start, size)] = part
+                    del part
                 bar.update(n)
             e.put(dest)
             del dest
+            for file in {op[0] for op in ops if last[op[0]] == i}:
+                ck.release(file)  # unmap a file once read: its pages leave this process's RSS
     finally:
         bar.close()
     return dict(ck.metadata)
@@ -984,7 +1058,7 @@ def _plan(ck, entries, strict, cast, key_map, asked):
                     src_start = _add(p.local, _sub(part[0], p.start))
                     dst_start = _add(loc, _sub(_add(part[0], kstart), g))
                     n = math.prod(part[1]) * e.dtype.itemsize
-                    ops.append((p.file, p.key, _slices(src_start, part[1]), _slices(dst_start, part[1]), n))
+                    ops.append((p.file, p.key, src_start, dst_start, part[1], n))
         plan.append((e, e.local_shape, ops))
     extra = []
     if strict:
