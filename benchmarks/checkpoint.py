@@ -3,8 +3,10 @@ safetensors) against torch.distributed.checkpoint (DCP, gloo, DTensor shards) an
 state dict, all in one run. Seconds per operation (barrier to barrier, the slowest rank) and peak RSS per
 rank during the operation (VmHWM, reset before each one), with the RSS before it.
 
-    python benchmarks/checkpoint.py [--size-gb 2] [--nproc 2] [--repeats 2] [--dir /tmp]
+    python benchmarks/checkpoint.py [--size-gb 2] [--nproc 2] [--repeats 2] [--reshard 1 3] [--dir /tmp]
                                     [--json out.json] [--md out.md] [--plot out.png]
+
+--reshard: tplinear's two checkpoints, saved at --nproc ranks, are also loaded at these group sizes.
 
 The model: blocks of a column layer H -> 4H and a row layer 4H -> H (float32, with biases), training-mode
 split, enough blocks for --size-gb. Every contender holds the same shards (torch tensors share the NumPy
@@ -184,27 +186,42 @@ def worker(args):
     results = {}
     check = {k: getattr(layers[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).data[:2, :2].copy()
              for k in ("blocks.0.fc1.weight", f"blocks.{nblocks - 1}.fc2.weight")}
+
+    def load_checked(name, load, path):
+        for layer in layers.values():  # the load must really fill the shards
+            layer.weight.data[:2, :2] = 0
+        lo = timed(load, path)
+        for k, v in check.items():
+            got = getattr(layers[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).data[:2, :2]
+            assert np.array_equal(got, v), f"{name}: the load did not restore {k}"
+        return lo
+
+    if args.reshard_from:  # load what a world of another size saved (the same from_init values)
+        for name in CONTENDERS[:2]:
+            path = os.path.join(args.reshard_from, name)
+            results[name] = {"status": "ok", "runs": [{"load": load_checked(name, ops[name][1], path)}
+                                                      for _ in range(args.repeats)]}
+        if r == 0:
+            with open(args.out, "w") as f:
+                json.dump({"nproc": p, "results": results}, f)
+        dist.destroy_process_group()
+        return
     for name in CONTENDERS:
         if name not in ops:
             results[name] = {"status": f"skipped: {why}"}
             continue
         save, load = ops[name]
         runs = []
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             path = os.path.join(args.dir, name)
             if r == 0:
                 os.makedirs(path, exist_ok=True)
             dist.barrier()
             s = timed(save, path)
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) if r == 0 else 0
-            for layer in layers.values():  # the load must really fill the shards
-                layer.weight.data[:2, :2] = 0
-            lo = timed(load, path)
-            for k, v in check.items():
-                got = getattr(layers[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).data[:2, :2]
-                assert np.array_equal(got, v), f"{name}: the load did not restore {k}"
+            lo = load_checked(name, load, path)
             dist.barrier()
-            if r == 0:
+            if r == 0 and not (name.startswith("tplinear") and i == args.repeats - 1):  # kept for --reshard
                 shutil.rmtree(path)
             runs.append({"save": s, "load": lo, "bytes_on_disk": size})
         results[name] = {"status": "ok", "runs": runs}
@@ -263,6 +280,18 @@ def markdown(report):
                    f"{j(row['load_peak_rss_mib'])} | {j(row['load_rss_before_mib'])} | {j(row['save_peak_anon_mib'])} | "
                    f"{j(row['load_peak_anon_mib'])} | {j(row['load_anon_before_mib'])} | "
                    f"{row['bytes_on_disk'] / 2**20:.0f} |")
+    if raw.get("reshard"):
+        out += ["", f"tplinear's checkpoints saved at {raw['nproc']} ranks, loaded at another group size (each rank "
+                    "reads its own pieces):", "",
+                "| layout | load at | load s | peak RSS (MiB) | RSS before (MiB) | peak anon (MiB) | anon before (MiB) |",
+                "|---|---|---|---|---|---|---|"]
+        for n, res in sorted(raw["reshard"].items(), key=lambda kv: int(kv[0])):
+            for name, r in res.items():
+                loads = [run["load"] for run in r["runs"]]
+                j = lambda key: " / ".join(str(max(ld[key][i] for ld in loads)) for i in range(int(n)))  # noqa: E731
+                out.append(f"| {name} | {n} | {median([ld['seconds'] for ld in loads]):.2f} | {j('peak_rss_mib')} | "
+                           f"{' / '.join(map(str, loads[0]['rss_before_mib']))} | {j('peak_anon_mib')} | "
+                           f"{' / '.join(map(str, loads[0]['anon_before_mib']))} |")
     dcp = rows.get("dcp", {})
     mine = rows.get("tplinear-sharded", {})
     if dcp.get("status") == "ok" and mine.get("status") == "ok":
@@ -314,7 +343,10 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--md")
     ap.add_argument("--plot")
+    ap.add_argument("--reshard", type=int, nargs="*", default=[1, 3],
+                    help="also load tplinear's checkpoints at these group sizes")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reshard-from", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -330,6 +362,15 @@ def main():
         subprocess.run(cmd, env=env, check=True, timeout=3600)
         with open(raw_path) as f:
             raw = json.load(f)
+        raw["reshard"] = {}
+        for n in args.reshard:
+            out = os.path.join(work, f"reshard{n}.json")
+            cmd = [sys.executable, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(n),
+                   os.path.abspath(__file__), "--worker", "--out", out, "--dir", work, "--reshard-from", work,
+                   "--size-gb", str(args.size_gb), "--hidden", str(args.hidden), "--repeats", str(args.repeats)]
+            subprocess.run(cmd, env=env, check=True, timeout=3600)
+            with open(out) as f:
+                raw["reshard"][str(n)] = json.load(f)["results"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"command": " ".join(sys.argv), "repeats": args.repeats, "raw": raw, "summary": summarize(raw)}

@@ -75,16 +75,17 @@ def shard_of(full, key, training):
     return np.concatenate(parts, axis=dim)
 
 
-def build(training, seed=0, dtype="float32"):
+def build(training, seed=0, dtype="float32", group=None):
     """The layers (random weights of seed), zeroed arrays and zeroed optimizer state."""
     tp.set_training_mode(training)
     layers = {}
     for name, (kind, i, o, blocks, heads, bias) in LAYERS.items():
         if kind == "col":
-            layers[name] = tp.LinearLayer.from_init(i, o, seed=seed + len(layers), bias=bias, dtype=dtype, name=name,
-                                                    block_sizes=blocks, block_heads=heads)
+            layers[name] = tp.LinearLayer.from_init(i, o, group, seed=seed + len(layers), bias=bias, dtype=dtype,
+                                                    name=name, block_sizes=blocks, block_heads=heads)
         else:
-            layers[name] = tp.LinearAllreduce.from_init(i, o, seed=seed + len(layers), bias=bias, dtype=dtype, name=name)
+            layers[name] = tp.LinearAllreduce.from_init(i, o, group, seed=seed + len(layers), bias=bias, dtype=dtype,
+                                                        name=name)
     arrays = {n: np.zeros(s, dtype=d) for n, (s, d) in ARRAYS.items()}
     opt = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
     for key in full_shapes():
@@ -182,6 +183,32 @@ def load_all(root, save_sizes):
                                                           f"loaded at {p} (training={training})")
                     done += 1
     print(f"rank {dist.get_rank()}: {done} checkpoints loaded at {p} ranks and checked", flush=True)
+
+
+def save_replicas(root):
+    """A world of 4 as two data-parallel replicas of a 2-rank tensor-parallel group ([0, 1] and [2, 3]):
+    the consolidated file is fed by the replica of world rank 0, the sharded layout holds both replicas'
+    (identical) pieces; either loads at any size."""
+    r = dist.get_rank()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    for training in (True, False):
+        layers, arrays, _ = build(training, seed=100, group=groups[r // 2])
+        fill(layers, arrays, {}, training)
+        for layout in ("consolidated", "sharded"):
+            path = os.path.join(root, f"dp-{layout}-{'train' if training else 'infer'}")
+            tp.save_checkpoint(path, layers, layout=layout, arrays=arrays)
+            if r == 0 and layout == "sharded":
+                assert sum(f.startswith("rank") for f in os.listdir(path)) == 4
+
+
+def load_replicas(root):
+    for layout in ("consolidated", "sharded"):
+        for saved in ("train", "infer"):
+            for training in (True, False):
+                layers, arrays, _ = build(training, seed=9)
+                tp.load_checkpoint(os.path.join(root, f"dp-{layout}-{saved}"), layers, arrays=arrays)
+                verify(layers, arrays, {}, training, f"replicas {layout} {saved} -> {dist.get_world_size()}")
+    print(f"rank {dist.get_rank()}: replicas ok", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- resume

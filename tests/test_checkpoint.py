@@ -39,6 +39,14 @@ def test_every_layout_save_size_and_mode_loads_at(saved, nproc):
     assert f"48 checkpoints loaded at {nproc} ranks" in res.output, res.output
 
 
+def test_data_parallel_replicas(tmp_path):
+    """Saved by two data-parallel replicas of a 2-rank group (world of 4), loaded at 3 ranks."""
+    root = str(tmp_path)
+    assert_world_ok(4, f"import ckpt_checks as c; c.init(); c.save_replicas({root!r})", env=ENV, timeout=180)
+    res = assert_world_ok(3, f"import ckpt_checks as c; c.init(); c.load_replicas({root!r})", env=ENV, timeout=180)
+    assert res.output.count("replicas ok") == 3
+
+
 # ---------------------------------------------------------------------------------- resume
 
 
@@ -463,16 +471,19 @@ def _needs(*mods):
 def test_torch_hugging_face_into_parallel_modules(hf_dir, tmp_path):
     """A save_pretrained directory loads into a Llama whose linear layers are tplinear.torch modules, at 2
     and 3 ranks: the logits equal the unsharded model's; saved back, transformers loads it unchanged.
-    GPT-2 style Conv1D layers (fused c_attn) read and write the [in, out] layout of their files."""
+    GPT-2 style Conv1D layers (fused c_attn) read and write the [in, out] layout of their files; tied
+    weights are stored once."""
     _needs("torch", "transformers")
     outs = []
     for nproc in (2, 3):
         out = str(tmp_path / f"torch{nproc}")
         conv = tmp_path / f"conv{nproc}"
         conv.mkdir()
+        tied = tmp_path / f"tied{nproc}"
         res = assert_world_ok(nproc, f"import torch_ckpt_checks as c; c.init(); c.hf_logits({hf_dir!r}, {out!r}); "
-                                     f"c.conv({str(conv)!r})", env=ENV, timeout=240)
-        assert res.output.count("hf logits ok") == nproc and res.output.count("conv ok") == nproc, res.output
+                                     f"c.conv({str(conv)!r}); c.tied({str(tied)!r})", env=ENV, timeout=240)
+        for what in ("hf logits ok", "conv ok", "tied ok"):
+            assert res.output.count(what) == nproc, res.output
         outs.append(out)
     assert _hf("compare", hf_dir, *outs).count("every tensor and the logits are equal") == 2
 

@@ -176,3 +176,32 @@ def conv(path):
         back = load_file(os.path.join(out, "model.safetensors"))
         assert sorted(back) == sorted(full) and all(torch.equal(back[k], full[k]) for k in full)
     print(f"rank {dist.get_rank()}: conv ok", flush=True)
+
+
+def tied(path):
+    """Tied weights (an embedding shared with the output layer) are stored once, under the first key, as
+    save_pretrained stores them; a file that has both keys loads too."""
+    from safetensors.torch import load_file, save_file
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Module()
+        m.embed = torch.nn.Embedding(10, 16)
+        m.out = torch.nn.Linear(16, 10, bias=False)
+        m.out.weight = m.embed.weight
+        m.mid = tpt.LinearLayer(torch.nn.Linear(16, 16), name="mid")
+        return m
+
+    a, b = model(1), model(2)
+    tpt.save_checkpoint(path, a)
+    if dist.get_rank() == 0:
+        assert sorted(load_file(os.path.join(path, "model.safetensors"))) == ["embed.weight", "mid.bias", "mid.weight"]
+    tpt.load_checkpoint(path, b)
+    assert torch.equal(b.out.weight, a.embed.weight) and b.out.weight is b.embed.weight
+    both = os.path.join(path, "both.safetensors")
+    if dist.get_rank() == 0:
+        sd = load_file(os.path.join(path, "model.safetensors"))
+        save_file(dict(sd, **{"out.weight": sd["embed.weight"].clone()}), both)
+    dist.barrier()
+    tpt.load_checkpoint(both, model(3))
+    print(f"rank {dist.get_rank()}: tied ok", flush=True)

@@ -643,7 +643,11 @@ def _gather_to_writer(e, world):
     g = e.group
     root = g.ranks.index(0)
     full = np.empty(e.shape, dtype=e.dtype) if writer else None
-    mine = _host(e, e.get())
+    failure = None
+    try:
+        mine = _host(e, e.get())
+    except Exception as exc:  # noqa: BLE001 - send zeros so the others' broadcasts stay paired, then raise
+        failure, mine = exc, np.zeros(e.local_shape, dtype=e.dtype)
     for r in range(g.size):
         shape = list(e.shape)
         shape[e.dim] = sum(s for _, s in e.ranges[r])
@@ -672,6 +676,8 @@ def _gather_to_writer(e, world):
                 src[e.dim], dst[e.dim] = slice(at, at + size), slice(off, off + size)
                 full[tuple(dst)] = piece[tuple(src)]
                 at += size
+    if failure is not None:
+        raise failure
     return full
 
 
@@ -971,23 +977,24 @@ def _ints(v, n=None):
     return tuple(v)
 
 
-def load(path, entries, strict=True, cast=False, key_map=None, progress=True, sections=None):
+def load(path, entries, strict=True, cast=False, key_map=None, progress=True, sections=None, ignore=()):
     """Fills entries from the checkpoint at path (any layout, any group size; an open Checkpoint too),
     reading only the bytes of this rank's pieces. Every name, shape and dtype is checked from the headers
     before any data is read. Not collective. Returns the checkpoint's user metadata.
 
     sections: the parts of the checkpoint whose keys strict checks ("model", "optimizer"); by default
-    the model and the sections of the entries."""
+    the model and the sections of the entries. ignore: keys strict does not count as unused (tied
+    weights that the caller holds under another key)."""
     check_entries(entries)
     if isinstance(path, Checkpoint):
-        return _load(path, entries, strict, cast, key_map, progress, sections)
+        return _load(path, entries, strict, cast, key_map, progress, sections, ignore)
     with Checkpoint(path) as ck:
-        return _load(ck, entries, strict, cast, key_map, progress, sections)
+        return _load(ck, entries, strict, cast, key_map, progress, sections, ignore)
 
 
-def _load(ck, entries, strict, cast, key_map, progress, sections):
+def _load(ck, entries, strict, cast, key_map, progress, sections, ignore):
     asked = set(sections) if sections is not None else {e.section for e in entries} | {"model"}
-    plan = _plan(ck, entries, strict, cast, key_map, asked)
+    plan = _plan(ck, entries, strict, cast, key_map, asked, set(ignore))
     total = sum(n for _, _, ops in plan for *_, n in ops)
     bar = _Progress(total, f"load {os.path.basename(os.path.abspath(ck.path))}", progress and _world_rank() == 0)
     last = {file: i for i, (_, _, ops) in enumerate(plan) for file, *_ in ops}
@@ -1012,7 +1019,7 @@ def _load(ck, entries, strict, cast, key_map, progress, sections):
     return dict(ck.metadata)
 
 
-def _plan(ck, entries, strict, cast, key_map, asked):
+def _plan(ck, entries, strict, cast, key_map, asked, ignore):
     """For each entry, the slice reads that fill this rank's shard; every problem found from the headers
     raises here, before any data is read."""
     missing, wrong_shape, wrong_dtype, used, plan = [], [], [], set(), []
@@ -1062,7 +1069,7 @@ def _plan(ck, entries, strict, cast, key_map, asked):
         plan.append((e, e.local_shape, ops))
     extra = []
     if strict:
-        extra = sorted(k for k in ck.sources if k not in used
+        extra = sorted(k for k in ck.sources if k not in used and k not in ignore
                        and ("optimizer" if k.startswith(OPTIMIZER_PREFIX) else "model") in asked)
     if missing or extra or wrong_shape:
         parts = []

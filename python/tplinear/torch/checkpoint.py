@@ -103,13 +103,13 @@ def _tensor_entry(name, t, group, dim=None, like=None):
 
 
 def _model_entries(model):
-    """Entries of every tensor in model.state_dict(): tplinear layers' split by their partition, the rest
-    replicated on the world. A tensor that appears under two keys (tied weights) is stored under the
-    first, as transformers' save_pretrained does."""
+    """Entries of every tensor in model.state_dict() (tplinear layers' split by their partition, the rest
+    replicated on the world), and the keys of tensors tied to an earlier key: stored once, under the
+    first key, as transformers' save_pretrained does."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     world = dist.get_world_group()
-    entries, layered = [], set()
+    entries, layered, tied = [], set(), []
     for mname, module in model.named_modules():
         if isinstance(module, _TPModule):
             for e in _numpy_ckpt.layer_entries(mname, module, TorchTensors):
@@ -121,11 +121,12 @@ def _model_entries(model):
             continue
         ident = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
         if ident is not None and ident in seen:
-            continue  # tied to an earlier key
+            tied.append(key)
+            continue
         if ident is not None:
             seen.add(ident)
         entries.append(_tensor_entry(key, t, world))
-    return entries
+    return entries, tied
 
 
 def _param_names(model):
@@ -185,7 +186,7 @@ def save_checkpoint(path, model, optimizer=None, layout="consolidated", metadata
     layout="sharded": every rank writes its own pieces and their partition; nothing is gathered.
     metadata: a JSON-serialisable dict returned by load_checkpoint. See tplinear.save_checkpoint for
     key_map and the rest."""
-    entries = _model_entries(model)
+    entries, _ = _model_entries(model)
     extra = {}
     if optimizer is not None:
         opt_entries, extra["optimizer"] = _optimizer_save(optimizer, model, {e.name: e for e in entries})
@@ -203,7 +204,7 @@ def load_checkpoint(path, model, optimizer=None, strict=True, cast=False, key_ma
     from the checkpoint, or one that nothing loads, raises ValueError naming it (strict=False: loads what
     both have); a dtype other than the tensor's raises TypeError unless cast=True. The optimizer's state
     is rebuilt from the checkpoint: it needs the same parameters in the same param groups. Not collective."""
-    entries = _model_entries(model)
+    entries, tied = _model_entries(model)
     with _ckpt.Checkpoint(path) as ck:
         created = []
         if optimizer is not None:
@@ -211,7 +212,7 @@ def load_checkpoint(path, model, optimizer=None, strict=True, cast=False, key_ma
             entries += opt_entries
         sections = ("model", "optimizer") if optimizer is not None else ("model",)
         meta = _ckpt.load(ck, entries, strict=strict, cast=cast, key_map=key_map, progress=progress,
-                          sections=sections)
+                          sections=sections, ignore=tied)
         if optimizer is not None:
             _optimizer_restore(ck, optimizer, model, created, strict)
     return meta
