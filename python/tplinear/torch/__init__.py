@@ -29,9 +29,11 @@ from .modules import (
     fused_LinearLayer,
     release_grad_buffers,
 )
+from .parallel import STYLES, parallelize, tp_modules
 
 __all__ = [
     "attention_heads", "get_tp_grain_size", "set_tp_grain_size", "shard_ranges", "Conv_LinearALlreduce", "GatherReplacedLayerParams", "LinearAllreduce", "LinearAllreduceWithReplicatedInput",
     "LinearLayer", "TorchPlacement", "conv_LinearLayer", "fused_LinearLayer", "is_autotp_training_mode",
-    "is_training_mode", "load_checkpoint", "release_grad_buffers", "save_checkpoint", "set_autotp_mode", "set_training_mode",
+    "is_training_mode", "load_checkpoint", "parallelize", "release_grad_buffers", "save_checkpoint", "STYLES",
+    "tp_modules", "set_autotp_mode", "set_training_mode",
 ]

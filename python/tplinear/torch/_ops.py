@@ -5,8 +5,8 @@ tensor that requires grad can be passed), with the outputs allocated by torch wh
 Megatron-core's ``tensor_parallel/mappings.py`` pairs, over a tplinear process group:
 
     function              forward                                  backward
-    RowLinear             all_reduce(x_r @ W_r^T) + b              dX_r = dY @ W_r ; dW_r ; db
-    ColumnLinear          x @ W_r^T + b_r                          dX = all_reduce(dY_r @ W_r) ; dW_r ; db_r
+    TPLinear, row         all_reduce(x_r @ W_r^T) + b              dX_r = dY @ W_r ; dW_r ; db
+    TPLinear, column      x @ W_r^T + b_r                          dX = all_reduce(dY_r @ W_r) ; dW_r ; db_r
     GatherLastDim         all-gather-v of the last dim             this rank's pieces of dY
     ScatterLastDim        this rank's pieces of the last dim       all-gather-v of dX
     ReduceFromGroup       all_reduce(x)                            dY
@@ -83,18 +83,16 @@ def _empty(like, shape):
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _bias_grad(dy, n):
-    return dy.reshape(-1, n).sum(0)
-
-
-class RowLinear(torch.autograd.Function):
-    """LinearAllreduce: y = all_reduce(x_r @ W_r^T) + b."""
+class TPLinear(torch.autograd.Function):
+    """A row layer (LinearAllreduce: y = all_reduce(x_r @ W_r^T) + b; no collective backward) or a column
+    layer (LinearLayer: y_r = x @ W_r^T + b_r; the backward all-reduces dX), by layer.partition_dim."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
         on_stream(weight)
         y = _empty(weight, tuple(x.shape[:-1]) + (weight.shape[0],))
-        _C.row_forward(handle(layer.mp_group), arr(x), arr(weight), arr(bias), y)
+        forward = _C.row_forward if layer.partition_dim == 1 else _C.col_forward
+        forward(handle(layer.mp_group), arr(x), arr(weight), arr(bias), y)
         ctx.layer = layer
         ctx.save_for_backward(x, weight)
         return y
@@ -108,41 +106,16 @@ class RowLinear(torch.autograd.Function):
         dx = _empty(weight, x.shape) if need_x else None
         dw = layer._grads.zeros(weight, weight.shape) if need_w else None
         db = layer._grads.zeros(weight, (weight.shape[0],)) if need_b and need_w else None
-        if need_x or need_w:
-            _C.row_backward(handle(layer.mp_group), arr(dy), arr(x), arr(weight), dx, dw, db)
-        if need_b and not need_w:
-            db = _bias_grad(dy, weight.shape[0])
-        return dx, dw, db, None
-
-
-class ColumnLinear(torch.autograd.Function):
-    """LinearLayer: y_r = x @ W_r^T + b_r; the backward all-reduces dX."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        on_stream(weight)
-        y = _empty(weight, tuple(x.shape[:-1]) + (weight.shape[0],))
-        _C.col_forward(handle(layer.mp_group), arr(x), arr(weight), arr(bias), y)
-        ctx.layer = layer
-        ctx.save_for_backward(x, weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        layer = ctx.layer
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        on_stream(weight)
-        dw = layer._grads.zeros(weight, weight.shape) if need_w else None
-        db = layer._grads.zeros(weight, (weight.shape[0],)) if need_b and need_w else None
-        dx = None
-        if need_x:  # every rank of the group has the same graph, so all of them reduce or none does
-            dx = _empty(weight, x.shape)
-            _C.col_backward(handle(layer.mp_group), arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm)
+        group = handle(layer.mp_group)
+        if layer.partition_dim == 1:
+            if need_x or need_w:
+                _C.row_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db)
+        elif need_x:  # every rank of the group has the same graph, so all of them reduce or none does
+            _C.col_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm)
         elif need_w:
             _C.linear_backward(arr(dy), arr(x), arr(weight), None, dw, db)
         if need_b and not need_w:
-            db = _bias_grad(dy, weight.shape[0])
+            db = dy.reshape(-1, weight.shape[0]).sum(0)
         return dx, dw, db, None
 
 

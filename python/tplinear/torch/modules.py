@@ -172,6 +172,21 @@ class _TPModule(nn.Module, _layout.Sharded):
         """The weight dim split across the ranks: 1 for row-parallel, 0 for column-parallel."""
         return self._shard_dim
 
+    def full_tensor(self, param, value=None):
+        """The full tensor of one of this layer's parameters (value: a tensor laid out like param's shard,
+        e.g. param.grad; default param's data), all-gathered into a new tensor; a replicated parameter's
+        value as it is. Collective over mp_group."""
+        value = param.detach() if value is None else value.detach()
+        if not self._is_sharded(param) or getattr(param, "_tp_gathered", False):
+            return value
+        dim = self._dim_of(param)
+        shape = list(value.shape)
+        shape[dim] = self._full_shape[dim if param is self.weight else 0]
+        full = self._place.empty(shape)
+        _C.gather(self.mp_group._handle, self._place.adopt(value, "value"), dim, self._flat_ranges(), self._nblocks,
+                  full)
+        return full
+
     def release_grad_buffers(self):
         """Drops the host gradient buffers this layer keeps for reuse (see tplinear.torch docs)."""
         self._grads.clear()
@@ -222,7 +237,7 @@ class LinearAllreduce(_TPModule):
         else:
             self._check_width(x, self.weight.shape[1], f"this rank's shard of in_features={self.in_features} over "
                                                        f"{self.tp_world_size} ranks")
-        return _ops.RowLinear.apply(x, self.weight, self.bias, self)
+        return _ops.TPLinear.apply(x, self.weight, self.bias, self)
 
 
 class LinearAllreduceWithReplicatedInput(LinearAllreduce):
@@ -253,7 +268,7 @@ class LinearLayer(_TPModule):
 
     def forward(self, input):
         self._check_width(input, self.in_features, "in_features")
-        y = _ops.ColumnLinear.apply(input, self.weight, self.bias, self)
+        y = _ops.TPLinear.apply(input, self.weight, self.bias, self)
         if self.gather_output:
             y = _ops.GatherLastDim.apply(y, self.mp_group, self._flat_ranges(), self._nblocks, self.out_features)
         return y
