@@ -1,5 +1,5 @@
 """A tiny Hugging Face Llama for the checkpoint tests, in a process of its own so that the test process
-never imports torch and transformers (python tests/hf_tiny.py make DIR SEED | compare ORIG BACK...)."""
+never imports torch and transformers (python tests/hf_tiny.py make DIR SEED | compare ORIG BACK...); make also writes a tiny GPT-2 to DIR-gpt2."""
 import os
 import sys
 
@@ -22,6 +22,16 @@ def make(path, seed):
                  mlp=model.model.layers[1].mlp(x).numpy())
 
 
+def make_gpt2(path, seed):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(path, max_shard_size="40KB")
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        np.savez(os.path.join(path, "ref.npz"), ids=ids.numpy(), logits=model(ids).logits.numpy())
+
+
 def compare(orig_path, back_path):
     """transformers loads the tplinear checkpoint: every tensor and the logits equal the original's."""
     orig = transformers.LlamaForCausalLM.from_pretrained(orig_path).eval()
@@ -39,6 +49,7 @@ def compare(orig_path, back_path):
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2], int(sys.argv[3]))
+        make_gpt2(sys.argv[2] + "-gpt2", int(sys.argv[3]))
     else:
         for back in sys.argv[3:]:
             compare(sys.argv[2], back)

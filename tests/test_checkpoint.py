@@ -469,10 +469,10 @@ def _needs(*mods):
 
 
 def test_torch_hugging_face_into_parallel_modules(hf_dir, tmp_path):
-    """A save_pretrained directory loads into a Llama whose linear layers are tplinear.torch modules, at 2
-    and 3 ranks: the logits equal the unsharded model's; saved back, transformers loads it unchanged.
-    GPT-2 style Conv1D layers (fused c_attn) read and write the [in, out] layout of their files; tied
-    weights are stored once."""
+    """A save_pretrained directory loads into a Llama and a GPT-2 tensor-parallelized by
+    tplinear.torch.parallelize, at 2 and 3 ranks: the logits equal the unsharded model's; the Llama saved
+    back loads in transformers unchanged. Conv1D layers (fused c_attn) read and write the [in, out] layout
+    of their files; tied weights are stored once."""
     _needs("torch", "transformers")
     outs = []
     for nproc in (2, 3):
@@ -481,8 +481,9 @@ def test_torch_hugging_face_into_parallel_modules(hf_dir, tmp_path):
         conv.mkdir()
         tied = tmp_path / f"tied{nproc}"
         res = assert_world_ok(nproc, f"import torch_ckpt_checks as c; c.init(); c.hf_logits({hf_dir!r}, {out!r}); "
-                                     f"c.conv({str(conv)!r}); c.tied({str(tied)!r})", env=ENV, timeout=240)
-        for what in ("hf logits ok", "conv ok", "tied ok"):
+                                     f"c.gpt2_logits({hf_dir + '-gpt2'!r}); c.conv({str(conv)!r}); "
+                                     f"c.tied({str(tied)!r})", env=ENV, timeout=300)
+        for what in ("hf logits ok", "gpt2 logits ok", "conv ok", "tied ok"):
             assert res.output.count(what) == nproc, res.output
         outs.append(out)
     assert _hf("compare", hf_dir, *outs).count("every tensor and the logits are equal") == 2

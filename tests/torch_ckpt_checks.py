@@ -20,30 +20,34 @@ def init(timeout=60.0):
     return dist.get_rank(), dist.get_world_size()
 
 
-def parallelize_llama(model):
-    """q/k/v, gate/up (and lm_head, gathered) column-parallel, o/down row-parallel, heads kept together."""
-    cfg = model.config
-    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    heads = dict(num_heads=h, num_kv_heads=kv, head_dim=hd)
-    for i, layer in enumerate(model.model.layers):
-        att, mlp = layer.self_attn, layer.mlp
-        for n in ("q_proj", "k_proj", "v_proj"):
-            setattr(att, n, tpt.LinearLayer(getattr(att, n), name=f"layers.{i}.self_attn.{n}", **heads))
-        att.o_proj = tpt.LinearAllreduce(att.o_proj, name=f"layers.{i}.self_attn.o_proj", **heads)
-        for n in ("gate_proj", "up_proj"):
-            setattr(mlp, n, tpt.LinearLayer(getattr(mlp, n), name=f"layers.{i}.mlp.{n}"))
-        mlp.down_proj = tpt.LinearAllreduce(mlp.down_proj, name=f"layers.{i}.mlp.down_proj")
-    model.lm_head = tpt.LinearLayer(model.lm_head, name="lm_head", gather_output=True)
-    return model
-
-
 def llama(hf_dir, seed):
+    """The checkpoint's Llama with other random weights (so a tensor the load misses shows), parallelized
+    by tplinear.torch.parallelize (q/k/v/gate/up column, o/down row, heads from the config)."""
     import transformers
 
-    torch.manual_seed(seed)  # weights unlike the checkpoint's, so a load that misses a tensor shows
+    torch.manual_seed(seed)
     cfg = transformers.LlamaConfig.from_pretrained(hf_dir)
     cfg._attn_implementation = "eager"
-    return parallelize_llama(transformers.LlamaForCausalLM(cfg).eval())
+    return tpt.parallelize(transformers.LlamaForCausalLM(cfg).eval())
+
+
+def gpt2_logits(hf_dir):
+    """A GPT-2 (Conv1D layers, [in, out] weights, a fused c_attn) from its save_pretrained directory into
+    the parallelized model: the logits equal the unsharded model's."""
+    import transformers
+
+    torch.manual_seed(SEED + 9)
+    cfg = transformers.GPT2Config.from_pretrained(hf_dir)
+    cfg._attn_implementation = "eager"
+    model = tpt.parallelize(transformers.GPT2LMHeadModel(cfg).eval())
+    assert any(isinstance(m, tpt.conv_LinearLayer) for m in model.modules())
+    tpt.load_checkpoint(hf_dir, model)
+    ref = np.load(os.path.join(hf_dir, "ref.npz"))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ref["ids"])).logits.numpy()
+    err = np.linalg.norm(logits - ref["logits"]) / np.linalg.norm(ref["logits"])
+    assert err < 1e-5, err
+    print(f"rank {dist.get_rank()}: gpt2 logits ok {err:.2e}", flush=True)
 
 
 def hf_logits(hf_dir, out):
