@@ -263,3 +263,29 @@ def test_from_weights_uses_the_given_shard_in_place():
     strided = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]
     copy = tp.LinearLayer.from_weights(weight=strided).weight.data
     assert copy.flags.c_contiguous and np.array_equal(copy, strided)
+
+
+def test_deepspeed_classes_refuse_from_init():
+    """Their constructors change the split, so from_init would initialise the wrong rows."""
+    from tplinear import autotp
+
+    for cls in (autotp.LmHeadLinearAllreduce, autotp.SubParamLinearLayer, autotp.SubParamLinearAllreduce,
+                autotp.fused_LinearLayer, autotp.conv_LinearLayer, autotp.Conv_LinearALlreduce):
+        with pytest.raises(TypeError, match="from_init is not available"):
+            cls.from_init(4, 4)
+
+
+def test_conv_layers_reject_bad_modules_and_gpu_placement():
+    from tplinear import autotp
+
+    class Conv:
+        weight = np.zeros((4, 6))
+        bias = np.zeros(4)  # Conv1D's bias has out_features = weight.shape[1] = 6 entries
+    with pytest.raises(ValueError, match="size 6"):
+        autotp.conv_LinearLayer(Conv())
+    Conv.bias = np.zeros(6)
+    layer = autotp.conv_LinearLayer(Conv())
+    assert (layer.in_features, layer.out_features, layer.local_shape) == (4, 6, (4, 6))
+    if tp.cuda_available():
+        with pytest.raises(NotImplementedError, match="host arrays only"):
+            autotp.conv_LinearLayer(Conv(), device="cuda")

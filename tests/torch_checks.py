@@ -346,7 +346,7 @@ def hf_model(kind, dtype=torch.float32):
         cls = transformers.GPT2LMHeadModel
     else:
         raise ValueError(kind)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = "sdpa"  # in the model's dtype (eager attention's softmax runs in float32)
     seed("hf", kind)
     return cls(cfg).to(dtype)
 
@@ -371,7 +371,8 @@ def check_hf(kind, dtype, training, batch=2, seq=7):
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     what = f"{kind} {'training' if training else 'inference'} mode {dtype} p={dist.get_world_size()}"
     close(out.logits, expect.logits, dtype, f"{what} logits", tol)
-    close(out.loss.reshape(1), expect.loss.reshape(1), dtype, f"{what} loss", tol)
+    # transformers computes the loss in float32 whatever the model's dtype
+    close(out.loss.reshape(1), expect.loss.reshape(1), dtype, f"{what} loss", max(tol, 1e-7))
     out.loss.backward()
     expect.loss.backward()
     refs = dict(ref.named_parameters())

@@ -16,6 +16,16 @@ from . import _C  # noqa: E402
 from . import distributed
 from ._device import DeviceArray, set_allow_tf32, set_stream
 from .checkpoint import load_checkpoint, save_checkpoint
+from .autotp import (
+    Conv_LinearAllreduce,
+    Conv_LinearALlreduce,
+    LmHeadLinearAllreduce,
+    SubParamLinearAllreduce,
+    SubParamLinearLayer,
+    collect_universal_checkpoint_info,
+    conv_LinearLayer,
+    fused_LinearLayer,
+)
 from .layers import Linear, LinearAllreduce, LinearLayer
 from .partition import (
     attention_heads,
@@ -50,8 +60,10 @@ def get_num_threads():
 
 
 __all__ = [
-    "CommError", "DeviceArray", "GatherReplacedLayerParams", "Linear", "LinearAllreduce", "LinearLayer", "Parameter",
-    "attention_heads", "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "get_tp_grain_size",
+    "CommError", "Conv_LinearALlreduce", "Conv_LinearAllreduce", "DeviceArray", "GatherReplacedLayerParams", "Linear",
+    "LinearAllreduce", "LinearLayer", "LmHeadLinearAllreduce", "Parameter", "SubParamLinearAllreduce",
+    "SubParamLinearLayer", "attention_heads", "collect_universal_checkpoint_info", "conv_LinearLayer",
+    "fused_LinearLayer", "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "get_tp_grain_size",
     "is_autotp_training_mode", "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode",
     "set_num_kv_heads", "set_allow_tf32", "set_num_threads", "set_stream", "set_tp_grain_size", "set_training_mode",
     "shard_ranges",

@@ -16,6 +16,26 @@ from .parameter import param_list
 
 KIND_ROW, KIND_COL = 1, 2
 
+UC_META_ATTR = "ds_autotp_universal_checkpoint_meta"  # DeepSpeed's DS_AUTOTP_UC_META
+UC_VERSION = 0.4  # DeepSpeed 0.19's UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+def _uc_meta(kind, dim, logical, output, spec, sizes, widths, partition_sizes, target, original, is_bias, replicated,
+             pieces, pieces_dim):
+    """One parameter's universal-checkpoint metadata, in DeepSpeed 0.19's schema (restore fields, with the
+    conversion subset nested), plus tplinear's explicit pieces."""
+    tup = (lambda v: None if v is None else tuple(v))
+    return {
+        "universal_checkpoint_version": UC_VERSION, "partition_type": kind, "partition_dim": dim,
+        "logical_shape": tup(logical), "output_shape": tup(output), "sub_param_shape": tup(spec),
+        "sub_param_sizes": tup(sizes), "sub_param_shard_widths": widths, "partition_sizes": tup(partition_sizes),
+        "target_partition_shape": tup(target), "original_shape": tup(original), "is_bias": is_bias,
+        "replicated": replicated, "pieces": [list(p) for p in pieces], "pieces_dim": pieces_dim,
+        "conversion": {"partition_type": kind, "partition_dim": dim, "sub_param_shape": tup(spec),
+                       "sub_param_shard_widths": widths, "original_shape": tup(original), "is_bias": is_bias,
+                       "replicated": replicated, "unsupported_reason": None},
+    }
+
+
 
 def split_args(training, name, grain, num_heads, num_kv_heads, head_dim, block_sizes, block_heads):
     """A layer's arguments of partition.shard_ranges, the grain resolved once (tp_grain_size=, else the
@@ -44,6 +64,7 @@ class Sharded:
     _shard_dim = None
     _kind = None
     _bias_sharded = False
+    _transposed = False  # the weight is stored [in_features, out_features] (GPT-2's Conv1D read in place)
 
     # -- construction
 
@@ -91,9 +112,8 @@ class Sharded:
             raise error if error is not None else ValueError(
                 f"the partition of layer {self._label()} failed on ranks "
                 f"{np.flatnonzero(every[:, -2] == -1).tolist()} (see their error)")
-        fields = ["layer kind", "training mode", "dtype", "bias presence",
-                  "in_features" if self._shard_dim == 0 else "out_features",
-                  "full " + ("out_features" if self._shard_dim == 0 else "in_features"), "tp_grain_size",
+        fields = ["layer kind", "training mode", "dtype", "bias presence", self._dim_name(1 - self._shard_dim),
+                  "full " + self._dim_name(self._shard_dim), "tp_grain_size",
                   "partition (heads, name, block sizes or set_num_kv_heads)"]
         names = {d["code"]: name for name, d in DTYPES.items()}
         for i, field in enumerate(fields if p > 1 else ()):
@@ -106,6 +126,10 @@ class Sharded:
 
     def _label(self):
         return self.name or type(self).__name__
+
+    def _dim_name(self, dim):
+        """What a weight dim is: 'out_features' or 'in_features'."""
+        return "out_features" if dim == (1 if self._transposed else 0) else "in_features"
 
     # -- what the layer holds (public)
 
@@ -122,6 +146,51 @@ class Sharded:
         shape = list(self._full_shape)
         shape[self._shard_dim] = sum(size for _, size in self._pieces[self.tp_index])
         return tuple(shape)
+
+    # -- universal-checkpoint metadata (DeepSpeed 0.19's ds_autotp_universal_checkpoint_meta)
+
+    def _uc_layout(self):
+        """The weight's split as DeepSpeed describes it: (partition_dim, logical_shape, output_shape,
+        sub-parameter shape spec, their sizes, their per-rank widths); the last three None unless packed."""
+        blocks = self._split["block_sizes"]
+        logical, output = tuple(self._full_shape), (self.out_features,)
+        if blocks is None or self.skip_partition:
+            return self._shard_dim, logical, output, None, None, None
+        spec = list(self._full_shape)
+        spec[self._shard_dim] = tuple(blocks)
+        widths = [[self._pieces[r][i][1] for r in range(self.tp_world_size)] for i in range(len(blocks))]
+        return self._shard_dim, logical, output, tuple(spec), tuple(blocks), widths
+
+    def universal_checkpoint_meta(self):
+        """How each parameter was split, for a checkpoint converter: {"weight": meta, "bias": meta} with
+        DeepSpeed 0.19's fields (its layers' ds_autotp_universal_checkpoint_meta, which tplinear also sets
+        on each Parameter): universal_checkpoint_version, partition_type ("row" / "column"), partition_dim
+        (of logical_shape), logical_shape, output_shape, sub_param_shape, sub_param_sizes,
+        sub_param_shard_widths (per sub-parameter, every rank's width), partition_sizes (every rank's
+        width, unpacked layers), target_partition_shape (this rank's shard), original_shape, is_bias,
+        replicated, and "conversion" (the subset a model-level converter reads). tplinear adds "pieces":
+        every rank's [(offset, size)] along dim "pieces_dim" of the parameter as stored, which a converter
+        can apply without knowing the rule."""
+        kind = "column" if self._kind == KIND_COL else "row"
+        dim, logical, output, spec, sizes, widths = self._uc_layout()
+        totals = None if widths else tuple(sum(size for _, size in pieces) for pieces in self._pieces)
+        pieces = self.shard_ranges()
+        out = {"weight": _uc_meta(kind, dim, logical, output, spec, sizes, widths, totals, self.local_shape,
+                                  tuple(self._full_shape), False, False, pieces, self._shard_dim)}
+        if self.bias is None:
+            return out
+        full = (self.out_features,)
+        if self._bias_sharded:
+            bias_spec = None
+            if spec is not None:
+                bias_spec = list(output)
+                bias_spec[dim] = tuple(sizes)
+            out["bias"] = _uc_meta(kind, dim, output, output, bias_spec, sizes, widths, totals,
+                                   (self.local_shape[self._shard_dim],), full, True, False, pieces, 0)
+        else:
+            out["bias"] = _uc_meta(kind, None, full, full, None, None, None, None, full, full, True, True,
+                                   [[(0, self.out_features)]] * self.tp_world_size, 0)
+        return out
 
     def _my_pieces(self):
         return self._pieces[self.tp_index]
@@ -163,7 +232,7 @@ class Sharded:
             dim = self._dim_of(param)
             shard = self._place.adopt(param.data, "parameter")
             shape = list(shard.shape)
-            shape[dim] = self._full_shape[dim if param is self.weight else 0]
+            shape[dim] = self._full_shape[dim] if param is self.weight else self.out_features
             full = self._place.empty(tuple(shape))
             _C.gather(self.mp_group._handle, shard, dim, self._flat_ranges(), self._nblocks, full)
             param.data = full

@@ -35,7 +35,7 @@ def load_consolidated_state_dict(layer, state_dict):
             raise ValueError(f"checkpoint is missing {key!r}")
         what = f"checkpoint[{key!r}]"
         value = layer._place.readable(data_of(state_dict[key]), what)
-        full = layer._full_shape if key == "weight" else [layer._full_shape[0]]
+        full = layer._full_shape if key == "weight" else [layer.out_features]
         if list(value.shape) != list(full):
             raise ValueError(f"{what} has shape {tuple(value.shape)}, the layer's full shape is {tuple(full)}")
         param.data = layer._piece(param, value, what)
@@ -171,10 +171,11 @@ def layer_entries(lname, layer, tensors=NumpyTensors):
             raise ValueError(f"{lname}.{key} is gathered (inside GatherReplacedLayerParams): save or load outside it")
         sharded = layer._is_sharded(param)
         dim = layer._dim_of(param) if sharded else None
-        shape = layer._full_shape if key == "weight" else [layer._full_shape[0]]
+        shape = layer._full_shape if key == "weight" else [layer.out_features]  # the weight as stored
         dtype = tensors.dtype(layer, param)
         info = {"kind": type(layer).__name__, "mode": "training" if layer.training_mode else "inference",
-                "tp_grain_size": layer.tp_grain_size}
+                "tp_grain_size": layer.tp_grain_size,
+                "universal_checkpoint_meta": layer.universal_checkpoint_meta()[key]}
         for k in ("name", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(layer, k, None) is not None:
                 info[k if k != "name" else "layer_name"] = getattr(layer, k)
@@ -182,7 +183,8 @@ def layer_entries(lname, layer, tensors=NumpyTensors):
         get, put = (lambda p=param: tensors.host(layer, p)), (lambda a, p=param: tensors.store(layer, p, a))
         buffer = lambda p=param, dt=dtype: tensors.live(layer, p, dt)  # noqa: E731
         if getattr(layer, "_conv1d", False) and key == "weight":
-            # GPT-2's Conv1D stores its weight [in, out]: the file keeps that layout, the layer [out, in]
+            # a torch module over GPT-2's Conv1D holds [out, in]; the file keeps Conv1D's [in, out] (the NumPy
+            # Conv1D layers hold [in, out] themselves: _full_shape and the split dim are already that layout)
             shape, dim, blocks, buffer = shape[::-1], None if dim is None else 1 - dim, None, None
             get, put = (lambda p=param: tensors.host(layer, p).T), (lambda a, p=param: tensors.store(layer, p, a.T))
         out.append(_ckpt.Entry(

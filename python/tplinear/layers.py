@@ -7,6 +7,7 @@ module holds parameters, shapes and bookkeeping only.
     LinearLayer      column-parallel: W, b split along out; backward all-reduces dX
 """
 import math
+import zlib
 
 import numpy as np
 
@@ -15,12 +16,13 @@ from . import _layout
 from . import checkpoint
 from . import distributed as dist
 from . import partition
-from ._arrays import HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
-from .parameter import Parameter, data_of
+from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
+from .parameter import Parameter, data_of, param_list
 
 # tplinear.layers held these before parameter.py, checkpoint.py and partition.py were split out of it
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .parameter import GatherReplacedLayerParams  # noqa: F401,E402
+from ._layout import UC_META_ATTR, UC_VERSION  # noqa: F401,E402  (autotp.py and old imports)
 from .partition import (  # noqa: F401,E402
     get_num_kv_heads, is_autotp_training_mode, is_training_mode, set_autotp_mode, set_num_kv_heads, set_training_mode,
 )
@@ -122,13 +124,22 @@ class _Layer:
             out["bias"] = self.bias.data
         return out
 
+    _transposed = False  # the weight is stored [in_features, out_features] (GPT-2's Conv1D)
+
     def _grad(self, param):
+        """param's gradient array, created at zero; a transposed weight's in the core's [out, in] layout (its
+        .grad is then a transposed view of it, in the layout of .data)."""
+        flip = self._transposed and param is self.weight
         if param.grad is None:
-            param.grad = self._place.zeros(param.data.shape)
-        return param.grad
+            param.grad = self._place.zeros(param.data.shape[::-1]).T if flip else self._place.zeros(param.data.shape)
+        return param.grad.T if flip else param.grad
 
     def _grads(self):
         return self._grad(self.weight), None if self.bias is None else self._grad(self.bias)
+
+    def _w(self):
+        """The weight as the core takes it, [out, in] (a transposed view of a transposed weight)."""
+        return self.weight.data.T if self._transposed else self.weight.data
 
 
 class Linear(_Layer):
@@ -178,7 +189,10 @@ _KIND_ROW, _KIND_COL = _layout.KIND_ROW, _layout.KIND_COL
 
 class _TPLayer(_Layer, _layout.Sharded):
     """A NumPy / DeviceArray tensor-parallel layer: group, placement, parameters, state dicts, messages; the
-    shard bookkeeping (split arguments, partition, marks, gather / re-partition) is _layout.Sharded's."""
+    shard bookkeeping (split arguments, partition, marks, gather / re-partition, universal-checkpoint
+    metadata) is _layout.Sharded's."""
+
+    _from_init_ok = True  # False where the constructor changes the split from_init would initialise
 
     def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
                  dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, _full=None):
@@ -188,6 +202,8 @@ class _TPLayer(_Layer, _layout.Sharded):
         bobj = data_of(getattr(module, "bias", None))
         self._place, self.mp_group = _resolve(wobj, mp_group, device, dtype)
         self.device = self._place.device
+        if self._transposed and self.device is not None:
+            raise NotImplementedError(f"{type(self).__name__} (a transposed Conv1D weight) runs on host arrays only")
         self.tp_world_size = self.mp_group.size
         self.tp_index = self.mp_group.rank
         self.name = name
@@ -198,8 +214,9 @@ class _TPLayer(_Layer, _layout.Sharded):
         if len(weight.shape) != 2:
             raise ValueError(f"module.weight must be 2-d [out_features, in_features], got shape {tuple(weight.shape)}")
         bias = None if bobj is None else self._place.readable(bobj, "module.bias")
-        if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[0]):
-            raise ValueError(f"module.bias must be 1-d of size {weight.shape[0]} (out_features), "
+        out_dim = 1 if self._transposed else 0
+        if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[out_dim]):
+            raise ValueError(f"module.bias must be 1-d of size {weight.shape[out_dim]} (out_features), "
                              f"got shape {tuple(bias.shape)}")
         if bias is not None and host_dtype(dtype_name(bias)) != host_dtype(dtype_name(weight)):
             raise TypeError(f"module.bias has dtype {dtype_name(bias)} but module.weight has {dtype_name(weight)}")
@@ -207,19 +224,21 @@ class _TPLayer(_Layer, _layout.Sharded):
         local = int(weight.shape[self._shard_dim])
         full = _full if _full is not None else (None if self.skip_partition else local)
         self._set_partition(weight.shape, bias is not None, local, full, self._place.dtype)
-        self.in_features, self.out_features = self._full_shape[1], self._full_shape[0]
+        self.out_features, self.in_features = self._full_shape[out_dim], self._full_shape[1 - out_dim]
         self.weight = self._mark(Parameter(None))
         self.bias = None if bias is None else self._mark(Parameter(None))
         given_shard = self.skip_partition or _full is not None  # module.weight is this rank's shard already
         for param, value, what in ((self.weight, weight, "module.weight"), (self.bias, bias, "module.bias")):
             if param is not None:
                 param.data = self._place.adopt(value, what) if given_shard else self._piece(param, value, what)
+        for key, meta in self.universal_checkpoint_meta().items():  # DeepSpeed's per-parameter attribute
+            setattr(getattr(self, key), UC_META_ATTR, meta)
 
     # -- what the layer holds
 
     def _shard_words(self):
         """'this rank's shard of out_features=34: 17 at rank 0 of 2', for messages."""
-        dim = "out_features" if self._shard_dim == 0 else "in_features"
+        dim = self._dim_name(self._shard_dim)
         return (f"this rank's shard of {dim}={self._full_shape[self._shard_dim]}: "
                 f"{self.local_shape[self._shard_dim]} at rank {self.tp_index} of {self.tp_world_size}")
 
@@ -301,7 +320,7 @@ class LinearAllreduce(_TPLayer):
                           input_is_parallel=input_is_parallel, device=device, **kwargs)
 
     def forward(self, x):
-        w = self.weight.data
+        w = self._w()
         width = _shape(x, "input")[-1]
         if not self.input_is_parallel:
             if width != self.in_features:
@@ -327,7 +346,7 @@ class LinearAllreduce(_TPLayer):
         self._check_grad_output(grad_output, x, self.out_features, "out_features, the full output")
         self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
-        _C.row_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads())
+        _C.row_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads())
         if self.input_is_parallel:
             return dx
         full = self._place.empty(dx.shape[:-1] + (self.in_features,))
@@ -378,7 +397,7 @@ class LinearLayer(_TPLayer):
                           block_sizes=block_sizes, block_heads=block_heads, **kwargs)
 
     def forward(self, x):
-        w = self.weight.data
+        w = self._w()
         width = _shape(x, "input")[-1]
         if width != self.in_features:
             raise ValueError(f"input's last dimension must be {self.in_features} (in_features; a column layer "
@@ -400,10 +419,10 @@ class LinearLayer(_TPLayer):
             self._check_grad_output(grad_output, x, self.out_features, "out_features, gather_output=True")
             grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
         else:
-            self._check_grad_output(grad_output, x, self.local_shape[0], self._shard_words())
+            self._check_grad_output(grad_output, x, self.local_shape[self._shard_dim], self._shard_words())
         self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
-        _C.col_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads(),
+        _C.col_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads(),
                         self.tp_overlap_comm)
         return dx
 
@@ -428,6 +447,8 @@ class _Module:
 def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name, **kwargs):
     """Builds the layer around this rank's shard only, initialised in place from the counter-based
     generator with the shard's global offsets (no full copy is ever allocated)."""
+    if not cls._from_init_ok:
+        raise TypeError(f"{cls.__name__}.from_init is not available: build it from a module")
     in_features, out_features = _check_features(in_features, out_features)
     place, group = _resolve(None, mp_group, kwargs.get("device"), dtype)
     kwargs["dtype"] = place.dtype

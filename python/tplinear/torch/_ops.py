@@ -12,6 +12,9 @@ Megatron-core's ``tensor_parallel/mappings.py`` pairs, over a tplinear process g
     ReduceFromGroup       all_reduce(x)                            dY
     CopyToGroup           x                                        all_reduce(dY)
 """
+import weakref
+from typing import Optional
+
 import torch
 
 from .. import _C
@@ -83,16 +86,40 @@ def _empty(like, shape):
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def _forward(layer, x, weight, bias):
+    on_stream(weight)
+    y = _empty(weight, tuple(x.shape[:-1]) + (weight.shape[0],))
+    forward = _C.row_forward if layer.partition_dim == 1 else _C.col_forward
+    forward(handle(layer.mp_group), arr(x), arr(weight), arr(bias), y)
+    return y
+
+
+def _backward(layer, grads, dy, x, weight, need_x, need_w, need_b):
+    """dX, dW, dB (None where not needed) of a row or column layer; grads makes the zeroed gradients."""
+    on_stream(weight)
+    dx = _empty(weight, x.shape) if need_x else None
+    dw = grads.zeros(weight, weight.shape) if need_w else None
+    db = grads.zeros(weight, (weight.shape[0],)) if need_b and need_w else None
+    group = handle(layer.mp_group)
+    if layer.partition_dim == 1:
+        if need_x or need_w:
+            _C.row_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db)
+    elif need_x:  # every rank of the group has the same graph, so all of them reduce or none does
+        _C.col_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm)
+    elif need_w:
+        _C.linear_backward(arr(dy), arr(x), arr(weight), None, dw, db)
+    if need_b and not need_w:
+        db = dy.reshape(-1, weight.shape[0]).sum(0)
+    return dx, dw, db
+
+
 class TPLinear(torch.autograd.Function):
     """A row layer (LinearAllreduce: y = all_reduce(x_r @ W_r^T) + b; no collective backward) or a column
     layer (LinearLayer: y_r = x @ W_r^T + b_r; the backward all-reduces dX), by layer.partition_dim."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        on_stream(weight)
-        y = _empty(weight, tuple(x.shape[:-1]) + (weight.shape[0],))
-        forward = _C.row_forward if layer.partition_dim == 1 else _C.col_forward
-        forward(handle(layer.mp_group), arr(x), arr(weight), arr(bias), y)
+        y = _forward(layer, x, weight, bias)
         ctx.layer = layer
         ctx.save_for_backward(x, weight)
         return y
@@ -100,23 +127,74 @@ class TPLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        layer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        on_stream(weight)
-        dx = _empty(weight, x.shape) if need_x else None
-        dw = layer._grads.zeros(weight, weight.shape) if need_w else None
-        db = layer._grads.zeros(weight, (weight.shape[0],)) if need_b and need_w else None
-        group = handle(layer.mp_group)
-        if layer.partition_dim == 1:
-            if need_x or need_w:
-                _C.row_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db)
-        elif need_x:  # every rank of the group has the same graph, so all of them reduce or none does
-            _C.col_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm)
-        elif need_w:
-            _C.linear_backward(arr(dy), arr(x), arr(weight), None, dw, db)
-        if need_b and not need_w:
-            db = dy.reshape(-1, weight.shape[0]).sum(0)
+        dx, dw, db = _backward(ctx.layer, ctx.layer._grads, dy, x, weight, need_x, need_w, need_b)
         return dx, dw, db, None
+
+
+# ----------------------------------------------------------------------------------------- torch.compile
+# The same layer as torch custom operators, so that Dynamo puts tplinear's layers into the graph instead of
+# breaking it at each opaque C call (torch.compile(..., fullgraph=True) works). A layer is named by an int
+# (its registry key): an operator takes tensors and plain values only. The gradient buffers are not reused
+# here: a compiled graph may assume its operators' outputs are fresh tensors.
+
+_REGISTRY = weakref.WeakValueDictionary()
+
+
+def register(layer):
+    """The key that names layer in the custom operators."""
+    key = id(layer)
+    _REGISTRY[key] = layer
+    return key
+
+
+class _FreshGrads:
+    @staticmethod
+    def zeros(like, shape):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+@torch.library.custom_op("tplinear::linear", mutates_args=())
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], layer: int) -> torch.Tensor:
+    return _forward(_REGISTRY[layer], x, weight, bias)
+
+
+@linear_op.register_fake
+def _linear_fake(x, weight, bias, layer):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],), dtype=weight.dtype)
+
+
+@torch.library.custom_op("tplinear::linear_backward", mutates_args=())
+def linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, layer: int, need_x: bool,
+                       need_w: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lay = _REGISTRY[layer]
+    dx, dw, db = _backward(lay, _FreshGrads, dy, x, weight, need_x, need_w, need_b)
+    none = weight.new_empty(0)
+    return (none if dx is None else dx, none if dw is None else dw, none if db is None else db)
+
+
+@linear_backward_op.register_fake
+def _linear_backward_fake(dy, x, weight, layer, need_x, need_w, need_b):
+    none = weight.new_empty(0)
+    return (x.new_empty(x.shape, dtype=weight.dtype) if need_x else none,
+            weight.new_empty(weight.shape) if need_w else none,
+            weight.new_empty((weight.shape[0],)) if need_b else none)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, layer = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.layer, ctx.has_bias = layer, bias is not None
+
+
+def _op_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = linear_backward_op(dy, x, weight, ctx.layer, need_x, need_w, need_b and ctx.has_bias)
+    return dx if need_x else None, dw if need_w else None, db if need_b and ctx.has_bias else None, None
+
+
+linear_op.register_autograd(_op_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------------------- mappings

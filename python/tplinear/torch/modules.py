@@ -122,6 +122,7 @@ class _TPModule(nn.Module, _layout.Sharded):
         self.tp_overlap_comm = bool(tp_overlap_comm)
         self._set_split(tp_grain_size, num_heads, num_kv_heads, head_dim, block_sizes, block_heads)
         self._grads = _ops.GradBuffers()
+        self._op_key = _ops.register(self)  # names this layer in the torch.compile operators
         local = int(full_w.shape[self._shard_dim])
         full = None if self.skip_partition else local  # skip_partition: the full size is the shards' sum
         self._set_partition(full_w.shape, bias is not None, local, full, dname)
@@ -131,6 +132,8 @@ class _TPModule(nn.Module, _layout.Sharded):
             self.register_parameter("bias", None)
         else:
             self.bias = self._adopt_param(bias, bias.detach(), sharded=self._bias_sharded)
+        for key, meta in self.universal_checkpoint_meta().items():  # DeepSpeed's per-parameter attribute
+            setattr(getattr(self, key), _layout.UC_META_ATTR, meta)
 
     def _adopt_param(self, source, full, sharded):
         """This rank's Parameter for source: the source's own Parameter object with its data replaced by
@@ -203,6 +206,11 @@ class _TPModule(nn.Module, _layout.Sharded):
             parts.append(f"block_sizes={self._split['block_sizes']}")
         return ", ".join(parts)
 
+    def _linear(self, x):
+        if torch.compiler.is_compiling():  # Dynamo traces the custom operator into the graph
+            return torch.ops.tplinear.linear(x, self.weight, self.bias, self._op_key)
+        return _ops.TPLinear.apply(x, self.weight, self.bias, self)
+
     def _check_width(self, x, expected, what):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
@@ -237,7 +245,7 @@ class LinearAllreduce(_TPModule):
         else:
             self._check_width(x, self.weight.shape[1], f"this rank's shard of in_features={self.in_features} over "
                                                        f"{self.tp_world_size} ranks")
-        return _ops.TPLinear.apply(x, self.weight, self.bias, self)
+        return self._linear(x)
 
 
 class LinearAllreduceWithReplicatedInput(LinearAllreduce):
@@ -268,7 +276,7 @@ class LinearLayer(_TPModule):
 
     def forward(self, input):
         self._check_width(input, self.in_features, "in_features")
-        y = _ops.TPLinear.apply(input, self.weight, self.bias, self)
+        y = self._linear(input)
         if self.gather_output:
             y = _ops.GatherLastDim.apply(y, self.mp_group, self._flat_ranges(), self._nblocks, self.out_features)
         return y

@@ -232,7 +232,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     named = dict(model.named_modules())
     chosen = {}  # module name -> (style, pattern)
     for name, module in named.items():
-        if not name:
+        if not name or isinstance(module, _TPModule):  # already tensor-parallel: parallelize twice is a no-op
             continue
         if rules is not None:
             pattern, style = rules.style(name)
