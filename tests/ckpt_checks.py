@@ -199,6 +199,45 @@ def save_replicas(root):
             tp.save_checkpoint(path, layers, layout=layout, arrays=arrays)
             if r == 0 and layout == "sharded":
                 assert sum(f.startswith("rank") for f in os.listdir(path)) == 4
+    save_conv(root)
+
+
+class _Conv1D:
+    """GPT-2's Conv1D as the NumPy layers take it: weight [in, out], bias [out]."""
+
+    def __init__(self, name, n_in, n_out, zero=False):
+        self.weight = np.zeros((n_in, n_out)) if zero else value(f"{name}.weight", (n_in, n_out), "float64")
+        self.bias = np.zeros(n_out) if zero else value(f"{name}.bias", (n_out,), "float64")
+
+
+def conv_layers(zero=False):
+    tp.set_training_mode(False)
+    return {"c_attn": tp.conv_LinearLayer(_Conv1D("c_attn", 16, 96, zero)),
+            "c_proj": tp.Conv_LinearALlreduce(_Conv1D("c_proj", 96, 16, zero))}
+
+
+def save_conv(root):
+    """NumPy Conv1D layers hold [in, out] shards: the files keep that layout (what GPT-2 checkpoints hold)."""
+    layers = conv_layers()
+    for layout in ("consolidated", "sharded"):
+        tp.save_checkpoint(os.path.join(root, f"conv-{layout}"), layers, layout=layout)
+    if dist.get_rank() == 0:
+        from safetensors.numpy import load_file
+
+        got = load_file(os.path.join(root, "conv-consolidated", "model.safetensors"))
+        for name in layers:
+            src = _Conv1D(name, *((16, 96) if name == "c_attn" else (96, 16)))
+            assert np.array_equal(got[f"{name}.weight"], src.weight) and np.array_equal(got[f"{name}.bias"], src.bias)
+
+
+def load_conv(root):
+    for layout in ("consolidated", "sharded"):
+        layers = conv_layers(zero=True)
+        tp.load_checkpoint(os.path.join(root, f"conv-{layout}"), layers)
+        for name, layer in layers.items():
+            src = _Conv1D(name, *((16, 96) if name == "c_attn" else (96, 16)))
+            sd = layer.consolidated_state_dict()
+            assert np.array_equal(sd["weight"], src.weight) and np.array_equal(sd["bias"], src.bias), (layout, name)
 
 
 def load_replicas(root):
@@ -208,6 +247,7 @@ def load_replicas(root):
                 layers, arrays, _ = build(training, seed=9)
                 tp.load_checkpoint(os.path.join(root, f"dp-{layout}-{saved}"), layers, arrays=arrays)
                 verify(layers, arrays, {}, training, f"replicas {layout} {saved} -> {dist.get_world_size()}")
+    load_conv(root)
     print(f"rank {dist.get_rank()}: replicas ok", flush=True)
 
 

@@ -40,7 +40,8 @@ def test_every_layout_save_size_and_mode_loads_at(saved, nproc):
 
 
 def test_data_parallel_replicas(tmp_path):
-    """Saved by two data-parallel replicas of a 2-rank group (world of 4), loaded at 3 ranks."""
+    """Saved by two data-parallel replicas of a 2-rank group (world of 4), loaded at 3 ranks; GPT-2
+    Conv1D layers ([in, out] weights) saved at 4 ranks in that layout, loaded at 3."""
     root = str(tmp_path)
     assert_world_ok(4, f"import ckpt_checks as c; c.init(); c.save_replicas({root!r})", env=ENV, timeout=180)
     res = assert_world_ok(3, f"import ckpt_checks as c; c.init(); c.load_replicas({root!r})", env=ENV, timeout=180)
@@ -405,27 +406,37 @@ import numpy as np, os, shutil
 import tplinear as tp
 import ckpt_checks as c
 c.init()
-hf, out = {hf!r}, {out!r}
+hf, out, prev = {hf!r}, {out!r}, {prev!r}
 tp.set_training_mode(False)
-layers, keymap = {{}}, {{}}
+
+
+def make(seed):
+    layers = {{}}
+    for i in range(2):
+        # fused QKV and gate/up layers, read from the separate q/k/v and gate/up tensors
+        layers[f"l{{i}}.qkv"] = tp.LinearLayer.from_init(32, 64, seed=seed, name=f"l{{i}}.self_attn.qkv",
+                                                        block_sizes=[32, 16, 16], block_heads=[4, 2, 2])
+        layers[f"l{{i}}.o"] = tp.LinearAllreduce.from_init(32, 32, seed=seed, name=f"l{{i}}.self_attn.o_proj")
+        layers[f"l{{i}}.gate_up"] = tp.LinearLayer.from_init(32, 160, seed=seed, name=f"l{{i}}.mlp.gate_up",
+                                                            block_sizes=[80, 80])
+        layers[f"l{{i}}.down"] = tp.LinearAllreduce.from_init(80, 32, seed=seed, name=f"l{{i}}.mlp.down_proj")
+    layers["lm_head"] = tp.LinearLayer.from_init(32, 96, seed=seed, bias=False, name="lm_head")
+    arrays = {{"model.embed_tokens.weight": np.zeros((96, 32), np.float32), "model.norm.weight": np.zeros(32, np.float32)}}
+    for i in range(2):
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            arrays[f"model.layers.{{i}}.{{n}}.weight"] = np.zeros(32, np.float32)
+    return layers, arrays
+
+
+keymap = {{}}
 for i in range(2):
     pre = f"model.layers.{{i}}."
-    # fused QKV and gate/up layers read from the separate q/k/v and gate/up tensors
-    layers[f"l{{i}}.qkv"] = tp.LinearLayer.from_init(32, 64, name=f"l{{i}}.self_attn.qkv", block_sizes=[32, 16, 16],
-                                                    block_heads=[4, 2, 2])
-    layers[f"l{{i}}.o"] = tp.LinearAllreduce.from_init(32, 32, name=f"l{{i}}.self_attn.o_proj")
-    layers[f"l{{i}}.gate_up"] = tp.LinearLayer.from_init(32, 160, name=f"l{{i}}.mlp.gate_up", block_sizes=[80, 80])
-    layers[f"l{{i}}.down"] = tp.LinearAllreduce.from_init(80, 32, name=f"l{{i}}.mlp.down_proj")
     for k in ("weight", "bias"):
         keymap[f"l{{i}}.qkv.{{k}}"] = [pre + f"self_attn.{{p}}_proj.{{k}}" for p in "qkv"]
         keymap[f"l{{i}}.gate_up.{{k}}"] = [pre + f"mlp.{{p}}_proj.{{k}}" for p in ("gate", "up")]
         keymap[f"l{{i}}.o.{{k}}"] = pre + f"self_attn.o_proj.{{k}}"
         keymap[f"l{{i}}.down.{{k}}"] = pre + f"mlp.down_proj.{{k}}"
-layers["lm_head"] = tp.LinearLayer.from_init(32, 96, bias=False, name="lm_head")
-arrays = {{"model.embed_tokens.weight": np.zeros((96, 32), np.float32), "model.norm.weight": np.zeros(32, np.float32)}}
-for i in range(2):
-    for n in ("input_layernorm", "post_attention_layernorm"):
-        arrays[f"model.layers.{{i}}.{{n}}.weight"] = np.zeros(32, np.float32)
+layers, arrays = make(1)
 tp.load_checkpoint(hf, layers, arrays=arrays, key_map=keymap)   # strict: every tensor of the model is used
 ref = np.load(os.path.join(hf, "ref.npz"))
 # the MLP of layer 1 through the tensor-parallel layers equals transformers' (SiLU(gate) * up -> down)
@@ -435,10 +446,20 @@ a = h[:, :half] / (1 + np.exp(-h[:, :half])) * h[:, half:]
 y = layers["l1.down"](a.astype(np.float32))
 err = np.linalg.norm(y - ref["mlp"]) / np.linalg.norm(ref["mlp"])
 assert err < 1e-5, err
-# and back: a consolidated checkpoint under the Hugging Face names (q/k/v and gate/up split again)
+# and back: a consolidated checkpoint under the Hugging Face names (q/k/v and gate/up split again), and a
+# sharded one stored under them too; this world's and the previous world's sharded ones load exactly
 tp.save_checkpoint(out, layers, arrays=arrays, key_map=keymap, max_shard_size="30KB")
+tp.save_checkpoint(out + "-sharded", layers, layout="sharded", arrays=arrays, key_map=keymap)
 if tp.distributed.get_rank() == 0:
     shutil.copy(os.path.join(hf, "config.json"), out)
+for src in [out + "-sharded"] + ([prev + "-sharded"] if prev else []):
+    again, arrays2 = make(2)
+    tp.load_checkpoint(src, again, arrays=arrays2, key_map=keymap)
+    for n, layer in layers.items():
+        for k in ("weight", "bias"):
+            if getattr(layer, k) is not None:
+                assert np.array_equal(getattr(again[n], k).data, getattr(layer, k).data), (src, n, k)
+    assert all(np.array_equal(arrays[k], arrays2[k]) for k in arrays)
 print("hf ok", err)
 """
 
@@ -446,11 +467,13 @@ print("hf ok", err)
 def test_hugging_face_round_trip(hf_dir, tmp_path):
     """A transformers model saved with save_pretrained (numbered files + index) loads into NumPy layers
     (fused QKV and gate/up from separate tensors) at 2 and 3 ranks; saved back consolidated,
-    transformers loads it and every tensor and the logits are the original's."""
+    transformers loads it and every tensor and the logits are the original's; saved sharded under the
+    same key map, it reloads at the same and another group size."""
     outs = []
     for nproc in (2, 3):
         out = str(tmp_path / f"back{nproc}")
-        res = assert_world_ok(nproc, HF_LOAD.format(hf=hf_dir, out=out), env=ENV, timeout=180)
+        res = assert_world_ok(nproc, HF_LOAD.format(hf=hf_dir, out=out, prev=outs[-1] if outs else None), env=ENV,
+                              timeout=180)
         assert "hf ok" in res.output
         assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
         outs.append(out)
