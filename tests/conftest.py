@@ -4,6 +4,8 @@ import zlib
 import numpy as np
 import pytest
 
+import tplinear.distributed as dist
+
 # Fresh random inputs every run; TPLINEAR_TEST_SEED=<n> reproduces a run (the seed is in the header).
 SEED = int(os.environ.get("TPLINEAR_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
 
@@ -38,7 +40,6 @@ def no_outer_world(monkeypatch):
 @pytest.fixture
 def world_of_one(no_outer_world):
     """The default group as a world of one in this process (no launcher variables), destroyed afterwards."""
-    import tplinear.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
     g = dist.init_process_group(timeout=10)

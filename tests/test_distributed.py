@@ -365,7 +365,6 @@ dist.all_reduce(np.ones(10))
 # ---------------------------------------------------------------- in this process (a world of one)
 
 
-
 def test_world_of_one(world_of_one):
     assert (dist.get_rank(), dist.get_world_size(), dist.get_backend()) == (0, 1, "self")
     a = np.arange(5.0)

@@ -53,8 +53,8 @@ def test_bad_input(nproc):
 @pytest.mark.parametrize("training", [False, True])
 def test_checkpoint_reshards(tmp_path, training):
     """Saved at 4 ranks with uneven shards (190 rows), reloaded at 2, 3 and 1, in inference (grain 64) and
-    training (grain 1) mode."""
-    path, ref = str(tmp_path / "mlp.npz"), str(tmp_path / "ref.npy")
+    training (grain 1) mode (a safetensors checkpoint directory)."""
+    path, ref = str(tmp_path / "mlp"), str(tmp_path / "ref.npy")
     assert_world_ok(4, f"import tp_checks as c; c.init(); c.checkpoint_save({path!r}, {ref!r}, {training})", env=ENV,
                     timeout=120)
     for nproc in (2, 3, 1):

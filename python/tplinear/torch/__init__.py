@@ -18,6 +18,7 @@ from ..partition import (  # noqa: F401
     set_training_mode, shard_ranges,
 )
 from ..parameter import GatherReplacedLayerParams
+from .checkpoint import load_checkpoint, save_checkpoint
 from .modules import (
     Conv_LinearALlreduce,
     LinearAllreduce,
@@ -33,5 +34,6 @@ from .parallel import STYLES, parallelize, tp_modules
 __all__ = [
     "attention_heads", "get_tp_grain_size", "set_tp_grain_size", "shard_ranges", "Conv_LinearALlreduce", "GatherReplacedLayerParams", "LinearAllreduce", "LinearAllreduceWithReplicatedInput",
     "LinearLayer", "TorchPlacement", "conv_LinearLayer", "fused_LinearLayer", "is_autotp_training_mode",
-    "is_training_mode", "parallelize", "release_grad_buffers", "STYLES", "tp_modules", "set_autotp_mode", "set_training_mode",
+    "is_training_mode", "load_checkpoint", "parallelize", "release_grad_buffers", "save_checkpoint", "STYLES",
+    "tp_modules", "set_autotp_mode", "set_training_mode",
 ]
