@@ -82,6 +82,16 @@ static int collectives(tp_group *g)
             for (size_t k = 0, off = 0; k < (size_t)p; off += vc[k], k++)
                 for (size_t i = 0; i < vc[k]; i++) EXPECT(get(b, dt, off + i) == (double)val((int)k, i, 9));
             EXPECT(total > 0 || n == 0);
+            /* reduce-scatter with variable counts (the generic path pads to the largest; equal counts are
+             * the plain reduce-scatter), every op */
+            for (int op = TP_SUM; op <= TP_MIN; op++) {
+                for (size_t i = 0; i < total; i++) set(a, dt, i, val(r, i, 13));
+                EXPECT_OK(tp_reduce_scatter_v(g, a, b, vc, dt, (tp_reduce_op)op));
+                for (size_t k = 0, off = 0; k < (size_t)p; off += vc[k], k++)
+                    if ((int)k == r)
+                        for (size_t i = 0; i < vc[k]; i++)
+                            EXPECT(get(b, dt, i) == expect_reduced(p, off + i, 13, (tp_reduce_op)op, dt));
+            }
             /* broadcast from every root */
             for (int root = 0; root < p; root++) {
                 for (size_t i = 0; i < n; i++) set(a, dt, i, val(r, i, 11));
