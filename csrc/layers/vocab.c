@@ -332,7 +332,8 @@ static tp_status check_loss_args(const tp_tensor *logits, const tp_tensor *targe
     TP_REQUIRE(targets->ndim == logits->ndim - 1, "targets must have the logits' leading shape (%d dims), got %d dims",
                logits->ndim - 1, targets->ndim);
     for (int d = 0; d < targets->ndim; d++)
-        TP_REQUIRE(targets->shape[d] == logits->shape[d], "targets' dim %d is %lld but the logits' is %lld", d,
+        TP_REQUIRE(targets->shape[d] == logits->shape[d],
+                   "targets must have the logits' leading shape: targets' dim %d is %lld but the logits' is %lld", d,
                    (long long)targets->shape[d], (long long)logits->shape[d]);
     TP_REQUIRE(vocab_offset >= 0 && vocab_offset + logits->shape[logits->ndim - 1] <= vocab_size,
                "this rank's logits [%lld, %lld) are outside the vocabulary of %lld", (long long)vocab_offset,
