@@ -124,6 +124,36 @@ def check_sp_layers():
     print(f"rank {dist.get_rank()}: sequence-parallel layer checks passed", flush=True)
 
 
+def check_frozen():
+    """requires_grad=False (torch's frozen parameters): no .grad for it, the other parameter's and dX as before,
+    with and without sequence parallelism; a frozen embedding table gets no gradient either."""
+    r = dist.get_rank()
+    tp.set_training_mode(True)
+    rng = rng_for("frozen")
+    lin = tp.Linear(6, 10, dtype="float64", seed=4)
+    x, dy = rng.standard_normal((5, 6)), rng.standard_normal((5, 10))
+    so, ss = _rows(5)
+    for sp in (False, True):
+        for frozen in ("weight", "both"):
+            layer = tp.LinearLayer(lin, sequence_parallel=sp)
+            (fo, fs), = layer.shard_ranges()[r]
+            layer.weight.requires_grad = False
+            layer.bias.requires_grad = frozen != "both"
+            layer(x[so:so + ss] if sp else x)
+            dx = layer.backward(dy[:, fo:fo + fs])
+            close(dx, (dy @ lin.weight.data)[so:so + ss] if sp else dy @ lin.weight.data, "float64", f"frozen {frozen} dX")
+            assert layer.weight.grad is None
+            if frozen == "both":
+                assert layer.bias.grad is None
+            else:
+                close(layer.bias.grad, dy.sum(0)[fo:fo + fs], "float64", "bias beside a frozen weight")
+    emb = tp.VocabParallelEmbedding(9, 4, dtype="float64")
+    emb.weight.requires_grad = False
+    emb(np.array([1, 2]))
+    emb.backward(np.ones((2, 4)))
+    assert emb.weight.grad is None
+
+
 def check_sp_bad_input():
     p, r = dist.get_world_size(), dist.get_rank()
     lin = tp.Linear(8, 6, seed=1)

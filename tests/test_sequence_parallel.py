@@ -25,6 +25,7 @@ def test_sequence_parallel_layers(nproc):
         import tp_checks, seq_checks as c
         tp_checks.init()
         c.check_sp_layers()
+        c.check_frozen()
     """, env=ENV, timeout=240)
 
 

@@ -136,7 +136,15 @@ class _Layer:
         return param.grad.T if flip else param.grad
 
     def _grads(self):
-        return self._grad(self.weight), None if self.bias is None else self._grad(self.bias)
+        """(dW, db) for backward to accumulate into, as torch treats frozen parameters: a parameter with
+        requires_grad=False gets no .grad; a frozen weight with no learning bias skips its dW GEMM (a learning
+        bias beside a frozen weight: dW goes to a scratch array)."""
+        learn_b = self.bias is not None and self.bias.requires_grad
+        if not self.weight.requires_grad:
+            if not learn_b:
+                return None, None
+            return self._place.zeros(self._w().shape), self._grad(self.bias)
+        return self._grad(self.weight), self._grad(self.bias) if learn_b else None
 
     def _w(self):
         """The weight as the core takes it, [out, in] (a transposed view of a transposed weight)."""

@@ -103,8 +103,9 @@ class VocabParallelEmbedding(_TPLayer):
         if got != want:
             raise ValueError(f"grad_output must have shape {want} (the output's), got {got}")
         self._release(retain)
-        _C.embedding_backward(self.mp_group._handle, ids, grad_output, self._vocab_offset, self._seq,
-                              self._grad(self.weight))
+        if self.weight.requires_grad:
+            _C.embedding_backward(self.mp_group._handle, ids, grad_output, self._vocab_offset, self._seq,
+                                  self._grad(self.weight))
         return None
 
     def _shard_words(self):
