@@ -14,6 +14,8 @@ tokens, in three layouts at each world size p:
     tp+vocab   the same with the logits left split by vocabulary and tp.vocab_parallel_cross_entropy
     sp+vocab   sequence parallelism too: activations between the layers are this rank's rows of the sequence
 
+At p=1 the three are one model (no gather, no split); it runs once, as tp+vocab: the unsplit figure.
+
 Per rank it reports, for the step: the peak bytes of live NumPy arrays (tracemalloc, which NumPy reports
 its allocations to; the weights and their gradients exist before tracing starts and are not counted), the
 peak resident set size above the one before the step (VmHWM after resetting it through
@@ -228,7 +230,7 @@ def estimate_bytes(args, p, layout):
     weights = 4 * (2 * args.vocab * args.hidden / p + 2 * args.blocks * args.hidden * args.ffn / p)
     grads = 4 * (2 * args.blocks * args.hidden * args.ffn / p) + (4 * 2 * args.vocab * args.hidden / p
                                                                     if args.train_embeddings else 0)
-    logits = 4 * args.tokens * args.vocab * ((1 / p) if vp else (1 + 1 / p))
+    logits = 4 * args.tokens * args.vocab * ((1 / p) if vp else (2 + 2 / p))  # gathered: staging, shard, whole
     acts = 4 * args.tokens * (6 * args.hidden + 4 * args.ffn / p)
     return p * (weights + grads + logits + acts)
 
@@ -244,7 +246,7 @@ def mem_available():
 def memory_runs(args, tmp):
     rows, skipped = [], []
     for p in args.nproc:
-        for layout in (["tp"] if p == 1 else list(LAYOUTS)):
+        for layout in (["tp+vocab"] if p == 1 else list(LAYOUTS)):  # p=1: the unsplit model
             need, avail = estimate_bytes(args, p, layout), mem_available()
             if avail is not None and need * 1.15 > avail:
                 skipped.append({"nproc": p, "layout": layout, "reason": f"needs about {need / 2**30:.1f} GiB, "
@@ -292,7 +294,7 @@ def summarize(args, mem, timing):
                   "seconds"):
             if x.get(k) is not None and (cur.get(k) is None or x[k] > cur[k]):
                 cur[k] = x[k]
-    unsplit = table.get((1, "tp"))
+    unsplit = table.get((1, "tp+vocab"))
     checks = []
     for (p, layout), x in sorted(table.items()):
         if layout != "sp+vocab" or unsplit is None:
