@@ -207,6 +207,11 @@ def check_embedding(dtype, training, vocab, hidden, ids_shape, sequence_parallel
         close(emb.weight.grad, ref[vo:vo + vs], dtype, what + " backward")
     with tp.GatherReplacedLayerParams(emb.parameters(), emb):
         assert np.array_equal(emb.weight.data, table)
+    sd = emb.consolidated_state_dict()
+    assert list(sd) == ["weight"] and np.array_equal(sd["weight"], table)
+    other = tp.VocabParallelEmbedding(vocab, hidden, seed=seed + 1, dtype=dtype)
+    other.load_consolidated_state_dict(sd)
+    assert np.array_equal(other.weight.data, table[vo:vo + vs])
     # a given table
     given = rng.standard_normal((vocab, hidden)).astype(dtype)
     emb2 = tp.VocabParallelEmbedding(vocab, hidden, dtype=dtype, weight=given)

@@ -323,10 +323,12 @@ static tp_status col_forward_pipelined(tp_group *g, const tp_tensor *x, const tp
     }
     started = 1;
     for (int k = 0; k < chunks; k++) {
+        tp_status gathered;
         pthread_mutex_lock(&a.mu);
         while (a.st == TP_OK && a.gathered < k + 1) pthread_cond_wait(&a.cv, &a.mu);
+        gathered = a.st;
         pthread_mutex_unlock(&a.mu);
-        if (a.st != TP_OK) break;
+        if (gathered != TP_OK) break;
         st = pipe_gemm(&a, k, w, b, y, inner);
         pthread_mutex_lock(&a.mu);
         if (st != TP_OK) a.gemm_failed = 1; /* the gathers go on, so peers are not left waiting */

@@ -119,33 +119,24 @@ static PyObject *py_attention_heads(PyObject *m, PyObject *args)
     return res;
 }
 
-/* init_uniform(out, seed, stream, bound, row_offset, col_offset, full_cols) */
-static PyObject *py_init_uniform(PyObject *m, PyObject *args)
+/* init_uniform(out, seed, stream, bound, row_offset, col_offset, full_cols)
+ * init_normal(out, seed, stream, std, row_offset, col_offset, full_cols) */
+static PyObject *init_values(PyObject *m, PyObject *args, int normal)
 {
     PyObject *o;
     unsigned long long seed, stream;
-    double bound;
+    double scale;
     long long ro, co, fc;
-    if (!PyArg_ParseTuple(args, "OKKdLLL", &o, &seed, &stream, &bound, &ro, &co, &fc)) return NULL;
+    if (!PyArg_ParseTuple(args, "OKKdLLL", &o, &seed, &stream, &scale, &ro, &co, &fc)) return NULL;
     {
         tpy_arg a[] = {OUT(o, "out")};
-        CALL_RELEASED(m, a, tp_init_uniform(a[0].p, seed, stream, bound, ro, co, fc));
+        CALL_RELEASED(m, a, normal ? tp_init_normal(a[0].p, seed, stream, scale, ro, co, fc)
+                                   : tp_init_uniform(a[0].p, seed, stream, scale, ro, co, fc));
     }
 }
 
-/* init_normal(out, seed, stream, std, row_offset, col_offset, full_cols) */
-static PyObject *py_init_normal(PyObject *m, PyObject *args)
-{
-    PyObject *o;
-    unsigned long long seed, stream;
-    double std;
-    long long ro, co, fc;
-    if (!PyArg_ParseTuple(args, "OKKdLLL", &o, &seed, &stream, &std, &ro, &co, &fc)) return NULL;
-    {
-        tpy_arg a[] = {OUT(o, "out")};
-        CALL_RELEASED(m, a, tp_init_normal(a[0].p, seed, stream, std, ro, co, fc));
-    }
-}
+static PyObject *py_init_uniform(PyObject *m, PyObject *args) { return init_values(m, args, 0); }
+static PyObject *py_init_normal(PyObject *m, PyObject *args) { return init_values(m, args, 1); }
 
 /* linear_forward(x, w, b|None, y) */
 static PyObject *py_linear_forward(PyObject *m, PyObject *args)

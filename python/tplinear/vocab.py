@@ -148,6 +148,19 @@ def vocab_parallel_cross_entropy(logits_shard, targets, mp_group=None, ignore_in
     vocab_ranges: every rank's (offset, size) of the vocabulary, e.g. the head's ``shard_ranges()``; None:
     from the ranks' shard widths in rank order (one small all-gather).
     """
+    shape = _shape(logits_shard, "logits_shard")
+    place, group = _resolve(logits_shard, mp_group, None, None)
+    offset, vocab = _loss_args(group, shape, ignore_index, label_smoothing, reduction, vocab_ranges)
+    grad = place.empty(shape) if grad_out is None else grad_out
+    losses = place.empty(shape[:-1]) if reduction == "none" else None
+    loss = _C.vocab_cross_entropy(group._handle, logits_shard, targets, offset, vocab, int(ignore_index),
+                                  float(label_smoothing), reduction, losses, grad)
+    return (losses if reduction == "none" else loss), grad
+
+
+def _loss_args(group, shape, ignore_index, label_smoothing, reduction, vocab_ranges):
+    """Checks the loss's arguments (before any collective); returns (this rank's first column, the whole
+    vocabulary). Shared with tplinear.torch."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or \
@@ -155,14 +168,9 @@ def vocab_parallel_cross_entropy(logits_shard, targets, mp_group=None, ignore_in
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    shape = _shape(logits_shard, "logits_shard")
-    place, group = _resolve(logits_shard, mp_group, None, None)
-    offset, vocab = _vocab_span(group, shape[-1], vocab_ranges)
-    grad = place.empty(shape) if grad_out is None else grad_out
-    losses = place.empty(shape[:-1]) if reduction == "none" else None
-    loss = _C.vocab_cross_entropy(group._handle, logits_shard, targets, offset, vocab, int(ignore_index),
-                                  float(label_smoothing), reduction, losses, grad)
-    return (losses if reduction == "none" else loss), grad
+    if len(shape) < 1:
+        raise ValueError("logits_shard must have a vocabulary dim, got a 0-d array")
+    return _vocab_span(group, shape[-1], vocab_ranges)
 
 
 def _vocab_span(group, width, vocab_ranges=None):
