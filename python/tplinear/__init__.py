@@ -9,7 +9,10 @@
 # (as NumPy does with the same package), so no LD_LIBRARY_PATH or rpath is needed.
 import scipy_openblas32 as _openblas  # noqa: F401
 
-from . import _C
+from ._libs import preload_cuda_libraries as _preload
+
+_preload()  # the CUDA libraries torch's wheels ship, shared with torch (see _libs.py)
+from . import _C  # noqa: E402
 from . import distributed
 from ._device import DeviceArray, set_allow_tf32, set_stream
 from .checkpoint import load_checkpoint, save_checkpoint

@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 
 from . import _C
+from . import _layout
 from . import checkpoint
 from . import distributed as dist
 from . import partition
@@ -21,6 +22,7 @@ from .parameter import Parameter, data_of, param_list
 # tplinear.layers held these before parameter.py, checkpoint.py and partition.py were split out of it
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .parameter import GatherReplacedLayerParams  # noqa: F401,E402
+from ._layout import UC_META_ATTR, UC_VERSION  # noqa: F401,E402  (autotp.py and old imports)
 from .partition import (  # noqa: F401,E402
     get_num_kv_heads, is_autotp_training_mode, is_training_mode, set_autotp_mode, set_num_kv_heads, set_training_mode,
 )
@@ -193,20 +195,14 @@ class Linear(_Layer):
 
 # ---------------------------------------------------------------------------------------------- TP layers
 
-_KIND_ROW, _KIND_COL = 1, 2
+_KIND_ROW, _KIND_COL = _layout.KIND_ROW, _layout.KIND_COL
 
 
-class _TPLayer(_Layer):
-    """Shared bookkeeping: group, partition, parameter marks, gather / re-partition, checkpoints.
+class _TPLayer(_Layer, _layout.Sharded):
+    """A NumPy / DeviceArray tensor-parallel layer: group, placement, parameters, state dicts, messages; the
+    shard bookkeeping (split arguments, partition, marks, gather / re-partition, universal-checkpoint
+    metadata) is _layout.Sharded's."""
 
-    _shard_dim: the weight dim split across ranks (1: row-parallel, 0: column-parallel; the other way round
-    for a transposed weight).
-    _pieces[r]: rank r's pieces [(offset, size)] along that dim (one piece, or one per packed block).
-    """
-
-    _shard_dim = None
-    _kind = None
-    _bias_sharded = False
     _from_init_ok = True  # False where the constructor changes the split from_init would initialise
 
     def __init__(self, module, mp_group, name, skip_partition, block_sizes=None, block_heads=None, device=None,
@@ -224,10 +220,7 @@ class _TPLayer(_Layer):
         self.name = name
         self.training_mode = is_training_mode()
         self.tp_overlap_comm = False
-        self._split = _split_args(self.training_mode, name, tp_grain_size, num_heads, num_kv_heads, head_dim,
-                                  block_sizes, block_heads)
-        self.tp_grain_size = self._split["grain"]
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self._set_split(tp_grain_size, num_heads, num_kv_heads, head_dim, block_sizes, block_heads)
         weight = self._place.readable(wobj, "module.weight")
         if len(weight.shape) != 2:
             raise ValueError(f"module.weight must be 2-d [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -241,16 +234,7 @@ class _TPLayer(_Layer):
         self.skip_partition = bool(skip_partition)
         local = int(weight.shape[self._shard_dim])
         full = _full if _full is not None else (None if self.skip_partition else local)
-        pieces, error = None, None
-        if full is not None and not self.skip_partition:
-            try:  # every rank learns of a bad split in the exchange below, rather than some waiting in it
-                pieces = self._rule(full)
-            except ValueError as exc:
-                error = exc
-        locals_ = self._agree(weight.shape, bias is not None, local, full, pieces, error)
-        self._full_shape = [int(s) for s in weight.shape]
-        self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
-        self._pieces = pieces if pieces is not None else _concatenated(locals_)
+        self._set_partition(weight.shape, bias is not None, local, full, self._place.dtype)
         self.out_features, self.in_features = self._full_shape[out_dim], self._full_shape[1 - out_dim]
         self.weight = self._mark(Parameter(None))
         self.bias = None if bias is None else self._mark(Parameter(None))
@@ -261,111 +245,7 @@ class _TPLayer(_Layer):
         for key, meta in self.universal_checkpoint_meta().items():  # DeepSpeed's per-parameter attribute
             setattr(getattr(self, key), UC_META_ATTR, meta)
 
-    # -- construction
-
-    def _rule(self, n):
-        """Every rank's pieces of a split dim of n by the partition rule (partition.shard_ranges)."""
-        return partition.shard_ranges(n, self.tp_world_size, **self._split)
-
-    def _agree(self, weight_shape, has_bias, local, full, pieces, error):
-        """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim,
-        (when known: full is not None) the full size of the split dim, the grain and the partition (heads,
-        name, blocks, set_num_kv_heads). Raises `error` (a rule that failed on this rank) on every rank.
-        Returns every rank's size along the split dim."""
-        p = self.tp_world_size
-        digest = -1 if error is not None else zlib.crc32(repr(pieces).encode())
-        if p > 1:
-            other = int(weight_shape[1 - self._shard_dim])
-            mine = np.array([self._kind, int(self.training_mode), DTYPES[self._place.dtype]["code"], int(has_bias),
-                             other, -1 if full is None else full, self.tp_grain_size, digest, local], dtype=np.int64)
-            every = np.empty(len(mine) * p, dtype=np.int64)
-            dist.all_gather_into_tensor(every, mine, group=self.mp_group)
-            every = every.reshape(p, len(mine))
-        else:
-            every = np.array([[digest, local]], dtype=np.int64)
-        if error is not None or np.any(every[:, -2] == -1):
-            raise error if error is not None else ValueError(
-                f"the partition of layer {self._label()} failed on ranks "
-                f"{np.flatnonzero(every[:, -2] == -1).tolist()} (see their error)")
-        fields = ["layer kind", "training mode", "dtype", "bias presence", self._dim_name(1 - self._shard_dim),
-                  "full " + self._dim_name(self._shard_dim), "tp_grain_size",
-                  "partition (heads, name, block sizes or set_num_kv_heads)"]
-        names = {d["code"]: name for name, d in DTYPES.items()}
-        for i, field in enumerate(fields if p > 1 else ()):
-            if not np.all(every[:, i] == every[0, i]):
-                seen = [names[int(v)] for v in every[:, i]] if field == "dtype" else every[:, i].tolist()
-                raise ValueError(f"ranks disagree on the {field} of layer {self._label()}: "
-                                 f"{seen} across ranks {list(range(p))} "
-                                 "(every rank must build the same layer in the same mode)")
-        return every[:, -1].tolist()
-
-    def _label(self):
-        return self.name or type(self).__name__
-
-    def _dim_name(self, dim):
-        """What a weight dim is: 'out_features' or 'in_features'."""
-        return "out_features" if dim == (1 if self._transposed else 0) else "in_features"
-
-    # -- what the layer holds (public)
-
-    def shard_ranges(self):
-        """Every rank's pieces of the split dimension (in_features for a row layer, out_features for a
-        column layer): a list per rank of [(offset, size), ...], one piece or one per packed block; a
-        rank's shard is its pieces concatenated in order. The same as tplinear.shard_ranges for this
-        layer's arguments (skip_partition: the given shards one after another)."""
-        return [list(pieces) for pieces in self._pieces]
-
-    @property
-    def local_shape(self):
-        """The shape of this rank's weight shard (also while gathered)."""
-        shape = list(self._full_shape)
-        shape[self._shard_dim] = sum(size for _, size in self._pieces[self.tp_index])
-        return tuple(shape)
-
-    # -- universal-checkpoint metadata (DeepSpeed 0.19's ds_autotp_universal_checkpoint_meta)
-
-    def _uc_layout(self):
-        """The weight's split as DeepSpeed describes it: (partition_dim, logical_shape, output_shape,
-        sub-parameter shape spec, their sizes, their per-rank widths); the last three None unless packed."""
-        blocks = self._split["block_sizes"]
-        logical, output = tuple(self._full_shape), (self.out_features,)
-        if blocks is None or self.skip_partition:
-            return self._shard_dim, logical, output, None, None, None
-        spec = list(self._full_shape)
-        spec[self._shard_dim] = tuple(blocks)
-        widths = [[self._pieces[r][i][1] for r in range(self.tp_world_size)] for i in range(len(blocks))]
-        return self._shard_dim, logical, output, tuple(spec), tuple(blocks), widths
-
-    def universal_checkpoint_meta(self):
-        """How each parameter was split, for a checkpoint converter: {"weight": meta, "bias": meta} with
-        DeepSpeed 0.19's fields (its layers' ds_autotp_universal_checkpoint_meta, which tplinear also sets
-        on each Parameter): universal_checkpoint_version, partition_type ("row" / "column"), partition_dim
-        (of logical_shape), logical_shape, output_shape, sub_param_shape, sub_param_sizes,
-        sub_param_shard_widths (per sub-parameter, every rank's width), partition_sizes (every rank's
-        width, unpacked layers), target_partition_shape (this rank's shard), original_shape, is_bias,
-        replicated, and "conversion" (the subset a model-level converter reads). tplinear adds "pieces":
-        every rank's [(offset, size)] along dim "pieces_dim" of the parameter as stored, which a converter
-        can apply without knowing the rule."""
-        kind = "row" if self._kind == _KIND_ROW else "column"
-        dim, logical, output, spec, sizes, widths = self._uc_layout()
-        totals = None if widths else tuple(sum(size for _, size in pieces) for pieces in self._pieces)
-        pieces = self.shard_ranges()
-        out = {"weight": _uc_meta(kind, dim, logical, output, spec, sizes, widths, totals, self.local_shape,
-                                  tuple(self._full_shape), False, False, pieces, self._shard_dim)}
-        if self.bias is None:
-            return out
-        full = (self.out_features,)
-        if self._bias_sharded:
-            bias_spec = None
-            if spec is not None:
-                bias_spec = list(output)
-                bias_spec[dim] = tuple(sizes)
-            out["bias"] = _uc_meta(kind, dim, output, output, bias_spec, sizes, widths, totals,
-                                   (self.local_shape[self._shard_dim],), full, True, False, pieces, 0)
-        else:
-            out["bias"] = _uc_meta(kind, None, full, full, None, None, None, None, full, full, True, True,
-                                   [[(0, self.out_features)]] * self.tp_world_size, 0)
-        return out
+    # -- what the layer holds
 
     def _shard_words(self):
         """'this rank's shard of out_features=34: 17 at rank 0 of 2', for messages."""
@@ -394,61 +274,6 @@ class _TPLayer(_Layer):
         if getattr(self, "sequence_parallel", False):
             parts.append("sequence_parallel=True")
         return f"{type(self).__name__}({', '.join(parts)}{_placement_repr(self._place)})"
-
-    def _my_pieces(self):
-        return self._pieces[self.tp_index]
-
-    def _flat_ranges(self):
-        return [rng for pieces in self._pieces for rng in pieces]
-
-    @property
-    def _nblocks(self):
-        return len(self._pieces[0])
-
-    def _mark(self, param):
-        param.ds_is_replaced_module = True
-        param.tp_layer = self
-        return param
-
-    # -- shards (DeepSpeed's gather_params / _tp_partition)
-
-    def _is_sharded(self, param):
-        return param is self.weight or (param is self.bias and self._bias_sharded)
-
-    def _dim_of(self, param):
-        return self._shard_dim if param is self.weight else 0
-
-    def _piece(self, param, full, what):
-        """This rank's part of param's full value, placed like the layer: its shard of a sharded
-        parameter (cut on the GPU for GPU arrays), a copy of a replicated one."""
-        if not self._is_sharded(param):
-            return self._place.put(full, what)
-        return self._place.shard(full, self._dim_of(param), self._flat_ranges(), self._nblocks, self.tp_index, what)
-
-    def gather_params(self, params_list):
-        """All-gathers each of this layer's sharded parameters in params_list into the full tensor, in
-        place (param.data becomes the full array, on the parameter's device). Collective over mp_group;
-        uneven shards work."""
-        for param in param_list(params_list):
-            if not self._is_sharded(param) or getattr(param, "_tp_gathered", False):
-                continue
-            dim = self._dim_of(param)
-            shard = self._place.adopt(param.data, "parameter")
-            shape = list(shard.shape)
-            shape[dim] = self._full_shape[dim] if param is self.weight else self.out_features
-            full = self._place.empty(tuple(shape))
-            _C.gather(self.mp_group._handle, shard, dim, self._flat_ranges(), self._nblocks, full)
-            param.data = full
-            param._tp_gathered = True
-
-    def _tp_partition(self, params_list):
-        """Re-slices each gathered parameter from its current full value (edits made while gathered
-        persist in the shards); GPU parameters stay on the GPU."""
-        for param in param_list(params_list):
-            if not self._is_sharded(param) or not getattr(param, "_tp_gathered", False):
-                continue
-            param.data = self._piece(param, param.data, "parameter")
-            param._tp_gathered = False
 
     # -- state dicts (checkpoint.py holds the consolidated ones and the files)
 
@@ -715,7 +540,7 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     host = host_dtype(place.dtype)
     split_dim = cls._shard_dim
     n = out_features if split_dim == 0 else in_features
-    split = _split_args(is_training_mode(), name, kwargs.get("tp_grain_size"), kwargs.get("num_heads"),
+    split = _layout.split_args(is_training_mode(), name, kwargs.get("tp_grain_size"), kwargs.get("num_heads"),
                         kwargs.get("num_kv_heads"), kwargs.get("head_dim"), kwargs.get("block_sizes"),
                         kwargs.get("block_heads"))
     pieces = partition.shard_ranges(n, group.size, **split)[group.rank]
@@ -742,43 +567,7 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
 
 
-UC_META_ATTR = "ds_autotp_universal_checkpoint_meta"  # DeepSpeed's DS_AUTOTP_UC_META
-UC_VERSION = 0.4  # DeepSpeed 0.19's UNIVERSAL_CHECKPOINT_VERSION_VALUE
-
-
-def _uc_meta(kind, dim, logical, output, spec, sizes, widths, partition_sizes, target, original, is_bias, replicated,
-             pieces, pieces_dim):
-    """One parameter's universal-checkpoint metadata, in DeepSpeed 0.19's schema (restore fields, with the
-    conversion subset nested), plus tplinear's explicit pieces."""
-    tup = (lambda v: None if v is None else tuple(v))
-    return {
-        "universal_checkpoint_version": UC_VERSION, "partition_type": kind, "partition_dim": dim,
-        "logical_shape": tup(logical), "output_shape": tup(output), "sub_param_shape": tup(spec),
-        "sub_param_sizes": tup(sizes), "sub_param_shard_widths": widths, "partition_sizes": tup(partition_sizes),
-        "target_partition_shape": tup(target), "original_shape": tup(original), "is_bias": is_bias,
-        "replicated": replicated, "pieces": [list(p) for p in pieces], "pieces_dim": pieces_dim,
-        "conversion": {"partition_type": kind, "partition_dim": dim, "sub_param_shape": tup(spec),
-                       "sub_param_shard_widths": widths, "original_shape": tup(original), "is_bias": is_bias,
-                       "replicated": replicated, "unsupported_reason": None},
-    }
-
-
 def _placement_repr(place):
     """', dtype=float64, device=cuda:0' for what is not the default (float32 on the host)."""
     out = "" if place.dtype == "float32" else f", dtype={place.dtype}"
     return out if place.device is None else f"{out}, device=cuda:{place.device}"
-
-
-def _split_args(training, name, grain, num_heads, num_kv_heads, head_dim, block_sizes, block_heads):
-    """A layer's arguments of partition.shard_ranges, the grain resolved once (tp_grain_size=, else the
-    default of the mode it is built in)."""
-    grain = partition.get_tp_grain_size(training) if grain is None else partition._count(grain, "tp_grain_size")
-    return {"grain": grain, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "name": name,
-            "block_sizes": None if block_sizes is None else list(block_sizes),
-            "block_heads": None if block_heads is None else list(block_heads)}
-
-
-def _concatenated(sizes):
-    """Pieces of shards given one after another (skip_partition)."""
-    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
-    return [[(int(o), int(s))] for o, s in zip(offs, sizes)]

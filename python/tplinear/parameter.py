@@ -53,8 +53,8 @@ def param_list(params):
     """One parameter or an iterable of them, materialised once (a generator is not consumed twice)."""
     if params is None:
         return []
-    if isinstance(params, Parameter) or not hasattr(params, "__iter__") or isinstance(params, np.ndarray):
-        return [params]
+    if isinstance(params, Parameter) or not hasattr(params, "__iter__") or hasattr(params, "shape"):
+        return [params]  # one parameter: ours, or an array / torch tensor (iterating it would walk its rows)
     return [p for p in params if p is not None]
 
 

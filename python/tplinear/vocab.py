@@ -15,7 +15,8 @@ import numpy as np
 
 from . import _C
 from . import partition
-from .layers import _KIND_COL, _Module, _resolve, _shape, _split_args, _TPLayer
+from ._layout import split_args as _split_args
+from .layers import _KIND_COL, _Module, _resolve, _shape, _TPLayer
 from .partition import is_training_mode
 
 _REDUCTIONS = ("mean", "sum", "none")

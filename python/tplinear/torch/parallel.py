@@ -1,0 +1,413 @@
+"""parallelize(model): tensor-parallelises a model in place by a plan, as DeepSpeed AutoTP and
+torch.distributed.tensor.parallel.parallelize_module do, with tplinear's layers and process groups.
+
+The plan comes from, in order: the ``plan`` argument; the Hugging Face model's own plan
+(``model._tp_plan``, else ``config.base_model_tp_plan``), without its embedding / lm_head entries, which
+stay replicated unless the ``plan`` argument names them; DeepSpeed-AutoTP-style name rules. Attention
+heads come from the model config (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and are
+split by tplinear's one GQA rule (``tplinear.attention_heads``: KV heads dealt whole, query heads follow
+their KV group), so Q, K, V and the o_proj input always agree, at any group size.
+
+Styles are transformers' vocabulary (``transformers.distributed.tensor_parallel``): each maps to a
+builder in ``_BUILDERS``; styles that come with later work (sequence parallelism, vocab-parallel
+embeddings) are listed in ``_LATER`` and raise NotImplementedError naming the module.
+"""
+import re
+
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from . import _ops
+from .modules import (
+    Conv_LinearALlreduce,
+    LinearAllreduce,
+    LinearLayer,
+    _TPModule,
+    conv_LinearLayer,
+)
+
+# ------------------------------------------------------------------------------------------ vocabulary
+
+_COLUMN = {"colwise": {}, "colwise_gather_output": {"gather_output": True}, "colwise_rep": {"gather_output": True},
+           "colwise_gather": {"gather_output": True}, "packed_colwise": {"packed": 2}}
+_ROW = {"rowwise": {}, "rowwise_split_input": {"input_is_parallel": False},
+        "rowwise_rep": {"input_is_parallel": False}}
+_HOOKS = ("replicated_with_grad_allreduce", "all_reduce", "mla_kv_a_proj")
+_REPLICATE = ("replicate",)
+_LATER = {  # seams for later work: styles transformers defines that need layers tplinear does not have yet
+    "sequence_parallel": "sequence parallelism (Megatron-style, issue 15)",
+    "embedding_rowwise": "a vocab-parallel embedding (issue 15)",
+    "embedding_colwise": "a hidden-dim-parallel embedding (issue 15)",
+    "packed_rowwise": "a row-parallel layer over a packed input (MoE experts' 3-d weights)",
+    "moe_tp_experts": "tensor-parallel MoE experts (3-d expert weights)",
+    "moe_identity_expert": "tensor-parallel MoE experts",
+    "local_params": "sharding bare parameters (attention sinks)",
+}
+STYLES = sorted(list(_COLUMN) + list(_ROW) + list(_HOOKS) + list(_REPLICATE))
+
+# DeepSpeed AutoTP's name rules (deepspeed/module_inject/auto_tp.py): the last name component
+_NAME_ROW = {"o_proj", "out_proj", "down_proj", "fc2", "c_proj", "wo", "w2", "dense_4h_to_h"}
+_NAME_COL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "c_fc", "c_attn", "qkv_proj", "Wqkv",
+             "W_pack", "dense_h_to_4h", "w1", "w3", "query", "key", "value", "wq", "wk", "wv", "gate_up_proj"}
+_NAME_VOCAB = {"lm_head", "embed_out", "embed_tokens", "wte", "word_embeddings"}  # replicated by default
+
+# attention projections (the heads rule applies to them)
+_Q = {"q_proj", "query", "wq", "q"}
+_KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v"}
+_QKV = {"c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv"}  # [q | k | v] blocks one after another
+_O = {"o_proj", "out_proj", "wo", "o", "c_proj", "dense"}  # only under an attention module
+_GATE_UP = {"gate_up_proj"}
+
+
+def _last(name):
+    return name.rsplit(".", 1)[-1]
+
+
+def _is_attention(name):
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    return bool(re.search(r"(^|\.)(self_)?attn|attention", parent, re.IGNORECASE))
+
+
+def _is_conv1d(module):
+    """transformers' Conv1D (GPT-2): a linear layer with its weight stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _is_linear(module):
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+class _Plan:
+    """(pattern, style) entries; a module name matches a pattern equal to it or to a dotted suffix of it,
+    where * stands for one name component; the longest matching pattern wins."""
+
+    def __init__(self, entries, source):
+        self.source = source
+        self.entries = []
+        for pattern, style in entries.items():
+            if not isinstance(pattern, str) or not isinstance(style, str):
+                raise TypeError(f"a plan maps module-name patterns (str) to styles (str), got {pattern!r}: {style!r}")
+            regex = re.compile(r"(?:^|.*\.)" + r"[^.]+".join(re.escape(part) for part in pattern.split("*")) + r"$")
+            self.entries.append((pattern, style, regex))
+
+    def style(self, name):
+        hits = [(len(p), p, s) for p, s, rx in self.entries if rx.match(name)]
+        return (max(hits)[1:]) if hits else (None, None)
+
+
+def _hf_plan(model):
+    """The Hugging Face model's own plan, fully qualified where it can be: model._tp_plan (set by
+    transformers on PreTrainedModel instances), else config.base_model_tp_plan (under base_model_prefix)."""
+    plan = getattr(model, "_tp_plan", None)
+    if plan:
+        return dict(plan), "the model's _tp_plan"
+    config = getattr(model, "config", None)
+    base = getattr(config, "base_model_tp_plan", None) if config is not None else None
+    if base:
+        prefix = getattr(model, "base_model_prefix", "")
+        has_prefix = prefix and any(n == prefix for n, _ in model.named_children())
+        return {(f"{prefix}.{k}" if has_prefix else k): v for k, v in base.items()}, "config.base_model_tp_plan"
+    return None, None
+
+
+def _vocab_modules(model):
+    """Names of the input embeddings and the output projection (lm_head), which stay replicated unless
+    the plan argument names them."""
+    out = set()
+    named = {id(m): n for n, m in model.named_modules()}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            m = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):
+            m = None
+        if m is not None and id(m) in named:
+            out.add(named[id(m)])
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) or _last(name) in _NAME_VOCAB:
+            out.add(name)
+    return out
+
+
+def _name_rule(name, module):
+    if not _is_linear(module) or _last(name) in _NAME_VOCAB:
+        return None
+    last = _last(name)
+    if last in _NAME_ROW or (last == "dense" and re.search(r"(attention|output)$", name.rsplit(".", 1)[0])):
+        return "rowwise"
+    if last in _NAME_COL or last == "dense":
+        return "packed_colwise" if last in _GATE_UP else "colwise"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ heads
+
+
+def _config_heads(model, num_heads, num_kv_heads, head_dim):
+    """(num_heads, num_kv_heads, head_dim) from the arguments, else the model config, else None."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+
+    def first(*keys):
+        for k in keys:
+            v = getattr(config, k, None) if config is not None else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    h = num_heads if num_heads is not None else first("num_attention_heads", "n_head", "num_heads")
+    if h is None:
+        return None
+    kv = num_kv_heads if num_kv_heads is not None else first("num_key_value_heads", "n_head_kv", "num_kv_heads")
+    d = head_dim if head_dim is not None else first("head_dim")
+    if d is None:
+        hidden = first("hidden_size", "n_embd", "d_model")
+        if hidden is None or hidden % h:
+            raise ValueError(f"cannot tell the head dim: the config has {h} heads but no head_dim, and its hidden "
+                             f"size {hidden} is not a multiple of them; pass head_dim=")
+        d = hidden // h
+    return int(h), int(kv if kv is not None else h), int(d)
+
+
+def _head_kwargs(name, module, kind, heads, size):
+    """The layer arguments that make an attention projection split by whole heads (or {} for others).
+    size: the split dim (out_features of a column layer, in_features of a row layer)."""
+    last = _last(name)
+    attention = _is_attention(name) or last in _Q | _KV | _QKV
+    if heads is None or not attention or last not in _Q | _KV | _QKV | _O:
+        return {}
+    if kind == "row" and last not in _O:
+        return {}
+    h, kv, d = heads
+    args = {"num_heads": h, "num_kv_heads": kv, "head_dim": d}
+    expect = {"q": h * d, "kv": kv * d, "qkv": (h + 2 * kv) * d, "o": h * d}
+    role = ("o" if kind == "row" else "q" if last in _Q else "kv" if last in _KV else "qkv" if last in _QKV else None)
+    if role is None:
+        return {}
+    if size != expect[role]:
+        raise ValueError(f"{name}: an attention projection of {size} features, but the config's heads "
+                         f"(num_attention_heads={h}, num_key_value_heads={kv}, head_dim={d}) make {expect[role]}; "
+                         "pass num_heads= / num_kv_heads= / head_dim= or a plan without it")
+    if role == "qkv":
+        args["block_sizes"] = [h * d, kv * d, kv * d]
+    return args
+
+
+# ------------------------------------------------------------------------------------------ parallelize
+
+
+def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None):
+    """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
+    tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
+
+    plan: {module-name pattern: style}, styles in transformers' vocabulary ("colwise", "rowwise",
+    "colwise_gather_output" / "colwise_gather", "rowwise_split_input", "packed_colwise", "replicate",
+    "replicated_with_grad_allreduce", "all_reduce", "mla_kv_a_proj"). None: the Hugging Face model's own
+    plan (embedding / lm_head entries dropped: they stay replicated), else DeepSpeed-AutoTP-style name
+    rules (q/k/v/gate/up/fc1 -> column, o/down/dense/fc2 -> row). Modules the plan does not name stay
+    replicated. num_heads / num_kv_heads / head_dim override the config's.
+
+    Collective over mp_group: every rank calls it on the same model (same initial values). Raises
+    ValueError for a plan whose column output split and following row input split disagree (naming both
+    modules), NotImplementedError for a style tplinear does not have yet."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    cuda = any(p.is_cuda for p in model.parameters())
+    group = dist._group(mp_group, gpu=cuda)
+    if group.rank < 0:
+        raise ValueError("this rank is not a member of mp_group")
+    heads = _config_heads(model, num_heads, num_kv_heads, head_dim)
+    if plan is not None:
+        if not isinstance(plan, dict):
+            raise TypeError(f"plan must be a dict of module-name pattern -> style, got {type(plan).__name__}")
+        rules, vocab = _Plan(plan, "the plan argument"), set()
+    else:
+        hf, source = _hf_plan(model)
+        rules, vocab = (_Plan(hf, source), _vocab_modules(model)) if hf else (None, _vocab_modules(model))
+    named = dict(model.named_modules())
+    chosen = {}  # module name -> (style, pattern)
+    for name, module in named.items():
+        if not name or isinstance(module, _TPModule):  # already tensor-parallel: parallelize twice is a no-op
+            continue
+        if rules is not None:
+            pattern, style = rules.style(name)
+            if style is None or name in vocab:
+                continue
+        else:
+            style, pattern = _name_rule(name, module), "DeepSpeed AutoTP's name rules"
+            if style is None or name in vocab:
+                continue
+        chosen[name] = (style, pattern)
+    if rules is not None:  # a plan may name parameters (bare nn.Parameters): only replicate is a no-op there
+        params = dict(model.named_parameters())
+        for name in params:
+            pattern, style = rules.style(name)
+            if style is not None and style not in _REPLICATE and name not in named:
+                _refuse(name, style, pattern, rules.source)
+    _check_tied(model, chosen)
+    built = {}
+    for name, (style, pattern) in chosen.items():
+        module = named[name]
+        source = rules.source if rules is not None else "DeepSpeed AutoTP's name rules"
+        if style in _REPLICATE:
+            continue
+        if style in _HOOKS:
+            _install_hook(name, module, style, group, model)
+            continue
+        if style not in _COLUMN and style not in _ROW:
+            _refuse(name, style, pattern, source)
+        if not _is_linear(module):
+            raise ValueError(f"{name}: style {style!r} ({source}) is for linear layers, but {name} is a "
+                             f"{type(module).__name__}")
+        built[name] = _build(name, module, style, group, heads)
+    _check_pairs(built)
+    for name, layer in built.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(named[parent_name] if parent_name else model, child, layer)
+    _update_attention_attributes(model, built, heads)
+    return model
+
+
+def _refuse(name, style, pattern, source):
+    if style in _LATER:
+        raise NotImplementedError(f"{name}: style {style!r} (from {source}, {pattern!r}) needs {_LATER[style]}, "
+                                  "which tplinear does not have yet; leave it out of the plan to keep the module "
+                                  "replicated")
+    raise ValueError(f"{name}: unknown tensor-parallel style {style!r} (from {source}, {pattern!r}); "
+                     f"tplinear.torch supports {', '.join(STYLES)}")
+
+
+def _check_tied(model, chosen):
+    """A weight shared by two modules (tied embeddings) cannot be sharded in one of them."""
+    owners = {}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    for name, (style, _) in chosen.items():
+        if style in _COLUMN or style in _ROW:
+            for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+                others = [o for o in owners[id(p)] if o != f"{name}.{pname}"]
+                if others:
+                    raise ValueError(f"{name}.{pname} is tied to {', '.join(others)}: sharding it would shard "
+                                     "them too; keep it replicated (leave it out of the plan) or untie the weights")
+
+
+def _build(name, module, style, group, heads):
+    kind = "col" if style in _COLUMN else "row"
+    opts = dict(_COLUMN.get(style) or _ROW.get(style) or {})
+    conv = _is_conv1d(module)
+    out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
+    kwargs = _head_kwargs(name, module, kind, heads, out_f if kind == "col" else in_f)
+    packed = opts.pop("packed", None)
+    if packed and "block_sizes" not in kwargs:
+        if out_f % packed:
+            raise ValueError(f"{name}: packed_colwise splits {out_f} output features into {packed} equal blocks, "
+                             "but they do not divide")
+        kwargs["block_sizes"] = [out_f // packed] * packed
+    if kind == "col":
+        cls = conv_LinearLayer if conv else LinearLayer
+        return cls(module, mp_group=group, name=name, **opts, **kwargs)
+    cls = Conv_LinearALlreduce if conv else LinearAllreduce
+    return cls(module, mp_group=group, name=name, **opts, **kwargs)
+
+
+def _block_pieces(col, r, n):
+    """Column layer col's pieces at rank r of each of its blocks of size n, relative to the block."""
+    out, start = [], 0
+    blocks = col._split["block_sizes"] or [col.out_features]
+    for i, size in enumerate(blocks):
+        if size == n:
+            off, width = col._pieces[r][i]
+            out.append((off - start, width))
+        start += size
+    return out
+
+
+def _check_pairs(built):
+    """A row layer's input split must be the split of the column outputs that feed it: the column layers
+    beside it (same parent module) whose output (or one packed block of it) has its in_features."""
+    for rname, row in built.items():
+        if not isinstance(row, LinearAllreduce) or not row.input_is_parallel:
+            continue
+        parent = rname.rpartition(".")[0]
+        for cname, col in built.items():
+            if not isinstance(col, LinearLayer) or col.gather_output or cname.rpartition(".")[0] != parent:
+                continue
+            for r in range(row.tp_world_size):
+                theirs = _block_pieces(col, r, row.in_features)
+                mine = row._pieces[r][0]
+                if any(p != mine for p in theirs):
+                    raise ValueError(
+                        f"the plan splits {cname}'s output and {rname}'s input differently: rank {r} gets "
+                        f"{theirs} of {cname}'s output but {mine} of {rname}'s input (offset, size); give both "
+                        "the same heads / grain, or keep them replicated")
+
+
+def _update_attention_attributes(model, built, heads):
+    """Per-rank head counts on the attention modules that read them (as DeepSpeed's update_mp_params):
+    GPT-2's split_size (the width of each of q, k, v in c_attn's output), and num_heads /
+    num_key_value_heads where a module keeps them as plain ints."""
+    if heads is None:
+        return
+    h, kv, d = heads
+    for name, layer in built.items():
+        if not isinstance(layer, LinearLayer) or layer.num_heads is None:
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        r = layer.tp_index
+        if layer._split["block_sizes"] is not None and len(layer._split["block_sizes"]) == 3:
+            q_width = layer._pieces[r][0][1]
+            if getattr(parent, "split_size", None) == h * d:
+                parent.split_size = q_width
+        q_local = None
+        if _last(name) in _Q:
+            q_local = layer.local_shape[0] // d
+        elif _last(name) in _QKV:
+            q_local = layer._pieces[r][0][1] // d
+        if q_local is not None:
+            for attr, full, local in (("num_heads", h, q_local), ("num_attention_heads", h, q_local),
+                                      ("num_key_value_heads", kv, q_local * kv // h)):
+                if getattr(parent, attr, None) == full and not isinstance(getattr(parent, attr), bool):
+                    setattr(parent, attr, local)
+
+
+# ------------------------------------------------------------------------------------------ hook styles
+
+
+def _install_hook(name, module, style, group, model):
+    if style == "replicated_with_grad_allreduce":
+        # each rank's gradient covers only its own heads: sum the incoming gradients over the group before
+        # they accumulate (a tensor hook, so gradient accumulation over micro-batches stays right)
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
+                p.register_hook(lambda g, group=group: _ops.all_reduce_(group, g.clone(
+                    memory_format=torch.contiguous_format)))
+                p._tplinear_grad_allreduce = True
+        return
+    if style == "all_reduce":
+        module.register_forward_hook(lambda m, args, out: None if out is None else _ops.ReduceFromGroup.apply(
+            out, group))
+        return
+    if style == "mla_kv_a_proj":  # DeepSeek MLA: the rope part bypasses the column layer after it
+        config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        rope = getattr(config, "qk_rope_head_dim", None)
+        if not isinstance(rope, int):
+            raise ValueError(f"{name}: style 'mla_kv_a_proj' needs the config's qk_rope_head_dim")
+
+        def hook(m, args, out, rope=rope):
+            passed, rot = out.split([out.shape[-1] - rope, rope], dim=-1)
+            return torch.cat([passed, _ops.CopyToGroup.apply(rot, group)], dim=-1)
+        module.register_forward_hook(hook)
+        return
+    raise AssertionError(style)
+
+
+def tp_modules(model):
+    """The tplinear layers of a model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _TPModule)}

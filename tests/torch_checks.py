@@ -1,0 +1,409 @@
+"""Checks that run inside each rank of a world spawned by tests/test_torch.py.
+
+Every rank builds the same full modules from the same seed, keeps an unsharded float64 copy as the
+reference, tensor-parallelises the other, and compares outputs, input gradients and every parameter's
+gradient (gathered) against the reference. Inputs are fresh on every test run (TPLINEAR_TEST_SEED).
+"""
+import copy
+import os
+import warnings
+import zlib
+
+import torch
+from torch import nn
+
+import tplinear as tp
+import tplinear.distributed as dist
+import tplinear.torch as tpt
+
+warnings.filterwarnings("ignore")
+SEED = int(os.environ.get("TPLINEAR_TEST_SEED", "0"))
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def seed(*key):
+    torch.manual_seed((SEED * 1000003 + zlib.crc32(repr(key).encode())) % (2**63))
+
+
+def rel(got, ref):
+    got, ref = got.detach().double(), ref.detach().double()
+    den = ref.norm().item()
+    return (got - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def close(got, ref, dtype, what, tol=None):
+    assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = rel(got, ref)
+    tol = TOL[dtype] if tol is None else tol
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+    return err
+
+
+def init(timeout=120.0):
+    dist.init_process_group(timeout=timeout)
+    torch.set_num_threads(1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def full_grad(param):
+    """param's gradient as the full tensor (gathered when param is a shard)."""
+    layer = getattr(param, "tp_layer", None)
+    return param.grad if layer is None else layer.full_tensor(param, param.grad)
+
+
+def pieces_index(layer, r=None):
+    """The indices of rank r's pieces along the split dim."""
+    r = layer.tp_index if r is None else r
+    return torch.cat([torch.arange(o, o + s) for o, s in layer.shard_ranges()[r]] or [torch.zeros(0, dtype=torch.long)])
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D (transformers.pytorch_utils): y = x @ W + b with W stored [in, out]."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def check_layer(kind, dtype, training, in_f, out_f, lead=(5,), bias=True, **opts):
+    """kind: row, col, conv_row, conv_col. opts: input_is_parallel / gather_output / tp_overlap_comm /
+    block_sizes / heads."""
+    tp.set_training_mode(training)
+    seed("layer", kind, str(dtype), training, in_f, out_f, lead, bias, tuple(sorted(opts.items())))
+    conv = kind.startswith("conv")
+    src = (Conv1D(out_f, in_f) if conv else nn.Linear(in_f, out_f, bias=bias)).to(dtype)
+    ref = copy.deepcopy(src).double()
+    w_full = (ref.weight.t() if conv else ref.weight).detach()
+    row = kind.endswith("row")
+    cls = {"row": tpt.LinearAllreduce, "col": tpt.LinearLayer, "conv_row": tpt.Conv_LinearALlreduce,
+           "conv_col": tpt.conv_LinearLayer}[kind]
+    layer = cls(src, **opts)
+    assert layer.weight is not None and getattr(layer.weight, "ds_is_replaced_module", False)
+    idx = pieces_index(layer)
+    expect_w = w_full[:, idx] if row else w_full[idx]
+    assert torch.equal(layer.weight.detach().double(), expect_w), "shard is not this rank's pieces"
+    x = torch.randn(*lead, in_f, dtype=dtype)
+    gathered_out = opts.get("gather_output", False)
+    parallel_in = row and opts.get("input_is_parallel", True)
+    xin = x[..., idx].contiguous() if parallel_in else x
+    xin = xin.clone().requires_grad_()
+    y = layer(xin)
+    x64 = x.double().requires_grad_()
+    y64 = ref(x64)
+    out_ref = y64 if (row or gathered_out) else y64[..., idx]
+    close(y, out_ref, dtype, f"{kind} forward")
+    dy = torch.randn(out_ref.shape, dtype=dtype)
+    y.backward(dy)
+    full_dy = dy if (row or gathered_out) else None
+    if full_dy is None:  # a column layer's partitioned output: each rank's dY is its own slice of the full dY
+        full_dy = torch.zeros(y64.shape, dtype=dtype)
+        full_dy[..., idx] = dy
+        full_dy = _sum_over_ranks(full_dy)
+    y64.backward(full_dy.double())
+    dx_ref = x64.grad[..., idx] if parallel_in else x64.grad
+    close(xin.grad, dx_ref, dtype, f"{kind} dX")
+    close(full_grad(layer.weight), ref.weight.grad.t() if conv else ref.weight.grad, dtype, f"{kind} dW")
+    if layer.bias is not None:
+        close(full_grad(layer.bias), ref.bias.grad, dtype, f"{kind} db")
+    return layer
+
+
+def _sum_over_ranks(t):
+    t = t.contiguous()
+    dist.all_reduce(t.numpy())
+    return t
+
+
+def check_mlp(dtype, training, hidden, inner, lead=(3, 4)):
+    """column -> SiLU -> row with autograd, against the float64 block."""
+    tp.set_training_mode(training)
+    seed("mlp", str(dtype), training, hidden, inner)
+    fc1, fc2 = nn.Linear(hidden, inner).to(dtype), nn.Linear(inner, hidden).to(dtype)
+    r1, r2 = copy.deepcopy(fc1).double(), copy.deepcopy(fc2).double()
+    col, row = tpt.LinearLayer(fc1), tpt.LinearAllreduce(fc2)
+    x = torch.randn(*lead, hidden, dtype=dtype)
+    xa, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    loss = row(torch.nn.functional.silu(col(xa))).square().mean()
+    ref = r2(torch.nn.functional.silu(r1(x64))).square().mean()
+    close(loss.reshape(1), ref.reshape(1), dtype, "mlp loss")
+    loss.backward()
+    ref.backward()
+    close(xa.grad, x64.grad, dtype, "mlp dX")
+    for name, mine, theirs in (("fc1.weight", col.weight, r1.weight), ("fc1.bias", col.bias, r1.bias),
+                               ("fc2.weight", row.weight, r2.weight), ("fc2.bias", row.bias, r2.bias)):
+        close(full_grad(mine), theirs.grad, dtype, f"mlp {name} grad")
+
+
+def run_layer_checks(in_f, out_f):
+    p = dist.get_world_size()
+    for training in (True, False):
+        for dtype in (torch.float32, torch.float64):
+            for lead in ((), (5,), (2, 3)):
+                for bias in (True, False):
+                    check_layer("row", dtype, training, in_f, out_f, lead, bias)
+                    check_layer("col", dtype, training, in_f, out_f, lead, bias)
+            check_layer("row", dtype, training, in_f, out_f, input_is_parallel=False)
+            check_layer("col", dtype, training, in_f, out_f, gather_output=True)
+            check_layer("col", dtype, training, in_f, out_f, tp_overlap_comm=True)
+            check_layer("col", dtype, training, in_f, out_f, lead=(0,))
+            check_layer("conv_row", dtype, training, in_f, out_f)
+            check_layer("conv_col", dtype, training, in_f, out_f)
+            check_mlp(dtype, training, in_f, out_f)
+        # packed QKV with grouped-query heads (12 query heads, 4 KV heads, head_dim 4): Q follows its KV group
+        lay = check_layer("col", torch.float32, training, 24, 80, block_sizes=[48, 16, 16], num_heads=12,
+                          num_kv_heads=4, head_dim=4)
+        q, k, v = lay.shard_ranges()[lay.tp_index]
+        qh = range(q[0] // 4, (q[0] + q[1]) // 4)
+        kh = range((k[0] - 48) // 4, (k[0] - 48 + k[1]) // 4)
+        assert [h // 3 for h in qh] == [h for h in kh for _ in range(3)], (qh, kh)
+        check_layer("col", torch.float64, training, 24, 64, block_sizes=[32, 32])  # gate/up
+    print(f"rank {dist.get_rank()} of {p}: torch layer checks passed", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- zero-copy
+
+
+def check_zero_copy():
+    """The C core reads and writes the tensors' own memory: every pointer it is handed is the data
+    pointer of the torch tensor involved (input, weight, bias, output; dY, saved input, dX, dW, db), and a
+    weight gradient lands in .grad without a copy."""
+    from tplinear.torch import _ops
+
+    tp.set_training_mode(True)
+    seen = []
+    real = _ops._C
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if name not in ("row_forward", "row_backward", "col_forward", "col_backward"):
+                return fn
+
+            def wrapped(*args):
+                seen.append((name, [real.tensor_info(a)["data"] if hasattr(a, "shape") else None for a in args[1:]]))
+                out = fn(*args)
+                return out
+            return wrapped
+
+    _ops._C = Spy()
+    try:
+        seed("zero-copy")
+        col = tpt.LinearLayer(nn.Linear(16, 24))
+        row = tpt.LinearAllreduce(nn.Linear(24, 16))
+        x = torch.randn(3, 16, requires_grad=True)   # requires grad: must go in without a copy too
+        h = col(x)
+        y = row(h)
+        grad_y = torch.randn_like(y)
+        y.backward(grad_y)
+    finally:
+        _ops._C = real
+    calls = dict((name, ptrs) for name, ptrs in seen)
+    ptr = torch.Tensor.data_ptr
+    assert calls["col_forward"] == [ptr(x), ptr(col.weight), ptr(col.bias), ptr(h)], calls["col_forward"]
+    assert calls["row_forward"] == [ptr(h), ptr(row.weight), ptr(row.bias), ptr(y)], calls["row_forward"]
+    dy, xs, w, dx, dw, db = calls["row_backward"]
+    assert (dy, xs, w, dw, db) == (ptr(grad_y), ptr(h), ptr(row.weight), ptr(row.weight.grad), ptr(row.bias.grad))
+    dy2, xs2, w2, dx2, dw2, db2 = calls["col_backward"][:6]
+    assert (dy2, xs2, w2, dx2, dw2, db2) == (dx, ptr(x), ptr(col.weight), ptr(x.grad), ptr(col.weight.grad),
+                                             ptr(col.bias.grad))
+    # the next step reuses the gradient buffers once optimizer.zero_grad() let go of them
+    before = (ptr(col.weight.grad), ptr(row.weight.grad))
+    for p in list(col.parameters()) + list(row.parameters()):
+        p.grad = None
+    row(col(x)).backward(grad_y)
+    assert (ptr(col.weight.grad), ptr(row.weight.grad)) == before, "gradient buffers were not reused"
+    # ... and accumulating into a kept .grad gives the sum, not a buffer overwritten in place
+    g1 = row.weight.grad.clone()
+    row(col(x)).backward(grad_y)
+    close(row.weight.grad, 2 * g1, torch.float32, "accumulated grad")
+    print(f"rank {dist.get_rank()}: zero-copy checks passed", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def check_params_and_optimizer():
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(False)
+    seed("params")
+    lin = nn.Linear(100, 70)  # uneven at 3 ranks (inference grain 64 leaves some ranks little or nothing)
+    full_w, full_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    w_obj = lin.weight
+    col = tpt.LinearLayer(lin)
+    assert col.weight is w_obj, "the source module's Parameter object is kept (its data replaced by the shard)"
+    assert col.weight.untyped_storage().nbytes() == col.weight.numel() * 4, "the full weight is still referenced"
+    assert col.weight.shape == col.local_shape and col.full_shape == (70, 100)
+    assert col.weight.tensor_model_parallel and col.weight.partition_dim == 0
+    for params in ([col.weight, col.bias], col.weight, (q for q in col.parameters()), col.parameters()):
+        with tpt.GatherReplacedLayerParams(params, col):
+            assert torch.equal(col.weight.detach(), full_w)
+    with tpt.GatherReplacedLayerParams(list(col.parameters()), col):
+        assert torch.equal(col.bias.detach(), full_b)
+        sd = col.state_dict()
+        assert torch.equal(sd["weight"], full_w)
+        with torch.no_grad():
+            col.weight.add_(1.0)  # an edit made while gathered persists in the shard
+    idx = pieces_index(col)
+    assert torch.equal(col.weight.detach(), full_w[idx] + 1.0)
+    try:
+        with tpt.GatherReplacedLayerParams(col.parameters(), col):
+            raise KeyError("body")
+    except KeyError:
+        pass
+    assert col.weight.shape == col.local_shape, "not re-partitioned after the body raised"
+    # DeepSpeed's own context manager works on these parameters (its hooks are on them)
+    try:
+        from deepspeed.module_inject.layers import GatherReplacedLayerParams as DSGather
+    except Exception:  # noqa: BLE001 - deepspeed is optional
+        DSGather = None
+    if DSGather is not None:
+        with DSGather([col.weight, col.bias], col):
+            assert torch.equal(col.weight.detach(), full_w + 1.0)
+        assert col.weight.shape == col.local_shape
+    # torch.optim works unchanged on shards: AdamW on the shards equals AdamW on the full layer's slices
+    tp.set_training_mode(True)
+    seed("optim")
+    src = nn.Linear(12, 8 * p + 1)
+    ref = copy.deepcopy(src)
+    layer = tpt.LinearLayer(src)
+    opt, ropt = torch.optim.AdamW(layer.parameters(), lr=0.1), torch.optim.AdamW(ref.parameters(), lr=0.1)
+    x = torch.randn(6, 12)
+    for _ in range(3):
+        opt.zero_grad()
+        ropt.zero_grad()
+        out = layer(x)
+        idx = pieces_index(layer)
+        (out * out).sum().backward()
+        (ref(x)[..., idx] ** 2).sum().backward()  # only this rank's outputs: the shard's gradient
+        opt.step()
+        ropt.step()
+    close(layer.weight, ref.weight[idx], torch.float32, "AdamW step on the shard")
+    print(f"rank {r}: parameter checks passed", flush=True)
+
+
+def check_bad_input():
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(True)
+    row = tpt.LinearAllreduce(nn.Linear(8 * p, 4))
+    if p > 1:
+        _raises(ValueError, lambda: row(torch.zeros(2, 8 * p)), "last dimension must be 8")
+    col = tpt.LinearLayer(nn.Linear(8, 4 * p))
+    _raises(ValueError, lambda: col(torch.zeros(2, 9)), "must be 8")
+    _raises(TypeError, lambda: col(torch.zeros(2, 8, dtype=torch.float64)), "float64")
+    _raises(TypeError, lambda: tpt.LinearLayer(nn.Linear(8, 8).half()), "float16")
+    _raises(TypeError, lambda: tpt.LinearLayer(object()), ".weight")
+    _raises(TypeError, lambda: tpt.LinearLayer(nn.Linear(8, 8), mp_group="world"), "ProcessGroup")
+    if p > 1:
+        tp.set_training_mode(r == 0)  # ranks that disagree raise on every rank
+        _raises(ValueError, lambda: tpt.LinearLayer(nn.Linear(16, 64 * p)), "training mode")
+        tp.set_training_mode(True)
+    print(f"rank {r}: bad-input checks passed", flush=True)
+
+
+def _raises(exc, fn, *words):
+    try:
+        fn()
+    except exc as e:
+        for w in words:
+            assert w in str(e), f"{str(e)!r} lacks {w!r}"
+        return
+    raise AssertionError(f"{fn} did not raise {exc.__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+
+def hf_model(kind, dtype=torch.float32):
+    """A tiny transformers model from a config (no download), the same on every rank."""
+    import transformers
+    from transformers import logging
+
+    logging.set_verbosity_error()
+    common = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                  tie_word_embeddings=False)
+    if kind == "llama":  # grouped-query attention: 12 query heads in 4 KV groups
+        cfg = transformers.LlamaConfig(intermediate_size=88, num_attention_heads=12, num_key_value_heads=4,
+                                       head_dim=8, **common)
+        cls = transformers.LlamaForCausalLM
+    elif kind == "qwen2":  # biased q/k/v, 2 KV heads: ranks beyond them hold no heads
+        cfg = transformers.Qwen2Config(intermediate_size=72, num_attention_heads=6, num_key_value_heads=2, **common)
+        cls = transformers.Qwen2ForCausalLM
+    elif kind == "qwen3":  # per-head q_norm / k_norm: replicated_with_grad_allreduce
+        cfg = transformers.Qwen3Config(intermediate_size=72, num_attention_heads=6, num_key_value_heads=3,
+                                       head_dim=8, **common)
+        cls = transformers.Qwen3ForCausalLM
+    elif kind == "gpt2":  # Conv1D (weights [in, out]), fused c_attn, no plan of its own: name rules
+        cfg = transformers.GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=6, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0)
+        cls = transformers.GPT2LMHeadModel
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = "sdpa"  # in the model's dtype (eager attention's softmax runs in float32)
+    seed("hf", kind)
+    return cls(cfg).to(dtype)
+
+
+def ref_grad(ref_param, param):
+    """The reference gradient laid out like param (a Conv1D weight became [out, in])."""
+    g = ref_param.grad
+    layer = getattr(param, "tp_layer", None)
+    return g.t() if layer is not None and layer._conv1d and g.dim() == 2 else g
+
+
+def check_hf(kind, dtype, training, batch=2, seq=7):
+    tp.set_training_mode(training)
+    model = hf_model(kind, dtype)
+    ref = copy.deepcopy(model).double()
+    tpt.parallelize(model)
+    assert tpt.tp_modules(model), "nothing was parallelized"
+    seed("hf-input", kind)
+    ids = torch.randint(0, 97, (batch, seq))
+    out = model(ids, labels=ids)
+    expect = ref(ids, labels=ids)
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    what = f"{kind} {'training' if training else 'inference'} mode {dtype} p={dist.get_world_size()}"
+    close(out.logits, expect.logits, dtype, f"{what} logits", tol)
+    # transformers computes the loss in float32 whatever the model's dtype
+    close(out.loss.reshape(1), expect.loss.reshape(1), dtype, f"{what} loss", max(tol, 1e-7))
+    out.loss.backward()
+    expect.loss.backward()
+    refs = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        close(full_grad(param), ref_grad(refs[name], param), dtype, f"{what} grad of {name}", tol)
+    return model
+
+
+def check_no_full_weights(kind):
+    """After parallelize, every sharded parameter's storage holds only its shard, and the rank holds
+    the model's replicated bytes plus its shards only."""
+    model = hf_model(kind)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tpt.parallelize(model)
+    layers = tpt.tp_modules(model)
+    sharded = replicated = 0
+    for p in model.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), \
+            f"a parameter of shape {tuple(p.shape)} keeps a storage of {p.untyped_storage().nbytes()} bytes"
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += p.numel() * p.element_size()
+        else:
+            replicated += p.numel() * p.element_size()
+    full_sharded = sum(l.weight.numel() * 0 + l.full_shape[0] * l.full_shape[1] * 4 for l in layers.values())
+    p_ = dist.get_world_size()
+    if p_ > 1:
+        assert sharded < full_sharded, (sharded, full_sharded)
+    assert sharded + replicated <= full_bytes
+    total = torch.tensor([float(sharded)])
+    dist.all_reduce(total.numpy())
+    col_bias = sum(l.out_features * 4 for l in layers.values() if isinstance(l, tpt.LinearLayer) and l.bias is not None)
+    assert int(total.item()) == full_sharded + col_bias, (int(total.item()), full_sharded, col_bias)
+    print(f"rank {dist.get_rank()}: {kind}: {sharded} sharded + {replicated} replicated bytes of {full_bytes}",
+          flush=True)
