@@ -146,6 +146,7 @@ def timing_worker(args):
 
     import tplinear as tp
     import tplinear.distributed as dist
+    from tplinear import _C
 
     dist.init_process_group(timeout=1800)
     r, p = dist.get_rank(), dist.get_world_size()
@@ -162,10 +163,12 @@ def timing_worker(args):
     dy = rng.standard_normal((S, 1, fs)).astype(np.float32)
     xr = x[so:so + ss].copy()
 
-    def col_forward(chunks):
+    seq = tp.sequence_ranges(S, p)
+    y = np.empty((S, 1, fs), np.float32)
+
+    def col_forward(chunks):  # the layer's forward call with explicit chunks (TPLINEAR_SP_CHUNKS)
         def run():
-            tp.layers.SP_OVERLAP_CHUNKS = chunks  # what tp_overlap_comm=True uses
-            (up_sp_ov if chunks else up_sp)(xr, seq_len=S)
+            _C.col_forward_sp(up_sp.mp_group._handle, xr, up_sp.weight.data, up_sp.bias.data, seq, y, chunks)
         return run
 
     def col_backward(layer):

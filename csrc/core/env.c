@@ -56,6 +56,9 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_NCCL_ASYNC] = {"TPLINEAR_NCCL_ASYNC", KNOB_BOOL, "0", 0, 0, 1, NULL,
                             "nccl: 1 returns from a collective once it is enqueued and waits (still bounded by "
                             "the timeout) at the group's next call"},
+    [TP_KNOB_SP_CHUNKS] = {"TPLINEAR_SP_CHUNKS", KNOB_INT, "0", 0, 0, 64, NULL,
+                           "sequence parallelism: n > 1 pipelines a column layer's forward all-gather with its "
+                           "GEMM in n chunks (host memory); 0 or 1: gather, then multiply"},
 };
 
 #define VALUE_CAP 128

@@ -57,6 +57,7 @@ typedef enum {
     TP_KNOB_SHM_YIELD_US,
     TP_KNOB_ALLOW_TF32,
     TP_KNOB_NCCL_ASYNC,
+    TP_KNOB_SP_CHUNKS,
     TP_KNOB_COUNT
 } tp_knob;
 /* An int, bool or choice knob's value (a choice: its index in the declared choices, -1 unset), the

@@ -336,7 +336,8 @@ TP_API tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tens
  * Column-parallel: x is this rank's rows [seq[rank].size, ..., in]; y = all_gather_rows(x) @ w_r^T + b_r,
  * the whole sequence [S, ..., out_r]. chunks > 1 (host memory) pipelines the gather with the GEMM: a helper
  * thread gathers each rank's rows in `chunks` pieces while this thread multiplies the piece gathered
- * before (the full input is then never assembled); chunks <= 1 gathers, then multiplies. */
+ * before (the full input is then never assembled); chunks 0 or 1 gathers, then multiplies; chunks < 0
+ * takes TPLINEAR_SP_CHUNKS (default 0). */
 TP_API tp_status tp_col_forward_sp(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
                                    const tp_range *seq, tp_tensor *y, int chunks);
 /* dy [S, ..., out_r], x this rank's rows of the input (as in forward): dx (this rank's rows) =

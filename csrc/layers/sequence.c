@@ -360,6 +360,7 @@ tp_status tp_col_forward_sp(tp_group *g, const tp_tensor *x, const tp_tensor *w,
     TP_CHECK(check_rows(g, y, x, seq, "output", "input"));
     xs = with_rows(x, y->shape[0]);
     TP_CHECK(tp_linear_check(&xs, w, b, y));
+    if (chunks < 0) chunks = (int)tp_knob_value(TP_KNOB_SP_CHUNKS);
     if (chunks > 1 && chunks <= 64 && tp_group_size(g) > 1 && tp_group_size(g) <= 64 && x->device.type == TP_DEVICE_CPU) {
         TP_CHECK(col_forward_pipelined(g, x, w, b, seq, y, chunks));
         goto out;

@@ -39,7 +39,7 @@ static tp_range *seq_ranges(tp_group *g, PyObject *obj)
 static PyObject *py_col_forward_sp(PyObject *m, PyObject *args)
 {
     PyObject *go, *x, *w, *b, *so, *y;
-    int chunks = 0;
+    int chunks = -1;
     tp_group *g;
     if (!PyArg_ParseTuple(args, "OOOOOO|i", &go, &x, &w, &b, &so, &y, &chunks)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
@@ -165,7 +165,8 @@ static PyObject *py_vocab_cross_entropy(PyObject *m, PyObject *args)
 }
 
 PyMethodDef tpy_sequence_methods[] = {
-    {"col_forward_sp", py_col_forward_sp, METH_VARARGS, "col_forward_sp(group, x, w, b|None, seq, y, chunks=0)"},
+    {"col_forward_sp", py_col_forward_sp, METH_VARARGS,
+     "col_forward_sp(group, x, w, b|None, seq, y, chunks=-1): chunks < 0 takes TPLINEAR_SP_CHUNKS"},
     {"col_backward_sp", py_col_backward_sp, METH_VARARGS,
      "col_backward_sp(group, dy, x, w, seq, dx, dw|None, db|None, overlap=False)"},
     {"row_forward_sp", py_row_forward_sp, METH_VARARGS, "row_forward_sp(group, x, w, b|None, seq, y)"},

@@ -133,7 +133,8 @@ def shard(full: _Array, dim: int, ranges: Sequence[_Range], nblocks: int, rank: 
 # ---------------------------------------------------------------- sequence and vocabulary parallelism
 # seq: every rank's rows of the sequence dim (dim 0), [(offset, size)] * group size, consecutive in rank order
 def col_forward_sp(group: Group, x: _Array, w: _Array, b: Optional[_Array], seq: Sequence[_Range], y: _Array,
-                   chunks: int = 0, /) -> None: ...
+                   chunks: int = -1, /) -> None:
+    """chunks: > 1 pipelines the gather with the GEMM; 0 or 1 gathers first; < 0: TPLINEAR_SP_CHUNKS."""
 def col_backward_sp(group: Group, dy: _Array, x: _Array, w: _Array, seq: Sequence[_Range], dx: _Array,
                     dw: Optional[_Array], db: Optional[_Array], overlap: bool = False, /) -> None: ...
 def row_forward_sp(group: Group, x: _Array, w: _Array, b: Optional[_Array], seq: Sequence[_Range], y: _Array,

@@ -325,11 +325,11 @@ class LinearAllreduce(_TPLayer):
         if sequence_parallel and not input_is_parallel:  # Megatron's RowParallelLinear refuses it too
             raise ValueError("sequence_parallel=True needs input_is_parallel=True (the input's features split, its "
                              "sequence whole)")
+        self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
                          tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, _full=_full)
         self.input_is_parallel = bool(input_is_parallel)
-        self.sequence_parallel = bool(sequence_parallel)
 
     @classmethod
     def from_init(cls, in_features, out_features, mp_group=None, seed=0, bias=True, dtype="float32", name=None,
@@ -398,8 +398,8 @@ class LinearLayer(_TPLayer):
     (dim 0), all-gathered before the GEMM; backward reduce-scatters dX to those rows and gathers the input
     again for dW (the full input is not kept between forward and backward). forward(x, seq_len=None): the
     whole sequence's length, when known, spares one small all-gather of the ranks' row counts. With
-    tp_overlap_comm=True the forward gathers in chunks under the GEMM and the backward runs its collectives
-    under the GEMMs.
+    tp_overlap_comm=True the backward runs its two collectives under its two GEMMs (TPLINEAR_SP_CHUNKS
+    pipelines the forward's gather with its GEMM).
 
     block_sizes / block_heads: a packed output dim (fused QKV, gate/up): each block is split separately
     and a rank's shard is its pieces in block order.
@@ -417,12 +417,12 @@ class LinearLayer(_TPLayer):
         if sequence_parallel and gather_output:
             raise ValueError("sequence_parallel=True and gather_output=True do not go together (the output of a "
                              "sequence-parallel column layer is this rank's features of the whole sequence)")
+        self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
                          tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, _full=_full)
         self.gather_output = bool(gather_output)
         self.tp_overlap_comm = bool(tp_overlap_comm)
-        self.sequence_parallel = bool(sequence_parallel)
 
     @classmethod
     def from_weights(cls, weight_shape=None, weight=None, bias=None, mp_group=None, dtype="float32", **kwargs):
@@ -468,8 +468,7 @@ class LinearLayer(_TPLayer):
         self._seq = partition._sequence_split(self.mp_group, shape[0], seq_len)
         rows = sum(size for _, size in self._seq)
         y = self._place.empty((rows,) + shape[1:-1] + (w.shape[0],))
-        _C.col_forward_sp(self.mp_group._handle, x, w, _optional(self.bias), self._seq, y,
-                          SP_OVERLAP_CHUNKS if self.tp_overlap_comm else 0)
+        _C.col_forward_sp(self.mp_group._handle, x, w, _optional(self.bias), self._seq, y, -1)  # TPLINEAR_SP_CHUNKS
         self._save(x)
         return y
 
@@ -496,11 +495,6 @@ class LinearLayer(_TPLayer):
         _C.col_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads(),
                         self.tp_overlap_comm)
         return dx
-
-
-# Chunks of the column forward's gather pipelined with its GEMM under tp_overlap_comm=True
-# (benchmarks/sequence_parallel.py measures the choice).
-SP_OVERLAP_CHUNKS = 4
 
 
 def _sequence_shape(x, what="input"):

@@ -54,10 +54,10 @@ class VocabParallelEmbedding(_TPLayer):
         elif tuple(_shape(weight, "weight")) != (num_embeddings, embedding_dim):
             raise ValueError(f"weight must be [num_embeddings, embedding_dim] = [{num_embeddings}, {embedding_dim}], "
                              f"got shape {tuple(_shape(weight, 'weight'))}")
+        self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(_Module(weight), mp_group, name, False, dtype=dtype, tp_grain_size=tp_grain_size, _full=full)
         if self.device is not None:
             raise NotImplementedError("VocabParallelEmbedding runs on host arrays in this version of tplinear")
-        self.sequence_parallel = bool(sequence_parallel)
         (self._vocab_offset, _), = self._pieces[self.tp_index]
 
     @staticmethod
