@@ -32,8 +32,8 @@ def rng_for(*key):
     return np.random.default_rng([SEED, zlib.crc32(repr(key).encode())])
 
 
-def init(timeout=60.0):
-    dist.init_process_group(timeout=timeout)
+def init(timeout=60.0, backend=None):
+    dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

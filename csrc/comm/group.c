@@ -1,8 +1,16 @@
 /* Process groups: creation, the public collective entry points (argument checks + dispatch through
  * the backend table), and the trivial backend of a group of one. */
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <sched.h>
+#include <netinet/in.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "registry.h"
 
@@ -103,7 +111,7 @@ static tp_group *group_alloc(int size)
 }
 
 /* The world's shape: each field from opts when given, else from the launcher's environment, else a world
- * of one. */
+ * of one (local rank and size: -1 when neither says). */
 static tp_status world_shape(const tp_init_options *opts, int *size, int *rank, int *lrank, int *lsize)
 {
     tp_status st = TP_OK;
@@ -111,9 +119,9 @@ static tp_status world_shape(const tp_init_options *opts, int *size, int *rank, 
     TP_CHECK(tp_world_from_env(&env));
     *size = opts->world_size >= 0 ? opts->world_size : env.world_size >= 0 ? env.world_size : 1;
     *rank = opts->rank >= 0 ? opts->rank : env.rank >= 0 ? env.rank : 0;
-    *lrank = opts->local_rank >= 0 ? opts->local_rank : env.local_rank >= 0 ? env.local_rank : *rank;
-    *lsize = opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size >= 0 ? env.local_world_size
-                                                                                              : *size;
+    /* -1 when nobody says: a world of more than one counts the ranks of each host at rendezvous */
+    *lrank = opts->local_rank >= 0 ? opts->local_rank : env.local_rank;
+    *lsize = opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size;
     TP_REQUIRE(*size >= 1 && *size <= 65536, "init: WORLD_SIZE must be >= 1, got %d", *size);
     TP_REQUIRE(*rank >= 0 && *rank < *size, "init: RANK must be in 0..%d (WORLD_SIZE=%d), got %d", *size - 1, *size,
                *rank);
@@ -121,24 +129,204 @@ out:
     return st;
 }
 
-/* Rank 0's rendezvous store of a world of more than one rank. */
+/* The key namespace in a store that outlives one world (torchrun's agent store serves every restart
+ * of a run): the run id and the restart count, so a restarted world never sees an earlier attempt's
+ * keys. The seam for a per-world token (issue 10): it joins the namespace here. */
+static void store_namespace(const tp_launcher *l, char *ns, size_t cap)
+{
+    snprintf(ns, cap, "tplinear/%s/%d/", l->run_id[0] ? l->run_id : "none", l->restart_count);
+}
+
+/* The address other hosts dial to reach this one: MASTER_ADDR when set, else the first non-loopback
+ * IPv4 address of an interface that is up, else the hostname. */
+static void own_address(const tp_world_env *env, char *addr, size_t cap)
+{
+    struct ifaddrs *ifs = NULL;
+    if (env->master_addr[0]) {
+        snprintf(addr, cap, "%s", env->master_addr);
+        return;
+    }
+    if (getifaddrs(&ifs) == 0) {
+        for (struct ifaddrs *i = ifs; i != NULL; i = i->ifa_next) {
+            if (i->ifa_addr == NULL || i->ifa_addr->sa_family != AF_INET || (i->ifa_flags & IFF_LOOPBACK) ||
+                !(i->ifa_flags & IFF_UP))
+                continue;
+            if (inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, addr, (socklen_t)cap)) {
+                freeifaddrs(ifs);
+                return;
+            }
+        }
+        freeifaddrs(ifs);
+    }
+    if (gethostname(addr, cap - 1) < 0) snprintf(addr, cap, "127.0.0.1");
+}
+
+/* A TCP port that was free a moment ago (rank 0 serves on it right after). */
+static tp_status free_port(int *port)
+{
+    tp_status st = TP_OK;
+    struct sockaddr_in sa;
+    socklen_t len = sizeof sa;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return tp_error_errno(TP_ERR_SYSTEM, "init: socket");
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || getsockname(fd, (struct sockaddr *)&sa, &len) < 0) {
+        st = tp_error_errno(TP_ERR_SYSTEM, "init: cannot find a free port for the rendezvous store");
+        goto out;
+    }
+    *port = ntohs(sa.sin_port);
+out:
+    close(fd);
+    return st;
+}
+
+/* What world rank 0 tells the others through a launcher's channel. */
+typedef struct {
+    char host_id[160];
+    char addr[256];
+    int port;
+} boot_msg;
+
+/* Under mpirun/mpiexec/srun: rank 0 picks a free port and its address, and the launcher's channel (MPI)
+ * carries them to the others; ranks on rank 0's host dial 127.0.0.1. */
+static tp_status boot_through_launcher(tp_group *g, const tp_world_env *env, char *addr, size_t cap, int *port)
+{
+    tp_status st = TP_OK;
+    boot_msg m;
+    char id[160], name[64];
+    memset(&m, 0, sizeof m);
+    TP_CHECK(tp_host_identity(id, sizeof id, name, sizeof name));
+    if (g->rank == 0) {
+        snprintf(m.host_id, sizeof m.host_id, "%s", id);
+        own_address(env, m.addr, sizeof m.addr);
+        TP_CHECK(free_port(&m.port));
+    }
+    TP_CHECK(tp_backend_boot_bcast(g->rank, g->size, &m, sizeof m, g->timeout_s, &g->booted_by));
+    snprintf(addr, cap, "%s", strcmp(m.host_id, id) == 0 ? "127.0.0.1" : m.addr);
+    *port = m.port;
+out:
+    return st;
+}
+
+/* The rendezvous store of a world of more than one rank:
+ * - under torchrun (TORCHELASTIC_USE_AGENT_STORE=True), the agent's own store at MASTER_ADDR:MASTER_PORT;
+ * - under mpirun/mpiexec/srun, rank 0 serves one on a free port, announced through the launcher (MPI);
+ *   without MPI in this build, MASTER_ADDR/MASTER_PORT as below;
+ * - else (tplinear.run, by hand, the C API's options) rank 0 serves one at MASTER_ADDR:MASTER_PORT. */
 static tp_status open_store(const tp_init_options *opts, tp_group *g)
 {
     tp_status st = TP_OK;
     tp_world_env env;
-    const char *addr;
+    tp_launcher l;
+    char addr[256], ns[192];
     int port;
     TP_CHECK(tp_world_from_env(&env));
+    TP_CHECK(tp_launcher_from_env(&l));
     port = opts->master_port > 0 ? opts->master_port : env.master_port;
+    snprintf(addr, sizeof addr, "%s", opts->master_addr && opts->master_addr[0] ? opts->master_addr
+                                      : env.master_addr[0]                   ? env.master_addr
+                                                                             : "127.0.0.1");
+    if (opts->master_port <= 0 && (l.kind == TP_LAUNCHER_MPI || l.kind == TP_LAUNCHER_SLURM)) {
+        st = l.mpi_runtime ? boot_through_launcher(g, &env, addr, sizeof addr, &port)
+                           : tp_error(TP_ERR_UNSUPPORTED, "the launcher's MPI runtime is not there (no PMIx/PMI "
+                                      "variables: the MPI launcher's variables were set by hand?); set MASTER_ADDR "
+                                      "and MASTER_PORT");
+        if (st != TP_OK && (st != TP_ERR_UNSUPPORTED || env.master_port <= 0)) {
+            tp_error_context(st, "init: WORLD_SIZE=%d from %s", g->size, tp_launcher_name(l.kind));
+            goto out;
+        }
+        if (st != TP_OK) port = env.master_port; /* no MPI in this build, but the user gave the store's place */
+        st = TP_OK;
+    }
     TP_REQUIRE(port > 0 && port < 65536,
                "init: WORLD_SIZE=%d but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)", g->size);
-    addr = opts->master_addr && opts->master_addr[0] ? opts->master_addr : env.master_addr[0] ? env.master_addr
-                                                                                             : "127.0.0.1";
-    tp_log(TP_LOG_INFO, "init: rank %d of %d (local %d of %d), store %s:%d, timeout %g s", g->rank, g->size,
-           g->local_rank, g->local_world_size, addr, port, g->timeout_s);
-    TP_CHECK(tp_store_open(addr, port, g->rank, g->size, g->timeout_s, &g->store));
+    tp_log(TP_LOG_INFO, "init: rank %d of %d (%s), store %s:%d%s, timeout %g s", g->rank, g->size,
+           tp_launcher_name(l.kind), addr, port, l.agent_store ? " (torchrun's)" : "", g->timeout_s);
+    if (l.agent_store && opts->master_port <= 0) {
+        store_namespace(&l, ns, sizeof ns);
+        TP_CHECK(tp_store_open_torch(addr, port, ns, g->rank, g->size, g->timeout_s, &g->store));
+    } else {
+        TP_CHECK(tp_store_open(addr, port, g->rank, g->size, g->timeout_s, &g->store));
+    }
     g->owns_store = 1;
 out:
+    return st;
+}
+
+static tp_hosts *hosts_retain(tp_hosts *h)
+{
+    if (h) atomic_fetch_add((_Atomic int *)&h->refs, 1);
+    return h;
+}
+
+static void hosts_release(tp_hosts *h)
+{
+    if (h == NULL || atomic_fetch_sub((_Atomic int *)&h->refs, 1) != 1) return;
+    free(h->host_of);
+    free(h->names);
+    free(h);
+}
+
+/* What a rank publishes about its host. */
+typedef struct {
+    char id[160];
+    char name[64];
+} host_rec;
+
+/* Every rank publishes its host identity; ranks with equal ones share a host. Sets g->hosts and this
+ * rank's local rank (unless the launcher gave one) and local world size from them. */
+static tp_status exchange_hosts(tp_group *g, int env_local_rank)
+{
+    tp_status st = TP_OK;
+    char key[128];
+    host_rec mine, other, *ids = NULL;
+    size_t len = 0;
+    tp_hosts *h = calloc(1, sizeof *h);
+    int here = 0, before = 0;
+    if (h == NULL || (h->host_of = calloc((size_t)g->size, sizeof *h->host_of)) == NULL ||
+        (h->names = calloc((size_t)g->size, sizeof *h->names)) == NULL ||
+        (ids = calloc((size_t)g->size, sizeof *ids)) == NULL) {
+        st = tp_error(TP_ERR_NOMEM, "init: out of memory");
+        goto out;
+    }
+    h->refs = 1;
+    memset(&mine, 0, sizeof mine);
+    TP_CHECK(tp_host_identity(mine.id, sizeof mine.id, mine.name, sizeof mine.name));
+    snprintf(key, sizeof key, "%shost/%d", g->prefix, g->rank);
+    TP_CHECK(tp_store_set(g->store, key, &mine, sizeof mine));
+    for (int r = 0; r < g->size; r++) {
+        int k = 0;
+        if (r == g->rank) {
+            other = mine;
+        } else {
+            snprintf(key, sizeof key, "%shost/%d", g->prefix, r);
+            TP_CHECK(tp_store_get(g->store, key, &other, sizeof other, &len));
+            TP_REQUIRE(len == sizeof other, "init: rank %d published a host record of %zu bytes, expected %zu (another "
+                       "tplinear version?)", r, len, sizeof other);
+            other.id[sizeof other.id - 1] = other.name[sizeof other.name - 1] = '\0';
+        }
+        while (k < h->nhosts && strcmp(ids[k].id, other.id) != 0) k++;
+        if (k == h->nhosts) {
+            ids[k] = other;
+            memcpy(h->names[k], other.name, sizeof h->names[k]);
+            h->nhosts++;
+        }
+        h->host_of[r] = k;
+    }
+    for (int r = 0; r < g->size; r++) {
+        if (h->host_of[r] != h->host_of[g->rank]) continue;
+        here++;
+        if (r < g->rank) before++;
+    }
+    g->local_world_size = here;
+    g->local_rank = env_local_rank >= 0 ? env_local_rank : before;
+    g->hosts = h;
+    h = NULL;
+out:
+    hosts_release(h);
+    free(ids);
     return st;
 }
 
@@ -157,6 +345,24 @@ out:
     return st;
 }
 
+/* Gives this rank its share of the cores for BLAS (DESIGN.md: cores / ranks of this host) unless
+ * OMP_NUM_THREADS says otherwise (torchrun and tplinear.run set it; mpirun and srun do not). A process
+ * the launcher bound to some cores (mpirun --bind-to core) uses those. */
+static tp_status share_cores(const tp_group *g)
+{
+    tp_status st = TP_OK;
+    tp_launcher l;
+    cpu_set_t set;
+    long online = sysconf(_SC_NPROCESSORS_ONLN), mine = online;
+    TP_CHECK(tp_launcher_from_env(&l));
+    if (l.omp_threads_set || g->size == 1) goto out;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) mine = CPU_COUNT(&set);
+    if (mine >= online && g->local_world_size > 0) mine = online / g->local_world_size;
+    TP_CHECK(tp_set_num_threads(mine > 0 ? (int)mine : 1));
+out:
+    return st;
+}
+
 tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
 {
     tp_status st = TP_OK;
@@ -167,7 +373,6 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     *world = NULL;
     TP_CHECK(check_options(opts));
     TP_CHECK(world_shape(opts, &size, &rank, &lrank, &lsize));
-    TP_CHECK(tp_backend_choose(opts->backend, opts->device, size, lsize, &family));
     if ((g = group_alloc(size)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "init: out of memory");
         goto out;
@@ -176,12 +381,17 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     g->backend = &self_backend;
     g->rank = g->world_rank = rank;
     g->size = g->world_size = size;
-    g->local_rank = lrank;
-    g->local_world_size = lsize;
+    g->local_rank = lrank >= 0 ? lrank : rank;
+    g->local_world_size = lsize >= 0 ? lsize : size;
     g->timeout_s = opts->timeout_s > 0 ? opts->timeout_s : 300.0;
     snprintf(g->prefix, sizeof g->prefix, "g0/");
     tp_log_set_rank(rank);
-    if (size > 1) TP_CHECK(open_store(opts, g)); /* a world of one has no store (g->store == NULL) */
+    if (size > 1) { /* a world of one has no store (g->store == NULL) */
+        TP_CHECK(open_store(opts, g));
+        TP_CHECK(exchange_hosts(g, lrank));
+        TP_CHECK(share_cores(g));
+    }
+    TP_CHECK(tp_backend_choose(opts->backend, opts->device, g, &family));
     TP_CHECK(make_member(g, family));
     if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->world_rank, g->size));
     tp_log(TP_LOG_INFO, "init: backend %s for a world of %d", g->backend->name, size);
@@ -194,8 +404,14 @@ out:
 
 tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out)
 {
+    return tp_group_new_backend(parent, ranks, n, NULL, out);
+}
+
+tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const char *backend, tp_group **out)
+{
     tp_status st = TP_OK;
     tp_group *g = NULL;
+    const tp_backend *family = NULL;
     int me = -1, plen;
     int *seen = NULL, *other = NULL;
     char key[128];
@@ -242,16 +458,22 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
                        "the same list)", parent->rank);
         }
     }
-    g->family = parent->family;
-    if (parent->family->split) {
-        /* collective over the whole parent (e.g. ncclCommSplit); non-members (rank -1) get no state */
-        TP_CHECK(parent->family->split(parent, g));
-        if (me >= 0) g->backend = parent->family;
+    g->hosts = hosts_retain(parent->hosts);
+    g->booted_by = parent->booted_by;
+    /* every rank of the parent decides alike: the same name, the same host table */
+    TP_CHECK(tp_backend_choose_sub(backend, g, parent->family, &family));
+    g->family = family;
+    if (family == parent->family && family->split && parent->backend == family) {
+        /* collective over the whole parent (e.g. ncclCommSplit, MPI_Comm_split); non-members (rank -1) get
+         * no state */
+        TP_CHECK(family->split(parent, g));
+        if (me >= 0) g->backend = family;
     } else if (me >= 0) {
-        TP_CHECK(make_member(g, parent->family));
+        TP_CHECK(make_member(g, family));
     }
     if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
-    tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me, g->backend->name);
+    tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me,
+           me >= 0 ? g->backend->name : family->name);
     *out = g;
     g = NULL;
 out:
@@ -266,6 +488,7 @@ void tp_group_destroy(tp_group *g)
     if (g == NULL) return;
     if (g->backend && g->backend->destroy) g->backend->destroy(g);
     if (g->owns_store) tp_store_close(g->store);
+    hosts_release(g->hosts);
     free(g->global_ranks);
     free(g);
 }

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "store.h"
+#include "torch_store.h"
 
 enum { CMD_SET = 1, CMD_GET = 2, CMD_ADD = 3 };
 #define MAX_KEY 256
@@ -52,6 +53,7 @@ struct tp_store {
     server *srv;            /* rank 0 only */
     char addr[256];
     int port;
+    tp_torch_store *torch;  /* torchrun's store instead of ours (tp_store_open_torch): every call goes there */
 };
 
 /* ---------------------------------------------------------------- io helpers */
@@ -397,6 +399,7 @@ out:
 tp_status tp_store_set(tp_store *s, const char *key, const void *val, size_t len)
 {
     int status;
+    if (s->torch) return tp_torch_store_set(s->torch, key, val, len);
     return request(s, CMD_SET, key, val, (uint32_t)len, &status, NULL, 0, NULL);
 }
 
@@ -415,6 +418,7 @@ tp_status tp_store_get(tp_store *s, const char *key, void *val, size_t cap, size
     tp_status st = TP_OK;
     double deadline = tp_now() + s->timeout_s, pause = 0.0001;
     int found = 0;
+    if (s->torch) return tp_torch_store_get(s->torch, key, val, cap, len);
     for (;;) {
         TP_CHECK(try_get(s, key, val, cap, len, &found));
         if (found) break;
@@ -434,6 +438,7 @@ tp_status tp_store_add(tp_store *s, const char *key, int64_t delta, int64_t *res
     tp_status st = TP_OK;
     int status;
     int64_t v = 0;
+    if (s->torch) return tp_torch_store_add(s->torch, key, delta, result);
     TP_CHECK(request(s, CMD_ADD, key, &delta, 8, &status, &v, 8, NULL));
     if (result) *result = v;
 out:
@@ -445,6 +450,7 @@ tp_status tp_store_wait_ge(tp_store *s, const char *key, int64_t target)
     tp_status st = TP_OK;
     double deadline = tp_now() + s->timeout_s, pause = 0.0001;
     int64_t v = 0;
+    if (s->torch) return tp_torch_store_wait_ge(s->torch, key, target);
     for (;;) {
         TP_CHECK(tp_store_add(s, key, 0, &v));
         if (v >= target) break;
@@ -530,6 +536,27 @@ out:
     return st;
 }
 
+tp_status tp_store_open_torch(const char *addr, int port, const char *ns, int rank, int world_size,
+                              double timeout_s, tp_store **out)
+{
+    tp_status st = TP_OK;
+    tp_store *s = NULL;
+    *out = NULL;
+    if ((s = calloc(1, sizeof *s)) == NULL) return tp_error(TP_ERR_NOMEM, "store: out of memory");
+    atomic_init(&s->refs, 1);
+    pthread_mutex_init(&s->lock, NULL);
+    s->fd = -1;
+    s->rank = rank;
+    s->world_size = world_size;
+    s->timeout_s = timeout_s;
+    TP_CHECK(tp_torch_store_open(addr, port, ns, rank, world_size, timeout_s, &s->torch));
+    *out = s;
+    s = NULL;
+out:
+    tp_store_close(s);
+    return st;
+}
+
 tp_store *tp_store_retain(tp_store *s)
 {
     if (s) atomic_fetch_add(&s->refs, 1);
@@ -540,6 +567,7 @@ void tp_store_close(tp_store *s)
 {
     if (s == NULL || atomic_fetch_sub(&s->refs, 1) != 1) return;
     if (s->fd >= 0) close(s->fd);
+    tp_torch_store_close(s->torch);
     server_free(s->srv); /* rank 0: lingers (bounded) until the other ranks have disconnected */
     pthread_mutex_destroy(&s->lock);
     free(s);

@@ -12,6 +12,10 @@ typedef struct tp_store tp_store;
  * ("timed out after 30 s waiting for rank 3 of 4 to join"). */
 tp_status tp_store_open(const char *addr, int port, int rank, int world_size, double timeout_s,
                         tp_store **out);
+/* The same over torch's c10d TCPStore that torchrun's agent serves at addr:port (comm/torch_store.c):
+ * no server of our own; every key is put under ns (a run's namespace). */
+tp_status tp_store_open_torch(const char *addr, int port, const char *ns, int rank, int world_size,
+                              double timeout_s, tp_store **out);
 /* Stores are reference counted (a subgroup keeps its world's store alive): retain adds a reference,
  * close drops one and frees on the last. Rank 0's last close lingers (bounded by the timeout) until
  * the other ranks have disconnected, so nobody loses the server mid-request. */

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -56,6 +57,16 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_NCCL_ASYNC] = {"TPLINEAR_NCCL_ASYNC", KNOB_BOOL, "0", 0, 0, 1, NULL,
                             "nccl: 1 returns from a collective once it is enqueued and waits (still bounded by "
                             "the timeout) at the group's next call"},
+    [TP_KNOB_HOST_ID] = {"TPLINEAR_HOST_ID", KNOB_STRING, "hostname + boot id", 0, 0, 0, NULL,
+                         "the host identity ranks compare at rendezvous: ranks with equal ones share a host "
+                         "(local ranks, the shm backend's one-host check, the automatic backend choice)"},
+    [TP_KNOB_MPI_ONESHOT_KB] = {"TPLINEAR_MPI_ONESHOT_KB", KNOB_INT, "64", 64, 0, 1L << 22, NULL,
+                                "mpi: an all-reduce whose one-shot traffic per rank (size x (ranks - 1)) is at most "
+                                "this many KiB sends every buffer to every rank (one round); larger ones "
+                                "reduce-scatter + all-gather (rank 0's value is used)"},
+    [TP_KNOB_MPI_CHUNK_KB] = {"TPLINEAR_MPI_CHUNK_KB", KNOB_INT, "1024", 1024, 4, 1L << 22, NULL,
+                              "mpi: the round size of large all-reduces and reduce-scatters in KiB (bounds the "
+                              "scratch memory; rank 0's value is used)"},
     [TP_KNOB_SP_CHUNKS] = {"TPLINEAR_SP_CHUNKS", KNOB_INT, "0", 0, 0, 64, NULL,
                            "sequence parallelism: n > 1 pipelines a column layer's forward all-gather with its "
                            "GEMM in n chunks (host memory); 0 or 1: gather, then multiply"},
@@ -188,30 +199,58 @@ out:
 
 /* ---------------------------------------------------------------- the world */
 
-/* The first set variable of names (torchrun's, then OpenMPI's) as an integer >= 0 into *out (-1 when
- * none is set). Returns the name of a variable that is set but not such an integer, else NULL. */
-static const char *world_int(const char *const names[2], int *out)
+/* The launchers whose variables describe a world, in the order they are consulted: a field comes from the
+ * first family that sets it (torchrun's names win, so a launcher nested in another sees its own world).
+ * Slurm's names count only inside a job step (SLURM_STEP_ID, set by srun: a batch script's own shell has
+ * SLURM_NTASKS too, but it is not a rank of anything). Slurm gives no local world size: the rendezvous
+ * counts the ranks of each host. */
+static const struct {
+    tp_launcher_kind kind;
+    const char *guard;                /* must be set for the family to count (NULL: always) */
+    const char *names[4];             /* rank, world size, local rank, local world size */
+} FAMILIES[] = {
+    {TP_LAUNCHER_TORCHRUN, NULL, {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}},
+    {TP_LAUNCHER_MPI, NULL,
+     {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"}},
+    {TP_LAUNCHER_MPI, NULL, {"PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}}, /* MPICH, Intel MPI */
+    {TP_LAUNCHER_SLURM, "SLURM_STEP_ID", {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", NULL}},
+};
+#define NFAMILIES ((int)(sizeof FAMILIES / sizeof FAMILIES[0]))
+
+/* An integer >= 0 from the variable name into *out (-1 when unset or empty). Returns name when it is set
+ * but not such an integer, else NULL. */
+static const char *env_int(const char *name, int *out)
+{
+    const char *v = name ? getenv(name) : NULL;
+    char *end = NULL;
+    long x;
+    *out = -1;
+    if (v == NULL || v[0] == '\0') return NULL;
+    errno = 0;
+    x = strtol(v, &end, 10);
+    if (errno != 0 || end == v || *end != '\0' || x < 0 || x > 1L << 30) return name;
+    *out = (int)x;
+    return NULL;
+}
+
+/* Field `field` of the world from the first family that sets it; *kind (when not NULL) gets that family. */
+static const char *world_int(int field, int *out, tp_launcher_kind *kind)
 {
     *out = -1;
-    for (int i = 0; i < 2; i++) {
-        const char *v = names[i] ? getenv(names[i]) : NULL;
-        char *end = NULL;
-        long x;
-        if (v == NULL || v[0] == '\0') continue;
-        errno = 0;
-        x = strtol(v, &end, 10);
-        if (errno != 0 || end == v || *end != '\0' || x < 0 || x > 1L << 30) return names[i];
-        *out = (int)x;
-        return NULL;
+    if (kind) *kind = TP_LAUNCHER_NONE;
+    for (int i = 0; i < NFAMILIES; i++) {
+        const char *bad;
+        if (FAMILIES[i].guard && getenv(FAMILIES[i].guard) == NULL) continue;
+        if ((bad = env_int(FAMILIES[i].names[field], out)) != NULL) return bad;
+        if (*out >= 0) {
+            if (kind) *kind = FAMILIES[i].kind;
+            return NULL;
+        }
     }
     return NULL;
 }
 
-static const char *const W_RANK[2] = {"RANK", "OMPI_COMM_WORLD_RANK"};
-static const char *const W_SIZE[2] = {"WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"};
-static const char *const W_LRANK[2] = {"LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"};
-static const char *const W_LSIZE[2] = {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"};
-static const char *const W_PORT[2] = {"MASTER_PORT", NULL};
+enum { F_RANK, F_SIZE, F_LRANK, F_LSIZE };
 
 tp_status tp_world_from_env(tp_world_env *w)
 {
@@ -219,9 +258,10 @@ tp_status tp_world_from_env(tp_world_env *w)
     const char *bad = NULL, *addr;
     TP_REQUIRE(w != NULL, "world_from_env: NULL argument");
     memset(w, 0, sizeof *w);
-    if ((bad = world_int(W_RANK, &w->rank)) == NULL && (bad = world_int(W_SIZE, &w->world_size)) == NULL &&
-        (bad = world_int(W_LRANK, &w->local_rank)) == NULL && (bad = world_int(W_LSIZE, &w->local_world_size)) == NULL)
-        bad = world_int(W_PORT, &w->master_port);
+    if ((bad = world_int(F_RANK, &w->rank, NULL)) == NULL && (bad = world_int(F_SIZE, &w->world_size, NULL)) == NULL &&
+        (bad = world_int(F_LRANK, &w->local_rank, NULL)) == NULL &&
+        (bad = world_int(F_LSIZE, &w->local_world_size, NULL)) == NULL)
+        bad = env_int("MASTER_PORT", &w->master_port);
     TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
     addr = getenv("MASTER_ADDR");
     if (addr != NULL) {
@@ -233,8 +273,74 @@ out:
     return st;
 }
 
+/* Set by an MPI runtime for the processes it starts: PMIx (OpenMPI 4/5, Slurm's --mpi=pmix), OpenMPI's
+ * ORTE, MPICH's Hydra (PMI_FD / PMI_PORT). */
+static const char *const MPI_RUNTIME_VARS[] = {"PMIX_RANK", "PMIX_NAMESPACE", "OMPI_MCA_orte_hnp_uri", "PMI_FD",
+                                               "PMI_PORT"};
+
+static void copy_env(char *dst, size_t cap, const char *name)
+{
+    const char *v = getenv(name);
+    snprintf(dst, cap, "%s", v ? v : "");
+}
+
+tp_status tp_launcher_from_env(tp_launcher *l)
+{
+    tp_status st = TP_OK;
+    const char *bad, *agent;
+    int size = -1;
+    memset(l, 0, sizeof *l);
+    bad = world_int(F_SIZE, &size, &l->kind);
+    TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
+    agent = getenv("TORCHELASTIC_USE_AGENT_STORE");
+    l->agent_store = l->kind == TP_LAUNCHER_TORCHRUN && agent != NULL && strcasecmp(agent, "true") == 0;
+    bad = env_int("TORCHELASTIC_RESTART_COUNT", &l->restart_count);
+    TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
+    if (l->restart_count < 0) l->restart_count = 0;
+    copy_env(l->run_id, sizeof l->run_id, "TORCHELASTIC_RUN_ID");
+    l->omp_threads_set = getenv("OMP_NUM_THREADS") != NULL && getenv("OMP_NUM_THREADS")[0] != '\0';
+    for (size_t i = 0; i < sizeof MPI_RUNTIME_VARS / sizeof MPI_RUNTIME_VARS[0]; i++)
+        if (getenv(MPI_RUNTIME_VARS[i]) != NULL) l->mpi_runtime = l->kind == TP_LAUNCHER_MPI || l->kind == TP_LAUNCHER_SLURM;
+out:
+    return st;
+}
+
+const char *tp_launcher_name(tp_launcher_kind k)
+{
+    switch (k) {
+    case TP_LAUNCHER_TORCHRUN: return "torchrun's variables";
+    case TP_LAUNCHER_MPI: return "an MPI launcher (mpirun/mpiexec)";
+    case TP_LAUNCHER_SLURM: return "Slurm (srun)";
+    default: return "no launcher";
+    }
+}
+
 int tp_env_rank(void)
 {
     int rank;
-    return world_int(W_RANK, &rank) == NULL ? rank : -1;
+    return world_int(F_RANK, &rank, NULL) == NULL ? rank : -1;
+}
+
+tp_status tp_host_identity(char *id, size_t cap, char *name, size_t ncap)
+{
+    tp_status st = TP_OK;
+    const char *forced = tp_knob_str(TP_KNOB_HOST_ID);
+    char host[256] = "", boot[64] = "";
+    FILE *f;
+    if (gethostname(host, sizeof host - 1) < 0) snprintf(host, sizeof host, "unknown-host");
+    if (forced != NULL) {
+        snprintf(id, cap, "%s", forced);
+        snprintf(name, ncap, "%s", forced);
+        goto out;
+    }
+    /* the boot id tells apart hosts (or containers' kernels) that share a hostname */
+    if ((f = fopen("/proc/sys/kernel/random/boot_id", "r")) != NULL) {
+        if (fgets(boot, sizeof boot, f) == NULL) boot[0] = '\0';
+        fclose(f);
+        boot[strcspn(boot, "\n")] = '\0';
+    }
+    snprintf(id, cap, "%s/%s", host, boot);
+    snprintf(name, ncap, "%s", host);
+out:
+    return st;
 }

@@ -57,6 +57,9 @@ typedef enum {
     TP_KNOB_SHM_YIELD_US,
     TP_KNOB_ALLOW_TF32,
     TP_KNOB_NCCL_ASYNC,
+    TP_KNOB_HOST_ID,
+    TP_KNOB_MPI_ONESHOT_KB,
+    TP_KNOB_MPI_CHUNK_KB,
     TP_KNOB_SP_CHUNKS,
     TP_KNOB_COUNT
 } tp_knob;
@@ -68,7 +71,25 @@ tp_status tp_knob_int(tp_knob k, long *out);
 long tp_knob_value(tp_knob k);
 /* A string knob's value, NULL when unset. */
 const char *tp_knob_str(tp_knob k);
-/* The environment's world rank (RANK, else OMPI_COMM_WORLD_RANK), -1 when neither is a valid one. */
+/* The environment's world rank (RANK, else OMPI_COMM_WORLD_RANK, ...), -1 when none is a valid one. */
 int tp_env_rank(void);
+
+/* Which launcher's variables describe the world (core/env.c), and what torchrun adds about its store. */
+typedef enum { TP_LAUNCHER_NONE, TP_LAUNCHER_TORCHRUN, TP_LAUNCHER_MPI, TP_LAUNCHER_SLURM } tp_launcher_kind;
+typedef struct {
+    tp_launcher_kind kind; /* the family that gave WORLD_SIZE (RANK/WORLD_SIZE: torchrun, tplinear.run, by hand) */
+    int agent_store;       /* TORCHELASTIC_USE_AGENT_STORE=True: MASTER_ADDR:MASTER_PORT is torchrun's c10d store */
+    int restart_count;     /* TORCHELASTIC_RESTART_COUNT, 0 when unset */
+    char run_id[128];      /* TORCHELASTIC_RUN_ID, "" when unset */
+    /* An MPI runtime started this process (PMIx's, OpenMPI's or MPICH's own variables are set), so MPI_Init
+     * joins the launcher's world; OMPI_COMM_WORLD_* set by hand does not count. */
+    int mpi_runtime;
+    int omp_threads_set;   /* OMP_NUM_THREADS is set (torchrun and tplinear.run set it; mpirun and srun do not) */
+} tp_launcher;
+tp_status tp_launcher_from_env(tp_launcher *l);
+const char *tp_launcher_name(tp_launcher_kind k);
+/* This host's identity (TPLINEAR_HOST_ID, else hostname + kernel boot id), compared at rendezvous, and a
+ * readable name for messages (the hostname). */
+tp_status tp_host_identity(char *id, size_t cap, char *name, size_t ncap);
 
 #endif

@@ -183,10 +183,12 @@ TP_API tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b);
 
 /* ------------------------------------------------------------------ environment */
 
-/* The world as the launcher's environment describes it: torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
- * LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, else OpenMPI's OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK,
- * _LOCAL_SIZE. Read at each call. A variable that is set but not a non-negative integer is TP_ERR_VALUE
- * naming it. */
+/* The world as the launcher's environment describes it, each field from the first launcher that sets it:
+ * torchrun's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; OpenMPI's OMPI_COMM_WORLD_RANK, _SIZE,
+ * _LOCAL_RANK, _LOCAL_SIZE; MPICH's / Intel MPI's PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS;
+ * inside a Slurm job step (SLURM_STEP_ID set, i.e. under srun) SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID;
+ * and MASTER_ADDR, MASTER_PORT. Read at each call. A variable that is set but not a non-negative integer
+ * is TP_ERR_VALUE naming it. */
 typedef struct {
     int rank;              /* -1 where the environment does not say */
     int world_size;
@@ -255,6 +257,13 @@ TP_API tp_status tp_group_init_world(const tp_init_options *opts, tp_group **wor
  * repeats) form a new group. A rank of parent not listed gets a non-member handle whose
  * collectives fail with TP_ERR_VALUE. */
 TP_API tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out);
+/* The same with the new group's backend named: NULL keeps the parent's (its subgroups are made the
+ * way the parent's backend makes them, e.g. ncclCommSplit / MPI_Comm_split); a name ("shm", "mpi",
+ * "nccl") makes the members a group of that backend, e.g. an shm group of the ranks of one host inside
+ * an mpi world; "auto" takes shm when the members share a host (and the parent's backend takes host
+ * memory), else the parent's. Every rank of parent passes the same name. */
+TP_API tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const char *backend,
+                                      tp_group **out);
 /* Frees the group's resources (not collective; call on every rank). NULL is fine. */
 TP_API void tp_group_destroy(tp_group *g);
 /* Marks the group failed and wakes/aborts anything waiting on it (safe from another thread). */

@@ -150,7 +150,8 @@ static PyObject *py_new_group(PyObject *m, PyObject *args)
     int *ranks;
     Py_ssize_t n;
     tp_status st;
-    if (!PyArg_ParseTuple(args, "OO", &po, &ranks_obj)) return NULL;
+    const char *backend = NULL;
+    if (!PyArg_ParseTuple(args, "OO|z", &po, &ranks_obj, &backend)) return NULL;
     if ((parent = tpy_group_get(m, po)) == NULL) return NULL;
     if ((fast = PySequence_Fast(ranks_obj, "ranks must be a sequence of ints")) == NULL) return NULL;
     n = PySequence_Fast_GET_SIZE(fast);
@@ -169,7 +170,7 @@ static PyObject *py_new_group(PyObject *m, PyObject *args)
         ranks[i] = (int)v;
     }
     Py_DECREF(fast);
-    Py_BEGIN_ALLOW_THREADS st = tp_group_new(parent, ranks, (int)n, &g);
+    Py_BEGIN_ALLOW_THREADS st = tp_group_new_backend(parent, ranks, (int)n, backend, &g);
     Py_END_ALLOW_THREADS
     PyMem_Free(ranks);
     if (st != TP_OK) return tpy_raise(m, st);
@@ -409,7 +410,7 @@ PyMethodDef tpy_comm_methods[] = {
     {"world_env", py_world_env, METH_NOARGS, "world_env() -> dict: the launcher's world (torchrun / OpenMPI variables)"},
     {"backends", py_backends, METH_NOARGS, "backends() -> list: the backends this build registers"},
     {"env_knobs", py_env_knobs, METH_NOARGS, "env_knobs() -> list of dicts: the environment knobs the library reads"},
-    {"new_group", py_new_group, METH_VARARGS, "new_group(parent, ranks) -> Group (collective over parent)"},
+    {"new_group", py_new_group, METH_VARARGS, "new_group(parent, ranks, backend=None) -> Group (collective over parent; backend None: the parent's)"},
     {"group_info", py_group_info, METH_VARARGS, "group_info(group) -> dict"},
     {"all_reduce", py_all_reduce, METH_VARARGS, "all_reduce(group, arr, op)"},
     {"all_gather", py_all_gather, METH_VARARGS, "all_gather(group, out, arr, counts=None)"},

@@ -1,4 +1,5 @@
-"""torch.distributed-style process groups over the C core's backends (shm, and nccl in CUDA builds).
+"""torch.distributed-style process groups over the C core's backends (shm; mpi in MPI builds; nccl in
+CUDA builds).
 
     import tplinear.distributed as dist
     dist.init_process_group()            # the C core reads RANK, WORLD_SIZE, ... (torchrun's variables)
@@ -49,16 +50,18 @@ def available_backends():
 
 def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, init_method=None):
     """Creates the default group from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
-    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or OpenMPI's OMPI_COMM_WORLD_*); nothing set means a
-    world of one. backend: None (auto) or one of available_backends() ("shm", "nccl"); "gloo" is
-    accepted as torch-compatible sugar for the CPU backend "shm", and "mpi" says it is not built. Every
-    wait is bounded by timeout seconds (a datetime.timedelta works too).
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; under mpirun/mpiexec/srun the MPI launcher's variables,
+    no MASTER_* needed in MPI builds; under torchrun its agent's store); nothing set means a world of
+    one. backend: None (auto) or one of available_backends() ("shm", "mpi", "nccl"); "gloo" is accepted
+    as torch-compatible sugar for the CPU backend "shm"; a backend this build lacks says how to get it.
+    Every wait is bounded by timeout seconds (a datetime.timedelta works too).
 
     backend=None picks, in order: the TPLINEAR_BACKEND environment variable; a backend that takes GPU
     memory ("nccl") when the group is created implicitly by a layer whose tensors are on the GPU
-    (device="cuda", or a module whose weight is a GPU array); otherwise the CPU default (shm on one
-    host). A GPU training script that calls init_process_group() itself should pass backend="nccl" (as
-    with torch)."""
+    (device="cuda", or a module whose weight is a GPU array); otherwise the CPU default: "mpi" when an
+    MPI launcher started the processes (on one host or many), "shm" when all ranks share a host. A world
+    that spans hosts without MPI is an error naming the hosts. A GPU training script that calls
+    init_process_group() itself should pass backend="nccl" (as with torch)."""
     return _init(backend, timeout, rank, world_size, init_method, device="cpu")
 
 
@@ -118,13 +121,23 @@ def get_backend(group=None):
     return _group(group).backend
 
 
-def new_group(ranks=None):
-    """Collective over the default group: every rank calls it with the same ranks. Non-members get a
-    group they cannot use for collectives (as in torch)."""
+def new_group(ranks=None, backend=None):
+    """Collective over the default group: every rank calls it with the same ranks (and backend).
+    Non-members get a group they cannot use for collectives (as in torch).
+
+    backend: None makes the group the way the world's backend makes subgroups (MPI_Comm_split for mpi,
+    ncclCommSplit for nccl, a segment of its own for shm); a name makes it a group of that backend, e.g.
+    an "shm" group of the ranks of one host inside an "mpi" world (tensor parallelism inside a node,
+    data parallelism across nodes); "auto" takes "shm" when the ranks share a host, else the world's
+    backend. "gloo" means "shm", as in init_process_group."""
     world = _default()
     if ranks is None:
         ranks = range(world.size)
-    return ProcessGroup(_C.new_group(world._handle, [int(r) for r in ranks]))
+    if backend == "gloo":
+        backend = "shm"
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"backend must be None or a name such as 'shm' or 'mpi', got {backend!r}")
+    return ProcessGroup(_C.new_group(world._handle, [int(r) for r in ranks], backend))
 
 
 def all_reduce(tensor, op="sum", group=None):

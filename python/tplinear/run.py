@@ -18,7 +18,7 @@ Everything after the script path (or after the module name with ``-m``) is passe
 untouched, including arguments that look like launcher options.
 
 Each worker gets torchrun's environment variables (any outer values, e.g. from an enclosing launcher,
-are replaced, never inherited): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+are replaced, never inherited; so are MPICH's ``PMI_RANK``/``PMI_SIZE`` and Slurm's ``SLURM_STEP_ID``): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``GROUP_RANK`` (node rank), ``GROUP_WORLD_SIZE`` (nnodes), ``ROLE_NAME`` ("default"), ``ROLE_RANK``,
 ``ROLE_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``TORCHELASTIC_RUN_ID``,
 ``TORCHELASTIC_RESTART_COUNT`` (0) and ``TORCHELASTIC_MAX_RESTARTS`` (0). OpenMPI's
@@ -62,6 +62,8 @@ PROG = "tplinear.run"
 LAUNCHER_ENV_VARS = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
     "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    # MPICH / Intel MPI (Hydra) and Slurm's job step: the other worlds tplinear reads
+    "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_STEP_ID",
 )
 LAUNCHER_ENV_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_")
 
