@@ -42,6 +42,8 @@ REPO = os.path.dirname(HERE)
 P = 2
 HIDDEN, INTER, HEADS, KV_HEADS = 4096, 11008, 32, 8
 SHAPES = {"decode": 8, "training": 2048}
+if os.environ.get("TORCH_LAYERS_SHAPES"):  # --shapes: a subset (the workers read it from here)
+    SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ["TORCH_LAYERS_SHAPES"].split(",")}
 if os.environ.get("TORCH_LAYERS_SMALL") == "1":  # --small: a quick run of the script itself
     HIDDEN, INTER, HEADS, KV_HEADS = 256, 512, 8, 2
     SHAPES = {"decode": 8, "training": 128}
@@ -111,8 +113,13 @@ def worker(name, out_path):
         tp.set_training_mode(True)
         rank, barrier = dist.get_rank(), dist.barrier
 
-        def parallel(block):
-            return tpt.parallelize(block, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HIDDEN // HEADS)
+        def parallel(block):  # the same modules as the others (LINEAR_PLAN), heads kept whole
+            names = {n for n, _ in block.named_modules()}
+            plan = {n: "colwise" if k == "col" else "rowwise" for n, k in LINEAR_PLAN.items() if n in names}
+            block = tpt.parallelize(block, plan=plan, num_heads=HEADS, num_kv_heads=KV_HEADS,
+                                    head_dim=HIDDEN // HEADS)
+            assert len(tpt.tp_modules(block)) == len(plan), "not every planned module was parallelized"
+            return block
 
         def slowest(t):
             import numpy as np
@@ -292,14 +299,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the contenders this many times in turn (A B C A B C ...) and report, per case, the "
                          "median of the rounds' medians: drifting load on a shared machine hits every contender")
+    ap.add_argument("--shapes", help="a subset of the shapes, e.g. decode (default: decode,training)")
     ap.add_argument("--nice", type=int, default=0, help="scheduling niceness of every world (e.g. -5 on a shared box)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.out)
-    if args.small and os.environ.get("TORCH_LAYERS_SMALL") != "1":
-        os.environ["TORCH_LAYERS_SMALL"] = "1"
+    if (args.small and os.environ.get("TORCH_LAYERS_SMALL") != "1") or (
+            args.shapes and os.environ.get("TORCH_LAYERS_SHAPES") != args.shapes):
+        os.environ["TORCH_LAYERS_SMALL"] = "1" if args.small else ""
+        os.environ["TORCH_LAYERS_SHAPES"] = args.shapes or ""
         os.execv(sys.executable, [sys.executable] + sys.argv)
     names = [c for c in args.contenders.split(",") if c]
     report = {"contenders": names, "results": {}, "checksums": {}, "versions": {},

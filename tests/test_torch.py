@@ -209,6 +209,13 @@ def test_parallelize_plans_and_refusals():
         assert kinds["mlp.fc1"] == "LinearLayer" and kinds["mlp.fc2"] == "LinearAllreduce"
         assert blk.self_attn.q_proj.num_kv_heads == 2
 
+        # a bare transformers block keeps a config but is no model: name rules, not the model's plan
+        from transformers.models.llama.modeling_llama import LlamaMLP
+        mlp = tpt.parallelize(LlamaMLP(c.hf_model("llama").config))
+        assert sorted(tpt.tp_modules(mlp)) == ["down_proj", "gate_proj", "up_proj"], tpt.tp_modules(mlp)
+        c._raises(ValueError, lambda: tpt.parallelize(Block(), plan={"nothing_here": "colwise"}),
+                  "matches no module", "nothing_here")
+
         # a column output split and the row input split after it that disagree: refused, naming both
         class Odd(nn.Module):
             def __init__(self):

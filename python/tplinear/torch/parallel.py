@@ -108,6 +108,8 @@ def _hf_plan(model):
     plan = getattr(model, "_tp_plan", None)
     if plan:
         return dict(plan), "the model's _tp_plan"
+    if not hasattr(model, "base_model_prefix"):  # a bare module (LlamaMLP) keeps a config, not a model's plan
+        return None, None
     config = getattr(model, "config", None)
     base = getattr(config, "base_model_tp_plan", None) if config is not None else None
     if base:
@@ -246,6 +248,9 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
             if style is None or name in vocab:
                 continue
         chosen[name] = (style, pattern)
+    if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
+        raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
+                         f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
     if rules is not None:  # a plan may name parameters (bare nn.Parameters): only replicate is a no-op there
         params = dict(model.named_parameters())
         for name in params:
