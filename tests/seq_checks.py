@@ -112,6 +112,17 @@ def check_sp_layers():
                         for give_len in (False, True):
                             check_sp_column(dtype, seq_len, rest, in_f, out_f, give_len, training, overlap,
                                             give_len)
+    # gather_output=True after a sequence-parallel column layer: the whole output; backward takes it whole
+    tp.set_training_mode(True)
+    lin = tp.Linear(6, 10, dtype="float64", seed=8)
+    rng = rng_for("sp-gather")
+    x, dy = rng.standard_normal((5, 2, 6)), rng.standard_normal((5, 2, 10))
+    so, ss = _rows(5)
+    col = tp.LinearLayer(lin, sequence_parallel=True, gather_output=True)
+    close(col(x[so:so + ss], seq_len=5), x @ lin.weight.data.T + lin.bias.data, "float64", "SP gather_output forward")
+    close(col.backward(dy), (dy @ lin.weight.data)[so:so + ss], "float64", "SP gather_output dX")
+    close(col.weight.grad, (dy.reshape(-1, 10).T @ x.reshape(-1, 6))[col.shard_ranges()[dist.get_rank()][0][0]:][
+        :col.local_shape[0]], "float64", "SP gather_output dW")
     # strided inputs: a transposed view as the row layer's input, a sliced one as the column layer's
     tp.set_training_mode(True)
     lin = tp.Linear(12, 9, dtype="float64", seed=3)
@@ -159,7 +170,6 @@ def check_sp_bad_input():
     lin = tp.Linear(8, 6, seed=1)
     expect_raises(ValueError, lambda: tp.LinearAllreduce(lin, sequence_parallel=True, input_is_parallel=False),
                   "input_is_parallel")
-    expect_raises(ValueError, lambda: tp.LinearLayer(lin, sequence_parallel=True, gather_output=True), "gather_output")
     col = tp.LinearLayer(lin, sequence_parallel=True)
     expect_raises(ValueError, lambda: col(np.zeros(8, np.float32)), "at least 2-d")
     expect_raises(ValueError, lambda: tp.LinearLayer(lin)(np.zeros((3, 8), np.float32), seq_len=3), "seq_len")

@@ -177,6 +177,13 @@ def check_parallelize_embedding(kind="llama"):
     name = "embed_tokens" if kind != "gpt2" else "wte"
     plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise",
             "gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise", name: "embedding_rowwise"}
+    tied = hf_model(kind, torch.float64)
+    tied.lm_head.weight = tied.get_submodule(prefix + name).weight
+    try:
+        tpt.parallelize(tied, plan=plan)
+        raise AssertionError("a tied embedding was sharded")
+    except ValueError as exc:
+        assert "tied" in str(exc), exc
     tpt.parallelize(model, plan=plan)
     emb = model.get_submodule(prefix + name)
     assert isinstance(emb, tpt.VocabParallelEmbedding), type(emb)

@@ -414,9 +414,6 @@ class LinearLayer(_TPLayer):
                  tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None,
                  tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, sequence_parallel=False,
                  _full=None):
-        if sequence_parallel and gather_output:
-            raise ValueError("sequence_parallel=True and gather_output=True do not go together (the output of a "
-                             "sequence-parallel column layer is this rank's features of the whole sequence)")
         self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
                          tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -450,12 +447,13 @@ class LinearLayer(_TPLayer):
             raise ValueError(f"input's last dimension must be {self.in_features} (in_features; a column layer "
                              f"takes the full input), got {width}")
         if self.sequence_parallel:
-            return self._forward_sp(x, w, seq_len)
-        if seq_len is not None:
+            y = self._forward_sp(x, w, seq_len)
+        elif seq_len is not None:
             raise ValueError("seq_len is for sequence_parallel=True layers")
-        y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
-        _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
-        self._save(x)
+        else:
+            y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
+            _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
+            self._save(x)
         if not self.gather_output:
             return y
         full = self._place.empty(y.shape[:-1] + (self.out_features,))
@@ -479,7 +477,11 @@ class LinearLayer(_TPLayer):
         x = self._saved()
         if self.sequence_parallel:
             rows = sum(size for _, size in self._seq)
-            self._check_grad_output(grad_output, x, self.local_shape[self._shard_dim], self._shard_words(), rows)
+            if self.gather_output:
+                self._check_grad_output(grad_output, x, self.out_features, "out_features, gather_output=True", rows)
+                grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
+            else:
+                self._check_grad_output(grad_output, x, self.local_shape[self._shard_dim], self._shard_words(), rows)
             self._release(retain)
             dx = self._place.empty(_shape(x, "input"))
             _C.col_backward_sp(self.mp_group._handle, grad_output, x, self._w(), self._seq, dx, *self._grads(),
