@@ -227,7 +227,9 @@ def test_parallelize_plans_and_refusals():
         c._raises(NotImplementedError, lambda: tpt.parallelize(c.hf_model("llama"),
                   plan={"input_layernorm": "sequence_parallel"}), "sequence_parallel", "input_layernorm")
         c._raises(NotImplementedError, lambda: tpt.parallelize(c.hf_model("llama"),
-                  plan={"embed_tokens": "embedding_rowwise"}), "vocab-parallel")
+                  plan={"embed_tokens": "embedding_colwise"}), "hidden-dim-parallel")
+        c._raises(ValueError, lambda: tpt.parallelize(c.hf_model("llama"), plan={"lm_head": "embedding_rowwise"}),
+                  "lm_head", "nn.Embedding")  # embedding_rowwise (tests/test_torch_sequence.py) is for embeddings
         c._raises(ValueError, lambda: tpt.parallelize(c.hf_model("llama"), plan={"q_proj": "diagonal"}),
                   "unknown tensor-parallel style 'diagonal'", "colwise")
         tied = c.hf_model("llama")

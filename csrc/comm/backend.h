@@ -45,6 +45,10 @@ struct tp_backend {
     tp_status (*all_gatherv)(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt);
     tp_status (*reduce_scatter)(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
                                 tp_reduce_op op);
+    /* Uneven blocks (counts[r] elements for rank r, one after another in send); NULL: group.c's generic
+     * reduce-scatter-v (reduce_scatter when the counts are equal, else through blocks padded to the largest). */
+    tp_status (*reduce_scatter_v)(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt,
+                                  tp_reduce_op op);
     tp_status (*broadcast)(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
     tp_status (*barrier)(tp_group *g);
     /* Marks the group failed and wakes its waiters; safe from any thread. */

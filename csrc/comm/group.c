@@ -658,6 +658,91 @@ out:
     return st;
 }
 
+/* Where a collective's buffer lives: GPU memory only for a backend that takes it (a CUDA build). */
+static tp_status buffer_device(const tp_group *g, const void *p, tp_device *dev)
+{
+    tp_status st = TP_OK;
+    int d = -1;
+    *dev = (tp_device){TP_DEVICE_CPU, 0};
+    if (p == NULL || !(g->backend->devices & (1u << TP_DEVICE_CUDA))) goto out;
+    TP_CHECK(tp_cuda_pointer_device(p, &d));
+    if (d >= 0) *dev = (tp_device){TP_DEVICE_CUDA, d};
+out:
+    return st;
+}
+
+/* n elements from src to dst, both on dev. */
+static tp_status copy_on(tp_device dev, void *dst, const void *src, size_t n, tp_dtype dt)
+{
+    tp_status st = TP_OK;
+    tp_tensor a, b;
+    int64_t shape[1] = {(int64_t)n};
+    if (n == 0) goto out;
+    TP_CHECK(tp_tensor_init(&a, dst, dt, 1, shape));
+    TP_CHECK(tp_tensor_init(&b, (void *)src, dt, 1, shape));
+    a.device = b.device = dev;
+    TP_CHECK(tp_tensor_copy(&a, &b));
+out:
+    return st;
+}
+
+/* The reduce-scatter-v of a backend without its own: reduce_scatter itself when the counts are equal, else
+ * reduce_scatter over blocks padded to the largest count (zeros in the padding), staged in memory of the
+ * buffers' kind. */
+static tp_status generic_reduce_scatter_v(tp_group *g, const void *send, void *recv, const size_t *counts,
+                                          tp_dtype dt, tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    size_t most = 0, at = 0, es = tp_dtype_size(dt), p = (size_t)g->size;
+    int equal = 1;
+    tp_device dev;
+    char *pad = NULL, *mine = NULL;
+    for (size_t r = 0; r < p; r++) {
+        if (counts[r] > most) most = counts[r];
+        if (counts[r] != counts[0]) equal = 0;
+    }
+    if (equal) {
+        TP_CHECK(g->backend->reduce_scatter(g, send, recv, counts[0], dt, op));
+        goto out;
+    }
+    TP_CHECK(buffer_device(g, send != NULL ? send : recv, &dev));
+    TP_CHECK(tp_device_alloc(dev, p * most * es, (void **)&pad));
+    TP_CHECK(tp_device_alloc(dev, most * es, (void **)&mine));
+    if (dev.type == TP_DEVICE_CPU)
+        memset(pad, 0, p * most * es);
+    else
+        TP_CHECK(tp_cuda_memset_zero(dev.index, pad, p * most * es));
+    for (size_t r = 0; r < p; r++) {
+        TP_CHECK(copy_on(dev, pad + r * most * es, (const char *)send + at * es, counts[r], dt));
+        at += counts[r];
+    }
+    TP_CHECK(g->backend->reduce_scatter(g, pad, mine, most, dt, op));
+    TP_CHECK(copy_on(dev, recv, mine, counts[g->rank], dt));
+out:
+    if (pad) tp_device_free(dev, pad);
+    if (mine) tp_device_free(dev, mine);
+    return st;
+}
+
+tp_status tp_reduce_scatter_v(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt,
+                              tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    size_t total = 0;
+    TP_CHECK(check_member(g, "reduce_scatter"));
+    TP_CHECK(check_dtype(dt, op, "reduce_scatter"));
+    TP_REQUIRE(counts != NULL, "reduce_scatter: counts is NULL");
+    for (int r = 0; r < g->size; r++) total += counts[r];
+    TP_REQUIRE((send != NULL || total == 0) && (recv != NULL || counts[g->rank] == 0),
+               "reduce_scatter: buffer is NULL");
+    if (g->backend->reduce_scatter_v)
+        TP_CHECK(g->backend->reduce_scatter_v(g, send, recv, counts, dt, op));
+    else
+        TP_CHECK(generic_reduce_scatter_v(g, send, recv, counts, dt, op));
+out:
+    return st;
+}
+
 tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root)
 {
     tp_status st = TP_OK;

@@ -710,6 +710,46 @@ out:
     return st;
 }
 
+/* The reduce-scatter of uneven blocks (counts[k] elements for rank k, one after another in send): the same
+ * rounds, each destination's piece as long as its block still has elements. */
+static tp_status shm_reduce_scatter_v(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt,
+                                      tp_reduce_op op)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = g->impl;
+    const size_t es = tp_dtype_size(dt);
+    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const size_t piece = (im->chunk / (size_t)im->p) / CL * CL;
+    const size_t per = piece / es;
+    size_t displ[TP_SHM_MAX_RANKS], total = 0, most = 0;
+    char *in[TP_SHM_MAX_RANKS];
+    int first = 1;
+    TP_CHECK(check_dtype(dt, "reduce_scatter"));
+    for (int k = 0; k < im->p; k++) {
+        displ[k] = total;
+        total += counts[k];
+        if (counts[k] > most) most = counts[k];
+    }
+    TP_CHECK(begin(im, K_REDUCE_SCATTER, total * es, dt, (int)op, -1, hash_counts(counts, im->p)));
+    for (size_t off = 0; first || off < most; off += per) {
+        char *mine = slot(im, im->r, im->round);
+        size_t n;
+        for (int k = 0; k < im->p; k++) {
+            n = off < counts[k] ? (counts[k] - off < per ? counts[k] - off : per) : 0;
+            if (n) memcpy(mine + (size_t)k * piece, (const char *)send + (displ[k] + off) * es, n * es);
+        }
+        TP_CHECK(sync_step(im, first, "reduce_scatter"));
+        first = 0;
+        n = off < counts[im->r] ? (counts[im->r] - off < per ? counts[im->r] - off : per) : 0;
+        for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round) + (size_t)im->r * piece;
+        if (n > 0) reduce(dt, (char *)recv + off * es, in, im->p, n, (int)op);
+        im->round++;
+    }
+    end(im, K_REDUCE_SCATTER, total * es, t0);
+out:
+    return st;
+}
+
 static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root)
 {
     tp_status st = TP_OK;
@@ -921,6 +961,7 @@ const tp_backend tp_shm_backend = {
     .all_reduce = shm_all_reduce,
     .all_gatherv = shm_all_gatherv,
     .reduce_scatter = shm_reduce_scatter,
+    .reduce_scatter_v = shm_reduce_scatter_v,
     .broadcast = shm_broadcast,
     .barrier = shm_barrier,
     .abort = shm_abort,

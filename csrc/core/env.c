@@ -72,6 +72,9 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
                             "after a rank has waited this many seconds for a peer (a collective, the rendezvous, "
                             "a store key), it logs once which rank and which collective it waits for (0: never); "
                             "the wait itself ends at the group's timeout"},
+    [TP_KNOB_SP_CHUNKS] = {"TPLINEAR_SP_CHUNKS", KNOB_INT, "0", 0, 0, 64, NULL,
+                           "sequence parallelism: n > 1 pipelines a column layer's forward all-gather with its "
+                           "GEMM in n chunks (host memory); 0 or 1: gather, then multiply"},
 };
 
 #define VALUE_CAP 128

@@ -1,5 +1,7 @@
 /* Counter-based initialisation: every element's value depends only on (seed, stream, global index),
  * so any shard can be initialised alone and equals the same slice of the full tensor. */
+#include <math.h>
+
 #include "internal.h"
 
 /* splitmix64's finaliser: a bijective 64-bit mix with full avalanche. Two rounds keyed by the seed
@@ -18,8 +20,18 @@ static double uniform01(uint64_t seed, uint64_t stream, uint64_t index)
     return (double)(z >> 11) * 0x1.0p-53; /* 53 random bits in [0, 1) */
 }
 
-tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double bound,
-                          int64_t row_offset, int64_t col_offset, int64_t full_cols)
+/* A standard normal value for element `index` (Box-Muller on two uniforms of its own, so it too depends
+ * only on (seed, stream, index)). */
+static double normal01(uint64_t seed, uint64_t stream, uint64_t index)
+{
+    double u1 = 1.0 - uniform01(seed, stream, 2 * index), u2 = uniform01(seed, stream, 2 * index + 1);
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* Fills t (1-d or 2-d) with element (i, j) = scale * the value of global position
+ * (row_offset + i) * full_cols + col_offset + j: uniform in [-scale, scale), or normal with std scale. */
+static tp_status init_values(tp_tensor *t, uint64_t seed, uint64_t stream, double scale, int64_t row_offset,
+                             int64_t col_offset, int64_t full_cols, int normal)
 {
     tp_status st = TP_OK;
     int64_t rows, cols, rs, cs;
@@ -37,7 +49,8 @@ tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double b
     for (int64_t i = 0; i < rows; i++) {
         for (int64_t j = 0; j < cols; j++) {
             uint64_t idx = (uint64_t)((row_offset + i) * full_cols + col_offset + j);
-            double v = (2.0 * uniform01(seed, stream, idx) - 1.0) * bound;
+            double v = normal ? normal01(seed, stream, idx) * scale
+                              : (2.0 * uniform01(seed, stream, idx) - 1.0) * scale;
             if (t->dtype == TP_FLOAT32)
                 ((float *)t->data)[i * rs + j * cs] = (float)v;
             else
@@ -46,4 +59,16 @@ tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double b
     }
 out:
     return st;
+}
+
+tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double bound,
+                          int64_t row_offset, int64_t col_offset, int64_t full_cols)
+{
+    return init_values(t, seed, stream, bound, row_offset, col_offset, full_cols, 0);
+}
+
+tp_status tp_init_normal(tp_tensor *t, uint64_t seed, uint64_t stream, double std,
+                         int64_t row_offset, int64_t col_offset, int64_t full_cols)
+{
+    return init_values(t, seed, stream, std, row_offset, col_offset, full_cols, 1);
 }

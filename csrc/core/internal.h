@@ -64,6 +64,7 @@ typedef enum {
     TP_KNOB_MPI_ONESHOT_KB,
     TP_KNOB_MPI_CHUNK_KB,
     TP_KNOB_WATCHDOG_S,
+    TP_KNOB_SP_CHUNKS,
     TP_KNOB_COUNT
 } tp_knob;
 /* An int, bool or choice knob's value (a choice: its index in the declared choices, -1 unset), the

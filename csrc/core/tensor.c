@@ -35,6 +35,7 @@ int64_t tp_tensor_numel(const tp_tensor *t)
 int tp_tensor_is_contiguous(const tp_tensor *t)
 {
     int64_t expect = 1;
+    if (tp_tensor_numel(t) == 0) return 1; /* nothing to lay out (torch gives empty tensors strides NumPy does not) */
     for (int d = t->ndim - 1; d >= 0; d--) {
         if (t->shape[d] != 1 && t->strides[d] != expect) return 0;
         expect *= t->shape[d];

@@ -159,6 +159,9 @@ TP_API tp_status tp_attention_heads(int64_t num_heads, int64_t num_kv_heads, int
  * A shard therefore equals the same slice of the full tensor. CPU, float32/float64. */
 TP_API tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double bound,
                                  int64_t row_offset, int64_t col_offset, int64_t full_cols);
+/* The same with a normal distribution of mean 0 and standard deviation std (nn.Embedding's N(0, 1)). */
+TP_API tp_status tp_init_normal(tp_tensor *t, uint64_t seed, uint64_t stream, double std,
+                                int64_t row_offset, int64_t col_offset, int64_t full_cols);
 
 /* ------------------------------------------------------------------ BLAS threads */
 
@@ -306,6 +309,12 @@ TP_API tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const
 /* send holds size(g) * count elements; recv gets the reduction of block `rank`. */
 TP_API tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
                                    tp_reduce_op op);
+/* Variable counts: send holds sum(counts) elements, rank r's block (counts[r] elements, after the blocks of
+ * the ranks before it) is reduced into rank r's recv of counts[rank] elements. Every rank passes the same
+ * counts (as for tp_all_gatherv). Backends without their own use reduce_scatter on blocks padded to the
+ * largest count. */
+TP_API tp_status tp_reduce_scatter_v(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt,
+                                     tp_reduce_op op);
 TP_API tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
 TP_API tp_status tp_barrier(tp_group *g);
 
@@ -342,6 +351,78 @@ TP_API tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor
  * overlap != 0 runs the dx all-reduce concurrently with the dw GEMM (same results). */
 TP_API tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
                                  tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
+
+/* ------------------------------------------------------------------ sequence parallelism */
+
+/* Megatron's sequence parallelism: between layers, activations are split along their sequence dim, the
+ * first dim. seq has size(g) entries, every rank's rows of it, consecutive and in rank order (from
+ * tp_partition at grain 1, or any such split); every rank passes the same seq. Every array keeps its
+ * other dims. Checks run before the first collective.
+ *
+ * Column-parallel: x is this rank's rows [seq[rank].size, ..., in]; y = all_gather_rows(x) @ w_r^T + b_r,
+ * the whole sequence [S, ..., out_r]. chunks > 1 (host memory) pipelines the gather with the GEMM: a helper
+ * thread gathers each rank's rows in `chunks` pieces while this thread multiplies the piece gathered
+ * before (the full input is then never assembled); chunks 0 or 1 gathers, then multiplies; chunks < 0
+ * takes TPLINEAR_SP_CHUNKS (default 0). */
+TP_API tp_status tp_col_forward_sp(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
+                                   const tp_range *seq, tp_tensor *y, int chunks);
+/* dy [S, ..., out_r], x this rank's rows of the input (as in forward): dx (this rank's rows) =
+ * reduce_scatter_rows(dy @ w_r) ; dw += dy^T all_gather_rows(x) ; db += sum(dy). dw, db may be NULL (then x
+ * is not gathered). overlap != 0 (host memory) runs the gather under the dx GEMM and the reduce-scatter
+ * under the dw GEMM on a helper thread, as Megatron-core does (same results). */
+TP_API tp_status tp_col_backward_sp(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                                    const tp_range *seq, tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
+/* Row-parallel: x [S, ..., in_r] (the whole sequence, this rank's features); y (this rank's rows
+ * [seq[rank].size, ..., out]) = reduce_scatter_rows(x @ w_r^T) + b, b added once after the reduction. */
+TP_API tp_status tp_row_forward_sp(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
+                                   const tp_range *seq, tp_tensor *y);
+/* dy this rank's rows [seq[rank].size, ..., out]: with dY = all_gather_rows(dy), dx = dY @ w_r ;
+ * dw += dY^T x ; db += sum(dY) (the whole gradient of the replicated bias, the same on every rank).
+ * dx, dw, db may each be NULL. */
+TP_API tp_status tp_row_backward_sp(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                                    const tp_range *seq, tp_tensor *dx, tp_tensor *dw, tp_tensor *db);
+/* The sum over the group of full ([S, ...], any strides) into this rank's rows seq[rank] of it (part,
+ * contiguous): a reduce-scatter-v along the first dim. Its inverse pair is tp_gather_dim(g, part, 0, seq,
+ * full), an all-gather-v that writes each rank's rows in place when full is contiguous. */
+TP_API tp_status tp_reduce_scatter_rows(tp_group *g, const tp_tensor *full, const tp_range *seq, tp_tensor *part);
+
+/* ------------------------------------------------------------------ vocabulary parallelism */
+
+/* Megatron's VocabParallelEmbedding: w [vocab_r, hidden] holds rows [vocab_offset, vocab_offset + vocab_r)
+ * of the table of vocab_size rows. ids (int32 / int64, any shape, the same on every rank) must lie in
+ * [0, vocab_size) (else TP_ERR_VALUE on every rank, before any collective). This rank looks up the ids in
+ * its rows, zeros elsewhere, then: seq == NULL: y [*ids.shape, hidden] = all_reduce of the lookups;
+ * seq != NULL (sequence parallelism, ids' first dim is the sequence): y [seq[rank].size, *ids.shape[1:],
+ * hidden] = reduce_scatter_rows of them. Host memory. */
+TP_API tp_status tp_embedding_forward(tp_group *g, const tp_tensor *ids, const tp_tensor *w, int64_t vocab_offset,
+                                      int64_t vocab_size, const tp_range *seq, tp_tensor *y);
+/* dw [vocab_r, hidden] += the rows of dy whose ids fall in this rank's rows (in id order, so repeated
+ * ids add in a fixed order). dy: [*ids.shape, hidden] (seq == NULL; the gradient of the replicated
+ * output, no collective) or this rank's rows of it (seq != NULL; all-gathered first). */
+TP_API tp_status tp_embedding_backward(tp_group *g, const tp_tensor *ids, const tp_tensor *dy, int64_t vocab_offset,
+                                       const tp_range *seq, tp_tensor *dw);
+
+typedef enum { TP_LOSS_MEAN = 0, TP_LOSS_SUM = 1, TP_LOSS_NONE = 2 } tp_loss_reduction;
+
+/* Cross-entropy over logits split by vocabulary, as torch.nn.functional.cross_entropy with class-index
+ * targets, without gathering the logits: one max all-reduce and one sum all-reduce (of the sum of
+ * exponentials, the target logit and, with label smoothing, the sum of logits) of a few values per token.
+ * logits [..., vocab_r] (float32 / float64, host) hold columns [vocab_offset, vocab_offset + vocab_r) of
+ * vocab_size; targets (int32 / int64) have logits' leading shape, the same on every rank, each in
+ * [0, vocab_size) or ignore_index (else TP_ERR_VALUE before any collective). With p = softmax over the
+ * whole vocabulary and e = label_smoothing in [0, 1], token i's loss is
+ *   (1 - e) * -log p[i, t_i] + e * mean_c(-log p[i, c])      (0 for an ignored token);
+ * *loss (may be NULL) is their mean over the tokens not ignored (TP_LOSS_MEAN; NaN when there is none, as
+ * torch), their sum (TP_LOSS_SUM), or their sum too (TP_LOSS_NONE, which also asks for losses).
+ * losses (NULL or floating, targets' shape, contiguous) gets every token's loss. grad (NULL or like logits,
+ * contiguous in its last dim; it may be logits itself, which is then overwritten) gets the gradient of
+ * *loss: scale * (p - (1 - e) * onehot(t) - e / vocab_size) for tokens not ignored, 0 for ignored ones,
+ * scale = 1 / (tokens not ignored) for TP_LOSS_MEAN, else 1 (TP_LOSS_NONE: the gradient of the sum).
+ * Sums accumulate in float64; the result is the same on every rank. */
+TP_API tp_status tp_vocab_cross_entropy(tp_group *g, const tp_tensor *logits, const tp_tensor *targets,
+                                        int64_t vocab_offset, int64_t vocab_size, int64_t ignore_index,
+                                        double label_smoothing, tp_loss_reduction reduction, tp_tensor *losses,
+                                        tp_tensor *grad, double *loss);
 
 /* All-gathers shards of a tensor along dim: rank r holds `shard` (all dims equal to full's except
  * dim, whose size is ranges[r].size); full receives every rank's shard at ranges[r].offset along dim.

@@ -4,6 +4,34 @@
 
 #include "shard.h"
 
+/* The all-gather-v of shards that are consecutive rows (dim 0, ranges in rank order) of a contiguous
+ * full tensor: every rank's shard lands in place, without staging (the sequence-parallel gather). */
+static tp_status gather_rows(tp_group *g, const tp_tensor *shard, const tp_range *ranges, tp_tensor *full)
+{
+    tp_status st = TP_OK;
+    int p = tp_group_size(g), me = tp_group_rank(g);
+    size_t row = 1, item = tp_dtype_size(full->dtype), *counts = NULL;
+    void *send = shard->data;
+    tp_tensor packed;
+    for (int d = 1; d < full->ndim; d++) row *= (size_t)full->shape[d];
+    if ((counts = calloc((size_t)p, sizeof *counts)) == NULL) {
+        st = tp_error(TP_ERR_NOMEM, "gather: out of memory");
+        goto out;
+    }
+    for (int r = 0; r < p; r++) counts[r] = (size_t)ranges[r].size * row;
+    if (!tp_tensor_is_contiguous(shard) && counts[me] > 0) { /* a strided view: packed first */
+        TP_CHECK(tp_device_alloc(full->device, counts[me] * item, &send));
+        TP_CHECK(tp_tensor_init(&packed, send, shard->dtype, shard->ndim, shard->shape));
+        packed.device = full->device;
+        TP_CHECK(tp_tensor_copy(&packed, shard));
+    }
+    TP_CHECK(tp_all_gatherv(g, send, full->data, counts, full->dtype));
+out:
+    if (send != shard->data) tp_device_free(full->device, send);
+    free(counts);
+    return st;
+}
+
 tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges, int nblocks,
                            tp_tensor *full)
 {
@@ -23,6 +51,14 @@ tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const t
     if (p == 1) { /* nothing to exchange: the shard's pieces are the full tensor */
         TP_CHECK(tp_shard_copy((tp_tensor *)shard, full, dim, ranges, nblocks, 1));
         goto out;
+    }
+    if (nblocks == 1 && dim == 0 && tp_tensor_is_contiguous(full)) { /* rows in rank order: in place */
+        int64_t at = 0;
+        for (int r = 0; r < p && ranges[r].offset == at; r++) at += ranges[r].size;
+        if (at == full->shape[0]) {
+            TP_CHECK(gather_rows(g, shard, ranges, full));
+            goto out;
+        }
     }
     for (int d = 0; d < full->ndim; d++)
         if (d != dim) other *= full->shape[d];

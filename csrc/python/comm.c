@@ -269,8 +269,8 @@ static int pair(PyObject *m, tp_group *g, PyObject *so, PyObject *ro, tpy_arg a[
     }
     ns = tp_tensor_numel(&a[0].t);
     nr = tp_tensor_numel(&a[1].t);
-    if (counts) {
-        int64_t total = 0;
+    if (counts) { /* this rank's count: the input's size (all-gather) or the output's (reduce-scatter) */
+        int64_t total = 0, mine = scale_recv ? ns : nr, all = scale_recv ? nr : ns;
         int me = tp_group_rank(g);
         for (int64_t r = 0; r < p; r++)
             if (__builtin_add_overflow(total, (int64_t)counts[r], &total)) {
@@ -278,14 +278,14 @@ static int pair(PyObject *m, tp_group *g, PyObject *so, PyObject *ro, tpy_arg a[
                              (long long)INT64_MAX);
                 goto fail;
             }
-        if (me >= 0 && (int64_t)counts[me] != ns) {
-            PyErr_Format(PyExc_ValueError, "%s: this rank's count is %lld but its input has %lld elements", what,
-                         (long long)counts[me], (long long)ns);
+        if (me >= 0 && (int64_t)counts[me] != mine) {
+            PyErr_Format(PyExc_ValueError, "%s: this rank's count is %lld but its %s has %lld elements", what,
+                         (long long)counts[me], scale_recv ? "input" : "output", (long long)mine);
             goto fail;
         }
-        if (nr != total) {
-            PyErr_Format(PyExc_ValueError, "%s: output must have %lld elements (the sum of counts), got %lld", what,
-                         (long long)total, (long long)nr);
+        if (all != total) {
+            PyErr_Format(PyExc_ValueError, "%s: %s must have %lld elements (the sum of counts), got %lld", what,
+                         scale_recv ? "output" : "input", (long long)total, (long long)all);
             goto fail;
         }
     } else if (scale_recv ? nr != ns * p : ns != nr * p) {
@@ -300,6 +300,43 @@ fail:
     return -1;
 }
 
+/* counts (None: even) as a new array of one count per rank of g, in *out (NULL for None); 0 or -1. */
+static int parse_counts(tp_group *g, PyObject *obj, size_t **out, const char *what)
+{
+    PyObject *fast;
+    Py_ssize_t n;
+    *out = NULL;
+    if (obj == Py_None) return 0;
+    if ((fast = PySequence_Fast(obj, "counts must be a sequence of ints")) == NULL) return -1;
+    n = PySequence_Fast_GET_SIZE(fast);
+    if (n != tp_group_size(g)) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%s: need %d counts (one per rank), got %zd", what, tp_group_size(g), n);
+        return -1;
+    }
+    if ((*out = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof **out)) == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long long c = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(fast, i), &overflow);
+        if (c < 0 || overflow) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "%s: counts must be in 0..%lld, got %R", what, (long long)INT64_MAX,
+                             PySequence_Fast_GET_ITEM(fast, i));
+            Py_DECREF(fast);
+            PyMem_Free(*out);
+            *out = NULL;
+            return -1;
+        }
+        (*out)[i] = (size_t)c;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
 static PyObject *py_all_gather(PyObject *m, PyObject *args)
 {
     PyObject *go, *so, *ro, *counts_obj = Py_None;
@@ -308,37 +345,7 @@ static PyObject *py_all_gather(PyObject *m, PyObject *args)
     size_t *counts = NULL;
     tp_status st;
     if (!PyArg_ParseTuple(args, "OOO|O", &go, &ro, &so, &counts_obj)) return NULL;
-    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
-    if (counts_obj != Py_None) {
-        PyObject *fast = PySequence_Fast(counts_obj, "counts must be a sequence of ints");
-        Py_ssize_t n;
-        if (fast == NULL) return NULL;
-        n = PySequence_Fast_GET_SIZE(fast);
-        if (n != tp_group_size(g)) {
-            Py_DECREF(fast);
-            return PyErr_Format(PyExc_ValueError, "all_gather: need %d counts (one per rank), got %zd",
-                                tp_group_size(g), n);
-        }
-        counts = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof *counts);
-        if (counts == NULL) {
-            Py_DECREF(fast);
-            return PyErr_NoMemory();
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            int overflow = 0;
-            long long c = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(fast, i), &overflow);
-            if (c < 0 || overflow) {
-                if (!PyErr_Occurred())
-                    PyErr_Format(PyExc_ValueError, "all_gather: counts must be in 0..%lld, got %R", (long long)INT64_MAX,
-                                 PySequence_Fast_GET_ITEM(fast, i));
-                Py_DECREF(fast);
-                PyMem_Free(counts);
-                return NULL;
-            }
-            counts[i] = (size_t)c;
-        }
-        Py_DECREF(fast);
-    }
+    if ((g = tpy_group_get(m, go)) == NULL || parse_counts(g, counts_obj, &counts, "all_gather") < 0) return NULL;
     if (pair(m, g, so, ro, a, 1, counts, "all_gather") < 0) {
         PyMem_Free(counts);
         return NULL;
@@ -357,18 +364,28 @@ static PyObject *py_all_gather(PyObject *m, PyObject *args)
 
 static PyObject *py_reduce_scatter(PyObject *m, PyObject *args)
 {
-    PyObject *go, *so, *ro, *opobj;
+    PyObject *go, *so, *ro, *opobj, *counts_obj = Py_None;
     tp_group *g;
     tp_reduce_op op;
     tpy_arg a[2];
+    size_t *counts = NULL;
     tp_status st;
-    if (!PyArg_ParseTuple(args, "OOOO", &go, &ro, &so, &opobj)) return NULL;
-    if ((g = tpy_group_get(m, go)) == NULL || parse_op(opobj, &op) < 0) return NULL;
-    if (pair(m, g, so, ro, a, 0, NULL, "reduce_scatter") < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOO|O", &go, &ro, &so, &opobj, &counts_obj)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL || parse_op(opobj, &op) < 0 ||
+        parse_counts(g, counts_obj, &counts, "reduce_scatter") < 0)
+        return NULL;
+    if (pair(m, g, so, ro, a, 0, counts, "reduce_scatter") < 0) {
+        PyMem_Free(counts);
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    st = tp_reduce_scatter(g, a[0].t.data, a[1].t.data, (size_t)tp_tensor_numel(&a[1].t), a[0].t.dtype, op);
+    if (counts)
+        st = tp_reduce_scatter_v(g, a[0].t.data, a[1].t.data, counts, a[0].t.dtype, op);
+    else
+        st = tp_reduce_scatter(g, a[0].t.data, a[1].t.data, (size_t)tp_tensor_numel(&a[1].t), a[0].t.dtype, op);
     Py_END_ALLOW_THREADS
     tpy_args_release(a, 2);
+    PyMem_Free(counts);
     if (st != TP_OK) return tpy_raise(m, st);
     Py_RETURN_NONE;
 }
@@ -423,7 +440,7 @@ PyMethodDef tpy_comm_methods[] = {
     {"group_info", py_group_info, METH_VARARGS, "group_info(group) -> dict"},
     {"all_reduce", py_all_reduce_in_group, METH_VARARGS, "all_reduce(group, arr, op)"},
     {"all_gather", py_all_gather_in_group, METH_VARARGS, "all_gather(group, out, arr, counts=None)"},
-    {"reduce_scatter", py_reduce_scatter_in_group, METH_VARARGS, "reduce_scatter(group, out, arr, op)"},
+    {"reduce_scatter", py_reduce_scatter_in_group, METH_VARARGS, "reduce_scatter(group, out, arr, op, counts=None)"},
     {"broadcast", py_broadcast_in_group, METH_VARARGS, "broadcast(group, arr, root)"},
     {"barrier", py_barrier_in_group, METH_VARARGS, "barrier(group)"},
     {"abort", py_abort, METH_VARARGS, "abort(group)"},

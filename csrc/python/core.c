@@ -3,23 +3,6 @@
 
 #include "py.h"
 
-#define ARR(o, w) {.obj = (o), .what = (w)}
-#define OUT(o, w) {.obj = (o), .writable = 1, .what = (w)}
-#define OPT(o, w) {.obj = (o), .optional = 1, .what = (w)}
-#define OPT_OUT(o, w) {.obj = (o), .writable = 1, .optional = 1, .what = (w)}
-#define NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
-
-/* Runs `call` (an expression using a[i].p) without the GIL and maps its status. */
-#define CALL_RELEASED(module, a, call)                  \
-    do {                                                \
-        tp_status st_;                                  \
-        if (tpy_args_convert((a), NARGS(a)) < 0) return NULL; \
-        Py_BEGIN_ALLOW_THREADS st_ = (call);            \
-        Py_END_ALLOW_THREADS tpy_args_release((a), NARGS(a)); \
-        if (st_ != TP_OK) return tpy_raise((module), st_);    \
-        Py_RETURN_NONE;                                 \
-    } while (0)
-
 static PyObject *ranges_to_list(const tp_range *r, Py_ssize_t n)
 {
     PyObject *list = PyList_New(n);
@@ -136,19 +119,24 @@ static PyObject *py_attention_heads(PyObject *m, PyObject *args)
     return res;
 }
 
-/* init_uniform(out, seed, stream, bound, row_offset, col_offset, full_cols) */
-static PyObject *py_init_uniform(PyObject *m, PyObject *args)
+/* init_uniform(out, seed, stream, bound, row_offset, col_offset, full_cols)
+ * init_normal(out, seed, stream, std, row_offset, col_offset, full_cols) */
+static PyObject *init_values(PyObject *m, PyObject *args, int normal)
 {
     PyObject *o;
     unsigned long long seed, stream;
-    double bound;
+    double scale;
     long long ro, co, fc;
-    if (!PyArg_ParseTuple(args, "OKKdLLL", &o, &seed, &stream, &bound, &ro, &co, &fc)) return NULL;
+    if (!PyArg_ParseTuple(args, "OKKdLLL", &o, &seed, &stream, &scale, &ro, &co, &fc)) return NULL;
     {
         tpy_arg a[] = {OUT(o, "out")};
-        CALL_RELEASED(m, a, tp_init_uniform(a[0].p, seed, stream, bound, ro, co, fc));
+        CALL_RELEASED(m, a, normal ? tp_init_normal(a[0].p, seed, stream, scale, ro, co, fc)
+                                   : tp_init_uniform(a[0].p, seed, stream, scale, ro, co, fc));
     }
 }
+
+static PyObject *py_init_uniform(PyObject *m, PyObject *args) { return init_values(m, args, 0); }
+static PyObject *py_init_normal(PyObject *m, PyObject *args) { return init_values(m, args, 1); }
 
 /* linear_forward(x, w, b|None, y) */
 static PyObject *py_linear_forward(PyObject *m, PyObject *args)
@@ -220,9 +208,7 @@ static PyObject *layer_backward(PyObject *m, PyObject *args, int row)
 static PyObject *py_row_backward(PyObject *m, PyObject *args) { return layer_backward(m, args, 1); }
 static PyObject *py_col_backward(PyObject *m, PyObject *args) { return layer_backward(m, args, 0); }
 
-/* A sequence of (offset, size) pairs as a new tp_range array of *n entries, a multiple of nblocks
- * (NULL + exception on failure; free with PyMem_Free). */
-static tp_range *range_list(PyObject *seq, int nblocks, Py_ssize_t *n, const char *what)
+tp_range *tpy_range_list(PyObject *seq, int nblocks, Py_ssize_t *n, const char *what)
 {
     PyObject *fast = PySequence_Fast(seq, "ranges must be a sequence of (offset, size)");
     tp_range *r = NULL;
@@ -261,7 +247,7 @@ static PyObject *gather_or_shard(PyObject *m, tp_group *g, PyObject *shard, int 
     tp_status st_;
     const char *what = g ? "gather" : "shard";
     tpy_arg a[] = {{.obj = shard, .writable = g == NULL, .what = "shard"}, {.obj = full, .writable = g != NULL, .what = "full"}};
-    if ((r = range_list(rlist, nblocks, &n, what)) == NULL) return NULL;
+    if ((r = tpy_range_list(rlist, nblocks, &n, what)) == NULL) return NULL;
     if (g != NULL && n != (Py_ssize_t)tp_group_size(g) * nblocks) {
         PyMem_Free(r);
         return PyErr_Format(PyExc_ValueError, "gather: expected %d ranges (group size x blocks), got %zd",
@@ -340,6 +326,7 @@ PyMethodDef tpy_core_methods[] = {
     {"attention_heads", py_attention_heads, METH_VARARGS,
      "attention_heads(num_heads, num_kv_heads, p) -> [((q_offset, q_count), (kv_offset, kv_count))] * p"},
     {"init_uniform", py_init_uniform, METH_VARARGS, "init_uniform(out, seed, stream, bound, row_off, col_off, full_cols)"},
+    {"init_normal", py_init_normal, METH_VARARGS, "init_normal(out, seed, stream, std, row_off, col_off, full_cols)"},
     {"linear_forward", py_linear_forward, METH_VARARGS, "linear_forward(x, w, b|None, y)"},
     {"linear_backward", py_linear_backward, METH_VARARGS, "linear_backward(dy, x, w, dx|None, dw|None, db|None)"},
     {"row_forward", py_row_forward_in_group, METH_VARARGS, "row_forward(group, x, w, b|None, y)"},

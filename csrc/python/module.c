@@ -159,6 +159,7 @@ static int module_exec(PyObject *m)
     if (PyModule_AddFunctions(m, tpy_device_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_dtype_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_array_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, tpy_sequence_methods) < 0) return -1;
     if (PyModule_AddStringConstant(m, "VERSION", TPLINEAR_VERSION) < 0) return -1;
     return 0;
 }

@@ -56,6 +56,28 @@ PyObject *tpy_protocol_stream(void);
 /* Sets the Python exception for a failed status and returns NULL. */
 PyObject *tpy_raise(PyObject *module, tp_status st);
 
+/* Array arguments of a binding (tpy_arg initialisers): read, written, optional (None allowed). */
+#define ARR(o, w) {.obj = (o), .what = (w)}
+#define OUT(o, w) {.obj = (o), .writable = 1, .what = (w)}
+#define OPT(o, w) {.obj = (o), .optional = 1, .what = (w)}
+#define OPT_OUT(o, w) {.obj = (o), .writable = 1, .optional = 1, .what = (w)}
+#define NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+/* Converts the arguments a, runs `call` (an expression using a[i].p) without the GIL and maps its status. */
+#define CALL_RELEASED(module, a, call)                  \
+    do {                                                \
+        tp_status st_;                                  \
+        if (tpy_args_convert((a), NARGS(a)) < 0) return NULL; \
+        Py_BEGIN_ALLOW_THREADS st_ = (call);            \
+        Py_END_ALLOW_THREADS tpy_args_release((a), NARGS(a)); \
+        if (st_ != TP_OK) return tpy_raise((module), st_);    \
+        Py_RETURN_NONE;                                 \
+    } while (0)
+
+/* A sequence of (offset, size) pairs as a new tp_range array of *n entries, a multiple of nblocks
+ * (NULL + exception on failure; free with PyMem_Free). what starts the messages. */
+tp_range *tpy_range_list(PyObject *seq, int nblocks, Py_ssize_t *n, const char *what);
+
 /* The Group type: owns a tp_group*. */
 typedef struct {
     PyObject_HEAD
@@ -108,5 +130,6 @@ extern PyMethodDef tpy_core_methods[];
 extern PyMethodDef tpy_device_methods[]; /* device.c: streams, DLPack out, copies */
 extern PyMethodDef tpy_dtype_methods[];  /* dtypes.c: the dtype table, bfloat16 conversions */
 extern PyMethodDef tpy_array_methods[];  /* array.c: device_index */
+extern PyMethodDef tpy_sequence_methods[]; /* sequence.c: sequence- and vocabulary-parallel layers */
 
 #endif

@@ -37,9 +37,11 @@ from .partition import (
     set_num_kv_heads,
     set_tp_grain_size,
     set_training_mode,
+    sequence_ranges,
     shard_ranges,
 )
 from .parameter import GatherReplacedLayerParams, Parameter
+from .vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 CommError = _C.CommError
 __version__ = _C.VERSION
@@ -66,5 +68,5 @@ __all__ = [
     "fused_LinearLayer", "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "get_tp_grain_size",
     "is_autotp_training_mode", "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode",
     "set_num_kv_heads", "set_allow_tf32", "set_num_threads", "set_stream", "set_tp_grain_size", "set_training_mode",
-    "shard_ranges",
+    "sequence_ranges", "shard_ranges", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
 ]

@@ -102,7 +102,8 @@ class Sharded:
         if p > 1:
             other = int(weight_shape[1 - self._shard_dim])
             mine = np.array([self._kind, int(self.training_mode), DTYPES[dtype]["code"], int(has_bias),
-                             other, -1 if full is None else full, self.tp_grain_size, digest, local], dtype=np.int64)
+                             other, -1 if full is None else full, self.tp_grain_size,
+                             int(getattr(self, "sequence_parallel", False)), digest, local], dtype=np.int64)
             every = np.empty(len(mine) * p, dtype=np.int64)
             dist.all_gather_into_tensor(every, mine, group=self.mp_group)
             every = every.reshape(p, len(mine))
@@ -113,7 +114,7 @@ class Sharded:
                 f"the partition of layer {self._label()} failed on ranks "
                 f"{np.flatnonzero(every[:, -2] == -1).tolist()} (see their error)")
         fields = ["layer kind", "training mode", "dtype", "bias presence", self._dim_name(1 - self._shard_dim),
-                  "full " + self._dim_name(self._shard_dim), "tp_grain_size",
+                  "full " + self._dim_name(self._shard_dim), "tp_grain_size", "sequence_parallel",
                   "partition (heads, name, block sizes or set_num_kv_heads)"]
         names = {d["code"]: name for name, d in DTYPES.items()}
         for i, field in enumerate(fields if p > 1 else ()):
@@ -171,7 +172,7 @@ class Sharded:
         replicated, and "conversion" (the subset a model-level converter reads). tplinear adds "pieces":
         every rank's [(offset, size)] along dim "pieces_dim" of the parameter as stored, which a converter
         can apply without knowing the rule."""
-        kind = "column" if self._kind == KIND_COL else "row"
+        kind = "row" if self._kind == KIND_ROW else "column"
         dim, logical, output, spec, sizes, widths = self._uc_layout()
         totals = None if widths else tuple(sum(size for _, size in pieces) for pieces in self._pieces)
         pieces = self.shard_ranges()

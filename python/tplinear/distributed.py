@@ -174,6 +174,13 @@ def reduce_scatter_tensor(output, input, op="sum", group=None):
     _C.reduce_scatter(_group(group)._handle, output, input, _op(op))
 
 
+def reduce_scatter_v(output, input, counts, op="sum", group=None):
+    """Variable-count reduce-scatter: input holds sum(counts) elements, rank r's block (counts[r] elements,
+    after the blocks of the ranks before it) is reduced into rank r's output (counts[rank] elements). Every
+    rank passes the same counts."""
+    _C.reduce_scatter(_group(group)._handle, output, input, _op(op), list(counts))
+
+
 def broadcast(tensor, src=None, group=None, *, group_src=None):
     """In place from the root, as torch.distributed.broadcast: src is the root's GLOBAL rank (its rank in
     the default group), group_src its rank within group; give exactly one. A src that is not a member of

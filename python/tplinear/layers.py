@@ -80,8 +80,8 @@ class _Layer:
     _input = None
     _released = False
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, *args, **kwargs):
+        return self.forward(x, *args, **kwargs)
 
     def _save(self, x):
         self._input, self._released = x, False
@@ -102,9 +102,12 @@ class _Layer:
         if not retain:
             self._input, self._released = None, True
 
-    def _check_grad_output(self, grad_output, x, width, what):
-        """grad_output must be [*x's leading dims, width]; `what` says what width is."""
+    def _check_grad_output(self, grad_output, x, width, what, rows=None):
+        """grad_output must be [*x's leading dims, width] (rows: with that many sequence rows, dim 0, instead
+        of x's); `what` says what width is."""
         got, lead = _shape(grad_output, "grad_output"), _shape(x, "input")[:-1]
+        if rows is not None:
+            lead = (rows,) + lead[1:]
         if got[-1] != width:
             raise ValueError(f"grad_output's last dimension must be {width} ({what}), got {got[-1]}")
         if got[:-1] != lead:
@@ -135,7 +138,15 @@ class _Layer:
         return param.grad.T if flip else param.grad
 
     def _grads(self):
-        return self._grad(self.weight), None if self.bias is None else self._grad(self.bias)
+        """(dW, db) for backward to accumulate into, as torch treats frozen parameters: a parameter with
+        requires_grad=False gets no .grad; a frozen weight with no learning bias skips its dW GEMM (a learning
+        bias beside a frozen weight: dW goes to a scratch array)."""
+        learn_b = self.bias is not None and self.bias.requires_grad
+        if not self.weight.requires_grad:
+            if not learn_b:
+                return None, None
+            return self._place.zeros(self._w().shape), self._grad(self.bias)
+        return self._grad(self.weight), self._grad(self.bias) if learn_b else None
 
     def _w(self):
         """The weight as the core takes it, [out, in] (a transposed view of a transposed weight)."""
@@ -260,6 +271,8 @@ class _TPLayer(_Layer, _layout.Sharded):
             parts.append(f"block_sizes={self._split['block_sizes']}")
         if self.skip_partition:
             parts.append("skip_partition=True")
+        if getattr(self, "sequence_parallel", False):
+            parts.append("sequence_parallel=True")
         return f"{type(self).__name__}({', '.join(parts)}{_placement_repr(self._place)})"
 
     # -- state dicts (checkpoint.py holds the consolidated ones and the files)
@@ -295,6 +308,9 @@ class LinearAllreduce(_TPLayer):
     input_is_parallel=True (default): x is this rank's slice of the input's last dim.
     input_is_parallel=False: x is the full input; the layer slices its part, and backward returns the full
     dX (all-gathered).
+    sequence_parallel=True (Megatron's sequence parallelism): the output is reduce-scattered along the
+    sequence dim (dim 0: this rank's rows, partition.sequence_ranges) instead of all-reduced, and backward
+    all-gathers dY; needs input_is_parallel=True.
 
     num_heads / num_kv_heads / head_dim: the attention output projection's heads (in_features is
     num_heads * head_dim); the same arguments as the column layer before attention give the same heads.
@@ -305,7 +321,11 @@ class LinearAllreduce(_TPLayer):
 
     def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False, device=None,
                  dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, block_sizes=None,
-                 block_heads=None, _full=None):
+                 block_heads=None, sequence_parallel=False, _full=None):
+        if sequence_parallel and not input_is_parallel:  # Megatron's RowParallelLinear refuses it too
+            raise ValueError("sequence_parallel=True needs input_is_parallel=True (the input's features split, its "
+                             "sequence whole)")
+        self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
                          tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, _full=_full)
@@ -334,8 +354,19 @@ class LinearAllreduce(_TPLayer):
         elif width != w.shape[1]:
             raise ValueError(f"input's last dimension must be {w.shape[1]} ({self._shard_words()}; "
                              f"input_is_parallel=True), got {width}")
+        if self.sequence_parallel:
+            return self._forward_sp(x, w)
         y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
         _C.row_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
+        self._save(x)
+        return y
+
+    def _forward_sp(self, x, w):
+        """This rank's rows of all_reduce(x_r @ W_r^T) + b: x is [seq, ..., in_r], the result [rows, ..., out]."""
+        shape = _sequence_shape(x)
+        self._seq = partition.sequence_ranges(shape[0], self.tp_world_size)
+        y = self._place.empty((self._seq[self.tp_index][1],) + shape[1:-1] + (w.shape[0],))
+        _C.row_forward_sp(self.mp_group._handle, x, w, _optional(self.bias), self._seq, y)
         self._save(x)
         return y
 
@@ -343,9 +374,13 @@ class LinearAllreduce(_TPLayer):
         """dX (this rank's slice; the full dX when input_is_parallel=False); accumulates .grad. Releases
         the saved input unless retain=True."""
         x = self._saved()
-        self._check_grad_output(grad_output, x, self.out_features, "out_features, the full output")
+        rows = self._seq[self.tp_index][1] if self.sequence_parallel else None
+        self._check_grad_output(grad_output, x, self.out_features, "out_features, the full output", rows)
         self._release(retain)
         dx = self._place.empty(_shape(x, "input"))
+        if self.sequence_parallel:
+            _C.row_backward_sp(self.mp_group._handle, grad_output, x, self._w(), self._seq, dx, *self._grads())
+            return dx
         _C.row_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads())
         if self.input_is_parallel:
             return dx
@@ -359,6 +394,13 @@ class LinearLayer(_TPLayer):
     unless gather_output=True; backward all-reduces dX (overlapped with the dW GEMM when
     tp_overlap_comm=True).
 
+    sequence_parallel=True (Megatron's sequence parallelism): the input is this rank's rows of the sequence
+    (dim 0), all-gathered before the GEMM; backward reduce-scatters dX to those rows and gathers the input
+    again for dW (the full input is not kept between forward and backward). forward(x, seq_len=None): the
+    whole sequence's length, when known, spares one small all-gather of the ranks' row counts. With
+    tp_overlap_comm=True the backward runs its two collectives under its two GEMMs (TPLINEAR_SP_CHUNKS
+    pipelines the forward's gather with its GEMM).
+
     block_sizes / block_heads: a packed output dim (fused QKV, gate/up): each block is split separately
     and a rank's shard is its pieces in block order.
     num_heads / num_kv_heads / head_dim: the attention heads of q_proj, k_proj, v_proj or a packed QKV;
@@ -370,7 +412,9 @@ class LinearLayer(_TPLayer):
 
     def __init__(self, module=None, mp_group=None, skip_partition=False, name=None, gather_output=False,
                  tp_overlap_comm=False, block_sizes=None, block_heads=None, device=None, dtype=None,
-                 tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, _full=None):
+                 tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, sequence_parallel=False,
+                 _full=None):
+        self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(module, mp_group, name, skip_partition, block_sizes, block_heads, device=device, dtype=dtype,
                          tp_grain_size=tp_grain_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, _full=_full)
@@ -396,25 +440,53 @@ class LinearLayer(_TPLayer):
         return _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name,
                           block_sizes=block_sizes, block_heads=block_heads, **kwargs)
 
-    def forward(self, x):
+    def forward(self, x, seq_len=None):
         w = self._w()
         width = _shape(x, "input")[-1]
         if width != self.in_features:
             raise ValueError(f"input's last dimension must be {self.in_features} (in_features; a column layer "
                              f"takes the full input), got {width}")
-        y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
-        _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
-        self._save(x)
+        if self.sequence_parallel:
+            y = self._forward_sp(x, w, seq_len)
+        elif seq_len is not None:
+            raise ValueError("seq_len is for sequence_parallel=True layers")
+        else:
+            y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
+            _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
+            self._save(x)
         if not self.gather_output:
             return y
         full = self._place.empty(y.shape[:-1] + (self.out_features,))
         _C.gather(self.mp_group._handle, y, y.ndim - 1, self._flat_ranges(), self._nblocks, full)
         return full
 
+    def _forward_sp(self, x, w, seq_len):
+        """The whole sequence's x @ W_r^T + b_r from this rank's rows x [rows, ..., in]."""
+        shape = _sequence_shape(x)
+        self._seq = partition._sequence_split(self.mp_group, shape[0], seq_len)
+        rows = sum(size for _, size in self._seq)
+        y = self._place.empty((rows,) + shape[1:-1] + (w.shape[0],))
+        _C.col_forward_sp(self.mp_group._handle, x, w, _optional(self.bias), self._seq, y, -1)  # TPLINEAR_SP_CHUNKS
+        self._save(x)
+        return y
+
     def backward(self, grad_output, retain=False):
-        """The full dX (all-reduced); accumulates .grad. grad_output is this rank's shard of the output,
-        or the full output with gather_output=True. Releases the saved input unless retain=True."""
+        """The full dX (all-reduced; sequence_parallel: this rank's rows of it, reduce-scattered); accumulates
+        .grad. grad_output is this rank's shard of the output, or the full output with gather_output=True.
+        Releases the saved input unless retain=True."""
         x = self._saved()
+        if self.sequence_parallel:
+            rows = sum(size for _, size in self._seq)
+            if self.gather_output:
+                self._check_grad_output(grad_output, x, self.out_features, "out_features, gather_output=True", rows)
+                grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
+            else:
+                self._check_grad_output(grad_output, x, self.local_shape[self._shard_dim], self._shard_words(), rows)
+            self._release(retain)
+            dx = self._place.empty(_shape(x, "input"))
+            _C.col_backward_sp(self.mp_group._handle, grad_output, x, self._w(), self._seq, dx, *self._grads(),
+                               self.tp_overlap_comm)
+            return dx
         if self.gather_output:
             self._check_grad_output(grad_output, x, self.out_features, "out_features, gather_output=True")
             grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
@@ -425,6 +497,15 @@ class LinearLayer(_TPLayer):
         _C.col_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads(),
                         self.tp_overlap_comm)
         return dx
+
+
+def _sequence_shape(x, what="input"):
+    """x's shape, which must have a sequence dim (dim 0) and a feature dim."""
+    shape = _shape(x, what)
+    if len(shape) < 2:
+        raise ValueError(f"sequence_parallel: {what} must be [sequence, ..., features] (at least 2-d), got shape "
+                         f"{shape}")
+    return shape
 
 
 def _shard_where_it_is(arr, ranges, nblocks, rank, what="grad_output"):

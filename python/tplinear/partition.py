@@ -130,6 +130,42 @@ def attention_heads(num_heads, num_kv_heads, p):
     return [(range(q[0], q[0] + q[1]), range(kv[0], kv[0] + kv[1])) for q, kv in _C.attention_heads(nh, nkv, _count(p, "p"))]
 
 
+def sequence_ranges(seq_len, p):
+    """Every rank's rows of a sequence of seq_len tokens split over p ranks (sequence parallelism): the rule
+    at grain 1, without heads (the first ``seq_len % p`` ranks get one row more), as a list of p
+    ``(offset, size)``. Sequence-parallel layers split their outputs this way, so rank r's slice of an input
+    is ``x[off:off + size]`` with ``(off, size) = sequence_ranges(len(x), p)[r]``."""
+    return [tuple(r) for r in _C.partition([_count(seq_len, "seq_len", zero=True)], _count(p, "p"), 1)]
+
+
+def _extents(group, local, what):
+    """Every rank's (offset, size) of a dimension split in rank order, from each rank's own size (one
+    all-gather over group): what sequence-parallel inputs and vocabulary shards use when the full size is
+    not given."""
+    from . import distributed as dist
+    import numpy as np
+
+    sizes = np.array([int(local)], dtype=np.int64)
+    if group.size > 1:
+        mine, sizes = sizes, np.empty(group.size, dtype=np.int64)
+        dist.all_gather_into_tensor(sizes, mine, group=group)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return [(int(o), int(s)) for o, s in zip(offsets, sizes)]
+
+
+def _sequence_split(group, local_rows, seq_len, what="input"):
+    """The sequence ranges of a sequence-parallel input of local_rows rows on this rank: by the rule when
+    seq_len is given (checking this rank's rows), else from every rank's rows (one all-gather)."""
+    if seq_len is None:
+        return _extents(group, local_rows, what)
+    ranges = sequence_ranges(seq_len, group.size)
+    if ranges[group.rank][1] != local_rows:
+        off, size = ranges[group.rank]
+        raise ValueError(f"{what}'s sequence dim (dim 0) must be {size} (this rank's rows {off}..{off + size} of "
+                         f"seq_len={seq_len} at rank {group.rank} of {group.size}), got {local_rows}")
+    return ranges
+
+
 def _count(v, what, zero=False):
     """v as an int >= 1 (>= 0 with zero=True), else TypeError / ValueError naming what."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):

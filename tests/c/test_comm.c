@@ -9,6 +9,8 @@
 #include "check.h"
 #include "world.h"
 
+#include "../../csrc/comm/backend.h" /* white box: the generic reduce-scatter-v of a backend without its own */
+
 /* rank k's value at i (small integers: float sums are exact) */
 static int64_t val(int k, size_t i, int salt) { return (int64_t)((i * 7 + (size_t)(13 * k + salt)) % 101) - 50; }
 
@@ -82,6 +84,23 @@ static int collectives(tp_group *g)
             for (size_t k = 0, off = 0; k < (size_t)p; off += vc[k], k++)
                 for (size_t i = 0; i < vc[k]; i++) EXPECT(get(b, dt, off + i) == (double)val((int)k, i, 9));
             EXPECT(total > 0 || n == 0);
+            /* reduce-scatter with variable counts, every op: the backend's own, then group.c's generic one
+             * (blocks padded to the largest) as a backend without reduce_scatter_v gets it */
+            for (int generic = 0; generic < 2; generic++) {
+                tp_backend plain = *g->backend;
+                const tp_backend *own = g->backend;
+                plain.reduce_scatter_v = NULL;
+                if (generic) g->backend = &plain;
+                for (int op = TP_SUM; op <= TP_MIN; op++) {
+                    for (size_t i = 0; i < total; i++) set(a, dt, i, val(r, i, 13));
+                    EXPECT_OK(tp_reduce_scatter_v(g, a, b, vc, dt, (tp_reduce_op)op));
+                    for (size_t k = 0, off = 0; k < (size_t)p; off += vc[k], k++)
+                        if ((int)k == r)
+                            for (size_t i = 0; i < vc[k]; i++)
+                                EXPECT(get(b, dt, i) == expect_reduced(p, off + i, 13, (tp_reduce_op)op, dt));
+                }
+                g->backend = own;
+            }
             /* broadcast from every root */
             for (int root = 0; root < p; root++) {
                 for (size_t i = 0; i < n; i++) set(a, dt, i, val(r, i, 11));

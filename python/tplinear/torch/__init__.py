@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 from ..partition import (  # noqa: F401
     attention_heads, get_tp_grain_size, is_autotp_training_mode, is_training_mode, set_autotp_mode, set_tp_grain_size,
-    set_training_mode, shard_ranges,
+    sequence_ranges, set_training_mode, shard_ranges,
 )
 from ..parameter import GatherReplacedLayerParams
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -30,8 +30,18 @@ from .modules import (
     release_grad_buffers,
 )
 from .parallel import STYLES, parallelize, tp_modules
+from .sequence import (
+    allreduce_gradients,
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from .vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 __all__ = [
+    "VocabParallelEmbedding", "allreduce_gradients", "gather_from_sequence_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region", "scatter_to_sequence_parallel_region", "sequence_ranges",
+    "vocab_parallel_cross_entropy",
     "attention_heads", "get_tp_grain_size", "set_tp_grain_size", "shard_ranges", "Conv_LinearALlreduce", "GatherReplacedLayerParams", "LinearAllreduce", "LinearAllreduceWithReplicatedInput",
     "LinearLayer", "TorchPlacement", "conv_LinearLayer", "fused_LinearLayer", "is_autotp_training_mode",
     "is_training_mode", "load_checkpoint", "parallelize", "release_grad_buffers", "save_checkpoint", "STYLES",

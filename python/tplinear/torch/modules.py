@@ -17,6 +17,7 @@ from .. import distributed as dist
 from .._arrays import DTYPES, dtype_name
 from ..partition import is_training_mode
 from . import _ops
+from . import sequence as _sequence
 
 
 class TorchPlacement:
@@ -204,6 +205,8 @@ class _TPModule(nn.Module, _layout.Sharded):
                 parts.append(f"{key}={getattr(self, key)!r}")
         if self._split["block_sizes"] is not None:
             parts.append(f"block_sizes={self._split['block_sizes']}")
+        if getattr(self, "sequence_parallel", False):
+            parts.append("sequence_parallel=True")
         return ", ".join(parts)
 
     def _linear(self, x):
@@ -225,20 +228,32 @@ class LinearAllreduce(_TPModule):
 
     input_is_parallel=True (default): x is this rank's slice of the input's last dim (the output of a
     column layer). False: x is the full input, and the layer takes its slice (the backward all-gathers
-    dX); DeepSpeed calls this LinearAllreduceWithReplicatedInput."""
+    dX); DeepSpeed calls this LinearAllreduceWithReplicatedInput.
+
+    sequence_parallel=True (Megatron's sequence parallelism): the output is reduce-scattered along the
+    sequence dim (dim 0: this rank's rows, tplinear.sequence_ranges) instead of all-reduced; the backward
+    all-gathers dY. Needs input_is_parallel=True."""
 
     _shard_dim = 1
     _kind = _layout.KIND_ROW
 
     def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False,
                  tp_overlap_comm=False, block_sizes=None, block_heads=None, tp_grain_size=None, num_heads=None,
-                 num_kv_heads=None, head_dim=None):
+                 num_kv_heads=None, head_dim=None, sequence_parallel=False):
+        if sequence_parallel and not input_is_parallel:  # Megatron's RowParallelLinear refuses it too
+            raise ValueError("sequence_parallel=True needs input_is_parallel=True (the input's features split, its "
+                             "sequence whole)")
+        self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(module, mp_group, name, skip_partition, tp_overlap_comm, block_sizes, block_heads,
                          tp_grain_size, num_heads, num_kv_heads, head_dim)
         self.input_is_parallel = bool(input_is_parallel)
 
     def forward(self, input):
         x = input
+        if self.sequence_parallel:
+            self._check_width(x, self.weight.shape[1], f"this rank's shard of in_features={self.in_features} over "
+                                                       f"{self.tp_world_size} ranks")
+            return _sequence.sequence_parallel_linear(self, x)
         if not self.input_is_parallel:
             self._check_width(x, self.in_features, "in_features, input_is_parallel=False")
             x = _ops.ScatterLastDim.apply(x, self.mp_group, self._flat_ranges(), self._nblocks)
@@ -261,7 +276,12 @@ class LinearLayer(_TPModule):
     when tp_overlap_comm=True).
 
     block_sizes / block_heads: a packed output dim (fused QKV, gate/up): each block is split on its own
-    and a rank's shard is its pieces in block order."""
+    and a rank's shard is its pieces in block order.
+
+    sequence_parallel=True (Megatron's sequence parallelism): the input is this rank's rows of the sequence
+    (dim 0), all-gathered before the GEMM; the backward reduce-scatters dX to those rows and gathers the
+    input again for dW. forward(input, seq_len=None): the whole sequence's length, when known, spares one
+    small all-gather of the ranks' row counts."""
 
     _shard_dim = 0
     _kind = _layout.KIND_COL
@@ -269,14 +289,20 @@ class LinearLayer(_TPModule):
 
     def __init__(self, module, mp_group=None, skip_partition=False, name=None, gather_output=False,
                  tp_overlap_comm=False, block_sizes=None, block_heads=None, tp_grain_size=None, num_heads=None,
-                 num_kv_heads=None, head_dim=None):
+                 num_kv_heads=None, head_dim=None, sequence_parallel=False):
+        self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
         super().__init__(module, mp_group, name, skip_partition, tp_overlap_comm, block_sizes, block_heads,
                          tp_grain_size, num_heads, num_kv_heads, head_dim)
         self.gather_output = bool(gather_output)
 
-    def forward(self, input):
+    def forward(self, input, seq_len=None):
         self._check_width(input, self.in_features, "in_features")
-        y = self._linear(input)
+        if self.sequence_parallel:
+            y = _sequence.sequence_parallel_linear(self, input, seq_len)
+        elif seq_len is not None:
+            raise ValueError("seq_len is for sequence_parallel=True layers")
+        else:
+            y = self._linear(input)
         if self.gather_output:
             y = _ops.GatherLastDim.apply(y, self.mp_group, self._flat_ranges(), self._nblocks, self.out_features)
         return y

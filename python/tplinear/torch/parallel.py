@@ -9,8 +9,8 @@ split by tplinear's one GQA rule (``tplinear.attention_heads``: KV heads dealt w
 their KV group), so Q, K, V and the o_proj input always agree, at any group size.
 
 Styles are transformers' vocabulary (``transformers.distributed.tensor_parallel``): each maps to a
-builder in ``_BUILDERS``; styles that come with later work (sequence parallelism, vocab-parallel
-embeddings) are listed in ``_LATER`` and raise NotImplementedError naming the module.
+builder in ``_BUILDERS``; styles that need what tplinear.torch does not have are listed in ``_LATER`` and
+raise NotImplementedError naming the module.
 """
 import re
 
@@ -26,6 +26,7 @@ from .modules import (
     _TPModule,
     conv_LinearLayer,
 )
+from .vocab import VocabParallelEmbedding
 
 # ------------------------------------------------------------------------------------------ vocabulary
 
@@ -35,16 +36,18 @@ _ROW = {"rowwise": {}, "rowwise_split_input": {"input_is_parallel": False},
         "rowwise_rep": {"input_is_parallel": False}}
 _HOOKS = ("replicated_with_grad_allreduce", "all_reduce", "mla_kv_a_proj")
 _REPLICATE = ("replicate",)
+_EMBEDDING = ("embedding_rowwise",)  # nn.Embedding split by vocabulary: tplinear.torch.VocabParallelEmbedding
 _LATER = {  # seams for later work: styles transformers defines that need layers tplinear does not have yet
-    "sequence_parallel": "sequence parallelism (Megatron-style, issue 15)",
-    "embedding_rowwise": "a vocab-parallel embedding (issue 15)",
-    "embedding_colwise": "a hidden-dim-parallel embedding (issue 15)",
+    "sequence_parallel": "sequence parallelism over [batch, seq, hidden] activations (tplinear's sequence "
+                         "parallelism is built with the modules, sequence_parallel=True, on [seq, batch, hidden]; "
+                         "see docs/torch.md)",
+    "embedding_colwise": "a hidden-dim-parallel embedding",
     "packed_rowwise": "a row-parallel layer over a packed input (MoE experts' 3-d weights)",
     "moe_tp_experts": "tensor-parallel MoE experts (3-d expert weights)",
     "moe_identity_expert": "tensor-parallel MoE experts",
     "local_params": "sharding bare parameters (attention sinks)",
 }
-STYLES = sorted(list(_COLUMN) + list(_ROW) + list(_HOOKS) + list(_REPLICATE))
+STYLES = sorted(list(_COLUMN) + list(_ROW) + list(_HOOKS) + list(_REPLICATE) + list(_EMBEDDING))
 
 # DeepSpeed AutoTP's name rules (deepspeed/module_inject/auto_tp.py): the last name component
 _NAME_ROW = {"o_proj", "out_proj", "down_proj", "fc2", "c_proj", "wo", "w2", "dense_4h_to_h"}
@@ -264,6 +267,12 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         if style in _HOOKS:
             _install_hook(name, module, style, group, model)
             continue
+        if style in _EMBEDDING:
+            if not isinstance(module, nn.Embedding):
+                raise ValueError(f"{name}: style {style!r} ({source}) is for nn.Embedding, but {name} is a "
+                                 f"{type(module).__name__}")
+            built[name] = VocabParallelEmbedding.from_embedding(module, mp_group=group, name=name)
+            continue
         if style not in _COLUMN and style not in _ROW:
             _refuse(name, style, pattern, source)
         if not _is_linear(module):
@@ -294,7 +303,7 @@ def _check_tied(model, chosen):
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
     for name, (style, _) in chosen.items():
-        if style in _COLUMN or style in _ROW:
+        if style in _COLUMN or style in _ROW or style in _EMBEDDING:
             for pname, p in model.get_submodule(name).named_parameters(recurse=False):
                 others = [o for o in owners[id(p)] if o != f"{name}.{pname}"]
                 if others:
