@@ -56,5 +56,12 @@ tp_status tp_nccl_split(tp_group *parent, tp_group *child);
 int tp_shm_owns(const tp_group *g);
 tp_status tp_shm_staging(tp_group *g, size_t bytes, void **ptr);
 tp_status tp_shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
+/* tp_all_reduce_bias on an shm group: the bias added inside the reduction (in: out, another buffer, or the
+ * staging area). */
+tp_status tp_shm_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt, const void *bias,
+                                 size_t width);
+/* out[i] += bias[(first + i) % width] for i < n (float32 / float64): a row bias added to elements
+ * [first, first + n) of a row-major array `width` wide, one addition per element. */
+void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width);
 
 #endif
