@@ -629,11 +629,19 @@ static tp_status all_reduce_cma(shm_impl *im, const void *src, void *dst, size_t
 {
     tp_status st = TP_OK;
     const size_t es = tp_dtype_size(dt), per = im->cma_piece / es;
-    size_t lo, hi;
+    const size_t unit = CL / es;
+    size_t npieces, piece;
     TP_CHECK(cma_begin(im, src, dst, "all_reduce"));
-    block_of(count, CL / es, im->p, im->r, &lo, &hi);
-    for (size_t off = lo; off < hi; off += per) {
-        size_t m = hi - off < per ? hi - off : per;
+    /* pieces of at most per elements, whole cache lines, at least one per rank; rank r reduces pieces
+     * r, r + p, ...; backwards from the end when TPLINEAR_SHM_CMA_REV */
+    piece = (count + (size_t)im->p * unit - 1) / ((size_t)im->p * unit) * unit;
+    if (piece > per) piece = per;
+    if (piece == 0) piece = unit;
+    npieces = (count + piece - 1) / piece;
+    for (size_t q0 = (size_t)im->r; q0 < npieces; q0 += (size_t)im->p) {
+        size_t q = getenv("TPLINEAR_SHM_CMA_REV") ? npieces - 1 - q0 : q0;
+        size_t off = q * piece;
+        size_t m = count - off < piece ? count - off : piece;
         char *mine = (char *)dst + off * es;
         TP_CHECK(cma_reduce(im, src, off, mine, m, dt, op, "all_reduce"));
         if (bias) tp_bias_add_span(dt, mine, off, m, bias, width);
