@@ -620,10 +620,11 @@ out:
     return st;
 }
 
-/* All-reduce between the ranks' own buffers: rank r reduces block r of every rank's input, piece by
- * piece, into its output and writes each piece straight into every peer's output while it is in cache
- * (reduce-scatter whose all-gather is a push). Two steps; each rank reads and writes each of its bytes
- * once from memory. A peer's block r is read and written only by rank r. */
+/* All-reduce between the ranks' own buffers: rank r reduces its pieces of every rank's input into its
+ * output and writes each reduced piece straight into every peer's output while it is in cache
+ * (reduce-scatter whose all-gather is a push). Two steps; per rank, the bytes read and written from memory
+ * are twice the buffer, the least an all-reduce can move. A piece of a peer's buffers is read and written
+ * only by the rank that reduces it. */
 static tp_status all_reduce_cma(shm_impl *im, const void *src, void *dst, size_t count, tp_dtype dt,
                                 tp_reduce_op op, const void *bias, size_t width)
 {
@@ -632,14 +633,14 @@ static tp_status all_reduce_cma(shm_impl *im, const void *src, void *dst, size_t
     const size_t unit = CL / es;
     size_t npieces, piece;
     TP_CHECK(cma_begin(im, src, dst, "all_reduce"));
-    /* pieces of at most per elements, whole cache lines, at least one per rank; rank r reduces pieces
-     * r, r + p, ...; backwards from the end when TPLINEAR_SHM_CMA_REV */
+    /* pieces of at most per elements in whole cache lines, at least one per rank; rank r reduces pieces
+     * r, r + p, ... (interleaved: the ranks sweep the buffers together; processing them backwards, where
+     * the producer wrote last, measured the same) */
     piece = (count + (size_t)im->p * unit - 1) / ((size_t)im->p * unit) * unit;
     if (piece > per) piece = per;
     if (piece == 0) piece = unit;
     npieces = (count + piece - 1) / piece;
-    for (size_t q0 = (size_t)im->r; q0 < npieces; q0 += (size_t)im->p) {
-        size_t q = getenv("TPLINEAR_SHM_CMA_REV") ? npieces - 1 - q0 : q0;
+    for (size_t q = (size_t)im->r; q < npieces; q += (size_t)im->p) {
         size_t off = q * piece;
         size_t m = count - off < piece ? count - off : piece;
         char *mine = (char *)dst + off * es;
