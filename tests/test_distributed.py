@@ -159,8 +159,7 @@ def test_single_copy_is_logged(cma):
     if cma == "0":
         assert "single copy off" in res.output, res.output
     else:  # this machine either allows process_vm_readv between the ranks or says why not
-        assert "single copy (process_vm_readv) from 16 KB" in res.output or "single copy off: " in res.output, \
-            res.output
+        assert "single copy (process_vm_readv) " in res.output or "single copy off: " in res.output, res.output
 
 
 @pytest.mark.parametrize("nproc", [2, 3])

@@ -23,9 +23,10 @@
  *
  * Algorithms, by size (the same choice on every rank: sizes are fingerprinted, thresholds come from
  * rank 0's header):
- * - single copy (from TPLINEAR_SHM_CMA_KB, default 16 KB, of the collective's total bytes; where every
- *   rank may read and write its peers' memory with process_vm_readv/writev, tested at creation): the
- *   ranks' own buffers are read (and, for the all-reduce, written) directly, each byte crossing once.
+ * - single copy (where every rank may read and write its peers' memory with process_vm_readv/writev,
+ *   tested at creation; from 16 KB of the collective's total bytes when every rank has a core, else
+ *   for all-reduce and reduce-scatter from 4 MB only; TPLINEAR_SHM_CMA_KB sets one threshold for all):
+ *   the ranks' own buffers are read (and, for the all-reduce, written) directly, each byte crossing once.
  *   All-reduce: rank r reduces block r of every input in cache-sized pieces and writes each reduced
  *   piece into every rank's output (two steps). Reduce-scatter: rank r reduces block r of every input
  *   into its output. All-gather(v) and broadcast: every rank reads the others' inputs into place. Each
@@ -99,7 +100,9 @@ typedef struct {
     uint64_t oneshot_bytes; /* all-reduce algorithm choices, by rank 0 so that every rank agrees */
     int32_t oneshot_big;
     int32_t nranks;
-    uint64_t cma_bytes; /* single-copy collectives from this many bytes on (UINT64_MAX: never), by rank 0 */
+    /* single-copy collectives from this many bytes on (UINT64_MAX: never), by rank 0: the reductions
+     * (all-reduce, reduce-scatter) and the copies (all-gather, broadcast) */
+    uint64_t cma_reduce_bytes, cma_copy_bytes;
     _Alignas(CL) _Atomic uint32_t futex; /* bumped by every post */
     _Atomic int32_t nwaiters;
     _Alignas(CL) _Atomic int failed; /* 0 ok, 1 message being written, 2 failed */
@@ -114,7 +117,7 @@ typedef struct {
     char *slots;
     size_t slot_bytes, half, oneshot, chunk;
     int oneshot_big; /* chunked one-shot for every size */
-    uint64_t cma_bytes;  /* single-copy collectives from this size on; UINT64_MAX where off or refused */
+    uint64_t cma_reduce_bytes, cma_copy_bytes; /* the header's, or UINT64_MAX where refused */
     size_t cma_piece;    /* bytes per peer read into tmp at a time (cache-resident) */
     char *tmp;           /* (p - 1) * cma_piece bytes: peers' pieces of the block this rank reduces */
     uint64_t probe;      /* the value peers must read at &probe when they test single-copy access */
@@ -671,7 +674,7 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     char *in[TP_SHM_MAX_RANKS];
     TP_CHECK(check_dtype(dt, "all_reduce"));
     TP_CHECK(begin(im, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
-    if (bytes >= im->cma_bytes && bytes > im->oneshot) {
+    if (bytes >= im->cma_reduce_bytes) {
         TP_CHECK(all_reduce_cma(im, src, dst, count, dt, op, bias, width));
     } else if (bytes <= im->oneshot || (im->oneshot_big && src != NULL)) {
         /* one-shot, per chunk: copy in, one step, every rank reduces all slots (2 ranks: same traffic as
@@ -791,7 +794,7 @@ static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, cons
         if (counts[j] * es > maxb) maxb = counts[j] * es;
     }
     TP_CHECK(begin(im, K_ALL_GATHER, total * es, dt, 0, -1, hash_counts(counts, im->p)));
-    if (total * es >= im->cma_bytes) { /* single copy: each rank reads every peer's input into place */
+    if (total * es >= im->cma_copy_bytes) { /* single copy: each rank reads every peer's input into place */
         TP_CHECK(cma_begin(im, send, recv, "all_gather"));
         for (int k = 0; k < im->p; k++) {
             int j = (im->r + k) % im->p; /* not everyone from rank 0 at once */
@@ -836,7 +839,7 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
     int first = 1;
     TP_CHECK(check_dtype(dt, "reduce_scatter"));
     TP_CHECK(begin(im, K_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
-    if (count * es * (size_t)im->p >= im->cma_bytes) { /* single copy: rank r reduces block r of every input */
+    if (count * es * (size_t)im->p >= im->cma_reduce_bytes) { /* single copy: rank r reduces block r of every input */
         TP_CHECK(cma_begin(im, send, recv, "reduce_scatter"));
         TP_CHECK(cma_reduce(im, send, (size_t)im->r * count, recv, count, dt, op, "reduce_scatter"));
         TP_CHECK(sync_step(im, 0, "reduce_scatter"));
@@ -866,7 +869,7 @@ static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
     int first = 1;
     TP_CHECK(begin(im, K_BROADCAST, bytes, dt, 0, root, 0));
-    if (bytes >= im->cma_bytes) { /* single copy: every rank reads the root's buffer */
+    if (bytes >= im->cma_copy_bytes) { /* single copy: every rank reads the root's buffer */
         TP_CHECK(cma_begin(im, buf, buf, "broadcast"));
         if (im->r != root) TP_CHECK(cma_read(im, root, buf, im->ctrl[root].cma_src, bytes, "broadcast"));
         TP_CHECK(sync_step(im, 0, "broadcast"));
@@ -946,15 +949,16 @@ static int online_cpus(void)
 }
 
 /* Decides, identically on every rank, whether the single-copy collectives run: rank 0 enabled them
- * (hdr->cma_bytes) and every rank could read every peer's probe value with process_vm_readv. Called once
+ * (hdr->cma_*_bytes) and every rank could read every peer's probe value with process_vm_readv. Called once
  * every rank has mapped the segment and published its probe; why gets a line for the log. */
 static tp_status cma_setup(tp_group *g, shm_impl *im, char *why, size_t cap)
 {
     tp_status st = TP_OK;
     char key[160];
     int ok = 1, all = 1;
-    im->cma_bytes = UINT64_MAX;
-    if (im->hdr->cma_bytes == UINT64_MAX) goto out; /* off on rank 0: nobody probes */
+    im->cma_reduce_bytes = im->cma_copy_bytes = UINT64_MAX;
+    if (im->hdr->cma_reduce_bytes == UINT64_MAX && im->hdr->cma_copy_bytes == UINT64_MAX)
+        goto out; /* off on rank 0: nobody probes */
     for (int k = 1; k < im->p && ok; k++) {
         int j = (im->r + k) % im->p;
         uint64_t v = 0;
@@ -989,8 +993,13 @@ static tp_status cma_setup(tp_group *g, shm_impl *im, char *why, size_t cap)
         st = tp_error(TP_ERR_NOMEM, "shm: out of memory");
         goto out;
     }
-    im->cma_bytes = im->hdr->cma_bytes;
-    snprintf(why, cap, "(process_vm_readv) from %llu KB", (unsigned long long)(im->cma_bytes / 1024));
+    im->cma_reduce_bytes = im->hdr->cma_reduce_bytes;
+    im->cma_copy_bytes = im->hdr->cma_copy_bytes;
+    if (im->cma_copy_bytes == UINT64_MAX)
+        snprintf(why, cap, "(process_vm_readv) for reductions from %llu KB",
+                 (unsigned long long)(im->cma_reduce_bytes / 1024));
+    else
+        snprintf(why, cap, "(process_vm_readv) from %llu KB", (unsigned long long)(im->cma_reduce_bytes / 1024));
 out:
     return st;
 }
@@ -1007,7 +1016,7 @@ tp_status tp_shm_create(tp_group *g)
     long chunk_kb = tp_env_long("TPLINEAR_SHM_CHUNK_KB", -1);
     long yield_us = tp_env_long("TPLINEAR_SHM_YIELD_US", 200);
     long cma = tp_env_long("TPLINEAR_SHM_CMA", 1);
-    long cma_kb = tp_env_long("TPLINEAR_SHM_CMA_KB", 16);
+    long cma_kb = tp_env_long("TPLINEAR_SHM_CMA_KB", -1);
     int fd = -1, created = 0, unlinked = 0;
     int64_t mapped = 0;
     char cma_why[192] = "off";
@@ -1017,7 +1026,7 @@ tp_status tp_shm_create(tp_group *g)
     TP_REQUIRE(slot_kb >= 8, "TPLINEAR_SHM_SLOT_KB must be an integer >= 8");
     TP_REQUIRE(oneshot_kb >= 0, "TPLINEAR_SHM_ONESHOT_KB must be an integer >= 0");
     TP_REQUIRE(cma == 0 || cma == 1, "TPLINEAR_SHM_CMA must be 0 or 1");
-    TP_REQUIRE(cma_kb >= 0, "TPLINEAR_SHM_CMA_KB must be an integer >= 0");
+    TP_REQUIRE(cma_kb >= -1, "TPLINEAR_SHM_CMA_KB must be an integer >= 0");
     if ((im = calloc(1, sizeof *im)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "shm: out of memory");
         goto out;
@@ -1096,7 +1105,15 @@ tp_status tp_shm_create(tp_group *g)
         im->hdr->chunk_bytes = chunk;
         im->hdr->oneshot_bytes = im->oneshot;
         im->hdr->oneshot_big = im->oneshot_big;
-        im->hdr->cma_bytes = cma ? (uint64_t)cma_kb * 1024 : UINT64_MAX;
+        /* single copy from 16 KB when every rank has a core; with more ranks than cores its extra step
+         * (a context switch each) pays off only for reductions from 4 MB, and a peer's data read p-1
+         * times from memory makes all-gather and broadcast slower than copying through the segment at
+         * every size measured (up to 64 MB): TPLINEAR_SHM_CMA_KB sets one threshold for all */
+        int spare = g->size <= online_cpus();
+        im->hdr->cma_reduce_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024
+                                                      : (spare ? 16 : 4096) * 1024ull;
+        im->hdr->cma_copy_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024
+                                                    : spare ? 16 * 1024ull : UINT64_MAX;
         im->hdr->slot_bytes = im->slot_bytes;
         im->hdr->nranks = g->size;
         im->hdr->magic = SHM_MAGIC;
