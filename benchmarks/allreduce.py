@@ -47,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info  # noqa: E402
 
-SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20]  # 32 MB: a row output
 COLLS = ["all_reduce", "reduce_scatter", "all_gather"]
 CONTENDERS = ["tplinear", "tplinear-copying", "mpi4py", "gloo", "deepspeed"]
 LABEL = {"tplinear": "tplinear", "tplinear-copying": "tplinear copying (CMA=0)", "mpi4py": "OpenMPI (mpi4py)",

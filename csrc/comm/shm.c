@@ -27,9 +27,9 @@
  *   tested at creation; from 16 KB of the collective's total bytes when every rank has a core, else
  *   for all-reduce and reduce-scatter from 4 MB only; TPLINEAR_SHM_CMA_KB sets one threshold for all):
  *   the ranks' own buffers are read (and, for the all-reduce, written) directly, each byte crossing once.
- *   All-reduce: rank r reduces block r of every input in cache-sized pieces and writes each reduced
- *   piece into every rank's output (two steps). Reduce-scatter: rank r reduces block r of every input
- *   into its output. All-gather(v) and broadcast: every rank reads the others' inputs into place. Each
+ *   All-reduce: the ranks take turns over cache-sized pieces; a rank reduces its pieces of every input
+ *   and writes each reduced piece into every rank's output (two steps). Reduce-scatter: rank r reduces
+ *   block r of every input into its output. All-gather(v) and broadcast: every rank reads the others' inputs into place. Each
  *   takes one step to publish the buffers' addresses and one after the last access, so no buffer is
  *   touched after its owner returned. TPLINEAR_SHM_CMA=0 turns it off (the copying algorithms below).
  * - copying through the segment: an all-reduce of up to TPLINEAR_SHM_ONESHOT_KB (default 64 KB; in
@@ -607,7 +607,7 @@ static tp_status cma_reduce(shm_impl *im, const char *src, size_t at, char *out,
         size_t m = n - off < per ? n - off : per;
         const size_t pos = (at + off) * es;
         for (int j = 0, t = 0; j < im->p; j++) {
-            uint64_t peer = atomic_load_explicit(&im->ctrl[j].cma_src, memory_order_relaxed);
+            uint64_t peer = im->ctrl[j].cma_src; /* published before the step this rank waited for */
             if (j == im->r) {
                 in[j] = src ? (char *)src + pos : slot(im, j, im->round) + pos;
             } else if (peer == 0) {
@@ -660,8 +660,8 @@ out:
     return st;
 }
 
-/* src == NULL: the input is already in this rank's staging half (tp_all_reduce_staged). */
-/* bias (may be NULL; `width` values): added to every reduced element (index i gets bias[i % width]) right
+/* src == NULL: the input is already in this rank's staging half (tp_all_reduce_staged). bias (may be
+ * NULL; `width` values): added to every reduced element (index i gets bias[i % width]) right
  * after its reduction, by the rank that reduces it, as a separate pass after the all-reduce would. */
 static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t count, tp_dtype dt,
                                  tp_reduce_op op, const void *bias, size_t width)
