@@ -35,6 +35,7 @@ STREAM bandwidth.
 import argparse
 import ctypes
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -355,8 +356,19 @@ def world_cmd(who, p, args, out):
                            f"{args.torch_python}: {why}"
     if who == "deepspeed":
         env.update(LOCAL_SIZE=str(p), DS_ACCELERATOR="cpu")  # LOCAL_SIZE: DeepSpeed's shm op checks it
+    env["MASTER_PORT"] = str(free_port())
     return [args.torch_python, "-m", "torch.distributed.run", "--nproc-per-node", str(p), "--master-addr",
-            "127.0.0.1", "--master-port", str(free_port())] + wargs, env, None
+            "127.0.0.1", "--master-port", env["MASTER_PORT"]] + wargs, env, None
+
+
+def remove_deepspeed_segments(port):
+    """DeepSpeed 0.19's shm op leaves its buffers (66 MB per rank) in /dev/shm when the process exits; they
+    are named after the world's address and port."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def run_world(who, p, args, tmp):
@@ -369,8 +381,12 @@ def run_world(who, p, args, tmp):
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=tmp)
     except subprocess.TimeoutExpired:
+        if who == "deepspeed":
+            remove_deepspeed_segments(env["MASTER_PORT"])
         return {"status": f"skipped: timed out after {args.timeout} s", "command": " ".join(cmd)}
     wall = time.time() - t0
+    if who == "deepspeed":
+        remove_deepspeed_segments(env["MASTER_PORT"])
     foreign = max(0.0, (cpu_busy_s() - busy0) - (children_cpu_s() - ours0))
     noise = {"foreign_cpu_frac": round(foreign / (wall * cores()), 3), "loadavg_before": load0,
              "loadavg_after": os.getloadavg()[0]}

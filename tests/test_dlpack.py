@@ -252,15 +252,52 @@ def test_all_device_operands_without_a_gpu_is_a_clear_error():
 # ---------------------------------------------------------------------------------------------- host helpers
 
 
+def _bf16_reference(a):
+    """NumPy's reading of float32 -> bfloat16: round to nearest even, any NaN -> the quiet NaN 0x7FC0."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return np.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000), np.uint16(0x7FC0), rounded)
+
+
+def _bf16_bits(a):
+    out = np.empty(np.shape(a), np.uint16)
+    _C.float32_to_bfloat16(np.ascontiguousarray(a, dtype=np.float32), out)
+    return out
+
+
+def _bf16_to_float32(bits):
+    out = np.empty(np.shape(bits), np.float32)
+    _C.bfloat16_to_float32(np.ascontiguousarray(bits, dtype=np.uint16), out)
+    return out
+
+
 def test_bfloat16_host_conversion():
     vals = np.array([1.0, -2.5, 3.140625, 1e-3, 65504.0, 0.0], dtype=np.float32)
-    back = _device._bf16_to_float32(_device._bf16_bits(vals))
+    back = _bf16_to_float32(_bf16_bits(vals))
     assert np.all(np.abs(back - vals) <= np.abs(vals) * 2.0**-8)
     inf = np.array([np.inf, -np.inf], np.float32)
-    np.testing.assert_array_equal(_device._bf16_to_float32(_device._bf16_bits(inf)), inf)
-    assert np.isnan(_device._bf16_to_float32(_device._bf16_bits(np.array([np.nan], np.float32))))[0]
+    np.testing.assert_array_equal(_bf16_to_float32(_bf16_bits(inf)), inf)
+    assert np.isnan(_bf16_to_float32(_bf16_bits(np.array([np.nan], np.float32))))[0]
     # round to nearest even: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 -> 1
-    assert _device._bf16_to_float32(_device._bf16_bits(np.array([1 + 2.0**-8], np.float32)))[0] == 1.0
+    assert _bf16_to_float32(_bf16_bits(np.array([1 + 2.0**-8], np.float32)))[0] == 1.0
+
+
+def test_bfloat16_rounding_matches_numpy_on_every_kind_of_bit_pattern(rng):
+    """The C conversion against NumPy's arithmetic on random bit patterns (normals, subnormals, ties,
+    infinities, NaNs with any payload and sign, the largest finite values that round up to inf)."""
+    u = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    u[:4096] = (u[:4096] & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # exact ties
+    u[4096:8192] &= np.uint32(0x807FFFFF)  # subnormals and zeros
+    u[8192:8200] = [0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7FC00000, 0xFFFFFFFF, 0x7F800001, 0x00000001]
+    a = u.view(np.float32)
+    np.testing.assert_array_equal(_bf16_bits(a), _bf16_reference(a))
+    # widening is exact: every bfloat16 pattern is the top half of its float32
+    bits = np.arange(2**16, dtype=np.uint16)
+    np.testing.assert_array_equal(_bf16_to_float32(bits).view(np.uint32), bits.astype(np.uint32) << 16)
+    with pytest.raises(ValueError, match="as many"):
+        _C.float32_to_bfloat16(np.zeros(3, np.float32), np.empty(2, np.uint16))
+    with pytest.raises(ValueError, match="4-byte"):
+        _C.float32_to_bfloat16(np.zeros(3, np.float64), np.empty(3, np.uint16))
 
 
 def test_device_dtypes():
@@ -287,7 +324,7 @@ def test_gpu_benchmark_parses_and_skips_cleanly_without_a_gpu(tmp_path):
 
 def test_device_array_views_and_export_metadata():
     """DeviceArray bookkeeping without touching memory: a made-up pointer on device 0."""
-    a = _device.DeviceArray((4, 6, 8), "float32", 0, _owner=object(), _ptr=1 << 20)
+    a = _device.DeviceArray._borrow(object(), 1 << 20, (4, 6, 8), "float32", 0)
     assert a.strides == (48, 8, 1) and a.is_contiguous and a.nbytes == 4 * 6 * 8 * 4
     v = a[..., 2:5]
     assert v.shape == (4, 6, 3) and v.strides == (48, 8, 1) and not v.is_contiguous
@@ -306,7 +343,7 @@ def test_device_array_views_and_export_metadata():
     cai = v.__cuda_array_interface__
     assert cai["strides"] == (192, 32, 4) and cai["data"] == (v.ptr, False) and cai["version"] == 3
     assert a.__cuda_array_interface__["strides"] is None
-    bf = _device.DeviceArray((2, 3), "bfloat16", 0, _owner=object(), _ptr=1 << 20)
+    bf = _device.DeviceArray._borrow(object(), 1 << 20, (2, 3), "bfloat16", 0)
     assert _C.tensor_info(bf)["dtype"] == "bfloat16"
     assert not hasattr(bf, "__cuda_array_interface__")  # no typestr for bfloat16: DLPack only
     with pytest.raises(BufferError):

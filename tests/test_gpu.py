@@ -225,6 +225,34 @@ def test_no_hidden_host_round_trip(torch):
         assert _C.tensor_info(arr)["device"][0] == "cuda"
 
 
+def test_shards_are_cut_and_gathered_on_the_gpu(torch):
+    """A layer built from a GPU module, GatherReplacedLayerParams (gather and re-partition) and the
+    gather_output backward stay on the GPU: the shards are cut by _C.shard on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = torch.nn.Linear(64, 48).to(device="cuda", dtype=dtype)
+        tp.LinearLayer(lin)  # the default (nccl) group is made outside the profile
+        x = torch.randn(4, 64, device="cuda", dtype=dtype)
+        dy = torch.randn(4, 48, device="cuda", dtype=dtype)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            row, col = tp.LinearAllreduce(lin), tp.LinearLayer(lin, gather_output=True)
+            for layer in (row, col):
+                with tp.GatherReplacedLayerParams(layer.parameters(), layer):
+                    full = torch.from_dlpack(layer.weight.data).clone()
+                assert isinstance(layer.weight.data, _device.DeviceArray)
+            col(x)
+            dx = col.backward(dy)
+            torch.cuda.synchronize()
+        host = [e.name for e in prof.events() if "HtoD" in e.name or "DtoH" in e.name]
+        assert host == [], f"shards went through the host: {host}"
+        assert torch.equal(full, lin.weight.detach()) and torch.equal(torch.from_dlpack(row.weight.data), full)
+        assert layer.weight.data.dtype == str(dtype).replace("torch.", "")
+        ref = dy.double() @ lin.weight.double()
+        assert ((torch.from_dlpack(dx).double() - ref).norm() / ref.norm()).item() < TOL[str(dtype)[6:]]
+
+
 def test_torch_stream_is_used_and_honoured(torch):
     lin = tp.Linear(64, 64, device="cuda")
     w = torch.from_dlpack(lin.weight.data)

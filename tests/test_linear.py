@@ -195,3 +195,33 @@ def test_linear_arguments():
         tp.Linear(0, 3)
     with pytest.raises(TypeError, match="dtype must be 'float32' or 'float64', got 'int8'"):
         tp.Linear(3, 3, dtype="int8")
+
+
+@pytest.mark.parametrize("cls", [tp.LinearAllreduce, tp.LinearLayer])
+def test_layer_dtype_and_device_arguments(cls, rng):
+    """dtype= converts the module's parameters (default: the module's dtype); half types and 'cuda' need
+    a GPU; the module itself is never changed."""
+    lin = tp.Linear(6, 4, seed=2)
+    w32 = lin.weight.data.copy()
+    layer = cls(lin, dtype="float64")
+    assert layer.weight.data.dtype == np.float64 and layer.bias.data.dtype == np.float64
+    np.testing.assert_array_equal(layer.weight.data, w32.astype(np.float64))
+    x = rng.standard_normal((3, 6))
+    assert rel_err(layer(x), x @ w32.T.astype(np.float64) + lin.bias.data) < 1e-12
+    assert cls(lin).weight.data.dtype == np.float32 and cls(lin, device="cpu").weight.data.dtype == np.float32
+    assert lin.weight.data.dtype == np.float32 and np.array_equal(lin.weight.data, w32)
+    with pytest.raises(TypeError, match="bfloat16 runs on the GPU only"):
+        cls(lin, dtype="bfloat16")
+    with pytest.raises(TypeError, match="dtype must be 'float32' or 'float64', got 'int32'"):
+        cls(lin, dtype="int32")
+    with pytest.raises(ValueError, match="device must be"):
+        cls(lin, device="tpu")
+
+
+def test_from_weights_uses_the_given_shard_in_place():
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    layer = tp.LinearLayer.from_weights(weight=w)
+    assert layer.weight.data is w  # skip_partition: the shard is the module's array (as np.ascontiguousarray)
+    strided = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]
+    copy = tp.LinearLayer.from_weights(weight=strided).weight.data
+    assert copy.flags.c_contiguous and np.array_equal(copy, strided)

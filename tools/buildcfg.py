@@ -1,14 +1,37 @@
-"""Compile configuration of the C core, shared by setup.py (the extension) and tools/cbuild.py
-(C tests, sanitizer builds, the C example). Run as a script it prints the values as shell words:
-    python tools/buildcfg.py cflags|ldflags|sources|cuda
+"""Compile configuration of the C library libtplinear.a, shared by setup.py (the extension links it),
+tools/ctest.py (the C tests, plain and under sanitizers) and examples/c/Makefile. Run as a script:
+    python tools/buildcfg.py cflags|ldflags|sources|cuda   the values as shell words (CPU-only library)
+    python tools/buildcfg.py lib [plain|asan]              builds build/c/<flavour>/libtplinear.a, prints its path
+
+The library is compiled with -fvisibility=hidden: only the functions tplinear.h marks TP_API are
+exported from a shared object that links it (the extension).
 """
+import concurrent.futures
 import glob
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-O3", "-fvisibility=default"]
+CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-O3", "-fvisibility=hidden"]
+
+# The library's folders, bottom floor first (tools/check_layout.py checks that includes follow them).
+LIBRARY_FOLDERS = ("core", "device", "gemm", "comm", "layers")
+# Sources compiled only with CUDA, and the bottom floor's answer of a build without it.
+CUDA_SOURCES = ("csrc/device/cuda.c", "csrc/gemm/cublas.c", "csrc/comm/nccl.c")
+NO_CUDA_SOURCES = ("csrc/device/none.c",)
+
+# Build flavours of the standalone library (the C tests and the C example; CPU-only: sanitizers and the
+# CUDA runtime do not mix).
+FLAVOURS = {
+    "plain": {"cflags": ["-O2", "-g"], "ldflags": []},
+    "asan": {
+        "cflags": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                   "-fno-sanitize-recover=undefined"],
+        "ldflags": ["-fsanitize=address,undefined"],
+    },
+}
 
 
 def cuda_home():
@@ -103,21 +126,20 @@ def config(link_blas=False, with_cuda=True):
     inc, libdir, lib = blas()
     cuda = cuda_home() if with_cuda else None
     sources = []
-    for part in ("core", "gemm", "comm", "layers"):
+    for part in LIBRARY_FOLDERS:
         sources += sorted(glob.glob(os.path.join("csrc", part, "*.c")))
-    include_dirs = ["csrc/include", "csrc", inc]
-    library_dirs, libraries, rpath, macros = [], [], [], [("BLAS_SYMBOL_PREFIX", "scipy_")]
-    cuda_sources = sorted(s for s in glob.glob("csrc/cuda/*.c") if not s.endswith("stub.c"))
-    if cuda and cuda_sources:
-        sources += cuda_sources
+    skip = NO_CUDA_SOURCES if cuda else CUDA_SOURCES
+    sources = [src for src in sources if src not in skip]
+    include_dirs = ["csrc/include", inc]
+    library_dirs, libraries, rpath = [], [], []
+    macros = [("BLAS_SYMBOL_PREFIX", "scipy_")]
+    if cuda:  # TPLINEAR_CUDA is defined (to 1) only in CUDA builds: `#if TPLINEAR_CUDA` and `#ifdef` agree
+        macros.append(("TPLINEAR_CUDA", "1"))
         cinc, cdirs, clibs, crpath = cuda_link(cuda)
         include_dirs += cinc
         library_dirs += cdirs
         libraries += clibs
         rpath += crpath
-        macros.append(("TPLINEAR_CUDA", "1"))
-    else:
-        sources.append("csrc/cuda/stub.c")
     ldflags = ["-lpthread"]
     if link_blas:
         library_dirs.append(libdir)
@@ -132,8 +154,69 @@ def config(link_blas=False, with_cuda=True):
         "define_macros": macros,
         "cflags": CFLAGS,
         "ldflags": ldflags,
-        "cuda": cuda if cuda_sources else None,
+        "cuda": cuda,
+        "headers": sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
     }
+
+
+def run_command(cmd):
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+
+
+def _replace(tmp, path):
+    os.replace(tmp, path)  # atomic: a concurrent build never sees half a file
+    return path
+
+
+def build_library(flavour="plain"):
+    """Compiles the CPU-only library for a flavour into build/c/<flavour>/libtplinear.a (objects rebuilt
+    when their source, any header or the flags changed); returns (library path, config)."""
+    cfg = config(link_blas=True, with_cuda=False)
+    out = os.path.join(ROOT, "build", "c", flavour)
+    os.makedirs(out, exist_ok=True)
+    cflags = [f for f in cfg["cflags"] if not f.startswith("-O")] + FLAVOURS[flavour]["cflags"]
+    args = cflags + ["-I" + (i if os.path.isabs(i) else os.path.join(ROOT, i)) for i in cfg["include_dirs"]]
+    args += ["-D%s=%s" % m for m in cfg["define_macros"]]
+    stamp = max(os.path.getmtime(os.path.join(ROOT, h)) for h in cfg["headers"])
+    flags = os.path.join(out, "flags.txt")  # a change of compiler or flags rebuilds every object
+    if not os.path.exists(flags) or open(flags).read() != " ".join(args):
+        tmp = f"{flags}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(" ".join(args))
+        _replace(tmp, flags)
+    stamp = max(stamp, os.path.getmtime(flags))
+
+    def compile_one(src):
+        obj = os.path.join(out, src.replace("/", "_")[:-2] + ".o")
+        path = os.path.join(ROOT, src)
+        if not os.path.exists(obj) or os.path.getmtime(obj) < max(stamp, os.path.getmtime(path)):
+            tmp = f"{obj}.{os.getpid()}.tmp"
+            run_command(["cc", *args, "-c", path, "-o", tmp])
+            _replace(tmp, obj)
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        objs = list(pool.map(compile_one, cfg["sources"]))
+    lib = os.path.join(out, "libtplinear.a")
+    if not os.path.exists(lib) or os.path.getmtime(lib) < max(os.path.getmtime(o) for o in objs) or \
+            _archive_members(lib) != sorted(os.path.basename(o) for o in objs):
+        tmp = f"{lib}.{os.getpid()}.tmp"
+        run_command(["ar", "rcs", tmp, *objs])
+        _replace(tmp, lib)
+    return lib, cfg
+
+
+def _archive_members(lib):
+    proc = subprocess.run(["ar", "t", lib], capture_output=True, text=True)
+    return sorted(proc.stdout.split()) if proc.returncode == 0 else None
+
+
+def link_words(cfg):
+    """What a program linking libtplinear.a adds after it: BLAS, CUDA (if any), threads, libm."""
+    words = ["-L" + d for d in cfg["library_dirs"]] + ["-l" + l for l in cfg["libraries"]]
+    return words + ["-Wl,-rpath," + d for d in cfg["runtime_library_dirs"]] + cfg["ldflags"] + ["-lm"]
 
 
 def shell_words(kind):
@@ -143,17 +226,19 @@ def shell_words(kind):
             "-D%s=%s" % m for m in c["define_macros"]
         ]
     elif kind == "ldflags":
-        words = ["-L" + d for d in c["library_dirs"]] + ["-l" + l for l in c["libraries"]]
-        words += ["-Wl,-rpath," + d for d in c["runtime_library_dirs"]] + c["ldflags"] + ["-lm"]
+        words = link_words(c)
     elif kind == "sources":
         words = [os.path.join(ROOT, src) for src in c["sources"]]
     elif kind == "cuda":
         words = [c["cuda"] or ""]
     else:
-        raise SystemExit("usage: buildcfg.py cflags|ldflags|sources|cuda")
+        raise SystemExit("usage: buildcfg.py cflags|ldflags|sources|cuda|lib [flavour]")
     return " ".join(words)
 
 
 if __name__ == "__main__":
     os.chdir(ROOT)
-    print(shell_words(sys.argv[1] if len(sys.argv) > 1 else ""))
+    if len(sys.argv) > 1 and sys.argv[1] == "lib":
+        print(build_library(sys.argv[2] if len(sys.argv) > 2 else "plain")[0])
+    else:
+        print(shell_words(sys.argv[1] if len(sys.argv) > 1 else ""))

@@ -1,33 +1,51 @@
-/* Process groups: the group object and the backend function table. Internal. */
+/* Process groups: the backend function table and the group object. Internal. */
 #ifndef TP_COMM_BACKEND_H
 #define TP_COMM_BACKEND_H
 
-#include "../core/internal.h"
+#include "../device/device.h"
 #include "store.h"
 
 typedef struct tp_backend tp_backend;
 
-/* A backend is a table of function pointers; layers never know which one runs.
- * `impl` is the backend's per-group state. All functions are collective over the group's members
- * and return within the group's timeout. */
+/* A backend is a table: group.c, the layers and the bindings never know which one runs. Each backend
+ * defines its table in its own file (comm/shm.c, comm/nccl.c) and comm/registry.c lists the tables this
+ * build has. `impl` of a group is the backend's per-group state. Every function is collective over the
+ * group's members and returns within the group's timeout. */
 struct tp_backend {
     const char *name;
+    /* bit (1u << tp_device_type) for each device whose memory the collectives take in place; host memory
+     * is accepted by every backend. An automatic choice takes the first backend with the asked device. */
+    unsigned devices;
+    int one_host;      /* serves only worlds whose ranks share one host (LOCAL_WORLD_SIZE == WORLD_SIZE) */
+    int groups_of_one; /* also makes groups of one (else group.c gives them its generic group of one) */
+    /* Fills g->impl for a group whose rank, size, ranks, store, prefix and timeout are set. On failure
+     * g->impl stays NULL. */
+    tp_status (*create)(tp_group *g);
+    /* A subgroup, called by every rank of parent: members (child->rank >= 0) get child->impl. NULL: the
+     * generic split (the ranks agree through the store, then members call create). */
+    tp_status (*split)(tp_group *parent, tp_group *child);
     tp_status (*all_reduce)(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);
-    tp_status (*all_gatherv)(tp_group *g, const void *send, void *recv, const size_t *counts,
-                             tp_dtype dt);
+    tp_status (*all_gatherv)(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt);
     tp_status (*reduce_scatter)(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
                                 tp_reduce_op op);
     tp_status (*broadcast)(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
     tp_status (*barrier)(tp_group *g);
+    /* Marks the group failed and wakes its waiters; safe from any thread. */
     tp_status (*abort)(tp_group *g);
     void (*destroy)(tp_group *g);
+    /* The row-parallel fast path of tp_all_reduce_staging / tp_all_reduce_staged; NULL when the backend
+     * has no staging area. */
+    tp_status (*staging)(tp_group *g, size_t bytes, void **ptr);
+    tp_status (*all_reduce_staged)(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
+    /* tp_all_reduce_bias with the bias added inside the reduction (in: out, another buffer, or the staging
+     * area); NULL: group.c all-reduces, then adds the bias. */
+    tp_status (*all_reduce_bias)(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt,
+                                 const void *bias, size_t width);
 };
-
-/* Largest group the shm backend serves. */
-#define TP_SHM_MAX_RANKS 256
 
 struct tp_group {
     const tp_backend *backend;
+    const tp_backend *family; /* the registered backend of the world; its subgroups are made with it */
     void *impl;             /* backend state */
     tp_store *store;        /* shared bootstrap store (owned by the world group) */
     int owns_store;
@@ -43,25 +61,8 @@ struct tp_group {
     int next_child;         /* counter for subgroup ids (identical on every rank of the group) */
 };
 
-/* Backend constructors: fill g->backend and g->impl for an already-filled group (rank, size, ranks,
- * store, prefix, timeout). Collective over g's members. */
-tp_status tp_shm_create(tp_group *g);
-tp_status tp_nccl_create(tp_group *g); /* csrc/cuda/nccl.c, or the stub of a build without CUDA */
-/* Called by every rank of an nccl parent: members of child (rank >= 0) get a communicator split from
- * the parent's; a non-member passes its rank -1 child and gets none. */
-tp_status tp_nccl_split(tp_group *parent, tp_group *child);
-
-/* The shm backend's row-parallel fast path (see tp_all_reduce_staging in tplinear.h); g must be a
- * member of an shm group (tp_shm_owns). */
-int tp_shm_owns(const tp_group *g);
-tp_status tp_shm_staging(tp_group *g, size_t bytes, void **ptr);
-tp_status tp_shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
-/* tp_all_reduce_bias on an shm group: the bias added inside the reduction (in: out, another buffer, or the
- * staging area). */
-tp_status tp_shm_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt, const void *bias,
-                                 size_t width);
 /* out[i] += bias[(first + i) % width] for i < n (float32 / float64): a row bias added to elements
- * [first, first + n) of a row-major array `width` wide, one addition per element. */
+ * [first, first + n) of a row-major array `width` wide, one addition per element (comm/group.c). */
 void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width);
 
 #endif

@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
+#include "registry.h"
 
 /* ---------------------------------------------------------------- group of one */
 
@@ -39,27 +39,43 @@ static tp_status self_barrier(tp_group *g) { (void)g; return TP_OK; }
 static tp_status self_abort(tp_group *g) { (void)g; return TP_OK; }
 static void self_destroy(tp_group *g) { (void)g; }
 
+/* A group of one (the world of a single process, or a subgroup of one rank) of a backend that does not
+ * make such groups itself: every collective is a local copy or nothing. Host memory only. */
 static const tp_backend self_backend = {
-    "self", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
-    self_destroy,
+    .name = "self",
+    .devices = 1u << TP_DEVICE_CPU,
+    .all_reduce = self_all_reduce,
+    .all_gatherv = self_all_gatherv,
+    .reduce_scatter = self_reduce_scatter,
+    .broadcast = self_broadcast,
+    .barrier = self_barrier,
+    .abort = self_abort,
+    .destroy = self_destroy,
 };
 
-static const tp_backend none_backend = {
-    "none", self_all_reduce, self_all_gatherv, self_reduce_scatter, self_broadcast, self_barrier, self_abort,
-    self_destroy,
-};
+/* The handle of a rank that is not a member of its group: every entry point refuses before it would
+ * dispatch (check_member), abort and destroy have nothing to do. */
+static const tp_backend none_backend = {.name = "none", .devices = 1u << TP_DEVICE_CPU};
 
 /* ---------------------------------------------------------------- creation */
 
 void tp_init_options_default(tp_init_options *opts)
 {
-    memset(opts, 0, sizeof *opts);
-    opts->rank = -1;
-    opts->world_size = -1;
-    opts->local_rank = -1;
-    opts->local_world_size = -1;
-    opts->master_port = -1;
-    opts->timeout_s = 300.0;
+    const tp_init_options dflt = TP_INIT_OPTIONS_INITIALIZER;
+    if (opts != NULL) *opts = dflt;
+}
+
+/* The caller's struct must be the one this library was built with (NCCL checks ncclConfig_t the same way):
+ * anything else was not initialised with TP_INIT_OPTIONS_INITIALIZER / tp_init_options_default, or comes
+ * from another version of tplinear.h. */
+static tp_status check_options(const tp_init_options *o)
+{
+    if (o->size == sizeof(tp_init_options) && o->magic == TP_INIT_OPTIONS_MAGIC && o->version == TP_INIT_OPTIONS_VERSION)
+        return TP_OK;
+    return tp_error(TP_ERR_VALUE, "init: tp_init_options has size %zu, magic 0x%x, version %u, but this tplinear "
+                    "expects size %zu, magic 0x%x, version %u: initialise it with TP_INIT_OPTIONS_INITIALIZER or "
+                    "tp_init_options_default and build against this library's tplinear.h", o->size, o->magic,
+                    o->version, sizeof(tp_init_options), TP_INIT_OPTIONS_MAGIC, TP_INIT_OPTIONS_VERSION);
 }
 
 /* Ends a bootstrap phase that used the store: every rank of `members` ranks checks in, and rank 0
@@ -75,22 +91,6 @@ out:
     return st;
 }
 
-/* An integer from the first set variable of names (torchrun's, then OpenMPI's); dflt when none is set. */
-static tp_status env_int(const char *a, const char *b, long dflt, long *out)
-{
-    const char *names[2] = {a, b};
-    for (int i = 0; i < 2; i++) {
-        const char *v;
-        if (names[i] == NULL || (v = getenv(names[i])) == NULL || v[0] == '\0') continue;
-        *out = tp_env_long(names[i], dflt);
-        if (*out < 0)
-            return tp_error(TP_ERR_VALUE, "environment variable %s must be a non-negative integer, got '%s'", names[i], v);
-        return TP_OK;
-    }
-    *out = dflt;
-    return TP_OK;
-}
-
 static tp_group *group_alloc(int size)
 {
     tp_group *g = calloc(1, sizeof *g);
@@ -102,69 +102,89 @@ static tp_group *group_alloc(int size)
     return g;
 }
 
+/* The world's shape: each field from opts when given, else from the launcher's environment, else a world
+ * of one. */
+static tp_status world_shape(const tp_init_options *opts, int *size, int *rank, int *lrank, int *lsize)
+{
+    tp_status st = TP_OK;
+    tp_world_env env;
+    TP_CHECK(tp_world_from_env(&env));
+    *size = opts->world_size >= 0 ? opts->world_size : env.world_size >= 0 ? env.world_size : 1;
+    *rank = opts->rank >= 0 ? opts->rank : env.rank >= 0 ? env.rank : 0;
+    *lrank = opts->local_rank >= 0 ? opts->local_rank : env.local_rank >= 0 ? env.local_rank : *rank;
+    *lsize = opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size >= 0 ? env.local_world_size
+                                                                                              : *size;
+    TP_REQUIRE(*size >= 1 && *size <= 65536, "init: WORLD_SIZE must be >= 1, got %d", *size);
+    TP_REQUIRE(*rank >= 0 && *rank < *size, "init: RANK must be in 0..%d (WORLD_SIZE=%d), got %d", *size - 1, *size,
+               *rank);
+out:
+    return st;
+}
+
+/* Rank 0's rendezvous store of a world of more than one rank. */
+static tp_status open_store(const tp_init_options *opts, tp_group *g)
+{
+    tp_status st = TP_OK;
+    tp_world_env env;
+    const char *addr;
+    int port;
+    TP_CHECK(tp_world_from_env(&env));
+    port = opts->master_port > 0 ? opts->master_port : env.master_port;
+    TP_REQUIRE(port > 0 && port < 65536,
+               "init: WORLD_SIZE=%d but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)", g->size);
+    addr = opts->master_addr && opts->master_addr[0] ? opts->master_addr : env.master_addr[0] ? env.master_addr
+                                                                                             : "127.0.0.1";
+    tp_log(TP_LOG_INFO, "init: rank %d of %d (local %d of %d), store %s:%d, timeout %g s", g->rank, g->size,
+           g->local_rank, g->local_world_size, addr, port, g->timeout_s);
+    TP_CHECK(tp_store_open(addr, port, g->rank, g->size, g->timeout_s, &g->store));
+    g->owns_store = 1;
+out:
+    return st;
+}
+
+/* Makes g a group of `family`: its own kind when it has more than one member or the family makes groups
+ * of one, else the generic group of one. */
+static tp_status make_member(tp_group *g, const tp_backend *family)
+{
+    tp_status st = TP_OK;
+    g->family = family;
+    g->backend = &self_backend;
+    if (g->size > 1 || family->groups_of_one) {
+        TP_CHECK(family->create(g));
+        g->backend = family;
+    }
+out:
+    return st;
+}
+
 tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
 {
     tp_status st = TP_OK;
     tp_group *g = NULL;
-    long size, rank, lrank, lsize, port;
-    const char *backend = opts ? opts->backend : NULL, *addr;
+    const tp_backend *family = NULL;
+    int size, rank, lrank, lsize;
     TP_REQUIRE(world != NULL && opts != NULL, "init: NULL argument");
     *world = NULL;
-    if (opts->world_size >= 0) size = opts->world_size;
-    else TP_CHECK(env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", 1, &size));
-    if (opts->rank >= 0) rank = opts->rank;
-    else TP_CHECK(env_int("RANK", "OMPI_COMM_WORLD_RANK", 0, &rank));
-    if (opts->local_rank >= 0) lrank = opts->local_rank;
-    else TP_CHECK(env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", rank, &lrank));
-    if (opts->local_world_size >= 0) lsize = opts->local_world_size;
-    else TP_CHECK(env_int("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", size, &lsize));
-    TP_REQUIRE(size >= 1 && size <= 65536, "init: WORLD_SIZE must be >= 1, got %ld", size);
-    TP_REQUIRE(rank >= 0 && rank < size, "init: RANK must be in 0..%ld (WORLD_SIZE=%ld), got %ld", size - 1, size, rank);
-    if (backend != NULL && strcmp(backend, "auto") == 0) backend = NULL;
-    if (backend != NULL && strcmp(backend, "mpi") == 0) {
-        st = tp_error(TP_ERR_UNSUPPORTED, "init: the 'mpi' backend is not built into this tplinear; use 'shm' "
-                                          "(all ranks on one host, the CPU default) or 'nccl' (GPU)");
-        goto out;
-    }
-    TP_REQUIRE(backend == NULL || strcmp(backend, "shm") == 0 || strcmp(backend, "nccl") == 0,
-               "init: backend must be None, 'auto', 'shm', 'nccl' or 'mpi', got '%s'", backend);
-    if ((g = group_alloc((int)size)) == NULL) {
+    TP_CHECK(check_options(opts));
+    TP_CHECK(world_shape(opts, &size, &rank, &lrank, &lsize));
+    TP_CHECK(tp_backend_choose(opts->backend, opts->device, size, lsize, &family));
+    if ((g = group_alloc(size)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "init: out of memory");
         goto out;
     }
     for (int i = 0; i < size; i++) g->global_ranks[i] = i;
     g->backend = &self_backend;
-    g->rank = g->world_rank = (int)rank;
-    g->size = g->world_size = (int)size;
-    g->local_rank = (int)lrank;
-    g->local_world_size = (int)lsize;
+    g->rank = g->world_rank = rank;
+    g->size = g->world_size = size;
+    g->local_rank = lrank;
+    g->local_world_size = lsize;
     g->timeout_s = opts->timeout_s > 0 ? opts->timeout_s : 300.0;
     snprintf(g->prefix, sizeof g->prefix, "g0/");
-    if (size > 1) {
-        if (opts->master_port > 0) port = opts->master_port;
-        else TP_CHECK(env_int("MASTER_PORT", NULL, -1, &port));
-        TP_REQUIRE(port > 0 && port < 65536,
-                   "init: WORLD_SIZE=%ld but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)", size);
-        addr = opts->master_addr && opts->master_addr[0] ? opts->master_addr : getenv("MASTER_ADDR");
-        if (addr == NULL || addr[0] == '\0') addr = "127.0.0.1";
-        if ((backend == NULL || strcmp(backend, "shm") == 0) && lsize != size) {
-            st = tp_error(TP_ERR_UNSUPPORTED,
-                          "init: the shm backend needs every rank on one host (LOCAL_WORLD_SIZE=%ld, WORLD_SIZE=%ld); "
-                          "the multi-host 'mpi' backend is not built", lsize, size);
-            goto out;
-        }
-        tp_log(TP_LOG_INFO, "init: rank %ld of %ld (local %ld of %ld), store %s:%ld, timeout %g s", rank, size, lrank,
-               lsize, addr, port, g->timeout_s);
-        TP_CHECK(tp_store_open(addr, (int)port, (int)rank, (int)size, g->timeout_s, &g->store));
-        g->owns_store = 1;
-    }
-    if (backend != NULL && strcmp(backend, "nccl") == 0) {
-        TP_CHECK(tp_nccl_create(g)); /* a world of one has no store (g->store == NULL) */
-    } else if (size > 1) {
-        TP_CHECK(tp_shm_create(g));
-    }
+    tp_log_set_rank(rank);
+    if (size > 1) TP_CHECK(open_store(opts, g)); /* a world of one has no store (g->store == NULL) */
+    TP_CHECK(make_member(g, family));
     if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->world_rank, g->size));
-    tp_log(TP_LOG_INFO, "init: backend %s for a world of %ld", g->backend->name, size);
+    tp_log(TP_LOG_INFO, "init: backend %s for a world of %d", g->backend->name, size);
     *world = g;
     g = NULL;
 out:
@@ -222,12 +242,13 @@ tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out
                        "the same list)", parent->rank);
         }
     }
-    if (strcmp(parent->backend->name, "nccl") == 0) {
-        /* ncclCommSplit is collective over the whole parent; non-members (rank -1) get no communicator */
-        TP_CHECK(tp_nccl_split(parent, g));
+    g->family = parent->family;
+    if (parent->family->split) {
+        /* collective over the whole parent (e.g. ncclCommSplit); non-members (rank -1) get no state */
+        TP_CHECK(parent->family->split(parent, g));
+        if (me >= 0) g->backend = parent->family;
     } else if (me >= 0) {
-        g->backend = &self_backend;
-        if (n > 1) TP_CHECK(tp_shm_create(g));
+        TP_CHECK(make_member(g, parent->family));
     }
     if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, parent->world_rank, parent->size));
     tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me, g->backend->name);
@@ -263,10 +284,14 @@ double tp_group_timeout(const tp_group *g) { return g ? g->timeout_s : 0.0; }
 
 tp_status tp_group_check_device(const tp_group *g, tp_device dev, const char *what)
 {
-    const char *name = tp_group_backend(g);
-    if (dev.type != TP_DEVICE_CUDA || strcmp(name, "nccl") == 0) return TP_OK;
+    char names[128];
+    if (dev.type == TP_DEVICE_CPU || (g && g->backend && (g->backend->devices & (1u << (unsigned)dev.type))))
+        return TP_OK;
+    tp_backend_names_for(dev.type, names, sizeof names);
+    if (names[0] == '\0')
+        return tp_error(TP_ERR_VALUE, "%s is GPU memory but no backend of this build takes GPU memory", what);
     return tp_error(TP_ERR_VALUE, "%s is GPU memory but the process group's backend is '%s': GPU arrays need a "
-                    "group made with backend='nccl'", what, name);
+                    "group made with backend=%s", what, tp_group_backend(g), names);
 }
 
 /* ---------------------------------------------------------------- collectives */
@@ -365,7 +390,7 @@ tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr)
     TP_REQUIRE(ptr != NULL, "all_reduce_staging: ptr is NULL");
     *ptr = NULL;
     TP_CHECK(check_member(g, "all_reduce_staging"));
-    if (tp_shm_owns(g)) TP_CHECK(tp_shm_staging(g, bytes, ptr));
+    if (g->backend->staging) TP_CHECK(g->backend->staging(g, bytes, ptr));
 out:
     return st;
 }
@@ -375,11 +400,11 @@ tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt
     tp_status st = TP_OK;
     TP_CHECK(check_member(g, "all_reduce_staged"));
     TP_CHECK(check_dtype(dt, op, "all_reduce_staged"));
-    if (!tp_shm_owns(g)) {
+    if (g->backend->all_reduce_staged == NULL) {
         st = tp_error(TP_ERR_UNSUPPORTED, "all_reduce_staged: the %s backend has no staging buffer", g->backend->name);
         goto out;
     }
-    TP_CHECK(tp_shm_all_reduce_staged(g, out, count, dt, op));
+    TP_CHECK(g->backend->all_reduce_staged(g, out, count, dt, op));
 out:
     return st;
 }
@@ -417,8 +442,8 @@ tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t coun
     TP_REQUIRE((in != NULL && out != NULL) || count == 0, "all_reduce_bias: buffer is NULL");
     TP_REQUIRE(in == out || (const char *)in >= (const char *)out + bytes || (const char *)out >= (const char *)in + bytes,
                "all_reduce_bias: input and output overlap without being the same buffer");
-    if (tp_shm_owns(g)) {
-        TP_CHECK(tp_shm_all_reduce_bias(g, in, out, count, dt, bias, width));
+    if (g->backend->all_reduce_bias) {
+        TP_CHECK(g->backend->all_reduce_bias(g, in, out, count, dt, bias, width));
     } else {
         if (in != out && count > 0) memcpy(out, in, bytes);
         TP_CHECK(g->backend->all_reduce(g, out, count, dt, TP_SUM));

@@ -67,6 +67,7 @@
 #include "backend.h"
 
 #define CL 64
+#define TP_SHM_MAX_RANKS 256 /* the largest group the shm backend serves */
 #define SHM_MAGIC 0x74706c696e736d31ull /* "tplinsm1" */
 #define MSG_CAP 512
 
@@ -725,7 +726,7 @@ static tp_status shm_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
     return all_reduce_impl(g, buf, buf, count, dt, op, NULL, 0);
 }
 
-tp_status tp_shm_staging(tp_group *g, size_t bytes, void **ptr)
+static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
 {
     shm_impl *im = g->impl;
     *ptr = NULL;
@@ -746,7 +747,7 @@ static tp_status check_staged(shm_impl *im, const void *out, size_t bytes, const
     return TP_OK;
 }
 
-tp_status tp_shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
+static tp_status shm_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op)
 {
     tp_status st = TP_OK;
     TP_CHECK(check_staged(g->impl, out, count * tp_dtype_size(dt), "all_reduce_staged"));
@@ -755,8 +756,8 @@ out:
     return st;
 }
 
-tp_status tp_shm_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt, const void *bias,
-                                 size_t width)
+static tp_status shm_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt,
+                                     const void *bias, size_t width)
 {
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
@@ -924,19 +925,6 @@ static void shm_destroy(tp_group *g)
     g->impl = NULL;
 }
 
-static const tp_backend shm_backend = {
-    .name = "shm",
-    .all_reduce = shm_all_reduce,
-    .all_gatherv = shm_all_gatherv,
-    .reduce_scatter = shm_reduce_scatter,
-    .broadcast = shm_broadcast,
-    .barrier = shm_barrier,
-    .abort = shm_abort,
-    .destroy = shm_destroy,
-};
-
-int tp_shm_owns(const tp_group *g) { return g != NULL && g->backend == &shm_backend; }
-
 /* ---------------------------------------------------------------- creation */
 
 static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -1004,29 +992,27 @@ out:
     return st;
 }
 
-tp_status tp_shm_create(tp_group *g)
+static tp_status shm_create(tp_group *g)
 {
     tp_status st = TP_OK;
     shm_impl *im = NULL;
     char key[160];
     size_t ctrl_bytes, data_off, len = 0;
-    long slot_kb = tp_env_long("TPLINEAR_SHM_SLOT_KB", 8192);
-    long oneshot_kb = tp_env_long("TPLINEAR_SHM_ONESHOT_KB", 64);
-    long spin_us = tp_env_long("TPLINEAR_SHM_SPIN_US", -1);
-    long chunk_kb = tp_env_long("TPLINEAR_SHM_CHUNK_KB", -1);
-    long yield_us = tp_env_long("TPLINEAR_SHM_YIELD_US", 200);
-    long cma = tp_env_long("TPLINEAR_SHM_CMA", 1);
-    long cma_kb = tp_env_long("TPLINEAR_SHM_CMA_KB", -1);
+    long slot_kb, oneshot_kb, spin_us, chunk_kb, yield_us, algo, cma, cma_kb;
     int fd = -1, created = 0, unlinked = 0;
     int64_t mapped = 0;
     char cma_why[192] = "off";
     struct stat sb;
     TP_REQUIRE(g->size >= 2 && g->size <= TP_SHM_MAX_RANKS, "shm: group size %d out of range 2..%d", g->size,
                TP_SHM_MAX_RANKS);
-    TP_REQUIRE(slot_kb >= 8, "TPLINEAR_SHM_SLOT_KB must be an integer >= 8");
-    TP_REQUIRE(oneshot_kb >= 0, "TPLINEAR_SHM_ONESHOT_KB must be an integer >= 0");
-    TP_REQUIRE(cma == 0 || cma == 1, "TPLINEAR_SHM_CMA must be 0 or 1");
-    TP_REQUIRE(cma_kb >= -1, "TPLINEAR_SHM_CMA_KB must be an integer >= 0");
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_SLOT_KB, &slot_kb));
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_ONESHOT_KB, &oneshot_kb));
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_SPIN_US, &spin_us));
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_CHUNK_KB, &chunk_kb));
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_YIELD_US, &yield_us));
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_ALGO, &algo));
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_CMA, &cma));
+    TP_CHECK(tp_knob_int(TP_KNOB_SHM_CMA_KB, &cma_kb));
     if ((im = calloc(1, sizeof *im)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "shm: out of memory");
         goto out;
@@ -1041,19 +1027,10 @@ tp_status tp_shm_create(tp_group *g)
     im->oneshot = (size_t)oneshot_kb * 1024;
     if (im->oneshot > im->half) im->oneshot = im->half;
     im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= online_cpus() ? 50e-6 : 2e-6);
-    {
-        /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else
-         * reduce-scatter + all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag forces either */
-        const char *algo = getenv("TPLINEAR_SHM_ALGO");
-        if (algo && algo[0]) {
-            TP_REQUIRE(strcmp(algo, "oneshot") == 0 || strcmp(algo, "rsag") == 0,
-                       "TPLINEAR_SHM_ALGO must be 'oneshot' or 'rsag', got '%s'", algo);
-            im->oneshot_big = strcmp(algo, "oneshot") == 0;
-        } else {
-            im->oneshot_big = g->size == 2;
-        }
-    }
-    im->yield_s = yield_us >= 0 ? (double)yield_us * 1e-6 : 1e-3;
+    /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else reduce-scatter +
+     * all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag (choice 0 or 1) forces either */
+    im->oneshot_big = algo < 0 ? g->size == 2 : algo == 0;
+    im->yield_s = (double)yield_us * 1e-6;
     im->spin_cur = im->spin_s;
     ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
     data_off = round_up(sizeof(shm_header) + ctrl_bytes, 4096);
@@ -1144,7 +1121,6 @@ tp_status tp_shm_create(tp_group *g)
            im->slot_bytes / 1024, im->chunk / 1024, im->oneshot / 1024,
            im->oneshot_big ? "one-shot" : "reduce-scatter + all-gather", im->spin_s * 1e6, cma_why);
     g->impl = im;
-    g->backend = &shm_backend;
     im = NULL;
 out:
     if (fd >= 0) close(fd);
@@ -1157,3 +1133,22 @@ out:
     }
     return st;
 }
+
+const tp_backend tp_shm_backend = {
+    .name = "shm",
+    .devices = 1u << TP_DEVICE_CPU,
+    .one_host = 1,
+    .groups_of_one = 0,
+    .create = shm_create,
+    .split = NULL, /* the generic split: members of a subgroup map a segment of their own */
+    .all_reduce = shm_all_reduce,
+    .all_gatherv = shm_all_gatherv,
+    .reduce_scatter = shm_reduce_scatter,
+    .broadcast = shm_broadcast,
+    .barrier = shm_barrier,
+    .abort = shm_abort,
+    .destroy = shm_destroy,
+    .staging = shm_staging,
+    .all_reduce_staged = shm_all_reduce_staged,
+    .all_reduce_bias = shm_all_reduce_bias,
+};

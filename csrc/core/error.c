@@ -1,4 +1,4 @@
-/* Status codes, the thread-local error message, logging, clocks and environment helpers. */
+/* Status codes, the thread-local error message, logging and clocks. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -72,22 +72,19 @@ tp_status tp_error_context(tp_status s, const char *fmt, ...)
     return s;
 }
 
-int tp_log_level(void)
-{
-    const char *v = getenv("TPLINEAR_DEBUG");
-    if (v == NULL || v[0] == '\0') return TP_LOG_OFF;
-    if (strcasecmp(v, "TRACE") == 0) return TP_LOG_TRACE;
-    if (strcasecmp(v, "INFO") == 0) return TP_LOG_INFO;
-    return TP_LOG_OFF;
-}
+static int g_log_rank = -1; /* set once a world knows this process's rank (atomic) */
+
+void tp_log_set_rank(int rank) { __atomic_store_n(&g_log_rank, rank, __ATOMIC_RELEASE); }
 
 void tp_log(int level, const char *fmt, ...)
 {
     char line[TP_MSG_CAP];
     int n;
     va_list ap;
+    int rank = __atomic_load_n(&g_log_rank, __ATOMIC_ACQUIRE);
     if (tp_log_level() < level) return;
-    n = snprintf(line, sizeof line, "[tplinear rank %ld] ", tp_env_long("RANK", 0));
+    if (rank < 0) rank = tp_env_rank();
+    n = snprintf(line, sizeof line, "[tplinear rank %d] ", rank > 0 ? rank : 0);
     if (n < 0 || (size_t)n >= sizeof line) return;
     va_start(ap, fmt);
     vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
@@ -103,16 +100,4 @@ double tp_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-long tp_env_long(const char *name, long dflt)
-{
-    const char *v = getenv(name);
-    char *end = NULL;
-    long x;
-    if (v == NULL || v[0] == '\0') return dflt;
-    errno = 0;
-    x = strtol(v, &end, 10);
-    if (errno != 0 || end == v || *end != '\0') return -2;
-    return x;
 }

@@ -33,15 +33,43 @@ tp_status tp_error_context(tp_status s, const char *fmt, ...) TP_PRINTF(2, 3);
         }                                                    \
     } while (0)
 
-/* Debug logging (TPLINEAR_DEBUG=INFO|TRACE), to stderr prefixed with the rank. Not printf on stdout. */
+/* Debug logging (TPLINEAR_DEBUG=INFO|TRACE), to stderr prefixed with the world rank. Not printf on stdout. */
 enum { TP_LOG_OFF = 0, TP_LOG_INFO = 1, TP_LOG_TRACE = 2 };
 int tp_log_level(void);
 void tp_log(int level, const char *fmt, ...) TP_PRINTF(2, 3);
+/* The world rank the log prefix names, once a world knows it (before: the environment's RANK or
+ * OMPI_COMM_WORLD_RANK, else 0). */
+void tp_log_set_rank(int rank);
 
 /* Monotonic clock in seconds. */
 double tp_now(void);
 
-/* Environment helpers: integer value of a variable, or dflt when unset/empty; -2 if unparsable. */
-long tp_env_long(const char *name, long dflt);
+/* The tuning knobs (core/env.c declares each with its type, default and doc); read from the
+ * environment once per process. */
+typedef enum {
+    TP_KNOB_DEBUG,
+    TP_KNOB_BACKEND,
+    TP_KNOB_SHM_SLOT_KB,
+    TP_KNOB_SHM_ONESHOT_KB,
+    TP_KNOB_SHM_CHUNK_KB,
+    TP_KNOB_SHM_ALGO,
+    TP_KNOB_SHM_SPIN_US,
+    TP_KNOB_SHM_YIELD_US,
+    TP_KNOB_SHM_CMA,
+    TP_KNOB_SHM_CMA_KB,
+    TP_KNOB_ALLOW_TF32,
+    TP_KNOB_NCCL_ASYNC,
+    TP_KNOB_COUNT
+} tp_knob;
+/* An int, bool or choice knob's value (a choice: its index in the declared choices, -1 unset), the
+ * default when unset; TP_ERR_VALUE naming the variable and what it accepts when its value is invalid
+ * (*out is then the default). */
+tp_status tp_knob_int(tp_knob k, long *out);
+/* The same where a call cannot fail: an invalid value gives the default (the INFO log names it). */
+long tp_knob_value(tp_knob k);
+/* A string knob's value, NULL when unset. */
+const char *tp_knob_str(tp_knob k);
+/* The environment's world rank (RANK, else OMPI_COMM_WORLD_RANK), -1 when neither is a valid one. */
+int tp_env_rank(void);
 
 #endif

@@ -1,33 +1,7 @@
-/* tp_tensor: dtypes, descriptors, views and strided copies. */
+/* tp_tensor: descriptors and views (dtypes: dtype.c; copies are on the device floor: device/device.c). */
 #include <string.h>
 
 #include "internal.h"
-
-size_t tp_dtype_size(tp_dtype dt)
-{
-    switch (dt) {
-    case TP_FLOAT32: return 4;
-    case TP_FLOAT64: return 8;
-    case TP_FLOAT16: return 2;
-    case TP_BFLOAT16: return 2;
-    case TP_INT32: return 4;
-    case TP_INT64: return 8;
-    }
-    return 0;
-}
-
-const char *tp_dtype_name(tp_dtype dt)
-{
-    switch (dt) {
-    case TP_FLOAT32: return "float32";
-    case TP_FLOAT64: return "float64";
-    case TP_FLOAT16: return "float16";
-    case TP_BFLOAT16: return "bfloat16";
-    case TP_INT32: return "int32";
-    case TP_INT64: return "int64";
-    }
-    return "unknown";
-}
 
 tp_status tp_tensor_init(tp_tensor *t, void *data, tp_dtype dt, int ndim, const int64_t *shape)
 {
@@ -79,46 +53,6 @@ tp_status tp_tensor_narrow(const tp_tensor *t, int dim, int64_t start, int64_t l
     out->shape[dim] = length;
     if (length > 0)
         out->data = (char *)t->data + start * t->strides[dim] * (int64_t)tp_dtype_size(t->dtype);
-out:
-    return st;
-}
-
-/* Recursive strided copy; the innermost dimension is a memcpy when both are unit-stride. */
-static void copy_rec(char *dst, const char *src, const tp_tensor *d, const tp_tensor *s, int dim,
-                     size_t item)
-{
-    int64_t n = d->shape[dim];
-    if (dim == d->ndim - 1) {
-        if (d->strides[dim] == 1 && s->strides[dim] == 1) {
-            memcpy(dst, src, (size_t)n * item);
-            return;
-        }
-        for (int64_t i = 0; i < n; i++)
-            memcpy(dst + i * d->strides[dim] * (int64_t)item, src + i * s->strides[dim] * (int64_t)item,
-                   item);
-        return;
-    }
-    for (int64_t i = 0; i < n; i++)
-        copy_rec(dst + i * d->strides[dim] * (int64_t)item, src + i * s->strides[dim] * (int64_t)item,
-                 d, s, dim + 1, item);
-}
-
-tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src)
-{
-    tp_status st = TP_OK;
-    TP_REQUIRE(dst->ndim == src->ndim, "copy: ndim %d vs %d", dst->ndim, src->ndim);
-    TP_REQUIRE(dst->dtype == src->dtype, "copy: dtype %s vs %s", tp_dtype_name(dst->dtype),
-               tp_dtype_name(src->dtype));
-    if (dst->device.type == TP_DEVICE_CUDA || src->device.type == TP_DEVICE_CUDA) return tp_cuda_tensor_copy(dst, src);
-    for (int d = 0; d < dst->ndim; d++)
-        TP_REQUIRE(dst->shape[d] == src->shape[d], "copy: dim %d is %lld vs %lld", d,
-                   (long long)dst->shape[d], (long long)src->shape[d]);
-    if (tp_tensor_numel(dst) == 0) goto out;
-    if (dst->ndim == 0) {
-        memcpy(dst->data, src->data, tp_dtype_size(dst->dtype));
-        goto out;
-    }
-    copy_rec(dst->data, src->data, dst, src, 0, tp_dtype_size(dst->dtype));
 out:
     return st;
 }

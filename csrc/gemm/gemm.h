@@ -1,8 +1,8 @@
-/* Matrix views of tensors and the GEMM dispatch (CPU: OpenBLAS, GPU: cuBLAS). Internal. */
+/* Matrix views of tensors and the GEMM dispatch (host memory: OpenBLAS, GPU memory: cuBLAS). Internal. */
 #ifndef TP_GEMM_H
 #define TP_GEMM_H
 
-#include "../core/internal.h"
+#include "../device/device.h"
 
 /* A logical [rows, cols] matrix. Stored row-major with leading dimension ld when trans == 0,
  * or as the row-major [cols, rows] matrix (a column-major view) with leading dimension ld. */
@@ -26,23 +26,25 @@ tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tenso
 /* C = op(A) @ op(B) (+ C when accumulate), where op(X) is X^T when tX. All on one device,
  * one dtype. Any of the dims may be zero. */
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
-/* Each row of C += bias (bias: cols elements, contiguous). */
-tp_status tp_mat_add_row(tp_mat *c, const void *bias);
-/* out (cols elements) += column sums of A. */
-tp_status tp_mat_col_sums(const tp_mat *a, void *out);
-/* Each row of C = bias (initialises an output before an accumulating GEMM). */
-tp_status tp_mat_fill_rows(tp_mat *c, const void *bias);
-/* C = op(A) @ op(B) + bias broadcast over rows (CPU: fill rows, then an accumulating GEMM;
- * GPU: cuBLASLt's bias epilogue, one kernel). */
-tp_status tp_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
 
-/* Backends (gemm/cpu.c, cuda/). */
-tp_status tp_gemm_cpu(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
-tp_status tp_rows_cpu(tp_mat *c, const void *bias, int mode);  /* mode: 0 fill, 1 add */
-tp_status tp_col_sums_cpu(const tp_mat *a, void *out);
-tp_status tp_gemm_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
-tp_status tp_rows_cuda(tp_mat *c, const void *bias, int mode);
-tp_status tp_col_sums_cuda(const tp_mat *a, void *out);
-tp_status tp_gemm_bias_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
+/* A GEMM provider: the same operations for the memory of one device type. linear.c picks the provider of
+ * the output's device: OpenBLAS for host memory, cuBLAS for GPU memory when the build has CUDA. */
+typedef struct {
+    const char *name;
+    /* C = op(A) @ op(B) (+ C when accumulate), as tp_gemm */
+    tp_status (*gemm)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
+    /* each row of C = bias (mode 0) or += bias (mode 1); bias: cols elements, contiguous */
+    tp_status (*rows)(tp_mat *c, const void *bias, int mode);
+    /* out (cols elements) += the column sums of A */
+    tp_status (*col_sums)(const tp_mat *a, void *out);
+    /* C = op(A) @ op(B) + bias broadcast over rows (OpenBLAS: rows, then an accumulating GEMM; cuBLAS:
+     * cuBLASLt's bias epilogue, one kernel) */
+    tp_status (*gemm_bias)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
+} tp_gemm_provider;
+
+extern const tp_gemm_provider tp_gemm_openblas; /* gemm/openblas.c */
+#if TPLINEAR_CUDA
+extern const tp_gemm_provider tp_gemm_cublas; /* gemm/cublas.c */
+#endif
 
 #endif

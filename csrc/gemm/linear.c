@@ -74,55 +74,40 @@ out:
     return st;
 }
 
-static int on_cuda(const tp_mat *m) { return m->device.type == TP_DEVICE_CUDA; }
+/* The provider for the memory of m's device. */
+static tp_status provider(const tp_mat *m, const tp_gemm_provider **out)
+{
+    if (m->device.type == TP_DEVICE_CPU) {
+        *out = &tp_gemm_openblas;
+        return TP_OK;
+    }
+#if TPLINEAR_CUDA
+    if (m->device.type == TP_DEVICE_CUDA) {
+        *out = &tp_gemm_cublas;
+        return TP_OK;
+    }
+#endif
+    return tp_error(TP_ERR_UNSUPPORTED, "GEMM on %s memory: tplinear was built without CUDA (set TPLINEAR_CUDA=1 "
+                    "and a CUDA toolkit)", tp_device_kind(m->device));
+}
 
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
 {
-    if (on_cuda(c)) return tp_gemm_cuda(a, ta, b, tb, c, accumulate);
-    return tp_gemm_cpu(a, ta, b, tb, c, accumulate);
-}
-
-tp_status tp_mat_add_row(tp_mat *c, const void *bias)
-{
-    return on_cuda(c) ? tp_rows_cuda(c, bias, 1) : tp_rows_cpu(c, bias, 1);
-}
-
-tp_status tp_mat_fill_rows(tp_mat *c, const void *bias)
-{
-    return on_cuda(c) ? tp_rows_cuda(c, bias, 0) : tp_rows_cpu(c, bias, 0);
-}
-
-tp_status tp_mat_col_sums(const tp_mat *a, void *out)
-{
-    return on_cuda(a) ? tp_col_sums_cuda(a, out) : tp_col_sums_cpu(a, out);
-}
-
-tp_status tp_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
-{
-    tp_status st = TP_OK;
-    if (on_cuda(c)) return tp_gemm_bias_cuda(a, ta, b, tb, c, bias);
-    TP_CHECK(tp_mat_fill_rows(c, bias));
-    TP_CHECK(tp_gemm(a, ta, b, tb, c, 1));
-out:
-    return st;
+    const tp_gemm_provider *p = NULL;
+    tp_status st = provider(c, &p);
+    return st != TP_OK ? st : p->gemm(a, ta, b, tb, c, accumulate);
 }
 
 /* ---------------------------------------------------------------- argument checks */
-
-static int same_device(const tp_tensor *a, const tp_tensor *b)
-{
-    return a->device.type == b->device.type && a->device.index == b->device.index;
-}
 
 static tp_status check_operand(const tp_tensor *ref, const tp_tensor *t, const char *what)
 {
     if (t->dtype != ref->dtype)
         return tp_error(TP_ERR_TYPE, "%s has dtype %s, expected %s like the weight", what,
                         tp_dtype_name(t->dtype), tp_dtype_name(ref->dtype));
-    if (!same_device(ref, t))
-        return tp_error(TP_ERR_VALUE, "%s is on %s:%d but the weight is on %s:%d", what,
-                        t->device.type == TP_DEVICE_CUDA ? "cuda" : "cpu", t->device.index,
-                        ref->device.type == TP_DEVICE_CUDA ? "cuda" : "cpu", ref->device.index);
+    if (!tp_device_same(ref->device, t->device))
+        return tp_error(TP_ERR_VALUE, "%s is on %s:%d but the weight is on %s:%d", what, tp_device_kind(t->device),
+                        t->device.index, tp_device_kind(ref->device), ref->device.index);
     return TP_OK;
 }
 
@@ -184,14 +169,16 @@ tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_ten
     tp_status st = TP_OK;
     tp_mat mx, mw, my;
     void *px = NULL;
+    const tp_gemm_provider *p = NULL;
     TP_CHECK(tp_linear_check(x, w, b, y));
     TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
     TP_CHECK(tp_mat_view(w, &mw, NULL, "weight"));
     TP_CHECK(tp_mat_view(y, &my, NULL, "output"));
+    TP_CHECK(provider(&my, &p));
     if (b)
-        TP_CHECK(tp_gemm_bias(&mx, 0, &mw, 1, &my, b->data));
+        TP_CHECK(p->gemm_bias(&mx, 0, &mw, 1, &my, b->data));
     else
-        TP_CHECK(tp_gemm(&mx, 0, &mw, 1, &my, 0));
+        TP_CHECK(p->gemm(&mx, 0, &mw, 1, &my, 0));
 out:
     free(px);
     return st;
@@ -222,6 +209,7 @@ tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_
     tp_status st = TP_OK;
     tp_mat mdy, mx, mdw;
     void *pdy = NULL, *px = NULL;
+    const tp_gemm_provider *p = NULL;
     TP_CHECK(check_weight(dw, db));
     TP_CHECK(check_operand(dw, dy, "grad_output"));
     TP_CHECK(check_operand(dw, x, "input"));
@@ -231,8 +219,9 @@ tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_
     TP_CHECK(tp_mat_view(dy, &mdy, &pdy, "grad_output"));
     TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
     TP_CHECK(tp_mat_view(dw, &mdw, NULL, "weight grad"));
-    TP_CHECK(tp_gemm(&mdy, 1, &mx, 0, &mdw, 1));
-    if (db) TP_CHECK(tp_mat_col_sums(&mdy, db->data));
+    TP_CHECK(provider(&mdw, &p));
+    TP_CHECK(p->gemm(&mdy, 1, &mx, 0, &mdw, 1));
+    if (db) TP_CHECK(p->col_sums(&mdy, db->data));
 out:
     free(pdy);
     free(px);
@@ -243,12 +232,14 @@ tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b)
 {
     tp_status st = TP_OK;
     tp_mat my;
+    const tp_gemm_provider *p = NULL;
     TP_CHECK(check_operand(y, b, "bias"));
     TP_REQUIRE(b->ndim == 1 && y->ndim >= 1 && b->shape[0] == y->shape[y->ndim - 1],
                "bias of size %lld does not match the output width %lld", (long long)(b->ndim ? b->shape[0] : 0),
                (long long)(y->ndim ? y->shape[y->ndim - 1] : 0));
     TP_CHECK(tp_mat_view(y, &my, NULL, "output"));
-    TP_CHECK(tp_mat_add_row(&my, b->data));
+    TP_CHECK(provider(&my, &p));
+    TP_CHECK(p->rows(&my, b->data, 1));
 out:
     return st;
 }

@@ -18,6 +18,14 @@ extern "C" {
 
 #define TPLINEAR_VERSION "0.1.0"
 
+/* Marks the library's public functions: the library is compiled with -fvisibility=hidden, so only
+ * these are exported from a shared object that links it. */
+#if defined(__GNUC__)
+#define TP_API __attribute__((visibility("default")))
+#else
+#define TP_API
+#endif
+
 /* ------------------------------------------------------------------ status and errors */
 
 typedef enum {
@@ -33,11 +41,11 @@ typedef enum {
 } tp_status;
 
 /* The message of the last failure on this thread ("" if none). */
-const char *tp_last_error(void);
+TP_API const char *tp_last_error(void);
 /* A short constant name for a status ("TP_ERR_VALUE"). */
-const char *tp_status_name(tp_status s);
+TP_API const char *tp_status_name(tp_status s);
 /* Clears this thread's message. */
-void tp_clear_error(void);
+TP_API void tp_clear_error(void);
 
 /* ------------------------------------------------------------------ tensors */
 
@@ -70,17 +78,17 @@ typedef struct {
     tp_device device;
 } tp_tensor;
 
-size_t tp_dtype_size(tp_dtype dt);
-const char *tp_dtype_name(tp_dtype dt);
+TP_API size_t tp_dtype_size(tp_dtype dt);
+TP_API const char *tp_dtype_name(tp_dtype dt);
 /* Fills a row-major contiguous descriptor. */
-tp_status tp_tensor_init(tp_tensor *t, void *data, tp_dtype dt, int ndim, const int64_t *shape);
-int64_t tp_tensor_numel(const tp_tensor *t);
-int tp_tensor_is_contiguous(const tp_tensor *t);
+TP_API tp_status tp_tensor_init(tp_tensor *t, void *data, tp_dtype dt, int ndim, const int64_t *shape);
+TP_API int64_t tp_tensor_numel(const tp_tensor *t);
+TP_API int tp_tensor_is_contiguous(const tp_tensor *t);
 /* A view of t restricted to [start, start+length) along dim (no copy). */
-tp_status tp_tensor_narrow(const tp_tensor *t, int dim, int64_t start, int64_t length, tp_tensor *out);
+TP_API tp_status tp_tensor_narrow(const tp_tensor *t, int dim, int64_t start, int64_t length, tp_tensor *out);
 /* Copies src into dst elementwise (same shape and dtype, any strides on the CPU; GPU views must be
  * contiguous in their last dimension, see tp_cuda_tensor_copy). */
-tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
+TP_API tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 
 /* ------------------------------------------------------------------ partition math */
 
@@ -102,15 +110,15 @@ typedef struct {
  *  name may be NULL; names containing "mlp", "gate_proj", "up_proj", "down_proj", "w1", "w2",
  *  "w3", or equal to "lm_head"/"embed_out", never use the head rule (as DeepSpeed).
  * out has p entries. */
-tp_status tp_partition(int64_t n, int p, tp_split_mode mode, int64_t num_heads, const char *name,
-                       tp_range *out);
+TP_API tp_status tp_partition(int64_t n, int p, tp_split_mode mode, int64_t num_heads, const char *name,
+                              tp_range *out);
 
 /* Packed split: the dimension is nblocks consecutive blocks (fused QKV, gate/up), each split
  * separately with tp_partition (block_heads[i] heads, or 0; block_heads may be NULL).
  * out is [p][nblocks] row-major: out[r*nblocks+i] is rank r's piece of block i, with offset
  * in the full dimension. A rank's shard is its pieces concatenated in block order. */
-tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, tp_split_mode mode,
-                              const int64_t *block_heads, const char *name, tp_range *out);
+TP_API tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, tp_split_mode mode,
+                                     const int64_t *block_heads, const char *name, tp_range *out);
 
 /* ------------------------------------------------------------------ initialisation */
 
@@ -118,26 +126,54 @@ tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, tp
  * element (i, j) of t (2-D) or (j) (1-D) gets the value that global position
  * (row_offset + i) * full_cols + (col_offset + j) of stream `stream` yields for `seed`.
  * A shard therefore equals the same slice of the full tensor. CPU, float32/float64. */
-tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double bound,
-                          int64_t row_offset, int64_t col_offset, int64_t full_cols);
+TP_API tp_status tp_init_uniform(tp_tensor *t, uint64_t seed, uint64_t stream, double bound,
+                                 int64_t row_offset, int64_t col_offset, int64_t full_cols);
 
 /* ------------------------------------------------------------------ BLAS threads */
 
 /* Sets the BLAS thread count for this process (n <= 0: cores / local ranks). */
-tp_status tp_set_num_threads(int n);
-int tp_get_num_threads(void);
+TP_API tp_status tp_set_num_threads(int n);
+TP_API int tp_get_num_threads(void);
 
 /* ------------------------------------------------------------------ dense math (one rank) */
 
 /* Y[..., out] = X[..., in] @ W[out, in]^T (+ b[out]). Leading dims of X are flattened. */
-tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y);
+TP_API tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y);
 /* dX[..., in] = dY[..., out] @ W[out, in]. */
-tp_status tp_linear_backward_input(const tp_tensor *dy, const tp_tensor *w, tp_tensor *dx);
+TP_API tp_status tp_linear_backward_input(const tp_tensor *dy, const tp_tensor *w, tp_tensor *dx);
 /* dW[out, in] += dY^T X ; db[out] += sum over leading dims of dY (db may be NULL). */
-tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw,
-                                    tp_tensor *db);
+TP_API tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw,
+                                           tp_tensor *db);
 /* y += b broadcast along the last dim. */
-tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b);
+TP_API tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b);
+
+/* ------------------------------------------------------------------ environment */
+
+/* The world as the launcher's environment describes it: torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
+ * LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, else OpenMPI's OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK,
+ * _LOCAL_SIZE. Read at each call. A variable that is set but not a non-negative integer is TP_ERR_VALUE
+ * naming it. */
+typedef struct {
+    int rank;              /* -1 where the environment does not say */
+    int world_size;
+    int local_rank;
+    int local_world_size;
+    int master_port;
+    char master_addr[256]; /* "" when unset */
+} tp_world_env;
+TP_API tp_status tp_world_from_env(tp_world_env *w);
+
+/* The tuning knobs tplinear reads from the environment (TPLINEAR_DEBUG, TPLINEAR_SHM_SLOT_KB, ...):
+ * one table, read once per process, the knobs that are set logged at TPLINEAR_DEBUG=INFO. */
+typedef struct {
+    const char *name;
+    const char *type;          /* "int", "bool" (0 or 1), "choice" or "string" */
+    const char *default_value; /* as documented ("auto" where the library decides) */
+    const char *choices;       /* "choice": "a|b" (any case); else NULL */
+    const char *doc;
+} tp_env_knob;
+TP_API int tp_env_knob_count(void);
+TP_API tp_status tp_env_knob_at(int i, tp_env_knob *out);
 
 /* ------------------------------------------------------------------ process groups */
 
@@ -145,53 +181,76 @@ typedef struct tp_group tp_group;
 
 typedef enum { TP_SUM = 0, TP_AVG = 1, TP_MAX = 2, TP_MIN = 3 } tp_reduce_op;
 
+#define TP_INIT_OPTIONS_MAGIC 0x74706f70u /* "tpop" */
+#define TP_INIT_OPTIONS_VERSION 1u
+
 typedef struct {
-    const char *backend;     /* NULL or "auto", "shm", "nccl", "mpi" */
+    /* What the caller's header declared: filled by TP_INIT_OPTIONS_INITIALIZER or tp_init_options_default,
+     * checked by tp_group_init_world (a struct of another size or version is refused, not misread). */
+    size_t size;
+    unsigned int magic;
+    unsigned int version;
+    const char *backend;     /* NULL or "auto" (TPLINEAR_BACKEND, else chosen for `device`), or a name
+                                from tp_backend_name (e.g. "shm", "nccl") */
     double timeout_s;        /* every wait is bounded by this; <= 0 means 300 */
-    /* Negative / NULL fields are read from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
-     * LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or OpenMPI's OMPI_COMM_WORLD_*); none set: world of 1. */
+    /* Negative / NULL fields are read from the environment (tp_world_from_env); none set: a world of 1. */
     int rank;
     int world_size;
     int local_rank;
     int local_world_size;
     const char *master_addr;
     int master_port;
+    /* With backend NULL / "auto": the memory the group's buffers will live in, so that the choice
+     * takes it (TP_DEVICE_CUDA: a backend that takes GPU memory). */
+    tp_device_type device;
 } tp_init_options;
 
-/* Fills opts with "everything from the environment". */
-void tp_init_options_default(tp_init_options *opts);
+/* Everything from the environment, automatic backend, 300 s. */
+#define TP_INIT_OPTIONS_INITIALIZER                                                                   \
+    {                                                                                                 \
+        sizeof(tp_init_options), TP_INIT_OPTIONS_MAGIC, TP_INIT_OPTIONS_VERSION, NULL, 300.0, -1, -1, -1, -1, \
+            NULL, -1, TP_DEVICE_CPU                                                                   \
+    }
+
+/* Fills opts as TP_INIT_OPTIONS_INITIALIZER does. */
+TP_API void tp_init_options_default(tp_init_options *opts);
 
 /* Creates the world group (collective over all ranks). */
-tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world);
+TP_API tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world);
 /* Collective over every rank of parent: ranks (n entries, ranks of parent, ascending or not, no
  * repeats) form a new group. A rank of parent not listed gets a non-member handle whose
  * collectives fail with TP_ERR_VALUE. */
-tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out);
+TP_API tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out);
 /* Frees the group's resources (not collective; call on every rank). NULL is fine. */
-void tp_group_destroy(tp_group *g);
+TP_API void tp_group_destroy(tp_group *g);
 /* Marks the group failed and wakes/aborts anything waiting on it (safe from another thread). */
-tp_status tp_group_abort(tp_group *g);
+TP_API tp_status tp_group_abort(tp_group *g);
 
-int tp_group_rank(const tp_group *g);       /* -1 for a non-member */
-int tp_group_size(const tp_group *g);
-int tp_group_global_rank(const tp_group *g, int group_rank);
-const char *tp_group_backend(const tp_group *g);
-double tp_group_timeout(const tp_group *g);
-/* TP_OK when the group's backend can take buffers on dev (GPU memory needs an nccl group; host memory
- * works everywhere), else TP_ERR_VALUE saying so. what names the buffer in the message. */
-tp_status tp_group_check_device(const tp_group *g, tp_device dev, const char *what);
+TP_API int tp_group_rank(const tp_group *g);       /* -1 for a non-member */
+TP_API int tp_group_size(const tp_group *g);
+TP_API int tp_group_global_rank(const tp_group *g, int group_rank);
+TP_API const char *tp_group_backend(const tp_group *g);
+TP_API double tp_group_timeout(const tp_group *g);
+/* TP_OK when the group's backend can take buffers on dev (host memory works everywhere; GPU memory needs
+ * a backend that takes it, e.g. nccl), else TP_ERR_VALUE saying so. what names the buffer in the message. */
+TP_API tp_status tp_group_check_device(const tp_group *g, tp_device dev, const char *what);
+
+/* The backends this build registers, in the order "auto" considers them: i in [0, tp_backend_count()),
+ * NULL out of range. */
+TP_API int tp_backend_count(void);
+TP_API const char *tp_backend_name(int i);
 
 /* In place on `count` elements of buf (device given by t->device where tensors are taken). */
-tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);
+TP_API tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);
 /* recv holds size(g) * count elements; rank r's send lands at recv + r*count. */
-tp_status tp_all_gather(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt);
+TP_API tp_status tp_all_gather(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt);
 /* Variable counts: counts[r] elements from rank r, placed one after another in recv. */
-tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt);
+TP_API tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt);
 /* send holds size(g) * count elements; recv gets the reduction of block `rank`. */
-tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
-                            tp_reduce_op op);
-tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
-tp_status tp_barrier(tp_group *g);
+TP_API tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
+                                   tp_reduce_op op);
+TP_API tp_status tp_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root);
+TP_API tp_status tp_barrier(tp_group *g);
 
 /* Reductions: sum/avg/max/min over float32, float64, int32, int64. Integer sums wrap around; avg of
  * integers is the sum divided by the group size with C's truncating integer division. Results are
@@ -206,77 +265,88 @@ tp_status tp_barrier(tp_group *g);
  * tp_all_reduce_staged(g, out, count, dt, op) the next collective on g: it all-reduces the staged data
  * into out (any buffer except the staging area itself) without copying it in first. The pointer is
  * valid only until the next collective on g. */
-tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr);
-tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
+TP_API tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr);
+TP_API tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
 /* The row-parallel layer's reduction: out = (sum over ranks of in) + bias, where bias (NULL: none) is a row
  * of `width` values added to every row of out after the sum, bitwise as a separate pass would, but inside
- * the reduction (no second pass over out on the shm backend). in is out itself, a buffer that does not
- * overlap it, or this rank's staging buffer (tp_all_reduce_staging). CPU memory; float32 / float64 with
- * a bias, any reducible dtype without. */
-tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt, const void *bias,
-                             size_t width);
+ * the reduction where the backend can (shm: no second pass over out). in is out itself, a buffer that
+ * does not overlap it, or this rank's staging buffer (tp_all_reduce_staging). CPU memory; float32 /
+ * float64 with a bias, any reducible dtype without. */
+TP_API tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt,
+                                    const void *bias, size_t width);
 
 /* ------------------------------------------------------------------ tensor-parallel layers */
 
 /* Row-parallel forward: y = all_reduce_g(x_r @ w_r^T) + b (b added once, may be NULL).
  * x_r is this rank's slice of the input's last dim (width = w_r's in). */
-tp_status tp_row_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
-                         tp_tensor *y);
+TP_API tp_status tp_row_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
+                                tp_tensor *y);
 /* Row-parallel backward, no collective: dx = dy @ w_r ; dw += dy^T x_r ; db += sum(dy).
  * dx, dw, db may each be NULL to skip. */
-tp_status tp_row_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
-                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db);
+TP_API tp_status tp_row_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                                 tp_tensor *dx, tp_tensor *dw, tp_tensor *db);
 /* Column-parallel forward: y_r = x @ w_r^T + b_r (b may be NULL). */
-tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
-                         tp_tensor *y);
+TP_API tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
+                                tp_tensor *y);
 /* Column-parallel backward: dx = all_reduce_g(dy_r @ w_r) ; dw += dy_r^T x ; db += sum(dy_r).
  * overlap != 0 runs the dx all-reduce concurrently with the dw GEMM (same results). */
-tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
-                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
+TP_API tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                                 tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
 
 /* All-gathers shards of a tensor along dim: rank r holds `shard` (all dims equal to full's except
  * dim, whose size is ranges[r].size); full receives every rank's shard at ranges[r].offset along dim.
  * ranges has size(g) entries (from tp_partition). Uneven shards are fine. */
-tp_status tp_gather_dim(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
-                        tp_tensor *full);
+TP_API tp_status tp_gather_dim(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
+                               tp_tensor *full);
 /* The packed form: ranges is [p][nblocks] from tp_partition_packed. */
-tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
-                           int nblocks, tp_tensor *full);
+TP_API tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const tp_range *ranges,
+                                  int nblocks, tp_tensor *full);
+
+/* The inverse of tp_gather_packed, on this process alone (no collective): writes rank `rank`'s shard of
+ * full into shard, i.e. its pieces ranges[rank*nblocks + i] along dim, concatenated in block order.
+ * ranges is [p][nblocks] from tp_partition_packed (p*nblocks entries covering full's dim). shard has
+ * full's shape except along dim, where it has the rank's pieces together. Both on one device; the copy
+ * runs there (GPU views must be contiguous in their last dimension, as for tp_tensor_copy). */
+TP_API tp_status tp_shard_packed(const tp_tensor *full, int dim, const tp_range *ranges, int p, int nblocks,
+                                 int rank, tp_tensor *shard);
+/* The unpacked form: ranges has p entries (from tp_partition). */
+TP_API tp_status tp_shard_dim(const tp_tensor *full, int dim, const tp_range *ranges, int p, int rank,
+                              tp_tensor *shard);
 
 /* ------------------------------------------------------------------ GPU (TPLINEAR_CUDA builds) */
 
 /* 1 when the library was built with CUDA and a GPU is visible, else 0. */
-int tp_cuda_available(void);
+TP_API int tp_cuda_available(void);
 /* 1 when the library was built with the CUDA path. */
-int tp_cuda_compiled(void);
+TP_API int tp_cuda_compiled(void);
 /* Number of visible GPUs (0 without CUDA or without a driver). */
-int tp_cuda_device_count(void);
+TP_API int tp_cuda_device_count(void);
 
 /* The stream every GPU operation of the process is enqueued on (GEMMs, NCCL collectives, copies).
  * A cudaStream_t as a pointer; NULL (the default) is CUDA's legacy default stream. Process-wide, so
  * helper threads (the overlapped all-reduce) use the caller's stream too. */
-tp_status tp_cuda_set_stream(void *stream);
-void *tp_cuda_get_stream(void);
+TP_API tp_status tp_cuda_set_stream(void *stream);
+TP_API void *tp_cuda_get_stream(void);
 /* Makes the current stream wait (on the device, not the host) for the work queued so far on `other`
  * (a foreign producer's or consumer's stream), or the other way round when `other_waits` is set. */
-tp_status tp_cuda_stream_order(int device, void *other, int other_waits);
+TP_API tp_status tp_cuda_stream_order(int device, void *other, int other_waits);
 /* Blocks the host until the current stream has finished. */
-tp_status tp_cuda_synchronize(int device);
+TP_API tp_status tp_cuda_synchronize(int device);
 /* float32 GEMMs may use TF32 tensor cores (off unless asked; TPLINEAR_ALLOW_TF32=1 sets the default). */
-void tp_cuda_set_allow_tf32(int allow);
-int tp_cuda_get_allow_tf32(void);
+TP_API void tp_cuda_set_allow_tf32(int allow);
+TP_API int tp_cuda_get_allow_tf32(void);
 
 /* Device memory, stream-ordered on the current stream. */
-tp_status tp_cuda_malloc(int device, size_t bytes, void **ptr);
-tp_status tp_cuda_free(int device, void *ptr);
-tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes);
+TP_API tp_status tp_cuda_malloc(int device, size_t bytes, void **ptr);
+TP_API tp_status tp_cuda_free(int device, void *ptr);
+TP_API tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes);
 /* Copies bytes between any two of host and device memory (unified addressing); returns once the
  * copy is complete when either side is host memory. */
-tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes);
+TP_API tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes);
 /* tp_tensor_copy when either side is on the GPU (views contiguous in their last dimension). */
-tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src);
+TP_API tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 /* Where ptr lives: *device = GPU ordinal or -1 for host memory (not registered with CUDA). */
-tp_status tp_cuda_pointer_device(const void *ptr, int *device);
+TP_API tp_status tp_cuda_pointer_device(const void *ptr, int *device);
 
 #ifdef __cplusplus
 }

@@ -53,22 +53,94 @@ static int check_float_or_int(const tp_tensor *t, const char *what)
     return 0;
 }
 
-static PyObject *py_init_world(PyObject *m, PyObject *args)
+/* None or an int >= 0 into *out (-1 for None: "from the environment"). */
+static int opt_rank(PyObject *o, int *out, const char *what)
 {
-    tp_init_options o;
-    const char *backend, *addr;
+    long v;
+    if (o == Py_None) return 0;
+    v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0 || v > (1L << 30)) {
+        PyErr_Format(PyExc_ValueError, "%s must be None or an integer >= 0, got %ld", what, v);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* init_world(backend=None, timeout=300.0, rank=None, world_size=None, device="cpu") -> Group: whatever
+ * is None comes from the launcher's environment (tp_world_from_env); device is the memory an automatic
+ * backend choice must take. */
+static PyObject *py_init_world(PyObject *m, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"backend", "timeout", "rank", "world_size", "device", NULL};
+    tp_init_options o = TP_INIT_OPTIONS_INITIALIZER;
+    const char *device = "cpu";
+    PyObject *rank = Py_None, *size = Py_None;
     tp_group *g = NULL;
     tp_status st;
-    tp_init_options_default(&o);
-    if (!PyArg_ParseTuple(args, "zdiiiizi", &backend, &o.timeout_s, &o.rank, &o.world_size, &o.local_rank,
-                          &o.local_world_size, &addr, &o.master_port))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|zdOOs", kwlist, &o.backend, &o.timeout_s, &rank, &size, &device))
         return NULL;
-    o.backend = backend;
-    o.master_addr = addr;
+    if (opt_rank(rank, &o.rank, "rank") < 0 || opt_rank(size, &o.world_size, "world_size") < 0) return NULL;
+    if (strcmp(device, "cpu") == 0)
+        o.device = TP_DEVICE_CPU;
+    else if (strcmp(device, "cuda") == 0)
+        o.device = TP_DEVICE_CUDA;
+    else
+        return PyErr_Format(PyExc_ValueError, "device must be 'cpu' or 'cuda', got '%s'", device);
     Py_BEGIN_ALLOW_THREADS st = tp_group_init_world(&o, &g);
     Py_END_ALLOW_THREADS
     if (st != TP_OK) return tpy_raise(m, st);
     return tpy_group_wrap(m, g, NULL);
+}
+
+static PyObject *int_or_none(int v)
+{
+    if (v >= 0) return PyLong_FromLong(v);
+    Py_RETURN_NONE;
+}
+
+/* world_env() -> dict: the launcher's description of the world (None where it says nothing) */
+static PyObject *py_world_env(PyObject *m, PyObject *unused)
+{
+    tp_world_env w;
+    tp_status st = tp_world_from_env(&w);
+    (void)unused;
+    if (st != TP_OK) return tpy_raise(m, st);
+    return Py_BuildValue("{s:N,s:N,s:N,s:N,s:N,s:z}", "rank", int_or_none(w.rank), "world_size",
+                         int_or_none(w.world_size), "local_rank", int_or_none(w.local_rank), "local_world_size",
+                         int_or_none(w.local_world_size), "master_port", int_or_none(w.master_port), "master_addr",
+                         w.master_addr[0] ? w.master_addr : NULL);
+}
+
+/* backends() -> [name]: the backends this build registers, in the order an automatic choice considers */
+static PyObject *py_backends(PyObject *m, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    (void)m; (void)unused;
+    for (int i = 0; list != NULL && i < tp_backend_count(); i++) {
+        PyObject *name = PyUnicode_FromString(tp_backend_name(i));
+        if (name == NULL || PyList_Append(list, name) < 0) Py_CLEAR(list);
+        Py_XDECREF(name);
+    }
+    return list;
+}
+
+/* env_knobs() -> [{name, type, default, choices, doc}]: the environment knobs the C library reads */
+static PyObject *py_env_knobs(PyObject *m, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    (void)unused;
+    for (int i = 0; list != NULL && i < tp_env_knob_count(); i++) {
+        tp_env_knob k;
+        tp_status st = tp_env_knob_at(i, &k);
+        PyObject *d = st != TP_OK ? tpy_raise(m, st)
+                                  : Py_BuildValue("{s:s,s:s,s:s,s:z,s:s}", "name", k.name, "type", k.type, "default",
+                                                  k.default_value, "choices", k.choices, "doc", k.doc);
+        if (d == NULL || PyList_Append(list, d) < 0) Py_CLEAR(list);
+        Py_XDECREF(d);
+    }
+    return list;
 }
 
 static PyObject *py_new_group(PyObject *m, PyObject *args)
@@ -314,8 +386,12 @@ static PyObject *py_destroy(PyObject *m, PyObject *args)
 }
 
 PyMethodDef tpy_comm_methods[] = {
-    {"init_world", py_init_world, METH_VARARGS,
-     "init_world(backend|None, timeout, rank, world_size, local_rank, local_world_size, addr|None, port) -> Group"},
+    {"init_world", (PyCFunction)(void (*)(void))py_init_world, METH_VARARGS | METH_KEYWORDS,
+     "init_world(backend=None, timeout=300.0, rank=None, world_size=None, device='cpu') -> Group; None: from the "
+     "environment"},
+    {"world_env", py_world_env, METH_NOARGS, "world_env() -> dict: the launcher's world (torchrun / OpenMPI variables)"},
+    {"backends", py_backends, METH_NOARGS, "backends() -> list: the backends this build registers"},
+    {"env_knobs", py_env_knobs, METH_NOARGS, "env_knobs() -> list of dicts: the environment knobs the library reads"},
     {"new_group", py_new_group, METH_VARARGS, "new_group(parent, ranks) -> Group (collective over parent)"},
     {"group_info", py_group_info, METH_VARARGS, "group_info(group) -> dict"},
     {"all_reduce", py_all_reduce, METH_VARARGS, "all_reduce(group, arr, op)"},

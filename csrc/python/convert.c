@@ -3,23 +3,6 @@
 
 #include "py.h"
 
-static int dtype_from_format(const char *fmt, Py_ssize_t itemsize, tp_dtype *dt)
-{
-    if (fmt == NULL) fmt = "B";
-    if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
-    if (fmt[0] == '\0' || fmt[1] != '\0') return -1;
-    switch (fmt[0]) {
-    case 'f': *dt = TP_FLOAT32; return itemsize == 4 ? 0 : -1;
-    case 'd': *dt = TP_FLOAT64; return itemsize == 8 ? 0 : -1;
-    case 'e': *dt = TP_FLOAT16; return itemsize == 2 ? 0 : -1;
-    case 'i': case 'l': case 'q':
-        if (itemsize == 4) { *dt = TP_INT32; return 0; }
-        if (itemsize == 8) { *dt = TP_INT64; return 0; }
-        return -1;
-    default: return -1;
-    }
-}
-
 void tpy_view_release(tpy_view *view)
 {
     if (view->has_buf) PyBuffer_Release(&view->buf);
@@ -34,8 +17,15 @@ int tpy_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const 
 {
     Py_buffer *b = &view->buf;
     int handled;
+    const tp_dtype_info *info;
     memset(view, 0, sizeof *view);
     memset(t, 0, sizeof *t);
+    if (tpy_array_check(obj)) { /* our own GPU arrays: no protocol, no stream to order */
+        *t = *tpy_array_tensor(obj);
+        view->owner = obj;
+        Py_INCREF(obj);
+        return 0;
+    }
     if (!PyObject_CheckBuffer(obj)) {
         handled = tpy_device_tensor(obj, t, view, writable, what);
         if (handled != 0) return handled > 0 ? 0 : -1;
@@ -54,11 +44,12 @@ int tpy_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const 
         return -1;
     }
     view->has_buf = 1;
-    if (dtype_from_format(b->format, b->itemsize, &t->dtype) < 0) {
+    if ((info = tp_dtype_by_format(b->format, (size_t)b->itemsize)) == NULL) {
         PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64, got an array of format '%s'", what,
                      b->format ? b->format : "B");
         goto fail;
     }
+    t->dtype = info->dtype;
     if (b->ndim > TP_MAX_DIMS) {
         PyErr_Format(PyExc_ValueError, "%s has %d dimensions, at most %d are supported", what, b->ndim, TP_MAX_DIMS);
         goto fail;

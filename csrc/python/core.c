@@ -211,52 +211,83 @@ static PyObject *layer_backward(PyObject *m, PyObject *args, int row)
 static PyObject *py_row_backward(PyObject *m, PyObject *args) { return layer_backward(m, args, 1); }
 static PyObject *py_col_backward(PyObject *m, PyObject *args) { return layer_backward(m, args, 0); }
 
-/* gather(group, shard, dim, ranges [(offset, size)] * (p * nblocks), nblocks, full) */
-static PyObject *py_gather(PyObject *m, PyObject *args)
+/* A sequence of (offset, size) pairs as a new tp_range array of *n entries, a multiple of nblocks
+ * (NULL + exception on failure; free with PyMem_Free). */
+static tp_range *range_list(PyObject *seq, int nblocks, Py_ssize_t *n, const char *what)
 {
-    PyObject *go, *shard, *rlist, *full, *fast = NULL;
-    int dim, nblocks;
-    tp_group *g;
+    PyObject *fast = PySequence_Fast(seq, "ranges must be a sequence of (offset, size)");
     tp_range *r = NULL;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "OOiOiO", &go, &shard, &dim, &rlist, &nblocks, &full)) return NULL;
-    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
-    if ((fast = PySequence_Fast(rlist, "ranges must be a sequence of (offset, size)")) == NULL) return NULL;
-    n = PySequence_Fast_GET_SIZE(fast);
-    if (nblocks < 1 || n != (Py_ssize_t)tp_group_size(g) * nblocks) {
-        Py_DECREF(fast);
-        return PyErr_Format(PyExc_ValueError, "gather: expected %d ranges (group size x blocks), got %zd",
-                            tp_group_size(g) * (nblocks > 0 ? nblocks : 1), n);
+    if (fast == NULL) return NULL;
+    *n = PySequence_Fast_GET_SIZE(fast);
+    if (nblocks < 1 || *n < 1 || *n % nblocks != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: need a positive multiple of nblocks=%d ranges, got %zd", what, nblocks, *n);
+        goto out;
     }
-    r = PyMem_Calloc((size_t)n, sizeof *r);
-    if (r == NULL) {
-        Py_DECREF(fast);
-        return PyErr_NoMemory();
+    if ((r = PyMem_Calloc((size_t)*n, sizeof *r)) == NULL) {
+        PyErr_NoMemory();
+        goto out;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < *n; i++) {
         long long off, size;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "LL", &off, &size)) {
             PyMem_Free(r);
-            Py_DECREF(fast);
-            return NULL;
+            r = NULL;
+            goto out;
         }
         r[i].offset = off;
         r[i].size = size;
     }
+out:
     Py_DECREF(fast);
-    {
-        tpy_arg a[] = {ARR(shard, "shard"), OUT(full, "full")};
-        tp_status st_;
-        if (tpy_args_convert(a, NARGS(a)) < 0) {
-            PyMem_Free(r);
-            return NULL;
-        }
-        Py_BEGIN_ALLOW_THREADS st_ = tp_gather_packed(g, a[0].p, dim, r, nblocks, a[1].p);
-        Py_END_ALLOW_THREADS tpy_args_release(a, NARGS(a));
+    return r;
+}
+
+/* gather(group, shard, dim, ranges [(offset, size)] * (p * nblocks), nblocks, full)
+ * shard(full, dim, ranges [(offset, size)] * (p * nblocks), nblocks, rank, out) */
+static PyObject *gather_or_shard(PyObject *m, tp_group *g, PyObject *shard, int dim, PyObject *rlist, int nblocks,
+                                 int rank, PyObject *full)
+{
+    tp_range *r;
+    Py_ssize_t n;
+    tp_status st_;
+    const char *what = g ? "gather" : "shard";
+    tpy_arg a[] = {{.obj = shard, .writable = g == NULL, .what = "shard"}, {.obj = full, .writable = g != NULL, .what = "full"}};
+    if ((r = range_list(rlist, nblocks, &n, what)) == NULL) return NULL;
+    if (g != NULL && n != (Py_ssize_t)tp_group_size(g) * nblocks) {
         PyMem_Free(r);
-        if (st_ != TP_OK) return tpy_raise(m, st_);
-        Py_RETURN_NONE;
+        return PyErr_Format(PyExc_ValueError, "gather: expected %d ranges (group size x blocks), got %zd",
+                            tp_group_size(g) * nblocks, n);
     }
+    if (tpy_args_convert(a, NARGS(a)) < 0) {
+        PyMem_Free(r);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    st_ = g ? tp_gather_packed(g, a[0].p, dim, r, nblocks, a[1].p)
+            : tp_shard_packed(a[1].p, dim, r, (int)(n / nblocks), nblocks, rank, a[0].p);
+    Py_END_ALLOW_THREADS
+    tpy_args_release(a, NARGS(a));
+    PyMem_Free(r);
+    if (st_ != TP_OK) return tpy_raise(m, st_);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_gather(PyObject *m, PyObject *args)
+{
+    PyObject *go, *shard, *rlist, *full;
+    int dim, nblocks;
+    tp_group *g;
+    if (!PyArg_ParseTuple(args, "OOiOiO", &go, &shard, &dim, &rlist, &nblocks, &full)) return NULL;
+    if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    return gather_or_shard(m, g, shard, dim, rlist, nblocks, tp_group_rank(g), full);
+}
+
+static PyObject *py_shard(PyObject *m, PyObject *args)
+{
+    PyObject *full, *rlist, *out;
+    int dim, nblocks, rank;
+    if (!PyArg_ParseTuple(args, "OiOiiO", &full, &dim, &rlist, &nblocks, &rank, &out)) return NULL;
+    return gather_or_shard(m, NULL, out, dim, rlist, nblocks, rank, full);
 }
 
 static PyObject *py_set_num_threads(PyObject *m, PyObject *args)
@@ -298,7 +329,9 @@ PyMethodDef tpy_core_methods[] = {
     {"row_backward", py_row_backward, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None)"},
     {"col_forward", py_col_forward, METH_VARARGS, "col_forward(group, x, w, b|None, y)"},
     {"col_backward", py_col_backward, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap)"},
-    {"gather", py_gather, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full)"},
+    {"gather", py_gather, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full): all-gather along dim"},
+    {"shard", py_shard, METH_VARARGS,
+     "shard(full, dim, ranges, nblocks, rank, out): rank's pieces of full along dim into out (no collective)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): BLAS threads (n <= 0: automatic)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"cuda_available", py_cuda_available, METH_NOARGS, "cuda_available() -> bool"},

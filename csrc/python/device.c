@@ -1,124 +1,12 @@
-/* Bindings of the GPU runtime pieces used by tplinear._device (device arrays) and DLPack export.
- * Pointers cross into Python as ints; the memory itself is owned by capsules that free it. */
+/* Bindings of the GPU runtime's process-wide settings (streams, TF32), DLPack export, and array copies
+ * and inspection. GPU memory itself is owned by DeviceArray (array.c). */
 #include <stdlib.h>
 #include <string.h>
 
 #include "dlpack_h.h"
 #include "py.h"
 
-#define MEM_CAPSULE "tplinear.cuda_memory"
-
 static PyObject *raise_st(PyObject *m, tp_status st) { return tpy_raise(m, st); }
-
-/* ---------------------------------------------------------------- memory */
-
-static void mem_destructor(PyObject *cap)
-{
-    void *ptr = PyCapsule_GetPointer(cap, MEM_CAPSULE);
-    int device = (int)(intptr_t)PyCapsule_GetContext(cap);
-    if (ptr) (void)tp_cuda_free(device, ptr); /* errors at teardown have nowhere to go */
-    PyErr_Clear();
-}
-
-/* cuda_malloc(device, nbytes) -> (owner capsule, ptr) */
-static PyObject *py_cuda_malloc(PyObject *m, PyObject *args)
-{
-    int device;
-    Py_ssize_t nbytes;
-    void *ptr = NULL;
-    tp_status st;
-    PyObject *cap;
-    if (!PyArg_ParseTuple(args, "in", &device, &nbytes)) return NULL;
-    if (nbytes < 0) return PyErr_Format(PyExc_ValueError, "nbytes must be >= 0, got %zd", nbytes);
-    Py_BEGIN_ALLOW_THREADS st = tp_cuda_malloc(device, (size_t)nbytes, &ptr);
-    Py_END_ALLOW_THREADS
-    if (st != TP_OK) return raise_st(m, st);
-    cap = PyCapsule_New(ptr, MEM_CAPSULE, mem_destructor);
-    if (cap == NULL || PyCapsule_SetContext(cap, (void *)(intptr_t)device) < 0) {
-        if (cap == NULL) tp_cuda_free(device, ptr);
-        Py_XDECREF(cap);
-        return NULL;
-    }
-    return Py_BuildValue("(NN)", cap, PyLong_FromVoidPtr(ptr));
-}
-
-/* cuda_upload(device, dst_ptr, src) : host buffer (C-contiguous) -> device */
-static PyObject *py_cuda_upload(PyObject *m, PyObject *args)
-{
-    int device;
-    PyObject *dst_obj;
-    Py_buffer src;
-    void *dst;
-    tp_status st;
-    if (!PyArg_ParseTuple(args, "iOy*", &device, &dst_obj, &src)) return NULL;
-    dst = PyLong_AsVoidPtr(dst_obj);
-    if (dst == NULL && PyErr_Occurred()) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS st = tp_cuda_memcpy(device, dst, src.buf, (size_t)src.len);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&src);
-    if (st != TP_OK) return raise_st(m, st);
-    Py_RETURN_NONE;
-}
-
-/* cuda_download(device, dst, src_ptr) : device -> writable host buffer (C-contiguous) */
-static PyObject *py_cuda_download(PyObject *m, PyObject *args)
-{
-    int device;
-    PyObject *src_obj;
-    Py_buffer dst;
-    void *src;
-    tp_status st;
-    if (!PyArg_ParseTuple(args, "iw*O", &device, &dst, &src_obj)) return NULL;
-    src = PyLong_AsVoidPtr(src_obj);
-    if (src == NULL && PyErr_Occurred()) {
-        PyBuffer_Release(&dst);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS st = tp_cuda_memcpy(device, dst.buf, src, (size_t)dst.len);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&dst);
-    if (st != TP_OK) return raise_st(m, st);
-    Py_RETURN_NONE;
-}
-
-/* cuda_copy(device, dst_ptr, src_ptr, nbytes) : device -> device, stream-ordered */
-static PyObject *py_cuda_copy(PyObject *m, PyObject *args)
-{
-    int device;
-    PyObject *d, *s;
-    Py_ssize_t n;
-    void *dst, *src;
-    tp_status st;
-    if (!PyArg_ParseTuple(args, "iOOn", &device, &d, &s, &n)) return NULL;
-    dst = PyLong_AsVoidPtr(d);
-    src = PyLong_AsVoidPtr(s);
-    if (PyErr_Occurred()) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "nbytes must be >= 0, got %zd", n);
-    Py_BEGIN_ALLOW_THREADS st = tp_cuda_memcpy(device, dst, src, (size_t)n);
-    Py_END_ALLOW_THREADS
-    if (st != TP_OK) return raise_st(m, st);
-    Py_RETURN_NONE;
-}
-
-/* cuda_zero(device, ptr, nbytes) */
-static PyObject *py_cuda_zero(PyObject *m, PyObject *args)
-{
-    int device;
-    PyObject *p;
-    Py_ssize_t n;
-    void *ptr;
-    tp_status st;
-    if (!PyArg_ParseTuple(args, "iOn", &device, &p, &n)) return NULL;
-    ptr = PyLong_AsVoidPtr(p);
-    if (ptr == NULL && PyErr_Occurred()) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "nbytes must be >= 0, got %zd", n);
-    st = tp_cuda_memset_zero(device, ptr, (size_t)n);
-    if (st != TP_OK) return raise_st(m, st);
-    Py_RETURN_NONE;
-}
 
 /* ---------------------------------------------------------------- streams and options */
 
@@ -232,88 +120,23 @@ static void export_capsule_destructor(PyObject *cap)
     PyErr_Restore(type, value, tb);
 }
 
-static int dl_dtype(tp_dtype dt, tp_DLDataType *d)
+PyObject *tpy_dlpack_capsule(PyObject *owner, const tp_tensor *t, int dl_device_type, int versioned, int read_only)
 {
-    d->lanes = 1;
-    d->bits = (uint8_t)(tp_dtype_size(dt) * 8);
-    switch (dt) {
-    case TP_FLOAT32: case TP_FLOAT64: case TP_FLOAT16: d->code = TP_kDLFloat; return 0;
-    case TP_BFLOAT16: d->code = TP_kDLBfloat; return 0;
-    case TP_INT32: case TP_INT64: d->code = TP_kDLInt; return 0;
-    }
-    return -1;
-}
-
-static int dtype_from_name(const char *name, tp_dtype *dt)
-{
-    for (int i = TP_FLOAT32; i <= TP_INT64; i++)
-        if (strcmp(name, tp_dtype_name((tp_dtype)i)) == 0) {
-            *dt = (tp_dtype)i;
-            return 0;
-        }
-    PyErr_Format(PyExc_TypeError, "unknown dtype %s", name);
-    return -1;
-}
-
-/* dlpack_export(owner, ptr, device_type, device_id, dtype_name, shape, versioned, read_only[, strides])
- * -> capsule; strides in elements (None: C-contiguous) */
-static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
-{
-    PyObject *owner, *ptr_obj, *shape_obj, *strides_obj = Py_None, *fast = NULL, *sfast = NULL, *cap = NULL;
-    int dev_type, dev_id, versioned, readonly;
-    const char *dtname;
-    tp_dtype dt;
-    void *ptr;
-    export_block *blk = NULL;
+    const tp_dtype_info *info = tp_dtype_info_of(t->dtype);
+    export_block *blk = calloc(1, sizeof *blk);
     tp_DLTensor *dl;
-    Py_ssize_t nd;
-    (void)m;
-    if (!PyArg_ParseTuple(args, "OOiisOpp|O", &owner, &ptr_obj, &dev_type, &dev_id, &dtname, &shape_obj, &versioned,
-                          &readonly, &strides_obj))
-        return NULL;
-    if (dtype_from_name(dtname, &dt) < 0) return NULL;
-    ptr = PyLong_AsVoidPtr(ptr_obj);
-    if (ptr == NULL && PyErr_Occurred()) return NULL;
-    if ((fast = PySequence_Fast(shape_obj, "shape must be a sequence of ints")) == NULL) return NULL;
-    nd = PySequence_Fast_GET_SIZE(fast);
-    if (nd > TP_MAX_DIMS) {
-        Py_DECREF(fast);
-        return PyErr_Format(PyExc_ValueError, "at most %d dimensions, got %zd", TP_MAX_DIMS, nd);
-    }
-    if (strides_obj != Py_None) {
-        sfast = PySequence_Fast(strides_obj, "strides must be a sequence of ints");
-        if (sfast == NULL || PySequence_Fast_GET_SIZE(sfast) != nd) {
-            if (sfast) PyErr_Format(PyExc_ValueError, "strides must have %zd entries", nd);
-            Py_DECREF(fast);
-            Py_XDECREF(sfast);
-            return NULL;
-        }
-    }
-    blk = calloc(1, sizeof *blk);
-    if (blk == NULL) {
-        Py_DECREF(fast);
-        return PyErr_NoMemory();
-    }
+    PyObject *cap;
+    if (blk == NULL) return PyErr_NoMemory();
     dl = versioned ? &blk->u.versioned.dl_tensor : &blk->u.plain.dl_tensor;
-    {
-        int64_t stride = 1;
-        for (Py_ssize_t d = nd - 1; d >= 0; d--) {
-            long long s = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, d));
-            if (s == -1 && PyErr_Occurred()) goto fail;
-            blk->shape[d] = s;
-            blk->strides[d] = stride;
-            if (sfast) {
-                blk->strides[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(sfast, d));
-                if (blk->strides[d] == -1 && PyErr_Occurred()) goto fail;
-            }
-            stride *= s > 0 ? s : 1;
-        }
-    }
-    dl->data = ptr;
-    dl->device.device_type = dev_type;
-    dl->device.device_id = dev_id;
-    dl->ndim = (int32_t)nd;
-    dl_dtype(dt, &dl->dtype);
+    memcpy(blk->shape, t->shape, sizeof blk->shape);
+    memcpy(blk->strides, t->strides, sizeof blk->strides);
+    dl->data = t->data;
+    dl->device.device_type = dl_device_type;
+    dl->device.device_id = t->device.index;
+    dl->ndim = t->ndim;
+    dl->dtype.code = info->dl_code;
+    dl->dtype.bits = info->dl_bits;
+    dl->dtype.lanes = 1;
     dl->shape = blk->shape;
     dl->strides = blk->strides;
     dl->byte_offset = 0;
@@ -323,7 +146,7 @@ static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
         blk->u.versioned.version.minor = TP_DLPACK_MINOR;
         blk->u.versioned.manager_ctx = owner;
         blk->u.versioned.deleter = versioned_deleter;
-        blk->u.versioned.flags = readonly ? TP_DLPACK_FLAG_READ_ONLY : 0;
+        blk->u.versioned.flags = read_only ? TP_DLPACK_FLAG_READ_ONLY : 0;
         cap = PyCapsule_New(&blk->u.versioned, "dltensor_versioned", export_capsule_destructor);
     } else {
         blk->u.plain.manager_ctx = owner;
@@ -332,16 +155,60 @@ static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
     }
     if (cap == NULL) {
         Py_DECREF(owner);
-        goto fail;
+        free(blk);
     }
-    Py_DECREF(fast);
-    Py_XDECREF(sfast);
     return cap;
-fail:
+}
+
+/* dlpack_export(owner, ptr, device_type, device_id, dtype_name, shape, versioned, read_only[, strides])
+ * -> capsule over memory that owner keeps alive; strides in elements (None: C-contiguous) */
+static PyObject *py_dlpack_export(PyObject *m, PyObject *args)
+{
+    PyObject *owner, *ptr_obj, *shape_obj, *strides_obj = Py_None, *fast = NULL, *sfast = NULL, *cap = NULL;
+    int dev_type, versioned, readonly;
+    const char *dtname;
+    const tp_dtype_info *info;
+    tp_tensor t;
+    Py_ssize_t nd;
+    (void)m;
+    memset(&t, 0, sizeof t);
+    if (!PyArg_ParseTuple(args, "OOiisOpp|O", &owner, &ptr_obj, &dev_type, &t.device.index, &dtname, &shape_obj,
+                          &versioned, &readonly, &strides_obj))
+        return NULL;
+    if ((info = tp_dtype_by_name(dtname)) == NULL) return PyErr_Format(PyExc_TypeError, "unknown dtype %s", dtname);
+    t.dtype = info->dtype;
+    t.data = PyLong_AsVoidPtr(ptr_obj);
+    if (t.data == NULL && PyErr_Occurred()) return NULL;
+    if ((fast = PySequence_Fast(shape_obj, "shape must be a sequence of ints")) == NULL) return NULL;
+    nd = PySequence_Fast_GET_SIZE(fast);
+    if (nd > TP_MAX_DIMS) {
+        PyErr_Format(PyExc_ValueError, "at most %d dimensions, got %zd", TP_MAX_DIMS, nd);
+        goto out;
+    }
+    if (strides_obj != Py_None) {
+        sfast = PySequence_Fast(strides_obj, "strides must be a sequence of ints");
+        if (sfast == NULL) goto out;
+        if (PySequence_Fast_GET_SIZE(sfast) != nd) {
+            PyErr_Format(PyExc_ValueError, "strides must have %zd entries", nd);
+            goto out;
+        }
+    }
+    t.ndim = (int)nd;
+    {
+        int64_t stride = 1;
+        for (Py_ssize_t d = nd - 1; d >= 0; d--) {
+            t.shape[d] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, d));
+            if (t.shape[d] == -1 && PyErr_Occurred()) goto out;
+            t.strides[d] = sfast ? PyLong_AsLongLong(PySequence_Fast_GET_ITEM(sfast, d)) : stride;
+            if (t.strides[d] == -1 && PyErr_Occurred()) goto out;
+            stride *= t.shape[d] > 0 ? t.shape[d] : 1;
+        }
+    }
+    cap = tpy_dlpack_capsule(owner, &t, dev_type, versioned, readonly);
+out:
     Py_XDECREF(fast);
     Py_XDECREF(sfast);
-    free(blk);
-    return NULL;
+    return cap;
 }
 
 /* tensor_copy(dst, src): dst[...] = src, any two arrays of one shape and dtype (host or GPU) */
@@ -394,11 +261,6 @@ static PyObject *py_tensor_info(PyObject *m, PyObject *args)
 
 PyMethodDef tpy_device_methods[] = {
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "cuda_device_count() -> int"},
-    {"cuda_malloc", py_cuda_malloc, METH_VARARGS, "cuda_malloc(device, nbytes) -> (owner, ptr), stream-ordered"},
-    {"cuda_upload", py_cuda_upload, METH_VARARGS, "cuda_upload(device, dst_ptr, host_buffer)"},
-    {"cuda_download", py_cuda_download, METH_VARARGS, "cuda_download(device, host_buffer, src_ptr)"},
-    {"cuda_copy", py_cuda_copy, METH_VARARGS, "cuda_copy(device, dst_ptr, src_ptr, nbytes)"},
-    {"cuda_zero", py_cuda_zero, METH_VARARGS, "cuda_zero(device, ptr, nbytes)"},
     {"cuda_get_stream", py_cuda_get_stream, METH_NOARGS, "cuda_get_stream() -> int (0: legacy default stream)"},
     {"cuda_set_stream", py_cuda_set_stream, METH_O, "cuda_set_stream(ptr|None)"},
     {"cuda_stream_order", py_cuda_stream_order, METH_VARARGS,

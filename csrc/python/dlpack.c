@@ -12,21 +12,7 @@
 
 /* ---------------------------------------------------------------- helpers */
 
-static int dtype_from_dl(tp_DLDataType d, tp_dtype *dt)
-{
-    if (d.lanes != 1) return -1;
-    if (d.code == TP_kDLFloat && d.bits == 32) *dt = TP_FLOAT32;
-    else if (d.code == TP_kDLFloat && d.bits == 64) *dt = TP_FLOAT64;
-    else if (d.code == TP_kDLFloat && d.bits == 16) *dt = TP_FLOAT16;
-    else if (d.code == TP_kDLBfloat && d.bits == 16) *dt = TP_BFLOAT16;
-    else if (d.code == TP_kDLInt && d.bits == 32) *dt = TP_INT32;
-    else if (d.code == TP_kDLInt && d.bits == 64) *dt = TP_INT64;
-    else return -1;
-    return 0;
-}
-
-/* tplinear's current stream as the integer the DLPack / CAI protocols use (1: legacy default). */
-static PyObject *protocol_stream(void)
+PyObject *tpy_protocol_stream(void)
 {
     void *s = tp_cuda_get_stream();
     return PyLong_FromVoidPtr(s ? s : (void *)1);
@@ -47,13 +33,16 @@ static void dl_release(PyObject *cap)
 /* Fills t from a DLTensor; 0, or -1 with an exception. */
 static int fill_from_dl(const tp_DLTensor *dl, tp_tensor *t, const char *what)
 {
-    if (dtype_from_dl(dl->dtype, &t->dtype) < 0) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: unsupported DLPack dtype (code %d, %d bits, %d lanes); tplinear takes float32, float64, "
-                     "float16, bfloat16, int32 and int64",
-                     what, dl->dtype.code, dl->dtype.bits, dl->dtype.lanes);
+    const tp_dtype_info *info = tp_dtype_by_dlpack(dl->dtype.code, dl->dtype.bits, dl->dtype.lanes);
+    if (info == NULL) {
+        PyObject *names = tpy_dtype_list(0);
+        if (names)
+            PyErr_Format(PyExc_TypeError, "%s: unsupported DLPack dtype (code %d, %d bits, %d lanes); tplinear takes %U",
+                         what, dl->dtype.code, dl->dtype.bits, dl->dtype.lanes, names);
+        Py_XDECREF(names);
         return -1;
     }
+    t->dtype = info->dtype;
     if (dl->ndim < 0 || dl->ndim > TP_MAX_DIMS) {
         PyErr_Format(PyExc_ValueError, "%s has %d dimensions, at most %d are supported", what, (int)dl->ndim,
                      TP_MAX_DIMS);
@@ -102,7 +91,7 @@ static int from_dlpack(PyObject *obj, tp_tensor *t, tpy_view *view, int writable
         goto out;
     }
     if (dev_type == TP_kDLCUDA || dev_type == TP_kDLCUDAManaged) {
-        stream = protocol_stream();
+        stream = tpy_protocol_stream();
     } else {
         stream = Py_None;
         Py_INCREF(stream);
@@ -174,21 +163,10 @@ out:
 
 /* ---------------------------------------------------------------- __cuda_array_interface__ */
 
-static int dtype_from_typestr(const char *s, tp_dtype *dt)
-{
-    if (s == NULL || strlen(s) != 3 || (s[0] != '<' && s[0] != '|' && s[0] != '=')) return -1;
-    if (s[1] == 'f' && s[2] == '4') *dt = TP_FLOAT32;
-    else if (s[1] == 'f' && s[2] == '8') *dt = TP_FLOAT64;
-    else if (s[1] == 'f' && s[2] == '2') *dt = TP_FLOAT16;
-    else if (s[1] == 'i' && s[2] == '4') *dt = TP_INT32;
-    else if (s[1] == 'i' && s[2] == '8') *dt = TP_INT64;
-    else return -1;
-    return 0;
-}
-
 static int from_cai(PyObject *obj, PyObject *cai, tp_tensor *t, tpy_view *view, int writable, const char *what)
 {
     PyObject *shape, *typestr, *data, *strides, *mask, *stream, *version;
+    const tp_dtype_info *info;
     void *ptr;
     int readonly = 0, dev = 0;
     Py_ssize_t nd;
@@ -215,13 +193,17 @@ static int from_cai(PyObject *obj, PyObject *cai, tp_tensor *t, tpy_view *view, 
         PyErr_Format(PyExc_ValueError, "%s: masked CUDA arrays are not supported", what);
         return -1;
     }
-    if (dtype_from_typestr(PyUnicode_AsUTF8(typestr), &t->dtype) < 0) {
+    info = tp_dtype_by_typestr(PyUnicode_AsUTF8(typestr));
+    if (info == NULL) {
+        PyObject *names;
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: unsupported typestr %R (tplinear takes <f4, <f8, <f2, <i4, <i8)", what,
-                     typestr);
+        if ((names = tpy_dtype_list(1)) != NULL)
+            PyErr_Format(PyExc_TypeError, "%s: unsupported typestr %R (tplinear takes %U)", what, typestr, names);
+        Py_XDECREF(names);
         return -1;
     }
-    item = tp_dtype_size(t->dtype);
+    t->dtype = info->dtype;
+    item = info->itemsize;
     ptr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0));
     if (ptr == NULL && PyErr_Occurred()) return -1;
     readonly = PyObject_IsTrue(PyTuple_GET_ITEM(data, 1));

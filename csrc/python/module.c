@@ -1,4 +1,4 @@
-/* The module tplinear._C: state (CommError, the Group type) and init. */
+/* The module tplinear._C: state (CommError, the Group and DeviceArray types, the dtype objects) and init. */
 #include "py.h"
 
 /* ---------------------------------------------------------------- Group */
@@ -106,9 +106,13 @@ static int module_exec(PyObject *m)
         return -1;
     }
     if (tpy_group_register(m, state) < 0) return -1;
+    if (tpy_dtypes_register(m, state) < 0) return -1;
+    if (tpy_array_register(m, state) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_core_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_comm_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_device_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, tpy_dtype_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, tpy_array_methods) < 0) return -1;
     if (PyModule_AddStringConstant(m, "VERSION", TPLINEAR_VERSION) < 0) return -1;
     return 0;
 }
@@ -118,6 +122,10 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     tpy_state *state = PyModule_GetState(m);
     Py_VISIT(state->comm_error);
     Py_VISIT(state->group_type);
+    Py_VISIT(state->array_type);
+    Py_VISIT(state->bf16_type);
+    Py_VISIT(state->numpy);
+    for (int i = 0; i < TP_DTYPE_COUNT; i++) Py_VISIT(state->dtypes[i]);
     return 0;
 }
 
@@ -126,6 +134,10 @@ static int module_clear(PyObject *m)
     tpy_state *state = PyModule_GetState(m);
     Py_CLEAR(state->comm_error);
     Py_CLEAR(state->group_type);
+    Py_CLEAR(state->array_type);
+    Py_CLEAR(state->bf16_type);
+    Py_CLEAR(state->numpy);
+    for (int i = 0; i < TP_DTYPE_COUNT; i++) Py_CLEAR(state->dtypes[i]);
     return 0;
 }
 

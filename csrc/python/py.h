@@ -6,11 +6,16 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "../core/dtype.h"
 #include "tplinear.h"
 
 typedef struct {
     PyObject *comm_error; /* tplinear.CommError */
     PyTypeObject *group_type;
+    PyTypeObject *array_type;  /* DeviceArray (array.c) */
+    PyTypeObject *bf16_type;   /* the type of the bfloat16 dtype object (dtypes.c) */
+    PyObject *numpy;           /* the numpy module */
+    PyObject *dtypes[TP_DTYPE_COUNT]; /* per tp_dtype: its NumPy dtype, or the bfloat16 object */
 } tpy_state;
 
 /* What keeps a converted object's memory alive; release with tpy_view_release. */
@@ -45,6 +50,8 @@ void tpy_args_release(tpy_arg *a, int n);
 /* The DLPack / CUDA-array-interface branch (csrc/python/dlpack.c). Returns 1 if obj was handled
  * (0 if it is not such a producer), -1 with an exception. */
 int tpy_device_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const char *what);
+/* tplinear's current stream as the integer the DLPack / CAI protocols use (1: the legacy default). */
+PyObject *tpy_protocol_stream(void);
 
 /* Sets the Python exception for a failed status and returns NULL. */
 PyObject *tpy_raise(PyObject *module, tp_status st);
@@ -60,8 +67,36 @@ int tpy_group_register(PyObject *module, tpy_state *state);
 tp_group *tpy_group_get(PyObject *module, PyObject *obj);
 PyObject *tpy_group_wrap(PyObject *module, tp_group *g, PyObject *parent);
 
+/* ---------------------------------------------------------------- dtypes (dtypes.c) */
+
+/* The state of the module that defined type (array methods, classmethods). */
+tpy_state *tpy_state_of_type(PyTypeObject *type);
+/* Registers the bfloat16 object and fills state->dtypes; 0 or -1 with an exception. */
+int tpy_dtypes_register(PyObject *module, tpy_state *state);
+/* A dtype from a name ("float32", "half", "torch.bfloat16"), a NumPy dtype or scalar type, a torch dtype
+ * or the bfloat16 object; 0, or -1 with TypeError naming what is accepted. */
+int tpy_dtype_from_object(tpy_state *state, PyObject *obj, tp_dtype *dt);
+/* "float32, float64, ..." (which = 0: names; 1: typestrs), for error messages; NULL with an exception. */
+PyObject *tpy_dtype_list(int which);
+
+/* ---------------------------------------------------------------- DeviceArray (array.c) */
+
+int tpy_array_register(PyObject *module, tpy_state *state);
+/* 1 if obj is a DeviceArray (its memory and layout are read without any protocol), else 0. */
+int tpy_array_check(PyObject *obj);
+const tp_tensor *tpy_array_tensor(PyObject *obj);
+/* A GPU index from None / "cuda" (this process's GPU: local rank modulo the visible GPUs), "cuda:N", N
+ * or a torch.device; 0, or -1 with an exception. */
+int tpy_device_index(PyObject *obj, int *device);
+
+/* A DLPack capsule ("dltensor_versioned" or "dltensor") describing t, which keeps owner alive until the
+ * consumer's deleter runs (device.c). */
+PyObject *tpy_dlpack_capsule(PyObject *owner, const tp_tensor *t, int dl_device_type, int versioned, int read_only);
+
 extern PyMethodDef tpy_comm_methods[];
 extern PyMethodDef tpy_core_methods[];
-extern PyMethodDef tpy_device_methods[]; /* device.c: GPU memory, streams, DLPack out */
+extern PyMethodDef tpy_device_methods[]; /* device.c: streams, DLPack out, copies */
+extern PyMethodDef tpy_dtype_methods[];  /* dtypes.c: the dtype table, bfloat16 conversions */
+extern PyMethodDef tpy_array_methods[];  /* array.c: device_index */
 
 #endif

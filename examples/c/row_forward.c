@@ -22,7 +22,7 @@ static int fail(const char *what, tp_status st)
 
 int main(void)
 {
-    tp_init_options opts;
+    tp_init_options opts = TP_INIT_OPTIONS_INITIALIZER; /* rank and world from the environment (torchrun's) */
     tp_group *world = NULL;
     tp_status st;
     tp_range *ranges = NULL;
@@ -31,7 +31,6 @@ int main(void)
     int rc = 1, rank, size;
     double err = 0;
 
-    tp_init_options_default(&opts); /* rank and world from the environment (torchrun's variables) */
     if ((st = tp_group_init_world(&opts, &world)) != TP_OK) return fail("tp_group_init_world", st);
     rank = tp_group_rank(world);
     size = tp_group_size(world);

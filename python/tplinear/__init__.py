@@ -12,21 +12,19 @@ import scipy_openblas32 as _openblas  # noqa: F401
 from . import _C
 from . import distributed
 from ._device import DeviceArray, set_allow_tf32, set_stream
+from .checkpoint import load_checkpoint, save_checkpoint
 from .layers import (
-    GatherReplacedLayerParams,
     Linear,
     LinearAllreduce,
     LinearLayer,
-    Parameter,
     get_num_kv_heads,
     is_autotp_training_mode,
     is_training_mode,
-    load_checkpoint,
-    save_checkpoint,
     set_autotp_mode,
     set_num_kv_heads,
     set_training_mode,
 )
+from .parameter import GatherReplacedLayerParams, Parameter
 
 CommError = _C.CommError
 __version__ = _C.VERSION

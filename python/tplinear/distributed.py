@@ -1,11 +1,12 @@
-"""torch.distributed-style process groups over the C core's backends (shm, nccl, mpi).
+"""torch.distributed-style process groups over the C core's backends (shm, and nccl in CUDA builds).
 
     import tplinear.distributed as dist
-    dist.init_process_group()            # reads RANK, WORLD_SIZE, ... (torchrun's variables)
+    dist.init_process_group()            # the C core reads RANK, WORLD_SIZE, ... (torchrun's variables)
     dist.all_reduce(arr)                 # in place on a C-contiguous NumPy array
-"""
-import os
 
+The launcher's environment and the TPLINEAR_* knobs are read by the C core only (``_C.world_env()``,
+``_C.env_knobs()``); backend names are validated there too.
+"""
 from . import _C
 
 CommError = _C.CommError
@@ -37,36 +38,34 @@ class ProcessGroup:
         return f"ProcessGroup(rank={info['rank']}, size={info['size']}, backend={info['backend']!r})"
 
 
-def _env_int(names, default):
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            try:
-                return int(value)
-            except ValueError:
-                raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
-    return default
-
-
 def is_initialized():
     return _world is not None
+
+
+def available_backends():
+    """The backends this build registers, in the order backend=None considers them (e.g. ['shm', 'nccl'])."""
+    return _C.backends()
 
 
 def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, init_method=None):
     """Creates the default group from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or OpenMPI's OMPI_COMM_WORLD_*); nothing set means a
-    world of one. backend: None (auto), "shm", "nccl" or "mpi". Every wait is bounded by timeout
-    seconds (a datetime.timedelta works too).
+    world of one. backend: None (auto) or one of available_backends() ("shm", "nccl"); "gloo" is
+    accepted as torch-compatible sugar for the CPU backend "shm", and "mpi" says it is not built. Every
+    wait is bounded by timeout seconds (a datetime.timedelta works too).
 
-    backend=None picks, in order: the TPLINEAR_BACKEND environment variable; "nccl" when the group is
-    created implicitly by a layer whose tensors are on the GPU (device="cuda", or a module whose weight
-    is a GPU array); otherwise the CPU default (shm on one host, mpi under mpirun). A GPU training
-    script that calls init_process_group() itself should pass backend="nccl" (as with torch)."""
+    backend=None picks, in order: the TPLINEAR_BACKEND environment variable; a backend that takes GPU
+    memory ("nccl") when the group is created implicitly by a layer whose tensors are on the GPU
+    (device="cuda", or a module whose weight is a GPU array); otherwise the CPU default (shm on one
+    host). A GPU training script that calls init_process_group() itself should pass backend="nccl" (as
+    with torch)."""
+    return _init(backend, timeout, rank, world_size, init_method, device="cpu")
+
+
+def _init(backend, timeout, rank, world_size, init_method, device):
     global _world
     if _world is not None:
         raise RuntimeError("the default process group is already initialized; call destroy_process_group() first")
-    if backend is not None and backend not in ("shm", "nccl", "mpi", "auto", "gloo"):
-        raise ValueError(f"backend must be None, 'shm', 'nccl' or 'mpi', got {backend!r}")
     if backend == "gloo":  # torch scripts say gloo for CPU; shm is the CPU backend here
         backend = "shm"
     if hasattr(timeout, "total_seconds"):
@@ -76,29 +75,22 @@ def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, 
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if init_method is not None and not str(init_method).startswith("env://"):
         raise ValueError("only init_method='env://' (torchrun's environment) is supported")
-    if backend in (None, "auto") and os.environ.get("TPLINEAR_BACKEND"):
-        backend = os.environ["TPLINEAR_BACKEND"]
-    r = rank if rank is not None else _env_int(["RANK", "OMPI_COMM_WORLD_RANK"], -1)
-    n = world_size if world_size is not None else _env_int(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], -1)
-    lr = _env_int(["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"], -1)
-    lw = _env_int(["LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"], -1)
-    addr = os.environ.get("MASTER_ADDR") or None
-    port = _env_int(["MASTER_PORT"], -1)
-    handle = _C.init_world(None if backend in (None, "auto") else backend, timeout, r, n, lr, lw, addr, port)
-    _world = ProcessGroup(handle)
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"backend must be None or a name such as 'shm' or 'nccl', got {backend!r}")
+    _world = ProcessGroup(_C.init_world(backend, timeout, rank, world_size, device))
     return _world
 
 
 def _default(gpu=False):
     """The default group; a world of one is created on first use when the environment names no world
-    (with the nccl backend when the layer asking for it lives on the GPU)."""
+    (with a backend that takes GPU memory when the layer asking for it lives on the GPU)."""
     if _world is None:
-        n = _env_int(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], 1)
+        n = _C.world_env()["world_size"] or 1
         if n > 1:
             raise RuntimeError(
                 f"this process is one of {n} ranks (WORLD_SIZE={n}): call "
                 "tplinear.distributed.init_process_group() before using collectives or layers")
-        init_process_group(backend="nccl" if gpu and not os.environ.get("TPLINEAR_BACKEND") else None)
+        _init(None, 300.0, None, None, None, device="cuda" if gpu else "cpu")
     return _world
 
 

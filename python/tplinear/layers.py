@@ -1,19 +1,24 @@
 """Tensor-parallel linear layers with DeepSpeed AutoTP semantics (deepspeed/module_inject/layers.py).
 
-The math (GEMMs, collectives, partition sizes, gathers, initialisation) runs in the C core; this module
-holds parameters, shapes and bookkeeping only.
+The math (GEMMs, collectives, partition sizes, shards, gathers, initialisation) runs in the C core; this
+module holds parameters, shapes and bookkeeping only.
 
     LinearAllreduce  row-parallel:    W split along in;  y = all_reduce(x_r @ W_r^T) + b
     LinearLayer      column-parallel: W, b split along out; backward all-reduces dX
 """
 import math
-import os
 
 import numpy as np
 
 from . import _C
-from . import _device
+from . import checkpoint
 from . import distributed as dist
+from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
+from .parameter import Parameter, data_of, param_list
+
+# tplinear.layers held these before parameter.py and checkpoint.py were split out of it
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
+from .parameter import GatherReplacedLayerParams  # noqa: F401,E402
 
 # ---------------------------------------------------------------------------------------------- modes
 
@@ -50,36 +55,17 @@ def get_num_kv_heads():
     return _state["num_kv_heads"]
 
 
-# ---------------------------------------------------------------------------------------------- arrays
-
-_DTYPES = {"float32": np.float32, "float64": np.float64}
+# ---------------------------------------------------------------------------------------------- helpers
 
 
-def _dtype(dtype):
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in _DTYPES:
-        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return np.dtype(_DTYPES[name])
-
-
-def _host_array(obj, what):
-    """A parameter value as a NumPy array (Parameter, NumPy, torch tensors and other array-likes)."""
-    if isinstance(obj, Parameter):
-        obj = obj.data
-    if isinstance(obj, _device.DeviceArray):  # GPU parameters: a host copy (half types as float32)
-        obj = obj.numpy().astype(np.float32, copy=False) if obj.dtype.itemsize == 2 else obj.numpy()
-    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # torch.Tensor / nn.Parameter
-        obj = obj.detach().cpu()
-        obj = (obj.float() if str(obj.dtype) in ("torch.float16", "torch.bfloat16") else obj).numpy()
-    if hasattr(obj, "numpy") and not isinstance(obj, np.ndarray) and not hasattr(obj, "__array__"):
-        obj = obj.numpy()
-    try:
-        arr = np.asarray(obj)
-    except Exception as exc:  # noqa: BLE001 - report what was given
-        raise TypeError(f"{what} must be an array, got {type(obj).__name__}") from exc
-    if arr.dtype.kind != "f" or arr.dtype.name not in _DTYPES:
-        raise TypeError(f"{what} must have dtype float32 or float64, got {arr.dtype} ({type(obj).__name__})")
-    return arr
+def _resolve(weight, mp_group, device, dtype):
+    """A layer's placement (device and dtype) and group, resolved once: the group is the default one
+    when mp_group is None (with the nccl backend for a GPU layer), and this rank must belong to it."""
+    place = Placement.resolve(weight, device, dtype)
+    group = dist._group(mp_group, gpu=place.device is not None)
+    if group.rank < 0:
+        raise ValueError("this rank is not a member of mp_group: a layer needs a group this rank belongs to")
+    return place, group
 
 
 def _shape(x, what):
@@ -89,145 +75,6 @@ def _shape(x, what):
     if len(shape) < 1:
         raise ValueError(f"{what} must have at least 1 dimension, got a 0-d array")
     return tuple(int(s) for s in shape)
-
-
-def _empty(shape, like):
-    """An uninitialised output on the same device as `like` (a parameter array)."""
-    if isinstance(like, _device.DeviceArray):
-        return _device.empty(shape, like.dtype, like.device)
-    return np.empty(shape, dtype=like.dtype)
-
-
-def _zeros_like(arr):
-    if isinstance(arr, _device.DeviceArray):
-        return _device.zeros(arr.shape, arr.dtype, arr.device)
-    return np.zeros(arr.shape, dtype=arr.dtype)
-
-
-def _dtypes(dtype, device):
-    """(host dtype, GPU dtype name) of a layer: float16 / bfloat16 live on the GPU only and are
-    initialised in float32 on the host, then rounded once when copied to the device."""
-    name = dtype if isinstance(dtype, str) else getattr(dtype, "name", str(dtype))
-    name = name.replace("torch.", "")
-    if name in ("float16", "bfloat16"):
-        if device is None:
-            raise TypeError(f"dtype {name} runs on the GPU only: pass device='cuda'")
-        return np.dtype(np.float32), name
-    dt = _dtype(dtype)
-    return dt, dt.name
-
-
-def _layer_device(weight, device):
-    """The GPU index of a layer (None: host): device= when given, else where module.weight lives."""
-    if device is not None:
-        return None if device == "cpu" else _device.device_index(device)
-    return _device.where(weight.data if isinstance(weight, Parameter) else weight)
-
-
-def _to_layer_device(arr, device, dtype):
-    return arr if device is None else _device.to_device(arr, dtype, device)
-
-
-def _like(ref, value):
-    """A host array placed like ref: on ref's GPU in ref's dtype, or a NumPy copy in ref's dtype."""
-    if isinstance(ref, _device.DeviceArray):
-        return _device.to_device(value, ref.dtype, ref.device)
-    return np.array(value, dtype=ref.dtype, copy=True)
-
-
-def _take(full, dim, pieces):
-    """This rank's shard: the pieces [(offset, size)] of full along dim, concatenated (a new array)."""
-    parts = [np.take(full, np.arange(off, off + size), axis=dim) for off, size in pieces]
-    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=dim))
-
-
-# ---------------------------------------------------------------------------------------------- parameters
-
-
-class Parameter:
-    """An array with a gradient and the marks DeepSpeed's GatherReplacedLayerParams looks for.
-
-    .data is the array (a shard inside a TP layer, the full tensor while gathered); .grad accumulates.
-    """
-
-    def __init__(self, data, requires_grad=True):
-        self.data = data
-        self.grad = None
-        self.requires_grad = requires_grad
-        self.ds_is_replaced_module = False
-        self.tp_layer = None
-
-    shape = property(lambda self: tuple(self.data.shape))
-    dtype = property(lambda self: self.data.dtype)
-    ndim = property(lambda self: self.data.ndim)
-
-    def numpy(self):
-        return _host_array(self.data, "parameter")
-
-    def __array__(self, dtype=None, copy=None):
-        arr = np.asarray(self.data)
-        return arr if dtype is None else arr.astype(dtype, copy=False)
-
-    def gather_params(self, params_list):
-        """DeepSpeed's per-parameter hook: gathers the owning layer's parameters in place."""
-        self._layer().gather_params(params_list)
-
-    def _tp_partition(self, params_list):
-        self._layer()._tp_partition(params_list)
-
-    def _layer(self):
-        if self.tp_layer is None:
-            raise ValueError("this parameter does not belong to a tensor-parallel layer")
-        return self.tp_layer
-
-    def __repr__(self):
-        return f"Parameter(shape={self.shape}, dtype={self.dtype}, replaced={self.ds_is_replaced_module})"
-
-
-# ---------------------------------------------------------------------------------------------- plain layer
-
-
-class Linear:
-    """A single-process linear layer, y = x @ W^T + b, with nn.Linear's initial distribution
-    (uniform in +-1/sqrt(in_features)) from a counter-based generator: element (i, j) of W depends only on
-    (seed, i * in_features + j), so any shard can be initialised alone (see from_init)."""
-
-    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=0, device=None):
-        in_features, out_features = _check_features(in_features, out_features)
-        device = _layer_device(None, device)
-        dt, ddt = _dtypes(dtype, device)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(np.empty((out_features, in_features), dtype=dt))
-        _init_block(self.weight.data, seed, 0, in_features, 0, 0, in_features)
-        self.bias = None
-        if bias:
-            self.bias = Parameter(np.empty((out_features,), dtype=dt))
-            _init_block(self.bias.data, seed, 1, in_features, 0, 0, out_features)
-        for p in self.parameters():  # device="cuda": initialised on the host, then copied once
-            p.data = _to_layer_device(p.data, device, ddt)
-        self._input = None
-
-    def forward(self, x):
-        w = self.weight.data
-        y = _empty(_shape(x, "input")[:-1] + (w.shape[0],), w)
-        _C.linear_forward(x, w, None if self.bias is None else self.bias.data, y)
-        self._input = x
-        return y
-
-    __call__ = forward
-
-    def backward(self, grad_output):
-        x = _saved(self._input)
-        w = self.weight.data
-        dx = _empty(_shape(x, "input"), w)
-        _C.linear_backward(grad_output, x, w, dx, _grad(self.weight), None if self.bias is None else _grad(self.bias))
-        return dx
-
-    def parameters(self):
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    def state_dict(self):
-        return _state_dict(self)
 
 
 def _check_features(in_features, out_features):
@@ -248,17 +95,76 @@ def _saved(x):
     return x
 
 
-def _grad(param):
-    if param.grad is None:
-        param.grad = _zeros_like(param.data)
-    return param.grad
+def _optional(param):
+    return None if param is None else param.data
 
 
-def _state_dict(layer):
-    out = {"weight": layer.weight.data}
-    if layer.bias is not None:
-        out["bias"] = layer.bias.data
-    return out
+# ---------------------------------------------------------------------------------------------- plain layer
+
+
+class _Layer:
+    """What every layer shares: a placement, parameters, gradients, state dicts."""
+
+    _place = None
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def parameters(self):
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def state_dict(self):
+        """The parameters' arrays (a TP layer's shards outside GatherReplacedLayerParams, full inside)."""
+        out = {"weight": self.weight.data}
+        if self.bias is not None:
+            out["bias"] = self.bias.data
+        return out
+
+    def _grad(self, param):
+        if param.grad is None:
+            param.grad = self._place.zeros(param.data.shape)
+        return param.grad
+
+    def _grads(self):
+        return self._grad(self.weight), None if self.bias is None else self._grad(self.bias)
+
+
+class Linear(_Layer):
+    """A single-process linear layer, y = x @ W^T + b, with nn.Linear's initial distribution
+    (uniform in +-1/sqrt(in_features)) from a counter-based generator: element (i, j) of W depends only on
+    (seed, i * in_features + j), so any shard can be initialised alone (see from_init)."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=0, device=None):
+        in_features, out_features = _check_features(in_features, out_features)
+        self._place = Placement.resolve(None, device, dtype)
+        self.device = self._place.device
+        self.in_features, self.out_features = in_features, out_features
+        host = host_dtype(self._place.dtype)  # half types: drawn in float32, rounded once on the way to the GPU
+        self.weight = Parameter(np.empty((out_features, in_features), dtype=host))
+        _init_block(self.weight.data, seed, 0, in_features, 0, 0, in_features)
+        self.bias = None
+        if bias:
+            self.bias = Parameter(np.empty((out_features,), dtype=host))
+            _init_block(self.bias.data, seed, 1, in_features, 0, 0, out_features)
+        for p in self.parameters():  # device="cuda": initialised on the host, then copied once
+            p.data = self._place.adopt(p.data, "parameter")
+        self._input = None
+
+    def forward(self, x):
+        y = self._place.empty(_shape(x, "input")[:-1] + (self.weight.data.shape[0],))
+        _C.linear_forward(x, self.weight.data, _optional(self.bias), y)
+        self._input = x
+        return y
+
+    def backward(self, grad_output):
+        x = _saved(self._input)
+        dx = self._place.empty(_shape(x, "input"))
+        _C.linear_backward(grad_output, x, self.weight.data, dx, *self._grads())
+        return dx
 
 
 # ---------------------------------------------------------------------------------------------- TP layers
@@ -266,7 +172,7 @@ def _state_dict(layer):
 _KIND_ROW, _KIND_COL = 1, 2
 
 
-class _TPLayer:
+class _TPLayer(_Layer):
     """Shared bookkeeping: group, partition, parameter marks, gather / re-partition, checkpoints.
 
     _shard_dim: the weight dim split across ranks (1: row-parallel, 0: column-parallel).
@@ -281,72 +187,66 @@ class _TPLayer:
                  dtype=None, _full=None):
         """_full (from_init): module.weight is already this rank's shard by the partition rule of a split
         dim of _full elements, so nothing is sliced and the rule's ranges are kept."""
-        wobj = getattr(module, "weight", None) if module is not None else None
-        device = _layer_device(wobj, device)
-        if dtype is None:  # half-precision modules stay half on the GPU
-            dtype = str(getattr(wobj.data if isinstance(wobj, Parameter) else wobj, "dtype", "")).replace("torch.", "")
-        ddt = dtype if device is not None and dtype in ("float16", "bfloat16") else None
-        self.device = device
-        self.mp_group = dist._group(mp_group, gpu=device is not None)
+        wobj = data_of(getattr(module, "weight", None))
+        bobj = data_of(getattr(module, "bias", None))
+        self._place, self.mp_group = _resolve(wobj, mp_group, device, dtype)
+        self.device = self._place.device
         self.tp_world_size = self.mp_group.size
         self.tp_index = self.mp_group.rank
-        if self.tp_index < 0:
-            raise ValueError("this rank is not a member of mp_group: a layer needs a group this rank belongs to")
         self.name = name
         self.training_mode = is_training_mode()
         self.tp_overlap_comm = False
         self._input = None
-        weight = _host_array(getattr(module, "weight", None) if module is not None else None, "module.weight")
-        if weight.ndim != 2:
-            raise ValueError(f"module.weight must be 2-d [out_features, in_features], got shape {weight.shape}")
-        bias_obj = getattr(module, "bias", None)
-        bias = None if bias_obj is None else _host_array(bias_obj, "module.bias")
-        if bias is not None and (bias.ndim != 1 or bias.shape[0] != weight.shape[0]):
+        weight = self._place.readable(wobj, "module.weight")
+        if len(weight.shape) != 2:
+            raise ValueError(f"module.weight must be 2-d [out_features, in_features], got shape {tuple(weight.shape)}")
+        bias = None if bobj is None else self._place.readable(bobj, "module.bias")
+        if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != weight.shape[0]):
             raise ValueError(f"module.bias must be 1-d of size {weight.shape[0]} (out_features), "
-                             f"got shape {bias.shape}")
-        if bias is not None and bias.dtype != weight.dtype:
-            raise TypeError(f"module.bias has dtype {bias.dtype} but module.weight has {weight.dtype}")
+                             f"got shape {tuple(bias.shape)}")
+        if bias is not None and host_dtype(dtype_name(bias)) != host_dtype(dtype_name(weight)):
+            raise TypeError(f"module.bias has dtype {dtype_name(bias)} but module.weight has {dtype_name(weight)}")
         self._blocks = None if block_sizes is None else [int(b) for b in block_sizes]
         self._block_heads = None if block_heads is None else [int(h) for h in block_heads]
         self.skip_partition = bool(skip_partition)
-        local = weight.shape[self._shard_dim]
+        local = int(weight.shape[self._shard_dim])
         full = _full if _full is not None else (None if self.skip_partition else local)
-        locals_ = self._agree(weight, bias, local, full)
-        self._full_shape = list(weight.shape)
+        locals_ = self._agree(weight.shape, bias is not None, local, full)
+        self._full_shape = [int(s) for s in weight.shape]
         self._full_shape[self._shard_dim] = full if full is not None else sum(locals_)
         self._pieces = self._partition(self._full_shape[self._shard_dim], locals_)
         self.in_features, self.out_features = self._full_shape[1], self._full_shape[0]
-        if self.skip_partition or _full is not None:
-            w_shard, b_shard = np.ascontiguousarray(weight), None if bias is None else np.ascontiguousarray(bias)
-        else:
-            w_shard = _take(weight, self._shard_dim, self._my_pieces())
-            b_shard = None if bias is None else (
-                _take(bias, 0, self._my_pieces()) if self._bias_sharded else np.array(bias, copy=True))
-        self.weight = self._mark(Parameter(_to_layer_device(w_shard, device, ddt)))
-        self.bias = None if b_shard is None else self._mark(Parameter(_to_layer_device(b_shard, device, ddt)))
+        self.weight = self._mark(Parameter(None))
+        self.bias = None if bias is None else self._mark(Parameter(None))
+        given_shard = self.skip_partition or _full is not None  # module.weight is this rank's shard already
+        for param, value, what in ((self.weight, weight, "module.weight"), (self.bias, bias, "module.bias")):
+            if param is not None:
+                param.data = self._place.adopt(value, what) if given_shard else self._piece(param, value, what)
 
     # -- construction
 
-    def _agree(self, weight, bias, local, full):
+    def _agree(self, weight_shape, has_bias, local, full):
         """One exchange at construction: every rank must agree on mode, kind, dtype, bias, the unsplit dim
         and (when known: full is not None) the full size of the split dim. Returns every rank's size
         along the split dim."""
-        other = weight.shape[1 - self._shard_dim]
-        mine = np.array([self._kind, int(self.training_mode), {"float32": 4, "float64": 8}[weight.dtype.name],
-                         int(bias is not None), other, -1 if full is None else full, local], dtype=np.int64)
         p = self.tp_world_size
         if p == 1:
             return [local]
+        other = int(weight_shape[1 - self._shard_dim])
+        mine = np.array([self._kind, int(self.training_mode), DTYPES[self._place.dtype]["code"], int(has_bias),
+                         other, -1 if full is None else full, local], dtype=np.int64)
         every = np.empty(7 * p, dtype=np.int64)
         dist.all_gather_into_tensor(every, mine, group=self.mp_group)
         every = every.reshape(p, 7)
-        fields = ["layer kind", "training mode", "dtype size", "bias presence",
+        fields = ["layer kind", "training mode", "dtype", "bias presence",
                   "in_features" if self._shard_dim == 0 else "out_features",
                   "full " + ("out_features" if self._shard_dim == 0 else "in_features")]
+        names = {d["code"]: name for name, d in DTYPES.items()}
         for i, field in enumerate(fields):
             if not np.all(every[:, i] == every[0, i]):
+                seen = [names[int(v)] for v in every[:, i]] if field == "dtype" else every[:, i].tolist()
                 raise ValueError(f"ranks disagree on the {field} of layer {self.name or type(self).__name__}: "
-                                 f"{every[:, i].tolist()} across ranks {list(range(p))} "
+                                 f"{seen} across ranks {list(range(p))} "
                                  "(every rank must build the same layer in the same mode)")
         return every[:, 6].tolist()
 
@@ -366,24 +266,16 @@ class _TPLayer:
     def _flat_ranges(self):
         return [rng for pieces in self._pieces for rng in pieces]
 
+    @property
+    def _nblocks(self):
+        return len(self._pieces[0])
+
     def _mark(self, param):
         param.ds_is_replaced_module = True
         param.tp_layer = self
         return param
 
-    # -- forward / backward plumbing
-
-    def __call__(self, x):
-        return self.forward(x)
-
-    def parameters(self):
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    def zero_grad(self):
-        for p in self.parameters():
-            p.grad = None
-
-    # -- gather / re-partition (DeepSpeed's gather_params / _tp_partition)
+    # -- shards (DeepSpeed's gather_params / _tp_partition)
 
     def _is_sharded(self, param):
         return param is self.weight or (param is self.bias and self._bias_sharded)
@@ -391,37 +283,39 @@ class _TPLayer:
     def _dim_of(self, param):
         return self._shard_dim if param is self.weight else 0
 
+    def _piece(self, param, full, what):
+        """This rank's part of param's full value, placed like the layer: its shard of a sharded
+        parameter (cut on the GPU for GPU arrays), a copy of a replicated one."""
+        if not self._is_sharded(param):
+            return self._place.put(full, what)
+        return self._place.shard(full, self._dim_of(param), self._flat_ranges(), self._nblocks, self.tp_index, what)
+
     def gather_params(self, params_list):
         """All-gathers each of this layer's sharded parameters in params_list into the full tensor, in
-        place (param.data becomes the full array). Collective over mp_group; uneven shards work."""
-        for param in _param_list(params_list):
+        place (param.data becomes the full array, on the parameter's device). Collective over mp_group;
+        uneven shards work."""
+        for param in param_list(params_list):
             if not self._is_sharded(param) or getattr(param, "_tp_gathered", False):
                 continue
             dim = self._dim_of(param)
-            shape = list(param.data.shape)
+            shard = self._place.adopt(param.data, "parameter")
+            shape = list(shard.shape)
             shape[dim] = self._full_shape[dim if param is self.weight else 0]
-            on_gpu = isinstance(param.data, _device.DeviceArray)
-            src = _host_array(param.data, "parameter") if on_gpu else param.data  # GPU: gathered via the host
-            full = _empty(tuple(shape), src)
-            _C.gather(self.mp_group._handle, src, dim, self._flat_ranges(), len(self._pieces[0]), full)
-            param.data = _like(param.data, full) if on_gpu else full
+            full = self._place.empty(tuple(shape))
+            _C.gather(self.mp_group._handle, shard, dim, self._flat_ranges(), self._nblocks, full)
+            param.data = full
             param._tp_gathered = True
 
     def _tp_partition(self, params_list):
         """Re-slices each gathered parameter from its current full value (edits made while gathered
-        persist in the shards)."""
-        for param in _param_list(params_list):
+        persist in the shards); GPU parameters stay on the GPU."""
+        for param in param_list(params_list):
             if not self._is_sharded(param) or not getattr(param, "_tp_gathered", False):
                 continue
-            piece = _take(_host_array(param.data, "parameter"), self._dim_of(param), self._my_pieces())
-            param.data = _like(param.data, piece) if isinstance(param.data, _device.DeviceArray) else piece
+            param.data = self._piece(param, param.data, "parameter")
             param._tp_gathered = False
 
-    # -- state dicts and checkpoints
-
-    def state_dict(self):
-        """This rank's view: shards outside GatherReplacedLayerParams, full tensors inside."""
-        return _state_dict(self)
+    # -- state dicts (checkpoint.py holds the consolidated ones and the files)
 
     def load_state_dict(self, state_dict):
         """Loads this rank's shards (shapes must match the current shards)."""
@@ -432,39 +326,19 @@ class _TPLayer:
                 continue
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing {key!r}")
-            value = _host_array(state_dict[key], f"state_dict[{key!r}]")
-            if value.shape != tuple(param.data.shape):
-                raise ValueError(f"state_dict[{key!r}] has shape {value.shape}, this rank's shard is "
+            value = self._place.readable(data_of(state_dict[key]), f"state_dict[{key!r}]")
+            if tuple(value.shape) != tuple(param.data.shape):
+                raise ValueError(f"state_dict[{key!r}] has shape {tuple(value.shape)}, this rank's shard is "
                                  f"{tuple(param.data.shape)}")
-            param.data = _like(param.data, value)
+            param.data = self._place.put(value, f"state_dict[{key!r}]")
 
     def consolidated_state_dict(self):
-        """The full parameters (collective over mp_group)."""
-        with GatherReplacedLayerParams(self.parameters(), self):
-            return {k: np.array(_host_array(v, k), copy=True) for k, v in self.state_dict().items()}
+        """The full parameters as NumPy arrays (collective over mp_group)."""
+        return checkpoint.consolidated_state_dict(self)
 
     def load_consolidated_state_dict(self, state_dict):
         """Loads full parameters and keeps this rank's shards (works at any group size)."""
-        for key, param in (("weight", self.weight), ("bias", self.bias)):
-            if param is None:
-                continue
-            if key not in state_dict:
-                raise ValueError(f"checkpoint is missing {key!r}")
-            value = _host_array(state_dict[key], f"checkpoint[{key!r}]")
-            full = self._full_shape if key == "weight" else [self._full_shape[0]]
-            if list(value.shape) != list(full):
-                raise ValueError(f"checkpoint[{key!r}] has shape {value.shape}, the layer's full shape is {tuple(full)}")
-            piece = _take(value, self._dim_of(param), self._my_pieces()) if self._is_sharded(param) else value
-            param.data = _like(param.data, piece)
-
-
-def _param_list(params):
-    """One parameter or an iterable of them, materialised once (a generator is not consumed twice)."""
-    if params is None:
-        return []
-    if isinstance(params, Parameter) or not hasattr(params, "__iter__") or isinstance(params, np.ndarray):
-        return [params]
-    return [p for p in params if p is not None]
+        checkpoint.load_consolidated_state_dict(self, state_dict)
 
 
 class LinearAllreduce(_TPLayer):
@@ -492,31 +366,29 @@ class LinearAllreduce(_TPLayer):
 
     def forward(self, x):
         w = self.weight.data
+        width = _shape(x, "input")[-1]
         if not self.input_is_parallel:
-            width = _shape(x, "input")[-1]
             if width != self.in_features:
                 raise ValueError(f"input's last dimension must be {self.in_features} (in_features, "
                                  f"input_is_parallel=False), got {width}")
             (off, size), = self._my_pieces()
             x = x[..., off:off + size]
-        elif self.tp_world_size > 1 and _shape(x, "input")[-1] != w.shape[1]:
+        elif self.tp_world_size > 1 and width != w.shape[1]:
             raise ValueError(f"input's last dimension must be {w.shape[1]} (this rank's shard of in_features="
-                             f"{self.in_features} over {self.tp_world_size} ranks), got {_shape(x, 'input')[-1]}")
-        y = _empty(_shape(x, "input")[:-1] + (w.shape[0],), w)
-        _C.row_forward(self.mp_group._handle, x, w, None if self.bias is None else self.bias.data, y)
+                             f"{self.in_features} over {self.tp_world_size} ranks), got {width}")
+        y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
+        _C.row_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
         self._input = x
         return y
 
     def backward(self, grad_output):
         x = _saved(self._input)
-        w = self.weight.data
-        dx = _empty(_shape(x, "input"), w)
-        _C.row_backward(self.mp_group._handle, grad_output, x, w, dx, _grad(self.weight),
-                        None if self.bias is None else _grad(self.bias))
+        dx = self._place.empty(_shape(x, "input"))
+        _C.row_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads())
         if self.input_is_parallel:
             return dx
-        full = _empty(dx.shape[:-1] + (self.in_features,), w)
-        _C.gather(self.mp_group._handle, dx, dx.ndim - 1, self._flat_ranges(), 1, full)
+        full = self._place.empty(dx.shape[:-1] + (self.in_features,))
+        _C.gather(self.mp_group._handle, dx, dx.ndim - 1, self._flat_ranges(), self._nblocks, full)
         return full
 
 
@@ -546,7 +418,8 @@ class LinearLayer(_TPLayer):
         if weight is None:
             if weight_shape is None or len(weight_shape) != 2:
                 raise ValueError(f"from_weights needs weight or a 2-d weight_shape, got {weight_shape!r}")
-            weight = np.zeros(tuple(int(s) for s in weight_shape), dtype=_dtype(dtype))
+            place = Placement.resolve(None, kwargs.get("device"), dtype)
+            weight = place.zeros(tuple(int(s) for s in weight_shape))
         return cls(_Module(weight, bias), mp_group=mp_group, skip_partition=True, **kwargs)
 
     @classmethod
@@ -558,28 +431,37 @@ class LinearLayer(_TPLayer):
 
     def forward(self, x):
         w = self.weight.data
-        y = _empty(_shape(x, "input")[:-1] + (w.shape[0],), w)
-        _C.col_forward(self.mp_group._handle, x, w, None if self.bias is None else self.bias.data, y)
+        y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
+        _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
         self._input = x
         if not self.gather_output:
             return y
-        full = _empty(y.shape[:-1] + (self.out_features,), w)
-        _C.gather(self.mp_group._handle, y, y.ndim - 1, self._flat_ranges(), len(self._pieces[0]), full)
+        full = self._place.empty(y.shape[:-1] + (self.out_features,))
+        _C.gather(self.mp_group._handle, y, y.ndim - 1, self._flat_ranges(), self._nblocks, full)
         return full
 
     def backward(self, grad_output):
         x = _saved(self._input)
-        w = self.weight.data
         if self.gather_output:
             width = _shape(grad_output, "grad_output")[-1]
             if width != self.out_features:
                 raise ValueError(f"grad_output's last dimension must be {self.out_features} (out_features, "
                                  f"gather_output=True), got {width}")
-            grad_output = _take(_host_array(grad_output, "grad_output"), -1, self._my_pieces())
-        dx = _empty(_shape(x, "input"), w)
-        _C.col_backward(self.mp_group._handle, grad_output, x, w, dx, _grad(self.weight),
-                        None if self.bias is None else _grad(self.bias), self.tp_overlap_comm)
+            grad_output = _shard_where_it_is(grad_output, self._flat_ranges(), self._nblocks, self.tp_index)
+        dx = self._place.empty(_shape(x, "input"))
+        _C.col_backward(self.mp_group._handle, grad_output, x, self.weight.data, dx, *self._grads(),
+                        self.tp_overlap_comm)
         return dx
+
+
+def _shard_where_it_is(arr, ranges, nblocks, rank):
+    """rank's pieces of arr's last dim, as a new array on arr's device in arr's dtype."""
+    if dtype_name(arr) is None:
+        arr = host_array(arr, "grad_output")
+    place = Placement.of(arr)
+    if place.device is None and place.dtype not in HOST_DTYPES:
+        arr = host_array(arr, "grad_output")  # reports the dtype the host cannot take
+    return place.shard(arr, len(arr.shape) - 1, ranges, nblocks, rank, "grad_output")
 
 
 class _Module:
@@ -593,19 +475,15 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     """Builds the layer around this rank's shard only, initialised in place from the counter-based
     generator with the shard's global offsets (no full copy is ever allocated)."""
     in_features, out_features = _check_features(in_features, out_features)
-    device = _layer_device(None, kwargs.get("device"))
-    dt, kwargs["dtype"] = _dtypes(dtype, device)
-    group = dist._group(mp_group, gpu=device is not None)
-    p, r = group.size, group.rank
-    if r < 0:
-        raise ValueError("this rank is not a member of mp_group")
-    training = is_training_mode()
+    place, group = _resolve(None, mp_group, kwargs.get("device"), dtype)
+    kwargs["dtype"] = place.dtype
+    host = host_dtype(place.dtype)
     split_dim = cls._shard_dim
     n = out_features if split_dim == 0 else in_features
-    pieces = _rule_pieces(n, p, training, name, kwargs.get("block_sizes"), kwargs.get("block_heads"))[r]
+    pieces = _rule_pieces(n, group.size, is_training_mode(), name, kwargs.get("block_sizes"),
+                          kwargs.get("block_heads"))[group.rank]
     local = sum(size for _, size in pieces)
-    wshape = (local, in_features) if split_dim == 0 else (out_features, local)
-    weight = np.empty(wshape, dtype=dt)
+    weight = np.empty((local, in_features) if split_dim == 0 else (out_features, local), dtype=host)
     at = 0
     for off, size in pieces:
         if split_dim == 0:
@@ -616,13 +494,13 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     b = None
     if bias:
         if split_dim == 0:
-            b = np.empty((local,), dtype=dt)
+            b = np.empty((local,), dtype=host)
             at = 0
             for off, size in pieces:
                 _init_block(b[at:at + size], seed, 1, in_features, 0, off, out_features)
                 at += size
         else:
-            b = np.empty((out_features,), dtype=dt)
+            b = np.empty((out_features,), dtype=host)
             _init_block(b, seed, 1, in_features, 0, 0, out_features)
     return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
 
@@ -635,67 +513,3 @@ def _rule_pieces(n, p, training, name, blocks=None, block_heads=None):
     blocks = [int(b) for b in blocks]
     flat = _C.partition_packed(blocks, p, training, block_heads, name)
     return [flat[r * len(blocks):(r + 1) * len(blocks)] for r in range(p)]
-
-
-# ---------------------------------------------------------------------------------------------- gather context
-
-
-class GatherReplacedLayerParams:
-    """Gathers the full parameters of replaced (tensor-parallel) layers on enter and re-partitions them on
-    exit, even when the body raises. Accepts one parameter or any iterable (a generator too); does
-    nothing when none of them is a replaced parameter or enabled=False. Collective over the layers'
-    groups: every rank enters together."""
-
-    def __init__(self, params, module=None, enabled=True):
-        self.module = module
-        self.enabled = bool(enabled)
-        self.params = _param_list(params) if self.enabled else []
-        self.layers = []
-        for p in self.params:
-            layer = getattr(p, "tp_layer", None) if getattr(p, "ds_is_replaced_module", False) else None
-            if layer is not None and all(layer is not l for l in self.layers):
-                self.layers.append(layer)
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.gather_params([p for p in self.params if getattr(p, "tp_layer", None) is layer])
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        for layer in self.layers:
-            layer._tp_partition([p for p in self.params if getattr(p, "tp_layer", None) is layer])
-        return False
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path, layers):
-    """Saves full (consolidated) parameters of {name: layer} to one .npz on rank 0 of the world, atomically.
-    Collective: every rank calls it. Reloads at any other group size with load_checkpoint."""
-    arrays = {}
-    for lname, layer in _named_layers(layers):
-        for key, value in layer.consolidated_state_dict().items():
-            arrays[f"{lname}.{key}"] = value
-    if dist.get_rank() == 0:
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-def load_checkpoint(path, layers):
-    """Loads a save_checkpoint file into {name: layer}, each rank keeping its shards."""
-    with np.load(path) as data:
-        for lname, layer in _named_layers(layers):
-            prefix = f"{lname}."
-            layer.load_consolidated_state_dict({k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)})
-
-
-def _named_layers(layers):
-    if not isinstance(layers, dict):
-        raise TypeError(f"layers must be a dict of name -> layer, got {type(layers).__name__}")
-    for lname, layer in layers.items():
-        if not isinstance(layer, _TPLayer):
-            raise TypeError(f"layers[{lname!r}] is a {type(layer).__name__}, not a tplinear layer")
-        yield lname, layer

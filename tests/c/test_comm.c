@@ -6,50 +6,16 @@
 #include <errno.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "check.h"
-
-static int free_port(void)
-{
-    struct sockaddr_in sa;
-    socklen_t len = sizeof sa;
-    int port = 0, fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return 0;
-    memset(&sa, 0, sizeof sa);
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0 && getsockname(fd, (struct sockaddr *)&sa, &len) == 0)
-        port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
-
-static tp_status init(int rank, int size, int port, double timeout, tp_group **g)
-{
-    tp_init_options o;
-    tp_init_options_default(&o);
-    o.rank = rank;
-    o.world_size = size;
-    o.local_rank = rank;
-    o.local_world_size = size;
-    o.master_addr = "127.0.0.1";
-    o.master_port = port;
-    o.timeout_s = timeout;
-    o.backend = "shm";
-    return tp_group_init_world(&o, g);
-}
+#include "world.h"
 
 /* rank k's value at i (small integers: float sums are exact) */
 static int64_t val(int k, size_t i, int salt) { return (int64_t)((i * 7 + (size_t)(13 * k + salt)) % 101) - 50; }
@@ -207,7 +173,7 @@ static int world(int rank, int size, int port)
     tp_group *w = NULL, *even = NULL, *all = NULL;
     int evens[4], ne = 0;
     float x[16];
-    EXPECT_OK(init(rank, size, port, 30.0, &w));
+    EXPECT_OK(world_init(rank, size, port, 30.0, &w));
     if (w == NULL) return 1;
     EXPECT(tp_group_rank(w) == rank && tp_group_size(w) == size && strcmp(tp_group_backend(w), "shm") == 0);
     collectives(w);
@@ -276,7 +242,7 @@ static int refused_later(int rank, int size, int port)
 {
     tp_group *w = NULL;
     double x[4096] = {0};
-    EXPECT_OK(init(rank, size, port, 10.0, &w));
+    EXPECT_OK(world_init(rank, size, port, 10.0, &w));
     if (w == NULL) return 1;
     EXPECT_OK(tp_all_reduce(w, x, 4096, TP_FLOAT64, TP_SUM));
     if (rank == 1) EXPECT(refuse_cma() == 0);
@@ -296,7 +262,7 @@ static int killed(int rank, int size, int port)
     double *x = calloc(killed_count, sizeof(double));
     tp_status st = TP_OK;
     if (x == NULL) return 1;
-    EXPECT_OK(init(rank, size, port, 10.0, &w));
+    EXPECT_OK(world_init(rank, size, port, 10.0, &w));
     if (w == NULL) return 1;
     EXPECT_OK(tp_all_reduce(w, x, killed_count, TP_FLOAT64, TP_SUM));
     if (rank == 1) raise(SIGKILL);
@@ -312,49 +278,10 @@ static int never_joins(int rank, int size, int port)
 {
     tp_group *w = NULL;
     if (rank == size - 1) return 0; /* never arrives */
-    EXPECT_STATUS(init(rank, size, port, 2.0, &w), TP_ERR_TIMEOUT);
+    EXPECT_STATUS(world_init(rank, size, port, 2.0, &w), TP_ERR_TIMEOUT);
     EXPECT(strstr(tp_last_error(), "waiting for rank 2 of 3 to join") != NULL);
     EXPECT(w == NULL);
     return tp_test_failures;
-}
-
-/* Forks size ranks running fn; returns the number of ranks that failed. expect_killed: that rank must
- * die of SIGKILL. */
-static int run_world(int size, int (*fn)(int, int, int), int expect_killed)
-{
-    pid_t pids[8];
-    int port = free_port(), bad = 0, left = size;
-    struct timespec nap = {0, 2000000};
-    time_t deadline = time(NULL) + 120;
-    if (port == 0) return 1;
-    for (int r = 0; r < size; r++) {
-        pids[r] = fork();
-        if (pids[r] < 0) return 1;
-        if (pids[r] == 0) exit(fn(r, size, port) ? 1 : 0);
-    }
-    while (left > 0) { /* reap promptly (a dead rank must not linger as a zombie) */
-        int status;
-        pid_t pid = waitpid(-1, &status, WNOHANG);
-        if (pid > 0) {
-            int r = 0;
-            while (r < size && pids[r] != pid) r++;
-            left--;
-            if (r == expect_killed ? !(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
-                                   : !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
-                fprintf(stderr, "world of %d: rank %d failed (status 0x%x)\n", size, r, status);
-                bad++;
-            }
-            continue;
-        }
-        if (time(NULL) > deadline) {
-            fprintf(stderr, "world of %d: timed out, killing\n", size);
-            for (int r = 0; r < size; r++) kill(pids[r], SIGKILL);
-            deadline = time(NULL) + 1000;
-            bad++;
-        }
-        nanosleep(&nap, NULL);
-    }
-    return bad;
 }
 
 int main(void)

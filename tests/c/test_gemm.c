@@ -150,6 +150,15 @@ static void test_errors(void)
     EXPECT(strstr(tp_last_error(), "float64") != NULL && strstr(tp_last_error(), "float32") != NULL);
     EXPECT_STATUS(tp_linear_forward(&XI, &W, NULL, &Y), TP_ERR_TYPE);
     EXPECT_STATUS(tp_tensor_init(&X, x, TP_FLOAT32, 9, (int64_t[]){1, 1, 1, 1, 1, 1, 1, 1, 1}), TP_ERR_VALUE);
+    /* GPU tensors in a build without CUDA: the GEMM dispatch says so (nothing is dereferenced) */
+    {
+        tp_tensor WG = W, XG, YG = Y;
+        EXPECT_OK(tp_tensor_init(&XG, x, TP_FLOAT32, 2, (int64_t[]){2, 3}));
+        WG.device.type = XG.device.type = YG.device.type = TP_DEVICE_CUDA;
+        EXPECT_STATUS(tp_linear_forward(&XG, &WG, NULL, &YG), TP_ERR_UNSUPPORTED);
+        EXPECT(strstr(tp_last_error(), "built without CUDA") != NULL);
+        EXPECT_STATUS(tp_tensor_copy(&YG, &Y), TP_ERR_UNSUPPORTED);
+    }
 }
 
 static void test_init_shards(void)

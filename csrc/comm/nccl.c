@@ -7,7 +7,7 @@
  *   ncclCommAbort instead of a hang. TPLINEAR_NCCL_ASYNC=1 skips that wait: the collective returns once
  *   enqueued and the wait (still bounded) happens at the group's next collective, barrier or destroy.
  * - The world's ncclUniqueId comes from group rank 0 through the rendezvous store; subgroups split the
- *   parent communicator (tp_nccl_split) or, without one, make a fresh id the same way.
+ *   parent communicator (nccl_split) or, without one, make a fresh id the same way.
  * - The GPU of a communicator is LOCAL_RANK modulo the visible device count. Buffers on that GPU are
  *   used in place; host buffers (NumPy bookkeeping, e.g. the layers' construction checks) are staged
  *   through a temporary device buffer, a copy each way; a buffer on another GPU is an error. */
@@ -19,8 +19,8 @@
 
 #include <nccl.h>
 
-#include "../comm/store.h"
-#include "cuda.h"
+#include "../device/cuda.h"
+#include "backend.h"
 
 typedef struct {
     ncclComm_t comm;
@@ -33,6 +33,8 @@ typedef struct {
     double pending_since;
     void *scratch;      /* 1 int32 on the device, for barriers */
 } nccl_impl;
+
+extern const tp_backend tp_nccl_backend;
 
 static nccl_impl *impl_of(tp_group *g) { return (nccl_impl *)g->impl; }
 
@@ -368,19 +370,17 @@ freed:
     g->impl = NULL;
 }
 
-static const tp_backend nccl_backend = {
-    "nccl", b_all_reduce, b_all_gatherv, b_reduce_scatter, b_broadcast, b_barrier, b_abort, b_destroy,
-};
-
 /* ---------------------------------------------------------------- construction */
 
 static tp_status impl_new(tp_group *g, int device, nccl_impl **out)
 {
     tp_status st = TP_OK;
+    long async = 0;
     nccl_impl *im = calloc(1, sizeof *im);
     if (im == NULL) return tp_error(TP_ERR_NOMEM, "nccl: out of memory");
     im->device = device;
-    im->async = tp_env_long("TPLINEAR_NCCL_ASYNC", 0) == 1;
+    TP_CHECK(tp_knob_int(TP_KNOB_NCCL_ASYNC, &async));
+    im->async = async == 1;
     TP_CU(cudaSetDevice(device), "cudaSetDevice");
     TP_CU(cudaEventCreateWithFlags(&im->done, cudaEventDisableTiming), "cudaEventCreate");
     TP_CU(cudaMalloc(&im->scratch, sizeof(int32_t)), "cudaMalloc");
@@ -401,7 +401,7 @@ static void config_init(ncclConfig_t *cfg, tp_group *g)
     *cfg = c;
 }
 
-tp_status tp_nccl_create(tp_group *g)
+static tp_status nccl_create(tp_group *g)
 {
     tp_status st = TP_OK;
     ncclUniqueId id;
@@ -439,7 +439,6 @@ tp_status tp_nccl_create(tp_group *g)
     }
     config_init(&cfg, g);
     g->impl = im;
-    g->backend = &nccl_backend;
     st = settle(g, ncclCommInitRankConfig(&im->comm, g->size, id, g->rank, &cfg), "init");
     if (st != TP_OK) goto out;
     tp_log(TP_LOG_INFO, "nccl: group %s rank %d of %d on cuda:%d (%s)", g->prefix, g->rank, g->size, device,
@@ -449,15 +448,12 @@ out:
     if (im) {
         if (im->comm && !im->aborted) ncclCommAbort(im->comm);
         impl_free(im, im->device);
-        if (g) {
-            g->impl = NULL;
-            g->backend = NULL;
-        }
+        if (g) g->impl = NULL;
     }
     return st;
 }
 
-tp_status tp_nccl_split(tp_group *parent, tp_group *child)
+static tp_status nccl_split(tp_group *parent, tp_group *child)
 {
     tp_status st = TP_OK;
     nccl_impl *pim = impl_of(parent), *im = NULL;
@@ -465,7 +461,7 @@ tp_status tp_nccl_split(tp_group *parent, tp_group *child)
     ncclComm_t comm = NULL;
     ncclResult_t r;
     int member = child != NULL && child->rank >= 0;
-    TP_REQUIRE(parent && parent->backend == &nccl_backend, "nccl split: the parent group is not an nccl group");
+    TP_REQUIRE(parent && parent->backend == &tp_nccl_backend, "nccl split: the parent group is not an nccl group");
     TP_CHECK(check_usable(parent, "split"));
     if (member) TP_CHECK(impl_new(child, pim->device, &im));
     config_init(&cfg, member ? child : parent);
@@ -478,12 +474,10 @@ tp_status tp_nccl_split(tp_group *parent, tp_group *child)
     /* the new communicator finishes initialising in the background: poll it */
     im->comm = comm;
     child->impl = im;
-    child->backend = &nccl_backend;
     if (r == ncclSuccess && ncclCommGetAsyncError(comm, &r) != ncclSuccess) r = ncclInternalError;
     st = settle(child, r, "split");
     if (st != TP_OK) {
         child->impl = NULL;
-        child->backend = NULL;
         goto out;
     }
     tp_log(TP_LOG_INFO, "nccl: group %s split from %s, rank %d of %d", child->prefix, parent->prefix, child->rank,
@@ -496,3 +490,21 @@ out:
     }
     return st;
 }
+
+const tp_backend tp_nccl_backend = {
+    .name = "nccl",
+    .devices = 1u << TP_DEVICE_CUDA, /* host buffers are staged through the GPU (stage_in) */
+    .one_host = 0,
+    .groups_of_one = 1, /* a GPU world of one still runs its collectives on the device */
+    .create = nccl_create,
+    .split = nccl_split,
+    .all_reduce = b_all_reduce,
+    .all_gatherv = b_all_gatherv,
+    .reduce_scatter = b_reduce_scatter,
+    .broadcast = b_broadcast,
+    .barrier = b_barrier,
+    .abort = b_abort,
+    .destroy = b_destroy,
+    .staging = NULL,
+    .all_reduce_staged = NULL,
+};

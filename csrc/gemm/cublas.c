@@ -1,16 +1,143 @@
-/* GPU GEMMs through cuBLAS / cuBLASLt on the current stream.
+/* GPU GEMMs through cuBLAS / cuBLASLt on the current stream, and the per-device cuBLAS handles.
  *
  * tp_mat is row-major; cuBLAS is column-major. A row-major [r, c] matrix with leading dimension ld is
  * the column-major [c, r] matrix with the same ld, so C = op(A) op(B) (row-major) is computed as the
  * column-major C^T = op(B)^T op(A)^T: cuBLAS's "A" is our B, its "B" is our A, M = n, N = m.
  *
  * Precision: float32 (TF32 tensor cores only with tp_cuda_set_allow_tf32(1)), float64, and float16 /
- * bfloat16 with float32 accumulation and float32 alpha/beta. */
+ * bfloat16 with float32 accumulation and float32 alpha/beta. Only compiled into TPLINEAR_CUDA builds. */
 #include <limits.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
-#include "../gemm/gemm.h"
-#include "cuda.h"
+#include <cublasLt.h>
+#include <cublas_v2.h>
+
+#include "../device/cuda.h"
+#include "gemm.h"
+
+/* Checks a cuBLAS / cuBLASLt call; on failure records "what: name (string)" and jumps to out. */
+#define TP_CUBLAS(expr, what)                                                                \
+    do {                                                                                     \
+        cublasStatus_t b_ = (expr);                                                          \
+        if (b_ != CUBLAS_STATUS_SUCCESS) {                                                   \
+            st = tp_error(TP_ERR_CUDA, "%s: %s (%s)", (what), cublasGetStatusName(b_),       \
+                          cublasGetStatusString(b_));                                        \
+            goto out;                                                                        \
+        }                                                                                    \
+    } while (0)
+
+/* ---------------------------------------------------------------- per-device handles */
+
+#define MAX_DEVICES 64
+
+/* Lazily created per-device state. Handles are shared by every thread of the process; calls that set
+ * the handle's stream and enqueue hold g_lock. */
+typedef struct {
+    cublasHandle_t blas;
+    cublasLtHandle_t lt;
+    void *workspace; /* cuBLAS / cuBLASLt workspace */
+    size_t workspace_bytes;
+    void *ones[4];   /* a vector of ones per floating dtype (TP_FLOAT32..TP_BFLOAT16) */
+    int64_t ones_len[4];
+} cublas_ctx;
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static cublas_ctx *g_ctx[MAX_DEVICES];
+
+/* Creates the handles of a device; called with the lock held. */
+static tp_status ctx_create(int device, cublas_ctx **out)
+{
+    tp_status st = TP_OK;
+    cublas_ctx *c = calloc(1, sizeof *c);
+    cudaMemPool_t pool;
+    uint64_t keep = UINT64_MAX;
+    if (c == NULL) return tp_error(TP_ERR_NOMEM, "out of memory for the CUDA context");
+    TP_CUBLAS(cublasCreate(&c->blas), "cublasCreate");
+    TP_CUBLAS(cublasLtCreate(&c->lt), "cublasLtCreate");
+    /* 32 MiB: what cuBLAS recommends for Hopper; also enough for earlier architectures */
+    c->workspace_bytes = (size_t)32 << 20;
+    TP_CU(cudaMalloc(&c->workspace, c->workspace_bytes), "cudaMalloc (cuBLAS workspace)");
+    TP_CUBLAS(cublasSetWorkspace(c->blas, c->workspace, c->workspace_bytes), "cublasSetWorkspace");
+    TP_CUBLAS(cublasSetPointerMode(c->blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    /* stream-ordered allocations of outputs should not go back to the driver at every sync */
+    if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess)
+        (void)cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    (void)cudaGetLastError();
+    tp_log(TP_LOG_INFO, "CUDA device %d: cuBLAS ready, workspace %zu MiB", device, c->workspace_bytes >> 20);
+    *out = c;
+    c = NULL;
+out:
+    if (c) {
+        if (c->workspace) cudaFree(c->workspace);
+        if (c->lt) cublasLtDestroy(c->lt);
+        if (c->blas) cublasDestroy(c->blas);
+        free(c);
+    }
+    return st;
+}
+
+static tp_status ctx_get(int device, cublas_ctx **ctx)
+{
+    tp_status st = TP_OK;
+    TP_CHECK(tp_cuda_use_device(device));
+    TP_REQUIRE(device < MAX_DEVICES, "CUDA device %d: at most %d devices are supported", device,
+               MAX_DEVICES);
+    pthread_mutex_lock(&g_lock);
+    if (g_ctx[device] == NULL) st = ctx_create(device, &g_ctx[device]);
+    *ctx = g_ctx[device];
+    pthread_mutex_unlock(&g_lock);
+out:
+    return st;
+}
+
+/* A device vector of at least n ones of dtype dt (grown on demand, cached). Caller holds the lock. */
+static tp_status ones_of(cublas_ctx *ctx, tp_dtype dt, int64_t n, const void **ones)
+{
+    tp_status st = TP_OK;
+    int i = (int)dt;
+    size_t item = tp_dtype_size(dt);
+    void *host = NULL, *dev = NULL;
+    int64_t len;
+    TP_REQUIRE(i >= TP_FLOAT32 && i <= TP_BFLOAT16, "no ones vector for dtype %s", tp_dtype_name(dt));
+    if (ctx->ones_len[i] >= n && ctx->ones[i]) {
+        *ones = ctx->ones[i];
+        goto out;
+    }
+    len = n < 4096 ? 4096 : n + n / 2;
+    host = malloc((size_t)len * item);
+    if (host == NULL) {
+        st = tp_error(TP_ERR_NOMEM, "out of memory for a ones vector of %lld", (long long)len);
+        goto out;
+    }
+    for (int64_t j = 0; j < len; j++) {
+        switch (dt) {
+        case TP_FLOAT32: ((float *)host)[j] = 1.0f; break;
+        case TP_FLOAT64: ((double *)host)[j] = 1.0; break;
+        case TP_FLOAT16: ((uint16_t *)host)[j] = 0x3C00; break;
+        default: ((uint16_t *)host)[j] = 0x3F80; break; /* bfloat16 */
+        }
+    }
+    TP_CU(cudaMalloc(&dev, (size_t)len * item), "cudaMalloc (ones vector)");
+    /* one-time setup, synchronous: the host buffer is freed right after */
+    TP_CU(cudaMemcpy(dev, host, (size_t)len * item, cudaMemcpyHostToDevice), "cudaMemcpy (ones vector)");
+    if (ctx->ones[i]) {
+        /* the old vector may still be read by queued work */
+        TP_CU(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        cudaFree(ctx->ones[i]);
+    }
+    ctx->ones[i] = dev;
+    ctx->ones_len[i] = len;
+    dev = NULL;
+    *ones = ctx->ones[i];
+out:
+    if (dev) cudaFree(dev);
+    free(host);
+    return st;
+}
+
+/* ---------------------------------------------------------------- GEMMs */
 
 typedef struct {
     cudaDataType_t type;
@@ -102,7 +229,7 @@ out:
 }
 
 /* The cublasGemmEx call of a row-major C = op(A) op(B) (+ C). Caller holds the lock. */
-static tp_status gemm_ex(tp_cuda_ctx *ctx, const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c,
+static tp_status gemm_ex(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c,
                          double beta)
 {
     tp_status st = TP_OK;
@@ -121,30 +248,30 @@ out:
     return st;
 }
 
-tp_status tp_gemm_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
+static tp_status cu_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
 {
     tp_status st = TP_OK;
-    tp_cuda_ctx *ctx;
+    cublas_ctx *ctx;
     int64_t k = ta ? a->rows : a->cols;
     TP_CHECK(check_mats(a, b, c));
     if (c->rows == 0 || c->cols == 0) goto out;
-    TP_CHECK(tp_cuda_ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx));
     if (k == 0) {
         if (!accumulate) TP_CHECK(zero_mat(c));
         goto out;
     }
-    tp_cuda_lock();
+    pthread_mutex_lock(&g_lock);
     st = gemm_ex(ctx, a, ta, b, tb, c, accumulate ? 1.0 : 0.0);
-    tp_cuda_unlock();
+    pthread_mutex_unlock(&g_lock);
 out:
     return st;
 }
 
 /* Each row of C = bias (mode 0) or += bias (mode 1): the rank-1 GEMM C^T (+)= bias * ones^T. */
-tp_status tp_rows_cuda(tp_mat *c, const void *bias, int mode)
+static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
 {
     tp_status st = TP_OK;
-    tp_cuda_ctx *ctx;
+    cublas_ctx *ctx;
     const void *ones;
     gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
     scalar sa, sb;
@@ -154,25 +281,25 @@ tp_status tp_rows_cuda(tp_mat *c, const void *bias, int mode)
     TP_CHECK(check_dims(c->ld, "leading dimension"));
     if (c->rows == 0 || c->cols == 0) goto out;
     TP_CHECK(types_of(c->dtype, &t));
-    TP_CHECK(tp_cuda_ctx_get(c->device.index, &ctx));
-    tp_cuda_lock();
+    TP_CHECK(ctx_get(c->device.index, &ctx));
+    pthread_mutex_lock(&g_lock);
     locked = 1;
-    TP_CHECK(tp_cuda_ones(ctx, c->dtype, c->rows, &ones));
+    TP_CHECK(ones_of(ctx, c->dtype, c->rows, &ones));
     TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
     TP_CUBLAS(cublasGemmEx(ctx->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)c->cols, (int)c->rows, 1, scal(&t, &sa, 1.0),
                            bias, t.type, (int)c->cols, ones, t.type, 1, scal(&t, &sb, mode ? 1.0 : 0.0), c->data,
                            t.type, (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (bias rows)");
 out:
-    if (locked) tp_cuda_unlock();
+    if (locked) pthread_mutex_unlock(&g_lock);
     return st;
 }
 
 /* out (cols) += A^T ones: a GEMV as a GEMM with N = 1, float32 accumulation for half types. */
-tp_status tp_col_sums_cuda(const tp_mat *a, void *out)
+static tp_status cu_col_sums(const tp_mat *a, void *out)
 {
     tp_status st = TP_OK;
-    tp_cuda_ctx *ctx;
+    cublas_ctx *ctx;
     const void *ones;
     gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
     scalar sa, sb;
@@ -182,10 +309,10 @@ tp_status tp_col_sums_cuda(const tp_mat *a, void *out)
     TP_CHECK(check_dims(a->ld, "leading dimension"));
     if (a->rows == 0 || a->cols == 0) goto out;
     TP_CHECK(types_of(a->dtype, &t));
-    TP_CHECK(tp_cuda_ctx_get(a->device.index, &ctx));
-    tp_cuda_lock();
+    TP_CHECK(ctx_get(a->device.index, &ctx));
+    pthread_mutex_lock(&g_lock);
     locked = 1;
-    TP_CHECK(tp_cuda_ones(ctx, a->dtype, a->rows, &ones));
+    TP_CHECK(ones_of(ctx, a->dtype, a->rows, &ones));
     TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
     TP_CUBLAS(cublasGemmEx(ctx->blas, a->trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, (int)a->cols, 1,
                            (int)a->rows, scal(&t, &sa, 1.0), a->data, t.type, (int)a->ld, ones, t.type,
@@ -193,7 +320,7 @@ tp_status tp_col_sums_cuda(const tp_mat *a, void *out)
                            CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (column sums)");
 out:
-    if (locked) tp_cuda_unlock();
+    if (locked) pthread_mutex_unlock(&g_lock);
     return st;
 }
 
@@ -202,7 +329,7 @@ out:
 /* C = op(A) op(B) + bias through cuBLASLt's BIAS epilogue (bias broadcast along the rows of the
  * row-major C = the columns of the column-major D). Returns TP_ERR_UNSUPPORTED, with no work queued,
  * when cuBLASLt has no algorithm for the case. Caller holds the lock. */
-static tp_status lt_bias(tp_cuda_ctx *ctx, const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c,
+static tp_status lt_bias(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c,
                          const void *bias)
 {
     tp_status st = TP_OK;
@@ -255,25 +382,33 @@ out:
     return st;
 }
 
-tp_status tp_gemm_bias_cuda(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
+static tp_status cu_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
 {
     tp_status st = TP_OK;
-    tp_cuda_ctx *ctx;
+    cublas_ctx *ctx;
     int64_t k = ta ? a->rows : a->cols;
     TP_CHECK(check_mats(a, b, c));
     if (c->rows == 0 || c->cols == 0) goto out;
-    TP_CHECK(tp_cuda_ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx));
     if (k > 0) {
-        tp_cuda_lock();
+        pthread_mutex_lock(&g_lock);
         st = lt_bias(ctx, a, ta, b, tb, c, bias);
-        tp_cuda_unlock();
+        pthread_mutex_unlock(&g_lock);
         if (st != TP_ERR_UNSUPPORTED) goto out;
         tp_log(TP_LOG_INFO, "%s; bias added by a separate GEMM", tp_last_error());
         st = TP_OK;
     }
     /* fallback: rows = bias, then the accumulating GEMM */
-    TP_CHECK(tp_rows_cuda(c, bias, 0));
-    TP_CHECK(tp_gemm_cuda(a, ta, b, tb, c, 1));
+    TP_CHECK(cu_rows(c, bias, 0));
+    TP_CHECK(cu_gemm(a, ta, b, tb, c, 1));
 out:
     return st;
 }
+
+const tp_gemm_provider tp_gemm_cublas = {
+    .name = "cuBLAS",
+    .gemm = cu_gemm,
+    .rows = cu_rows,
+    .col_sums = cu_col_sums,
+    .gemm_bias = cu_gemm_bias,
+};

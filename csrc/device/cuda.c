@@ -1,6 +1,4 @@
-/* CUDA runtime pieces: availability, the process-wide stream, per-device handles, device memory. */
-#include <pthread.h>
-#include <stdlib.h>
+/* The CUDA runtime: availability, the process-wide stream, device memory and copies. */
 #include <string.h>
 
 #include "cuda.h"
@@ -42,21 +40,15 @@ int tp_cuda_get_allow_tf32(void)
 {
     int v = __atomic_load_n(&g_tf32, __ATOMIC_ACQUIRE);
     if (v < 0) {
-        v = tp_env_long("TPLINEAR_ALLOW_TF32", 0) == 1;
+        v = tp_knob_value(TP_KNOB_ALLOW_TF32) == 1;
         __atomic_store_n(&g_tf32, v, __ATOMIC_RELEASE);
     }
     return v;
 }
 
-/* ---------------------------------------------------------------- per-device handles */
+/* ---------------------------------------------------------------- devices */
 
-static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
-static tp_cuda_ctx *g_ctx[TP_CUDA_MAX_DEVICES];
-
-void tp_cuda_lock(void) { pthread_mutex_lock(&g_lock); }
-void tp_cuda_unlock(void) { pthread_mutex_unlock(&g_lock); }
-
-static tp_status set_device(int device)
+tp_status tp_cuda_use_device(int device)
 {
     tp_status st = TP_OK;
     int n = tp_cuda_device_count();
@@ -64,98 +56,6 @@ static tp_status set_device(int device)
     TP_REQUIRE(device >= 0 && device < n, "CUDA device %d does not exist (%d visible)", device, n);
     TP_CU(cudaSetDevice(device), "cudaSetDevice");
 out:
-    return st;
-}
-
-/* Creates the handles of a device; called with the lock held. */
-static tp_status ctx_create(int device, tp_cuda_ctx **out)
-{
-    tp_status st = TP_OK;
-    tp_cuda_ctx *c = calloc(1, sizeof *c);
-    cudaMemPool_t pool;
-    uint64_t keep = UINT64_MAX;
-    if (c == NULL) return tp_error(TP_ERR_NOMEM, "out of memory for the CUDA context");
-    TP_CUBLAS(cublasCreate(&c->blas), "cublasCreate");
-    TP_CUBLAS(cublasLtCreate(&c->lt), "cublasLtCreate");
-    /* 32 MiB: what cuBLAS recommends for Hopper; also enough for earlier architectures */
-    c->workspace_bytes = (size_t)32 << 20;
-    TP_CU(cudaMalloc(&c->workspace, c->workspace_bytes), "cudaMalloc (cuBLAS workspace)");
-    TP_CUBLAS(cublasSetWorkspace(c->blas, c->workspace, c->workspace_bytes), "cublasSetWorkspace");
-    TP_CUBLAS(cublasSetPointerMode(c->blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-    /* stream-ordered allocations of outputs should not go back to the driver at every sync */
-    if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess)
-        (void)cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
-    (void)cudaGetLastError();
-    tp_log(TP_LOG_INFO, "CUDA device %d: cuBLAS ready, workspace %zu MiB", device, c->workspace_bytes >> 20);
-    *out = c;
-    c = NULL;
-out:
-    if (c) {
-        if (c->workspace) cudaFree(c->workspace);
-        if (c->lt) cublasLtDestroy(c->lt);
-        if (c->blas) cublasDestroy(c->blas);
-        free(c);
-    }
-    return st;
-}
-
-tp_status tp_cuda_ctx_get(int device, tp_cuda_ctx **ctx)
-{
-    tp_status st = TP_OK;
-    TP_CHECK(set_device(device));
-    TP_REQUIRE(device < TP_CUDA_MAX_DEVICES, "CUDA device %d: at most %d devices are supported", device,
-               TP_CUDA_MAX_DEVICES);
-    tp_cuda_lock();
-    if (g_ctx[device] == NULL) st = ctx_create(device, &g_ctx[device]);
-    *ctx = g_ctx[device];
-    tp_cuda_unlock();
-out:
-    return st;
-}
-
-static const char *dtype_label(tp_dtype dt) { return tp_dtype_name(dt); }
-
-tp_status tp_cuda_ones(tp_cuda_ctx *ctx, tp_dtype dt, int64_t n, const void **ones)
-{
-    tp_status st = TP_OK;
-    int i = (int)dt;
-    size_t item = tp_dtype_size(dt);
-    void *host = NULL, *dev = NULL;
-    int64_t len;
-    TP_REQUIRE(i >= TP_FLOAT32 && i <= TP_BFLOAT16, "no ones vector for dtype %s", dtype_label(dt));
-    if (ctx->ones_len[i] >= n && ctx->ones[i]) {
-        *ones = ctx->ones[i];
-        goto out;
-    }
-    len = n < 4096 ? 4096 : n + n / 2;
-    host = malloc((size_t)len * item);
-    if (host == NULL) {
-        st = tp_error(TP_ERR_NOMEM, "out of memory for a ones vector of %lld", (long long)len);
-        goto out;
-    }
-    for (int64_t j = 0; j < len; j++) {
-        switch (dt) {
-        case TP_FLOAT32: ((float *)host)[j] = 1.0f; break;
-        case TP_FLOAT64: ((double *)host)[j] = 1.0; break;
-        case TP_FLOAT16: ((uint16_t *)host)[j] = 0x3C00; break;
-        default: ((uint16_t *)host)[j] = 0x3F80; break; /* bfloat16 */
-        }
-    }
-    TP_CU(cudaMalloc(&dev, (size_t)len * item), "cudaMalloc (ones vector)");
-    /* one-time setup, synchronous: the host buffer is freed right after */
-    TP_CU(cudaMemcpy(dev, host, (size_t)len * item, cudaMemcpyHostToDevice), "cudaMemcpy (ones vector)");
-    if (ctx->ones[i]) {
-        /* the old vector may still be read by queued work */
-        TP_CU(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-        cudaFree(ctx->ones[i]);
-    }
-    ctx->ones[i] = dev;
-    ctx->ones_len[i] = len;
-    dev = NULL;
-    *ones = ctx->ones[i];
-out:
-    if (dev) cudaFree(dev);
-    free(host);
     return st;
 }
 
@@ -167,7 +67,7 @@ tp_status tp_cuda_stream_order(int device, void *other, int other_waits)
     cudaEvent_t ev = NULL;
     cudaStream_t mine = tp_cuda_stream(), theirs = (cudaStream_t)other;
     if (mine == theirs) return TP_OK;
-    TP_CHECK(set_device(device));
+    TP_CHECK(tp_cuda_use_device(device));
     TP_CU(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
     TP_CU(cudaEventRecord(ev, other_waits ? mine : theirs), "cudaEventRecord");
     TP_CU(cudaStreamWaitEvent(other_waits ? theirs : mine, ev, 0), "cudaStreamWaitEvent");
@@ -179,7 +79,7 @@ out:
 tp_status tp_cuda_synchronize(int device)
 {
     tp_status st = TP_OK;
-    TP_CHECK(set_device(device));
+    TP_CHECK(tp_cuda_use_device(device));
     TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
 out:
     return st;
@@ -191,7 +91,7 @@ tp_status tp_cuda_malloc(int device, size_t bytes, void **ptr)
 {
     tp_status st = TP_OK;
     *ptr = NULL;
-    TP_CHECK(set_device(device));
+    TP_CHECK(tp_cuda_use_device(device));
     TP_CU(cudaMallocAsync(ptr, bytes > 0 ? bytes : 1, tp_cuda_stream()), "cudaMallocAsync");
 out:
     return st;
@@ -201,7 +101,7 @@ tp_status tp_cuda_free(int device, void *ptr)
 {
     tp_status st = TP_OK;
     if (ptr == NULL) return TP_OK;
-    TP_CHECK(set_device(device));
+    TP_CHECK(tp_cuda_use_device(device));
     TP_CU(cudaFreeAsync(ptr, tp_cuda_stream()), "cudaFreeAsync");
 out:
     return st;
@@ -211,7 +111,7 @@ tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes)
 {
     tp_status st = TP_OK;
     if (bytes == 0) return TP_OK;
-    TP_CHECK(set_device(device));
+    TP_CHECK(tp_cuda_use_device(device));
     TP_CU(cudaMemsetAsync(ptr, 0, bytes, tp_cuda_stream()), "cudaMemsetAsync");
 out:
     return st;
@@ -222,7 +122,7 @@ tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes)
     tp_status st = TP_OK;
     int dd, sd;
     if (bytes == 0) return TP_OK;
-    TP_CHECK(set_device(device));
+    TP_CHECK(tp_cuda_use_device(device));
     TP_CHECK(tp_cuda_pointer_device(dst, &dd));
     TP_CHECK(tp_cuda_pointer_device(src, &sd));
     TP_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, tp_cuda_stream()), "cudaMemcpyAsync");
@@ -288,7 +188,7 @@ tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src)
     if (nd >= 2 && dst->shape[nd - 2] > 1)
         TP_REQUIRE(dst->strides[nd - 2] >= dst->shape[nd - 1] && src->strides[nd - 2] >= src->shape[nd - 1],
                    "copy: overlapping rows");
-    TP_CHECK(set_device(device));
+    TP_CHECK(tp_cuda_use_device(device));
     TP_CHECK(copy_rec(dst->data, src->data, dst, src, 0, item));
     if (dst->device.type != TP_DEVICE_CUDA || src->device.type != TP_DEVICE_CUDA)
         TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");

@@ -1,4 +1,5 @@
-/* CPU GEMM through OpenBLAS (scipy-openblas32: symbols prefixed scipy_, 32-bit BLAS ints). */
+/* The GEMM provider for host memory: OpenBLAS (scipy-openblas32: symbols prefixed scipy_, 32-bit BLAS ints),
+ * and the BLAS thread count. */
 #include <limits.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -14,7 +15,7 @@ static tp_status check_int(int64_t v, const char *what)
     return TP_OK;
 }
 
-tp_status tp_gemm_cpu(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
+static tp_status blas_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
 {
     tp_status st = TP_OK;
     /* op(A) is [m, k], op(B) is [k, n]; a stored-transposed view flips the BLAS transpose flag */
@@ -54,7 +55,7 @@ out:
     return st;
 }
 
-tp_status tp_rows_cpu(tp_mat *c, const void *bias, int mode)
+static tp_status blas_rows(tp_mat *c, const void *bias, int mode)
 {
     tp_status st = TP_OK;
     TP_REQUIRE(!c->trans, "bias: output must be row-major");
@@ -84,7 +85,7 @@ out:
 }
 
 /* Column sums, accumulated in double so long batches keep float32 precision. */
-tp_status tp_col_sums_cpu(const tp_mat *a, void *out)
+static tp_status blas_col_sums(const tp_mat *a, void *out)
 {
     tp_status st = TP_OK;
     double *acc = NULL;
@@ -116,18 +117,39 @@ out:
     return st;
 }
 
+/* C = op(A) op(B) + bias: the rows of C set to bias, then an accumulating GEMM. */
+static tp_status blas_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
+{
+    tp_status st = TP_OK;
+    TP_CHECK(blas_rows(c, bias, 0));
+    TP_CHECK(blas_gemm(a, ta, b, tb, c, 1));
+out:
+    return st;
+}
+
+const tp_gemm_provider tp_gemm_openblas = {
+    .name = "OpenBLAS",
+    .gemm = blas_gemm,
+    .rows = blas_rows,
+    .col_sums = blas_col_sums,
+    .gemm_bias = blas_gemm_bias,
+};
+
 tp_status tp_set_num_threads(int n)
 {
-    if (n <= 0) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        long local = tp_env_long("LOCAL_WORLD_SIZE", 1);
+    tp_status st = TP_OK;
+    if (n <= 0) { /* this rank's share of the cores: the local world from the launcher's environment */
+        long cores = sysconf(_SC_NPROCESSORS_ONLN), local;
+        tp_world_env w;
+        TP_CHECK(tp_world_from_env(&w));
+        local = w.local_world_size > 0 ? w.local_world_size : 1;
         if (cores < 1) cores = 1;
-        if (local < 1) local = 1;
         n = (int)(cores / local > 0 ? cores / local : 1);
     }
     scipy_openblas_set_num_threads(n);
     tp_log(TP_LOG_INFO, "BLAS threads: %d", n);
-    return TP_OK;
+out:
+    return st;
 }
 
 int tp_get_num_threads(void) { return scipy_openblas_get_num_threads(); }
