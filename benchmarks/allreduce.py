@@ -46,7 +46,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info  # noqa: E402
+from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info, save_report  # noqa: E402
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20]  # 32 MB: a row output
 COLLS = ["all_reduce", "reduce_scatter", "all_gather"]
@@ -114,7 +114,23 @@ class Api:
         raise NotImplementedError
 
 
-class TplinearApi(Api):
+class NumpyApi(Api):
+    """Frameworks on NumPy arrays: the subclass gives ar(buf), rs(send, recv), ag(send, recv)."""
+
+    def collective(self, coll, size):
+        import numpy as np
+        n = size // 4
+        if coll == "all_reduce":
+            buf = zeros(np, n)
+            return lambda: self.ar(buf)
+        small = zeros(np, n // self.p)
+        big = zeros(np, small.size * self.p)
+        if coll == "reduce_scatter":
+            return lambda: self.rs(big, small)
+        return lambda: self.ag(small, big)
+
+
+class TplinearApi(NumpyApi):
     def __init__(self):
         import numpy as np
         import tplinear.distributed as dist
@@ -132,19 +148,17 @@ class TplinearApi(Api):
     def sum_all(self, x):
         return self.max_all(x, op="sum")
 
-    def collective(self, coll, size):
-        np, dist, n = self.np, self.dist, size // 4
-        if coll == "all_reduce":
-            buf = zeros(np, n)
-            return lambda: dist.all_reduce(buf)
-        small = zeros(np, n // self.p)
-        big = zeros(np, small.size * self.p)
-        if coll == "reduce_scatter":
-            return lambda: dist.reduce_scatter_tensor(small, big)
-        return lambda: dist.all_gather_into_tensor(big, small)
+    def ar(self, buf):
+        self.dist.all_reduce(buf)
+
+    def rs(self, send, recv):
+        self.dist.reduce_scatter_tensor(recv, send)
+
+    def ag(self, send, recv):
+        self.dist.all_gather_into_tensor(recv, send)
 
 
-class MpiApi(Api):
+class MpiApi(NumpyApi):
     def __init__(self):
         import numpy as np
         from mpi4py import MPI
@@ -160,16 +174,14 @@ class MpiApi(Api):
     def sum_all(self, x):
         return self.comm.allreduce(x, op=self.MPI.SUM)
 
-    def collective(self, coll, size):
-        np, comm, n = self.np, self.comm, size // 4
-        if coll == "all_reduce":
-            buf = zeros(np, n)
-            return lambda: comm.Allreduce(self.MPI.IN_PLACE, buf)
-        small = zeros(np, n // self.p)
-        big = zeros(np, small.size * self.p)
-        if coll == "reduce_scatter":
-            return lambda: comm.Reduce_scatter_block(big, small)
-        return lambda: comm.Allgather(small, big)
+    def ar(self, buf):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf)
+
+    def rs(self, send, recv):
+        self.comm.Reduce_scatter_block(send, recv)
+
+    def ag(self, send, recv):
+        self.comm.Allgather(send, recv)
 
 
 class TorchApi(Api):
@@ -576,6 +588,9 @@ def main():
     ap.add_argument("--torch-python", default=os.environ.get("TPLINEAR_BENCH_TORCH_PYTHON", sys.executable),
                     help="Python with torch (gloo) and deepspeed")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per world")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="scheduling niceness of the whole benchmark, the same for every contender (e.g. -5 on a "
+                         "shared box)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
@@ -590,7 +605,9 @@ def main():
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine_info(args), "uptime_before": open("/proc/loadavg").read().strip(),
               "config": {"nproc": args.nproc, "sizes": SIZES, "rounds": args.rounds, "budget_s": args.budget,
-                         "contenders": contenders}, "results": {}}
+                         "contenders": contenders, "nice": args.nice}, "results": {}}
+    if args.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every world
     runs = {}
     with tempfile.TemporaryDirectory(prefix="tplinear-ar-") as tmp:
         for rnd in range(args.rounds):
@@ -605,19 +622,7 @@ def main():
     report["results"] = {who: {p: merge(rs) for p, rs in per.items()} for who, per in runs.items()}
     report["raw_rounds"] = runs
     report["derived"] = derive(report)
-    md = markdown(report)
-    print(md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md)
-    if args.plot:
-        try:
-            plot(report, args.plot)
-        except ImportError as exc:
-            print(f"[allreduce] no plot: {exc}", file=sys.stderr)
+    save_report(report, markdown(report), plot, args, "allreduce")
 
 
 if __name__ == "__main__":
