@@ -45,7 +45,7 @@ out:
 /* Row forward on CPU memory: the GEMM writes straight into this rank's staging area when the output fits
  * (else into y), and one reduction sums the ranks' products into y and adds the bias in the same pass
  * (tp_all_reduce_bias), so nothing is copied in and y is not walked again for the bias. *done stays 0
- * (nothing ran) for device outputs and groups of one. */
+ * (nothing ran) for device outputs. */
 static tp_status row_forward_host(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
                                   tp_tensor *y, int *done)
 {
@@ -53,7 +53,7 @@ static tp_status row_forward_host(tp_group *g, const tp_tensor *x, const tp_tens
     tp_tensor stage;
     size_t count = (size_t)tp_tensor_numel(y);
     *done = 0;
-    if (y->device.type != TP_DEVICE_CPU || tp_group_size(g) == 1) goto out;
+    if (y->device.type != TP_DEVICE_CPU) goto out;
     TP_CHECK(tp_linear_check(x, w, b, y));
     TP_CHECK(staging_like(g, y, &stage));
     *done = 1;
@@ -70,6 +70,10 @@ tp_status tp_row_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, co
     int done = 0;
     TP_CHECK(check_group(g, w));
     TP_CHECK(check_flat(y, "output"));
+    if (tp_group_size(g) == 1) { /* nothing to reduce: the plain layer, its bias in the GEMM */
+        TP_CHECK(tp_linear_forward(x, w, b, y));
+        goto out;
+    }
     TP_CHECK(row_forward_host(g, x, w, b, y, &done));
     if (!done) {
         TP_CHECK(tp_linear_forward(x, w, NULL, y));
