@@ -254,6 +254,18 @@ static int refused_later(int rank, int size, int port)
     return tp_test_failures;
 }
 
+/* A group of one has no fused reduction: tp_all_reduce_bias falls back to the group's all-reduce and a
+ * bias pass, with the same result. */
+static int alone(int rank, int size, int port)
+{
+    tp_group *w = NULL;
+    EXPECT_OK(world_init(rank, size, port, 10.0, &w));
+    if (w == NULL) return 1;
+    fused_bias(w);
+    tp_group_destroy(w);
+    return tp_test_failures;
+}
+
 static size_t killed_count = 64; /* all-reduced before and after the kill */
 
 static int killed(int rank, int size, int port)
@@ -288,6 +300,7 @@ int main(void)
 {
     setenv("TPLINEAR_SHM_SLOT_KB", "16", 1); /* 8 KB chunks: 3001 elements take several */
     for (int size = 2; size <= 4; size++) EXPECT(run_world(size, world, -1) == 0);
+    EXPECT(run_world(1, alone, -1) == 0);
     setenv("TPLINEAR_SHM_ALGO", "oneshot", 1);
     EXPECT(run_world(3, world, -1) == 0);
     setenv("TPLINEAR_SHM_ALGO", "rsag", 1);
