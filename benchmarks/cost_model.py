@@ -1,7 +1,8 @@
 """α–β cost model of tensor-parallel layer steps (issue 16; the write-up is docs/performance.md).
 
-    python benchmarks/cost_model.py --allreduce benchmarks/results/allreduce.json \\
-        --linear benchmarks/results/linear-model.json [--md out.md] [--json out.json]
+    python benchmarks/cost_model.py      # reads results/allreduce.json and results/linear-model.json,
+                                         # writes results/cost_model.md and results/cost_model.json
+    python benchmarks/cost_model.py --allreduce A.json --linear L.json --md out.md --json out.json
 
 1. Fits each backend's collectives measured by benchmarks/allreduce.py to T(n) = α + β·n: α is the 4 KB
    time; β is fitted (least squares, through α) in two regimes, 256 KB .. 16 MB (the buffers stay in this
@@ -15,6 +16,9 @@
 """
 import argparse
 import json
+import os
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 H, B_BIG, B_DEC = 4096, 2048, 8
 KB, MB = 1 << 10, 1 << 20
@@ -86,12 +90,12 @@ def linear_points(path):
     return rep, out
 
 
-def row_model(p, b, f_core, cores, mem_bw_rank, ar_fit):
-    """Predicted (GEMM, all-reduce) seconds of the row forward [b x H/p] . [H/p -> H] at p ranks."""
-    flops = 2.0 * b * H * H / p
-    share = max(1.0, p / cores)          # ranks per core when there are more ranks than cores
-    threads = max(1, cores // p)
-    g = max(flops / (f_core * threads), 4.0 * H * H / p / mem_bw_rank) * share
+def row_model(p, b, f_core, cores, mem_bw, ar_fit):
+    """Predicted (GEMM, all-reduce) seconds of the row forward [b x H/p] . [H/p -> H] at p ranks on a machine
+    of `cores` cores: the ranks share them (cores / p BLAS threads each, or p / cores ranks per core), so the
+    GEMM takes the whole layer's FLOPs at all cores' rate, or streams the whole weight at the machine's
+    memory bandwidth, whichever is longer, at every p."""
+    g = max(2.0 * b * H * H / (cores * f_core), 4.0 * H * H / mem_bw)
     return g, (coll_time(ar_fit, 4 * b * H) if p > 1 else 0.0)
 
 
@@ -124,10 +128,14 @@ def fmt(s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--allreduce", required=True, help="JSON of benchmarks/allreduce.py")
-    ap.add_argument("--linear", required=True, help="JSON of benchmarks/linear.py (row_pair, dec_row_pair cases)")
-    ap.add_argument("--md", help="write the Markdown here")
-    ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--allreduce", default=os.path.join(RESULTS, "allreduce.json"),
+                    help="JSON of benchmarks/allreduce.py (default: %(default)s)")
+    ap.add_argument("--linear", default=os.path.join(RESULTS, "linear-model.json"),
+                    help="JSON of benchmarks/linear.py with the row_pair, dec_row_pair cases (default: %(default)s)")
+    ap.add_argument("--md", default=os.path.join(RESULTS, "cost_model.md"),
+                    help="write the Markdown here (default: %(default)s; '' to skip)")
+    ap.add_argument("--json", default=os.path.join(RESULTS, "cost_model.json"),
+                    help="write the numbers here (default: %(default)s; '' to skip)")
     args = ap.parse_args()
     arrep, fits, stream = load_fits(args.allreduce)
     linrep, pts = linear_points(args.linear)
@@ -161,7 +169,7 @@ def main():
             ar = fits.get(("tplinear", p, "all_reduce"))
             if meas_f is None or (p > 1 and ar is None):
                 continue
-            g, c = row_model(p, b, f_core, cores, agg_bw / p, ar or (0, 0, 0))
+            g, c = row_model(p, b, f_core, cores, agg_bw, ar or (0, 0, 0))
             err = (g + c) / meas_f - 1
             out["check"].append({"batch": b, "p": p, "gemm_model_s": g, "gemm_s": meas_g, "comm_model_s": c,
                                  "overhead_s": meas_o, "step_model_s": g + c, "step_s": meas_f, "error": err})
