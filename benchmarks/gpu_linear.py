@@ -82,7 +82,7 @@ def run_dtype(tp, torch, dtype_name, size, iters, warmup):
     for name, layer in layers.items():
         layer(x)  # saves the input for backward
         f = timed(lambda: layer(x), iters, warmup, torch)
-        bwd = timed(lambda: layer.backward(dy), iters, warmup, torch)
+        bwd = timed(lambda: layer.backward(dy, retain=True), iters, warmup, torch)
         out[name] = {"forward_ms": f, "backward_ms": bwd, "forward_tflops": fwd_flops / f / 1e9,
                      "backward_tflops": bwd_flops / bwd / 1e9, "forward_ratio": t_fwd / f,
                      "backward_ratio": t_bwd / bwd}

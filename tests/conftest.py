@@ -34,3 +34,22 @@ SHM_ALGOS = {
     "copying": {"TPLINEAR_SHM_CMA": "0"},
     "single-copy": {"TPLINEAR_SHM_CMA_KB": "0", "TPLINEAR_SHM_ONESHOT_KB": "0"},
 }
+
+
+@pytest.fixture
+def no_outer_world(monkeypatch):
+    """This process may be a rank of a launcher's world (pytest under torchrun or mpirun): forget it."""
+    from tplinear.run import clean_launcher_env
+    for k in set(os.environ) - set(clean_launcher_env(os.environ)):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture
+def world_of_one(no_outer_world):
+    """The default group as a world of one in this process (no launcher variables), destroyed afterwards."""
+    import tplinear.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    g = dist.init_process_group(timeout=10)
+    yield g
+    dist.destroy_process_group()

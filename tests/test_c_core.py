@@ -33,7 +33,7 @@ def test_shard_binding_matches_numpy_slicing():
     for p in (1, 2, 3, 4):
         for blocks, dim, shape in (([130], 1, (5, 130)), ([24, 8, 8], 0, (40, 3)), ([7, 5], 2, (2, 3, 12))):
             full = rng.standard_normal(shape)
-            flat = _C.partition_packed(blocks, p, False, None, None)
+            flat = _C.partition(blocks, p, 64)
             nb = len(blocks)
             for r in range(p):
                 mine = flat[r * nb:(r + 1) * nb]

@@ -1,6 +1,7 @@
 """Process groups and collectives (issue 3): multi-rank worlds through the launcher
 (tplinear.testing), failure cases through direct spawning (tests/comm_spawn.py)."""
 import glob
+import inspect
 import os
 import textwrap
 
@@ -10,6 +11,7 @@ import pytest
 import tplinear
 import tplinear.distributed as dist
 from comm_spawn import assert_spawned_ok, spawn_world
+from reliability.fuzz_ops import reduce_ref
 from conftest import SHM_ALGOS
 
 try:  # the launcher-based helpers; direct spawning stands in where they are missing
@@ -34,10 +36,11 @@ import tplinear
 import tplinear.distributed as dist
 """
 
-COLLECTIVES = PRELUDE + """
+# the reference reduction is the fuzz tests' one (tests/reliability/fuzz_ops.py), pasted into the script
+COLLECTIVES = PRELUDE + inspect.getsource(reduce_ref) + """
 dist.init_process_group(timeout=60)
 r, p = dist.get_rank(), dist.get_world_size()
-assert dist.get_world_size() == int(os.environ.get("WORLD_SIZE", "1"))
+assert dist.get_world_size() == int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
 BIG = int(os.environ["TEST_BIG"])
 DTYPES = [np.float32, np.float64, np.int32, np.int64]
 COUNTS = [0, 1, 7, 513, BIG]
@@ -47,16 +50,7 @@ def val(k, n, dt, salt=0):
     return x.astype(dt)
 
 def ref(stack, op, dt):
-    if op == "sum":
-        return stack.sum(0).astype(dt)
-    if op == "max":
-        return stack.max(0)
-    if op == "min":
-        return stack.min(0)
-    s = stack.sum(0)
-    if np.dtype(dt).kind == "i":  # C's truncating division
-        return (np.sign(s) * (np.abs(s) // p)).astype(dt)
-    return (s / dt(p)).astype(dt)
+    return reduce_ref(stack, op, dt, p)
 
 def same(a, b, what):
     ok = np.array_equal(a, b) if a.dtype.kind == "i" else np.allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -212,7 +206,7 @@ for i in range(3):  # interleave the groups
     assert np.all(c == 6), c
 if r in (1, 3):
     assert g31.rank == (0 if r == 3 else 1) and g31.ranks == [3, 1]
-    x = np.array([r, r], np.int64); dist.broadcast(x, src=0, group=g31)
+    x = np.array([r, r], np.int64); dist.broadcast(x, src=3, group=g31)
     assert list(x) == [3, 3], x
     out = np.empty(2, np.int64); dist.all_gather_into_tensor(out, np.array([r], np.int64), group=g31)
     assert list(out) == [3, 1], out
@@ -227,6 +221,46 @@ for g in tp_groups + dp_groups + [g31]:
 print("subgroups ok", r, flush=True)
 """
     world_ok(4, code)
+
+
+def test_broadcast_roots_are_global_ranks_as_in_torch():
+    """torch.distributed.broadcast(tensor, src=None, group=None, group_src=None): src is a global rank,
+    group_src a rank within the group, exactly one of them; a src outside the group raises. On the
+    strided groups [1, 3] and [0, 2] and the reordered group [3, 1]."""
+    code = PRELUDE + """
+dist.init_process_group(timeout=30)
+r = dist.get_rank()
+odd, even, g31 = dist.new_group([1, 3]), dist.new_group([0, 2]), dist.new_group([3, 1])
+mine = odd if r % 2 else even
+for g in (mine, g31) if r in (1, 3) else (mine,):
+    for gr, src in enumerate(g.ranks):
+        assert dist.get_group_rank(g, src) == gr and dist.get_global_rank(g, gr) == src
+        for kw in ({"src": src}, {"group_src": gr}):
+            x = np.full(3, 10.0 * r)
+            dist.broadcast(x, group=g, **kw)
+            assert np.all(x == 10.0 * src), (g.ranks, kw, x)
+        x = np.full(2, float(r)); dist.broadcast(x, src, g)  # positional, as torch's broadcast(t, src, group)
+        assert np.all(x == src)
+    outsider = [q for q in range(4) if q not in g.ranks][0]
+    for kw, words in (({"src": outsider}, f"src={outsider} is a global rank that is not a member"),
+                      ({"group_src": 2}, "group rank 2 is out of range"),
+                      ({}, "exactly one of src="), ({"src": g.ranks[0], "group_src": 0}, "exactly one")):
+        try:
+            dist.broadcast(np.ones(2), group=g, **kw)
+            raise SystemExit(f"broadcast {kw} on {g.ranks} did not raise")
+        except ValueError as e:
+            assert words in str(e), (kw, str(e))
+    try:
+        dist.get_group_rank(g, outsider)
+        raise SystemExit("get_group_rank of an outsider did not raise")
+    except ValueError as e:
+        assert "not a member" in str(e)
+    dist.barrier(group=g)
+print("broadcast roots ok", r, flush=True)
+"""
+    res = world_ok(4, code)
+    for r in range(4):
+        assert f"broadcast roots ok {r}" in res.output
 
 
 MISMATCH = PRELUDE + """
@@ -332,8 +366,7 @@ except tplinear.CommError as e:
     assert "CAUGHT" in res.outputs[1] and "rank 0" in res.outputs[1], res.output
 
 
-def test_abort_wakes_peers():
-    code = PRELUDE + """
+ABORT = PRELUDE + """
 dist.init_process_group(timeout=30)
 r = dist.get_rank()
 dist.barrier()
@@ -347,7 +380,10 @@ except tplinear.CommError as e:
     assert "aborted by rank 0" in str(e), e
     print("CAUGHT", e, flush=True)
 """
-    res = world_ok(2, code, timeout=60)
+
+
+def test_abort_wakes_peers():
+    res = world_ok(2, ABORT, timeout=60)
     assert res.output.count("CAUGHT") == 2, res.output
 
 
@@ -380,15 +416,6 @@ dist.all_reduce(np.ones(10))
 
 # ---------------------------------------------------------------- in this process (a world of one)
 
-@pytest.fixture
-def world_of_one(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
-        monkeypatch.delenv(k, raising=False)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    g = dist.init_process_group(timeout=10)
-    yield g
-    dist.destroy_process_group()
 
 
 def test_world_of_one(world_of_one):
@@ -424,7 +451,7 @@ def test_argument_errors(world_of_one):
         dist.all_gather_into_tensor(np.empty(3, np.float32), np.ones(3))
     with pytest.raises(ValueError, match="elements"):
         dist.reduce_scatter_tensor(np.empty(2), np.ones(3))
-    with pytest.raises(ValueError, match="root"):
+    with pytest.raises(ValueError, match="src=1 is a global rank that is not a member"):
         dist.broadcast(np.ones(3), src=1)
     with pytest.raises(ValueError, match="rank"):
         dist.new_group([0, 0])
@@ -434,13 +461,16 @@ def test_argument_errors(world_of_one):
         dist.all_reduce(np.ones(3), group="world")
 
 
-def test_init_errors(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
-        monkeypatch.delenv(k, raising=False)
+def test_init_errors(monkeypatch, no_outer_world):
     if dist.is_initialized():
         dist.destroy_process_group()
-    with pytest.raises(NotImplementedError, match="mpi"):
+    if "mpi" in dist.available_backends():  # a world of one needs no MPI launcher
         dist.init_process_group(backend="mpi")
+        assert dist.get_backend() == "self"
+        dist.destroy_process_group()
+    else:
+        with pytest.raises(NotImplementedError, match="apt-get install libopenmpi-dev"):
+            dist.init_process_group(backend="mpi")
     with pytest.raises(ValueError):
         dist.init_process_group(backend="bogus")
     with pytest.raises(ValueError, match="MASTER_PORT"):

@@ -16,8 +16,8 @@ from tplinear.testing import assert_world_ok, run_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # README rows that are not knobs of the library's table: OpenBLAS reads OMP_NUM_THREADS itself (the launcher
-# sets it), and TPLINEAR_CUDA is read by setup.py at build time.
-NOT_KNOBS = {"OMP_NUM_THREADS", "TPLINEAR_CUDA"}
+# sets it), and TPLINEAR_CUDA / TPLINEAR_MPI / MPI_HOME are read by setup.py at build time.
+NOT_KNOBS = {"OMP_NUM_THREADS", "TPLINEAR_CUDA", "TPLINEAR_MPI", "MPI_HOME"}
 WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
@@ -68,6 +68,27 @@ def test_world_env_is_parsed_in_c(monkeypatch):
         _C.world_env()
 
 
+def test_world_env_of_mpich_and_slurm(monkeypatch):
+    for v in WORLD_VARS + ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_PROCID", "SLURM_NTASKS",
+                           "SLURM_LOCALID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")   # a batch script's own shell: not a rank of anything
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert _C.world_env()["world_size"] is None
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # inside srun's job step
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    w = _C.world_env()
+    assert (w["rank"], w["world_size"], w["local_rank"], w["local_world_size"]) == (3, 8, 1, None)
+    monkeypatch.setenv("PMI_RANK", "2")       # MPICH's Hydra comes before Slurm
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")
+    w = _C.world_env()
+    assert (w["rank"], w["world_size"], w["local_world_size"]) == (2, 4, 2)
+    monkeypatch.setenv("PMI_SIZE", "four")
+    with pytest.raises(ValueError, match="PMI_SIZE"):
+        _C.world_env()
+
+
 def test_python_reads_no_environment():
     src = open(os.path.join(ROOT, "python", "tplinear", "distributed.py")).read()
     assert "os.environ" not in src and "getenv" not in src and "import os" not in src
@@ -75,7 +96,8 @@ def test_python_reads_no_environment():
 
 def test_backends_are_the_registry():
     names = dist.available_backends()
-    assert names[0] == "shm" and "mpi" not in names
+    mpi = "mpi" in names
+    assert names[0] == ("mpi" if mpi else "shm") and "shm" in names  # auto: mpi (its launcher's worlds) first
     assert ("nccl" in names) == bool(_C.cuda_compiled())
 
 
@@ -98,7 +120,10 @@ def test_backend_knob_is_validated_in_c():
     res = _run_one({"TPLINEAR_BACKEND": "bogus"}, code)
     assert "ValueError" in res.stdout and "TPLINEAR_BACKEND" in res.stdout and "'bogus'" in res.stdout, res
     res = _run_one({"TPLINEAR_BACKEND": "mpi"}, code)
-    assert "NotImplementedError" in res.stdout and "not built" in res.stdout, res
+    if "mpi" in dist.available_backends():
+        assert "backend self" in res.stdout, res  # a world of one
+    else:
+        assert "NotImplementedError" in res.stdout and "not built" in res.stdout and "libopenmpi-dev" in res.stdout, res
     res = _run_one({"TPLINEAR_BACKEND": "shm"}, code)
     assert "backend self" in res.stdout, res  # a world of one
 

@@ -40,7 +40,7 @@ def test_forward_backward_matches_reference(kind, dtype, lead, bias, rng):
     y = layer(x)
     assert y.shape == lead + (13,) and y.dtype == np.dtype(dtype)
     assert rel_err(y, y_ref) < TOL[dtype]
-    dx = layer.backward(dy)
+    dx = layer.backward(dy, retain=True)  # kept for the second backward below
     assert dx.shape == x.shape
     assert rel_err(dx, dx_ref) < TOL[dtype]
     assert rel_err(layer.weight.grad, dw_ref) < TOL[dtype]
@@ -48,7 +48,7 @@ def test_forward_backward_matches_reference(kind, dtype, lead, bias, rng):
         assert rel_err(layer.bias.grad, db_ref) < TOL[dtype]
     else:
         assert layer.bias is None
-    layer.backward(dy)  # gradients accumulate
+    layer.backward(dy)  # gradients accumulate (retain=True above kept the input)
     assert rel_err(layer.weight.grad, 2 * dw_ref) < TOL[dtype]
 
 
@@ -156,8 +156,46 @@ def test_wrong_grad_shape(rng):
     layer(np.zeros((3, 8), dtype=np.float32))
     with pytest.raises(ValueError, match="grad_output's last dimension must be 4"):
         layer.backward(np.zeros((3, 5), dtype=np.float32))
-    with pytest.raises(ValueError, match="dim 0 is 2 but input's is 3"):
+    with pytest.raises(ValueError, match=r"leading dimensions \(2,\) but the input of forward\(\) had \(3,\)"):
         layer.backward(np.zeros((2, 4), dtype=np.float32))
+    layer.backward(np.zeros((3, 4), dtype=np.float32))  # the rejected calls kept the saved input
+
+
+@pytest.mark.parametrize("kind", ["linear", "row", "column"])
+def test_a_second_backward_needs_a_new_forward_or_retain(kind, rng):
+    """torch's contract: backward releases what forward saved, so calling it again raises instead of
+    accumulating the same gradient twice; retain=True (retain_graph) keeps it for one more backward."""
+    lin = tp.Linear(6, 5, dtype="float64", seed=2)
+    layer = make_layer(kind, lin)
+    x, dy = rng.standard_normal((4, 6)), rng.standard_normal((4, 5))
+    layer(x)
+    layer.backward(dy, retain=True)
+    once = layer.weight.grad.copy()
+    layer.backward(dy)
+    assert np.allclose(layer.weight.grad, 2 * once)
+    with pytest.raises(RuntimeError, match="second time without a new forward.*retain=True"):
+        layer.backward(dy)
+    assert np.allclose(layer.weight.grad, 2 * once)
+    layer(x)
+    layer.backward(dy)
+    assert np.allclose(layer.weight.grad, 3 * once)
+
+
+def test_reprs():
+    assert repr(tp.Linear(4, 3, bias=False, dtype="float64")) == \
+        "Linear(in_features=4, out_features=3, bias=False, dtype=float64)"
+    tp.set_training_mode(False)
+    assert repr(tp.LinearLayer(tp.Linear(8, 4100), name="q")) == (
+        "LinearLayer(in_features=8, out_features=4100, shard=4100/4100 at rank 0 of 1, mode=inference, bias=True, "
+        "name='q')")
+    tp.set_training_mode(True)
+    try:
+        layer = tp.LinearAllreduce(tp.Linear(64, 8), num_heads=8, num_kv_heads=2, head_dim=8, tp_grain_size=4)
+        assert repr(layer) == (
+            "LinearAllreduce(in_features=64, out_features=8, shard=64/64 at rank 0 of 1, mode=training, bias=True, "
+            "num_heads=8, num_kv_heads=2, head_dim=8, tp_grain_size=4)")
+    finally:
+        tp.set_training_mode(False)
 
 
 @pytest.mark.parametrize("cls", [tp.LinearAllreduce, tp.LinearLayer])
@@ -225,3 +263,29 @@ def test_from_weights_uses_the_given_shard_in_place():
     strided = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]
     copy = tp.LinearLayer.from_weights(weight=strided).weight.data
     assert copy.flags.c_contiguous and np.array_equal(copy, strided)
+
+
+def test_deepspeed_classes_refuse_from_init():
+    """Their constructors change the split, so from_init would initialise the wrong rows."""
+    from tplinear import autotp
+
+    for cls in (autotp.LmHeadLinearAllreduce, autotp.SubParamLinearLayer, autotp.SubParamLinearAllreduce,
+                autotp.fused_LinearLayer, autotp.conv_LinearLayer, autotp.Conv_LinearALlreduce):
+        with pytest.raises(TypeError, match="from_init is not available"):
+            cls.from_init(4, 4)
+
+
+def test_conv_layers_reject_bad_modules_and_gpu_placement():
+    from tplinear import autotp
+
+    class Conv:
+        weight = np.zeros((4, 6))
+        bias = np.zeros(4)  # Conv1D's bias has out_features = weight.shape[1] = 6 entries
+    with pytest.raises(ValueError, match="size 6"):
+        autotp.conv_LinearLayer(Conv())
+    Conv.bias = np.zeros(6)
+    layer = autotp.conv_LinearLayer(Conv())
+    assert (layer.in_features, layer.out_features, layer.local_shape) == (4, 6, (4, 6))
+    if tp.cuda_available():
+        with pytest.raises(NotImplementedError, match="host arrays only"):
+            autotp.conv_LinearLayer(Conv(), device="cuda")

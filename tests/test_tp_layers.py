@@ -15,8 +15,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 ENV = {"TPLINEAR_TEST_SEED": str(SEED), "PYTHONPATH": TESTS}
 
-# (training dims (in, out) divisible by p, inference dims that do not divide)
-DIMS = {1: ((48, 24), (100, 70)), 2: ((48, 24), (100, 70)), 3: ((48, 24), (100, 70)), 4: ((64, 32), (50, 130))}
+# (training dims (in, out), inference dims): sizes the group does not divide split unevenly in both modes
+DIMS = {1: ((48, 24), (100, 70)), 2: ((47, 25), (100, 70)), 3: ((49, 26), (100, 70)), 4: ((65, 34), (50, 130))}
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 3, 4])
@@ -29,6 +29,18 @@ def test_layers_match_reference(nproc):
     """, env=ENV, timeout=240)
 
 
+@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
+def test_deepspeed_layer_classes(nproc):
+    """LmHeadLinearAllreduce, SubParamLinearLayer / SubParamLinearAllreduce, fused_LinearLayer,
+    conv_LinearLayer / Conv_LinearALlreduce against DeepSpeed 0.19's partition code re-implemented in NumPy
+    and a float64 reference; their universal-checkpoint metadata describes their shards."""
+    assert_world_ok(nproc, """
+        import tp_checks as c
+        c.init()
+        c.check_autotp_layers()
+    """, env=ENV, timeout=240)
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_bad_input(nproc):
     assert_world_ok(nproc, """
@@ -38,12 +50,16 @@ def test_bad_input(nproc):
     """, env=ENV, timeout=120)
 
 
-def test_checkpoint_reshards(tmp_path):
+@pytest.mark.parametrize("training", [False, True])
+def test_checkpoint_reshards(tmp_path, training):
+    """Saved at 4 ranks with uneven shards (190 rows), reloaded at 2, 3 and 1, in inference (grain 64) and
+    training (grain 1) mode."""
     path, ref = str(tmp_path / "mlp.npz"), str(tmp_path / "ref.npy")
-    assert_world_ok(4, f"import tp_checks as c; c.init(); c.checkpoint_save({path!r}, {ref!r})", env=ENV, timeout=120)
+    assert_world_ok(4, f"import tp_checks as c; c.init(); c.checkpoint_save({path!r}, {ref!r}, {training})", env=ENV,
+                    timeout=120)
     for nproc in (2, 3, 1):
-        assert_world_ok(nproc, f"import tp_checks as c; c.init(); c.checkpoint_load({path!r}, {ref!r})", env=ENV,
-                        timeout=120)
+        assert_world_ok(nproc, f"import tp_checks as c; c.init(); c.checkpoint_load({path!r}, {ref!r}, {training})",
+                        env=ENV, timeout=120)
 
 
 def test_demo_loss_curve_is_the_same_at_1_2_4_ranks(tmp_path):

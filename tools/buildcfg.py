@@ -21,6 +21,9 @@ LIBRARY_FOLDERS = ("core", "device", "gemm", "comm", "layers")
 # Sources compiled only with CUDA, and the bottom floor's answer of a build without it.
 CUDA_SOURCES = ("csrc/device/cuda.c", "csrc/gemm/cublas.c", "csrc/comm/nccl.c")
 NO_CUDA_SOURCES = ("csrc/device/none.c",)
+# Sources compiled only with an MPI.
+MPI_SOURCES = ("csrc/comm/mpi.c",)
+MPI_HINT = "apt-get install libopenmpi-dev (or libmpich-dev), or set MPI_HOME"
 
 # Build flavours of the standalone library (the C tests and the C example; CPU-only: sanitizers and the
 # CUDA runtime do not mix).
@@ -48,6 +51,44 @@ def cuda_home():
     if force == "1" and not found:
         raise SystemExit(f"TPLINEAR_CUDA=1 but no CUDA toolkit at {home} (set CUDA_HOME)")
     return home if found else None
+
+
+def _words(cmd):
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.split() if proc.returncode == 0 else None
+
+
+def mpi_link():
+    """The MPI to build the mpi backend against, as (include_dirs, library_dirs, libraries), or None.
+    MPI_HOME (include/mpi.h, lib/libmpi.so) first, then the compiler wrapper: OpenMPI's `mpicc -showme:*`,
+    MPICH's `mpicc -show`. TPLINEAR_MPI=0|1 forces (1 without an MPI is an error saying how to get one)."""
+    force = os.environ.get("TPLINEAR_MPI", "").strip()
+    if force == "0":
+        return None
+    found = None
+    home = os.environ.get("MPI_HOME")
+    if home and os.path.isfile(os.path.join(home, "include", "mpi.h")):
+        libdir = next((os.path.join(home, d) for d in ("lib", "lib64") if os.path.isdir(os.path.join(home, d))), None)
+        found = ([os.path.join(home, "include")], [libdir] if libdir else [], ["mpi"])
+    if found is None:
+        mpicc = os.environ.get("MPICC", "mpicc")
+        inc, libdirs, libs = (_words([mpicc, f"-showme:{k}"]) for k in ("incdirs", "libdirs", "libs"))
+        if inc is not None and libs:
+            found = (inc, libdirs or [], libs)
+        else:  # MPICH: one line of compiler flags
+            words = _words([mpicc, "-show"]) or []
+            inc = [w[2:] for w in words if w.startswith("-I")]
+            libs = [w[2:] for w in words if w.startswith("-l")]
+            if inc and libs:
+                found = (inc, [w[2:] for w in words if w.startswith("-L")], libs)
+    if found and not any(os.path.isfile(os.path.join(d, "mpi.h")) for d in found[0]):
+        found = None
+    if force == "1" and found is None:
+        raise SystemExit(f"TPLINEAR_MPI=1 but no MPI found ({MPI_HINT})")
+    return found
 
 
 CUDA_LIBS = ["cublasLt", "cublas", "nccl", "cudart"]
@@ -119,16 +160,17 @@ def blas():
     return sob.get_include_dir(), sob.get_lib_dir(), sob.get_library()
 
 
-def config(link_blas=False, with_cuda=True):
+def config(link_blas=False, with_cuda=True, with_mpi=True):
     """link_blas: link OpenBLAS directly with an rpath (standalone C programs); the extension instead
-    relies on scipy_openblas32 having loaded it globally. with_cuda=False builds the CPU-only core
-    (the C tests: sanitizers and the CUDA runtime do not mix)."""
+    relies on scipy_openblas32 having loaded it globally. with_cuda=False / with_mpi=False build the core
+    without GPUs / MPI (the C tests: sanitizers and the CUDA runtime do not mix, and MPI needs a launcher)."""
     inc, libdir, lib = blas()
     cuda = cuda_home() if with_cuda else None
+    mpi = mpi_link() if with_mpi else None
     sources = []
     for part in LIBRARY_FOLDERS:
         sources += sorted(glob.glob(os.path.join("csrc", part, "*.c")))
-    skip = NO_CUDA_SOURCES if cuda else CUDA_SOURCES
+    skip = (NO_CUDA_SOURCES if cuda else CUDA_SOURCES) + (() if mpi else MPI_SOURCES)
     sources = [src for src in sources if src not in skip]
     include_dirs = ["csrc/include", inc]
     library_dirs, libraries, rpath = [], [], []
@@ -140,6 +182,12 @@ def config(link_blas=False, with_cuda=True):
         library_dirs += cdirs
         libraries += clibs
         rpath += crpath
+    if mpi:  # TPLINEAR_MPI is defined (to 1) only in MPI builds, as TPLINEAR_CUDA
+        macros.append(("TPLINEAR_MPI", "1"))
+        include_dirs += mpi[0]
+        library_dirs += mpi[1]
+        libraries += mpi[2]
+        rpath += mpi[1]
     ldflags = ["-lpthread"]
     if link_blas:
         library_dirs.append(libdir)
@@ -155,6 +203,7 @@ def config(link_blas=False, with_cuda=True):
         "cflags": CFLAGS,
         "ldflags": ldflags,
         "cuda": cuda,
+        "mpi": mpi,
         "headers": sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
     }
 
@@ -173,7 +222,7 @@ def _replace(tmp, path):
 def build_library(flavour="plain"):
     """Compiles the CPU-only library for a flavour into build/c/<flavour>/libtplinear.a (objects rebuilt
     when their source, any header or the flags changed); returns (library path, config)."""
-    cfg = config(link_blas=True, with_cuda=False)
+    cfg = config(link_blas=True, with_cuda=False, with_mpi=False)
     out = os.path.join(ROOT, "build", "c", flavour)
     os.makedirs(out, exist_ok=True)
     cflags = [f for f in cfg["cflags"] if not f.startswith("-O")] + FLAVOURS[flavour]["cflags"]
@@ -220,7 +269,7 @@ def link_words(cfg):
 
 
 def shell_words(kind):
-    c = config(link_blas=True, with_cuda=False)
+    c = config(link_blas=True, with_cuda=False, with_mpi=False)
     if kind == "cflags":
         words = c["cflags"] + ["-I" + os.path.join(ROOT, i) for i in c["include_dirs"]] + [
             "-D%s=%s" % m for m in c["define_macros"]

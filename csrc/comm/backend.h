@@ -7,6 +7,15 @@
 
 typedef struct tp_backend tp_backend;
 
+/* The hosts of a world, found at rendezvous by comparing host identities (core/env.c's
+ * tp_host_identity): shared by the world and its subgroups (reference counted). */
+typedef struct {
+    int refs;          /* atomic */
+    int nhosts;
+    int *host_of;      /* world_size entries: the host index of each world rank */
+    char (*names)[64]; /* nhosts entries: a readable name (the hostname) of each host */
+} tp_hosts;
+
 /* A backend is a table: group.c, the layers and the bindings never know which one runs. Each backend
  * defines its table in its own file (comm/shm.c, comm/nccl.c) and comm/registry.c lists the tables this
  * build has. `impl` of a group is the backend's per-group state. Every function is collective over the
@@ -16,7 +25,15 @@ struct tp_backend {
     /* bit (1u << tp_device_type) for each device whose memory the collectives take in place; host memory
      * is accepted by every backend. An automatic choice takes the first backend with the asked device. */
     unsigned devices;
-    int one_host;      /* serves only worlds whose ranks share one host (LOCAL_WORLD_SIZE == WORLD_SIZE) */
+    int one_host;      /* serves only groups whose ranks share one host (compared at rendezvous) */
+    /* Serves only worlds whose processes its own launcher started (mpi: mpirun/mpiexec/srun, whose
+     * processes share MPI_COMM_WORLD): the world must have been bootstrapped by this backend. */
+    int launcher_world;
+    /* Optional: a launcher's own channel before any store exists (mpi: MPI_Init, then MPI_Bcast). Every
+     * rank of a world of `size` calls it with the rank the environment gives; world rank 0's len bytes of
+     * buf reach every rank, within timeout_s. TP_ERR_UNSUPPORTED when the processes were not started
+     * by this backend's launcher (the caller then needs MASTER_ADDR/MASTER_PORT). */
+    tp_status (*boot_bcast)(int rank, int size, void *buf, size_t len, double timeout_s);
     int groups_of_one; /* also makes groups of one (else group.c gives them its generic group of one) */
     /* Fills g->impl for a group whose rank, size, ranks, store, prefix and timeout are set. On failure
      * g->impl stays NULL. */
@@ -48,6 +65,8 @@ struct tp_group {
     const tp_backend *family; /* the registered backend of the world; its subgroups are made with it */
     void *impl;             /* backend state */
     tp_store *store;        /* shared bootstrap store (owned by the world group) */
+    tp_hosts *hosts;        /* the world's hosts (shared with the world; NULL for a world of one) */
+    const tp_backend *booted_by; /* the backend whose launcher channel bootstrapped the world, or NULL */
     int owns_store;
     int rank;               /* rank in this group, -1 for a non-member */
     int size;

@@ -89,6 +89,7 @@ static tp_status wait_pending(tp_group *g, const char *what)
     tp_status st = TP_OK;
     nccl_impl *im = impl_of(g);
     unsigned spins = 0;
+    double watch_after = (double)tp_knob_value(TP_KNOB_WATCHDOG_S);
     if (!im->pending) return TP_OK;
     for (;;) {
         ncclResult_t r = ncclSuccess;
@@ -110,6 +111,13 @@ static tp_status wait_pending(tp_group *g, const char *what)
             nccl_fail(g, TP_ERR_COMM, ncclInProgress, what);
             st = tp_error(TP_ERR_COMM, "nccl %s: the group was aborted (tp_group_abort) while waiting", what);
             goto out;
+        }
+        if (watch_after > 0 && tp_now() - im->pending_since > watch_after) { /* the watchdog: once per wait */
+            tp_log(TP_LOG_WARN, "nccl %s: group rank %d of %d (global rank %d) has waited %.0f s for it to complete "
+                   "(NCCL does not say which peer is missing: one is slow, stuck, or called another collective); "
+                   "the wait ends at the timeout of %.0f s", what, g->rank, g->size, g->world_rank, watch_after,
+                   g->timeout_s);
+            watch_after = 0;
         }
         if (tp_now() - im->pending_since > g->timeout_s) {
             im->pending = 0;

@@ -12,9 +12,16 @@ extern const tp_backend tp_shm_backend; /* comm/shm.c */
 #if TPLINEAR_CUDA
 extern const tp_backend tp_nccl_backend; /* comm/nccl.c */
 #endif
+#if TPLINEAR_MPI
+extern const tp_backend tp_mpi_backend; /* comm/mpi.c */
+#endif
 
-/* In the order an automatic choice considers them. */
+/* In the order an automatic choice considers them: mpi first, which takes only worlds that its launcher
+ * started (mpirun/mpiexec/srun), then shm for the ranks of one host. */
 static const tp_backend *const BACKENDS[] = {
+#if TPLINEAR_MPI
+    &tp_mpi_backend,
+#endif
     &tp_shm_backend,
 #if TPLINEAR_CUDA
     &tp_nccl_backend,
@@ -31,9 +38,12 @@ static const struct {
 #if !TPLINEAR_CUDA
     {"nccl", DEVICE_BIT(TP_DEVICE_CUDA), "tplinear was built without CUDA (set TPLINEAR_CUDA=1 and a CUDA toolkit)"},
 #endif
+#if !TPLINEAR_MPI
     {"mpi", DEVICE_BIT(TP_DEVICE_CPU),
-     "tplinear has no MPI backend yet (it will come as comm/mpi.c, built when an MPI compiler is found, as "
-     "nccl is built when CUDA is)"},
+     "tplinear was built without MPI: install an MPI (apt-get install libopenmpi-dev, or libmpich-dev) and "
+     "reinstall tplinear (TPLINEAR_MPI=1 makes a build without one fail; MPI_HOME or an mpicc on PATH finds it)"},
+#endif
+    {NULL, 0, NULL}, /* the end */
 };
 
 int tp_backend_count(void) { return NBACKENDS; }
@@ -56,18 +66,52 @@ static void names_for(unsigned mask, char *buf, size_t cap)
 
 void tp_backend_names_for(tp_device_type dev, char *buf, size_t cap) { names_for(DEVICE_BIT(dev), buf, cap); }
 
-static int serves_hosts(const tp_backend *b, int size, int local_size)
+static void append(char *buf, size_t cap, size_t *used, const char *fmt, const char *name, int rank)
 {
-    return !b->one_host || size == 1 || local_size == size;
+    int k = snprintf(buf + *used, cap - *used, fmt, name, rank);
+    if (k > 0 && (size_t)k < cap - *used) *used += (size_t)k;
 }
 
-static tp_status one_host_error(const tp_backend *b, int size, int local_size)
+/* The hosts g's members span, as "a (ranks 0, 1), b (ranks 2, 3)" (world ranks) into buf; returns how
+ * many. */
+static int spanned_hosts(const tp_group *g, char *buf, size_t cap)
 {
-    return tp_error(TP_ERR_UNSUPPORTED, "init: the %s backend needs every rank on one host (LOCAL_WORLD_SIZE=%d, "
-                    "WORLD_SIZE=%d); the multi-host 'mpi' backend is not built", b->name, local_size, size);
+    int n = 0;
+    size_t used = 0;
+    buf[0] = '\0';
+    if (g->hosts == NULL) return 1;
+    for (int h = 0; h < g->hosts->nhosts; h++) {
+        int members = 0;
+        for (int i = 0; i < g->size; i++) {
+            int w = g->global_ranks[i];
+            if (g->hosts->host_of[w] != h) continue;
+            if (members++ == 0)
+                append(buf, cap, &used, n++ ? ", %s (ranks %d" : "%s (ranks %d", g->hosts->names[h], w);
+            else
+                append(buf, cap, &used, "%s, %d", "", w);
+        }
+        if (members) append(buf, cap, &used, "%s)", "", 0);
+    }
+    return n;
 }
 
-tp_status tp_backend_choose(const char *name, tp_device_type device, int size, int local_size, const tp_backend **out)
+/* TP_OK when backend b can serve group g; else the reason, as an error naming the backend. */
+static tp_status serves(const tp_backend *b, const tp_group *g)
+{
+    char hosts[512];
+    if (g->size > 1 && b->launcher_world && g->booted_by != b)
+        return tp_error(TP_ERR_UNSUPPORTED, "init: the %s backend needs processes started by an MPI launcher "
+                        "(mpirun, mpiexec or srun, so that they share MPI_COMM_WORLD); this world comes from %s",
+                        b->name, g->booted_by ? "another launcher" : "torchrun's variables (RANK, WORLD_SIZE)");
+    if (g->size > 1 && b->one_host && spanned_hosts(g, hosts, sizeof hosts) > 1)
+        return tp_error(TP_ERR_UNSUPPORTED, "init: the %s backend needs every rank of a group on one host, but this "
+                        "group spans hosts %s: launch with mpirun/srun for the mpi backend (or nccl for GPUs), or "
+                        "give each host's ranks a group of their own (new_group(ranks, backend='%s'))", b->name,
+                        hosts, b->name);
+    return TP_OK;
+}
+
+tp_status tp_backend_choose(const char *name, tp_device_type device, const tp_group *g, const tp_backend **out)
 {
     tp_status st = TP_OK;
     const char *from = "";
@@ -82,11 +126,11 @@ tp_status tp_backend_choose(const char *name, tp_device_type device, int size, i
     if (name != NULL) {
         for (int i = 0; i < NBACKENDS; i++) {
             if (strcmp(name, BACKENDS[i]->name) != 0) continue;
-            if (!serves_hosts(BACKENDS[i], size, local_size)) return one_host_error(BACKENDS[i], size, local_size);
+            TP_CHECK(serves(BACKENDS[i], g));
             *out = BACKENDS[i];
             return TP_OK;
         }
-        for (size_t i = 0; i < sizeof MISSING / sizeof MISSING[0]; i++)
+        for (size_t i = 0; MISSING[i].name != NULL; i++)
             if (strcmp(name, MISSING[i].name) == 0)
                 return tp_error(TP_ERR_UNSUPPORTED, "init: the '%s' backend%s is not built into this tplinear: %s; "
                                 "this build has %s", name, from, MISSING[i].why, names);
@@ -94,19 +138,67 @@ tp_status tp_backend_choose(const char *name, tp_device_type device, int size, i
                         from);
     }
     for (int i = 0; i < NBACKENDS; i++) {
+        tp_status why;
         if (!(BACKENDS[i]->devices & DEVICE_BIT(device))) continue;
-        if (!serves_hosts(BACKENDS[i], size, local_size)) {
-            if (st == TP_OK) st = one_host_error(BACKENDS[i], size, local_size); /* unless a later one serves */
+        if (BACKENDS[i]->launcher_world && g->booted_by != BACKENDS[i]) continue; /* not an error: not its world */
+        if ((why = serves(BACKENDS[i], g)) != TP_OK) {
+            if (st == TP_OK) st = why; /* unless a later one serves */
             continue;
         }
         *out = BACKENDS[i];
+        tp_clear_error();
         return TP_OK;
     }
     if (st != TP_OK) return st;
-    for (size_t i = 0; i < sizeof MISSING / sizeof MISSING[0]; i++)
+    for (size_t i = 0; MISSING[i].name != NULL; i++)
         if (MISSING[i].devices & DEVICE_BIT(device))
             return tp_error(TP_ERR_UNSUPPORTED, "init: no backend of this build takes %s memory ('%s' is not built: "
                             "%s)", device == TP_DEVICE_CUDA ? "GPU" : "host", MISSING[i].name, MISSING[i].why);
     return tp_error(TP_ERR_UNSUPPORTED, "init: no backend of this build takes %s memory",
                     device == TP_DEVICE_CUDA ? "GPU" : "host");
+out:
+    return st;
+}
+
+tp_status tp_backend_choose_sub(const char *name, const tp_group *g, const tp_backend *parent, const tp_backend **out)
+{
+    *out = parent;
+    if (name == NULL) return TP_OK;
+    if (strcmp(name, "auto") != 0) return tp_backend_choose(name, TP_DEVICE_CPU, g, out);
+    for (int i = 0; i < NBACKENDS; i++) {
+        if (!BACKENDS[i]->one_host || !(BACKENDS[i]->devices & parent->devices)) continue;
+        if (serves(BACKENDS[i], g) == TP_OK) {
+            *out = BACKENDS[i];
+            break;
+        }
+    }
+    tp_clear_error();
+    return TP_OK;
+}
+
+tp_status tp_backend_boot_check(void)
+{
+    for (int i = 0; i < NBACKENDS; i++)
+        if (BACKENDS[i]->boot_bcast != NULL) return TP_OK;
+#if TPLINEAR_MPI
+    return tp_error(TP_ERR_UNSUPPORTED, "no backend of this build bootstraps through this launcher");
+#else
+    return tp_error(TP_ERR_UNSUPPORTED, "tplinear was built without MPI, so it cannot bootstrap through mpirun/srun: "
+                    "install an MPI (apt-get install libopenmpi-dev, or libmpich-dev) and reinstall tplinear, or set "
+                    "MASTER_ADDR and MASTER_PORT (rank 0 serves its rendezvous store there)");
+#endif
+}
+
+tp_status tp_backend_boot_bcast(int rank, int size, void *buf, size_t len, double timeout_s, const tp_backend **by)
+{
+    *by = NULL;
+    for (int i = 0; i < NBACKENDS; i++) {
+        tp_status st;
+        if (BACKENDS[i]->boot_bcast == NULL) continue;
+        st = BACKENDS[i]->boot_bcast(rank, size, buf, len, timeout_s);
+        if (st == TP_ERR_UNSUPPORTED) continue;
+        if (st == TP_OK) *by = BACKENDS[i];
+        return st;
+    }
+    return tp_backend_boot_check();
 }

@@ -44,8 +44,17 @@
  * way), so every rank gets bitwise identical results. A row-parallel layer's bias is added right after
  * an element's reduction (tp_all_reduce_bias), not in a second pass over the output.
  *
- * The segment is named /tplinear-<pid of rank 0>-<ns>-<addr>, and unlinked by the last rank to map
- * it (or by any rank's error path), so nothing is left in /dev/shm after a crash or kill.
+ * The segment has no name in /dev/shm: rank 0 makes it with memfd_create (sealed against resizing) and
+ * the others open it through /proc/<rank 0's pid>/fd/<fd>, a path they learn from the rendezvous store
+ * (which only the world's ranks can read) and that only processes of the same user can open; rank 0
+ * closes its descriptor once every rank has mapped the segment. Nothing is left behind whoever fails or
+ * is killed during setup. The header carries a proof of the world's token (tp_store_proof over the
+ * group, its size and the world's generation) that every other rank checks before it trusts the
+ * segment: a foreign or stale segment is refused.
+ *
+ * Watchdog: a wait that lasts TPLINEAR_WATCHDOG_S (default 30) logs once which collective this rank is
+ * in and which ranks it waits for (with each one's last collective, pid and liveness), as the timeout's
+ * error does.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -68,7 +77,7 @@
 
 #define CL 64
 #define TP_SHM_MAX_RANKS 256 /* the largest group the shm backend serves */
-#define SHM_MAGIC 0x74706c696e736d31ull /* "tplinsm1" */
+#define SHM_MAGIC 0x74706c696e736d32ull /* "tplinsm2" */
 #define MSG_CAP 512
 
 enum { K_ALL_REDUCE = 1, K_ALL_GATHER = 2, K_REDUCE_SCATTER = 3, K_BROADCAST = 4, K_BARRIER = 5 };
@@ -108,6 +117,7 @@ typedef struct {
     _Atomic int32_t nwaiters;
     _Alignas(CL) _Atomic int failed; /* 0 ok, 1 message being written, 2 failed */
     char fail_msg[MSG_CAP];
+    unsigned char proof[TP_SHA256_BYTES]; /* rank 0's proof of the world's token */
 } shm_header;
 
 typedef struct {
@@ -125,7 +135,7 @@ typedef struct {
     int p, r;
     const int *granks; /* global rank of each group rank (the group's array) */
     uint64_t step, seq, round;
-    double spin_s, yield_s, timeout_s;
+    double spin_s, yield_s, timeout_s, watchdog_s;
     double spin_cur; /* adaptive spin budget: shrinks while spinning fails (peer not running), regrows */
     int log_level;
     int broken;
@@ -165,9 +175,10 @@ static const char *op_name(int op)
     return op >= 0 && op < 4 ? names[op] : "?";
 }
 
+/* "all_reduce of 1024 float32 (sum) as collective #12": the collective and its sequence number. */
 static void describe(const fingerprint *f, char *buf, size_t cap)
 {
-    size_t es = tp_dtype_size((tp_dtype)f->dtype);
+    size_t es = tp_dtype_size((tp_dtype)f->dtype), used;
     unsigned long long n = es ? (unsigned long long)(f->bytes / es) : 0ull;
     const char *dt = tp_dtype_name((tp_dtype)f->dtype);
     switch (f->kind) {
@@ -185,8 +196,11 @@ static void describe(const fingerprint *f, char *buf, size_t cap)
         snprintf(buf, cap, "barrier");
         break;
     default:
-        snprintf(buf, cap, "an unknown collective (kind %d)", f->kind);
+        snprintf(buf, cap, "no collective yet");
+        return;
     }
+    used = strlen(buf);
+    snprintf(buf + used, cap - used, " as collective #%llu", (unsigned long long)f->seq);
 }
 
 static void futex_wake_all(_Atomic uint32_t *w)
@@ -258,17 +272,34 @@ static int pid_dead(int pid)
     return dead;
 }
 
-/* Names the ranks whose step is below target (for timeout messages). */
-static void lagging(shm_impl *im, uint64_t target, char *buf, size_t cap, int *count)
+/* The last collective rank j began (of its two fingerprint slots, the later one). */
+static const fingerprint *latest(shm_impl *im, int j)
+{
+    const fingerprint *a = &im->ctrl[j].fp[0], *b = &im->ctrl[j].fp[1];
+    return b->seq > a->seq ? b : a;
+}
+
+/* What a wait is stuck on, for the watchdog and the timeout: "all_reduce #12 of 1024 float32 (sum): ...
+ * rank 1 (global rank 1, pid 4242, alive, last in all_reduce #11 of 1024 float32 (sum))", the first few
+ * ranks whose step is below target. */
+static void waiting_for(shm_impl *im, uint64_t target, char *buf, size_t cap, int *count)
 {
     size_t used = 0;
+    char d[160];
     *count = 0;
     buf[0] = '\0';
     for (int j = 0; j < im->p; j++) {
+        const fingerprint *last = latest(im, j);
+        int pid;
         if (atomic_load(&im->ctrl[j].step) >= target) continue;
-        if (used + 16 < cap) used += (size_t)snprintf(buf + used, cap - used, "%s%d", *count ? ", " : "", j);
-        (*count)++;
+        if ((*count)++ >= 4) continue;
+        pid = atomic_load(&im->ctrl[j].pid);
+        describe(last, d, sizeof d);
+        if (used + 32 < cap)
+            used += (size_t)snprintf(buf + used, cap - used, "%srank %d (global rank %d, pid %d, %s, last in %s)",
+                                     *count > 1 ? "; " : "", j, im->granks[j], pid, pid_dead(pid) ? "dead" : "alive", d);
     }
+    if (*count > 4 && used + 32 < cap) snprintf(buf + used, cap - used, "; and %d more", *count - 4);
 }
 
 /* Checks the ranks this rank waits for: gone, or left the group. */
@@ -293,7 +324,8 @@ static tp_status wait_all(shm_impl *im, const char *what)
 {
     const uint64_t target = im->step;
     int j = 0;
-    double start, deadline, next_check;
+    double start, deadline, next_check, watch_at;
+    char mine[160], who[768];
     while (j < im->p && atomic_load_explicit(&im->ctrl[j].step, memory_order_acquire) >= target) j++;
     if (j == im->p) return TP_OK;
     start = tp_now();
@@ -319,6 +351,7 @@ static tp_status wait_all(shm_impl *im, const char *what)
     }
     deadline = start + im->timeout_s;
     next_check = start + 0.05;
+    watch_at = im->watchdog_s > 0 ? start + im->watchdog_s : deadline + 1.0;
     atomic_store(&im->ctrl[im->r].heartbeat_ms, now_ms());
     for (;;) {
         uint32_t v = atomic_load(&im->hdr->futex);
@@ -333,13 +366,20 @@ static tp_status wait_all(shm_impl *im, const char *what)
             atomic_store(&im->ctrl[im->r].heartbeat_ms, now_ms());
             next_check = now + 0.05;
         }
-        if (now > deadline) {
-            char who[256];
+        if (now > deadline || now > watch_at) {
             int n;
-            lagging(im, target, who, sizeof who, &n);
-            tp_error(TP_ERR_TIMEOUT, "%s: timed out after %g s waiting for rank%s %s of the group of %d", what,
-                     im->timeout_s, n > 1 ? "s" : "", who, im->p);
-            return fail(im, TP_ERR_TIMEOUT, 1);
+            describe(&im->ctrl[im->r].fp[im->seq & 1], mine, sizeof mine);
+            waiting_for(im, target, who, sizeof who, &n);
+            if (now <= deadline) { /* the watchdog: once per wait */
+                tp_log(TP_LOG_WARN, "%s: rank %d of the group (global rank %d) has waited %.0f s in %s for %s; the "
+                       "wait ends at the timeout of %g s", what, im->r, im->granks[im->r], now - start, mine, who,
+                       im->timeout_s);
+                watch_at = deadline + 1.0;
+            } else {
+                tp_error(TP_ERR_TIMEOUT, "%s: timed out after %g s in %s waiting for %s (group of %d)", what,
+                         im->timeout_s, mine, who, im->p);
+                return fail(im, TP_ERR_TIMEOUT, 1);
+            }
         }
         atomic_fetch_add(&im->hdr->nwaiters, 1);
         if (atomic_load(&im->ctrl[j].step) < target && !atomic_load(&im->hdr->failed))
@@ -391,8 +431,14 @@ static tp_status check_fingerprints(shm_impl *im)
             char a[160], b[160];
             describe(fj, a, sizeof a);
             describe(f0, b, sizeof b);
-            tp_error(TP_ERR_COMM, "collective mismatch: rank %d called %s, rank 0 called %s (collective #%llu)", j,
-                     a, b, (unsigned long long)im->seq);
+            if (fj->seq != f0->seq) { /* out of step: a slot is stale; name the collective each rank is in */
+                describe(latest(im, j), a, sizeof a);
+                describe(latest(im, 0), b, sizeof b);
+                tp_error(TP_ERR_COMM, "collective mismatch: rank %d is in %s while rank 0 is in %s (the ranks called "
+                         "different collectives, or a different number of them)", j, a, b);
+            }
+            else
+                tp_error(TP_ERR_COMM, "collective mismatch: rank %d called %s, rank 0 called %s", j, a, b);
             return fail(im, TP_ERR_COMM, 1);
         }
     }
@@ -964,8 +1010,8 @@ static tp_status cma_setup(tp_group *g, shm_impl *im, char *why, size_t cap)
     }
     atomic_store(&im->ctrl[im->r].cma_ok, ok ? 1 : 2);
     snprintf(key, sizeof key, "%sshm/probed", g->prefix);
-    TP_CHECK(tp_store_add(g->store, key, 1, NULL));
-    TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
+    TP_CHECK(tp_store_arrive(g->store, key, g->rank));
+    TP_CHECK(tp_store_wait_all(g->store, key, g->size, g->global_ranks, "to test single-copy access"));
     for (int j = 0; j < im->p; j++)
         if (atomic_load(&im->ctrl[j].cma_ok) != 1) {
             if (ok) snprintf(why, cap, "off: rank %d cannot read its peers' memory", j);
@@ -996,11 +1042,11 @@ static tp_status shm_create(tp_group *g)
 {
     tp_status st = TP_OK;
     shm_impl *im = NULL;
-    char key[160];
+    char key[160], path[64];
+    unsigned char want[TP_SHA256_BYTES];
     size_t ctrl_bytes, data_off, len = 0;
     long slot_kb, oneshot_kb, spin_us, chunk_kb, yield_us, algo, cma, cma_kb;
-    int fd = -1, created = 0, unlinked = 0;
-    int64_t mapped = 0;
+    int fd = -1;
     char cma_why[192] = "off";
     struct stat sb;
     TP_REQUIRE(g->size >= 2 && g->size <= TP_SHM_MAX_RANKS, "shm: group size %d out of range 2..%d", g->size,
@@ -1021,6 +1067,7 @@ static tp_status shm_create(tp_group *g)
     im->r = g->rank;
     im->granks = g->global_ranks;
     im->timeout_s = g->timeout_s;
+    im->watchdog_s = (double)tp_knob_value(TP_KNOB_WATCHDOG_S);
     im->log_level = tp_log_level();
     im->slot_bytes = round_up((size_t)slot_kb * 1024, 2 * 4096);
     im->half = im->slot_bytes / 2;
@@ -1035,30 +1082,36 @@ static tp_status shm_create(tp_group *g)
     ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
     data_off = round_up(sizeof(shm_header) + ctrl_bytes, 4096);
     im->map_bytes = data_off + (size_t)g->size * im->slot_bytes;
-    snprintf(key, sizeof key, "%sshm/name", g->prefix);
+    snprintf(key, sizeof key, "%sshm/path", g->prefix);
     if (g->rank == 0) {
-        snprintf(im->name, sizeof im->name, "/tplinear-%d-%llx-%llx", (int)getpid(),
-                 (unsigned long long)(tp_now() * 1e9), (unsigned long long)(uintptr_t)g);
-        if ((fd = shm_open(im->name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600)) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: shm_open(%s)", im->name);
+        unsigned char rnd[12];
+        char hex[2 * sizeof rnd + 1];
+        TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
+        tp_hex(rnd, sizeof rnd, hex);
+        snprintf(im->name, sizeof im->name, "tplinear-%s", hex);
+        if ((fd = memfd_create(im->name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
+            st = tp_error_errno(TP_ERR_SYSTEM, "shm: memfd_create");
             goto out;
         }
-        created = 1;
-        if (ftruncate(fd, (off_t)im->map_bytes) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: ftruncate(%s, %zu)", im->name, im->map_bytes);
+        if (ftruncate(fd, (off_t)im->map_bytes) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+            st = tp_error_errno(TP_ERR_SYSTEM, "shm: sizing the segment to %zu bytes", im->map_bytes);
             goto out;
         }
+        snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)getpid(), fd);
     } else {
-        TP_CHECK(tp_store_get(g->store, key, im->name, sizeof im->name - 1, &len));
-        im->name[len < sizeof im->name ? len : sizeof im->name - 1] = '\0';
-        if ((fd = shm_open(im->name, O_RDWR | O_CLOEXEC, 0600)) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: shm_open(%s)", im->name);
+        TP_CHECK(tp_store_get(g->store, key, path, sizeof path - 1, &len));
+        path[len < sizeof path ? len : sizeof path - 1] = '\0';
+        snprintf(im->name, sizeof im->name, "%s", path);
+        if ((fd = open(path, O_RDWR | O_CLOEXEC)) < 0) {
+            st = tp_error_errno(TP_ERR_SYSTEM, "shm: cannot open rank 0's segment %s (the shm backend needs every "
+                                "rank of a group on one host, in one PID namespace, as one user; did rank 0 exit?)",
+                                path);
             goto out;
         }
-        if (fstat(fd, &sb) < 0 || (size_t)sb.st_size != im->map_bytes) {
+        if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (size_t)sb.st_size != im->map_bytes) {
             st = tp_error(TP_ERR_VALUE,
                           "shm: segment %s has %lld bytes, expected %zu (TPLINEAR_SHM_SLOT_KB must be equal on all "
-                          "ranks)", im->name, (long long)sb.st_size, im->map_bytes);
+                          "ranks)", path, (long long)sb.st_size, im->map_bytes);
             goto out;
         }
     }
@@ -1068,11 +1121,14 @@ static tp_status shm_create(tp_group *g)
         st = tp_error_errno(TP_ERR_SYSTEM, "shm: mmap of %zu bytes", im->map_bytes);
         goto out;
     }
-    close(fd);
-    fd = -1;
+    if (g->rank != 0) { /* rank 0 keeps its descriptor (the others' way in) until every rank has mapped */
+        close(fd);
+        fd = -1;
+    }
     im->hdr = (shm_header *)im->base;
     im->ctrl = (rank_ctrl *)(im->base + round_up(sizeof(shm_header), CL));
     im->slots = im->base + data_off;
+    tp_store_proof(g->store, "tplinear-shm-segment", key, strlen(key), want);
     if (g->rank == 0) {
         /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
         size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 128 * 1024 : 1024 * 1024);
@@ -1093,10 +1149,15 @@ static tp_status shm_create(tp_group *g)
                                                     : spare ? 16 * 1024ull : UINT64_MAX;
         im->hdr->slot_bytes = im->slot_bytes;
         im->hdr->nranks = g->size;
+        memcpy(im->hdr->proof, want, sizeof want);
         im->hdr->magic = SHM_MAGIC;
-        TP_CHECK(tp_store_set(g->store, key, im->name, strlen(im->name)));
+        TP_CHECK(tp_store_set(g->store, key, path, strlen(path)));
     } else if (im->hdr->magic != SHM_MAGIC || im->hdr->nranks != g->size) {
         st = tp_error(TP_ERR_COMM, "shm: segment %s is not a tplinear segment of %d ranks", im->name, g->size);
+        goto out;
+    } else if (!tp_secret_equal(im->hdr->proof, want, sizeof want)) {
+        st = tp_error(TP_ERR_COMM, "shm: refused segment %s: it does not prove this world's token (a foreign or "
+                      "stale segment)", im->name);
         goto out;
     }
     im->chunk = im->hdr->chunk_bytes;
@@ -1108,13 +1169,12 @@ static tp_status shm_create(tp_group *g)
     atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
     atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
     snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
-    TP_CHECK(tp_store_add(g->store, key, 1, &mapped));
-    if (mapped == g->size) { /* the last rank to map removes the name: nothing is left in /dev/shm */
-        shm_unlink(im->name);
-        unlinked = 1;
+    TP_CHECK(tp_store_arrive(g->store, key, g->rank));
+    TP_CHECK(tp_store_wait_all(g->store, key, g->size, g->global_ranks, "to map the shm segment"));
+    if (fd >= 0) { /* rank 0: every rank has mapped the segment, nobody needs the way in any more */
+        close(fd);
+        fd = -1;
     }
-    TP_CHECK(tp_store_wait_ge(g->store, key, g->size));
-    unlinked = 1;
     TP_CHECK(cma_setup(g, im, cma_why, sizeof cma_why));
     tp_log(TP_LOG_INFO, "shm: group %s rank %d of %d (global rank %d): segment %s of %.1f MB (slot %zu KB, chunk %zu KB, one-shot <= %zu KB, large all-reduce %s, spin %.0f us); single copy %s",
            g->prefix, g->rank, g->size, g->world_rank, im->name, (double)im->map_bytes / 1048576.0,
@@ -1125,7 +1185,6 @@ static tp_status shm_create(tp_group *g)
 out:
     if (fd >= 0) close(fd);
     if (im) {
-        if ((created || im->base) && !unlinked) shm_unlink(im->name);
         if (im->base) munmap(im->base, im->map_bytes);
         free(im->tmp);
         free(im);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -26,10 +27,11 @@ typedef struct {
 } knob_def;
 
 static const knob_def KNOBS[TP_KNOB_COUNT] = {
-    [TP_KNOB_DEBUG] = {"TPLINEAR_DEBUG", KNOB_CHOICE, "off", -1, 0, 0, "INFO|TRACE",
-                       "log to stderr, each line prefixed with the world rank: INFO the backend choice, ranks, "
-                       "segment sizes and the knobs set; TRACE also every collective with its time (any other "
-                       "value: off)"},
+    [TP_KNOB_DEBUG] = {"TPLINEAR_DEBUG", KNOB_CHOICE, "WARN", -1, 0, 0, "INFO|TRACE|WARN|OFF",
+                       "log to stderr, each line prefixed with the world rank: WARN (the default) only what a "
+                       "user must see before any call fails (a hung peer, a refused join); INFO also the "
+                       "backend choice, ranks, segment sizes and the knobs set; TRACE also every collective "
+                       "with its time; OFF nothing"},
     [TP_KNOB_BACKEND] = {"TPLINEAR_BACKEND", KNOB_STRING, "auto", 0, 0, 0, NULL,
                          "the backend a world gets when init asks for none (backend=None or 'auto'): one of "
                          "the backends this build registers (tplinear.distributed.available_backends())"},
@@ -66,6 +68,20 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_NCCL_ASYNC] = {"TPLINEAR_NCCL_ASYNC", KNOB_BOOL, "0", 0, 0, 1, NULL,
                             "nccl: 1 returns from a collective once it is enqueued and waits (still bounded by "
                             "the timeout) at the group's next call"},
+    [TP_KNOB_HOST_ID] = {"TPLINEAR_HOST_ID", KNOB_STRING, "hostname + boot id", 0, 0, 0, NULL,
+                         "the host identity ranks compare at rendezvous: ranks with equal ones share a host "
+                         "(local ranks, the shm backend's one-host check, the automatic backend choice)"},
+    [TP_KNOB_MPI_ONESHOT_KB] = {"TPLINEAR_MPI_ONESHOT_KB", KNOB_INT, "64", 64, 0, 1L << 22, NULL,
+                                "mpi: an all-reduce whose one-shot traffic per rank (size x (ranks - 1)) is at most "
+                                "this many KiB sends every buffer to every rank (one round); larger ones "
+                                "reduce-scatter + all-gather (rank 0's value is used)"},
+    [TP_KNOB_MPI_CHUNK_KB] = {"TPLINEAR_MPI_CHUNK_KB", KNOB_INT, "1024", 1024, 4, 1L << 22, NULL,
+                              "mpi: the round size of large all-reduces and reduce-scatters in KiB (bounds the "
+                              "scratch memory; rank 0's value is used)"},
+    [TP_KNOB_WATCHDOG_S] = {"TPLINEAR_WATCHDOG_S", KNOB_INT, "30", 30, 0, 1L << 30, NULL,
+                            "after a rank has waited this many seconds for a peer (a collective, the rendezvous, "
+                            "a store key), it logs once which rank and which collective it waits for (0: never); "
+                            "the wait itself ends at the group's timeout"},
 };
 
 #define VALUE_CAP 128
@@ -156,7 +172,8 @@ static void log_knobs(void)
 int tp_log_level(void)
 {
     const knob_value *v = &values()[TP_KNOB_DEBUG];
-    int level = v->err[0] ? TP_LOG_OFF : (int)v->value + 1; /* -1 unset, 0 INFO, 1 TRACE */
+    static const int levels[] = {TP_LOG_INFO, TP_LOG_TRACE, TP_LOG_WARN, TP_LOG_OFF}; /* the choices' order */
+    int level = v->err[0] || v->value < 0 ? TP_LOG_WARN : levels[v->value];
     if (level >= TP_LOG_INFO && !__atomic_load_n(&g_logged, __ATOMIC_ACQUIRE)) log_knobs();
     return level;
 }
@@ -195,30 +212,58 @@ out:
 
 /* ---------------------------------------------------------------- the world */
 
-/* The first set variable of names (torchrun's, then OpenMPI's) as an integer >= 0 into *out (-1 when
- * none is set). Returns the name of a variable that is set but not such an integer, else NULL. */
-static const char *world_int(const char *const names[2], int *out)
+/* The launchers whose variables describe a world, in the order they are consulted: a field comes from the
+ * first family that sets it (torchrun's names win, so a launcher nested in another sees its own world).
+ * Slurm's names count only inside a job step (SLURM_STEP_ID, set by srun: a batch script's own shell has
+ * SLURM_NTASKS too, but it is not a rank of anything). Slurm gives no local world size: the rendezvous
+ * counts the ranks of each host. */
+static const struct {
+    tp_launcher_kind kind;
+    const char *guard;                /* must be set for the family to count (NULL: always) */
+    const char *names[4];             /* rank, world size, local rank, local world size */
+} FAMILIES[] = {
+    {TP_LAUNCHER_TORCHRUN, NULL, {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}},
+    {TP_LAUNCHER_MPI, NULL,
+     {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"}},
+    {TP_LAUNCHER_MPI, NULL, {"PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}}, /* MPICH, Intel MPI */
+    {TP_LAUNCHER_SLURM, "SLURM_STEP_ID", {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", NULL}},
+};
+#define NFAMILIES ((int)(sizeof FAMILIES / sizeof FAMILIES[0]))
+
+/* An integer >= 0 from the variable name into *out (-1 when unset or empty). Returns name when it is set
+ * but not such an integer, else NULL. */
+static const char *env_int(const char *name, int *out)
+{
+    const char *v = name ? getenv(name) : NULL;
+    char *end = NULL;
+    long x;
+    *out = -1;
+    if (v == NULL || v[0] == '\0') return NULL;
+    errno = 0;
+    x = strtol(v, &end, 10);
+    if (errno != 0 || end == v || *end != '\0' || x < 0 || x > 1L << 30) return name;
+    *out = (int)x;
+    return NULL;
+}
+
+/* Field `field` of the world from the first family that sets it; *kind (when not NULL) gets that family. */
+static const char *world_int(int field, int *out, tp_launcher_kind *kind)
 {
     *out = -1;
-    for (int i = 0; i < 2; i++) {
-        const char *v = names[i] ? getenv(names[i]) : NULL;
-        char *end = NULL;
-        long x;
-        if (v == NULL || v[0] == '\0') continue;
-        errno = 0;
-        x = strtol(v, &end, 10);
-        if (errno != 0 || end == v || *end != '\0' || x < 0 || x > 1L << 30) return names[i];
-        *out = (int)x;
-        return NULL;
+    if (kind) *kind = TP_LAUNCHER_NONE;
+    for (int i = 0; i < NFAMILIES; i++) {
+        const char *bad;
+        if (FAMILIES[i].guard && getenv(FAMILIES[i].guard) == NULL) continue;
+        if ((bad = env_int(FAMILIES[i].names[field], out)) != NULL) return bad;
+        if (*out >= 0) {
+            if (kind) *kind = FAMILIES[i].kind;
+            return NULL;
+        }
     }
     return NULL;
 }
 
-static const char *const W_RANK[2] = {"RANK", "OMPI_COMM_WORLD_RANK"};
-static const char *const W_SIZE[2] = {"WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"};
-static const char *const W_LRANK[2] = {"LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"};
-static const char *const W_LSIZE[2] = {"LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"};
-static const char *const W_PORT[2] = {"MASTER_PORT", NULL};
+enum { F_RANK, F_SIZE, F_LRANK, F_LSIZE };
 
 tp_status tp_world_from_env(tp_world_env *w)
 {
@@ -226,9 +271,10 @@ tp_status tp_world_from_env(tp_world_env *w)
     const char *bad = NULL, *addr;
     TP_REQUIRE(w != NULL, "world_from_env: NULL argument");
     memset(w, 0, sizeof *w);
-    if ((bad = world_int(W_RANK, &w->rank)) == NULL && (bad = world_int(W_SIZE, &w->world_size)) == NULL &&
-        (bad = world_int(W_LRANK, &w->local_rank)) == NULL && (bad = world_int(W_LSIZE, &w->local_world_size)) == NULL)
-        bad = world_int(W_PORT, &w->master_port);
+    if ((bad = world_int(F_RANK, &w->rank, NULL)) == NULL && (bad = world_int(F_SIZE, &w->world_size, NULL)) == NULL &&
+        (bad = world_int(F_LRANK, &w->local_rank, NULL)) == NULL &&
+        (bad = world_int(F_LSIZE, &w->local_world_size, NULL)) == NULL)
+        bad = env_int("MASTER_PORT", &w->master_port);
     TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
     addr = getenv("MASTER_ADDR");
     if (addr != NULL) {
@@ -240,8 +286,107 @@ out:
     return st;
 }
 
+/* Set by an MPI runtime for the processes it starts: PMIx (OpenMPI 4/5, Slurm's --mpi=pmix), OpenMPI's
+ * ORTE, MPICH's Hydra (PMI_FD / PMI_PORT). */
+static const char *const MPI_RUNTIME_VARS[] = {"PMIX_RANK", "PMIX_NAMESPACE", "OMPI_MCA_orte_hnp_uri", "PMI_FD",
+                                               "PMI_PORT"};
+
+/* Copies the variable's value into buf (cap bytes); 0 when unset or empty, -1 when too long. */
+static int env_copy(const char *name, char *buf, size_t cap)
+{
+    const char *v = getenv(name);
+    buf[0] = '\0';
+    if (v == NULL || v[0] == '\0') return 0;
+    if (strlen(v) >= cap) return -1;
+    strcpy(buf, v);
+    return 1;
+}
+
+tp_status tp_launcher_from_env(tp_launcher *l)
+{
+    tp_status st = TP_OK;
+    const char *bad, *agent;
+    int size = -1;
+    memset(l, 0, sizeof *l);
+    bad = world_int(F_SIZE, &size, &l->kind);
+    TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
+    agent = getenv("TORCHELASTIC_USE_AGENT_STORE");
+    l->agent_store = l->kind == TP_LAUNCHER_TORCHRUN && agent != NULL && strcasecmp(agent, "true") == 0;
+    bad = env_int("TORCHELASTIC_RESTART_COUNT", &l->restart_count);
+    TP_REQUIRE(bad == NULL, "environment variable %s must be a non-negative integer, got '%s'", bad, getenv(bad));
+    if (l->restart_count < 0) l->restart_count = 0;
+    TP_REQUIRE(env_copy("TORCHELASTIC_RUN_ID", l->run_id, sizeof l->run_id) >= 0,
+               "environment variable TORCHELASTIC_RUN_ID is longer than %zu bytes", sizeof l->run_id - 1);
+    l->omp_threads_set = getenv("OMP_NUM_THREADS") != NULL && getenv("OMP_NUM_THREADS")[0] != '\0';
+    for (size_t i = 0; i < sizeof MPI_RUNTIME_VARS / sizeof MPI_RUNTIME_VARS[0]; i++)
+        if (getenv(MPI_RUNTIME_VARS[i]) != NULL) l->mpi_runtime = l->kind == TP_LAUNCHER_MPI || l->kind == TP_LAUNCHER_SLURM;
+out:
+    return st;
+}
+
+tp_status tp_env_token(tp_token_env *out)
+{
+    static const char *const JOB_VARS[] = {"TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid",
+                                           "SLURM_JOB_ID"};
+    tp_status st = TP_OK;
+    const char *tok = getenv("TPLINEAR_TOKEN");
+    memset(out, 0, sizeof *out);
+    TP_REQUIRE(tok == NULL || (tok[0] != '\0' && strlen(tok) <= TP_TOKEN_MAX),
+               "environment variable TPLINEAR_TOKEN must be 1..%d characters when set, got %zu", TP_TOKEN_MAX,
+               tok ? strlen(tok) : (size_t)0);
+    if (tok) strcpy(out->token, tok);
+    for (size_t i = 0; i < sizeof JOB_VARS / sizeof JOB_VARS[0]; i++) {
+        int rc = env_copy(JOB_VARS[i], out->job_id, sizeof out->job_id - 32);
+        TP_REQUIRE(rc >= 0, "environment variable %s is longer than %zu bytes", JOB_VARS[i], sizeof out->job_id - 33);
+        if (rc == 0) continue;
+        out->job_var = JOB_VARS[i];
+        if (strcmp(JOB_VARS[i], "SLURM_JOB_ID") == 0) { /* a job's steps are worlds of their own */
+            const char *step = getenv("SLURM_STEP_ID");
+            size_t n = strlen(out->job_id);
+            snprintf(out->job_id + n, sizeof out->job_id - n, ".%.20s", step ? step : "");
+        }
+        break;
+    }
+out:
+    return st;
+}
+
+const char *tp_launcher_name(tp_launcher_kind k)
+{
+    switch (k) {
+    case TP_LAUNCHER_TORCHRUN: return "torchrun's variables";
+    case TP_LAUNCHER_MPI: return "an MPI launcher (mpirun/mpiexec)";
+    case TP_LAUNCHER_SLURM: return "Slurm (srun)";
+    default: return "no launcher";
+    }
+}
+
 int tp_env_rank(void)
 {
     int rank;
-    return world_int(W_RANK, &rank) == NULL ? rank : -1;
+    return world_int(F_RANK, &rank, NULL) == NULL ? rank : -1;
+}
+
+tp_status tp_host_identity(char *id, size_t cap, char *name, size_t ncap)
+{
+    tp_status st = TP_OK;
+    const char *forced = tp_knob_str(TP_KNOB_HOST_ID);
+    char host[256] = "", boot[64] = "";
+    FILE *f;
+    if (gethostname(host, sizeof host - 1) < 0) snprintf(host, sizeof host, "unknown-host");
+    if (forced != NULL) {
+        snprintf(id, cap, "%s", forced);
+        snprintf(name, ncap, "%s", forced);
+        goto out;
+    }
+    /* the boot id tells apart hosts (or containers' kernels) that share a hostname */
+    if ((f = fopen("/proc/sys/kernel/random/boot_id", "r")) != NULL) {
+        if (fgets(boot, sizeof boot, f) == NULL) boot[0] = '\0';
+        fclose(f);
+        boot[strcspn(boot, "\n")] = '\0';
+    }
+    snprintf(id, cap, "%s/%s", host, boot);
+    snprintf(name, ncap, "%s", host);
+out:
+    return st;
 }

@@ -92,33 +92,64 @@ TP_API tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 
 /* ------------------------------------------------------------------ partition math */
 
-typedef enum {
-    TP_SPLIT_EVEN = 0,   /* training mode: torch.chunk semantics, must divide exactly */
-    TP_SPLIT_UNEVEN = 1  /* inference mode: DeepSpeed's get_shard_size_list rule     */
-} tp_split_mode;
+/* DeepSpeed's tp_grain_size defaults: its training engine's (tensor_parallel.tp_grain_size) and its
+ * inference engine's. */
+#define TP_GRAIN_TRAINING 1
+#define TP_GRAIN_INFERENCE 64
 
 typedef struct {
     int64_t offset;
     int64_t size;
 } tp_range;
 
-/* Size and offset of every rank's shard of a dimension of n elements over p ranks.
- *  - TP_SPLIT_EVEN: torch.chunk; n % p != 0 is TP_ERR_VALUE naming n and p.
- *  - TP_SPLIT_UNEVEN: num_heads > 0 and n % num_heads == 0 and the name allows heads:
- *    rank r gets num_heads/p (+1 for r < num_heads%p) slices of n/num_heads; otherwise n >= 64:
- *    grains of 64 dealt the same way, the n%64 tail to the last rank; n < 64: single elements.
- *  name may be NULL; names containing "mlp", "gate_proj", "up_proj", "down_proj", "w1", "w2",
- *  "w3", or equal to "lm_head"/"embed_out", never use the head rule (as DeepSpeed).
- * out has p entries. */
-TP_API tp_status tp_partition(int64_t n, int p, tp_split_mode mode, int64_t num_heads, const char *name,
-                              tp_range *out);
+/* How a dimension is split. Zero-initialise it and set what applies.
+ *  grain         >= 1: DeepSpeed's tp_grain_size (TP_GRAIN_TRAINING or TP_GRAIN_INFERENCE).
+ *  kv_heads      DeepSpeed's model-wide num_kv_heads (tplinear's set_num_kv_heads), 0: none. Used as
+ *                DeepSpeed uses it: only where it divides the dimension and the name allows heads.
+ *  name          the layer's name or NULL; names containing "mlp", "gate_proj", "up_proj",
+ *                "down_proj", "w1", "w2", "w3", or equal to "lm_head"/"embed_out", never take kv_heads.
+ *  num_heads, num_kv_heads, head_dim
+ *                the layer's own attention heads (0: none; num_kv_heads 0 means num_heads, multi-head
+ *                attention; head_dim 0: not checked). They override kv_heads and the name: the split
+ *                dimension is made of these heads, a dimension they do not tile is TP_ERR_VALUE, and
+ *                the split unit is the KV group (the GQA rule, tp_attention_heads). */
+typedef struct {
+    int64_t grain;
+    int64_t kv_heads;
+    const char *name;
+    int64_t num_heads;
+    int64_t num_kv_heads;
+    int64_t head_dim;
+} tp_split_spec;
 
-/* Packed split: the dimension is nblocks consecutive blocks (fused QKV, gate/up), each split
- * separately with tp_partition (block_heads[i] heads, or 0; block_heads may be NULL).
- * out is [p][nblocks] row-major: out[r*nblocks+i] is rank r's piece of block i, with offset
- * in the full dimension. A rank's shard is its pieces concatenated in block order. */
-TP_API tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, tp_split_mode mode,
-                                     const int64_t *block_heads, const char *name, tp_range *out);
+/* Size and offset of every rank's shard of a dimension of n elements over p ranks: DeepSpeed 0.19's
+ * tp_shard.get_shard_size_list, the one rule for training and inference (they differ in the grain).
+ * With h head units (the layer's KV groups, or kv_heads where it applies): rank r gets
+ * h/p (+1 for r < h%p) units of n/h. Otherwise, n >= grain: n/grain grains dealt the same way, the
+ * n%grain tail to the last rank; n < grain: single elements dealt the same way.
+ * out has p entries, offsets ascending. */
+TP_API tp_status tp_partition(int64_t n, int p, const tp_split_spec *spec, tp_range *out);
+
+/* Packed split: the dimension is nblocks consecutive blocks (fused QKV, gate/up), each split on its
+ * own by tp_partition's rule. block_heads (NULL: none) gives the heads of each block (0: a block
+ * without heads). Heads of a packed block follow their KV group: with k the fewest heads of any
+ * block that has heads (the KV head count), every such block's heads must be a multiple of k and tile
+ * the block, and each is dealt as k units, so a rank holds the Q heads of exactly its KV heads; a
+ * packed dimension whose heads cannot be split that way is TP_ERR_VALUE. Without block_heads, the
+ * layer's own heads (with head_dim: block i holds block_sizes[i]/head_dim heads) or kv_heads apply to
+ * every block. out is [p][nblocks] row-major: out[r*nblocks+i] is rank r's piece of block i, with
+ * offset in the full dimension. A rank's shard is its pieces concatenated in block order. */
+TP_API tp_status tp_partition_packed(const int64_t *block_sizes, int nblocks, int p, const tp_split_spec *spec,
+                                     const int64_t *block_heads, tp_range *out);
+
+/* The GQA rule: which attention heads rank r holds when num_heads query heads share num_kv_heads
+ * key/value heads (num_kv_heads 0: num_heads) over p ranks. KV heads are dealt as whole heads
+ * (rank r gets num_kv_heads/p, +1 for r < num_kv_heads%p) and every query head goes with its KV group
+ * (query head j belongs to KV head j / (num_heads/num_kv_heads)), so kv[r] = that range of KV heads and
+ * q[r] = the query heads of those groups. num_heads % num_kv_heads != 0 is TP_ERR_VALUE. q and kv
+ * have p entries each (in heads, not elements). tp_partition with the same heads gives these ranges
+ * times head_dim, for q_proj, k_proj, v_proj, a packed QKV and the attention output projection. */
+TP_API tp_status tp_attention_heads(int64_t num_heads, int64_t num_kv_heads, int p, tp_range *q, tp_range *kv);
 
 /* ------------------------------------------------------------------ initialisation */
 
@@ -149,10 +180,12 @@ TP_API tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b);
 
 /* ------------------------------------------------------------------ environment */
 
-/* The world as the launcher's environment describes it: torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
- * LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, else OpenMPI's OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK,
- * _LOCAL_SIZE. Read at each call. A variable that is set but not a non-negative integer is TP_ERR_VALUE
- * naming it. */
+/* The world as the launcher's environment describes it, each field from the first launcher that sets it:
+ * torchrun's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; OpenMPI's OMPI_COMM_WORLD_RANK, _SIZE,
+ * _LOCAL_RANK, _LOCAL_SIZE; MPICH's / Intel MPI's PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS;
+ * inside a Slurm job step (SLURM_STEP_ID set, i.e. under srun) SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID;
+ * and MASTER_ADDR, MASTER_PORT. Read at each call. A variable that is set but not a non-negative integer
+ * is TP_ERR_VALUE naming it. */
 typedef struct {
     int rank;              /* -1 where the environment does not say */
     int world_size;
@@ -182,7 +215,7 @@ typedef struct tp_group tp_group;
 typedef enum { TP_SUM = 0, TP_AVG = 1, TP_MAX = 2, TP_MIN = 3 } tp_reduce_op;
 
 #define TP_INIT_OPTIONS_MAGIC 0x74706f70u /* "tpop" */
-#define TP_INIT_OPTIONS_VERSION 1u
+#define TP_INIT_OPTIONS_VERSION 2u
 
 typedef struct {
     /* What the caller's header declared: filled by TP_INIT_OPTIONS_INITIALIZER or tp_init_options_default,
@@ -203,25 +236,49 @@ typedef struct {
     /* With backend NULL / "auto": the memory the group's buffers will live in, so that the choice
      * takes it (TP_DEVICE_CUDA: a backend that takes GPU memory). */
     tp_device_type device;
+    /* The world's secret, the same on every rank (1..256 characters): every rank proves it to join the
+     * rendezvous and to map the world's shared memory. NULL: TPLINEAR_TOKEN (tplinear.run sets a fresh
+     * one per run), else under an MPI launcher a fresh one from rank 0 through MPI, else a value derived
+     * from the launcher's job id, address and port (docs/security.md). */
+    const char *token;
 } tp_init_options;
 
 /* Everything from the environment, automatic backend, 300 s. */
 #define TP_INIT_OPTIONS_INITIALIZER                                                                   \
     {                                                                                                 \
         sizeof(tp_init_options), TP_INIT_OPTIONS_MAGIC, TP_INIT_OPTIONS_VERSION, NULL, 300.0, -1, -1, -1, -1, \
-            NULL, -1, TP_DEVICE_CPU                                                                   \
+            NULL, -1, TP_DEVICE_CPU, NULL                                                             \
     }
 
 /* Fills opts as TP_INIT_OPTIONS_INITIALIZER does. */
 TP_API void tp_init_options_default(tp_init_options *opts);
 
-/* Creates the world group (collective over all ranks). */
+/* Creates the world group (collective over all ranks). A world of more than one rank meets at a
+ * rendezvous store (docs/security.md, docs/launching.md): under torchrun the agent's own (keys under
+ * tplinear/<run id>/<restart>/<generation>/, every value proving the token); under mpirun/mpiexec/srun in
+ * MPI builds rank 0's, on a port the kernel picks, announced with a fresh token through MPI; else rank 0's
+ * at MASTER_ADDR:MASTER_PORT. Rank 0's store listens on 127.0.0.1 when the launcher says the world is one
+ * host (LOCAL_WORLD_SIZE == WORLD_SIZE) whatever MASTER_ADDR says, else on its address only. Each call of
+ * a process starts a fresh world: the n-th init of every rank meets the n-th init of the others (a
+ * re-initialising rank that reaches the previous world's store is sent away until its new one is up; a
+ * rank of another generation is told so). A rank whose token differs is refused on both sides
+ * (TP_ERR_COMM); every wait is bounded by timeout_s. */
 TP_API tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world);
 /* Collective over every rank of parent: ranks (n entries, ranks of parent, ascending or not, no
  * repeats) form a new group. A rank of parent not listed gets a non-member handle whose
  * collectives fail with TP_ERR_VALUE. */
 TP_API tp_status tp_group_new(tp_group *parent, const int *ranks, int n, tp_group **out);
-/* Frees the group's resources (not collective; call on every rank). NULL is fine. */
+/* The same with the new group's backend named: NULL keeps the parent's (its subgroups are made the
+ * way the parent's backend makes them, e.g. ncclCommSplit / MPI_Comm_split); a name ("shm", "mpi",
+ * "nccl") makes the members a group of that backend, e.g. an shm group of the ranks of one host inside
+ * an mpi world; "auto" takes shm when the members share a host (and the parent's backend takes host
+ * memory), else the parent's. Every rank of parent passes the same name. */
+TP_API tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const char *backend,
+                                      tp_group **out);
+/* Frees the group's resources (not collective; call on every rank). NULL is fine. It must not run while
+ * another thread is inside a call on g: call tp_group_abort (safe from any thread) first, which makes
+ * such calls return TP_ERR_COMM at once, and destroy after they have returned (the Python binding does
+ * this for destroy_process_group). */
 TP_API void tp_group_destroy(tp_group *g);
 /* Marks the group failed and wakes/aborts anything waiting on it (safe from another thread). */
 TP_API tp_status tp_group_abort(tp_group *g);

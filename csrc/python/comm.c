@@ -9,14 +9,15 @@
 static int parse_op(PyObject *opobj, tp_reduce_op *op)
 {
     static const char *const names[] = {"sum", "avg", "max", "min"};
-    const char *s = PyUnicode_Check(opobj) ? PyUnicode_AsUTF8(opobj) : NULL;
+    Py_ssize_t n = 0;
+    const char *s = PyUnicode_Check(opobj) ? PyUnicode_AsUTF8AndSize(opobj, &n) : NULL;
     if (s == NULL) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "op must be one of 'sum', 'avg', 'max', 'min', got %R", opobj);
         return -1;
     }
     for (int i = 0; i < 4; i++)
-        if (strcmp(s, names[i]) == 0) {
+        if ((size_t)n == strlen(names[i]) && strcmp(s, names[i]) == 0) { /* "max\0x" is not "max" */
             *op = (tp_reduce_op)i;
             return 0;
         }
@@ -56,30 +57,32 @@ static int check_float_or_int(const tp_tensor *t, const char *what)
 /* None or an int >= 0 into *out (-1 for None: "from the environment"). */
 static int opt_rank(PyObject *o, int *out, const char *what)
 {
-    long v;
+    int overflow = 0;
+    long long v;
     if (o == Py_None) return 0;
-    v = PyLong_AsLong(o);
+    v = PyLong_AsLongLongAndOverflow(o, &overflow);
     if (v == -1 && PyErr_Occurred()) return -1;
-    if (v < 0 || v > (1L << 30)) {
-        PyErr_Format(PyExc_ValueError, "%s must be None or an integer >= 0, got %ld", what, v);
+    if (overflow || v < 0 || v > (1L << 30)) {
+        PyErr_Format(PyExc_ValueError, "%s must be None or an integer in 0..%ld, got %R", what, 1L << 30, o);
         return -1;
     }
     *out = (int)v;
     return 0;
 }
 
-/* init_world(backend=None, timeout=300.0, rank=None, world_size=None, device="cpu") -> Group: whatever
- * is None comes from the launcher's environment (tp_world_from_env); device is the memory an automatic
- * backend choice must take. */
+/* init_world(backend=None, timeout=300.0, rank=None, world_size=None, device="cpu", token=None) -> Group:
+ * whatever is None comes from the launcher's environment (tp_world_from_env, TPLINEAR_TOKEN); device is
+ * the memory an automatic backend choice must take. */
 static PyObject *py_init_world(PyObject *m, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"backend", "timeout", "rank", "world_size", "device", NULL};
+    static char *kwlist[] = {"backend", "timeout", "rank", "world_size", "device", "token", NULL};
     tp_init_options o = TP_INIT_OPTIONS_INITIALIZER;
     const char *device = "cpu";
     PyObject *rank = Py_None, *size = Py_None;
     tp_group *g = NULL;
     tp_status st;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|zdOOs", kwlist, &o.backend, &o.timeout_s, &rank, &size, &device))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|zdOOsz", kwlist, &o.backend, &o.timeout_s, &rank, &size, &device,
+                                     &o.token))
         return NULL;
     if (opt_rank(rank, &o.rank, "rank") < 0 || opt_rank(size, &o.world_size, "world_size") < 0) return NULL;
     if (strcmp(device, "cpu") == 0)
@@ -150,7 +153,8 @@ static PyObject *py_new_group(PyObject *m, PyObject *args)
     int *ranks;
     Py_ssize_t n;
     tp_status st;
-    if (!PyArg_ParseTuple(args, "OO", &po, &ranks_obj)) return NULL;
+    const char *backend = NULL;
+    if (!PyArg_ParseTuple(args, "OO|z", &po, &ranks_obj, &backend)) return NULL;
     if ((parent = tpy_group_get(m, po)) == NULL) return NULL;
     if ((fast = PySequence_Fast(ranks_obj, "ranks must be a sequence of ints")) == NULL) return NULL;
     n = PySequence_Fast_GET_SIZE(fast);
@@ -160,16 +164,20 @@ static PyObject *py_new_group(PyObject *m, PyObject *args)
         return PyErr_NoMemory();
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
-        if (v == -1 && PyErr_Occurred()) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(fast, i), &overflow);
+        if ((v == -1 && PyErr_Occurred()) || overflow || v < 0 || v >= tp_group_size(parent)) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "new_group: rank %R is not in the parent group of %d",
+                             PySequence_Fast_GET_ITEM(fast, i), tp_group_size(parent));
             PyMem_Free(ranks);
             Py_DECREF(fast);
             return NULL;
         }
-        ranks[i] = (int)v;
+        ranks[i] = (int)v; /* in range: no truncation */
     }
     Py_DECREF(fast);
-    Py_BEGIN_ALLOW_THREADS st = tp_group_new(parent, ranks, (int)n, &g);
+    Py_BEGIN_ALLOW_THREADS st = tp_group_new_backend(parent, ranks, (int)n, backend, &g);
     Py_END_ALLOW_THREADS
     PyMem_Free(ranks);
     if (st != TP_OK) return tpy_raise(m, st);
@@ -215,14 +223,21 @@ static PyObject *py_all_reduce(PyObject *m, PyObject *args)
 
 static PyObject *py_broadcast(PyObject *m, PyObject *args)
 {
-    PyObject *go, *arr;
-    int root;
+    PyObject *go, *arr, *rootobj;
+    int root, overflow = 0;
+    long long r;
     tp_group *g;
     tpy_view v;
     tp_tensor t;
     tp_status st;
-    if (!PyArg_ParseTuple(args, "OOi", &go, &arr, &root)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOO", &go, &arr, &rootobj)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
+    r = PyLong_AsLongLongAndOverflow(rootobj, &overflow);
+    if (r == -1 && PyErr_Occurred()) return NULL;
+    if (overflow || r < 0 || r >= tp_group_size(g))
+        return PyErr_Format(PyExc_ValueError, "broadcast: root %R is not a rank of the group of %d", rootobj,
+                            tp_group_size(g));
+    root = (int)r;
     if (tpy_tensor(arr, &t, &v, 1, "tensor") < 0) return NULL;
     if (check_contig(&t, "tensor") < 0 || check_device(m, g, &t, "tensor") < 0) {
         tpy_view_release(&v);
@@ -257,7 +272,12 @@ static int pair(PyObject *m, tp_group *g, PyObject *so, PyObject *ro, tpy_arg a[
     if (counts) {
         int64_t total = 0;
         int me = tp_group_rank(g);
-        for (int64_t r = 0; r < p; r++) total += (int64_t)counts[r];
+        for (int64_t r = 0; r < p; r++)
+            if (__builtin_add_overflow(total, (int64_t)counts[r], &total)) {
+                PyErr_Format(PyExc_ValueError, "%s: the counts add up to more than %lld elements", what,
+                             (long long)INT64_MAX);
+                goto fail;
+            }
         if (me >= 0 && (int64_t)counts[me] != ns) {
             PyErr_Format(PyExc_ValueError, "%s: this rank's count is %lld but its input has %lld elements", what,
                          (long long)counts[me], (long long)ns);
@@ -305,9 +325,12 @@ static PyObject *py_all_gather(PyObject *m, PyObject *args)
             return PyErr_NoMemory();
         }
         for (Py_ssize_t i = 0; i < n; i++) {
-            long long c = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
-            if (c < 0) {
-                if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "all_gather: counts must be >= 0");
+            int overflow = 0;
+            long long c = PyLong_AsLongLongAndOverflow(PySequence_Fast_GET_ITEM(fast, i), &overflow);
+            if (c < 0 || overflow) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "all_gather: counts must be in 0..%lld, got %R", (long long)INT64_MAX,
+                                 PySequence_Fast_GET_ITEM(fast, i));
                 Py_DECREF(fast);
                 PyMem_Free(counts);
                 return NULL;
@@ -379,26 +402,30 @@ static PyObject *py_destroy(PyObject *m, PyObject *args)
 {
     PyObject *go;
     if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
-    if (tpy_group_get(m, go) == NULL) return NULL;
-    tp_group_destroy(((tpy_group *)go)->g);
-    ((tpy_group *)go)->g = NULL;
-    Py_RETURN_NONE;
+    return tpy_group_destroy(m, go);
 }
+
+TPY_IN_GROUP(py_new_group)
+TPY_IN_GROUP(py_all_reduce)
+TPY_IN_GROUP(py_all_gather)
+TPY_IN_GROUP(py_reduce_scatter)
+TPY_IN_GROUP(py_broadcast)
+TPY_IN_GROUP(py_barrier)
 
 PyMethodDef tpy_comm_methods[] = {
     {"init_world", (PyCFunction)(void (*)(void))py_init_world, METH_VARARGS | METH_KEYWORDS,
-     "init_world(backend=None, timeout=300.0, rank=None, world_size=None, device='cpu') -> Group; None: from the "
-     "environment"},
+     "init_world(backend=None, timeout=300.0, rank=None, world_size=None, device='cpu', token=None) -> Group; "
+     "None: from the environment"},
     {"world_env", py_world_env, METH_NOARGS, "world_env() -> dict: the launcher's world (torchrun / OpenMPI variables)"},
     {"backends", py_backends, METH_NOARGS, "backends() -> list: the backends this build registers"},
     {"env_knobs", py_env_knobs, METH_NOARGS, "env_knobs() -> list of dicts: the environment knobs the library reads"},
-    {"new_group", py_new_group, METH_VARARGS, "new_group(parent, ranks) -> Group (collective over parent)"},
+    {"new_group", py_new_group_in_group, METH_VARARGS, "new_group(parent, ranks, backend=None) -> Group (collective over parent; backend None: the parent's)"},
     {"group_info", py_group_info, METH_VARARGS, "group_info(group) -> dict"},
-    {"all_reduce", py_all_reduce, METH_VARARGS, "all_reduce(group, arr, op)"},
-    {"all_gather", py_all_gather, METH_VARARGS, "all_gather(group, out, arr, counts=None)"},
-    {"reduce_scatter", py_reduce_scatter, METH_VARARGS, "reduce_scatter(group, out, arr, op)"},
-    {"broadcast", py_broadcast, METH_VARARGS, "broadcast(group, arr, root)"},
-    {"barrier", py_barrier, METH_VARARGS, "barrier(group)"},
+    {"all_reduce", py_all_reduce_in_group, METH_VARARGS, "all_reduce(group, arr, op)"},
+    {"all_gather", py_all_gather_in_group, METH_VARARGS, "all_gather(group, out, arr, counts=None)"},
+    {"reduce_scatter", py_reduce_scatter_in_group, METH_VARARGS, "reduce_scatter(group, out, arr, op)"},
+    {"broadcast", py_broadcast_in_group, METH_VARARGS, "broadcast(group, arr, root)"},
+    {"barrier", py_barrier_in_group, METH_VARARGS, "barrier(group)"},
     {"abort", py_abort, METH_VARARGS, "abort(group)"},
     {"destroy", py_destroy, METH_VARARGS, "destroy(group)"},
     {NULL, NULL, 0, NULL},

@@ -45,8 +45,8 @@ int tpy_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const 
     }
     view->has_buf = 1;
     if ((info = tp_dtype_by_format(b->format, (size_t)b->itemsize)) == NULL) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64, got an array of format '%s'", what,
-                     b->format ? b->format : "B");
+        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64 (layers and collectives), or int32 or "
+                     "int64 (collectives), got an array of format '%s'", what, b->format ? b->format : "B");
         goto fail;
     }
     t->dtype = info->dtype;

@@ -20,12 +20,6 @@
         Py_RETURN_NONE;                                 \
     } while (0)
 
-static int parse_mode(int training, tp_split_mode *mode)
-{
-    *mode = training ? TP_SPLIT_EVEN : TP_SPLIT_UNEVEN;
-    return 0;
-}
-
 static PyObject *ranges_to_list(const tp_range *r, Py_ssize_t n)
 {
     PyObject *list = PyList_New(n);
@@ -66,50 +60,34 @@ static int64_t *int64_list(PyObject *seq, Py_ssize_t *n, const char *what)
     return out;
 }
 
-/* partition(n, p, training, num_heads, name) -> [(offset, size)] * p */
-static PyObject *py_partition(PyObject *m, PyObject *args)
+/* partition(blocks, p, grain, kv_heads=0, name=None, num_heads=0, num_kv_heads=0, head_dim=0,
+ *           block_heads=None) -> [(offset, size)] * (p * len(blocks)), rank-major */
+static PyObject *py_partition(PyObject *m, PyObject *args, PyObject *kwargs)
 {
-    long long n, heads;
-    int p, training;
-    const char *name;
-    tp_split_mode mode;
-    tp_range *r;
-    tp_status st;
-    PyObject *res;
-    if (!PyArg_ParseTuple(args, "LipLz", &n, &p, &training, &heads, &name)) return NULL;
-    if (p < 1) return PyErr_Format(PyExc_ValueError, "group size must be >= 1, got %d", p);
-    parse_mode(training, &mode);
-    r = PyMem_Calloc((size_t)p, sizeof *r);
-    if (r == NULL) return PyErr_NoMemory();
-    st = tp_partition(n, p, mode, heads, name, r);
-    res = st == TP_OK ? ranges_to_list(r, p) : tpy_raise(m, st);
-    PyMem_Free(r);
-    return res;
-}
-
-/* partition_packed(blocks, p, training, heads or None, name) -> [(offset, size)] * (p * nblocks) */
-static PyObject *py_partition_packed(PyObject *m, PyObject *args)
-{
-    PyObject *blocks_obj, *heads_obj, *res = NULL;
-    int p, training;
-    const char *name;
-    Py_ssize_t nb, nh = 0;
+    static char *kw[] = {"blocks", "p", "grain", "kv_heads", "name", "num_heads", "num_kv_heads", "head_dim",
+                         "block_heads", NULL};
+    PyObject *blocks_obj, *heads_obj = Py_None, *res = NULL;
+    int p;
+    long long grain, kv = 0, nh = 0, nkv = 0, hd = 0;
+    const char *name = NULL;
+    Py_ssize_t nb, nbh = 0;
     int64_t *blocks = NULL, *heads = NULL;
     tp_range *r = NULL;
-    tp_split_mode mode;
+    tp_split_spec spec;
     tp_status st;
-    if (!PyArg_ParseTuple(args, "OipOz", &blocks_obj, &p, &training, &heads_obj, &name)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiL|LzLLLO", kw, &blocks_obj, &p, &grain, &kv, &name, &nh, &nkv,
+                                     &hd, &heads_obj))
+        return NULL;
     if (p < 1) return PyErr_Format(PyExc_ValueError, "group size must be >= 1, got %d", p);
-    parse_mode(training, &mode);
     if ((blocks = int64_list(blocks_obj, &nb, "block sizes must be a sequence of ints")) == NULL) goto out;
     if (nb < 1 || nb > 64) {
-        PyErr_Format(PyExc_ValueError, "packed layers need 1 to 64 blocks, got %zd", nb);
+        PyErr_Format(PyExc_ValueError, "a split dimension has 1 to 64 blocks, got %zd", nb);
         goto out;
     }
     if (heads_obj != Py_None) {
-        if ((heads = int64_list(heads_obj, &nh, "head counts must be a sequence of ints")) == NULL) goto out;
-        if (nh != nb) {
-            PyErr_Format(PyExc_ValueError, "got %zd head counts for %zd blocks", nh, nb);
+        if ((heads = int64_list(heads_obj, &nbh, "head counts must be a sequence of ints")) == NULL) goto out;
+        if (nbh != nb) {
+            PyErr_Format(PyExc_ValueError, "got %zd head counts for %zd blocks", nbh, nb);
             goto out;
         }
     }
@@ -118,11 +96,42 @@ static PyObject *py_partition_packed(PyObject *m, PyObject *args)
         PyErr_NoMemory();
         goto out;
     }
-    st = tp_partition_packed(blocks, (int)nb, p, mode, heads, name, r);
+    spec = (tp_split_spec){.grain = grain, .kv_heads = kv, .name = name, .num_heads = nh, .num_kv_heads = nkv,
+                           .head_dim = hd};
+    st = tp_partition_packed(blocks, (int)nb, p, &spec, heads, r);
     res = st == TP_OK ? ranges_to_list(r, p * nb) : tpy_raise(m, st);
 out:
     PyMem_Free(blocks);
     PyMem_Free(heads);
+    PyMem_Free(r);
+    return res;
+}
+
+/* attention_heads(num_heads, num_kv_heads, p) -> [((q_offset, q_count), (kv_offset, kv_count))] * p */
+static PyObject *py_attention_heads(PyObject *m, PyObject *args)
+{
+    long long nh, nkv;
+    int p;
+    tp_range *r;
+    tp_status st;
+    PyObject *res = NULL;
+    if (!PyArg_ParseTuple(args, "LLi", &nh, &nkv, &p)) return NULL;
+    if (p < 1) return PyErr_Format(PyExc_ValueError, "group size must be >= 1, got %d", p);
+    if ((r = PyMem_Calloc((size_t)(2 * p), sizeof *r)) == NULL) return PyErr_NoMemory();
+    st = tp_attention_heads(nh, nkv, p, r, r + p);
+    if (st != TP_OK) {
+        res = tpy_raise(m, st);
+    } else if ((res = PyList_New(p)) != NULL) {
+        for (int i = 0; i < p; i++) {
+            PyObject *item = Py_BuildValue("((LL)(LL))", (long long)r[i].offset, (long long)r[i].size,
+                                           (long long)r[p + i].offset, (long long)r[p + i].size);
+            if (item == NULL) {
+                Py_CLEAR(res);
+                break;
+            }
+            PyList_SET_ITEM(res, i, item);
+        }
+    }
     PyMem_Free(r);
     return res;
 }
@@ -318,18 +327,26 @@ static PyObject *py_cuda_compiled(PyObject *m, PyObject *unused)
     return PyBool_FromLong(tp_cuda_compiled());
 }
 
+TPY_IN_GROUP(py_row_forward)
+TPY_IN_GROUP(py_row_backward)
+TPY_IN_GROUP(py_col_forward)
+TPY_IN_GROUP(py_col_backward)
+TPY_IN_GROUP(py_gather)
+
 PyMethodDef tpy_core_methods[] = {
-    {"partition", py_partition, METH_VARARGS, "partition(n, p, training, num_heads, name) -> [(offset, size)]"},
-    {"partition_packed", py_partition_packed, METH_VARARGS,
-     "partition_packed(blocks, p, training, heads|None, name) -> [(offset, size)] (rank-major)"},
+    {"partition", (PyCFunction)(void (*)(void))py_partition, METH_VARARGS | METH_KEYWORDS,
+     "partition(blocks, p, grain, kv_heads=0, name=None, num_heads=0, num_kv_heads=0, head_dim=0, "
+     "block_heads=None) -> [(offset, size)] * (p * len(blocks)), rank-major"},
+    {"attention_heads", py_attention_heads, METH_VARARGS,
+     "attention_heads(num_heads, num_kv_heads, p) -> [((q_offset, q_count), (kv_offset, kv_count))] * p"},
     {"init_uniform", py_init_uniform, METH_VARARGS, "init_uniform(out, seed, stream, bound, row_off, col_off, full_cols)"},
     {"linear_forward", py_linear_forward, METH_VARARGS, "linear_forward(x, w, b|None, y)"},
     {"linear_backward", py_linear_backward, METH_VARARGS, "linear_backward(dy, x, w, dx|None, dw|None, db|None)"},
-    {"row_forward", py_row_forward, METH_VARARGS, "row_forward(group, x, w, b|None, y)"},
-    {"row_backward", py_row_backward, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None)"},
-    {"col_forward", py_col_forward, METH_VARARGS, "col_forward(group, x, w, b|None, y)"},
-    {"col_backward", py_col_backward, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap)"},
-    {"gather", py_gather, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full): all-gather along dim"},
+    {"row_forward", py_row_forward_in_group, METH_VARARGS, "row_forward(group, x, w, b|None, y)"},
+    {"row_backward", py_row_backward_in_group, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None)"},
+    {"col_forward", py_col_forward_in_group, METH_VARARGS, "col_forward(group, x, w, b|None, y)"},
+    {"col_backward", py_col_backward_in_group, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap)"},
+    {"gather", py_gather_in_group, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full): all-gather along dim"},
     {"shard", py_shard, METH_VARARGS,
      "shard(full, dim, ranges, nblocks, rank, out): rank's pieces of full along dim into out (no collective)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n): BLAS threads (n <= 0: automatic)"},

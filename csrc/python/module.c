@@ -1,4 +1,6 @@
 /* The module tplinear._C: state (CommError, the Group and DeviceArray types, the dtype objects) and init. */
+#include <time.h>
+
 #include "py.h"
 
 /* ---------------------------------------------------------------- Group */
@@ -75,6 +77,49 @@ tp_group *tpy_group_get(PyObject *module, PyObject *obj)
     return ((tpy_group *)obj)->g;
 }
 
+PyObject *tpy_group_call(PyObject *module, PyObject *args, PyObject *(*fn)(PyObject *, PyObject *))
+{
+    tpy_state *state = PyModule_GetState(module);
+    PyObject *first = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : NULL;
+    tpy_group *o = first && PyObject_TypeCheck(first, state->group_type) ? (tpy_group *)first : NULL;
+    PyObject *res;
+    if (o) {
+        Py_INCREF(o);
+        o->busy++;
+    }
+    res = fn(module, args);
+    if (o) {
+        o->busy--;
+        Py_DECREF(o);
+    }
+    return res;
+}
+
+PyObject *tpy_group_destroy(PyObject *module, PyObject *obj)
+{
+    tpy_group *o;
+    tp_group *g;
+    if (tpy_group_get(module, obj) == NULL) return NULL;
+    o = (tpy_group *)obj;
+    g = o->g;
+    o->g = NULL; /* later calls: "the process group was destroyed" */
+    if (o->busy > 0) {
+        /* another thread is inside a call on g: make it return now (bounded by the group's timeout in
+         * any case), and wait for it with the GIL released so that it can finish */
+        tp_status st = tp_group_abort(g);
+        (void)st;
+        tp_clear_error();
+        while (o->busy > 0) {
+            Py_BEGIN_ALLOW_THREADS
+            struct timespec nap = {0, 1000000};
+            nanosleep(&nap, NULL);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    tp_group_destroy(g);
+    Py_RETURN_NONE;
+}
+
 PyObject *tpy_group_wrap(PyObject *module, tp_group *g, PyObject *parent)
 {
     tpy_state *state = PyModule_GetState(module);
@@ -84,6 +129,7 @@ PyObject *tpy_group_wrap(PyObject *module, tp_group *g, PyObject *parent)
         return NULL;
     }
     obj->g = g;
+    obj->busy = 0;
     obj->parent = parent;
     Py_XINCREF(parent);
     PyObject_GC_Track((PyObject *)obj);

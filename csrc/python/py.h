@@ -61,11 +61,21 @@ typedef struct {
     PyObject_HEAD
     tp_group *g;
     PyObject *parent; /* keeps the parent group (and its bootstrap store) alive */
+    int busy;         /* calls running on g without the GIL (guarded by the GIL) */
 } tpy_group;
 int tpy_group_register(PyObject *module, tpy_state *state);
 /* obj must be a Group; returns its handle or NULL with TypeError. */
 tp_group *tpy_group_get(PyObject *module, PyObject *obj);
 PyObject *tpy_group_wrap(PyObject *module, tp_group *g, PyObject *parent);
+/* Runs fn(module, args) with args[0], when it is a Group, counted busy: destroy from another thread then
+ * aborts the group (the running call returns a CommError at once) and frees it only after the call has
+ * returned, never under it. Every binding that releases the GIL with a group goes through it
+ * (TPY_IN_GROUP). */
+PyObject *tpy_group_call(PyObject *module, PyObject *args, PyObject *(*fn)(PyObject *, PyObject *));
+#define TPY_IN_GROUP(fn) \
+    static PyObject *fn##_in_group(PyObject *m, PyObject *a) { return tpy_group_call(m, a, fn); }
+/* destroy(group): frees the group's handle at once, or after the calls running on it have returned. */
+PyObject *tpy_group_destroy(PyObject *module, PyObject *obj);
 
 /* ---------------------------------------------------------------- dtypes (dtypes.c) */
 

@@ -48,7 +48,7 @@ int main(void)
         (st = tp_init_uniform(&B, 7, 1, 1.0 / sqrt(IN), 0, 0, OUT)) != TP_OK ||
         (st = tp_tensor_init(&X, x, TP_FLOAT32, 2, (int64_t[]){BATCH, IN})) != TP_OK ||
         (st = tp_init_uniform(&X, 99, 0, 1.0, 0, 0, IN)) != TP_OK ||
-        (st = tp_partition(IN, size, TP_SPLIT_UNEVEN, 0, NULL, ranges)) != TP_OK) {
+        (st = tp_partition(IN, size, &(tp_split_spec){.grain = TP_GRAIN_INFERENCE}, ranges)) != TP_OK) {
         rc = fail("setup", st);
         goto done;
     }

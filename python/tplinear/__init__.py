@@ -13,16 +13,28 @@ from . import _C
 from . import distributed
 from ._device import DeviceArray, set_allow_tf32, set_stream
 from .checkpoint import load_checkpoint, save_checkpoint
-from .layers import (
-    Linear,
-    LinearAllreduce,
-    LinearLayer,
+from .autotp import (
+    Conv_LinearAllreduce,
+    Conv_LinearALlreduce,
+    LmHeadLinearAllreduce,
+    SubParamLinearAllreduce,
+    SubParamLinearLayer,
+    collect_universal_checkpoint_info,
+    conv_LinearLayer,
+    fused_LinearLayer,
+)
+from .layers import Linear, LinearAllreduce, LinearLayer
+from .partition import (
+    attention_heads,
     get_num_kv_heads,
+    get_tp_grain_size,
     is_autotp_training_mode,
     is_training_mode,
     set_autotp_mode,
     set_num_kv_heads,
+    set_tp_grain_size,
     set_training_mode,
+    shard_ranges,
 )
 from .parameter import GatherReplacedLayerParams, Parameter
 
@@ -45,8 +57,11 @@ def get_num_threads():
 
 
 __all__ = [
-    "CommError", "DeviceArray", "GatherReplacedLayerParams", "Linear", "LinearAllreduce", "LinearLayer", "Parameter",
-    "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "is_autotp_training_mode",
-    "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode", "set_num_kv_heads",
-    "set_allow_tf32", "set_num_threads", "set_stream", "set_training_mode",
+    "CommError", "Conv_LinearALlreduce", "Conv_LinearAllreduce", "DeviceArray", "GatherReplacedLayerParams", "Linear",
+    "LinearAllreduce", "LinearLayer", "LmHeadLinearAllreduce", "Parameter", "SubParamLinearAllreduce",
+    "SubParamLinearLayer", "attention_heads", "collect_universal_checkpoint_info", "conv_LinearLayer",
+    "fused_LinearLayer", "cuda_available", "distributed", "get_num_kv_heads", "get_num_threads", "get_tp_grain_size",
+    "is_autotp_training_mode", "is_training_mode", "load_checkpoint", "save_checkpoint", "set_autotp_mode",
+    "set_num_kv_heads", "set_allow_tf32", "set_num_threads", "set_stream", "set_tp_grain_size", "set_training_mode",
+    "shard_ranges",
 ]

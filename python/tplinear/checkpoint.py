@@ -24,7 +24,7 @@ def load_consolidated_state_dict(layer, state_dict):
             raise ValueError(f"checkpoint is missing {key!r}")
         what = f"checkpoint[{key!r}]"
         value = layer._place.readable(data_of(state_dict[key]), what)
-        full = layer._full_shape if key == "weight" else [layer._full_shape[0]]
+        full = layer._full_shape if key == "weight" else [layer.out_features]
         if list(value.shape) != list(full):
             raise ValueError(f"{what} has shape {tuple(value.shape)}, the layer's full shape is {tuple(full)}")
         param.data = layer._piece(param, value, what)

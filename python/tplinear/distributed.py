@@ -1,4 +1,5 @@
-"""torch.distributed-style process groups over the C core's backends (shm, and nccl in CUDA builds).
+"""torch.distributed-style process groups over the C core's backends (shm; mpi in MPI builds; nccl in
+CUDA builds).
 
     import tplinear.distributed as dist
     dist.init_process_group()            # the C core reads RANK, WORLD_SIZE, ... (torchrun's variables)
@@ -47,22 +48,33 @@ def available_backends():
     return _C.backends()
 
 
-def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, init_method=None):
+def init_process_group(backend=None, timeout=300.0, rank=None, world_size=None, init_method=None, token=None):
     """Creates the default group from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
-    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or OpenMPI's OMPI_COMM_WORLD_*); nothing set means a
-    world of one. backend: None (auto) or one of available_backends() ("shm", "nccl"); "gloo" is
-    accepted as torch-compatible sugar for the CPU backend "shm", and "mpi" says it is not built. Every
-    wait is bounded by timeout seconds (a datetime.timedelta works too).
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; under mpirun/mpiexec/srun the MPI launcher's variables,
+    no MASTER_* needed in MPI builds; under torchrun its agent's store); nothing set means a world of
+    one. backend: None (auto) or one of available_backends() ("shm", "mpi", "nccl"); "gloo" is accepted
+    as torch-compatible sugar for the CPU backend "shm"; a backend this build lacks says how to get it.
+    Every wait is bounded by timeout seconds (a datetime.timedelta works too).
+
+    token: the world's secret (a str of 1..256 characters, the same on every rank). Every rank proves it
+    to join the rendezvous (rank 0's store; under torchrun, with every value it puts in the agent's store)
+    and to map the world's shared memory, so no other process (another job on the same port, another
+    user) can join the world; a rank with another token is refused with a CommError on both sides. None:
+    TPLINEAR_TOKEN, which ``python -m tplinear.run`` sets to a fresh random value per run; else under
+    mpirun/mpiexec/srun a fresh random one that rank 0 sends through MPI; else a value derived from the
+    launcher's job id, MASTER_ADDR, MASTER_PORT and WORLD_SIZE (docs/security.md says what each launcher
+    gets). Each call starts a fresh world, also on the same MASTER_PORT.
 
     backend=None picks, in order: the TPLINEAR_BACKEND environment variable; a backend that takes GPU
     memory ("nccl") when the group is created implicitly by a layer whose tensors are on the GPU
-    (device="cuda", or a module whose weight is a GPU array); otherwise the CPU default (shm on one
-    host). A GPU training script that calls init_process_group() itself should pass backend="nccl" (as
-    with torch)."""
-    return _init(backend, timeout, rank, world_size, init_method, device="cpu")
+    (device="cuda", or a module whose weight is a GPU array); otherwise the CPU default: "mpi" when an
+    MPI launcher started the processes (on one host or many), "shm" when all ranks share a host. A world
+    that spans hosts without MPI is an error naming the hosts. A GPU training script that calls
+    init_process_group() itself should pass backend="nccl" (as with torch)."""
+    return _init(backend, timeout, rank, world_size, init_method, device="cpu", token=token)
 
 
-def _init(backend, timeout, rank, world_size, init_method, device):
+def _init(backend, timeout, rank, world_size, init_method, device, token=None):
     global _world
     if _world is not None:
         raise RuntimeError("the default process group is already initialized; call destroy_process_group() first")
@@ -77,7 +89,9 @@ def _init(backend, timeout, rank, world_size, init_method, device):
         raise ValueError("only init_method='env://' (torchrun's environment) is supported")
     if backend is not None and not isinstance(backend, str):
         raise ValueError(f"backend must be None or a name such as 'shm' or 'nccl', got {backend!r}")
-    _world = ProcessGroup(_C.init_world(backend, timeout, rank, world_size, device))
+    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 256 or "\0" in token):
+        raise ValueError("token must be None or a string of 1..256 characters without NUL")
+    _world = ProcessGroup(_C.init_world(backend, timeout, rank, world_size, device, token))
     return _world
 
 
@@ -118,13 +132,23 @@ def get_backend(group=None):
     return _group(group).backend
 
 
-def new_group(ranks=None):
-    """Collective over the default group: every rank calls it with the same ranks. Non-members get a
-    group they cannot use for collectives (as in torch)."""
+def new_group(ranks=None, backend=None):
+    """Collective over the default group: every rank calls it with the same ranks (and backend).
+    Non-members get a group they cannot use for collectives (as in torch).
+
+    backend: None makes the group the way the world's backend makes subgroups (MPI_Comm_split for mpi,
+    ncclCommSplit for nccl, a segment of its own for shm); a name makes it a group of that backend, e.g.
+    an "shm" group of the ranks of one host inside an "mpi" world (tensor parallelism inside a node,
+    data parallelism across nodes); "auto" takes "shm" when the ranks share a host, else the world's
+    backend. "gloo" means "shm", as in init_process_group."""
     world = _default()
     if ranks is None:
         ranks = range(world.size)
-    return ProcessGroup(_C.new_group(world._handle, [int(r) for r in ranks]))
+    if backend == "gloo":
+        backend = "shm"
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"backend must be None or a name such as 'shm' or 'mpi', got {backend!r}")
+    return ProcessGroup(_C.new_group(world._handle, [int(r) for r in ranks], backend))
 
 
 def all_reduce(tensor, op="sum", group=None):
@@ -150,9 +174,57 @@ def reduce_scatter_tensor(output, input, op="sum", group=None):
     _C.reduce_scatter(_group(group)._handle, output, input, _op(op))
 
 
-def broadcast(tensor, src, group=None):
-    """src is a rank of the group."""
-    _C.broadcast(_group(group)._handle, tensor, int(src))
+def broadcast(tensor, src=None, group=None, *, group_src=None):
+    """In place from the root, as torch.distributed.broadcast: src is the root's GLOBAL rank (its rank in
+    the default group), group_src its rank within group; give exactly one. A src that is not a member of
+    group is a ValueError (torch raises too), never another rank's data."""
+    g = _group(group)
+    _C.broadcast(g._handle, tensor, _root(g, src, group_src, "src"))
+
+
+def get_group_rank(group, global_rank):
+    """The rank within group of the process whose global rank is global_rank (torch's name); ValueError
+    when it is not a member."""
+    g = _group(group)
+    ranks = g.ranks
+    global_rank = _rank_arg(global_rank, "global_rank")
+    if global_rank not in ranks:
+        raise ValueError(f"global rank {global_rank} is not a member of the group (its global ranks: {ranks})")
+    return ranks.index(global_rank)
+
+
+def get_global_rank(group, group_rank):
+    """The global rank of the group's member group_rank (torch's name); ValueError when out of range."""
+    ranks = _group(group).ranks
+    group_rank = _rank_arg(group_rank, "group_rank")
+    if not 0 <= group_rank < len(ranks):
+        raise ValueError(f"group rank {group_rank} is out of range for a group of {len(ranks)}")
+    return ranks[group_rank]
+
+
+def _root(g, src, group_src, what):
+    """The group rank of a collective's root given as torch gives it: `what` (a global rank) or
+    group_<what> (a rank within g), exactly one of them."""
+    if (src is None) == (group_src is None):
+        raise ValueError(f"give exactly one of {what}= (a global rank) and group_{what}= (a rank within the "
+                         f"group), got {what}={src!r}, group_{what}={group_src!r}")
+    if g.rank < 0:
+        return 0  # a non-member: the C core raises "not a member"
+    if group_src is not None:
+        get_global_rank(g, group_src)  # checks the range
+        return int(group_src)
+    ranks = g.ranks
+    src = _rank_arg(src, what)
+    if src not in ranks:
+        raise ValueError(f"{what}={src} is a global rank that is not a member of the group (its global ranks: "
+                         f"{ranks}); pass group_{what}= for a rank within the group")
+    return ranks.index(src)
+
+
+def _rank_arg(v, what):
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{what} must be an int, got {type(v).__name__}")
+    return int(v)
 
 
 def barrier(group=None):
@@ -166,7 +238,9 @@ def abort(group=None):
 
 
 def destroy_process_group(group=None):
-    """Destroys group, or the default group (and with it the world) when group is None."""
+    """Destroys group, or the default group (and with it the world) when group is None. Safe while another
+    thread is inside a collective or a layer call on that group: the call raises CommError at once, and
+    the group is freed after it has returned."""
     global _world
     if group is None:
         if _world is not None:

@@ -18,11 +18,18 @@ Everything after the script path (or after the module name with ``-m``) is passe
 untouched, including arguments that look like launcher options.
 
 Each worker gets torchrun's environment variables (any outer values, e.g. from an enclosing launcher,
-are replaced, never inherited): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+are replaced, never inherited; so are MPICH's ``PMI_RANK``/``PMI_SIZE`` and Slurm's ``SLURM_STEP_ID``): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
 ``GROUP_RANK`` (node rank), ``GROUP_WORLD_SIZE`` (nnodes), ``ROLE_NAME`` ("default"), ``ROLE_RANK``,
 ``ROLE_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``TORCHELASTIC_RUN_ID``,
 ``TORCHELASTIC_RESTART_COUNT`` (0) and ``TORCHELASTIC_MAX_RESTARTS`` (0). OpenMPI's
 ``OMPI_COMM_WORLD_*`` variables are removed so that the rendezvous cannot pick up an outer world.
+
+The world is a closed club (docs/security.md): on one node the launcher gives its workers a fresh random
+``TPLINEAR_TOKEN`` (an inherited one is replaced, as an outer world's variables are), which every rank
+proves to join the rendezvous and to map the world's shared memory; with ``--nnodes`` > 1 every node's
+launcher passes on the ``TPLINEAR_TOKEN`` of its own environment (set the same secret on every node), or,
+when there is none, the ranks derive one from ``--rdzv-id``, the master address and port. On one node
+without ``--master-port`` the launcher picks a free port itself (as ``--standalone`` does).
 ``OMP_NUM_THREADS`` is set to ``max(1, cores // nproc_per_node)`` when unset (torchrun sets 1; tplinear
 gives each rank its share of the cores, DESIGN.md section 5). With ``--prefix-output``,
 ``PYTHONUNBUFFERED=1`` is also set when unset, so that prefixed lines appear as they are printed.
@@ -45,6 +52,7 @@ SIGKILL when the launcher dies, so even a SIGKILLed launcher leaves no orphan be
 import argparse
 import ctypes
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -61,7 +69,9 @@ PROG = "tplinear.run"
 # before it sets its own, so nested worlds never see the outer one's values.
 LAUNCHER_ENV_VARS = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-    "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TPLINEAR_TOKEN",
+    # MPICH / Intel MPI (Hydra) and Slurm's job step: the other worlds tplinear reads
+    "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_STEP_ID",
 )
 LAUNCHER_ENV_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_")
 
@@ -187,7 +197,8 @@ def build_parser():
     p.add_argument("--master-addr", "--master_addr", dest="master_addr", default=None, metavar="ADDR",
                    help="address of node 0, which serves the rendezvous store (default: 127.0.0.1)")
     p.add_argument("--master-port", "--master_port", dest="master_port", type=_port, default=None,
-                   metavar="PORT", help="port of the rendezvous store (default: 29500)")
+                   metavar="PORT", help="port of the rendezvous store (default: a free port on one node, "
+                                        "29500 with --nnodes > 1)")
     p.add_argument("--standalone", action="store_true",
                    help="single node on 127.0.0.1 with a free port (cannot be combined with "
                         "--nnodes > 1, --master-addr or --master-port)")
@@ -228,9 +239,13 @@ def parse_args(argv=None):
     if args.master_addr is None:
         args.master_addr = "127.0.0.1"
     if args.master_port is None:
-        args.master_port = 29500
+        # one node: nothing else has to meet us, so take a free port rather than a fixed one that
+        # another job on this host may hold; several nodes must agree on torchrun's default
+        args.master_port = free_port() if args.nnodes == 1 else 29500
     if args.run_id is None:
         args.run_id = "none"
+    # the world's secret: fresh on one node; several nodes share the one set in their environments
+    args.token = secrets.token_hex(32) if args.nnodes == 1 else (os.environ.get("TPLINEAR_TOKEN") or None)
     return args
 
 
@@ -258,6 +273,8 @@ def worker_env(args, local_rank, base=None):
         "TORCHELASTIC_RESTART_COUNT": "0",
         "TORCHELASTIC_MAX_RESTARTS": "0",
     })
+    if getattr(args, "token", None):
+        env["TPLINEAR_TOKEN"] = args.token
     if "OMP_NUM_THREADS" not in env:
         # torchrun sets OMP_NUM_THREADS=1 for nproc > 1; tplinear gives every rank its share of the
         # cores instead (DESIGN.md section 5: cores / local ranks BLAS threads).

@@ -46,7 +46,8 @@ import time
 
 from .run import clean_launcher_env
 
-__all__ = ["WorldResult", "WorldTimeout", "run_world", "assert_world_ok", "world_env", "wait_gone"]
+__all__ = ["WorldResult", "WorldTimeout", "run_world", "assert_world_ok", "world_env", "wait_gone", "launch",
+           "launcher_missing", "LAUNCHERS"]
 
 _PREFIX_RE = re.compile(r"^\[rank (\d+)\] ?(.*)$")
 _FAIL_RE = re.compile(r"^tplinear\.run: rank (\d+) \(local \d+\) (?:also )?failed with (.*?)(?:;|$)")
@@ -186,38 +187,111 @@ def run_world(nproc, code, timeout=120.0, env=None, args=(), prefix=True, launch
             cmd.append("--prefix-output")
         cmd += [str(a) for a in launcher_args]
         cmd += [script] + [str(a) for a in args]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=world_env(env), cwd=tmp if cwd is None else cwd,
-                                start_new_session=True)
+        return _run(cmd, int(nproc), world_env(env), tmp if cwd is None else cwd, timeout)
+
+
+def _run(cmd, nproc, env, cwd, timeout):
+    """Runs cmd in its own session; SIGKILLs the whole session on a timeout or an exception."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, cwd=cwd, start_new_session=True)
+    try:
         try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
             try:
-                out, _ = proc.communicate(timeout=timeout)
+                out, _ = proc.communicate(timeout=_KILL_WAIT)
+            except subprocess.TimeoutExpired:   # something outside the group holds the pipe
+                out = b""
+            text = out.decode("utf-8", "replace")
+            raise WorldTimeout("world of %d ranks did not finish within %.1f s; killed it.\n"
+                               "command: %s\noutput so far:\n%s"
+                               % (nproc, timeout, " ".join(cmd), textwrap.indent(_tail(text), "  | ")),
+                               text) from None
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+            try:
+                proc.wait(timeout=_KILL_WAIT)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                try:
-                    out, _ = proc.communicate(timeout=_KILL_WAIT)
-                except subprocess.TimeoutExpired:   # something outside the group holds the pipe
-                    out = b""
-                text = out.decode("utf-8", "replace")
-                raise WorldTimeout("world of %d ranks did not finish within %.1f s; killed it.\n"
-                                   "command: %s\noutput so far:\n%s"
-                                   % (nproc, timeout, " ".join(cmd), textwrap.indent(_tail(text), "  | ")),
-                                   text) from None
-        finally:
-            if proc.poll() is None:
-                _kill_group(proc)
-                try:
-                    proc.wait(timeout=_KILL_WAIT)
-                except subprocess.TimeoutExpired:
-                    pass
-            else:
-                # The launcher is gone; a worker it could not reap would die by PR_SET_PDEATHSIG,
-                # but make sure nothing of its group lingers.
-                _kill_group(proc)
-            for f in (proc.stdout, proc.stderr):
-                if f is not None:
-                    f.close()
-    return WorldResult(int(nproc), proc.returncode, out.decode("utf-8", "replace"), cmd)
+                pass
+        else:
+            # The launcher is gone; a worker it could not reap would die by PR_SET_PDEATHSIG,
+            # but make sure nothing of its group lingers.
+            _kill_group(proc)
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    return WorldResult(nproc, proc.returncode, out.decode("utf-8", "replace"), cmd)
+
+
+LAUNCHERS = ("tplinear.run", "torchrun", "mpirun", "srun")
+
+
+def launcher_missing(launcher):
+    """Why ``launcher`` cannot start a world here (a reason to skip a test), or None when it can."""
+    import shutil
+
+    if launcher == "tplinear.run":
+        return None
+    if launcher == "torchrun":  # found, not imported: torch and a CUDA build of tplinear may load different NCCLs
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed (pip install torch) so there is no torchrun"
+        return None
+    if launcher == "mpirun":
+        from . import _C
+
+        if shutil.which("mpirun") is None:
+            return "no mpirun on PATH (apt-get install openmpi-bin libopenmpi-dev)"
+        if "mpi" not in _C.backends():
+            return "tplinear was built without MPI (apt-get install libopenmpi-dev, then reinstall tplinear)"
+        return None
+    if launcher == "srun":
+        if shutil.which("srun") is None:
+            return "Slurm is not installed on this machine (no srun)"
+        return None
+    raise ValueError("launcher must be one of %s, got %r" % (", ".join(LAUNCHERS), launcher))
+
+
+def _is_openmpi():
+    try:
+        return "Open MPI" in subprocess.run(["mpirun", "--version"], capture_output=True, text=True,
+                                            timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def launch(launcher, nproc, argv, timeout=120.0, env=None, launcher_args=(), cwd=None):
+    """Starts ``argv`` (a Python script and its arguments, or ``["-m", module, ...]``) on ``nproc`` ranks
+    with a real launcher: ``"tplinear.run"`` (--standalone), ``"torchrun"`` (--standalone), ``"mpirun"``
+    (OpenMPI: --oversubscribe, and allowed to run as root) or ``"srun"``; ``launcher_args`` go to the
+    launcher (e.g. ``["--mca", "btl", "tcp,self"]``). The environment is ours minus any outer world,
+    plus ``env``. Returns a :class:`WorldResult` (no rank prefixes: read ``.output``); raises
+    :class:`WorldTimeout` after killing everything when it takes longer than ``timeout``. Check
+    :func:`launcher_missing` first."""
+    py = [sys.executable] + [str(a) for a in argv]
+    extra = [str(a) for a in launcher_args]
+    env = world_env(env)
+    if launcher == "tplinear.run":
+        cmd = [sys.executable, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(nproc)] + extra + py[1:]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        cmd += extra + py[1:]
+    elif launcher == "mpirun":
+        cmd = ["mpirun", "-np", str(nproc)]
+        if _is_openmpi():
+            cmd.append("--oversubscribe")
+            if os.geteuid() == 0:  # OpenMPI refuses root unless told twice
+                env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        cmd += extra + py
+    elif launcher == "srun":
+        cmd = ["srun", "--ntasks", str(nproc)] + extra + py
+    else:
+        raise ValueError("launcher must be one of %s, got %r" % (", ".join(LAUNCHERS), launcher))
+    return _run(cmd, int(nproc), env, cwd, timeout)
 
 
 def assert_world_ok(nproc, code, timeout=120.0, env=None, **kwargs):

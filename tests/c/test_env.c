@@ -159,7 +159,7 @@ static void registry(void)
         EXPECT(tp_backend_name(i) != NULL);
         if (strcmp(tp_backend_name(i), "shm") == 0) shm = 1;
         EXPECT(strcmp(tp_backend_name(i), "nccl") != 0); /* a CPU build registers no nccl */
-        EXPECT(strcmp(tp_backend_name(i), "mpi") != 0);  /* not advertised before it exists */
+        EXPECT(strcmp(tp_backend_name(i), "mpi") != 0);  /* the C tests' library is built without MPI */
     }
     EXPECT(shm && tp_backend_name(tp_backend_count()) == NULL && tp_backend_name(-1) == NULL);
     EXPECT_OK(init_named("shm", TP_DEVICE_CPU, &g));
@@ -169,7 +169,8 @@ static void registry(void)
     tp_group_destroy(g);
     g = NULL;
     EXPECT_STATUS(init_named("mpi", TP_DEVICE_CPU, &g), TP_ERR_UNSUPPORTED);
-    EXPECT(strstr(tp_last_error(), "'mpi'") != NULL && strstr(tp_last_error(), "not built") != NULL);
+    EXPECT(strstr(tp_last_error(), "'mpi'") != NULL && strstr(tp_last_error(), "not built") != NULL &&
+           strstr(tp_last_error(), "apt-get install libopenmpi-dev") != NULL);
     EXPECT_STATUS(init_named("nccl", TP_DEVICE_CPU, &g), TP_ERR_UNSUPPORTED);
     EXPECT(strstr(tp_last_error(), "built without CUDA") != NULL);
     EXPECT_STATUS(init_named("gloo", TP_DEVICE_CPU, &g), TP_ERR_VALUE);
@@ -178,16 +179,8 @@ static void registry(void)
     EXPECT_STATUS(init_named(NULL, TP_DEVICE_CUDA, &g), TP_ERR_UNSUPPORTED);
     EXPECT(strstr(tp_last_error(), "GPU memory") != NULL && strstr(tp_last_error(), "built without CUDA") != NULL);
     EXPECT(g == NULL);
-    /* shm on two hosts */
-    {
-        tp_init_options o = TP_INIT_OPTIONS_INITIALIZER;
-        o.rank = 0;
-        o.world_size = 4;
-        o.local_world_size = 2;
-        o.master_port = 1;
-        EXPECT_STATUS(tp_group_init_world(&o, &g), TP_ERR_UNSUPPORTED);
-        EXPECT(strstr(tp_last_error(), "one host") != NULL);
-    }
+    /* shm on two hosts: the hosts are compared at rendezvous, so it takes several processes
+     * (tests/test_launchers.py: test_shm_refuses_a_world_that_spans_hosts) */
 }
 
 int main(void)

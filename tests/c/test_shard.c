@@ -21,20 +21,20 @@ typedef struct {
     int nblocks;
     int64_t blocks[3];
     int64_t heads[3]; /* 0: no head rule */
-    tp_split_mode mode;
+    int64_t grain;
     tp_dtype dtype;
     int fortran; /* 2-d only: column-major full and shard */
 } shard_case;
 
 static const shard_case CASES[] = {
-    {"uneven grains, dim 1", 2, {5, 130}, 1, 1, {130}, {0}, TP_SPLIT_UNEVEN, TP_FLOAT32, 0},
-    {"uneven grains, dim 0", 2, {130, 3}, 0, 1, {130}, {0}, TP_SPLIT_UNEVEN, TP_FLOAT64, 0},
-    {"even, dim 0, column-major", 2, {12, 7}, 0, 1, {12}, {0}, TP_SPLIT_EVEN, TP_FLOAT32, 1},
-    {"packed qkv by heads, dim 0", 2, {40, 5}, 0, 3, {24, 8, 8}, {6, 2, 2}, TP_SPLIT_UNEVEN, TP_INT64, 0},
-    {"packed small blocks, 3-d, last dim", 3, {2, 3, 12}, 2, 2, {7, 5}, {0, 0}, TP_SPLIT_UNEVEN, TP_INT32, 0},
-    {"packed gate/up, dim 1, column-major", 2, {3, 10}, 1, 2, {5, 5}, {0, 0}, TP_SPLIT_UNEVEN, TP_FLOAT64, 1},
-    {"3-d, middle dim", 3, {2, 9, 4}, 1, 1, {9}, {0}, TP_SPLIT_UNEVEN, TP_FLOAT32, 0},
-    {"empty other dim", 2, {0, 10}, 1, 1, {10}, {0}, TP_SPLIT_UNEVEN, TP_FLOAT32, 0},
+    {"uneven grains, dim 1", 2, {5, 130}, 1, 1, {130}, {0}, TP_GRAIN_INFERENCE, TP_FLOAT32, 0},
+    {"uneven grains, dim 0", 2, {130, 3}, 0, 1, {130}, {0}, TP_GRAIN_INFERENCE, TP_FLOAT64, 0},
+    {"training grain 1, uneven, dim 0, column-major", 2, {13, 7}, 0, 1, {13}, {0}, TP_GRAIN_TRAINING, TP_FLOAT32, 1},
+    {"packed qkv by heads, dim 0", 2, {40, 5}, 0, 3, {24, 8, 8}, {6, 2, 2}, TP_GRAIN_INFERENCE, TP_INT64, 0},
+    {"packed small blocks, 3-d, last dim", 3, {2, 3, 12}, 2, 2, {7, 5}, {0, 0}, TP_GRAIN_INFERENCE, TP_INT32, 0},
+    {"packed gate/up, dim 1, column-major", 2, {3, 10}, 1, 2, {5, 5}, {0, 0}, TP_GRAIN_INFERENCE, TP_FLOAT64, 1},
+    {"3-d, middle dim", 3, {2, 9, 4}, 1, 1, {9}, {0}, TP_GRAIN_INFERENCE, TP_FLOAT32, 0},
+    {"empty other dim", 2, {0, 10}, 1, 1, {10}, {0}, TP_GRAIN_INFERENCE, TP_FLOAT32, 0},
 };
 #define NCASES ((int)(sizeof CASES / sizeof CASES[0]))
 
@@ -150,7 +150,7 @@ static void one_case(tp_group *g, const shard_case *c)
     void *bf, *bs, *bb;
     int bad;
     if (ranges == NULL) exit(2);
-    EXPECT_OK(tp_partition_packed(c->blocks, c->nblocks, p, c->mode, c->heads, NULL, ranges));
+    EXPECT_OK(tp_partition_packed(c->blocks, c->nblocks, p, &(tp_split_spec){.grain = c->grain}, c->heads, ranges));
     memcpy(shard_shape, c->shape, sizeof shard_shape);
     shard_shape[c->dim] = 0;
     for (int i = 0; i < c->nblocks; i++) shard_shape[c->dim] += ranges[r * c->nblocks + i].size;
@@ -220,7 +220,6 @@ static int shard_world(int rank, int size, int port)
     EXPECT_OK(world_init(rank, size, port, 30.0, &g));
     if (g == NULL) return 1;
     for (int i = 0; i < NCASES; i++) {
-        if (CASES[i].mode == TP_SPLIT_EVEN && CASES[i].blocks[0] % size != 0) continue;
         one_case(g, &CASES[i]);
     }
     tp_group_destroy(g);
