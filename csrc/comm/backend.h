@@ -84,4 +84,9 @@ struct tp_group {
  * [first, first + n) of a row-major array `width` wide, one addition per element (comm/group.c). */
 void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width);
 
+/* out[i] = in[0][i] op in[1][i] op ... op in[p-1][i] for i < n, in rank order (comm/reduce.c): float32,
+ * float64, int32, int64; integer sums wrap, TP_AVG divides the sum by p (truncating for integers). out may
+ * overlap any input. The shm and mpi backends both reduce with it, so they agree to the bit. */
+void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op);
+
 #endif
