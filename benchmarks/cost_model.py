@@ -1,6 +1,6 @@
 """α–β cost model of tensor-parallel layer steps (issue 16; the write-up is docs/performance.md).
 
-    python benchmarks/cost_model.py      # reads results/allreduce.json and results/linear-model.json,
+    python benchmarks/cost_model.py      # reads results/allreduce.json and results/linear.json,
                                          # writes results/cost_model.md and results/cost_model.json
     python benchmarks/cost_model.py --allreduce A.json --linear L.json --md out.md --json out.json
 
@@ -41,8 +41,9 @@ PROJECTIONS = {
         "label": "2 CPU nodes, 32 cores each, 100 Gb/s between them, fp32",
         "flops": None, "flops_src": "32 x one core of this machine (measured below)",
         "mem_bw": 200e9, "mem_src": "assumed STREAM of a 2-socket DDR5 node",
-        "busbw": 11e9, "busbw_src": "100 Gb/s = 12.5 GB/s line rate (InfiniBand EDR / 100 GbE), assumed 88 % "
-                                    "reachable with RDMA",
+        "busbw": 11e9, "busbw_src": "100 Gb/s = 12.5 GB/s line rate (InfiniBand EDR / 100 GbE); ib_write_bw "
+                                    "measures 11.7 GB/s on a 100 Gb/s IB card (linux-rdma/perftest#225), NCCL's "
+                                    "ring adds its protocol overhead: 11 GB/s assumed",
         "alpha": 12e-6, "alpha_src": "NCCL's model for the network: base 6.6 us + 2.7 us per step "
                                      "(src/graph/tuning.cc, ring/LL); TCP is slower (tens of us)",
         "elem": 4, "max_p": 2,
@@ -130,7 +131,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--allreduce", default=os.path.join(RESULTS, "allreduce.json"),
                     help="JSON of benchmarks/allreduce.py (default: %(default)s)")
-    ap.add_argument("--linear", default=os.path.join(RESULTS, "linear-model.json"),
+    ap.add_argument("--linear", default=os.path.join(RESULTS, "linear.json"),
                     help="JSON of benchmarks/linear.py with the row_pair, dec_row_pair cases (default: %(default)s)")
     ap.add_argument("--md", default=os.path.join(RESULTS, "cost_model.md"),
                     help="write the Markdown here (default: %(default)s; '' to skip)")
