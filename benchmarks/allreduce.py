@@ -1,32 +1,81 @@
-"""All-reduce latency and algorithm bandwidth of the shm backend, 4 KB .. 64 MB at 2 and 4 ranks,
-against a memcpy of the same size measured in the same run (rank 0, just before the all-reduces).
+"""Collectives against the memory-bandwidth limit (issue 16): all_reduce, reduce_scatter and all_gather of
+4 KB .. 64 MB (float32) at 2 and 4 ranks, tplinear's shm backend against OpenMPI (mpi4py), torch gloo and
+DeepSpeed's shm all-reduce, next to a STREAM copy / triad bandwidth measured in the same run.
 
-    python benchmarks/allreduce.py [--json out.json] [--nproc 2 4] [--dtype float32]
+    python benchmarks/allreduce.py [--json out.json] [--md out.md] [--plot out.png] [--nproc 2 4]
+                                   [--rounds 2] [--contenders tplinear,tplinear-copying,mpi4py,gloo,deepspeed]
 
-Algorithm bandwidth = bytes / median time of one all-reduce (nccl-tests' "algbw").
-Targets (issue 3): 4 KB median <= 10 us at 2 ranks; 16 MB algbw >= 0.35 x memcpy bandwidth."""
+Contenders, each started as its own subprocess world, interleaved round by round:
+    tplinear          tplinear.distributed (`python -m tplinear.run`), algorithms chosen by size (single copy
+                      where the kernel allows process_vm_readv/writev)
+    tplinear-copying  the same with TPLINEAR_SHM_CMA=0: the copying algorithms (main's before issue 16, and
+                      the fallback where the kernel refuses single-copy access)
+    mpi4py            OpenMPI (`mpirun`): Allreduce(IN_PLACE), Reduce_scatter_block, Allgather on NumPy arrays
+    gloo              torch.distributed with the gloo backend (torchrun): all_reduce, reduce_scatter_tensor,
+                      all_gather_into_tensor on CPU tensors
+    deepspeed         DeepSpeed's shared-memory all-reduce for CPUs: deepspeed.comm.inference_all_reduce after
+                      deepspeed.init_distributed("gloo") on the CPU accelerator (torchrun, LOCAL_SIZE set: the
+                      op is compiled on first use, the `deepspeed_shm_comm` extension). All-reduce only.
+A contender that cannot run (or a collective it lacks) is reported as skipped with the reason.
+
+Sizes are nccl-tests' "size": the all-reduce's buffer, the reduce-scatter's input (p blocks), the
+all-gather's output (p blocks). Each rank times back-to-back calls (after 3 warm-up calls and an agreed
+number of timed calls, about --budget seconds per size); a cell's time is the slowest rank's median; with
+--rounds N the round with the lowest time counts (noise from other processes only adds time) and every
+round's value is kept in the JSON.
+
+STREAM: in the tplinear world, before its collectives, the ranks run the STREAM copy (c = a) and triad
+(a = b + s*c) kernels on their own arrays of the collective's size, one rank per core at the same time (a
+tiny C loop compiled here with `cc`; NumPy's copy when there is no compiler); their summed bandwidth
+divided by p is what each rank gets (counted as STREAM does: 2 / 3 arrays per element, no write-allocate).
+Fraction of STREAM = the bytes an ideal collective must move per rank (all-reduce: read every input's
+share, write every output's: 2 x size; reduce-scatter: size + size/p; all-gather: 2 x size) / time /
+STREAM bandwidth.
+"""
 import argparse
-import importlib.util
+import ctypes
+import datetime
+import glob
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info, save_report  # noqa: E402
+
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20]  # 32 MB: a row output
+COLLS = ["all_reduce", "reduce_scatter", "all_gather"]
+CONTENDERS = ["tplinear", "tplinear-copying", "mpi4py", "gloo", "deepspeed"]
+LABEL = {"tplinear": "tplinear", "tplinear-copying": "tplinear copying (CMA=0)", "mpi4py": "OpenMPI (mpi4py)",
+         "gloo": "torch gloo", "deepspeed": "DeepSpeed shm"}
+STREAM_C = r"""
+#include <stddef.h>
+/* reps passes in one call, so that small arrays are not timed as the cost of a call from Python */
+void stream_copy(float *restrict c, const float *restrict a, size_t n, int reps)
+{
+    for (int r = 0; r < reps; r++) {
+        for (size_t i = 0; i < n; i++) c[i] = a[i];
+        __asm__ volatile("" ::: "memory");
+    }
+}
+void stream_triad(float *restrict a, const float *restrict b, const float *restrict c, float s, size_t n, int reps)
+{
+    for (int r = 0; r < reps; r++) {
+        for (size_t i = 0; i < n; i++) a[i] = b[i] + s * c[i];
+        __asm__ volatile("" ::: "memory");
+    }
+}
+"""
 
 
-def measure(fn, min_time, min_iters, max_iters):
-    """Per-call times (s) of fn: at least min_iters calls and about min_time seconds."""
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+def ideal_bytes(coll, size, p):
+    """Bytes one rank must read + write at least (STREAM counting) for a collective of `size`."""
+    return {"all_reduce": 2 * size, "reduce_scatter": size + size // p, "all_gather": 2 * size}[coll]
 
 
 def median(xs):
@@ -35,111 +84,545 @@ def median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
-def worker(args):
+# ================================================================================== workers
+
+
+def zeros(np, n):
+    """float32 zeros in memory of their own: written, so that no page is the kernel's shared zero page (an
+    untouched np.zeros array reads as if it were in cache); sums of zeros stay zeros."""
+    a = np.empty(n, np.float32)
+    a.fill(0.0)
+    return a
+
+
+class Api:
+    """What the timing loop needs from a framework: arrays, the collectives, a barrier, a max over ranks."""
+    r = p = 0
+    skip = {}  # collective -> reason it cannot run
+
+    def barrier(self):
+        raise NotImplementedError
+
+    def max_all(self, x):
+        raise NotImplementedError
+
+    def sum_all(self, x):
+        raise NotImplementedError
+
+    def collective(self, coll, size):
+        """A no-argument function running one `coll` of `size` bytes on preallocated arrays."""
+        raise NotImplementedError
+
+
+class NumpyApi(Api):
+    """Frameworks on NumPy arrays: the subclass gives ar(buf), rs(send, recv), ag(send, recv)."""
+
+    def collective(self, coll, size):
+        import numpy as np
+        n = size // 4
+        if coll == "all_reduce":
+            buf = zeros(np, n)
+            return lambda: self.ar(buf)
+        small = zeros(np, n // self.p)
+        big = zeros(np, small.size * self.p)
+        if coll == "reduce_scatter":
+            return lambda: self.rs(big, small)
+        return lambda: self.ag(small, big)
+
+
+class TplinearApi(NumpyApi):
+    def __init__(self):
+        import numpy as np
+        import tplinear.distributed as dist
+        dist.init_process_group(timeout=300)
+        self.np, self.dist, self.r, self.p = np, dist, dist.get_rank(), dist.get_world_size()
+
+    def barrier(self):
+        self.dist.barrier()
+
+    def max_all(self, x, op="max"):
+        a = self.np.array([x], self.np.float64)
+        self.dist.all_reduce(a, op=op)
+        return float(a[0])
+
+    def sum_all(self, x):
+        return self.max_all(x, op="sum")
+
+    def ar(self, buf):
+        self.dist.all_reduce(buf)
+
+    def rs(self, send, recv):
+        self.dist.reduce_scatter_tensor(recv, send)
+
+    def ag(self, send, recv):
+        self.dist.all_gather_into_tensor(recv, send)
+
+
+class MpiApi(NumpyApi):
+    def __init__(self):
+        import numpy as np
+        from mpi4py import MPI
+        self.np, self.MPI, self.comm = np, MPI, MPI.COMM_WORLD
+        self.r, self.p = self.comm.Get_rank(), self.comm.Get_size()
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def max_all(self, x):
+        return self.comm.allreduce(x, op=self.MPI.MAX)
+
+    def sum_all(self, x):
+        return self.comm.allreduce(x, op=self.MPI.SUM)
+
+    def ar(self, buf):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf)
+
+    def rs(self, send, recv):
+        self.comm.Reduce_scatter_block(send, recv)
+
+    def ag(self, send, recv):
+        self.comm.Allgather(send, recv)
+
+
+class TorchApi(Api):
+    def __init__(self, deepspeed):
+        import torch
+        import torch.distributed as tdist
+        self.torch, self.tdist, self.ds = torch, tdist, None
+        torch.set_num_threads(1)
+        if deepspeed:
+            import deepspeed as ds
+            import deepspeed.comm as dscomm
+            import deepspeed.comm.comm as dsimpl
+            ds.init_distributed(dist_backend="gloo")
+            ok = hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
+            level = getattr(dsimpl.cdb, "shm_vector_kernel_level", 0)
+            if not ok or level < 1:  # the same test inference_all_reduce makes before it falls back to gloo
+                raise SystemExit(f"SKIP: DeepSpeed's shm all-reduce op is not available (op loaded: {ok}, vector "
+                                 f"kernel level {level}): inference_all_reduce would fall back to gloo")
+            self.ds = dscomm
+            self.skip = {c: "DeepSpeed's shm op is an all-reduce only (its other collectives are torch's, i.e. "
+                            "the gloo column)" for c in ("reduce_scatter", "all_gather")}
+        else:
+            tdist.init_process_group("gloo")
+        self.r, self.p = tdist.get_rank(), tdist.get_world_size()
+
+    def barrier(self):
+        self.tdist.barrier()
+
+    def max_all(self, x, op=None):
+        t = self.torch.tensor([x], dtype=self.torch.float64)
+        self.tdist.all_reduce(t, op=op or self.tdist.ReduceOp.MAX)
+        return float(t[0])
+
+    def sum_all(self, x):
+        return self.max_all(x, self.tdist.ReduceOp.SUM)
+
+    def collective(self, coll, size):
+        torch, tdist, n = self.torch, self.tdist, size // 4
+        if coll == "all_reduce":
+            buf = torch.zeros(n, dtype=torch.float32)
+            if self.ds is not None:
+                return lambda: self.ds.inference_all_reduce(buf)
+            return lambda: tdist.all_reduce(buf)
+        small = torch.zeros(n // self.p, dtype=torch.float32)
+        big = torch.zeros(small.numel() * self.p, dtype=torch.float32)
+        if coll == "reduce_scatter":
+            return lambda: tdist.reduce_scatter_tensor(small, big)
+        return lambda: tdist.all_gather_into_tensor(big, small)
+
+
+def stream_kernels(tmp):
+    """(copy, triad, how): STREAM kernels on NumPy float32 arrays; triad None when there is no C compiler."""
     import numpy as np
-    import tplinear.distributed as dist
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        src, lib = os.path.join(tmp, "stream.c"), os.path.join(tmp, "stream.so")
+        with open(src, "w") as f:
+            f.write(STREAM_C)
+        for flags in (["-O3", "-march=native"], ["-O3"]):
+            if subprocess.run([cc, *flags, "-shared", "-fPIC", src, "-o", lib], capture_output=True).returncode == 0:
+                so = ctypes.CDLL(lib)
+                ptr = ctypes.c_void_p
 
-    dist.init_process_group(timeout=120)
-    r, p = dist.get_rank(), dist.get_world_size()
-    dt = np.dtype(args.dtype)
-    rows = []
-    for nbytes in SIZES:
-        n = nbytes // dt.itemsize
-        buf = np.zeros(n, dt)
-        # warm up (first touch of the segment and the buffer), then agree on an iteration count
-        for _ in range(3):
-            dist.all_reduce(buf)
-        iters = np.zeros(1, np.int64)
-        if r == 0:
-            iters[0] = max(20, min(2000, int(0.4 / max(1e-6, nbytes / 2e9 + 20e-6))))
-        dist.broadcast(iters, src=0)
-        mem = None
-        if r == 0:
-            src, dst = np.ones(n, dt), np.zeros(n, dt)
-            np.copyto(dst, src)
-            mem = median(measure(lambda: np.copyto(dst, src), 0.05, 10, int(iters[0])))
-        dist.barrier()
-        times = [0.0] * int(iters[0])
-        for i in range(int(iters[0])):
+                def copy(a, c, reps, so=so):
+                    so.stream_copy(ptr(c.ctypes.data), ptr(a.ctypes.data), ctypes.c_size_t(a.size), reps)
+
+                def triad(a, b, c, reps, so=so):
+                    so.stream_triad(ptr(a.ctypes.data), ptr(b.ctypes.data), ptr(c.ctypes.data),
+                                    ctypes.c_float(3.0), ctypes.c_size_t(a.size), reps)
+                return copy, triad, f"C loop ({os.path.basename(cc)} {' '.join(flags)})"
+
+    def numpy_copy(a, c, reps):
+        for _ in range(reps):
+            np.copyto(c, a)
+    return numpy_copy, None, "numpy.copyto (no C compiler: no triad)"
+
+
+def stream(api, size, copy, triad, budget):
+    """STREAM copy / triad bandwidth (bytes/s) per rank on arrays of `size` bytes: as many ranks as there are
+    cores stream at once, and their sum is shared by the p ranks (with more ranks than cores the ranks
+    time-share the cores, and with them the memory bandwidth)."""
+    import numpy as np
+    active = api.r < cores()
+    n = size // 4
+    a, b, c = np.ones(n, np.float32), np.full(n, 2.0, np.float32), np.zeros(n, np.float32)
+    inner = max(1, (256 << 10) // size)  # passes per timed call: at least 256 KB of traffic per call
+    out = {}
+    for name, fn, nbytes in (("copy", copy and (lambda: copy(a, c, inner)), 2 * size),
+                             ("triad", triad and (lambda: triad(a, b, c, inner)), 3 * size)):
+        if fn is None:
+            out[name] = None
+            continue
+        fn()
+        reps = int(api.max_all(max(5, min(2000, budget / 2 / max(1e-7, inner * nbytes / 10e9)))))
+        api.barrier()
+        ts = []
+        for _ in range(reps if active else 0):
             t0 = time.perf_counter()
-            dist.all_reduce(buf)
-            times[i] = time.perf_counter() - t0
-        med = np.array([median(times)])
-        dist.all_reduce(med, op="max")  # the slowest rank's median
-        if r == 0:
-            rows.append({
-                "nproc": p, "bytes": nbytes, "dtype": dt.name, "iters": int(iters[0]),
-                "median_us": med[0] * 1e6, "algbw_GBps": nbytes / med[0] / 1e9,
-                "memcpy_us": mem * 1e6, "memcpy_GBps": nbytes / mem / 1e9,
-                "ratio_to_memcpy": (nbytes / med[0]) / (nbytes / mem),
-            })
-    if r == 0:
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = api.sum_all(inner * nbytes / median(ts) if active else 0.0) / api.p
+    return out
+
+
+def run_worker(args):
+    kind = args.worker
+    if kind in ("tplinear", "tplinear-copying"):
+        api = TplinearApi()
+    elif kind == "mpi4py":
+        api = MpiApi()
+    else:
+        api = TorchApi(deepspeed=(kind == "deepspeed"))
+    rows, streams = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels = stream_kernels(tmp) if args.stream else None
+        for size in SIZES:
+            if kernels:
+                streams[size] = dict(stream(api, size, kernels[0], kernels[1], args.budget), how=kernels[2])
+            for coll in COLLS:
+                if coll in api.skip:
+                    rows.append({"coll": coll, "bytes": size, "skipped": api.skip[coll]})
+                    continue
+                try:
+                    fn = api.collective(coll, size)
+                    for _ in range(3):
+                        fn()
+                except Exception as exc:  # e.g. a backend without this collective
+                    rows.append({"coll": coll, "bytes": size, "skipped": f"{type(exc).__name__}: {exc}"[:300]})
+                    api.barrier()
+                    continue
+                t0 = time.perf_counter()
+                fn()
+                est = api.max_all(time.perf_counter() - t0)
+                reps = int(max(5, min(3000, args.budget / max(est, 1e-7))))
+                api.barrier()
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                rows.append({"coll": coll, "bytes": size, "reps": reps, "median_s": api.max_all(median(ts)),
+                             "rank_median_s": median(ts)})
+    if api.r == 0:
         with open(args.out, "w") as f:
-            json.dump(rows, f)
-    dist.destroy_process_group()
+            json.dump({"rows": rows, "stream": {str(k): v for k, v in streams.items()}}, f)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ================================================================================== driver
 
 
-def run_world(nproc, argv):
-    """Through the launcher when it is installed, else plain subprocesses with torchrun's variables."""
+def python_has(py, code):
+    proc = subprocess.run([py, "-c", code], capture_output=True, text=True)
+    return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def world_cmd(who, p, args, out):
+    """(command, environment, None) for one world, or (None, None, reason) when it cannot run here."""
     me = os.path.abspath(__file__)
+    wargs = [me, "--worker", who, "--out", out, "--budget", str(args.budget)]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if importlib.util.find_spec("tplinear.run") is not None:
-        cmd = [sys.executable, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(nproc), me] + argv
-        subprocess.run(cmd, env=env, check=True, timeout=900)
-        return
-    port = free_port()
-    procs = []
-    for r in range(nproc):
-        e = dict(env, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, me] + argv, env=e))
-    rcs = [p.wait(timeout=900) for p in procs]
-    if any(rcs):
-        raise SystemExit(f"benchmark world of {nproc} failed: exit codes {rcs}")
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    if who.startswith("tplinear"):
+        why = python_has(args.python, "import tplinear.distributed, tplinear.run")
+        if why:
+            return None, None, f"tplinear not importable: {why}"
+        if who == "tplinear-copying":
+            env["TPLINEAR_SHM_CMA"] = "0"
+        else:
+            wargs.append("--stream")
+        return [args.python, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(p)] + wargs, env, None
+    if who == "mpi4py":
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            return None, None, "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
+        why = python_has(args.python, "import mpi4py.MPI")
+        if why:
+            return None, None, f"mpi4py not importable: {why}"
+        return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(p),
+                args.python] + wargs, env, None
+    why = python_has(args.torch_python, "import torch.distributed" + (", deepspeed.comm" if who == "deepspeed" else ""))
+    if why:
+        return None, None, f"{'torch/deepspeed' if who == 'deepspeed' else 'torch'} not importable with " \
+                           f"{args.torch_python}: {why}"
+    if who == "deepspeed":
+        env.update(LOCAL_SIZE=str(p), DS_ACCELERATOR="cpu")  # LOCAL_SIZE: DeepSpeed's shm op checks it
+    env["MASTER_PORT"] = str(free_port())
+    return [args.torch_python, "-m", "torch.distributed.run", "--nproc-per-node", str(p), "--master-addr",
+            "127.0.0.1", "--master-port", env["MASTER_PORT"]] + wargs, env, None
+
+
+def remove_deepspeed_segments(port):
+    """DeepSpeed 0.19's shm op leaves its buffers (66 MB per rank) in /dev/shm when the process exits; they
+    are named after the world's address and port."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def run_world(who, p, args, tmp):
+    out = os.path.join(tmp, f"{who}-p{p}.json")
+    cmd, env, why = world_cmd(who, p, args, out)
+    if why:
+        return {"status": "skipped: " + why}
+    t0, busy0, ours0 = time.time(), cpu_busy_s(), children_cpu_s()
+    load0 = os.getloadavg()[0]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, cwd=tmp)
+    except subprocess.TimeoutExpired:
+        if who == "deepspeed":
+            remove_deepspeed_segments(env["MASTER_PORT"])
+        return {"status": f"skipped: timed out after {args.timeout} s", "command": " ".join(cmd)}
+    wall = time.time() - t0
+    if who == "deepspeed":
+        remove_deepspeed_segments(env["MASTER_PORT"])
+    foreign = max(0.0, (cpu_busy_s() - busy0) - (children_cpu_s() - ours0))
+    noise = {"foreign_cpu_frac": round(foreign / (wall * cores()), 3), "loadavg_before": load0,
+             "loadavg_after": os.getloadavg()[0]}
+    if proc.returncode != 0 or not os.path.exists(out):
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()
+        reason = next((ln for ln in tail if ln.startswith("SKIP: ")), None) or next(
+            (ln for ln in reversed(tail) if "Error" in ln and "ChildFailedError" not in ln), tail[-1] if tail else "?")
+        return {"status": f"skipped: the world failed (exit {proc.returncode}): {reason[:300]}",
+                "command": " ".join(cmd), "stderr_tail": "\n".join(tail[-30:])}
+    with open(out) as f:
+        res = json.load(f)
+    return dict(res, status="ok", wall_s=round(wall, 1), noise=noise, command=" ".join(cmd))
+
+
+def merge(rounds):
+    """Per cell the round with the lowest time; every round's time kept."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if not ok:
+        return {"status": rounds[-1]["status"], "cells": {}}
+    cells = {}
+    for r in ok:
+        for row in r["rows"]:
+            key = f"{row['coll']}/{row['bytes']}"
+            cell = cells.setdefault(key, dict(row, rounds_s=[]))
+            if "median_s" in row:
+                cell["rounds_s"].append(row["median_s"])
+                if row["median_s"] < cell["median_s"]:
+                    cell.update(row, rounds_s=cell["rounds_s"])
+    stream = {}
+    for r in ok:
+        for size, v in r.get("stream", {}).items():
+            best = stream.setdefault(size, dict(v, rounds=[]))
+            best["rounds"].append({k: v[k] for k in ("copy", "triad")})
+            for k in ("copy", "triad"):
+                if v.get(k) and (best.get(k) is None or v[k] > best[k]):
+                    best[k] = v[k]
+    return {"status": "ok", "cells": cells, "stream": stream, "noise": [r["noise"] for r in ok],
+            "command": ok[0]["command"]}
+
+
+def cell(report, who, p, coll, size):
+    return report["results"].get(who, {}).get(str(p), {}).get("cells", {}).get(f"{coll}/{size}", {})
+
+
+def fmt_us(s):
+    if s is None:
+        return "—"
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} µs"
+
+
+def fmt_size(b):
+    return f"{b >> 20} MB" if b >= 1 << 20 else f"{b >> 10} KB"
+
+
+def derive(report):
+    """Fractions of STREAM, ratios to the baselines, and the issue's targets."""
+    res, out = report["results"], {"cells": [], "targets": {}}
+    for p in report["config"]["nproc"]:
+        st = res.get("tplinear", {}).get(str(p), {}).get("stream", {})
+        for coll in COLLS:
+            for size in SIZES:
+                c = cell(report, "tplinear", p, coll, size)
+                if "median_s" not in c:
+                    continue
+                row = {"p": p, "coll": coll, "bytes": size, "tplinear_s": c["median_s"]}
+                bw = ideal_bytes(coll, size, p) / c["median_s"]
+                s = st.get(str(size), {})
+                row["frac_stream_copy"] = bw / s["copy"] if s.get("copy") else None
+                row["frac_stream_triad"] = bw / s["triad"] if s.get("triad") else None
+                for who in CONTENDERS[1:]:
+                    o = cell(report, who, p, coll, size)
+                    row[f"speedup_vs_{who}"] = o["median_s"] / c["median_s"] if "median_s" in o else None
+                out["cells"].append(row)
+    t = out["targets"]
+    by = {(x["p"], x["coll"], x["bytes"]): x for x in out["cells"]}
+    for size in (16 << 20, 64 << 20):
+        x = by.get((2, "all_reduce", size))
+        v = x and x["speedup_vs_mpi4py"]
+        t[f"all_reduce_{size >> 20}MB_2ranks_speedup_vs_openmpi"] = {"value": v, "target": ">= 1.25",
+                                                                      "met": v is not None and v >= 1.25}
+    slower = [f"{fmt_size(s)} (vs {who}: {by[(2, 'all_reduce', s)][f'speedup_vs_{who}']:.2f}x)"
+              for s in SIZES for who in ("mpi4py", "deepspeed")
+              if (2, "all_reduce", s) in by and (by[(2, "all_reduce", s)].get(f"speedup_vs_{who}") or 9) < 1.0]
+    t["all_reduce_2ranks_no_size_slower_than_openmpi_or_deepspeed"] = {"slower": slower, "met": not slower}
+    x = by.get((2, "all_reduce", 4 << 10))
+    t["all_reduce_4KB_2ranks_us"] = {"value": x and x["tplinear_s"] * 1e6, "target": "<= 4",
+                                     "met": bool(x) and x["tplinear_s"] <= 4e-6}
+    return out
+
+
+def markdown(report):
+    d, lines = report["derived"], []
+    lines.append(f"Command: `{report['command']}`  \nDate: {report['date']}  \n"
+                 f"Machine: {report['machine'].get('Model name', '?')}, {report['machine']['cores']} cores; "
+                 f"float32; slowest rank's median of back-to-back calls; best of {report['config']['rounds']} "
+                 f"round(s).\n")
+    for who, per in report["results"].items():
+        for p, r in per.items():
+            if r["status"] != "ok":
+                lines.append(f"- {LABEL[who]} p={p}: {r['status']}")
+    noise = [n["foreign_cpu_frac"] for per in report["results"].values() for r in per.values()
+             for n in r.get("noise", [])]
+    loads = [n["loadavg_before"] for per in report["results"].values() for r in per.values()
+             for n in r.get("noise", [])]
+    if noise:
+        lines.append(f"\nNoise: other processes used {min(noise):.0%}–{max(noise):.0%} of the CPUs while the worlds "
+                     f"ran; 1-minute load average {min(loads):.1f}–{max(loads):.1f} before them.\n")
+    whos = [w for w in CONTENDERS if w in report["results"]]
+    for p in report["config"]["nproc"]:
+        st = report["results"].get("tplinear", {}).get(str(p), {}).get("stream", {})
+        for coll in COLLS:
+            lines.append(f"\n#### {coll}, {p} ranks\n")
+            lines.append("| size | " + " | ".join(LABEL[w] for w in whos) +
+                         " | STREAM copy / triad per rank | tplinear: fraction of STREAM copy / triad | "
+                         "tplinear vs OpenMPI |")
+            lines.append("|---" * (len(whos) + 4) + "|")
+            for size in SIZES:
+                cells = []
+                for w in whos:
+                    c = cell(report, w, p, coll, size)
+                    cells.append(fmt_us(c.get("median_s")) if "median_s" in c else ("n/a" if c else "—"))
+                x = next((y for y in d["cells"] if (y["p"], y["coll"], y["bytes"]) == (p, coll, size)), {})
+                s = st.get(str(size), {})
+                sb = (f"{s['copy'] / 1e9:.1f} / {s['triad'] / 1e9:.1f} GB/s" if s.get("copy") and s.get("triad")
+                      else (f"{s['copy'] / 1e9:.1f} GB/s / —" if s.get("copy") else "—"))
+                fr = (f"{x['frac_stream_copy']:.2f} / {x['frac_stream_triad']:.2f}"
+                      if x.get("frac_stream_copy") and x.get("frac_stream_triad") else "—")
+                sp = x.get("speedup_vs_mpi4py")
+                lines.append(f"| {fmt_size(size)} | " + " | ".join(cells) + f" | {sb} | {fr} | "
+                             + (f"{sp:.2f}x" if sp else "—") + " |")
+    skipped = sorted({f"{LABEL[w]}: {c['skipped']}" for w in whos for p in report["config"]["nproc"] for coll in COLLS
+                      for size in SIZES if "skipped" in (c := cell(report, w, p, coll, size))})
+    if skipped:
+        lines.append("\nn/a: " + "; ".join(skipped))
+    lines.append("\nTargets (issue 16, 2 ranks):\n")
+    for k, v in d["targets"].items():
+        val = v.get("value")
+        shown = f"{val:.2f}" if isinstance(val, float) else (", ".join(v["slower"]) or "none") if "slower" in v else "—"
+        lines.append(f"- {k}: {shown}" + (f" (target {v['target']})" if "target" in v else "")
+                     + (" — **met**" if v["met"] else " — **missed**"))
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    nps = report["config"]["nproc"]
+    fig, axes = plt.subplots(len(nps), len(COLLS), figsize=(5 * len(COLLS), 4 * len(nps)), squeeze=False)
+    marks = dict(zip(CONTENDERS, "os^vD"))
+    for i, p in enumerate(nps):
+        st = report["results"].get("tplinear", {}).get(str(p), {}).get("stream", {})
+        for j, coll in enumerate(COLLS):
+            ax = axes[i][j]
+            for who in CONTENDERS:
+                pts = [(s, ideal_bytes(coll, s, p) / c["median_s"] / 1e9) for s in SIZES
+                       if "median_s" in (c := cell(report, who, p, coll, s))]
+                if pts:
+                    ax.plot([s for s, _ in pts], [b for _, b in pts], marker=marks[who], label=LABEL[who])
+            for kind, ls in (("copy", "--"), ("triad", ":")):
+                pts = [(s, st[str(s)][kind] / 1e9) for s in SIZES if st.get(str(s), {}).get(kind)]
+                if pts:
+                    ax.plot([s for s, _ in pts], [b for _, b in pts], "k" + ls, lw=1, label=f"STREAM {kind} per rank")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{coll}, {p} ranks", fontsize=9)
+            ax.set_xlabel("size (bytes)")
+            ax.set_ylabel("GB/s per rank (ideal bytes / time)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"collectives vs STREAM, float32, {report['machine'].get('Model name', '')}, "
+                 f"{report['machine']['cores']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", help="write the full report here")
+    ap.add_argument("--md", help="write the Markdown tables here")
+    ap.add_argument("--plot", help="write the PNG plot here")
     ap.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--rounds", type=int, default=2, help="worlds run this many times, interleaved; best counts")
+    ap.add_argument("--budget", type=float, default=0.15, help="seconds of timed calls per collective and size")
+    ap.add_argument("--python", default=sys.executable, help="Python with tplinear, NumPy and mpi4py")
+    ap.add_argument("--torch-python", default=os.environ.get("TPLINEAR_BENCH_TORCH_PYTHON", sys.executable),
+                    help="Python with torch (gloo) and deepspeed")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per world")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="scheduling niceness of the whole benchmark, the same for every contender (e.g. -5 on a "
+                         "shared box)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in args.nproc:
-            out = os.path.join(tmp, f"w{n}.json")
-            run_world(n, ["--worker", "--out", out, "--dtype", args.dtype])
-            with open(out) as f:
-                rows += json.load(f)
-    print(f"{'ranks':>5} {'bytes':>9} {'median us':>10} {'algbw GB/s':>11} {'memcpy GB/s':>12} {'ratio':>6}")
-    for x in rows:
-        print(f"{x['nproc']:>5} {x['bytes']:>9} {x['median_us']:>10.1f} {x['algbw_GBps']:>11.2f} "
-              f"{x['memcpy_GBps']:>12.2f} {x['ratio_to_memcpy']:>6.2f}")
-    lat = [x for x in rows if x["nproc"] == 2 and x["bytes"] == 4096]
-    bw = [x for x in rows if x["bytes"] == 16 << 20]
-    targets = {
-        "latency_4KB_2ranks_us": lat[0]["median_us"] if lat else None,
-        "latency_4KB_2ranks_ok": bool(lat and lat[0]["median_us"] <= 10.0),
-        "algbw_16MB_ratio": {str(x["nproc"]): x["ratio_to_memcpy"] for x in bw},
-        "algbw_16MB_ok": {str(x["nproc"]): x["ratio_to_memcpy"] >= 0.35 for x in bw},
-    }
-    print(json.dumps(targets, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "allreduce", "cpus": os.cpu_count(), "results": rows, "targets": targets}, f,
-                      indent=1)
+        return run_worker(args)
+    contenders = args.contenders.split(",")
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        ap.error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")
+    report = {"command": " ".join(["python", os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine_info(args), "uptime_before": open("/proc/loadavg").read().strip(),
+              "config": {"nproc": args.nproc, "sizes": SIZES, "rounds": args.rounds, "budget_s": args.budget,
+                         "contenders": contenders, "nice": args.nice}, "results": {}}
+    if args.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every world
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="tplinear-ar-") as tmp:
+        for rnd in range(args.rounds):
+            for p in args.nproc:
+                for who in contenders:
+                    t0 = time.time()
+                    r = run_world(who, p, args, tmp)
+                    runs.setdefault(who, {}).setdefault(str(p), []).append(r)
+                    print(f"[allreduce] round {rnd + 1}/{args.rounds} {who:16s} p={p}: {r['status'][:160]} "
+                          f"({time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    report["uptime_after"] = open("/proc/loadavg").read().strip()
+    report["results"] = {who: {p: merge(rs) for p, rs in per.items()} for who, per in runs.items()}
+    report["raw_rounds"] = runs
+    report["derived"] = derive(report)
+    save_report(report, markdown(report), plot, args, "allreduce")
 
 
 if __name__ == "__main__":

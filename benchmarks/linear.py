@@ -860,6 +860,9 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--outdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(CASES)}")
     if args.worker:
         return run_worker(args)
 
@@ -892,7 +895,11 @@ def main():
                         print(r.get("stderr_tail", ""), file=sys.stderr)
     report["results"] = {who: {ws: merge_rounds(rs) for ws, rs in per.items()} for who, per in runs.items()}
     report["derived"] = derive(report["results"], wss)
-    md = markdown(report)
+    save_report(report, markdown(report), plot, args, "bench")
+
+
+def save_report(report, md, plot_fn, args, tag):
+    """Prints the Markdown and writes what --json / --md / --plot ask for (no plot without matplotlib)."""
     print(md)
     if args.json:
         with open(args.json, "w") as f:
@@ -902,9 +909,9 @@ def main():
             f.write(md)
     if args.plot:
         try:
-            plot(report, args.plot)
+            plot_fn(report, args.plot)
         except ImportError as exc:
-            print(f"[bench] no plot: {exc}", file=sys.stderr)
+            print(f"[{tag}] no plot: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

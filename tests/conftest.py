@@ -28,6 +28,15 @@ def rel_err(got, ref):
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
 
+# The shm backend's algorithms, as environments for a world: chosen by size (the default); the copying
+# ones only (main's before single copy, and the fallback where the kernel refuses process_vm_readv);
+# single copy for every size (the one-shot all-reduce off as well).
+SHM_ALGOS = {
+    "by-size": {},
+    "copying": {"TPLINEAR_SHM_CMA": "0"},
+    "single-copy": {"TPLINEAR_SHM_CMA_KB": "0", "TPLINEAR_SHM_ONESHOT_KB": "0"},
+}
+
 
 @pytest.fixture
 def no_outer_world(monkeypatch):

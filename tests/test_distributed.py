@@ -12,6 +12,7 @@ import tplinear
 import tplinear.distributed as dist
 from comm_spawn import assert_spawned_ok, spawn_world
 from reliability.fuzz_ops import reduce_ref
+from conftest import SHM_ALGOS
 
 try:  # the launcher-based helpers; direct spawning stands in where they are missing
     from tplinear.testing import assert_world_ok as _assert_world_ok
@@ -97,12 +98,62 @@ dist.destroy_process_group()
 """
 
 
+
+
+@pytest.mark.parametrize("algos", list(SHM_ALGOS))
 @pytest.mark.parametrize("nproc", [1, 2, 3, 4])
-def test_collectives_small_chunks(nproc):
+def test_collectives_small_chunks(nproc, algos):
     # 16 KB slots: 8 KB chunks, so 513 int64/float64 and BIG take several chunks and both all-reduce paths
-    res = world_ok(nproc, COLLECTIVES, env={"TEST_BIG": "3001", "TPLINEAR_SHM_SLOT_KB": "16"})
+    if nproc == 1 and algos != "by-size":
+        pytest.skip("a world of one has no shm backend")
+    env = dict(SHM_ALGOS[algos], TEST_BIG="3001", TPLINEAR_SHM_SLOT_KB="16")
+    res = world_ok(nproc, COLLECTIVES, env=env)
     for r in range(nproc):
         assert f"rank {r} of {nproc} ok" in res.output
+
+
+BITWISE = PRELUDE + """
+# float32 sums: every rank gets the same bits, those of adding the ranks' inputs in rank order
+dist.init_process_group(timeout=60)
+r, p = dist.get_rank(), dist.get_world_size()
+for n in [1, 1000, 4099, 70_001, 1_000_003]:
+    xs = [np.random.default_rng([n, k]).standard_normal(n).astype(np.float32) for k in range(p)]
+    want = xs[0].copy()
+    for k in range(1, p):
+        want += xs[k]
+    a = xs[r].copy()
+    dist.all_reduce(a)
+    assert np.array_equal(a, want), ("all_reduce", n, np.abs(a - want).max())
+    seen = np.empty(p * n, np.float32)
+    dist.all_gather_into_tensor(seen, a)
+    assert np.array_equal(seen, np.tile(want, p)), ("all_gather", n)
+    full = [np.random.default_rng([n, k, 1]).standard_normal(p * n).astype(np.float32) for k in range(p)]
+    wfull = full[0].copy()
+    for k in range(1, p):
+        wfull += full[k]
+    out = np.empty(n, np.float32)
+    dist.reduce_scatter_tensor(out, full[r])
+    assert np.array_equal(out, wfull[r * n:(r + 1) * n]), ("reduce_scatter", n)
+print("bitwise ok", r, flush=True)
+"""
+
+
+@pytest.mark.parametrize("algos", list(SHM_ALGOS))
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_sums_bitwise_in_rank_order(nproc, algos):
+    res = world_ok(nproc, BITWISE, env=SHM_ALGOS[algos])
+    assert res.output.count("bitwise ok") == nproc, res.output
+
+
+@pytest.mark.parametrize("cma", ["0", "1"])
+def test_single_copy_is_logged(cma):
+    """The log says whether single-copy collectives run and, when off, why."""
+    res = world_ok(2, PRELUDE + "dist.init_process_group(timeout=30)\ndist.barrier()\n",
+                   env={"TPLINEAR_DEBUG": "INFO", "TPLINEAR_SHM_CMA": cma})
+    if cma == "0":
+        assert "single copy off" in res.output, res.output
+    else:  # this machine either allows process_vm_readv between the ranks or says why not
+        assert "single copy (process_vm_readv) " in res.output or "single copy off: " in res.output, res.output
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -224,6 +275,7 @@ cases = [
     ("dtypes", lambda g: dist.all_reduce(np.ones(512, np.float64) if last else f32(1024), group=g), "float64"),
     ("barrier vs all_gather", lambda g: dist.barrier(group=g) if last else dist.all_gather_into_tensor(f32(4 * p), f32(4), group=g), "barrier"),
     ("large, multi-chunk", lambda g: dist.reduce_scatter_tensor(f32(1 << 20), f32(p << 20), group=g) if last else dist.all_reduce(f32(3 << 20), group=g), "reduce_scatter"),
+    ("one-shot vs single-copy sizes", lambda g: dist.all_reduce(f32(1024 if last else 1 << 16), group=g), "all_reduce of 1024 float32"),
     ("broadcast roots", lambda g: dist.broadcast(f32(10), 1 if last else 0, group=g), "from root 1"),
     ("gather counts", lambda g: dist.all_gather_v(f32(2 * p), f32(3 if last else 2), ([2] * (p - 2) + [1, 3]) if last else [2] * p, group=g), "counts hash"),
 ]
@@ -255,12 +307,12 @@ def test_mismatch_fails_on_every_rank(nproc):
         assert f"mismatch ok {r}" in res.output
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_killed_rank(victim):
+@pytest.mark.parametrize("victim,count", [(1, 1000), (0, 1000), (1, 1 << 20)])
+def test_killed_rank(victim, count):
     code = PRELUDE + f"""
 dist.init_process_group(timeout=10)
 r = dist.get_rank()
-a = np.ones(1000)
+a = np.ones({count})
 for i in range(5):
     dist.all_reduce(a)
 if r == {victim}:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import SEED
+from conftest import SEED, SHM_ALGOS
 
 from tplinear.testing import assert_world_ok
 
@@ -78,21 +78,33 @@ def test_demo_loss_curve_is_the_same_at_1_2_4_ranks(tmp_path):
             assert abs(a - b) <= 1e-5 * abs(a), (nproc, curves[1], curves[nproc])
 
 
+
+
+@pytest.mark.parametrize("algos", list(SHM_ALGOS))
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_row_forward_staged_and_plain_paths(nproc):
+def test_row_forward_staged_and_plain_paths(nproc, algos):
     """With a 16 KB staging area, small outputs take the staged path (GEMM straight into the shared
-    segment) and larger ones the plain one; strided and Fortran-ordered inputs both ways."""
+    segment) and larger ones the plain one, the bias added inside the reduction both ways; the column
+    backward's dX likewise; strided and Fortran-ordered inputs; the row output has the same bits on
+    every rank."""
     assert_world_ok(nproc, """
         import numpy as np
         import tp_checks as c
         import tplinear as tp
+        import tplinear.distributed as dist
         c.init()
         for dtype in ("float32", "float64"):
             for lead in ((3,), (2, 5), (1,), (37,), (3, 29)):  # 3 x 130 x 8 bytes fits 16 KB, 37 rows do not
-                c.check_row(dtype, lead, True, False, 100, 130)
+                for bias in (True, False):
+                    c.check_row(dtype, lead, bias, False, 100, 130)
+                c.check_col(dtype, lead, True, False, 130, 100)
         lin = tp.Linear(60, 130, dtype="float64", seed=4)
         row = tp.LinearAllreduce(lin, input_is_parallel=False)
         for n in (4, 45):
             x = np.asfortranarray(np.random.default_rng(n).standard_normal((n, 60)))
-            c.close(row(x), x @ lin.weight.data.T + lin.bias.data, "float64", "fortran input")
-    """, env=dict(ENV, TPLINEAR_SHM_SLOT_KB="32"), timeout=120)
+            y = row(x)
+            c.close(y, x @ lin.weight.data.T + lin.bias.data, "float64", "fortran input")
+            every = np.empty((dist.get_world_size(),) + y.shape)
+            dist.all_gather_into_tensor(every, y)
+            assert all(np.array_equal(every[0], e) for e in every), "row outputs differ between ranks"
+    """, env=dict(ENV, TPLINEAR_SHM_SLOT_KB="32", **SHM_ALGOS[algos]), timeout=120)

@@ -58,6 +58,10 @@ struct tp_backend {
      * has no staging area. */
     tp_status (*staging)(tp_group *g, size_t bytes, void **ptr);
     tp_status (*all_reduce_staged)(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
+    /* tp_all_reduce_bias with the bias added inside the reduction (in: out, another buffer, or the staging
+     * area); NULL: group.c all-reduces, then adds the bias. */
+    tp_status (*all_reduce_bias)(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt,
+                                 const void *bias, size_t width);
 };
 
 struct tp_group {
@@ -79,5 +83,14 @@ struct tp_group {
     char prefix[64];        /* unique store key prefix of this group ("g3/") */
     int next_child;         /* counter for subgroup ids (identical on every rank of the group) */
 };
+
+/* out[i] += bias[(first + i) % width] for i < n (float32 / float64): a row bias added to elements
+ * [first, first + n) of a row-major array `width` wide, one addition per element (comm/group.c). */
+void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width);
+
+/* out[i] = in[0][i] op in[1][i] op ... op in[p-1][i] for i < n, in rank order (comm/reduce.c): float32,
+ * float64, int32, int64; integer sums wrap, TP_AVG divides the sum by p (truncating for integers). out may
+ * overlap any input. The shm and mpi backends both reduce with it, so they agree to the bit. */
+void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op);
 
 #endif

@@ -788,3 +788,47 @@ tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt
 out:
     return st;
 }
+
+void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width)
+{
+    size_t col = first % width;
+    for (size_t i = 0; i < n;) {
+        size_t m = width - col < n - i ? width - col : n - i;
+        if (dt == TP_FLOAT32) {
+            float *o = (float *)out + i;
+            const float *b = (const float *)bias + col;
+            for (size_t k = 0; k < m; k++) o[k] += b[k];
+        } else {
+            double *o = (double *)out + i;
+            const double *b = (const double *)bias + col;
+            for (size_t k = 0; k < m; k++) o[k] += b[k];
+        }
+        i += m;
+        col = 0;
+    }
+}
+
+tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt, const void *bias,
+                             size_t width)
+{
+    tp_status st = TP_OK;
+    const size_t bytes = count * tp_dtype_size(dt);
+    TP_CHECK(check_member(g, "all_reduce_bias"));
+    TP_CHECK(check_dtype(dt, TP_SUM, "all_reduce_bias"));
+    TP_REQUIRE(dt == TP_FLOAT32 || dt == TP_FLOAT64 || bias == NULL,
+               "all_reduce_bias: a bias needs float32 or float64, got %s", tp_dtype_name(dt));
+    TP_REQUIRE(bias == NULL || (width > 0 && count % width == 0),
+               "all_reduce_bias: %zu elements are not rows of the bias width %zu", count, width);
+    TP_REQUIRE((in != NULL && out != NULL) || count == 0, "all_reduce_bias: buffer is NULL");
+    TP_REQUIRE(in == out || (const char *)in >= (const char *)out + bytes || (const char *)out >= (const char *)in + bytes,
+               "all_reduce_bias: input and output overlap without being the same buffer");
+    if (g->backend->all_reduce_bias) {
+        TP_CHECK(g->backend->all_reduce_bias(g, in, out, count, dt, bias, width));
+    } else {
+        if (in != out && count > 0) memcpy(out, in, bytes);
+        TP_CHECK(g->backend->all_reduce(g, out, count, dt, TP_SUM));
+        if (bias && count > 0) tp_bias_add_span(dt, out, 0, count, bias, width);
+    }
+out:
+    return st;
+}

@@ -648,50 +648,6 @@ out:
 
 /* ---------------------------------------------------------------- reductions */
 
-/* out = in[0] op in[1] op ... in rank order; out may be in[0] or in[1] (each element is read before it
- * is written), no other input. Integer sums wrap (computed unsigned); AVG divides the sum by p
- * (truncating for integers). The same operations in the same order as the shm backend, so the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define REDUCE_CLONES __attribute__((target_clones("avx2", "default"))) /* as MPI's own ops: wide vectors */
-#else
-#define REDUCE_CLONES
-#endif
-#define DEFINE_REDUCE(NAME, T, UT)                                                               \
-    REDUCE_CLONES static void NAME(void *outv, char *const *in, int p, size_t n, int op)         \
-    {                                                                                             \
-        T *out = outv;                                                                            \
-        const T *a = (const T *)in[0];                                                            \
-        if (p == 1 && out != a) memcpy(out, a, n * sizeof(T));                                    \
-        for (int j = 1; j < p; j++) {                                                             \
-            const T *b = (const T *)in[j];                                                        \
-            if (j > 1) a = out;                                                                   \
-            if (op == TP_SUM || op == TP_AVG)                                                     \
-                for (size_t i = 0; i < n; i++) out[i] = (T)((UT)a[i] + (UT)b[i]);                 \
-            else if (op == TP_MAX)                                                                \
-                for (size_t i = 0; i < n; i++) out[i] = b[i] > a[i] ? b[i] : a[i];               \
-            else                                                                                  \
-                for (size_t i = 0; i < n; i++) out[i] = b[i] < a[i] ? b[i] : a[i];               \
-        }                                                                                         \
-        if (op == TP_AVG)                                                                         \
-            for (size_t i = 0; i < n; i++) out[i] = (T)(out[i] / (T)p);                           \
-    }
-
-DEFINE_REDUCE(reduce_f32, float, float)
-DEFINE_REDUCE(reduce_f64, double, double)
-DEFINE_REDUCE(reduce_i32, int32_t, uint32_t)
-DEFINE_REDUCE(reduce_i64, int64_t, uint64_t)
-
-static void reduce(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op)
-{
-    switch (dt) {
-    case TP_FLOAT32: reduce_f32(out, in, p, n, op); break;
-    case TP_FLOAT64: reduce_f64(out, in, p, n, op); break;
-    case TP_INT32: reduce_i32(out, in, p, n, op); break;
-    case TP_INT64: reduce_i64(out, in, p, n, op); break;
-    default: break;
-    }
-}
-
 static tp_status check_dtype(tp_dtype dt, const char *what)
 {
     if (dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_INT32 || dt == TP_INT64) return TP_OK;
@@ -777,7 +733,7 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
         if (st == TP_OK && im->r >= 2) memcpy(im->scratch + (size_t)im->r * bytes, buf, bytes);
         if (st == TP_OK) st = wait_all(im, "all_reduce");
         for (int j = 0; j < im->p; j++) inp[j] = j == im->r && j < 2 ? (char *)buf : im->scratch + (size_t)j * bytes;
-        if (st == TP_OK && count) reduce(dt, buf, inp, im->p, count, (int)op);
+        if (st == TP_OK && count) tp_reduce_ranks(dt, buf, inp, im->p, count, (int)op);
     } else if (st == TP_OK) {
         /* rounds of reduce-scatter + all-gather with every peer at once */
         const size_t per = im->chunk / es;
@@ -799,7 +755,7 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
             if ((st = wait_all(im, "all_reduce")) != TP_OK) break;
             for (int j = 0; j < im->p; j++)
                 inp[j] = j == im->r && j < 2 ? base + lo * es : im->scratch + (size_t)j * blk_cap;
-            if (hi > lo) reduce(dt, base + lo * es, inp, im->p, hi - lo, (int)op);
+            if (hi > lo) tp_reduce_ranks(dt, base + lo * es, inp, im->p, hi - lo, (int)op);
             for (int k = 1; k < im->p && st == TP_OK; k++) {
                 int from = (im->r + k) % im->p, to = (im->r - k + im->p) % im->p;
                 size_t flo, fhi;
@@ -883,7 +839,7 @@ static tp_status mpi_reduce_scatter(tp_group *g, const void *send, void *recv, s
         memcpy(im->scratch + (size_t)im->r * per * es, (const char *)send + ((size_t)im->r * count + off) * es, n * es);
         if ((st = wait_all(im, "reduce_scatter")) != TP_OK) break;
         for (int j = 0; j < im->p; j++) inp[j] = im->scratch + (size_t)j * per * es;
-        reduce(dt, (char *)recv + off * es, inp, im->p, n, (int)op);
+        tp_reduce_ranks(dt, (char *)recv + off * es, inp, im->p, n, (int)op);
     }
 done:
     st = end(g, st, t0);
@@ -1144,4 +1100,5 @@ const tp_backend tp_mpi_backend = {
     .destroy = mpi_destroy,
     .staging = NULL,
     .all_reduce_staged = NULL,
+    .all_reduce_bias = NULL, /* group.c: all-reduce, then the bias */
 };

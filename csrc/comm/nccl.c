@@ -515,4 +515,5 @@ const tp_backend tp_nccl_backend = {
     .destroy = b_destroy,
     .staging = NULL,
     .all_reduce_staged = NULL,
+    .all_reduce_bias = NULL, /* group.c: all-reduce, then the bias */
 };

@@ -52,6 +52,16 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_SHM_YIELD_US] = {"TPLINEAR_SHM_YIELD_US", KNOB_INT, "200", 200, 0, 10000000, NULL,
                               "shm: how long a wait yields the core before it sleeps on a futex, in "
                               "microseconds"},
+    [TP_KNOB_SHM_CMA] = {"TPLINEAR_SHM_CMA", KNOB_BOOL, "1", 1, 0, 1, NULL,
+                         "shm: 1 lets large collectives read (and the all-reduce write) the ranks' own buffers "
+                         "with process_vm_readv/writev where every rank may (tested when a group is made; "
+                         "refused under Yama ptrace_scope >= 1 or a seccomp filter, then the copying "
+                         "algorithms run); 0: the copying algorithms always (rank 0's value is used)"},
+    [TP_KNOB_SHM_CMA_KB] = {"TPLINEAR_SHM_CMA_KB", KNOB_INT, "auto", -1, -1, 1L << 30, NULL,
+                            "shm: collectives of at least this many KiB (the all-reduce's buffer, the "
+                            "reduce-scatter's input, the all-gather's output) take the single-copy path (auto "
+                            "or -1: 16 when every rank has a core; else all-reduce and reduce-scatter from "
+                            "4096, all-gather and broadcast never; rank 0's value is used)"},
     [TP_KNOB_ALLOW_TF32] = {"TPLINEAR_ALLOW_TF32", KNOB_BOOL, "0", 0, 0, 1, NULL,
                             "GPU: the default of tplinear.set_allow_tf32 (1: float32 GEMMs may use TF32 "
                             "tensor cores)"},

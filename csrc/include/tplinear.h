@@ -333,6 +333,13 @@ TP_API tp_status tp_barrier(tp_group *g);
  * valid only until the next collective on g. */
 TP_API tp_status tp_all_reduce_staging(tp_group *g, size_t bytes, void **ptr);
 TP_API tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt, tp_reduce_op op);
+/* The row-parallel layer's reduction: out = (sum over ranks of in) + bias, where bias (NULL: none) is a row
+ * of `width` values added to every row of out after the sum, bitwise as a separate pass would, but inside
+ * the reduction where the backend can (shm: no second pass over out). in is out itself, a buffer that
+ * does not overlap it, or this rank's staging buffer (tp_all_reduce_staging). CPU memory; float32 /
+ * float64 with a bias, any reducible dtype without. */
+TP_API tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt,
+                                    const void *bias, size_t width);
 
 /* ------------------------------------------------------------------ tensor-parallel layers */
 

@@ -28,45 +28,58 @@ static tp_status check_flat(const tp_tensor *t, const char *what)
     return TP_OK;
 }
 
-/* Row forward through the backend's staging area: the GEMM writes straight into this rank's part of
- * the shared segment and the all-reduce reads it from there into y, so nothing is copied in. Only when
- * the whole output fits (decided the same way on every rank): splitting a larger output into blocks
- * was measured slower on 2 cores (one synchronisation per block), so those take the plain path.
- * *done stays 0 when nothing ran. */
-static tp_status row_forward_staged(tp_group *g, const tp_tensor *x, const tp_tensor *w, tp_tensor *y, int *done)
+/* This rank's staging area in the backend's shared memory as an array shaped like t, when the group has
+ * one and t fits (decided the same way on every rank); else s->data stays NULL. */
+static tp_status staging_like(tp_group *g, const tp_tensor *t, tp_tensor *s)
 {
     tp_status st = TP_OK;
-    tp_mat mx, mw, my;
-    void *px = NULL, *stage = NULL;
+    void *stage = NULL;
+    s->data = NULL;
+    if (t->device.type != TP_DEVICE_CPU || tp_group_size(g) == 1 || tp_tensor_numel(t) == 0) goto out;
+    TP_CHECK(tp_all_reduce_staging(g, (size_t)tp_tensor_numel(t) * tp_dtype_size(t->dtype), &stage));
+    if (stage) TP_CHECK(tp_tensor_init(s, stage, t->dtype, t->ndim, t->shape));
+out:
+    return st;
+}
+
+/* Row forward on CPU memory: the GEMM writes straight into this rank's staging area when the output fits
+ * (else into y), and one reduction sums the ranks' products into y and adds the bias in the same pass
+ * (tp_all_reduce_bias), so nothing is copied in and y is not walked again for the bias. *done stays 0
+ * (nothing ran) for device outputs. */
+static tp_status row_forward_host(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
+                                  tp_tensor *y, int *done)
+{
+    tp_status st = TP_OK;
+    tp_tensor stage;
     size_t count = (size_t)tp_tensor_numel(y);
     *done = 0;
-    if (y->device.type != TP_DEVICE_CPU || tp_group_size(g) == 1 || count == 0) goto out;
-    TP_CHECK(tp_linear_check(x, w, NULL, y));
-    TP_CHECK(tp_all_reduce_staging(g, count * tp_dtype_size(y->dtype), &stage));
-    if (stage == NULL) goto out;
-    TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
-    TP_CHECK(tp_mat_view(w, &mw, NULL, "weight"));
-    my = (tp_mat){stage, (int64_t)count / w->shape[0], w->shape[0], w->shape[0], 0, y->dtype, y->device};
+    if (y->device.type != TP_DEVICE_CPU) goto out;
+    TP_CHECK(tp_linear_check(x, w, b, y));
+    TP_CHECK(staging_like(g, y, &stage));
     *done = 1;
-    TP_CHECK(tp_gemm(&mx, 0, &mw, 1, &my, 0));
-    TP_CHECK(tp_all_reduce_staged(g, y->data, count, y->dtype, TP_SUM));
+    TP_CHECK(tp_linear_forward(x, w, NULL, stage.data ? &stage : y));
+    TP_CHECK(tp_all_reduce_bias(g, stage.data ? stage.data : y->data, y->data, count, y->dtype, b ? b->data : NULL,
+                                b ? (size_t)w->shape[0] : 0));
 out:
-    free(px);
     return st;
 }
 
 tp_status tp_row_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y)
 {
     tp_status st = TP_OK;
-    int staged = 0;
+    int done = 0;
     TP_CHECK(check_group(g, w));
     TP_CHECK(check_flat(y, "output"));
-    TP_CHECK(row_forward_staged(g, x, w, y, &staged));
-    if (!staged) {
+    if (tp_group_size(g) == 1) { /* nothing to reduce: the plain layer, its bias in the GEMM */
+        TP_CHECK(tp_linear_forward(x, w, b, y));
+        goto out;
+    }
+    TP_CHECK(row_forward_host(g, x, w, b, y, &done));
+    if (!done) {
         TP_CHECK(tp_linear_forward(x, w, NULL, y));
         TP_CHECK(tp_all_reduce(g, y->data, (size_t)tp_tensor_numel(y), y->dtype, TP_SUM));
+        if (b) TP_CHECK(tp_add_bias(y, b));
     }
-    if (b) TP_CHECK(tp_add_bias(y, b));
 out:
     return st;
 }
@@ -91,11 +104,13 @@ out:
     return st;
 }
 
-/* The dX all-reduce, run on a helper thread when overlapped with the dW GEMM. Errors are
- * captured as status + message because tp_last_error() is per thread. */
+/* The dX all-reduce (from the staging area when the GEMM wrote there), run on a helper thread when
+ * overlapped with the dW GEMM. Errors are captured as status + message because tp_last_error() is per
+ * thread. */
 typedef struct {
     tp_group *g;
     tp_tensor *dx;
+    const void *in;
     tp_status st;
     char msg[512];
 } reduce_job;
@@ -103,7 +118,11 @@ typedef struct {
 static void *reduce_thread(void *arg)
 {
     reduce_job *job = arg;
-    job->st = tp_all_reduce(job->g, job->dx->data, (size_t)tp_tensor_numel(job->dx), job->dx->dtype, TP_SUM);
+    size_t n = (size_t)tp_tensor_numel(job->dx);
+    if (job->in == job->dx->data)
+        job->st = tp_all_reduce(job->g, job->dx->data, n, job->dx->dtype, TP_SUM);
+    else
+        job->st = tp_all_reduce_staged(job->g, job->dx->data, n, job->dx->dtype, TP_SUM);
     if (job->st != TP_OK) snprintf(job->msg, sizeof job->msg, "%s", tp_last_error());
     return NULL;
 }
@@ -113,14 +132,17 @@ tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, 
 {
     tp_status st = TP_OK;
     reduce_job job;
+    tp_tensor stage;
     pthread_t th;
     int started = 0;
     memset(&job, 0, sizeof job);
     TP_CHECK(check_group(g, w));
     TP_CHECK(check_flat(dx, "grad_input"));
-    TP_CHECK(tp_linear_backward_input(dy, w, dx));
+    TP_CHECK(staging_like(g, dx, &stage)); /* the dX GEMM writes straight into shared memory when it fits */
+    TP_CHECK(tp_linear_backward_input(dy, w, stage.data ? &stage : dx));
     job.g = g;
     job.dx = dx;
+    job.in = stage.data ? stage.data : dx->data;
     if (overlap && dw && tp_group_size(g) > 1) {
         if (pthread_create(&th, NULL, reduce_thread, &job) != 0) {
             st = tp_error_errno(TP_ERR_SYSTEM, "could not start the overlapped all-reduce thread");

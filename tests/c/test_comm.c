@@ -1,10 +1,18 @@
 /* Process groups and the shm backend: worlds of 2, 3 and 4 forked processes exercise every collective
- * (all dtypes and ops, counts 0 / 1 / odd / several chunks), subgroups, the staging fast path, mismatch
- * detection, a killed rank and a rank that never joins. The parent only forks and collects exit codes. */
+ * (all dtypes and ops, counts 0 / 1 / odd / several chunks) through the copying and the single-copy
+ * algorithms, subgroups, the staging fast path and the fused bias, mismatch detection, a killed rank, a
+ * rank that never joins, and a kernel that refuses single-copy reads (a seccomp filter) at creation and
+ * later. The parent only forks and collects exit codes. */
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 
 #include "check.h"
 #include "world.h"
@@ -132,6 +140,53 @@ static int staging(tp_group *g)
     return 0;
 }
 
+/* tp_all_reduce_bias: (sum in rank order) + bias, bitwise as adding the bias after the sum, from the
+ * staging area, in place and into another buffer, for rows of 7 (a row crosses every block boundary). */
+static int fused_bias(tp_group *g)
+{
+    const int p = tp_group_size(g), r = tp_group_rank(g);
+    enum { W = 7 };
+    const size_t counts[] = {0, 7, 700, 7 * 3001};
+    float bias[W];
+    for (int j = 0; j < W; j++) bias[j] = 0.25f * (float)j - 0.3f;
+    for (int c = 0; c < 4; c++) {
+        size_t n = counts[c];
+        float *a = malloc((n + 1) * sizeof(float)), *b = malloc((n + 1) * sizeof(float));
+        float *want = malloc((n + 1) * sizeof(float));
+        void *ptr = NULL;
+        if (!a || !b || !want) return 1;
+        for (size_t i = 0; i < n; i++) { /* the rank-order float sum of the same values, then + bias */
+            float s = 0.0f;
+            for (int k = 0; k < p; k++) s = k ? s + (float)val(k, i, 1) / 3.0f : (float)val(k, i, 1) / 3.0f;
+            want[i] = s + bias[i % W];
+        }
+        for (int mode = 0; mode < 3; mode++) {
+            const float *in = a;
+            for (size_t i = 0; i < n; i++) a[i] = (float)val(r, i, 1) / 3.0f;
+            if (mode == 0) {
+                EXPECT_OK(tp_all_reduce_staging(g, n * sizeof(float), &ptr));
+                if (ptr == NULL) continue; /* larger than the staging area */
+                memcpy(ptr, a, n * sizeof(float));
+                in = ptr;
+            }
+            EXPECT_OK(tp_all_reduce_bias(g, in, mode == 1 ? a : b, n, TP_FLOAT32, bias, W));
+            EXPECT(n == 0 || memcmp(mode == 1 ? a : b, want, n * sizeof(float)) == 0);
+        }
+        EXPECT_OK(tp_all_reduce_bias(g, a, a, n, TP_FLOAT32, NULL, 0)); /* no bias: a plain all-reduce */
+        free(a);
+        free(b);
+        free(want);
+    }
+    {
+        float x[14];
+        memset(x, 0, sizeof x);
+        EXPECT_STATUS(tp_all_reduce_bias(g, x, x, 14, TP_FLOAT32, bias, 4), TP_ERR_VALUE); /* not whole rows */
+        EXPECT_STATUS(tp_all_reduce_bias(g, x, x + 1, 13, TP_FLOAT32, NULL, 0), TP_ERR_VALUE); /* overlap */
+        EXPECT_STATUS(tp_all_reduce_bias(g, x, x, 14, TP_INT32, bias, 7), TP_ERR_VALUE);
+    }
+    return 0;
+}
+
 static int world(int rank, int size, int port)
 {
     tp_group *w = NULL, *even = NULL, *all = NULL;
@@ -142,6 +197,7 @@ static int world(int rank, int size, int port)
     EXPECT(tp_group_rank(w) == rank && tp_group_size(w) == size && strcmp(tp_group_backend(w), "shm") == 0);
     collectives(w);
     staging(w);
+    fused_bias(w);
     /* subgroup of the even ranks (in reverse order) */
     for (int k = size - 1; k >= 0; k--)
         if (k % 2 == 0) evens[ne++] = k;
@@ -175,16 +231,74 @@ static int world(int rank, int size, int port)
     return tp_test_failures;
 }
 
+/* Makes the kernel refuse this process's single-copy calls (process_vm_readv / writev) with EPERM, as a
+ * container's seccomp profile or Yama's ptrace scope would. Returns 0 when the filter is in place. */
+static int refuse_cma(void)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_process_vm_readv, 2, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_process_vm_writev, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+    };
+    struct sock_fprog prog = {(unsigned short)(sizeof f / sizeof f[0]), f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
+/* Rank 1 cannot read its peers' memory: the group notices at creation and every collective takes the
+ * copying path (TPLINEAR_SHM_CMA_KB=0 would send every size through single copy otherwise). */
+static int refused_at_creation(int rank, int size, int port)
+{
+    if (rank == 1) EXPECT(refuse_cma() == 0);
+    return world(rank, size, port);
+}
+
+/* The kernel starts refusing after creation: the next single-copy collective fails on every rank with
+ * the reason, and the group stays unusable. */
+static int refused_later(int rank, int size, int port)
+{
+    tp_group *w = NULL;
+    double x[4096] = {0};
+    EXPECT_OK(world_init(rank, size, port, 10.0, &w));
+    if (w == NULL) return 1;
+    EXPECT_OK(tp_all_reduce(w, x, 4096, TP_FLOAT64, TP_SUM));
+    if (rank == 1) EXPECT(refuse_cma() == 0);
+    EXPECT_STATUS(tp_all_reduce(w, x, 4096, TP_FLOAT64, TP_SUM), TP_ERR_COMM);
+    EXPECT(strstr(tp_last_error(), "single-copy") != NULL && strstr(tp_last_error(), "rank") != NULL);
+    EXPECT(strstr(tp_last_error(), strerror(EPERM)) != NULL);
+    EXPECT_STATUS(tp_barrier(w), TP_ERR_COMM);
+    tp_group_destroy(w);
+    return tp_test_failures;
+}
+
+/* A group of one has no fused reduction: tp_all_reduce_bias falls back to the group's all-reduce and a
+ * bias pass, with the same result. */
+static int alone(int rank, int size, int port)
+{
+    tp_group *w = NULL;
+    EXPECT_OK(world_init(rank, size, port, 10.0, &w));
+    if (w == NULL) return 1;
+    fused_bias(w);
+    tp_group_destroy(w);
+    return tp_test_failures;
+}
+
+static size_t killed_count = 64; /* all-reduced before and after the kill */
+
 static int killed(int rank, int size, int port)
 {
     tp_group *w = NULL;
-    double x[64] = {0};
+    double *x = calloc(killed_count, sizeof(double));
     tp_status st = TP_OK;
+    if (x == NULL) return 1;
     EXPECT_OK(world_init(rank, size, port, 10.0, &w));
     if (w == NULL) return 1;
-    EXPECT_OK(tp_all_reduce(w, x, 64, TP_FLOAT64, TP_SUM));
+    EXPECT_OK(tp_all_reduce(w, x, killed_count, TP_FLOAT64, TP_SUM));
     if (rank == 1) raise(SIGKILL);
-    for (int i = 0; i < 1000000 && st == TP_OK; i++) st = tp_all_reduce(w, x, 64, TP_FLOAT64, TP_SUM);
+    for (int i = 0; i < 1000000 && st == TP_OK; i++) st = tp_all_reduce(w, x, killed_count, TP_FLOAT64, TP_SUM);
+    free(x);
     EXPECT(st == TP_ERR_COMM);
     EXPECT(strstr(tp_last_error(), "rank 1") != NULL && strstr(tp_last_error(), "died") != NULL);
     tp_group_destroy(w);
@@ -205,12 +319,26 @@ int main(void)
 {
     setenv("TPLINEAR_SHM_SLOT_KB", "16", 1); /* 8 KB chunks: 3001 elements take several */
     for (int size = 2; size <= 4; size++) EXPECT(run_world(size, world, -1) == 0);
+    EXPECT(run_world(1, alone, -1) == 0);
     setenv("TPLINEAR_SHM_ALGO", "oneshot", 1);
     EXPECT(run_world(3, world, -1) == 0);
     setenv("TPLINEAR_SHM_ALGO", "rsag", 1);
     EXPECT(run_world(2, world, -1) == 0);
     unsetenv("TPLINEAR_SHM_ALGO");
     EXPECT(run_world(3, killed, 1) == 0);
+    killed_count = 1 << 20; /* 8 MB: single copy */
+    EXPECT(run_world(3, killed, 1) == 0);
     EXPECT(run_world(3, never_joins, -1) == 0);
+    /* every size through single copy (if this kernel allows it), then none */
+    setenv("TPLINEAR_SHM_CMA_KB", "0", 1);
+    setenv("TPLINEAR_SHM_ONESHOT_KB", "0", 1);
+    for (int size = 2; size <= 4; size++) EXPECT(run_world(size, world, -1) == 0);
+    EXPECT(run_world(3, refused_at_creation, -1) == 0);
+    EXPECT(run_world(2, refused_later, -1) == 0);
+    setenv("TPLINEAR_SHM_CMA", "0", 1);
+    EXPECT(run_world(3, world, -1) == 0);
+    unsetenv("TPLINEAR_SHM_CMA");
+    unsetenv("TPLINEAR_SHM_CMA_KB");
+    unsetenv("TPLINEAR_SHM_ONESHOT_KB");
     TEST_MAIN_END();
 }

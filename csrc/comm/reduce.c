@@ -1,0 +1,111 @@
+/* Element-wise reductions of the ranks' buffers, shared by the backends that reduce on the host (shm, mpi):
+ * in rank order, so every backend and every rank gets the same bits. */
+#include <string.h>
+
+#include "backend.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define REDUCE_CLONES __attribute__((target_clones("avx2", "default"))) /* as MPI's own ops: wide vectors */
+#else
+#define REDUCE_CLONES
+#endif
+
+#define RED_BLK 512
+
+/* out[i] = in[0][i] op in[1][i] op ... in rank order; out may alias any input (each block of inputs is
+ * read before its output is written). Integer sums wrap (computed unsigned). AVG divides the sum by p
+ * (integer division, truncating, for integer dtypes). */
+#define DEFINE_REDUCE(NAME, T, UT)                                                                      \
+    REDUCE_CLONES static void NAME(void *outv, char *const *in, int p, size_t n, int op)                \
+    {                                                                                                   \
+        T acc[RED_BLK];                                                                                 \
+        T *out = outv;                                                                                  \
+        for (size_t b = 0; b < n; b += RED_BLK) {                                                       \
+            size_t m = n - b < RED_BLK ? n - b : RED_BLK;                                               \
+            memcpy(acc, (const T *)in[0] + b, m * sizeof(T));                                           \
+            for (int j = 1; j < p; j++) {                                                               \
+                const T *s = (const T *)in[j] + b;                                                      \
+                if (op == TP_SUM || op == TP_AVG)                                                       \
+                    for (size_t i = 0; i < m; i++) acc[i] = (T)((UT)acc[i] + (UT)s[i]);                 \
+                else if (op == TP_MAX)                                                                  \
+                    for (size_t i = 0; i < m; i++) acc[i] = s[i] > acc[i] ? s[i] : acc[i];              \
+                else                                                                                    \
+                    for (size_t i = 0; i < m; i++) acc[i] = s[i] < acc[i] ? s[i] : acc[i];              \
+            }                                                                                           \
+            if (op == TP_AVG)                                                                           \
+                for (size_t i = 0; i < m; i++) acc[i] = (T)(acc[i] / (T)p);                             \
+            memcpy(out + b, acc, m * sizeof(T));                                                        \
+        }                                                                                               \
+    }
+
+DEFINE_REDUCE(reduce_f32, float, float)
+DEFINE_REDUCE(reduce_f64, double, double)
+DEFINE_REDUCE(reduce_i32, int32_t, uint32_t)
+DEFINE_REDUCE(reduce_i64, int64_t, uint64_t)
+
+/* The same reduction when out overlaps no input: out = in0 op in1, then out op= in[j] (one pass per
+ * input, no staging block; the same order of operations, so the same bits). */
+#define RED_OP(op, x, y, UT, T)                                                                         \
+    ((op) == TP_MAX ? ((y) > (x) ? (y) : (x)) : (op) == TP_MIN ? ((y) < (x) ? (y) : (x))                \
+                                                               : (T)((UT)(x) + (UT)(y)))
+#define DEFINE_REDUCE_NOALIAS(NAME, T, UT)                                                              \
+    REDUCE_CLONES static void NAME##_first(T *restrict out, const T *restrict a, const T *restrict b, size_t n, \
+                             int op)                                                                    \
+    {                                                                                                   \
+        if (op == TP_SUM || op == TP_AVG)                                                               \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_SUM, a[i], b[i], UT, T);                  \
+        else if (op == TP_MAX)                                                                          \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MAX, a[i], b[i], UT, T);                  \
+        else                                                                                            \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, a[i], b[i], UT, T);                  \
+    }                                                                                                   \
+    REDUCE_CLONES static void NAME##_more(T *restrict out, const T *restrict b, size_t n, int op)       \
+    {                                                                                                   \
+        if (op == TP_SUM || op == TP_AVG)                                                               \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_SUM, out[i], b[i], UT, T);                \
+        else if (op == TP_MAX)                                                                          \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MAX, out[i], b[i], UT, T);                \
+        else                                                                                            \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, out[i], b[i], UT, T);                \
+    }                                                                                                   \
+    REDUCE_CLONES static void NAME(void *outv, char *const *in, int p, size_t n, int op)                \
+    {                                                                                                   \
+        T *out = outv;                                                                                  \
+        if (p == 1) {                                                                                   \
+            memcpy(out, in[0], n * sizeof(T));                                                          \
+        } else {                                                                                        \
+            NAME##_first(out, (const T *)in[0], (const T *)in[1], n, op);                               \
+            for (int j = 2; j < p; j++) NAME##_more(out, (const T *)in[j], n, op);                      \
+        }                                                                                               \
+        if (op == TP_AVG)                                                                               \
+            for (size_t i = 0; i < n; i++) out[i] = (T)(out[i] / (T)p);                                 \
+    }
+
+DEFINE_REDUCE_NOALIAS(reduce_na_f32, float, float)
+DEFINE_REDUCE_NOALIAS(reduce_na_f64, double, double)
+DEFINE_REDUCE_NOALIAS(reduce_na_i32, int32_t, uint32_t)
+DEFINE_REDUCE_NOALIAS(reduce_na_i64, int64_t, uint64_t)
+
+void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op)
+{
+    const size_t bytes = n * tp_dtype_size(dt);
+    int alias = 0;
+    for (int j = 0; j < p; j++)
+        if ((char *)out < in[j] + bytes && in[j] < (char *)out + bytes) alias = 1;
+    if (!alias) {
+        switch (dt) {
+        case TP_FLOAT32: reduce_na_f32(out, in, p, n, op); return;
+        case TP_FLOAT64: reduce_na_f64(out, in, p, n, op); return;
+        case TP_INT32: reduce_na_i32(out, in, p, n, op); return;
+        case TP_INT64: reduce_na_i64(out, in, p, n, op); return;
+        default: return;
+        }
+    }
+    switch (dt) {
+    case TP_FLOAT32: reduce_f32(out, in, p, n, op); break;
+    case TP_FLOAT64: reduce_f64(out, in, p, n, op); break;
+    case TP_INT32: reduce_i32(out, in, p, n, op); break;
+    case TP_INT64: reduce_i64(out, in, p, n, op); break;
+    default: break;
+    }
+}
