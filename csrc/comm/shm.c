@@ -840,7 +840,7 @@ static tp_status shm_reduce_scatter_v(tp_group *g, const void *send, void *recv,
         first = 0;
         n = off < counts[im->r] ? (counts[im->r] - off < per ? counts[im->r] - off : per) : 0;
         for (int j = 0; j < im->p; j++) in[j] = slot(im, j, im->round) + (size_t)im->r * piece;
-        if (n > 0) reduce(dt, (char *)recv + off * es, in, im->p, n, (int)op);
+        if (n > 0) tp_reduce_ranks(dt, (char *)recv + off * es, in, im->p, n, (int)op);
         im->round++;
     }
     end(im, K_REDUCE_SCATTER, total * es, t0);
