@@ -219,7 +219,7 @@ def test_shm_refuses_a_world_that_spans_hosts(backend):
             dist.init_process_group(backend={backend!r}, timeout=20)
             print("NO ERROR")
         except NotImplementedError as e:
-            print("REFUSED", e, flush=True)
+            print(f"REFUSED {{e}}", flush=True)
     """, timeout=120)
     assert res.returncode == 0, res.describe()
     refusals = [l for l in res.output.splitlines() if "REFUSED" in l]
@@ -241,7 +241,7 @@ try:
     dist.new_group([0, 1, 2, 3], backend="shm")
     print("NO ERROR", flush=True)
 except NotImplementedError as e:
-    print("REFUSED", e, flush=True)
+    print(f"REFUSED {e}", flush=True)
 """
     res = ok(launch("mpirun", 4, ["-c", f"import os, runpy; os.environ['TPLINEAR_HOST_ID'] = 'node%d' % "
                                         f"(int(os.environ['OMPI_COMM_WORLD_RANK']) // 2); "
@@ -379,7 +379,7 @@ try:
     dist.init_process_group(timeout=30)
     print("NO ERROR", flush=True)
 except NotImplementedError as e:
-    print("REFUSED", e, flush=True)
+    print(f"REFUSED {e}", flush=True)
 """)
     port = free_port()
     outs = finish([torchrun(["--nnodes", 2, "--node-rank", n, "--nproc-per-node", 2, "--master-addr", "127.0.0.1",

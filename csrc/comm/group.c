@@ -441,6 +441,7 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     TP_REQUIRE(world != NULL && opts != NULL, "init: NULL argument");
     *world = NULL;
     TP_CHECK(check_options(opts));
+    TP_CHECK(tp_knobs_check()); /* every rank refuses a malformed knob before any of them meets the others */
     TP_CHECK(world_shape(opts, &size, &rank, &lrank, &lsize));
     if ((g = group_alloc(size)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "init: out of memory");

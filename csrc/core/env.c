@@ -191,6 +191,14 @@ tp_status tp_knob_int(tp_knob k, long *out)
 
 long tp_knob_value(tp_knob k) { return values()[k].value; }
 
+tp_status tp_knobs_check(void)
+{
+    const knob_value *v = values();
+    for (int k = 0; k < TP_KNOB_COUNT; k++)
+        if (k != TP_KNOB_DEBUG && v[k].err[0]) return tp_error(TP_ERR_VALUE, "%s", v[k].err);
+    return TP_OK;
+}
+
 const char *tp_knob_str(tp_knob k)
 {
     const knob_value *v = &values()[k];

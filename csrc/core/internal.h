@@ -73,6 +73,9 @@ typedef enum {
  * default when unset; TP_ERR_VALUE naming the variable and what it accepts when its value is invalid
  * (*out is then the default). */
 tp_status tp_knob_int(tp_knob k, long *out);
+/* TP_ERR_VALUE naming the first knob that is set but malformed (TPLINEAR_DEBUG excepted: a bad level
+ * falls back to WARN), so that a world fails on every rank before rendezvous instead of in one backend. */
+tp_status tp_knobs_check(void);
 /* The same where a call cannot fail: an invalid value gives the default (the INFO log names it). */
 long tp_knob_value(tp_knob k);
 /* A string knob's value, NULL when unset. */

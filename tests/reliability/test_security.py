@@ -103,14 +103,14 @@ if rank == 1:   # this process's world #1
     try:
         dist.init_process_group(timeout=0.5)
     except tplinear.CommError as e:
-        print("FIRST", e, flush=True)
+        print(f"FIRST {e}", flush=True)
     os.environ.clear()
     os.environ.update(launcher)
 try:
     dist.init_process_group(timeout=float(os.environ.get("TMO", "4")))
-    print("JOINED", rank, flush=True)
+    print(f"JOINED {rank}", flush=True)
 except (tplinear.CommError, ValueError) as e:
-    print("REFUSED", rank, e, flush=True)
+    print(f"REFUSED {rank} {e}", flush=True)
 """
 
 
@@ -331,9 +331,9 @@ rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
 try:
     dist.init_process_group(timeout=2.5, token="secret" if rank == 0 or %r else "other")
     a = np.ones(4); dist.all_reduce(a)
-    print("JOINED", rank, a[0], flush=True)
+    print(f"JOINED {rank} {a[0]}", flush=True)
 except tplinear.CommError as e:
-    print("REFUSED", rank, e, flush=True)
+    print(f"REFUSED {rank} {e}", flush=True)
 """ % same)
     out = res.output
     if same:
