@@ -48,6 +48,7 @@ def test_layers_autograd_zero_copy_parameters(nproc):
         c.init()
         c.run_layer_checks(48, 70)
         c.check_zero_copy()
+        c.check_grad_assign()
         c.check_params_and_optimizer()
         c.check_bad_input()
     """, env=ENV, timeout=400)

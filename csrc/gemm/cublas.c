@@ -295,8 +295,9 @@ out:
     return st;
 }
 
-/* out (cols) += A^T ones: a GEMV as a GEMM with N = 1, float32 accumulation for half types. */
-static tp_status cu_col_sums(const tp_mat *a, void *out)
+/* out (cols) = A^T ones (+ out when accumulate): a GEMV as a GEMM with N = 1, float32 accumulation for half
+ * types. */
+static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
 {
     tp_status st = TP_OK;
     cublas_ctx *ctx;
@@ -307,7 +308,12 @@ static tp_status cu_col_sums(const tp_mat *a, void *out)
     TP_CHECK(check_dims(a->rows, "rows"));
     TP_CHECK(check_dims(a->cols, "columns"));
     TP_CHECK(check_dims(a->ld, "leading dimension"));
-    if (a->rows == 0 || a->cols == 0) goto out;
+    if (a->cols == 0) goto out;
+    if (a->rows == 0) { /* an empty sum */
+        tp_mat o = {out, 1, a->cols, a->cols, 0, a->dtype, a->device};
+        if (!accumulate) TP_CHECK(zero_mat(&o));
+        goto out;
+    }
     TP_CHECK(types_of(a->dtype, &t));
     TP_CHECK(ctx_get(a->device.index, &ctx));
     pthread_mutex_lock(&g_lock);
@@ -316,7 +322,7 @@ static tp_status cu_col_sums(const tp_mat *a, void *out)
     TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
     TP_CUBLAS(cublasGemmEx(ctx->blas, a->trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, (int)a->cols, 1,
                            (int)a->rows, scal(&t, &sa, 1.0), a->data, t.type, (int)a->ld, ones, t.type,
-                           (int)a->rows, scal(&t, &sb, 1.0), out, t.type, (int)a->cols, t.compute,
+                           (int)a->rows, scal(&t, &sb, accumulate ? 1.0 : 0.0), out, t.type, (int)a->cols, t.compute,
                            CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (column sums)");
 out:

@@ -23,6 +23,9 @@ tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *
  * b [out] or NULL, y [..., out]). */
 tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, const tp_tensor *y);
 
+/* TP_OK for TP_GRAD_ACCUMULATE / TP_GRAD_ASSIGN, else TP_ERR_VALUE. */
+tp_status tp_grad_mode_check(tp_grad_mode mode);
+
 /* C = op(A) @ op(B) (+ C when accumulate), where op(X) is X^T when tX. All on one device,
  * one dtype. Any of the dims may be zero. */
 tp_status tp_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
@@ -35,8 +38,8 @@ typedef struct {
     tp_status (*gemm)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
     /* each row of C = bias (mode 0) or += bias (mode 1); bias: cols elements, contiguous */
     tp_status (*rows)(tp_mat *c, const void *bias, int mode);
-    /* out (cols elements) += the column sums of A */
-    tp_status (*col_sums)(const tp_mat *a, void *out);
+    /* out (cols elements) = the column sums of A (+ out when accumulate) */
+    tp_status (*col_sums)(const tp_mat *a, void *out, int accumulate);
     /* C = op(A) @ op(B) + bias broadcast over rows (OpenBLAS: rows, then an accumulating GEMM; cuBLAS:
      * cuBLASLt's bias epilogue, one kernel) */
     tp_status (*gemm_bias)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);

@@ -204,12 +204,22 @@ out:
     return st;
 }
 
-tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw, tp_tensor *db)
+tp_status tp_grad_mode_check(tp_grad_mode mode)
+{
+    if (mode != TP_GRAD_ACCUMULATE && mode != TP_GRAD_ASSIGN)
+        return tp_error(TP_ERR_VALUE, "gradient mode must be TP_GRAD_ACCUMULATE or TP_GRAD_ASSIGN, got %d", (int)mode);
+    return TP_OK;
+}
+
+tp_status tp_linear_backward_params_mode(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw, tp_tensor *db,
+                                        tp_grad_mode mode)
 {
     tp_status st = TP_OK;
     tp_mat mdy, mx, mdw;
     void *pdy = NULL, *px = NULL;
     const tp_gemm_provider *p = NULL;
+    int accumulate = mode == TP_GRAD_ACCUMULATE;
+    TP_CHECK(tp_grad_mode_check(mode));
     TP_CHECK(check_weight(dw, db));
     TP_CHECK(check_operand(dw, dy, "grad_output"));
     TP_CHECK(check_operand(dw, x, "input"));
@@ -220,12 +230,17 @@ tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_
     TP_CHECK(tp_mat_view(x, &mx, &px, "input"));
     TP_CHECK(tp_mat_view(dw, &mdw, NULL, "weight grad"));
     TP_CHECK(provider(&mdw, &p));
-    TP_CHECK(p->gemm(&mdy, 1, &mx, 0, &mdw, 1));
-    if (db) TP_CHECK(p->col_sums(&mdy, db->data));
+    TP_CHECK(p->gemm(&mdy, 1, &mx, 0, &mdw, accumulate));
+    if (db) TP_CHECK(p->col_sums(&mdy, db->data, accumulate));
 out:
     free(pdy);
     free(px);
     return st;
+}
+
+tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw, tp_tensor *db)
+{
+    return tp_linear_backward_params_mode(dy, x, dw, db, TP_GRAD_ACCUMULATE);
 }
 
 tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b)

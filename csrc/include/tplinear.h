@@ -178,6 +178,17 @@ TP_API tp_status tp_linear_backward_input(const tp_tensor *dy, const tp_tensor *
 /* dW[out, in] += dY^T X ; db[out] += sum over leading dims of dY (db may be NULL). */
 TP_API tp_status tp_linear_backward_params(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw,
                                            tp_tensor *db);
+
+/* How a backward writes the parameter gradients dw and db (the *_mode variants below and of the layers). */
+typedef enum {
+    TP_GRAD_ACCUMULATE = 0, /* dw += dY^T X ; db += sum(dY): what the functions without _mode do */
+    TP_GRAD_ASSIGN = 1      /* dw = dY^T X ; db = sum(dY): dw and db need not be initialised (their contents,
+                               NaN included, are never read), and a small batch writes dw in one pass over
+                               memory instead of a zeroing pass plus an accumulating one */
+} tp_grad_mode;
+/* tp_linear_backward_params with the gradient mode named; another value is TP_ERR_VALUE. */
+TP_API tp_status tp_linear_backward_params_mode(const tp_tensor *dy, const tp_tensor *x, tp_tensor *dw,
+                                                tp_tensor *db, tp_grad_mode mode);
 /* y += b broadcast along the last dim. */
 TP_API tp_status tp_add_bias(tp_tensor *y, const tp_tensor *b);
 
@@ -351,6 +362,10 @@ TP_API tp_status tp_row_forward(tp_group *g, const tp_tensor *x, const tp_tensor
  * dx, dw, db may each be NULL to skip. */
 TP_API tp_status tp_row_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
                                  tp_tensor *dx, tp_tensor *dw, tp_tensor *db);
+/* The same with the gradient mode named (tp_grad_mode; TP_GRAD_ASSIGN: dw = dy^T x_r ; db = sum(dy)); a bad
+ * mode fails before anything is written. */
+TP_API tp_status tp_row_backward_mode(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                                      tp_tensor *dx, tp_tensor *dw, tp_tensor *db, tp_grad_mode mode);
 /* Column-parallel forward: y_r = x @ w_r^T + b_r (b may be NULL). */
 TP_API tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b,
                                 tp_tensor *y);
@@ -358,6 +373,11 @@ TP_API tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor
  * overlap != 0 runs the dx all-reduce concurrently with the dw GEMM (same results). */
 TP_API tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
                                  tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap);
+/* The same with the gradient mode named (TP_GRAD_ASSIGN: dw = dy_r^T x ; db = sum(dy_r)); a bad mode fails
+ * before anything is written or reduced. */
+TP_API tp_status tp_col_backward_mode(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                                      tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap,
+                                      tp_grad_mode mode);
 
 /* ------------------------------------------------------------------ sequence parallelism */
 

@@ -84,15 +84,22 @@ out:
     return st;
 }
 
+tp_status tp_row_backward_mode(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                               tp_tensor *dx, tp_tensor *dw, tp_tensor *db, tp_grad_mode mode)
+{
+    tp_status st = TP_OK;
+    TP_CHECK(tp_grad_mode_check(mode));
+    TP_CHECK(check_group(g, w));
+    if (dx) TP_CHECK(tp_linear_backward_input(dy, w, dx));
+    if (dw) TP_CHECK(tp_linear_backward_params_mode(dy, x, dw, db, mode));
+out:
+    return st;
+}
+
 tp_status tp_row_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
                           tp_tensor *dx, tp_tensor *dw, tp_tensor *db)
 {
-    tp_status st = TP_OK;
-    TP_CHECK(check_group(g, w));
-    if (dx) TP_CHECK(tp_linear_backward_input(dy, w, dx));
-    if (dw) TP_CHECK(tp_linear_backward_params(dy, x, dw, db));
-out:
-    return st;
+    return tp_row_backward_mode(g, dy, x, w, dx, dw, db, TP_GRAD_ACCUMULATE);
 }
 
 tp_status tp_col_forward(tp_group *g, const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, tp_tensor *y)
@@ -127,8 +134,8 @@ static void *reduce_thread(void *arg)
     return NULL;
 }
 
-tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
-                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap)
+tp_status tp_col_backward_mode(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                               tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap, tp_grad_mode mode)
 {
     tp_status st = TP_OK;
     reduce_job job;
@@ -136,6 +143,7 @@ tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, 
     pthread_t th;
     int started = 0;
     memset(&job, 0, sizeof job);
+    TP_CHECK(tp_grad_mode_check(mode));
     TP_CHECK(check_group(g, w));
     TP_CHECK(check_flat(dx, "grad_input"));
     TP_CHECK(staging_like(g, dx, &stage)); /* the dX GEMM writes straight into shared memory when it fits */
@@ -156,7 +164,7 @@ tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, 
             goto out;
         }
     }
-    if (dw) TP_CHECK(tp_linear_backward_params(dy, x, dw, db));
+    if (dw) TP_CHECK(tp_linear_backward_params_mode(dy, x, dw, db, mode));
 out:
     if (started) {
         pthread_join(th, NULL);
@@ -164,4 +172,10 @@ out:
         if (st == TP_OK && job.st != TP_OK) st = tp_error(job.st, "%s", job.msg);
     }
     return st;
+}
+
+tp_status tp_col_backward(tp_group *g, const tp_tensor *dy, const tp_tensor *x, const tp_tensor *w,
+                          tp_tensor *dx, tp_tensor *dw, tp_tensor *db, int overlap)
+{
+    return tp_col_backward_mode(g, dy, x, w, dx, dw, db, overlap, TP_GRAD_ACCUMULATE);
 }

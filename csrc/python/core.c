@@ -149,11 +149,12 @@ static PyObject *py_linear_forward(PyObject *m, PyObject *args)
     }
 }
 
-/* linear_backward(dy, x, w, dx|None, dw|None, db|None) */
+/* linear_backward(dy, x, w, dx|None, dw|None, db|None, assign=False) */
 static PyObject *py_linear_backward(PyObject *m, PyObject *args)
 {
     PyObject *dy, *x, *w, *dx, *dw, *db;
-    if (!PyArg_ParseTuple(args, "OOOOOO", &dy, &x, &w, &dx, &dw, &db)) return NULL;
+    int assign = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOO|p", &dy, &x, &w, &dx, &dw, &db, &assign)) return NULL;
     {
         tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"), OPT_OUT(dx, "grad_input"),
                        OPT_OUT(dw, "weight grad"), OPT_OUT(db, "bias grad")};
@@ -161,7 +162,7 @@ static PyObject *py_linear_backward(PyObject *m, PyObject *args)
         if (tpy_args_convert(a, NARGS(a)) < 0) return NULL;
         Py_BEGIN_ALLOW_THREADS
         if (a[3].p) st_ = tp_linear_backward_input(a[0].p, a[2].p, a[3].p);
-        if (st_ == TP_OK && a[4].p) st_ = tp_linear_backward_params(a[0].p, a[1].p, a[4].p, a[5].p);
+        if (st_ == TP_OK && a[4].p) st_ = tp_linear_backward_params_mode(a[0].p, a[1].p, a[4].p, a[5].p, GRAD_MODE(assign));
         Py_END_ALLOW_THREADS
         tpy_args_release(a, NARGS(a));
         if (st_ != TP_OK) return tpy_raise(m, st_);
@@ -186,22 +187,25 @@ static PyObject *layer_forward(PyObject *m, PyObject *args, int row)
 static PyObject *py_row_forward(PyObject *m, PyObject *args) { return layer_forward(m, args, 1); }
 static PyObject *py_col_forward(PyObject *m, PyObject *args) { return layer_forward(m, args, 0); }
 
-/* row_backward(group, dy, x, w, dx|None, dw|None, db|None)
- * col_backward(group, dy, x, w, dx, dw|None, db|None, overlap) */
+/* row_backward(group, dy, x, w, dx|None, dw|None, db|None, assign=False)
+ * col_backward(group, dy, x, w, dx, dw|None, db|None, overlap=False, assign=False) */
 static PyObject *layer_backward(PyObject *m, PyObject *args, int row)
 {
     PyObject *go, *dy, *x, *w, *dx, *dw, *db;
-    int overlap = 0;
+    int overlap = 0, assign = 0;
     tp_group *g;
-    if (!PyArg_ParseTuple(args, row ? "OOOOOOO" : "OOOOOOO|p", &go, &dy, &x, &w, &dx, &dw, &db, &overlap))
+    if (!(row ? PyArg_ParseTuple(args, "OOOOOOO|p", &go, &dy, &x, &w, &dx, &dw, &db, &assign)
+              : PyArg_ParseTuple(args, "OOOOOOO|pp", &go, &dy, &x, &w, &dx, &dw, &db, &overlap, &assign)))
         return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
         tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"),
                        {.obj = dx, .writable = 1, .optional = row, .what = "grad_input"}, OPT_OUT(dw, "weight grad"),
                        OPT_OUT(db, "bias grad")};
-        CALL_RELEASED(m, a, row ? tp_row_backward(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p)
-                                : tp_col_backward(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p, overlap));
+        CALL_RELEASED(m, a, row ? tp_row_backward_mode(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p,
+                                                       GRAD_MODE(assign))
+                                : tp_col_backward_mode(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p, overlap,
+                                                       GRAD_MODE(assign)));
     }
 }
 
@@ -328,11 +332,11 @@ PyMethodDef tpy_core_methods[] = {
     {"init_uniform", py_init_uniform, METH_VARARGS, "init_uniform(out, seed, stream, bound, row_off, col_off, full_cols)"},
     {"init_normal", py_init_normal, METH_VARARGS, "init_normal(out, seed, stream, std, row_off, col_off, full_cols)"},
     {"linear_forward", py_linear_forward, METH_VARARGS, "linear_forward(x, w, b|None, y)"},
-    {"linear_backward", py_linear_backward, METH_VARARGS, "linear_backward(dy, x, w, dx|None, dw|None, db|None)"},
+    {"linear_backward", py_linear_backward, METH_VARARGS, "linear_backward(dy, x, w, dx|None, dw|None, db|None, assign=False): assign writes dw, db instead of adding to them"},
     {"row_forward", py_row_forward_in_group, METH_VARARGS, "row_forward(group, x, w, b|None, y)"},
-    {"row_backward", py_row_backward_in_group, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None)"},
+    {"row_backward", py_row_backward_in_group, METH_VARARGS, "row_backward(group, dy, x, w, dx|None, dw|None, db|None, assign=False)"},
     {"col_forward", py_col_forward_in_group, METH_VARARGS, "col_forward(group, x, w, b|None, y)"},
-    {"col_backward", py_col_backward_in_group, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap)"},
+    {"col_backward", py_col_backward_in_group, METH_VARARGS, "col_backward(group, dy, x, w, dx, dw|None, db|None, overlap=False, assign=False)"},
     {"gather", py_gather_in_group, METH_VARARGS, "gather(group, shard, dim, ranges, nblocks, full): all-gather along dim"},
     {"shard", py_shard, METH_VARARGS,
      "shard(full, dim, ranges, nblocks, rank, out): rank's pieces of full along dim into out (no collective)"},

@@ -62,6 +62,8 @@ PyObject *tpy_raise(PyObject *module, tp_status st);
 #define OPT(o, w) {.obj = (o), .optional = 1, .what = (w)}
 #define OPT_OUT(o, w) {.obj = (o), .writable = 1, .optional = 1, .what = (w)}
 #define NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+/* A binding's assign=True/False as the C core's gradient mode. */
+#define GRAD_MODE(assign) ((assign) ? TP_GRAD_ASSIGN : TP_GRAD_ACCUMULATE)
 
 /* Converts the arguments a, runs `call` (an expression using a[i].p) without the GIL and maps its status. */
 #define CALL_RELEASED(module, a, call)                  \

@@ -48,8 +48,10 @@ static void reference(int64_t m, int64_t in, int64_t out, const double *x, const
     }
 }
 
-static void run_case(tp_dtype dt, int64_t m, int64_t in, int64_t out, int with_bias, int fortran_x)
+/* layout: bit 0 stores X column-major, bit 1 stores dY column-major (a transposed view of each). */
+static void run_case(tp_dtype dt, int64_t m, int64_t in, int64_t out, int with_bias, int layout)
 {
+    int fortran_x = layout & 1, fortran_dy = (layout >> 1) & 1;
     unsigned seed = (unsigned)(m * 131 + in * 7 + out + (int)dt);
     size_t item = tp_dtype_size(dt);
     double *x = malloc(sizeof(double) * (size_t)(m * in + 1)), *w = malloc(sizeof(double) * (size_t)(out * in + 1));
@@ -78,7 +80,18 @@ static void run_case(tp_dtype dt, int64_t m, int64_t in, int64_t out, int with_b
     }
     STORE(tw, w, out * in);
     STORE(tb, b, out);
-    STORE(tdy, dy, m * out);
+    if (fortran_dy) { /* column-major dY: element (i, o) at o * m + i */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t o = 0; o < out; o++) {
+                if (dt == TP_FLOAT32) {
+                    ((float *)tdy)[o * m + i] = (float)dy[i * out + o];
+                    dy[i * out + o] = ((float *)tdy)[o * m + i];
+                } else
+                    ((double *)tdy)[o * m + i] = dy[i * out + o];
+            }
+    } else {
+        STORE(tdy, dy, m * out);
+    }
     if (fortran_x) { /* column-major X: element (i, k) at k * m + i */
         for (int64_t i = 0; i < m; i++)
             for (int64_t k = 0; k < in; k++) {
@@ -100,6 +113,10 @@ static void run_case(tp_dtype dt, int64_t m, int64_t in, int64_t out, int with_b
     EXPECT_OK(tp_tensor_init(&W, tw, dt, 2, (int64_t[]){out, in}));
     EXPECT_OK(tp_tensor_init(&B, tb, dt, 1, (int64_t[]){out}));
     EXPECT_OK(tp_tensor_init(&DY, tdy, dt, 2, (int64_t[]){m, out}));
+    if (fortran_dy) {
+        DY.strides[0] = 1;
+        DY.strides[1] = m;
+    }
     EXPECT_OK(tp_tensor_init(&Y, ty, dt, 2, (int64_t[]){m, out}));
     EXPECT_OK(tp_tensor_init(&DX, tdx, dt, 2, (int64_t[]){m, in}));
     EXPECT_OK(tp_tensor_init(&DW, tdw, dt, 2, (int64_t[]){out, in}));
@@ -117,8 +134,8 @@ static void run_case(tp_dtype dt, int64_t m, int64_t in, int64_t out, int with_b
         LOAD(gdb, tdb, out);
         if (rel_err(gy, ry, m * out) > tol || rel_err(gdx, rdx, m * in) > tol || rel_err(gdw, rdw, out * in) > tol ||
             rel_err(gdb, rdb, out) > tol) {
-            fprintf(stderr, "%s m=%lld in=%lld out=%lld bias=%d fortran=%d: errors y %.2e dx %.2e dw %.2e db %.2e\n",
-                    tp_dtype_name(dt), (long long)m, (long long)in, (long long)out, with_bias, fortran_x,
+            fprintf(stderr, "%s m=%lld in=%lld out=%lld bias=%d layout=%d: errors y %.2e dx %.2e dw %.2e db %.2e\n",
+                    tp_dtype_name(dt), (long long)m, (long long)in, (long long)out, with_bias, layout,
                     rel_err(gy, ry, m * out), rel_err(gdx, rdx, m * in), rel_err(gdw, rdw, out * in),
                     rel_err(gdb, rdb, out));
             tp_test_failures++;
@@ -128,6 +145,35 @@ static void run_case(tp_dtype dt, int64_t m, int64_t in, int64_t out, int with_b
         LOAD(gdw, tdw, out * in);
         for (int64_t i = 0; i < out * in; i++) rdw[i] *= 2;
         EXPECT(rel_err(gdw, rdw, out * in) <= tol);
+        /* assignment: whatever dW and db held (NaN here) is overwritten, never read */
+        for (int64_t i = 0; i < out * in; i++) rdw[i] /= 2;
+        for (int64_t i = 0; i < out * in; i++) {
+            if (dt == TP_FLOAT32)
+                ((float *)tdw)[i] = NAN;
+            else
+                ((double *)tdw)[i] = NAN;
+        }
+        for (int64_t i = 0; i < out; i++) {
+            if (dt == TP_FLOAT32)
+                ((float *)tdb)[i] = NAN;
+            else
+                ((double *)tdb)[i] = NAN;
+        }
+        EXPECT_OK(tp_linear_backward_params_mode(&DY, &X, &DW, &DB, TP_GRAD_ASSIGN));
+        LOAD(gdw, tdw, out * in);
+        LOAD(gdb, tdb, out);
+        if (!(rel_err(gdw, rdw, out * in) <= tol) || !(rel_err(gdb, rdb, out) <= tol)) {
+            fprintf(stderr, "%s m=%lld in=%lld out=%lld layout=%d: assign errors dw %.2e db %.2e\n",
+                    tp_dtype_name(dt), (long long)m, (long long)in, (long long)out, layout,
+                    rel_err(gdw, rdw, out * in), rel_err(gdb, rdb, out));
+            tp_test_failures++;
+        }
+        /* and accumulating onto it gives twice the gradient again */
+        EXPECT_OK(tp_linear_backward_params_mode(&DY, &X, &DW, &DB, TP_GRAD_ACCUMULATE));
+        LOAD(gdw, tdw, out * in);
+        for (int64_t i = 0; i < out * in; i++) rdw[i] *= 2;
+        EXPECT(rel_err(gdw, rdw, out * in) <= tol);
+        EXPECT_STATUS(tp_linear_backward_params_mode(&DY, &X, &DW, &DB, (tp_grad_mode)7), TP_ERR_VALUE);
     }
     free(x); free(w); free(b); free(dy); free(ry); free(rdx); free(rdw); free(rdb); free(got);
     free(tx); free(tw); free(tb); free(tdy); free(ty); free(tdx); free(tdw); free(tdb);
@@ -222,6 +268,18 @@ static void test_single_rank_layers(void)
     EXPECT(dw[0] == 1 && dw[2] == -1 && dw[3] == 2 && dw[5] == -2 && db[0] == 1 && db[1] == 2);
     EXPECT_OK(tp_row_backward(g, &DY, &X, &W, &DX, &DW, &DB));
     EXPECT(dw[0] == 2 && db[1] == 4);
+    /* the _mode variants: assign overwrites, accumulate adds, a bad mode fails before anything runs */
+    EXPECT_OK(tp_col_backward_mode(g, &DY, &X, &W, &DX, &DW, &DB, 1, TP_GRAD_ASSIGN));
+    EXPECT(dw[0] == 1 && dw[2] == -1 && dw[3] == 2 && dw[5] == -2 && db[0] == 1 && db[1] == 2);
+    EXPECT_OK(tp_row_backward_mode(g, &DY, &X, &W, &DX, &DW, &DB, TP_GRAD_ACCUMULATE));
+    EXPECT(dw[0] == 2 && dw[5] == -4 && db[1] == 4);
+    dw[0] = dw[5] = db[1] = NAN;
+    EXPECT_OK(tp_row_backward_mode(g, &DY, &X, &W, NULL, &DW, &DB, TP_GRAD_ASSIGN));
+    EXPECT(dw[0] == 1 && dw[5] == -2 && db[1] == 2);
+    dx[0] = -7;
+    EXPECT_STATUS(tp_col_backward_mode(g, &DY, &X, &W, &DX, &DW, &DB, 0, (tp_grad_mode)-1), TP_ERR_VALUE);
+    EXPECT_STATUS(tp_row_backward_mode(g, &DY, &X, &W, &DX, &DW, &DB, (tp_grad_mode)2), TP_ERR_VALUE);
+    EXPECT(dx[0] == -7 && dw[0] == 1);
     {
         /* gather of a world of one is a copy */
         float full[6] = {0};
@@ -236,12 +294,15 @@ static void test_single_rank_layers(void)
 
 int main(void)
 {
-    const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {33, 64, 17}, {64, 129, 65}, {0, 8, 4}, {4, 0, 5}, {3, 9, 0}};
+    /* [tokens, in, out]; the last three write dW by row blocks when assigning (openblas.c: blocks of
+     * 128 KiB per 8 tokens: 8 rows of 4096 floats, 4 of 4096 doubles, 13 rows of 2500 floats) */
+    const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {33, 64, 17}, {64, 129, 65}, {0, 8, 4}, {4, 0, 5}, {3, 9, 0},
+                                 {8, 4096, 21}, {32, 4096, 70}, {3, 2500, 27}};
     tp_set_num_threads(1);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int dt = 0; dt < 2; dt++)
             for (int bias = 0; bias < 2; bias++)
-                for (int f = 0; f < 2; f++)
+                for (int f = 0; f < 4; f++)
                     run_case(dt ? TP_FLOAT64 : TP_FLOAT32, shapes[s][0], shapes[s][1], shapes[s][2], bias, f);
     test_errors();
     test_init_shards();

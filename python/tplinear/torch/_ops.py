@@ -58,22 +58,29 @@ class GradBuffers:
     for CPU memory; after ``optimizer.zero_grad()`` the old gradient is unmapped), more than the GEMM that
     fills it at small batches. So each layer keeps the buffers it handed out and hands one out again once
     nothing else refers to its memory (``param.grad`` was set to None, and no one kept it). GPU memory
-    comes from torch's caching allocator and needs none of this."""
+    comes from torch's caching allocator and needs none of this.
+
+    ``empty`` hands out a buffer with whatever it held (for the C core's ``assign=True``, which writes every
+    element without reading one: no zeroing pass over memory); ``zeros`` one set to zero (for calls that add
+    into it)."""
 
     def __init__(self):
         self._free = {}
 
-    def zeros(self, like, shape):
+    def empty(self, like, shape):
         if like.is_cuda or _ALONE is None:
-            return torch.zeros(shape, dtype=like.dtype, device=like.device)
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
         key = (tuple(shape), like.dtype)
         bufs = self._free.setdefault(key, [])
         for buf in bufs:
             if _storage_users(buf) == _ALONE:
-                return buf.zero_().detach()  # a new tensor on the same memory: autograd takes it as it is
-        buf = torch.zeros(shape, dtype=like.dtype)
+                return buf.detach()  # a new tensor on the same memory: autograd takes it as it is
+        buf = torch.empty(shape, dtype=like.dtype)
         bufs.append(buf)
         return buf.detach()
+
+    def zeros(self, like, shape):
+        return self.empty(like, shape).zero_()
 
     def clear(self):
         self._free.clear()
@@ -95,19 +102,21 @@ def _forward(layer, x, weight, bias):
 
 
 def _backward(layer, grads, dy, x, weight, need_x, need_w, need_b):
-    """dX, dW, dB (None where not needed) of a row or column layer; grads makes the zeroed gradients."""
+    """dX, dW, dB (None where not needed) of a row or column layer. grads hands out the gradient buffers,
+    which the C core overwrites (assign=True: one pass over dW's memory, no zeroing first); autograd adds
+    them to .grad where a gradient is already there."""
     on_stream(weight)
     dx = _empty(weight, x.shape) if need_x else None
-    dw = grads.zeros(weight, weight.shape) if need_w else None
-    db = grads.zeros(weight, (weight.shape[0],)) if need_b and need_w else None
+    dw = grads.empty(weight, weight.shape) if need_w else None
+    db = grads.empty(weight, (weight.shape[0],)) if need_b and need_w else None
     group = handle(layer.mp_group)
     if layer.partition_dim == 1:
         if need_x or need_w:
-            _C.row_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db)
+            _C.row_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, True)
     elif need_x:  # every rank of the group has the same graph, so all of them reduce or none does
-        _C.col_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm)
+        _C.col_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm, True)
     elif need_w:
-        _C.linear_backward(arr(dy), arr(x), arr(weight), None, dw, db)
+        _C.linear_backward(arr(dy), arr(x), arr(weight), None, dw, db, True)
     if need_b and not need_w:
         db = dy.reshape(-1, weight.shape[0]).sum(0)
     return dx, dw, db
@@ -150,8 +159,8 @@ def register(layer):
 
 class _FreshGrads:
     @staticmethod
-    def zeros(like, shape):
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    def empty(like, shape):
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 @torch.library.custom_op("tplinear::linear", mutates_args=())
