@@ -162,32 +162,54 @@ static void small_m_gemm(int64_t m, int64_t n, int64_t k, const float *a, int64_
 }
 
 /* C [m, n] = A [m, k] B^T (+ C), m <= SMALL_M_MAX, float32, B stored row-major [n, k]: a layer's forward
- * Y = X W^T from a few tokens. Each row of B (a weight row) is read once, sequentially, and dotted with every
- * row of A (packed into a [SMALL_M_MAX, k] buffer that stays in L2), two rows of B at a time. */
+ * Y = X W^T from a few tokens. Each row of B (a weight row) is read once and dotted with every row of A
+ * (packed into a [SMALL_M_MAX, k] buffer). Blocks of SMALL_M_DOT_ROWS rows of B go through A by tiles of
+ * SMALL_M_DOT_TILE columns, so that A's tile (8 x 4 KiB) is read from L1, not L2, for every two rows of B;
+ * the partial sums wait in part (L1) between tiles. */
+#define SMALL_M_DOT_ROWS 16
+#define SMALL_M_DOT_TILE 1024
+
 __attribute__((target("avx512f"))) static void small_m_dot(int64_t m, int64_t n, int64_t k, const float *x,
                                                             const float *b, int64_t ldb, float *c, int64_t ldc,
                                                             int accumulate)
 {
-    for (int64_t i = 0; i < n; i += 2) {
-        const float *b0 = b + i * ldb, *b1 = i + 1 < n ? b0 + ldb : b0;
-        __m512 s0[SMALL_M_MAX], s1[SMALL_M_MAX];
+    __m512 part[SMALL_M_DOT_ROWS + 1][SMALL_M_MAX]; /* + 1: the unused partner of an odd last row */
+    for (int64_t i0 = 0; i0 < n; i0 += SMALL_M_DOT_ROWS) {
+        int64_t rows = n - i0 < SMALL_M_DOT_ROWS ? n - i0 : SMALL_M_DOT_ROWS;
+        for (int64_t r = 0; r <= rows; r++)
+            for (int q = 0; q < SMALL_M_MAX; q++) part[r][q] = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < k; j0 += SMALL_M_DOT_TILE) {
+            int64_t j1 = k - j0 < SMALL_M_DOT_TILE ? k : j0 + SMALL_M_DOT_TILE;
+            for (int64_t r = 0; r < rows; r += 2) {
+                const float *b0 = b + (i0 + r) * ldb, *b1 = r + 1 < rows ? b0 + ldb : b0;
+                __m512 s0[SMALL_M_MAX], s1[SMALL_M_MAX];
 #pragma GCC unroll 8
-        for (int q = 0; q < SMALL_M_MAX; q++) s0[q] = s1[q] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < k; j += 16) {
-            __mmask16 mk = k - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - j)) - 1u);
-            __m512 w0 = _mm512_maskz_loadu_ps(mk, b0 + j), w1 = _mm512_maskz_loadu_ps(mk, b1 + j);
+                for (int q = 0; q < SMALL_M_MAX; q++) {
+                    s0[q] = part[r][q];
+                    s1[q] = part[r + 1][q];
+                }
+                for (int64_t j = j0; j < j1; j += 16) {
+                    __mmask16 mk = j1 - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (j1 - j)) - 1u);
+                    __m512 w0 = _mm512_maskz_loadu_ps(mk, b0 + j), w1 = _mm512_maskz_loadu_ps(mk, b1 + j);
 #pragma GCC unroll 8
-            for (int q = 0; q < SMALL_M_MAX; q++) {
-                __m512 xq = _mm512_maskz_loadu_ps(mk, x + q * k + j);
-                s0[q] = _mm512_fmadd_ps(w0, xq, s0[q]);
-                s1[q] = _mm512_fmadd_ps(w1, xq, s1[q]);
+                    for (int q = 0; q < SMALL_M_MAX; q++) {
+                        __m512 xq = _mm512_maskz_loadu_ps(mk, x + q * k + j);
+                        s0[q] = _mm512_fmadd_ps(w0, xq, s0[q]);
+                        s1[q] = _mm512_fmadd_ps(w1, xq, s1[q]);
+                    }
+                }
+#pragma GCC unroll 8
+                for (int q = 0; q < SMALL_M_MAX; q++) {
+                    part[r][q] = s0[q];
+                    part[r + 1][q] = s1[q];
+                }
             }
         }
-        for (int64_t q = 0; q < m; q++) {
-            float *cq = c + q * ldc + i;
-            cq[0] = _mm512_reduce_add_ps(s0[q]) + (accumulate ? cq[0] : 0.0f);
-            if (i + 1 < n) cq[1] = _mm512_reduce_add_ps(s1[q]) + (accumulate ? cq[1] : 0.0f);
-        }
+        for (int64_t q = 0; q < m; q++)
+            for (int64_t r = 0; r < rows; r++) {
+                float *cq = c + q * ldc + i0 + r;
+                *cq = _mm512_reduce_add_ps(part[r][q]) + (accumulate ? *cq : 0.0f);
+            }
     }
 }
 
