@@ -294,10 +294,15 @@ static void test_single_rank_layers(void)
 
 int main(void)
 {
-    /* [tokens, in, out]; the last three write dW by row blocks when assigning (openblas.c: blocks of
-     * 128 KiB per 8 tokens: 8 rows of 4096 floats, 4 of 4096 doubles, 13 rows of 2500 floats) */
+    /* [tokens, in, out]; {8, 4096, 21}, {32, 4096, 70}, {3, 2500, 27} write dW by row blocks when assigning
+     * (openblas.c: blocks of 128 KiB per 8 tokens: 8 rows of 4096 floats, 4 of 4096 doubles, 13 rows of 2500
+     * floats; float32 {32, 4096, 70} streams instead on AVX-512). The float32 weights of the last four are >= 1 MiB, where openblas.c's own kernels take over on
+     * AVX-512 CPUs: Y and dX from <= 8 tokens (small_m_dot, small_m_gemm: widths not a multiple of 16 or 32,
+     * 9 tokens past the limit), dW from <= 32 tokens with streaming stores (rows not 64-byte aligned), and a
+     * dW of 4 rows from 64 tokens (small_m_gemm accumulating and assigning, dY transposed). */
     const int64_t shapes[][3] = {{1, 1, 1}, {5, 7, 3}, {33, 64, 17}, {64, 129, 65}, {0, 8, 4}, {4, 0, 5}, {3, 9, 0},
-                                 {8, 4096, 21}, {32, 4096, 70}, {3, 2500, 27}};
+                                 {8, 4096, 21}, {32, 4096, 70}, {3, 2500, 27}, {8, 1037, 259}, {5, 2048, 131},
+                                 {9, 1037, 259}, {64, 4096, 4}};
     tp_set_num_threads(1);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int dt = 0; dt < 2; dt++)
