@@ -19,7 +19,9 @@
  * Algorithms (rank 0's choices, published at creation so that all ranks agree): an all_reduce whose
  * one-shot traffic per rank (bytes x (ranks - 1)) is at most TPLINEAR_MPI_ONESHOT_KB sends every buffer
  * to every rank and reduces locally (one round: 64 KB at 2 ranks, 21 KB at 4); larger ones
- * run in rounds of TPLINEAR_MPI_CHUNK_KB as reduce-scatter + all-gather with every peer at once;
+ * reduce-scatter + all-gather with every peer at once, pipelined in segments of TPLINEAR_MPI_CHUNK_KB with
+ * two segments in flight (ar_scatter: segment i + 2's transfers are posted once segment i is reduced, and
+ * each step waits only for the requests it needs, wait_label);
  * all_gather(v) and reduce_scatter exchange pieces with every peer at once (so every rank sees every
  * rank's tag); barrier is a dissemination of empty messages; broadcast such a dissemination (the root
  * receives nothing otherwise) then a binomial tree.
