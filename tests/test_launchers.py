@@ -94,7 +94,8 @@ def test_mpi_collectives(nproc, transport, tmp_path):
     assert res.output.count(f" of {nproc} ok mpi") == nproc, res.output
 
 
-def test_mpi_results_are_bitwise_identical_on_every_rank(tmp_path):
+@pytest.mark.parametrize("chunk_kb", [None, "64"])  # default segments, and many segments in the pipeline
+def test_mpi_results_are_bitwise_identical_on_every_rank(chunk_kb, tmp_path):
     need("mpirun")
     code = """
 dist.init_process_group(timeout=60)
@@ -102,13 +103,14 @@ r, p = dist.get_rank(), dist.get_world_size()
 rng = np.random.default_rng(r)
 for n in (1000, 300_001):          # one-shot and rounds of reduce-scatter + all-gather
     for dt in (np.float32, np.float64):
-        for op in ("sum", "avg"):
+        for op in ("sum", "avg", "max", "min"):
             a = rng.standard_normal(n).astype(dt)
             full = np.empty((p, n), dt)
             dist.all_gather_into_tensor(full, a)
             ref = full[0].copy()
+            step = {"max": np.maximum, "min": np.minimum}.get(op, np.add)
             for k in range(1, p):      # rank order, as the shm backend
-                ref = ref + full[k]
+                ref = step(ref, full[k])
             if op == "avg":
                 ref = ref / dt(p)
             dist.all_reduce(a, op=op)
@@ -118,7 +120,8 @@ for n in (1000, 300_001):          # one-shot and rounds of reduce-scatter + all
             assert all(np.array_equal(bits[0], bits[k]) for k in range(p))
 print("identical", r, flush=True)
 """
-    res = ok(launch("mpirun", 3, [script(tmp_path, code)], timeout=120))
+    res = ok(launch("mpirun", 3, [script(tmp_path, code)], timeout=120,
+                    env={"TPLINEAR_MPI_CHUNK_KB": chunk_kb} if chunk_kb else None))
     assert res.output.count("identical") == 3
 
 

@@ -19,7 +19,9 @@
  * Algorithms (rank 0's choices, published at creation so that all ranks agree): an all_reduce whose
  * one-shot traffic per rank (bytes x (ranks - 1)) is at most TPLINEAR_MPI_ONESHOT_KB sends every buffer
  * to every rank and reduces locally (one round: 64 KB at 2 ranks, 21 KB at 4); larger ones
- * run in rounds of TPLINEAR_MPI_CHUNK_KB as reduce-scatter + all-gather with every peer at once;
+ * reduce-scatter + all-gather with every peer at once, pipelined in segments of TPLINEAR_MPI_CHUNK_KB with
+ * two segments in flight (ar_scatter: segment i + 2's transfers are posted once segment i is reduced, and
+ * each step waits only for the requests it needs, wait_label);
  * all_gather(v) and reduce_scatter exchange pieces with every peer at once (so every rank sees every
  * rank's tag); barrier is a dissemination of empty messages; broadcast such a dissemination (the root
  * receives nothing otherwise) then a binomial tree.
@@ -80,6 +82,7 @@ typedef struct {
     int recv;       /* a receive (else a send) */
     size_t bytes;   /* bytes of the message */
     void *buf;      /* a receive's buffer (to post it again after a probe) */
+    int label;      /* what wait_label waits for: the pipeline stage that posted it */
 } pending;
 
 typedef struct {
@@ -95,6 +98,7 @@ typedef struct {
     size_t scratch_cap;
     pending *pend;
     int npend, pend_cap;
+    int label;                /* the label of the requests posted next */
     MPI_Request *reqs;        /* wait_all's arrays, pend_cap entries each */
     int *idx;
     MPI_Status *stats;
@@ -459,7 +463,7 @@ static tp_status add_pending(mpi_impl *im, MPI_Request req, int peer, int recv, 
         }
         im->pend_cap = cap;
     }
-    im->pend[im->npend++] = (pending){req, peer, recv, bytes, buf};
+    im->pend[im->npend++] = (pending){req, peer, recv, bytes, buf, im->label};
     return TP_OK;
 }
 
@@ -572,18 +576,30 @@ out:
     return st;
 }
 
-/* Waits until every pending request completes, probing for messages of other collectives, polling the
- * inbox and the abort flag, bounded by the group's timeout. */
-static tp_status wait_all(mpi_impl *im, const char *what)
+/* How many of the requests in reqs (im->pend's, as wait_label sees them) labelled label (any when label < 0)
+ * are still pending. */
+static int left_of(const mpi_impl *im, const MPI_Request *reqs, int label)
+{
+    int left = 0;
+    for (int i = 0; i < im->npend; i++)
+        left += reqs[i] != MPI_REQUEST_NULL && (label < 0 || im->pend[i].label == label);
+    return left;
+}
+
+/* Waits until every pending request labelled label (every one when label < 0) completes, progressing the
+ * others as well, probing for messages of other collectives, polling the inbox and the abort flag,
+ * bounded by the group's timeout. The completed requests leave the list; the others keep their order
+ * (receives from one peer match in the order they were posted, and probe_peer relies on it). */
+static tp_status wait_label(mpi_impl *im, int label, const char *what)
 {
     tp_status st = TP_OK;
     double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3;
     unsigned spins = 0;
-    int left = 0, *idx = im->idx, peer;
+    int left, *idx = im->idx, peer, kept = 0;
     MPI_Request *reqs = im->reqs;
     MPI_Status *stats = im->stats;
-    for (int i = 0; i < im->npend; i++) left += (reqs[i] = im->pend[i].req) != MPI_REQUEST_NULL;
-    if (left == 0) goto out;
+    for (int i = 0; i < im->npend; i++) reqs[i] = im->pend[i].req;
+    left = left_of(im, reqs, label);
     while (left > 0) {
         int outcount = 0, rc = MPI_Testsome(im->npend, reqs, &outcount, idx, stats);
         if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
@@ -591,10 +607,9 @@ static tp_status wait_all(mpi_impl *im, const char *what)
             st = fail(im, mpi_error(rc, what), 1);
             goto out;
         }
-        for (int k = 0; k < outcount; k++) {
+        for (int k = 0; k < outcount && outcount != MPI_UNDEFINED; k++) {
             pending *pd = &im->pend[idx[k]];
             int got = 0;
-            left--;
             if (rc == MPI_ERR_IN_STATUS && stats[k].MPI_ERROR != MPI_SUCCESS) {
                 for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
                 st = fail(im, mpi_error(stats[k].MPI_ERROR, what), 1);
@@ -606,7 +621,7 @@ static tp_status wait_all(mpi_impl *im, const char *what)
                 goto out;
             }
         }
-        if (left == 0) break;
+        if (outcount > 0 && (left = left_of(im, reqs, label)) == 0) break;
         if ((++spins & 63) == 0) {
             double now = tp_now();
             for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
@@ -624,8 +639,9 @@ static tp_status wait_all(mpi_impl *im, const char *what)
                     st = resolve_mismatch(im, peer);
                     goto out;
                 }
-                left = 0; /* a receive the probe found matched is complete now */
-                for (int i = 0; i < im->npend; i++) left += (reqs[i] = im->pend[i].req) != MPI_REQUEST_NULL;
+                /* a receive the probe found matched is complete now */
+                for (int i = 0; i < im->npend; i++) reqs[i] = im->pend[i].req;
+                left = left_of(im, reqs, label);
                 if (probe_every < 0.02) probe_every *= 2;
                 next_probe = now + probe_every;
             }
@@ -641,9 +657,17 @@ static tp_status wait_all(mpi_impl *im, const char *what)
         }
         if (spins > 1000) sched_yield(); /* more ranks than cores: let the peer run */
     }
-    im->npend = 0;
+    for (int i = 0; i < im->npend; i++)
+        if ((im->pend[i].req = reqs[i]) != MPI_REQUEST_NULL) im->pend[kept++] = im->pend[i];
+    im->npend = kept;
 out:
     return st;
+}
+
+/* Waits until every pending request completes (wait_label's bounds and checks). */
+static tp_status wait_all(mpi_impl *im, const char *what)
+{
+    return wait_label(im, -1, what);
 }
 
 /* ---------------------------------------------------------------- reductions */
@@ -666,6 +690,7 @@ static tp_status begin(tp_group *g, int kind, uint64_t bytes, tp_dtype dt, int o
     im->fp = (fingerprint){im->seq, bytes, extra, kind, (int32_t)dt, op, root};
     im->tag = fp_tag(&im->fp, im->tag_mask);
     im->npend = 0;
+    im->label = 0;
     /* a peer's notice is taken in by the first wait that lasts (wait_all polls the inbox) */
     st = im->broken ? unusable(im) : atomic_load(&im->abort_requested) ? check_notices(im) : TP_OK;
     if (st != TP_OK) pthread_mutex_unlock(&im->busy);
@@ -708,6 +733,45 @@ static void block(size_t n, size_t es, int p, int k, size_t *lo, size_t *hi)
     if (*hi > n) *hi = n;
 }
 
+/* The large all-reduce's pipeline: the buffer in segments of `per` elements; segment i's reduce-scatter
+ * receives land in scratch slot i % AR_WINDOW; its receives carry label 2 (i % AR_WINDOW), its sends that
+ * + 1 (the reduction needs only the receives), the all-gathers AR_LABELS. Segment i + AR_WINDOW's reduce-scatter is posted once segment i is reduced
+ * and its all-gather posted, so that reducing one segment overlaps the transfers of the next ones. Every
+ * rank posts the same requests in the same order (the schedule does not depend on which request completes
+ * first): messages of one collective share a tag, and match in the order they are posted and sent. */
+#define AR_WINDOW 2
+#define AR_LABELS (2 * AR_WINDOW)
+
+typedef struct {
+    mpi_impl *im;
+    char *buf;
+    size_t count, per, es, blk_cap;
+} ar_pipe;
+
+/* Posts segment i's reduce-scatter: this rank's block from every peer, every peer's block to it. */
+static tp_status ar_scatter(const ar_pipe *pp, size_t i)
+{
+    tp_status st = TP_OK;
+    mpi_impl *im = pp->im;
+    const size_t es = pp->es, n = pp->count - i * pp->per < pp->per ? pp->count - i * pp->per : pp->per;
+    char *base = pp->buf + i * pp->per * es, *slot = im->scratch + i % AR_WINDOW * (size_t)im->p * pp->blk_cap;
+    size_t lo, hi;
+    block(n, es, im->p, im->r, &lo, &hi);
+    for (int k = 1; k < im->p; k++) {
+        int from = (im->r + k) % im->p, to = (im->r - k + im->p) % im->p;
+        size_t tlo, thi;
+        block(n, es, im->p, to, &tlo, &thi);
+        im->label = (int)(i % AR_WINDOW * 2);
+        TP_CHECK(post_recv(im, slot + (size_t)from * pp->blk_cap, (hi - lo) * es, from));
+        im->label = (int)(i % AR_WINDOW * 2 + 1);
+        TP_CHECK(post_send(im, base + tlo * es, (thi - tlo) * es, to));
+    }
+    /* the reduction may write over in[0] or in[1] only: ranks from 2 on reduce a copy of their block */
+    if (im->r >= 2) memcpy(slot + (size_t)im->r * pp->blk_cap, base + lo * es, (hi - lo) * es);
+out:
+    return st;
+}
+
 static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op)
 {
     tp_status st = TP_OK;
@@ -735,27 +799,25 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
         for (int j = 0; j < im->p; j++) inp[j] = j == im->r && j < 2 ? (char *)buf : im->scratch + (size_t)j * bytes;
         if (st == TP_OK && count) tp_reduce_ranks(dt, buf, inp, im->p, count, (int)op);
     } else if (st == TP_OK) {
-        /* rounds of reduce-scatter + all-gather with every peer at once */
-        const size_t per = im->chunk / es;
-        size_t blk_cap = (per / (size_t)im->p + CL) * es + CL;
-        if ((st = scratch(im, (size_t)im->p * blk_cap)) != TP_OK) goto done;
-        for (size_t off = 0; off < count && st == TP_OK; off += per) {
-            size_t n = count - off < per ? count - off : per, lo, hi;
-            char *base = (char *)buf + off * es;
+        /* segments of reduce-scatter + all-gather with every peer at once, pipelined */
+        const size_t per = im->chunk / es < count ? im->chunk / es : count;
+        const size_t nseg = (count + per - 1) / per;
+        const size_t blk_cap = (per / (size_t)im->p + CL) * es + CL;
+        ar_pipe pp = {im, buf, count, per, es, blk_cap};
+        /* scratch: a block per rank in each slot, about min(size, AR_WINDOW x chunk) */
+        if ((st = scratch(im, (nseg < AR_WINDOW ? nseg : AR_WINDOW) * (size_t)im->p * blk_cap)) != TP_OK) goto done;
+        for (size_t i = 0; i < nseg && i < AR_WINDOW && st == TP_OK; i++) st = ar_scatter(&pp, i);
+        for (size_t i = 0; i < nseg && st == TP_OK; i++) {
+            size_t n = count - i * per < per ? count - i * per : per, lo, hi;
+            char *base = (char *)buf + i * per * es, *slot = im->scratch + i % AR_WINDOW * (size_t)im->p * blk_cap;
+            if ((st = wait_label(im, (int)(i % AR_WINDOW * 2), "all_reduce")) != TP_OK) break;
             block(n, es, im->p, im->r, &lo, &hi);
-            for (int k = 1; k < im->p && st == TP_OK; k++) {
-                int from = (im->r + k) % im->p, to = (im->r - k + im->p) % im->p;
-                size_t tlo, thi;
-                block(n, es, im->p, to, &tlo, &thi);
-                if ((st = post_recv(im, im->scratch + (size_t)from * blk_cap, (hi - lo) * es, from)) == TP_OK)
-                    st = post_send(im, base + tlo * es, (thi - tlo) * es, to);
-            }
-            if (st != TP_OK) break;
-            if (im->r >= 2) memcpy(im->scratch + (size_t)im->r * blk_cap, base + lo * es, (hi - lo) * es);
-            if ((st = wait_all(im, "all_reduce")) != TP_OK) break;
             for (int j = 0; j < im->p; j++)
-                inp[j] = j == im->r && j < 2 ? base + lo * es : im->scratch + (size_t)j * blk_cap;
+                inp[j] = j == im->r && j < 2 ? base + lo * es : slot + (size_t)j * blk_cap;
             if (hi > lo) tp_reduce_ranks(dt, base + lo * es, inp, im->p, hi - lo, (int)op);
+            /* the all-gather lands where the reduce-scatter's sends read: they must be done */
+            if ((st = wait_label(im, (int)(i % AR_WINDOW * 2 + 1), "all_reduce")) != TP_OK) break;
+            im->label = AR_LABELS; /* the all-gathers: waited for at the end */
             for (int k = 1; k < im->p && st == TP_OK; k++) {
                 int from = (im->r + k) % im->p, to = (im->r - k + im->p) % im->p;
                 size_t flo, fhi;
@@ -763,8 +825,10 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
                 if ((st = post_recv(im, base + flo * es, (fhi - flo) * es, from)) == TP_OK)
                     st = post_send(im, base + lo * es, (hi - lo) * es, to);
             }
-            if (st == TP_OK) st = wait_all(im, "all_reduce");
+            if (st == TP_OK && i + AR_WINDOW < nseg) st = ar_scatter(&pp, i + AR_WINDOW);
         }
+        if (st == TP_OK) st = wait_all(im, "all_reduce");
+        im->label = 0;
     } else {
         goto out; /* begin refused: nothing to end */
     }

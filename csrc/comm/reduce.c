@@ -43,8 +43,9 @@ DEFINE_REDUCE(reduce_f64, double, double)
 DEFINE_REDUCE(reduce_i32, int32_t, uint32_t)
 DEFINE_REDUCE(reduce_i64, int64_t, uint64_t)
 
-/* The same reduction when out overlaps no input: out = in0 op in1, then out op= in[j] (one pass per
- * input, no staging block; the same order of operations, so the same bits). */
+/* The same reduction when out overlaps no input, or is in[0] or in[1] itself and overlaps no other:
+ * out = in0 op in1, then out op= in[j] (one pass per input, no staging block; the same order of
+ * operations, so the same bits). */
 #define RED_OP(op, x, y, UT, T)                                                                         \
     ((op) == TP_MAX ? ((y) > (x) ? (y) : (x)) : (op) == TP_MIN ? ((y) < (x) ? (y) : (x))                \
                                                                : (T)((UT)(x) + (UT)(y)))
@@ -68,13 +69,28 @@ DEFINE_REDUCE(reduce_i64, int64_t, uint64_t)
         else                                                                                            \
             for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, out[i], b[i], UT, T);                \
     }                                                                                                   \
+    /* out = a op out: the first step when out is in[1] (each element read before it is written) */   \
+    REDUCE_CLONES static void NAME##_second(T *out, const T *restrict a, size_t n, int op)              \
+    {                                                                                                   \
+        if (op == TP_SUM || op == TP_AVG)                                                               \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_SUM, a[i], out[i], UT, T);                \
+        else if (op == TP_MAX)                                                                          \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MAX, a[i], out[i], UT, T);                \
+        else                                                                                            \
+            for (size_t i = 0; i < n; i++) out[i] = RED_OP(TP_MIN, a[i], out[i], UT, T);                \
+    }                                                                                                   \
     REDUCE_CLONES static void NAME(void *outv, char *const *in, int p, size_t n, int op)                \
     {                                                                                                   \
         T *out = outv;                                                                                  \
         if (p == 1) {                                                                                   \
-            memcpy(out, in[0], n * sizeof(T));                                                          \
+            if ((char *)out != in[0]) memcpy(out, in[0], n * sizeof(T));                                \
         } else {                                                                                        \
-            NAME##_first(out, (const T *)in[0], (const T *)in[1], n, op);                               \
+            if ((char *)out == in[0])                                                                   \
+                NAME##_more(out, (const T *)in[1], n, op);                                              \
+            else if ((char *)out == in[1])                                                              \
+                NAME##_second(out, (const T *)in[0], n, op);                                            \
+            else                                                                                        \
+                NAME##_first(out, (const T *)in[0], (const T *)in[1], n, op);                           \
             for (int j = 2; j < p; j++) NAME##_more(out, (const T *)in[j], n, op);                      \
         }                                                                                               \
         if (op == TP_AVG)                                                                               \
@@ -90,8 +106,10 @@ void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, i
 {
     const size_t bytes = n * tp_dtype_size(dt);
     int alias = 0;
+    /* out may be in[0] or in[1] itself (the streaming passes read each element before writing it) */
     for (int j = 0; j < p; j++)
-        if ((char *)out < in[j] + bytes && in[j] < (char *)out + bytes) alias = 1;
+        if ((char *)out < in[j] + bytes && in[j] < (char *)out + bytes && !(j < 2 && in[j] == (char *)out && (p < 2 || in[0] != in[1])))
+            alias = 1;
     if (!alias) {
         switch (dt) {
         case TP_FLOAT32: reduce_na_f32(out, in, p, n, op); return;

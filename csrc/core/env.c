@@ -75,9 +75,10 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
                                 "mpi: an all-reduce whose one-shot traffic per rank (size x (ranks - 1)) is at most "
                                 "this many KiB sends every buffer to every rank (one round); larger ones "
                                 "reduce-scatter + all-gather (rank 0's value is used)"},
-    [TP_KNOB_MPI_CHUNK_KB] = {"TPLINEAR_MPI_CHUNK_KB", KNOB_INT, "1024", 1024, 4, 1L << 22, NULL,
-                              "mpi: the round size of large all-reduces and reduce-scatters in KiB (bounds the "
-                              "scratch memory; rank 0's value is used)"},
+    [TP_KNOB_MPI_CHUNK_KB] = {"TPLINEAR_MPI_CHUNK_KB", KNOB_INT, "4096", 4096, 4, 1L << 22, NULL,
+                              "mpi: the segment size of large all-reduces (two segments in flight: scratch of up "
+                              "to twice this) and the round size of reduce-scatters, in KiB (rank 0's value is "
+                              "used)"},
     [TP_KNOB_WATCHDOG_S] = {"TPLINEAR_WATCHDOG_S", KNOB_INT, "30", 30, 0, 1L << 30, NULL,
                             "after a rank has waited this many seconds for a peer (a collective, the rendezvous, "
                             "a store key), it logs once which rank and which collective it waits for (0: never); "
