@@ -111,7 +111,11 @@ class Ranks:
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.output(rank).splitlines():
+            text = self.output(rank)
+            proc = self.procs.get(rank)
+            if proc is not None and proc.poll() is None:  # a running rank may be mid-line: whole lines only
+                text = text[:text.rfind("\n") + 1]
+            for line in text.splitlines():
                 if rx.search(line):
                     return line
             if time.monotonic() > deadline:
