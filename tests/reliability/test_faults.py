@@ -4,6 +4,8 @@ joins; a store client that stalls; a foreign program on the port. Every survivin
 error (tplinear.CommError, or OSError where rank 0 cannot serve at all) within the group's timeout plus
 2 s; each test prints the detection latency it measured (the table at the end of the run collects them)."""
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -111,7 +113,7 @@ def test_launcher_killed(tmp_path):
     script.write_text("""
 import os, numpy as np, tplinear.distributed as dist
 dist.init_process_group(timeout=%g)
-print("PID", os.getpid(), flush=True)
+os.write(1, ("PID " + str(os.getpid()) + chr(10)).encode())  # one write: both ranks share one pipe
 a = np.ones(1 << 20, np.float32)
 while True:
     dist.all_reduce(a)
@@ -119,13 +121,16 @@ while True:
     p = subprocess.Popen([sys.executable, "-m", "tplinear.run", "--nproc-per-node", "2", str(script)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=base_env(), start_new_session=True)
     try:
-        pids = []
+        pids, out = [], b""
         deadline = time.monotonic() + 60
-        while len(pids) < 2:
-            assert time.monotonic() < deadline, "workers did not start"
-            line = p.stdout.readline().decode()
-            if line.startswith("PID"):
-                pids.append(int(line.split()[1]))
+        while len(pids) < 2:  # bounded reads of the shared pipe, not a readline that can block forever
+            left = deadline - time.monotonic()
+            assert left > 0, "workers did not start: %r" % out
+            if select.select([p.stdout], [], [], min(left, 1.0))[0]:
+                chunk = os.read(p.stdout.fileno(), 65536)
+                assert chunk, "the launcher closed its output: %r" % out
+                out += chunk
+            pids = [int(x) for x in re.findall(rb"PID (\d+)\n", out)]
         time.sleep(0.3)
         t0 = time.monotonic()
         p.kill()
