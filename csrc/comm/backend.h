@@ -93,4 +93,20 @@ void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void
  * overlap any input. The shm and mpi backends both reduce with it, so they agree to the bit. */
 void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op);
 
+/* A collective call as ranks compare it (comm/fingerprint.c): the shm backend keeps each rank's in its
+ * segment, the mpi backend hashes it into message tags and sends it after a mismatch. */
+enum { TP_COLL_ALL_REDUCE = 1, TP_COLL_ALL_GATHER = 2, TP_COLL_REDUCE_SCATTER = 3, TP_COLL_BROADCAST = 4,
+       TP_COLL_BARRIER = 5 };
+typedef struct {
+    uint64_t seq;
+    uint64_t bytes;
+    uint64_t extra; /* all_gatherv / reduce_scatter_v: tp_hash_counts of the counts */
+    int32_t kind, dtype, op, root;
+} tp_fingerprint;
+const char *tp_coll_name(int kind); /* "all_reduce", ... ("?" for no collective) */
+/* "all_reduce of 1024 float32 (sum)" into buf; -1 (buf untouched) when f is no collective. */
+int tp_fp_describe(const tp_fingerprint *f, char *buf, size_t cap);
+int tp_fp_equal(const tp_fingerprint *a, const tp_fingerprint *b);
+uint64_t tp_hash_counts(const size_t *counts, int p);
+
 #endif

@@ -57,22 +57,13 @@
 
 extern const tp_backend tp_mpi_backend;
 
-enum { K_ALL_REDUCE = 1, K_ALL_GATHER = 2, K_REDUCE_SCATTER = 3, K_BROADCAST = 4, K_BARRIER = 5 };
-
-typedef struct {
-    uint64_t seq;
-    uint64_t bytes;
-    uint64_t extra; /* all_gatherv: hash of the counts */
-    int32_t kind, dtype, op, root;
-} fingerprint;
-
 enum { N_FAIL = 1, N_MISMATCH = 2 };
 
 /* What a rank tells its peers on the notice communicator. */
 typedef struct {
     int32_t type;
     int32_t from;
-    fingerprint fp; /* N_MISMATCH: the sender's current collective */
+    tp_fingerprint fp; /* N_MISMATCH: the sender's current collective */
     char text[MSG_CAP];
 } notice;
 
@@ -104,8 +95,8 @@ typedef struct {
     MPI_Status *stats;
     double timeout_s;
     int log_level;
-    fingerprint fp;           /* the collective in progress */
-    fingerprint *peer_fp;     /* after a mismatch: each rank's fingerprint */
+    tp_fingerprint fp;           /* the collective in progress */
+    tp_fingerprint *peer_fp;     /* after a mismatch: each rank's tp_fingerprint */
     char *have_fp;
     int fp_sent;
     _Atomic int abort_requested;
@@ -227,52 +218,9 @@ out:
 
 /* ---------------------------------------------------------------- fingerprints */
 
-static const char *kind_name(int k)
+static void describe(const tp_fingerprint *f, char *buf, size_t cap)
 {
-    switch (k) {
-    case K_ALL_REDUCE: return "all_reduce";
-    case K_ALL_GATHER: return "all_gather";
-    case K_REDUCE_SCATTER: return "reduce_scatter";
-    case K_BROADCAST: return "broadcast";
-    case K_BARRIER: return "barrier";
-    }
-    return "?";
-}
-
-static const char *op_name(int op)
-{
-    static const char *const names[] = {"sum", "avg", "max", "min"};
-    return op >= 0 && op < 4 ? names[op] : "?";
-}
-
-static void describe(const fingerprint *f, char *buf, size_t cap)
-{
-    size_t es = tp_dtype_size((tp_dtype)f->dtype);
-    unsigned long long n = es ? (unsigned long long)(f->bytes / es) : 0ull;
-    const char *dt = tp_dtype_name((tp_dtype)f->dtype);
-    switch (f->kind) {
-    case K_ALL_REDUCE:
-    case K_REDUCE_SCATTER:
-        snprintf(buf, cap, "%s of %llu %s (%s)", kind_name(f->kind), n, dt, op_name(f->op));
-        break;
-    case K_ALL_GATHER:
-        snprintf(buf, cap, "all_gather of %llu %s in all (counts hash %llx)", n, dt, (unsigned long long)f->extra);
-        break;
-    case K_BROADCAST:
-        snprintf(buf, cap, "broadcast of %llu %s from root %d", n, dt, f->root);
-        break;
-    case K_BARRIER:
-        snprintf(buf, cap, "barrier");
-        break;
-    default:
-        snprintf(buf, cap, "no collective of this group (kind %d)", f->kind);
-    }
-}
-
-static int fp_equal(const fingerprint *a, const fingerprint *b)
-{
-    return a->seq == b->seq && a->kind == b->kind && a->bytes == b->bytes && a->dtype == b->dtype &&
-           a->op == b->op && a->root == b->root && a->extra == b->extra;
+    if (tp_fp_describe(f, buf, cap) < 0) snprintf(buf, cap, "no collective of this group (kind %d)", f->kind);
 }
 
 static uint64_t mix(uint64_t h, uint64_t v)
@@ -282,7 +230,7 @@ static uint64_t mix(uint64_t h, uint64_t v)
     return h ^ (h >> 33);
 }
 
-static int fp_tag(const fingerprint *f, int mask)
+static int fp_tag(const tp_fingerprint *f, int mask)
 {
     uint64_t h = 0x243f6a8885a308d3ull;
     h = mix(h, f->seq);
@@ -396,7 +344,7 @@ static tp_status resolve_mismatch(mpi_impl *im, int seen_from)
     }
     if (have == im->p) {
         for (int j = 1; j < im->p; j++) {
-            if (fp_equal(&im->peer_fp[0], &im->peer_fp[j])) continue;
+            if (tp_fp_equal(&im->peer_fp[0], &im->peer_fp[j])) continue;
             describe(&im->peer_fp[j], a, sizeof a);
             describe(&im->peer_fp[0], b, sizeof b);
             tp_error(TP_ERR_COMM, "collective mismatch: rank %d called %s, rank 0 called %s (collective #%llu)", j, a,
@@ -687,7 +635,7 @@ static tp_status begin(tp_group *g, int kind, uint64_t bytes, tp_dtype dt, int o
     mpi_impl *im = g->impl;
     tp_status st;
     pthread_mutex_lock(&im->busy);
-    im->fp = (fingerprint){im->seq, bytes, extra, kind, (int32_t)dt, op, root};
+    im->fp = (tp_fingerprint){im->seq, bytes, extra, kind, (int32_t)dt, op, root};
     im->tag = fp_tag(&im->fp, im->tag_mask);
     im->npend = 0;
     im->label = 0;
@@ -703,7 +651,7 @@ static tp_status end(tp_group *g, tp_status st, double t0)
     if (st == TP_OK) {
         im->seq++;
         if (im->log_level >= TP_LOG_TRACE)
-            tp_log(TP_LOG_TRACE, "mpi: %s #%llu of %llu bytes over %d ranks: %.1f us", kind_name(im->fp.kind),
+            tp_log(TP_LOG_TRACE, "mpi: %s #%llu of %llu bytes over %d ranks: %.1f us", tp_coll_name(im->fp.kind),
                    (unsigned long long)(im->seq - 1), (unsigned long long)im->fp.bytes, im->p, (tp_now() - t0) * 1e6);
     } else if (!im->broken) {
         fail(im, st, 1); /* the collective is half done: the peers must not wait for it */
@@ -784,7 +732,7 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
         st = tp_error(TP_ERR_NOMEM, "mpi: out of memory");
         goto out;
     }
-    st = begin(g, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0);
+    st = begin(g, TP_COLL_ALL_REDUCE, bytes, dt, (int)op, -1, 0);
     if (st == TP_OK && bytes * (size_t)(im->p - 1) <= im->oneshot) { /* what one rank sends, one-shot */
         /* one round: every buffer to every rank, each reduces all of them in rank order */
         if ((st = scratch(im, (size_t)im->p * bytes)) != TP_OK) goto done;
@@ -839,16 +787,6 @@ out:
     return st;
 }
 
-static uint64_t hash_counts(const size_t *counts, int p)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (int j = 0; j < p; j++) {
-        h ^= (uint64_t)counts[j];
-        h *= 1099511628211ull;
-    }
-    return h;
-}
-
 static tp_status mpi_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt)
 {
     tp_status st = TP_OK;
@@ -860,7 +798,7 @@ static tp_status mpi_all_gatherv(tp_group *g, const void *send, void *recv, cons
         if (j == im->r) mine = total;
         total += counts[j];
     }
-    TP_CHECK(begin(g, K_ALL_GATHER, total * es, dt, 0, -1, hash_counts(counts, im->p)));
+    TP_CHECK(begin(g, TP_COLL_ALL_GATHER, total * es, dt, 0, -1, tp_hash_counts(counts, im->p)));
     for (int k = 1; k < im->p && st == TP_OK; k++) {
         int from = (im->r + k) % im->p, to = (im->r - k + im->p) % im->p;
         size_t displ = 0;
@@ -890,7 +828,7 @@ static tp_status mpi_reduce_scatter(tp_group *g, const void *send, void *recv, s
         st = tp_error(TP_ERR_NOMEM, "mpi: out of memory");
         goto out;
     }
-    TP_CHECK(begin(g, K_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
+    TP_CHECK(begin(g, TP_COLL_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
     if ((st = scratch(im, (size_t)im->p * per * es)) != TP_OK) goto done;
     for (size_t off = 0, first = 1; (first || off < count) && st == TP_OK; off += per, first = 0) {
         size_t n = count - off < per ? count - off : per;
@@ -913,7 +851,7 @@ out:
 }
 
 /* Dissemination: round k tells rank r + 2^k and hears from rank r - 2^k, each round after the one before,
- * so that when it returns every rank has heard (through others) from every rank: a rank whose fingerprint
+ * so that when it returns every rank has heard (through others) from every rank: a rank whose tp_fingerprint
  * differs is seen by its successor, which stops, and everyone after waits until the notice comes. */
 static tp_status dissemination(mpi_impl *im, const char *what)
 {
@@ -933,7 +871,7 @@ static tp_status mpi_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     const size_t bytes = count * tp_dtype_size(dt);
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
     int vr = (im->r - root + im->p) % im->p, mask = 1;
-    TP_CHECK(begin(g, K_BROADCAST, bytes, dt, 0, root, 0));
+    TP_CHECK(begin(g, TP_COLL_BROADCAST, bytes, dt, 0, root, 0));
     /* the root sends and receives nothing: the ranks first agree on the call (a root mismatch otherwise goes
      * unseen), then a binomial tree over ranks relative to the root: from the parent, to the children */
     st = dissemination(im, "broadcast");
@@ -957,7 +895,7 @@ static tp_status mpi_barrier(tp_group *g)
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
-    TP_CHECK(begin(g, K_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
+    TP_CHECK(begin(g, TP_COLL_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
     st = end(g, dissemination(im, "barrier"), t0);
 out:
     return st;

@@ -80,21 +80,12 @@
 #define SHM_MAGIC 0x74706c696e736d32ull /* "tplinsm2" */
 #define MSG_CAP 512
 
-enum { K_ALL_REDUCE = 1, K_ALL_GATHER = 2, K_REDUCE_SCATTER = 3, K_BROADCAST = 4, K_BARRIER = 5 };
-
-typedef struct {
-    uint64_t seq;
-    uint64_t bytes;
-    uint64_t extra; /* all_gatherv: hash of the counts */
-    int32_t kind, dtype, op, root;
-} fingerprint;
-
 typedef struct {
     _Alignas(CL) _Atomic uint64_t step; /* written only by its rank, read by everyone */
     _Alignas(CL) _Atomic int pid;
     _Atomic int left;
     _Atomic uint64_t heartbeat_ms;
-    fingerprint fp[2]; /* by sequence parity */
+    tp_fingerprint fp[2]; /* by sequence parity */
     /* single-copy collectives: this rank's buffers of the current one (0: the input is in its slot),
      * written before its first step and read by peers only between that step and its last */
     uint64_t cma_src, cma_dst;
@@ -157,45 +148,11 @@ static inline void cpu_relax(void)
 
 static uint64_t now_ms(void) { return (uint64_t)(tp_now() * 1e3); }
 
-static const char *kind_name(int k)
-{
-    switch (k) {
-    case K_ALL_REDUCE: return "all_reduce";
-    case K_ALL_GATHER: return "all_gather";
-    case K_REDUCE_SCATTER: return "reduce_scatter";
-    case K_BROADCAST: return "broadcast";
-    case K_BARRIER: return "barrier";
-    }
-    return "?";
-}
-
-static const char *op_name(int op)
-{
-    static const char *const names[] = {"sum", "avg", "max", "min"};
-    return op >= 0 && op < 4 ? names[op] : "?";
-}
-
 /* "all_reduce of 1024 float32 (sum) as collective #12": the collective and its sequence number. */
-static void describe(const fingerprint *f, char *buf, size_t cap)
+static void describe(const tp_fingerprint *f, char *buf, size_t cap)
 {
-    size_t es = tp_dtype_size((tp_dtype)f->dtype), used;
-    unsigned long long n = es ? (unsigned long long)(f->bytes / es) : 0ull;
-    const char *dt = tp_dtype_name((tp_dtype)f->dtype);
-    switch (f->kind) {
-    case K_ALL_REDUCE:
-    case K_REDUCE_SCATTER:
-        snprintf(buf, cap, "%s of %llu %s (%s)", kind_name(f->kind), n, dt, op_name(f->op));
-        break;
-    case K_ALL_GATHER:
-        snprintf(buf, cap, "all_gather of %llu %s in all (counts hash %llx)", n, dt, (unsigned long long)f->extra);
-        break;
-    case K_BROADCAST:
-        snprintf(buf, cap, "broadcast of %llu %s from root %d", n, dt, f->root);
-        break;
-    case K_BARRIER:
-        snprintf(buf, cap, "barrier");
-        break;
-    default:
+    size_t used;
+    if (tp_fp_describe(f, buf, cap) < 0) {
         snprintf(buf, cap, "no collective yet");
         return;
     }
@@ -273,9 +230,9 @@ static int pid_dead(int pid)
 }
 
 /* The last collective rank j began (of its two fingerprint slots, the later one). */
-static const fingerprint *latest(shm_impl *im, int j)
+static const tp_fingerprint *latest(shm_impl *im, int j)
 {
-    const fingerprint *a = &im->ctrl[j].fp[0], *b = &im->ctrl[j].fp[1];
+    const tp_fingerprint *a = &im->ctrl[j].fp[0], *b = &im->ctrl[j].fp[1];
     return b->seq > a->seq ? b : a;
 }
 
@@ -289,7 +246,7 @@ static void waiting_for(shm_impl *im, uint64_t target, char *buf, size_t cap, in
     *count = 0;
     buf[0] = '\0';
     for (int j = 0; j < im->p; j++) {
-        const fingerprint *last = latest(im, j);
+        const tp_fingerprint *last = latest(im, j);
         int pid;
         if (atomic_load(&im->ctrl[j].step) >= target) continue;
         if ((*count)++ >= 4) continue;
@@ -399,7 +356,7 @@ static void post(shm_impl *im)
 /* Starts a collective: refuses on a failed group, writes this rank's fingerprint. */
 static tp_status begin(shm_impl *im, int kind, uint64_t bytes, tp_dtype dt, int op, int root, uint64_t extra)
 {
-    fingerprint *f;
+    tp_fingerprint *f;
     if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
                                     im->broken_msg);
     if (atomic_load(&im->hdr->failed)) return fail_from_segment(im);
@@ -414,20 +371,14 @@ static tp_status begin(shm_impl *im, int kind, uint64_t bytes, tp_dtype dt, int 
     return TP_OK;
 }
 
-static int fp_equal(const fingerprint *a, const fingerprint *b)
-{
-    return a->seq == b->seq && a->kind == b->kind && a->bytes == b->bytes && a->dtype == b->dtype &&
-           a->op == b->op && a->root == b->root && a->extra == b->extra;
-}
-
 /* After the collective's first wait: every rank's fingerprint must equal rank 0's. The message is the
  * same on every rank (the first rank that differs from rank 0). */
 static tp_status check_fingerprints(shm_impl *im)
 {
-    const fingerprint *f0 = &im->ctrl[0].fp[im->seq & 1];
+    const tp_fingerprint *f0 = &im->ctrl[0].fp[im->seq & 1];
     for (int j = 1; j < im->p; j++) {
-        const fingerprint *fj = &im->ctrl[j].fp[im->seq & 1];
-        if (!fp_equal(f0, fj)) {
+        const tp_fingerprint *fj = &im->ctrl[j].fp[im->seq & 1];
+        if (!tp_fp_equal(f0, fj)) {
             char a[160], b[160];
             describe(fj, a, sizeof a);
             describe(f0, b, sizeof b);
@@ -458,7 +409,7 @@ static void end(shm_impl *im, int kind, uint64_t bytes, double t0)
 {
     im->seq++;
     if (im->log_level >= TP_LOG_TRACE)
-        tp_log(TP_LOG_TRACE, "shm: %s #%llu of %llu bytes over %d ranks: %.1f us", kind_name(kind),
+        tp_log(TP_LOG_TRACE, "shm: %s #%llu of %llu bytes over %d ranks: %.1f us", tp_coll_name(kind),
                (unsigned long long)(im->seq - 1), (unsigned long long)bytes, im->p, (tp_now() - t0) * 1e6);
 }
 
@@ -620,7 +571,7 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
     char *in[TP_SHM_MAX_RANKS];
     TP_CHECK(check_dtype(dt, "all_reduce"));
-    TP_CHECK(begin(im, K_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
+    TP_CHECK(begin(im, TP_COLL_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
     if (bytes >= im->cma_reduce_bytes) {
         TP_CHECK(all_reduce_cma(im, src, dst, count, dt, op, bias, width));
     } else if (bytes <= im->oneshot || (im->oneshot_big && src != NULL)) {
@@ -662,7 +613,7 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
             im->round++;
         }
     }
-    end(im, K_ALL_REDUCE, bytes, t0);
+    end(im, TP_COLL_ALL_REDUCE, bytes, t0);
 out:
     return st;
 }
@@ -717,16 +668,6 @@ out:
     return st;
 }
 
-static uint64_t hash_counts(const size_t *counts, int p)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (int j = 0; j < p; j++) {
-        h ^= (uint64_t)counts[j];
-        h *= 1099511628211ull;
-    }
-    return h;
-}
-
 static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt)
 {
     tp_status st = TP_OK;
@@ -740,7 +681,7 @@ static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, cons
         total += counts[j];
         if (counts[j] * es > maxb) maxb = counts[j] * es;
     }
-    TP_CHECK(begin(im, K_ALL_GATHER, total * es, dt, 0, -1, hash_counts(counts, im->p)));
+    TP_CHECK(begin(im, TP_COLL_ALL_GATHER, total * es, dt, 0, -1, tp_hash_counts(counts, im->p)));
     if (total * es >= im->cma_copy_bytes) { /* single copy: each rank reads every peer's input into place */
         TP_CHECK(cma_begin(im, send, recv, "all_gather"));
         for (int k = 0; k < im->p; k++) {
@@ -768,7 +709,7 @@ static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, cons
             im->round++;
         }
     }
-    end(im, K_ALL_GATHER, total * es, t0);
+    end(im, TP_COLL_ALL_GATHER, total * es, t0);
 out:
     return st;
 }
@@ -785,7 +726,7 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
     char *in[TP_SHM_MAX_RANKS];
     int first = 1;
     TP_CHECK(check_dtype(dt, "reduce_scatter"));
-    TP_CHECK(begin(im, K_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
+    TP_CHECK(begin(im, TP_COLL_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
     if (count * es * (size_t)im->p >= im->cma_reduce_bytes) { /* single copy: rank r reduces block r of every input */
         TP_CHECK(cma_begin(im, send, recv, "reduce_scatter"));
         TP_CHECK(cma_reduce(im, send, (size_t)im->r * count, recv, count, dt, op, "reduce_scatter"));
@@ -803,7 +744,7 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
             im->round++;
         }
     }
-    end(im, K_REDUCE_SCATTER, count * es * (size_t)im->p, t0);
+    end(im, TP_COLL_REDUCE_SCATTER, count * es * (size_t)im->p, t0);
 out:
     return st;
 }
@@ -828,7 +769,7 @@ static tp_status shm_reduce_scatter_v(tp_group *g, const void *send, void *recv,
         total += counts[k];
         if (counts[k] > most) most = counts[k];
     }
-    TP_CHECK(begin(im, K_REDUCE_SCATTER, total * es, dt, (int)op, -1, hash_counts(counts, im->p)));
+    TP_CHECK(begin(im, TP_COLL_REDUCE_SCATTER, total * es, dt, (int)op, -1, tp_hash_counts(counts, im->p)));
     for (size_t off = 0; first || off < most; off += per) {
         char *mine = slot(im, im->r, im->round);
         size_t n;
@@ -843,7 +784,7 @@ static tp_status shm_reduce_scatter_v(tp_group *g, const void *send, void *recv,
         if (n > 0) tp_reduce_ranks(dt, (char *)recv + off * es, in, im->p, n, (int)op);
         im->round++;
     }
-    end(im, K_REDUCE_SCATTER, total * es, t0);
+    end(im, TP_COLL_REDUCE_SCATTER, total * es, t0);
 out:
     return st;
 }
@@ -855,7 +796,7 @@ static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     const size_t bytes = count * tp_dtype_size(dt);
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
     int first = 1;
-    TP_CHECK(begin(im, K_BROADCAST, bytes, dt, 0, root, 0));
+    TP_CHECK(begin(im, TP_COLL_BROADCAST, bytes, dt, 0, root, 0));
     if (bytes >= im->cma_copy_bytes) { /* single copy: every rank reads the root's buffer */
         TP_CHECK(cma_begin(im, buf, buf, "broadcast"));
         if (im->r != root) TP_CHECK(cma_read(im, root, buf, im->ctrl[root].cma_src, bytes, "broadcast"));
@@ -870,7 +811,7 @@ static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
             im->round++;
         }
     }
-    end(im, K_BROADCAST, bytes, t0);
+    end(im, TP_COLL_BROADCAST, bytes, t0);
 out:
     return st;
 }
@@ -880,9 +821,9 @@ static tp_status shm_barrier(tp_group *g)
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
-    TP_CHECK(begin(im, K_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
+    TP_CHECK(begin(im, TP_COLL_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
     TP_CHECK(sync_step(im, 1, "barrier"));
-    end(im, K_BARRIER, 0, t0);
+    end(im, TP_COLL_BARRIER, 0, t0);
 out:
     return st;
 }
