@@ -19,11 +19,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear import free_port, reset_peak_rss, save_report  # noqa: E402
 
 CONTENDERS = ["tplinear-sharded", "tplinear-consolidated", "dcp", "torch.save-gathered"]
 
@@ -60,16 +62,6 @@ class _Sampler:
         return self.peak
 
 
-def _reset_peak():
-    """Resets VmHWM to the current RSS (Linux: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(args):
     import numpy as np
 
@@ -96,9 +88,7 @@ def worker(args):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // p))
         port = np.zeros(1, np.int64)
         if r == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port[0] = s.getsockname()[1]
+            port[0] = free_port()
         dist.broadcast(port, 0)
         tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{int(port[0])}", rank=r, world_size=p)
         mesh = init_device_mesh("cpu", (p,))
@@ -166,7 +156,7 @@ def worker(args):
 
     def timed(fn, path):
         dist.barrier()
-        reset = _reset_peak()
+        reset = reset_peak_rss()
         before, anon_before = _status("VmRSS"), _status("RssAnon")
         sampler = _Sampler()
         t0 = time.perf_counter()
@@ -374,16 +364,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"command": " ".join(sys.argv), "repeats": args.repeats, "raw": raw, "summary": summarize(raw)}
-    md = markdown(report)
-    print(md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md)
-    if args.plot:
-        plot(report, args.plot)
+    save_report(report, markdown(report), plot, args, "checkpoint")
 
 
 if __name__ == "__main__":

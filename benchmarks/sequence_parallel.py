@@ -47,6 +47,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from linear import reset_peak_rss  # noqa: E402
 ROOT = os.path.dirname(HERE)
 LAYOUTS = {"tp": (False, False), "tp+vocab": (False, True), "sp+vocab": (True, True)}
 MB = 1 << 20
@@ -64,16 +66,6 @@ def _proc_status(key):
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return None
-
-
-def _reset_peak_rss():
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------- memory worker
@@ -107,7 +99,7 @@ def memory_worker(args):
     gc.collect()
     dist.barrier()
     rss0 = _proc_status("VmRSS")
-    hwm_ok = _reset_peak_rss()
+    hwm_ok = reset_peak_rss()
     tracemalloc.start()
     t0 = time.perf_counter()
     loss = model.forward(ids, targets)

@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from linear import free_port, save_report  # noqa: E402
 REPO = os.path.dirname(HERE)
 P = 2
 HIDDEN, INTER, HEADS, KV_HEADS = 4096, 11008, 32, 8
@@ -204,12 +205,6 @@ def worker(name, out_path):
 # ====================================================================================== driver
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_contender(name, out_path, python):
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -341,15 +336,7 @@ def main():
             if abs(v - ref[kind]) > 1e-3 * max(1.0, abs(ref[kind])):
                 raise SystemExit(f"{name} computes a different {kind} output than {names[0]}: {v} vs {ref[kind]}")
     md = table(report) + "\n\n" + (targets(report) if len(names) > 1 else "")
-    print(md)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(md + "\n")
-    if args.plot:
-        plot(report, args.plot)
+    save_report(report, md + "\n", plot, args, "torch_layers")
 
 
 if __name__ == "__main__":
