@@ -101,7 +101,9 @@ def test_mpi_results_are_bitwise_identical_on_every_rank(chunk_kb, tmp_path):
 dist.init_process_group(timeout=60)
 r, p = dist.get_rank(), dist.get_world_size()
 rng = np.random.default_rng(r)
-for n in (1000, 300_001):          # one-shot and rounds of reduce-scatter + all-gather
+# one-shot (1000 float32), two rounds of eager blocks below the one-shot limit (TPLINEAR_MPI_EAGER_BYTES:
+# 2000 float32, 1000 float64), and rounds of reduce-scatter + all-gather
+for n in (1000, 2000, 300_001):
     for dt in (np.float32, np.float64):
         for op in ("sum", "avg", "max", "min"):
             a = rng.standard_normal(n).astype(dt)

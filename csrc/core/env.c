@@ -79,6 +79,12 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
                               "mpi: the segment size of large all-reduces (two segments in flight: scratch of up "
                               "to twice this) and the round size of reduce-scatters, in KiB (rank 0's value is "
                               "used)"},
+    [TP_KNOB_MPI_EAGER_BYTES] = {"TPLINEAR_MPI_EAGER_BYTES", KNOB_INT, "4096", 4096, 0, 1L << 30, NULL,
+                                 "mpi: the MPI's eager limit (messages this large or larger wait for a "
+                                 "rendezvous; OpenMPI's shared-memory default is 4096 with its header): a "
+                                 "one-shot all-reduce whose buffer is at least this large but whose "
+                                 "reduce-scatter blocks are smaller takes the reduce-scatter + all-gather (0: "
+                                 "never; rank 0's value is used)"},
     [TP_KNOB_WATCHDOG_S] = {"TPLINEAR_WATCHDOG_S", KNOB_INT, "30", 30, 0, 1L << 30, NULL,
                             "after a rank has waited this many seconds for a peer (a collective, the rendezvous, "
                             "a store key), it logs once which rank and which collective it waits for (0: never); "
