@@ -1,9 +1,11 @@
 """Collectives against the memory-bandwidth limit (issue 16): all_reduce, reduce_scatter and all_gather of
 4 KB .. 64 MB (float32) at 2 and 4 ranks, tplinear's shm backend against OpenMPI (mpi4py), torch gloo and
-DeepSpeed's shm all-reduce, next to a STREAM copy / triad bandwidth measured in the same run.
+DeepSpeed's shm all-reduce, next to a STREAM copy / triad bandwidth measured in the same run; and tplinear's
+mpi backend against mpi4py on the same MPI (issue 14: within 5 % at every size).
 
     python benchmarks/allreduce.py [--json out.json] [--md out.md] [--plot out.png] [--nproc 2 4]
-                                   [--rounds 2] [--contenders tplinear,tplinear-copying,mpi4py,gloo,deepspeed]
+                                   [--rounds 2]
+                                   [--contenders tplinear,tplinear-copying,mpi4py,gloo,deepspeed,tplinear-mpi]
 
 Contenders, each started as its own subprocess world, interleaved round by round:
     tplinear          tplinear.distributed (`python -m tplinear.run`), algorithms chosen by size (single copy
@@ -11,6 +13,9 @@ Contenders, each started as its own subprocess world, interleaved round by round
     tplinear-copying  the same with TPLINEAR_SHM_CMA=0: the copying algorithms (main's before issue 16, and
                       the fallback where the kernel refuses single-copy access)
     mpi4py            OpenMPI (`mpirun`): Allreduce(IN_PLACE), Reduce_scatter_block, Allgather on NumPy arrays
+    tplinear-mpi      tplinear.distributed started by the same `mpirun`: the mpi backend (chosen automatically
+                      under an MPI launcher) on the same libmpi as mpi4py. benchmarks/mpi_allreduce.py times
+                      the two all-reduces alternating inside one world, the finer instrument for the 5 %
     gloo              torch.distributed with the gloo backend (torchrun): all_reduce, reduce_scatter_tensor,
                       all_gather_into_tensor on CPU tensors
     deepspeed         DeepSpeed's shared-memory all-reduce for CPUs: deepspeed.comm.inference_all_reduce after
@@ -50,9 +55,10 @@ from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info, s
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20]  # 32 MB: a row output
 COLLS = ["all_reduce", "reduce_scatter", "all_gather"]
-CONTENDERS = ["tplinear", "tplinear-copying", "mpi4py", "gloo", "deepspeed"]
+CONTENDERS = ["tplinear", "tplinear-copying", "mpi4py", "gloo", "deepspeed", "tplinear-mpi"]
 LABEL = {"tplinear": "tplinear", "tplinear-copying": "tplinear copying (CMA=0)", "mpi4py": "OpenMPI (mpi4py)",
-         "gloo": "torch gloo", "deepspeed": "DeepSpeed shm"}
+         "gloo": "torch gloo", "deepspeed": "DeepSpeed shm", "tplinear-mpi": "tplinear mpi backend"}
+MPI_TARGET = 1.05  # issue 14: tplinear mpi time / mpi4py time at every size
 STREAM_C = r"""
 #include <stddef.h>
 /* reps passes in one call, so that small arrays are not timed as the cost of a call from Python */
@@ -131,10 +137,12 @@ class NumpyApi(Api):
 
 
 class TplinearApi(NumpyApi):
-    def __init__(self):
+    def __init__(self, backend=None):
         import numpy as np
         import tplinear.distributed as dist
         dist.init_process_group(timeout=300)
+        if backend and dist.get_backend() != backend:
+            raise SystemExit(f"SKIP: tplinear chose the {dist.get_backend()} backend, not {backend} (built without MPI?)")
         self.np, self.dist, self.r, self.p = np, dist, dist.get_rank(), dist.get_world_size()
 
     def barrier(self):
@@ -288,8 +296,8 @@ def stream(api, size, copy, triad, budget):
 
 def run_worker(args):
     kind = args.worker
-    if kind in ("tplinear", "tplinear-copying"):
-        api = TplinearApi()
+    if kind in ("tplinear", "tplinear-copying", "tplinear-mpi"):
+        api = TplinearApi("mpi" if kind == "tplinear-mpi" else None)
     elif kind == "mpi4py":
         api = MpiApi()
     else:
@@ -348,20 +356,21 @@ def world_cmd(who, p, args, out):
         why = python_has(args.python, "import tplinear.distributed, tplinear.run")
         if why:
             return None, None, f"tplinear not importable: {why}"
+    if who in ("mpi4py", "tplinear-mpi"):
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            return None, None, "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
+        why = python_has(args.python, "import mpi4py.MPI") if who == "mpi4py" else None
+        if why:
+            return None, None, f"mpi4py not importable: {why}"
+        return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(p),
+                args.python] + wargs, env, None
+    if who.startswith("tplinear"):
         if who == "tplinear-copying":
             env["TPLINEAR_SHM_CMA"] = "0"
         else:
             wargs.append("--stream")
         return [args.python, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(p)] + wargs, env, None
-    if who == "mpi4py":
-        mpirun = shutil.which("mpirun")
-        if mpirun is None:
-            return None, None, "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
-        why = python_has(args.python, "import mpi4py.MPI")
-        if why:
-            return None, None, f"mpi4py not importable: {why}"
-        return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(p),
-                args.python] + wargs, env, None
     why = python_has(args.torch_python, "import torch.distributed" + (", deepspeed.comm" if who == "deepspeed" else ""))
     if why:
         return None, None, f"{'torch/deepspeed' if who == 'deepspeed' else 'torch'} not importable with " \
@@ -486,6 +495,18 @@ def derive(report):
     x = by.get((2, "all_reduce", 4 << 10))
     t["all_reduce_4KB_2ranks_us"] = {"value": x and x["tplinear_s"] * 1e6, "target": "<= 4",
                                      "met": bool(x) and x["tplinear_s"] <= 4e-6}
+    out["mpi"] = []
+    for p in report["config"]["nproc"]:
+        for coll in COLLS:
+            for size in SIZES:
+                a, b = cell(report, "tplinear-mpi", p, coll, size), cell(report, "mpi4py", p, coll, size)
+                if "median_s" in a and "median_s" in b:
+                    out["mpi"].append({"p": p, "coll": coll, "bytes": size, "tplinear_mpi_s": a["median_s"],
+                                       "mpi4py_s": b["median_s"], "ratio": a["median_s"] / b["median_s"]})
+    ar = [x for x in out["mpi"] if x["coll"] == "all_reduce"]
+    if ar:
+        over = [f"{fmt_size(x['bytes'])} at {x['p']} ranks: {x['ratio']:.2f}" for x in ar if x["ratio"] > MPI_TARGET]
+        t["all_reduce_mpi_backend_within_5pct_of_mpi4py"] = {"slower": over, "met": not over}
     return out
 
 
@@ -533,7 +554,20 @@ def markdown(report):
                       for size in SIZES if "skipped" in (c := cell(report, w, p, coll, size))})
     if skipped:
         lines.append("\nn/a: " + "; ".join(skipped))
-    lines.append("\nTargets (issue 16, 2 ranks):\n")
+    mpi = d.get("mpi", [])
+    for p in report["config"]["nproc"]:
+        rows = {(x["coll"], x["bytes"]): x for x in mpi if x["p"] == p}
+        if not rows:
+            continue
+        lines.append(f"\n#### tplinear's mpi backend / mpi4py on the same MPI, {p} ranks (time ratio; target "
+                     f"all_reduce <= {MPI_TARGET})\n")
+        lines.append("| size | " + " | ".join(COLLS) + " |")
+        lines.append("|---" * (len(COLLS) + 1) + "|")
+        for size in SIZES:
+            lines.append(f"| {fmt_size(size)} | " + " | ".join(
+                f"{rows[(c, size)]['ratio']:.2f} ({fmt_us(rows[(c, size)]['tplinear_mpi_s'])} / "
+                f"{fmt_us(rows[(c, size)]['mpi4py_s'])})" if (c, size) in rows else "—" for c in COLLS) + " |")
+    lines.append("\nTargets (issue 16, 2 ranks; issue 14, the mpi backend):\n")
     for k, v in d["targets"].items():
         val = v.get("value")
         shown = f"{val:.2f}" if isinstance(val, float) else (", ".join(v["slower"]) or "none") if "slower" in v else "—"
@@ -548,7 +582,7 @@ def plot(report, path):
     import matplotlib.pyplot as plt
     nps = report["config"]["nproc"]
     fig, axes = plt.subplots(len(nps), len(COLLS), figsize=(5 * len(COLLS), 4 * len(nps)), squeeze=False)
-    marks = dict(zip(CONTENDERS, "os^vD"))
+    marks = dict(zip(CONTENDERS, "os^vDx"))
     for i, p in enumerate(nps):
         st = report["results"].get("tplinear", {}).get(str(p), {}).get("stream", {})
         for j, coll in enumerate(COLLS):
