@@ -686,7 +686,7 @@ static void block(size_t n, size_t es, int p, int k, size_t *lo, size_t *hi)
 
 /* The large all-reduce's pipeline: the buffer in segments of `per` elements; segment i's reduce-scatter
  * receives land in scratch slot i % AR_WINDOW; its receives carry label 2 (i % AR_WINDOW), its sends that
- * + 1 (the reduction needs only the receives), the all-gathers AR_LABELS. Segment i + AR_WINDOW's reduce-scatter is posted once segment i is reduced
+ * + 1 (both waited for before the reduction), the all-gathers AR_LABELS. Segment i + AR_WINDOW's reduce-scatter is posted once segment i is reduced
  * and its all-gather posted, so that reducing one segment overlaps the transfers of the next ones. Every
  * rank posts the same requests in the same order (the schedule does not depend on which request completes
  * first): messages of one collective share a tag, and match in the order they are posted and sent. */
@@ -762,13 +762,16 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
         for (size_t i = 0; i < nseg && st == TP_OK; i++) {
             size_t n = count - i * per < per ? count - i * per : per, lo, hi;
             char *base = (char *)buf + i * per * es, *slot = im->scratch + i % AR_WINDOW * (size_t)im->p * blk_cap;
-            if ((st = wait_label(im, (int)(i % AR_WINDOW * 2), "all_reduce")) != TP_OK) break;
+            /* the segment's receives, then its sends: the all-gather lands where the sends read, and
+             * reducing while the peers still read this rank's buffer (MPI's single-copy transfers) made
+             * some launches 25 % slower at 1 MB on 2 ranks */
+            if ((st = wait_label(im, (int)(i % AR_WINDOW * 2), "all_reduce")) != TP_OK ||
+                (st = wait_label(im, (int)(i % AR_WINDOW * 2 + 1), "all_reduce")) != TP_OK)
+                break;
             block(n, es, im->p, im->r, &lo, &hi);
             for (int j = 0; j < im->p; j++)
                 inp[j] = j == im->r && j < 2 ? base + lo * es : slot + (size_t)j * blk_cap;
             if (hi > lo) tp_reduce_ranks(dt, base + lo * es, inp, im->p, hi - lo, (int)op);
-            /* the all-gather lands where the reduce-scatter's sends read: they must be done */
-            if ((st = wait_label(im, (int)(i % AR_WINDOW * 2 + 1), "all_reduce")) != TP_OK) break;
             im->label = AR_LABELS; /* the all-gathers: waited for at the end */
             for (int k = 1; k < im->p && st == TP_OK; k++) {
                 int from = (im->r + k) % im->p, to = (im->r - k + im->p) % im->p;
