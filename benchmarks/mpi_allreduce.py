@@ -132,7 +132,10 @@ def plot(path, res):
     fig, ax = plt.subplots(figsize=(7, 4))
     for n in sorted({x["nproc"] for x in res["results"]}):
         xs = [x for x in res["results"] if x["nproc"] == n]
-        ax.plot([x["bytes"] for x in xs], [x["ratio"] for x in xs], marker="o", label=f"{n} ranks")
+        lo = [x["ratio"] - min(x.get("launch_ratios", [x["ratio"]])) for x in xs]
+        hi = [max(x.get("launch_ratios", [x["ratio"]])) - x["ratio"] for x in xs]
+        ax.errorbar([x["bytes"] for x in xs], [x["ratio"] for x in xs], yerr=[lo, hi], marker="o", capsize=3,
+                    label=f"{n} ranks (median of launches; bars: every launch)")
     ax.axhline(TARGET, color="red", linestyle="--", label="target (1.05)")
     ax.axhline(1.0, color="gray", linewidth=0.5)
     ax.set_xscale("log", base=2)
