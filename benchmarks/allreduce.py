@@ -51,7 +51,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info, save_report  # noqa: E402
+from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info, mpirun_cmd, save_report  # noqa: E402
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20]  # 32 MB: a row output
 COLLS = ["all_reduce", "reduce_scatter", "all_gather"]
@@ -357,14 +357,13 @@ def world_cmd(who, p, args, out):
         if why:
             return None, None, f"tplinear not importable: {why}"
     if who in ("mpi4py", "tplinear-mpi"):
-        mpirun = shutil.which("mpirun")
+        mpirun = mpirun_cmd(p)
         if mpirun is None:
             return None, None, "mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
         why = python_has(args.python, "import mpi4py.MPI") if who == "mpi4py" else None
         if why:
             return None, None, f"mpi4py not importable: {why}"
-        return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(p),
-                args.python] + wargs, env, None
+        return mpirun + [args.python] + wargs, env, None
     if who.startswith("tplinear"):
         if who == "tplinear-copying":
             env["TPLINEAR_SHM_CMA"] = "0"

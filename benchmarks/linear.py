@@ -515,6 +515,18 @@ def reset_peak_rss():
         return False
 
 
+def mpirun_cmd(nproc):
+    """`mpirun -np nproc` with Open MPI's flags for a small shared box (ranks may outnumber the cores, are
+    not pinned, and may run as root), or None when there is no mpirun."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        return None
+    cmd = [mpirun, "-np", str(nproc)]
+    if "Open MPI" in subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout:
+        cmd += ["--oversubscribe", "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return cmd
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -544,15 +556,14 @@ def worker_cmd(contender, ws, args, outdir):
         return [args.python, "-m", "tplinear.run", "--nproc-per-node", str(ws),
                 "--master-port", env["MASTER_PORT"], me] + wargs, env, None
     if contender == "mpi4py":
-        mpirun = shutil.which("mpirun")
+        mpirun = mpirun_cmd(ws)
         if mpirun is None:
             return None, None, "skipped: mpirun not found (apt-get install openmpi-bin libopenmpi-dev)"
         probe = subprocess.run([args.python, "-c", "import mpi4py.MPI"], capture_output=True, text=True)
         if probe.returncode != 0:
             return None, None, "skipped: mpi4py not importable: " + (probe.stderr.strip().splitlines() or ["?"])[-1]
         env["OPENBLAS_NUM_THREADS"] = threads
-        return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(ws),
-                "-x", "OPENBLAS_NUM_THREADS", args.python, me] + wargs, env, None
+        return mpirun + ["-x", "OPENBLAS_NUM_THREADS", args.python, me] + wargs, env, None
     if contender == "deepspeed":
         py = args.ds_python
         if not py or not os.path.exists(py):

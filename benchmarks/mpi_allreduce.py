@@ -14,8 +14,8 @@ its blocks of the slowest rank's block median. A world's speed also depends on t
 one launch runs tplinear at 200 us in every block and the next at 250 us (mpi4py: 175-220 us from launch to
 launch), so each world is launched --launches times and a size's ratio is the median of the launches'
 ratios (every launch's ratio is kept). Both load one libmpi (checked: the process maps a single
-libmpi.so, and mpi4py's MPI.Get_library_version() is recorded). `contender_mpi4py` and
-`contender_tplinear_mpi` are self-contained so that benchmarks/allreduce.py can take them over.
+libmpi.so, and mpi4py's MPI.Get_library_version() is recorded). benchmarks/allreduce.py
+--contenders mpi4py,tplinear-mpi runs the same two as separate worlds, for all three collectives.
 """
 import argparse
 import json
@@ -25,6 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear import mpirun_cmd  # noqa: E402
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 ROUNDS = 7
@@ -98,16 +101,6 @@ def worker(args):
     if r == 0:
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "mpi": MPI.Get_library_version().strip(), "libmpi": libmpi_mapped()}, f)
-
-
-def mpirun_cmd(nproc):
-    cmd = ["mpirun", "-np", str(nproc)]
-    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout
-    if "Open MPI" in version:
-        cmd += ["--oversubscribe", "--bind-to", "none"]
-        if os.geteuid() == 0:
-            cmd.append("--allow-run-as-root")
-    return cmd
 
 
 def write_md(path, res):
