@@ -737,7 +737,7 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
     }
     st = begin(g, TP_COLL_ALL_REDUCE, bytes, dt, (int)op, -1, 0);
     if (st == TP_OK && bytes * (size_t)(im->p - 1) <= im->oneshot && /* what one rank sends, one-shot */
-        !(bytes >= im->eager && bytes / (size_t)im->p < im->eager)) { /* rendezvous, but eager blocks */
+        !(im->eager && bytes >= im->eager && bytes / (size_t)im->p < im->eager)) { /* rendezvous, but eager blocks */
         /* one round: every buffer to every rank, each reduces all of them in rank order */
         if ((st = scratch(im, (size_t)im->p * bytes)) != TP_OK) goto done;
         for (int k = 1; k < im->p && st == TP_OK; k++) {
@@ -996,14 +996,14 @@ static tp_status finish_create(tp_group *g, mpi_impl *im, const long params[N_PA
         im->tag_mask = im->tag_mask * 2 + 1;
     im->oneshot = (size_t)params[0] * 1024;
     im->chunk = (size_t)params[1] * 1024;
-    im->eager = params[2] > 0 ? (size_t)params[2] : SIZE_MAX;
+    im->eager = (size_t)params[2]; /* 0: no eager rule */
     post_inbox(im);
     if (im->ctl_req == MPI_REQUEST_NULL) {
         st = tp_error(TP_ERR_COMM, "mpi: cannot post the notice receive");
         goto out;
     }
-    tp_log(TP_LOG_INFO, "mpi: group %s rank %d of %d (global rank %d): one-shot <= %zu KB, eager < %ld B, rounds of %zu KB, "
-           "tags < %d", g->prefix, g->rank, g->size, g->world_rank, im->oneshot / 1024, params[2], im->chunk / 1024,
+    tp_log(TP_LOG_INFO, "mpi: group %s rank %d of %d (global rank %d): one-shot <= %zu KB, eager < %zu B, rounds of %zu KB, "
+           "tags < %d", g->prefix, g->rank, g->size, g->world_rank, im->oneshot / 1024, im->eager, im->chunk / 1024,
            im->tag_mask + 1);
 out:
     return st;
@@ -1087,7 +1087,7 @@ static tp_status mpi_split(tp_group *parent, tp_group *child)
     comm = MPI_COMM_NULL;
     params[0] = (long)(pim->oneshot / 1024);
     params[1] = (long)(pim->chunk / 1024);
-    params[2] = pim->eager == SIZE_MAX ? 0 : (long)pim->eager;
+    params[2] = (long)pim->eager;
     TP_CHECK(finish_create(child, im, params));
     child->impl = im;
     im = NULL;
