@@ -9,6 +9,7 @@ The launcher's environment and the TPLINEAR_* knobs are read by the C core only 
 ``_C.env_knobs()``); backend names are validated there too.
 """
 from . import _C
+from . import _anydtype
 
 CommError = _C.CommError
 
@@ -162,7 +163,15 @@ def all_reduce(tensor, op="sum", group=None):
 
 
 def all_gather_into_tensor(output_tensor, input_tensor, group=None):
-    _C.all_gather(_group(group)._handle, output_tensor, input_tensor)
+    """Every rank's input_tensor, one after another in rank order, into output_tensor (group size x as many
+    elements). Any fixed-size NumPy dtype moves (integers, bool, complex, float16, bytes, void, structured);
+    ranks whose arrays differ in size or dtype raise ValueError on every rank. Object arrays are a TypeError:
+    use all_gather_object."""
+    g = _group(group)
+    if _anydtype.movable(input_tensor, "input", "all_gather") or _anydtype.movable(output_tensor, "output", "all_gather"):
+        _anydtype.all_gather(g._handle, output_tensor, input_tensor)
+        return
+    _C.all_gather(g._handle, output_tensor, input_tensor)
 
 
 def all_gather_v(output_tensor, input_tensor, counts, group=None):
@@ -184,9 +193,30 @@ def reduce_scatter_v(output, input, counts, op="sum", group=None):
 def broadcast(tensor, src=None, group=None, *, group_src=None):
     """In place from the root, as torch.distributed.broadcast: src is the root's GLOBAL rank (its rank in
     the default group), group_src its rank within group; give exactly one. A src that is not a member of
-    group is a ValueError (torch raises too), never another rank's data."""
+    group is a ValueError (torch raises too), never another rank's data. Any fixed-size NumPy dtype moves (see all_gather_into_tensor); object
+    arrays are a TypeError: use broadcast_object_list."""
     g = _group(group)
-    _C.broadcast(g._handle, tensor, _root(g, src, group_src, "src"))
+    root = _root(g, src, group_src, "src")
+    if _anydtype.movable(tensor, "tensor", "broadcast"):
+        _anydtype.broadcast(g._handle, tensor, root)
+        return
+    _C.broadcast(g._handle, tensor, root)
+
+
+def broadcast_object_list(object_list, src=None, group=None, device=None, *, group_src=None):
+    """torch.distributed.broadcast_object_list: the root's picklable objects replace the items of every
+    other rank's object_list (a list of the same length on every rank; a difference is a ValueError on
+    every rank). src / group_src as in broadcast. device is accepted for torch compatibility and ignored
+    (the bytes move on the CPU). Unpickles what the root sent: only the world's ranks can join it
+    (docs/security.md)."""
+    g = _group(group)
+    _anydtype.broadcast_object_list(g._handle, object_list, _root(g, src, group_src, "src"))
+
+
+def all_gather_object(object_list, obj, group=None):
+    """torch.distributed.all_gather_object: object_list (a list of the group's size) gets every rank's
+    picklable obj, in rank order."""
+    _anydtype.all_gather_object(_group(group)._handle, object_list, obj)
 
 
 def get_group_rank(group, global_rank):

@@ -72,6 +72,7 @@ LAUNCHER_ENV_VARS = (
     "ROLE_NAME", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TPLINEAR_TOKEN",
     # MPICH / Intel MPI (Hydra) and Slurm's job step: the other worlds tplinear reads
     "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "SLURM_STEP_ID",
+    "TPLINEAR_PREFIX_OUTPUT",  # set by --prefix-output for the pytest plugin
 )
 LAUNCHER_ENV_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_")
 
@@ -281,6 +282,8 @@ def worker_env(args, local_rank, base=None):
         env["OMP_NUM_THREADS"] = str(max(1, _num_cores() // nproc))
     if args.prefix_output and "PYTHONUNBUFFERED" not in env:
         env["PYTHONUNBUFFERED"] = "1"
+    if args.prefix_output:  # the pytest plugin leaves lines unprefixed then (tplinear.pytest)
+        env["TPLINEAR_PREFIX_OUTPUT"] = "1"
     return env
 
 
