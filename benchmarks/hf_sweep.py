@@ -58,6 +58,36 @@ def markdown(records, meta):
     return "\n".join(lines) + "\n"
 
 
+def reclassify(path):
+    """Re-applies hf_families.is_expert_param to a stored result (its records keep the expert parameters
+    that stayed replicated): a case whose only "experts" were conv weights or down_proj_bias is exact."""
+    with open(path) as f:
+        data = json.load(f)
+    changed = 0
+    for r in data["records"]:
+        if "experts_replicated" not in r:
+            continue
+        keep = [n for n in r["experts_replicated"] if hf.is_expert_param(n, 3)]
+        if keep == r["experts_replicated"]:
+            continue
+        r["experts_replicated"] = keep
+        if r["outcome"] == "moe-replicated" and not keep:
+            changed += 1
+            err = r.get("max_rel") or 0.0
+            if r.get("replaced", 0) == 0 and not r.get("experts_sharded"):
+                r.update(outcome="nothing", reason="parallelize replaced no module")
+            else:
+                r.update(outcome="exact", reason=f"max rel err {err:.1e}")
+        elif r["outcome"] == "moe-replicated":
+            r["reason"] = f"{len(keep)} expert parameters replicated (max rel err {r.get('max_rel') or 0.0:.1e})"
+    data["meta"]["reclassified"] = "expert parameters: hf_families.is_expert_param"
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    with open(path[:-5] + ".md", "w") as f:
+        f.write(markdown(data["records"], data["meta"]))
+    print(f"{path}: {changed} cases reclassified")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="*", help="model types (default: every causal-LM family)")
@@ -66,7 +96,10 @@ def main():
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds one case may take (default: 120)")
     ap.add_argument("--from-exact", metavar="JSON", help="only the families exact in this earlier result")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "hf_sweep"), help="output path without suffix")
+    ap.add_argument("--reclassify", metavar="JSON", help="re-apply the expert-parameter rule to a stored result")
     args = ap.parse_args()
+    if args.reclassify:
+        return reclassify(args.reclassify)
     import transformers
 
     fams = [f for f, _ in hf.families()]

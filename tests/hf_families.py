@@ -176,8 +176,12 @@ def _msg(exc, limit=300):
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
-def _is_expert_param(name, param):
-    return param.dim() >= 3 or bool(re.search(r"(^|\.)experts?(\.|$)", name)) and "shared" not in name
+def is_expert_param(name, dim):
+    """A routed expert's weight (not a shared expert's, not down_proj_bias, which stays replicated by
+    design, not a 3-d conv weight elsewhere in the model)."""
+    last = name.rsplit(".", 1)[-1]
+    routed = bool(re.search(r"(^|\.)experts(\.|$)", name)) and "shared" not in name
+    return routed and last != "down_proj_bias" or dim == 3 and last in ("gate_up_proj", "down_proj", "up_proj")
 
 
 def _full_grad(param):
@@ -230,7 +234,7 @@ def run_case(family, mode):
     res["dtype"] = str(dtype).replace("torch.", "")
     tol = TOL[res["dtype"]]
     res["tol"] = tol
-    experts = {n for n, p in model.named_parameters() if _is_expert_param(n, p)}
+    experts = {n for n, p in model.named_parameters() if is_expert_param(n, p.dim())}
     # -- parallelize
     try:
         tpt.parallelize(model)
