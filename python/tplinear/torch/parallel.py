@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import distributed as dist
 from . import _ops
+from . import moe as _moe  # models branch: tensor-parallel MoE experts
 from .modules import (
     Conv_LinearALlreduce,
     LinearAllreduce,
@@ -284,6 +285,10 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         parent_name, _, child = name.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, layer)
     _update_attention_attributes(model, built, heads)
+    # models branch: fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim,
+    # one all-reduce after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
+    if plan is None:
+        _moe.parallelize_experts(model, group)
     return model
 
 

@@ -1,0 +1,150 @@
+"""Checks that run inside each rank of a world spawned by tests/test_torch_moe.py: transformers 5's fused
+MoE experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert, OLMoE, gpt-oss with biases and the
+clamped, interleaved gate/up) split by tplinear.torch.parallelize against the unsharded float64 model."""
+import copy
+
+import torch
+
+import tplinear as tp
+import tplinear.distributed as dist
+import tplinear.torch as tpt
+from tplinear.torch import moe
+
+from torch_checks import close, full_grad, init, seed  # noqa: F401
+
+INTER = {"mixtral": 40, "qwen3_moe": 40, "qwen2_moe": 40, "olmoe": 40, "gpt_oss": 40}  # no p in 2..4 divides 40 + 1
+VOCAB = 97
+
+
+def moe_model(kind, dtype=torch.float64, experts_implementation="eager", inter=None):
+    import transformers
+    from transformers import logging
+
+    logging.set_verbosity_error()
+    common = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False)
+    inter = INTER[kind] + 1 if inter is None else inter  # 41: uneven over every p
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=inter, num_local_experts=4, num_experts_per_tok=2, **common)
+        cls = transformers.MixtralForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=inter, num_experts=4,
+                                          num_experts_per_tok=2, head_dim=8, norm_topk_prob=True, **common)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif kind == "qwen2_moe":  # a shared expert (an ordinary MLP: the plan's colwise / rowwise) beside the experts
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=inter, num_experts=4,
+                                          num_experts_per_tok=2, shared_expert_intermediate_size=56, **common)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif kind == "olmoe":
+        cfg = transformers.OlmoeConfig(intermediate_size=inter, num_experts=4, num_experts_per_tok=2, **common)
+        cls = transformers.OlmoeForCausalLM
+    elif kind == "gpt_oss":  # transposed, interleaved gate/up, biases, clamped SwiGLU
+        cfg = transformers.GptOssConfig(intermediate_size=inter, num_local_experts=4, num_experts_per_tok=2,
+                                        head_dim=8, swiglu_limit=0.05, sliding_window=4, **common)
+        cls = transformers.GptOssForCausalLM
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = experts_implementation  # transformers' grouped_mm takes no float64
+    seed("moe", kind)
+    model = cls(cfg)
+    with torch.no_grad():  # transformers' init leaves some expert tensors (biases) at zero: make them all count
+        for name, p in model.named_parameters():
+            if "experts" in name or "router" in name or name.endswith("gate.weight"):
+                p.normal_(0.0, 0.2)
+    return model.to(dtype).eval()
+
+
+def experts_of(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, moe._TPExperts)}
+
+
+def check_moe(kind, training, steps=3):
+    """Logits, loss, every gradient (gathered) and AdamW steps against the unsharded float64 model; the
+    expert shards' storage is 1/p of the experts' (within one unit per expert)."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(training)
+    model = moe_model(kind)
+    ref = copy.deepcopy(model)
+    full_expert_bytes = {n: q.untyped_storage().nbytes() for n, q in model.named_parameters() if q.dim() == 3}
+    tpt.parallelize(model)
+    experts = experts_of(model)
+    assert len(experts) == 2, f"{kind}: expected 2 tensor-parallel expert modules, got {sorted(experts)}"
+    params = dict(model.named_parameters())
+    inter = INTER[kind] + 1
+    for n, full_bytes in full_expert_bytes.items():
+        q = params[n]
+        assert q.tensor_model_parallel and q.untyped_storage().nbytes() == q.numel() * q.element_size(), n
+        mine = q.untyped_storage().nbytes()
+        unit = full_bytes // inter
+        assert abs(mine - full_bytes / p) <= unit, f"{kind} {n}: {mine} bytes on rank {r}, full {full_bytes}, p={p}"
+    total = torch.tensor([float(sum(params[n].untyped_storage().nbytes() for n in full_expert_bytes))],
+                         dtype=torch.float64)
+    dist.all_reduce(total.numpy())
+    assert int(total.item()) == sum(full_expert_bytes.values()), (int(total.item()), sum(full_expert_bytes.values()))
+    what = f"{kind} {'training' if training else 'inference'} p={p}"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    seed("moe-input", kind)
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (2, 7))
+        opt.zero_grad()
+        ropt.zero_grad()
+        out = model(ids, labels=ids)
+        expect = ref(ids, labels=ids)
+        # the routers' softmax runs in float32 (transformers' upcast): its rounding reaches the gradients
+        # (1e-8), and AdamW, which normalises each gradient element, amplifies it in the steps after
+        tol = 1e-8 if step == 0 else 1e-5
+        close(out.logits, expect.logits, torch.float64, f"{what} step {step} logits", tol)
+        close(out.loss.reshape(1), expect.loss.reshape(1), torch.float64, f"{what} step {step} loss", max(tol, 1e-7))
+        out.loss.backward()
+        expect.loss.backward()
+        refs = dict(ref.named_parameters())
+        for name, q in model.named_parameters():
+            g, rg = full_grad(q), refs[name].grad
+            if rg is None or rg.abs().max() == 0:
+                assert g is None or g.abs().max() == 0, f"{what}: {name} has a gradient the reference lacks"
+                continue
+            close(g, rg, torch.float64, f"{what} step {step} grad of {name}", 1e-6 if step == 0 else 1e-3)
+        opt.step()
+        ropt.step()
+    for name, q in model.named_parameters():
+        layer = getattr(q, "tp_layer", None)
+        full = q.detach() if layer is None else layer.full_tensor(q)
+        close(full, dict(ref.named_parameters())[name], torch.float64, f"{what} {name} after {steps} AdamW steps", 1e-5)
+    print(f"rank {r}: {what}: exact, expert shards "
+          f"{sum(params[n].untyped_storage().nbytes() for n in full_expert_bytes)} of "
+          f"{sum(full_expert_bytes.values())} bytes", flush=True)
+
+
+def check_grouped_mm_and_twice():
+    """transformers' default experts implementation (grouped_mm, float32) on the shards; parallelize twice
+    leaves the experts as they are; refusals for layouts that cannot be split."""
+    tp.set_training_mode(True)
+    # 48 = 12 grains of 16 bytes: grouped_mm's strides stay multiples of 16 bytes on every rank
+    model = moe_model("mixtral", torch.float32, experts_implementation="grouped_mm", inter=48)
+    ref = copy.deepcopy(model)
+    tpt.parallelize(model)
+    before = {n: q.shape for n, q in model.named_parameters()}
+    tpt.parallelize(model)
+    assert {n: q.shape for n, q in model.named_parameters()} == before, "parallelize twice changed the shards"
+    ids = torch.randint(0, VOCAB, (2, 7))
+    out, expect = model(ids, labels=ids), ref(ids, labels=ids)
+    close(out.logits, expect.logits, torch.float32, "mixtral grouped_mm logits", 1e-5)
+    out.loss.backward()
+    expect.loss.backward()
+    refs = dict(ref.named_parameters())
+    for name, q in model.named_parameters():
+        close(full_grad(q), refs[name].grad, torch.float32, f"mixtral grouped_mm grad of {name}", 1e-4)
+    # a norm after each expert does not commute with the split: refused, naming the module
+    holder = torch.nn.Module()
+    holder.gate_up_proj = torch.nn.Parameter(torch.zeros(2, 8, 4))
+    holder.down_proj = torch.nn.Parameter(torch.zeros(2, 4, 4))
+    holder.has_post_expert_norm = True
+    try:
+        moe.shard_experts("x.experts", holder, dist._group(None))
+    except NotImplementedError as e:
+        assert "x.experts" in str(e) and "has_post_expert_norm" in str(e), e
+    else:
+        raise AssertionError("has_post_expert_norm was not refused")
+    print(f"rank {dist.get_rank()}: grouped_mm, parallelize twice and refusals ok", flush=True)

@@ -1,0 +1,35 @@
+"""tplinear.torch.moe: transformers 5's fused MoE experts split along each expert's intermediate dim by
+parallelize(model) (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE, OLMoE, gpt-oss: transposed,
+interleaved gate/up, biases, clamped SwiGLU) against the unsharded float64 model at 2 and 3 ranks: logits,
+loss, every gradient (gathered), AdamW steps, expert storage 1/p per rank (tests/moe_checks.py runs inside
+each rank)."""
+import os
+
+import pytest
+
+from conftest import SEED
+
+from tplinear.testing import assert_world_ok
+
+pytest.importorskip("torch", reason="tplinear.torch needs the torch extra: pip install '.[torch]'")
+pytest.importorskip("transformers", reason="the model-level tests need transformers (the test extra)")
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ENV = {"TPLINEAR_TEST_SEED": str(SEED), "PYTHONPATH": TESTS}
+KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_moe_experts_match_the_unsharded_model(nproc):
+    """Intermediate size 41: uneven at 2 and 3 ranks. Training mode with 3 AdamW steps (p=2) or 1 (p=3);
+    inference mode for Mixtral and gpt-oss."""
+    steps = 3 if nproc == 2 else 1
+    assert_world_ok(nproc, f"""
+        import moe_checks as m
+        m.init()
+        for kind in {KINDS!r}:
+            m.check_moe(kind, True, steps={steps})
+        for kind in ("mixtral", "gpt_oss"):
+            m.check_moe(kind, False, steps=1)
+        m.check_grouped_mm_and_twice()
+    """, env=ENV, timeout=600)
