@@ -105,3 +105,14 @@ def test_blas_threads_follow_torch():
     env.pop("TPLINEAR_NUM_THREADS", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_checkpoint_paths_agree(nproc, tmp_path):
+    """On main, per-rank paths gave FileNotFoundError on one rank and 'save failed on world rank(s) [1]' on
+    the other, or a save that failed only at load."""
+    assert_world_ok(nproc, f"""
+        import training_checks as c
+        c.init()
+        c.check_paths({str(tmp_path)!r})
+    """, env=ENV, timeout=300)

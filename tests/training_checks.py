@@ -244,3 +244,45 @@ def check_autocast_cpu():
         raise AssertionError("autocast bfloat16 on the CPU did not refuse")
     with torch.no_grad():
         close(model(ids).logits, ref(ids).logits, torch.float64, "after the refusal")
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def _expect_value_error(fn, *needles):
+    try:
+        fn()
+    except ValueError as exc:
+        for n in needles:
+            assert n in str(exc), (n, str(exc))
+    else:
+        raise AssertionError(f"no ValueError (expected one saying {needles})")
+
+
+def check_paths(root):
+    """save_checkpoint / load_checkpoint with per-rank paths or per-rank directories: the same ValueError on
+    every rank before anything is written, naming the paths or the ranks that cannot see rank 0's
+    directory."""
+    r = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(tpt.LinearLayer(torch.nn.Linear(8, 12)), torch.nn.Linear(12, 4))
+    mine = os.path.join(root, f"rank{r}", "ckpt")  # pytest's per-rank tmp_path, in effect
+    _expect_value_error(lambda: tpt.save_checkpoint(mine, model), "the ranks passed different paths",
+                        f"rank 0: {os.path.join(root, 'rank0', 'ckpt')!r}", f"rank 1: {os.path.join(root, 'rank1', 'ckpt')!r}")
+    assert not os.path.exists(mine), "nothing may be written"
+    shared = os.path.join(root, "shared")
+    tpt.save_checkpoint(shared, model)
+    _expect_value_error(lambda: tpt.load_checkpoint(mine, model), "the ranks passed different paths")
+    _expect_value_error(lambda: tp.load_checkpoint(mine, {}), "the ranks passed different paths")
+    here = os.getcwd()
+    os.makedirs(os.path.join(root, f"cwd{r}"), exist_ok=True)
+    os.chdir(os.path.join(root, f"cwd{r}"))  # the same relative path names another directory on each rank
+    try:
+        _expect_value_error(lambda: tpt.save_checkpoint("ckpt", model), "rank 1", "cannot see rank 0's directory ckpt")
+        if r == 0:
+            os.symlink(shared, "seen")  # rank 0 sees the checkpoint under a relative name, the others do not
+        dist.barrier()
+        _expect_value_error(lambda: tpt.load_checkpoint("seen", model), "rank 1", "cannot see the checkpoint at seen")
+    finally:
+        os.chdir(here)
+    tpt.load_checkpoint(shared, model)
