@@ -38,7 +38,41 @@ static PyObject *group_repr(PyObject *self)
                                 tp_group_backend(g));
 }
 
+/* A group is a live connection to the other ranks: a copy of anything that holds one (copy.deepcopy of a
+ * model, an EMA or evaluation copy) shares it, as torch's ProcessGroup does; pickling one is refused. */
+static PyObject *group_copy(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    Py_INCREF(self);
+    return self;
+}
+
+static PyObject *group_deepcopy(PyObject *self, PyObject *memo)
+{
+    (void)memo;
+    Py_INCREF(self);
+    return self;
+}
+
+static PyObject *group_reduce(PyObject *self, PyObject *protocol)
+{
+    (void)self;
+    (void)protocol;
+    PyErr_SetString(PyExc_TypeError, "a tplinear process group cannot be pickled: it is a live connection to the "
+                                     "other ranks of this job (copy.deepcopy shares it; another process makes its "
+                                     "own with tplinear.distributed.init_process_group / new_group)");
+    return NULL;
+}
+
+static PyMethodDef group_methods[] = {
+    {"__copy__", group_copy, METH_NOARGS, "The group itself (a group is shared, never copied)."},
+    {"__deepcopy__", group_deepcopy, METH_O, "The group itself (a group is shared, never copied)."},
+    {"__reduce_ex__", group_reduce, METH_O, "Raises TypeError: a group cannot be pickled."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyType_Slot group_slots[] = {
+    {Py_tp_methods, group_methods},
     {Py_tp_dealloc, group_dealloc},
     {Py_tp_traverse, group_traverse},
     {Py_tp_clear, group_clear},

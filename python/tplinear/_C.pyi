@@ -6,7 +6,7 @@ and DeviceArray. Every function raises TypeError / ValueError for bad arguments,
 peer fails, MemoryError, NotImplementedError (not built in) or RuntimeError (CUDA) otherwise.
 tests/test_stubs.py keeps this file and the module's names in step.
 """
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, final
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 
@@ -23,6 +23,10 @@ class CommError(RuntimeError):
 @final
 class Group:
     """A process group handle (made by tplinear.distributed)."""
+
+    def __copy__(self) -> Group: ...  # the group itself: a copy shares it
+    def __deepcopy__(self, memo: object, /) -> Group: ...
+    def __reduce_ex__(self, protocol: object, /) -> NoReturn: ...  # TypeError: a group cannot be pickled
 
 @final
 class _BFloat16DType:

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from . import _ckpt_paths
 from . import distributed as dist
 
 MANIFEST = "tplinear.json"
@@ -382,6 +383,7 @@ def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_
         raise TypeError(f"metadata must be JSON-serialisable: {exc}") from exc
     limit = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     world = dist.get_world_group()
+    _ckpt_paths.check_save_path(path)  # one path, one directory every rank sees: else ValueError on every rank
     save_id = _agree_save_id(path, world)
     if layout == "sharded":
         files = _save_sharded(path, entries, key_map, save_id, world, progress)

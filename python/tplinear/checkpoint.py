@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from . import _ckpt
+from . import _ckpt, _ckpt_paths
 from . import distributed as dist
 from ._arrays import host_array
 from ._device import DeviceArray
@@ -90,8 +90,10 @@ def load_checkpoint(path, layers, arrays=None, optimizer_state=None, strict=True
     other than the layer's raises TypeError unless cast=True.
     key_map: {key: checkpoint key, or [checkpoint keys]} (or a callable) reads a key under another name;
       a list is stacked along dim 0 (separate q/k/v tensors into a fused QKV layer, gate and up into one).
-    Not collective.
+    Collective over the world only for one check before anything is read: every rank passed the same path
+    and sees the same checkpoint there (ValueError on every rank naming what differed).
     """
+    _ckpt_paths.check_load_path(path)
     entries = _entries(layers, arrays, optimizer_state)
     if _is_npz(path):
         if arrays or optimizer_state or key_map:

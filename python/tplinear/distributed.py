@@ -35,6 +35,19 @@ class ProcessGroup:
     def is_member(self):
         return self.rank >= 0
 
+    # A group is a live connection to the other ranks: copies of what holds one (copy.deepcopy of a model)
+    # share it, as torch's ProcessGroup and DeviceMesh do; pickling it is a TypeError.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a tplinear ProcessGroup cannot be pickled: it is a live connection to the other ranks of "
+                        "this job (copy.deepcopy shares it; another process makes its own with init_process_group "
+                        "/ new_group)")
+
     def __repr__(self):
         info = _C.group_info(self._handle)
         return f"ProcessGroup(rank={info['rank']}, size={info['size']}, backend={info['backend']!r})"

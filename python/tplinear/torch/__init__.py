@@ -37,6 +37,10 @@ from .sequence import (
     scatter_to_sequence_parallel_region,
 )
 from .vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from .training import check_replicas, clip_grad_norm_, full_state_dict, get_total_norm, set_num_threads
+from .training import share_threads as _share_threads
+
+_share_threads()  # tplinear's BLAS threads = torch's intra-op threads (docs/torch.md, "Threads")
 
 __all__ = [
     "VocabParallelEmbedding", "allreduce_gradients", "gather_from_sequence_parallel_region",
@@ -46,4 +50,5 @@ __all__ = [
     "LinearLayer", "TorchPlacement", "conv_LinearLayer", "fused_LinearLayer", "is_autotp_training_mode",
     "is_training_mode", "load_checkpoint", "parallelize", "release_grad_buffers", "save_checkpoint", "STYLES",
     "tp_modules", "set_autotp_mode", "set_training_mode",
+    "check_replicas", "clip_grad_norm_", "full_state_dict", "get_total_norm", "set_num_threads",
 ]

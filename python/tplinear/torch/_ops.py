@@ -85,6 +85,9 @@ class GradBuffers:
     def clear(self):
         self._free.clear()
 
+    def __deepcopy__(self, memo):  # a copied layer keeps buffers of its own, none of the original's
+        return GradBuffers()
+
 
 # ----------------------------------------------------------------------------------------- the layers
 

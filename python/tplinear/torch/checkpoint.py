@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from .. import _ckpt
+from .. import _ckpt, _ckpt_paths
 from .. import checkpoint as _numpy_ckpt
 from .. import distributed as dist
 from .modules import _TPModule
@@ -203,7 +203,10 @@ def load_checkpoint(path, model, optimizer=None, strict=True, cast=False, key_ma
     save_pretrained directory, or one .safetensors file. Parameters are filled in place. A key missing
     from the checkpoint, or one that nothing loads, raises ValueError naming it (strict=False: loads what
     both have); a dtype other than the tensor's raises TypeError unless cast=True. The optimizer's state
-    is rebuilt from the checkpoint: it needs the same parameters in the same param groups. Not collective."""
+    is rebuilt from the checkpoint: it needs the same parameters in the same param groups. Collective over
+    the world only for one check before anything is read: every rank passed the same path and sees the same
+    checkpoint there (ValueError on every rank naming what differed)."""
+    _ckpt_paths.check_load_path(path)
     entries, tied = _model_entries(model)
     with _ckpt.Checkpoint(path) as ck:
         created = []

@@ -16,7 +16,8 @@ from .. import _layout
 from .. import distributed as dist
 from .._arrays import DTYPES, dtype_name
 from ..partition import is_training_mode
-from . import _ops
+from . import _grads, _ops
+from . import _training
 from . import sequence as _sequence
 
 
@@ -162,7 +163,15 @@ class _TPModule(nn.Module, _layout.Sharded):
         param.partition_dim = dim if sharded else None
         param.gather_params = self.gather_params
         param._tp_partition = self._tp_partition
+        _grads.track(param, self, sharded)  # its gradient's norm is the full one's (torch's clipping is right)
         return param
+
+    def __setstate__(self, state):
+        """After copy.deepcopy (torch's Parameter copies drop their attributes and hooks): the copy's
+        parameters get their marks again, the copy its own operator key and gradient buffers; the group
+        is shared."""
+        super().__setstate__(state)
+        _training.after_copy(self)
 
     # -- what users and checkpoints read
 
@@ -210,9 +219,10 @@ class _TPModule(nn.Module, _layout.Sharded):
         return ", ".join(parts)
 
     def _linear(self, x):
+        x, weight, bias = _training.autocast_args(self, x)  # torch.autocast: cast as nn.Linear is
         if torch.compiler.is_compiling():  # Dynamo traces the custom operator into the graph
-            return torch.ops.tplinear.linear(x, self.weight, self.bias, self._op_key)
-        return _ops.TPLinear.apply(x, self.weight, self.bias, self)
+            return torch.ops.tplinear.linear(x, weight, bias, self._op_key)
+        return _ops.TPLinear.apply(x, weight, bias, self)
 
     def _check_width(self, x, expected, what):
         if not isinstance(x, torch.Tensor):
@@ -253,6 +263,7 @@ class LinearAllreduce(_TPModule):
         if self.sequence_parallel:
             self._check_width(x, self.weight.shape[1], f"this rank's shard of in_features={self.in_features} over "
                                                        f"{self.tp_world_size} ranks")
+            _training.autocast_args(self, x, sequence_parallel=True)
             return _sequence.sequence_parallel_linear(self, x)
         if not self.input_is_parallel:
             self._check_width(x, self.in_features, "in_features, input_is_parallel=False")
@@ -298,6 +309,7 @@ class LinearLayer(_TPModule):
     def forward(self, input, seq_len=None):
         self._check_width(input, self.in_features, "in_features")
         if self.sequence_parallel:
+            _training.autocast_args(self, input, sequence_parallel=True)
             y = _sequence.sequence_parallel_linear(self, input, seq_len)
         elif seq_len is not None:
             raise ValueError("seq_len is for sequence_parallel=True layers")

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import distributed as dist
 from . import _ops
+from . import training as _training
 from .modules import (
     Conv_LinearALlreduce,
     LinearAllreduce,
@@ -206,7 +207,7 @@ def _head_kwargs(name, module, kind, heads, size):
 # ------------------------------------------------------------------------------------------ parallelize
 
 
-def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None):
+def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None, src_rank=None):
     """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
     tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
 
@@ -217,7 +218,9 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     rules (q/k/v/gate/up/fc1 -> column, o/down/dense/fc2 -> row). Modules the plan does not name stay
     replicated. num_heads / num_kv_heads / head_dim override the config's.
 
-    Collective over mp_group: every rank calls it on the same model (same initial values). Raises
+    Collective over mp_group: every rank calls it on the same model (same initial values: checked by a
+    fingerprint per tensor, ValueError on every rank naming the first that differs; src_rank=r broadcasts
+    rank r's weights first instead, as torch TP's src_data_rank). Raises
     ValueError for a plan whose column output split and following row input split disagree (naming both
     modules), NotImplementedError for a style tplinear does not have yet."""
     if not isinstance(model, nn.Module):
@@ -258,6 +261,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
             if style is not None and style not in _REPLICATE and name not in named:
                 _refuse(name, style, pattern, rules.source)
     _check_tied(model, chosen)
+    _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
     built = {}
     for name, (style, pattern) in chosen.items():
         module = named[name]
@@ -284,6 +288,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         parent_name, _, child = name.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, layer)
     _update_attention_attributes(model, built, heads)
+    _training.after_parallelize(model, group)  # save_pretrained writes the full model; deepcopy keeps hooks
     return model
 
 
