@@ -244,6 +244,11 @@ class Trainer(transformers.Trainer):
     def is_world_process_zero(self):
         return dist.get_rank(self.world_group) == 0
 
+    def is_local_process_zero(self):
+        # the first rank on each host prints the logs, not one rank per replica (or every rank)
+        local = os.environ.get("LOCAL_RANK") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
+        return int(local) == 0 if local else self.is_world_process_zero()
+
     def _barrier(self):
         dist.barrier(self.world_group)
 
