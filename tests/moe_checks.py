@@ -99,6 +99,11 @@ def check_moe(kind, training, steps=3):
         close(out.loss.reshape(1), expect.loss.reshape(1), torch.float64, f"{what} step {step} loss", max(tol, 1e-7))
         out.loss.backward()
         expect.loss.backward()
+        if step == 0:  # the expert shards count as sharded in the training loop's norms (both clipping calls)
+            want = torch.nn.utils.get_total_norm([q.grad for q in ref.parameters() if q.grad is not None])
+            for how, fn in (("torch", torch.nn.utils.get_total_norm), ("tplinear", tpt.get_total_norm)):
+                got = fn([q.grad for q in model.parameters() if q.grad is not None])
+                close(got.reshape(1), want.reshape(1), torch.float64, f"{what} total grad norm ({how})", 1e-8)
         refs = dict(ref.named_parameters())
         for name, q in model.named_parameters():
             g, rg = full_grad(q), refs[name].grad
@@ -112,6 +117,9 @@ def check_moe(kind, training, steps=3):
         layer = getattr(q, "tp_layer", None)
         full = q.detach() if layer is None else layer.full_tensor(q)
         close(full, dict(ref.named_parameters())[name], torch.float64, f"{what} {name} after {steps} AdamW steps", 1e-5)
+    full = tpt.full_state_dict(model, rank0_only=False)  # what save_pretrained writes: the experts whole
+    for name, t in ref.state_dict().items():
+        close(full[name], t, torch.float64, f"{what} full_state_dict[{name}]", 1e-5)
     print(f"rank {r}: {what}: exact, expert shards "
           f"{sum(params[n].untyped_storage().nbytes() for n in full_expert_bytes)} of "
           f"{sum(full_expert_bytes.values())} bytes", flush=True)

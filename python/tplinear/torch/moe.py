@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import _C
 from ..partition import shard_ranges
-from . import _ops
+from . import _grads, _ops
 
 
 def _param3(module, name):
@@ -81,6 +81,9 @@ class ExpertShard:
         _C.gather(self.mp_group._handle, value.contiguous(), self.dim, self._ranges, self._nblocks, out)
         return out
 
+    def _is_sharded(self, param):  # the training loop's question to a layer (tplinear.torch.training)
+        return True
+
     def __repr__(self):
         return f"ExpertShard(dim={self.dim}, pieces={self._ranges[self.tp_index * self._nblocks:][:self._nblocks]})"
 
@@ -96,6 +99,7 @@ def _shard_param(param, group, dim, ranges, nblocks, full):
     param.tensor_model_parallel = True
     param.partition_dim = dim
     param.tp_layer = ExpertShard(group, dim, ranges, nblocks, full)
+    _grads.track(param, param.tp_layer, True)  # torch's clip_grad_norm_ sees the full gradient's norm
     return param
 
 

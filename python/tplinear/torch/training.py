@@ -268,7 +268,8 @@ def _first_difference(group, named):
 
 def _replicated_tensors(model, buffers=False):
     """(name, tensor) of the model's tensors that every rank holds whole: parameters (and buffers) outside
-    tplinear's layers, and the layers' replicated ones (a row layer's bias); each tensor once."""
+    tplinear's layers and not cut elsewhere (MoE expert shards), and the layers' replicated ones (a row
+    layer's bias); each tensor once."""
     from .modules import _TPModule
     out, seen = [], set()
     for mname, module in model.named_modules():
@@ -281,6 +282,8 @@ def _replicated_tensors(model, buffers=False):
                 continue
             seen.add(id(p))
             if tp and (module._is_sharded(p) if hasattr(module, "_is_sharded") else True):
+                continue
+            if _sharded_group(p) is not None:  # a shard outside the layers (MoE experts: tplinear.torch.moe)
                 continue
             out.append((f"{mname}.{pname}" if mname else pname, p))
     return out
