@@ -414,7 +414,7 @@ out:
     return st;
 }
 
-/* Gives this rank its share of the cores for BLAS (DESIGN.md: cores / ranks of this host) unless
+/* Gives this rank its share of the cores for BLAS (docs/architecture.md, section 3: cores / ranks of this host) unless
  * OMP_NUM_THREADS says otherwise (torchrun and tplinear.run set it; mpirun and srun do not). A process
  * the launcher bound to some cores (mpirun --bind-to core) uses those. */
 static tp_status share_cores(const tp_group *g)
