@@ -84,6 +84,10 @@ struct tp_group {
     int next_child;         /* counter for subgroup ids (identical on every rank of the group) */
 };
 
+/* The world group (comm/group.c): tp_group_init_world but for this process's share of the cores for BLAS,
+ * which layers/world.c adds on top, so that comm never calls gemm. */
+tp_status tp_world_new(const tp_init_options *opts, tp_group **world);
+
 /* out[i] += bias[(first + i) % width] for i < n (float32 / float64): a row bias added to elements
  * [first, first + n) of a row-major array `width` wide, one addition per element (comm/group.c). */
 void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width);

@@ -1,6 +1,5 @@
 /* Process groups: the group object (made around comm/bootstrap.c's rendezvous), the public collective entry
  * points (argument checks + dispatch through the backend table), and the trivial backend of a group of one. */
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,25 +105,7 @@ out:
     return st;
 }
 
-/* Gives this rank its share of the cores for BLAS (docs/architecture.md, section 3: cores / ranks of this host) unless
- * OMP_NUM_THREADS says otherwise (torchrun and tplinear.run set it; mpirun and srun do not). A process
- * the launcher bound to some cores (mpirun --bind-to core) uses those. */
-static tp_status share_cores(const tp_group *g)
-{
-    tp_status st = TP_OK;
-    tp_launcher l;
-    cpu_set_t set;
-    long online = sysconf(_SC_NPROCESSORS_ONLN), mine = online;
-    TP_CHECK(tp_launcher_from_env(&l));
-    if (l.omp_threads_set || g->size == 1) goto out;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) mine = CPU_COUNT(&set);
-    if (mine >= online && g->local_world_size > 0) mine = online / g->local_world_size;
-    TP_CHECK(tp_set_num_threads(mine > 0 ? (int)mine : 1));
-out:
-    return st;
-}
-
-tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
+tp_status tp_world_new(const tp_init_options *opts, tp_group **world)
 {
     tp_status st = TP_OK;
     tp_group *g = NULL;
@@ -151,7 +132,6 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     if (size > 1) { /* a world of one has no store (g->store == NULL) */
         TP_CHECK(tp_boot_open_store(opts, g));
         TP_CHECK(tp_boot_exchange_hosts(g, lrank));
-        TP_CHECK(share_cores(g));
     }
     TP_CHECK(tp_backend_choose(opts->backend, opts->device, g, &family));
     TP_CHECK(make_member(g, family));

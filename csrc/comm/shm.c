@@ -856,13 +856,6 @@ static void shm_destroy(tp_group *g)
 
 static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
-static int online_cpus(void)
-{
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
-    return (int)sysconf(_SC_NPROCESSORS_ONLN);
-}
-
 /* Decides, identically on every rank, whether the single-copy collectives run: rank 0 enabled them
  * (hdr->cma_*_bytes) and every rank could read every peer's probe value with process_vm_readv. Called once
  * every rank has mapped the segment and published its probe; why gets a line for the log. */
@@ -954,7 +947,7 @@ static tp_status shm_create(tp_group *g)
     im->half = im->slot_bytes / 2;
     im->oneshot = (size_t)oneshot_kb * 1024;
     if (im->oneshot > im->half) im->oneshot = im->half;
-    im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= online_cpus() ? 50e-6 : 2e-6);
+    im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= tp_cores_available() ? 50e-6 : 2e-6);
     /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else reduce-scatter +
      * all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag (choice 0 or 1) forces either */
     im->oneshot_big = algo < 0 ? g->size == 2 : algo == 0;
@@ -1012,7 +1005,7 @@ static tp_status shm_create(tp_group *g)
     tp_store_proof(g->store, "tplinear-shm-segment", key, strlen(key), want);
     if (g->rank == 0) {
         /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
-        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 128 * 1024 : 1024 * 1024);
+        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= tp_cores_available() ? 128 * 1024 : 1024 * 1024);
         chunk = chunk / ((size_t)CL * (size_t)g->size) * ((size_t)CL * (size_t)g->size);
         if (chunk > im->half) chunk = im->half;
         if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
@@ -1023,7 +1016,7 @@ static tp_status shm_create(tp_group *g)
          * (a context switch each) pays off only for reductions from 4 MB, and a peer's data read p-1
          * times from memory makes all-gather and broadcast slower than copying through the segment at
          * every size measured (up to 64 MB): TPLINEAR_SHM_CMA_KB sets one threshold for all */
-        int spare = g->size <= online_cpus();
+        int spare = g->size <= tp_cores_available();
         im->hdr->cma_reduce_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024
                                                       : (spare ? 16 : 4096) * 1024ull;
         im->hdr->cma_copy_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024

@@ -43,6 +43,14 @@ void tp_log(int level, const char *fmt, ...) TP_PRINTF(2, 3);
  * OMPI_COMM_WORLD_RANK, else 0). */
 void tp_log_set_rank(int rank);
 
+/* How many cores this process may run on: its CPU affinity (a launcher may bind it to some), else every
+ * online core; at least 1 (core/cores.c). */
+int tp_cores_available(void);
+/* A rank's share of the cores, the rule of every BLAS thread count: the cores the launcher bound it to when
+ * they are fewer than the host's, else the host's cores / local_world_size (the ranks of this host; <= 0:
+ * all of them); at least 1. */
+int tp_cores_per_rank(int local_world_size);
+
 /* Monotonic clock in seconds; a sleep of s seconds (resumed when a signal interrupts it). */
 double tp_now(void);
 void tp_sleep(double s);
