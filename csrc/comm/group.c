@@ -443,25 +443,6 @@ out:
     return st;
 }
 
-void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width)
-{
-    size_t col = first % width;
-    for (size_t i = 0; i < n;) {
-        size_t m = width - col < n - i ? width - col : n - i;
-        if (dt == TP_FLOAT32) {
-            float *o = (float *)out + i;
-            const float *b = (const float *)bias + col;
-            for (size_t k = 0; k < m; k++) o[k] += b[k];
-        } else {
-            double *o = (double *)out + i;
-            const double *b = (const double *)bias + col;
-            for (size_t k = 0; k < m; k++) o[k] += b[k];
-        }
-        i += m;
-        col = 0;
-    }
-}
-
 tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt, const void *bias,
                              size_t width)
 {

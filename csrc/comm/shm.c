@@ -129,9 +129,7 @@ typedef struct {
     double spin_s, yield_s, timeout_s, watchdog_s;
     double spin_cur; /* adaptive spin budget: shrinks while spinning fails (peer not running), regrows */
     int log_level;
-    int broken;
-    tp_status broken_status;
-    char broken_msg[MSG_CAP];
+    tp_broken broken;
     char name[96];
 } shm_impl;
 
@@ -185,9 +183,7 @@ static void wake(shm_impl *im)
 static tp_status fail(shm_impl *im, tp_status st, int mark)
 {
     const char *msg = tp_last_error();
-    im->broken = 1;
-    im->broken_status = st;
-    snprintf(im->broken_msg, sizeof im->broken_msg, "%s", msg);
+    tp_broken_record(&im->broken, st);
     if (mark) {
         int expected = 0;
         if (atomic_compare_exchange_strong(&im->hdr->failed, &expected, 1)) {
@@ -357,8 +353,8 @@ static void post(shm_impl *im)
 static tp_status begin(shm_impl *im, int kind, uint64_t bytes, tp_dtype dt, int op, int root, uint64_t extra)
 {
     tp_fingerprint *f;
-    if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
-                                    im->broken_msg);
+    tp_status st = tp_broken_check(&im->broken);
+    if (st != TP_OK) return st;
     if (atomic_load(&im->hdr->failed)) return fail_from_segment(im);
     f = &im->ctrl[im->r].fp[im->seq & 1];
     f->seq = im->seq;
@@ -408,23 +404,12 @@ static tp_status sync_step(shm_impl *im, int first, const char *what)
 static void end(shm_impl *im, int kind, uint64_t bytes, double t0)
 {
     im->seq++;
-    if (im->log_level >= TP_LOG_TRACE)
-        tp_log(TP_LOG_TRACE, "shm: %s #%llu of %llu bytes over %d ranks: %.1f us", tp_coll_name(kind),
-               (unsigned long long)(im->seq - 1), (unsigned long long)bytes, im->p, (tp_now() - t0) * 1e6);
+    tp_coll_trace(im->log_level, "shm", kind, im->seq - 1, bytes, im->p, t0);
 }
 
 static char *slot(shm_impl *im, int rank, uint64_t chunk)
 {
     return im->slots + (size_t)rank * im->slot_bytes + (size_t)(chunk & 1) * im->half;
-}
-
-/* ---------------------------------------------------------------- reductions */
-
-static tp_status check_dtype(tp_dtype dt, const char *what)
-{
-    if (dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_INT32 || dt == TP_INT64) return TP_OK;
-    return tp_error(TP_ERR_TYPE, "%s: the shm backend reduces float32, float64, int32 and int64, not %s", what,
-                    tp_dtype_name(dt));
 }
 
 /* ---------------------------------------------------------------- collectives */
@@ -570,7 +555,7 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     const size_t bytes = count * es;
     const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
     char *in[TP_SHM_MAX_RANKS];
-    TP_CHECK(check_dtype(dt, "all_reduce"));
+    TP_CHECK(tp_reduce_check_dtype("shm", dt, "all_reduce"));
     TP_CHECK(begin(im, TP_COLL_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
     if (bytes >= im->cma_reduce_bytes) {
         TP_CHECK(all_reduce_cma(im, src, dst, count, dt, op, bias, width));
@@ -625,12 +610,13 @@ static tp_status shm_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
 
 static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
 {
+    tp_status st = TP_OK;
     shm_impl *im = g->impl;
     *ptr = NULL;
-    if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
-                                    im->broken_msg);
+    TP_CHECK(tp_broken_check(&im->broken));
     if (bytes <= im->half) *ptr = slot(im, im->r, im->round);
-    return TP_OK;
+out:
+    return st;
 }
 
 /* The staged input's checks; what names the caller. */
@@ -725,7 +711,7 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
     const size_t per = piece / es;
     char *in[TP_SHM_MAX_RANKS];
     int first = 1;
-    TP_CHECK(check_dtype(dt, "reduce_scatter"));
+    TP_CHECK(tp_reduce_check_dtype("shm", dt, "reduce_scatter"));
     TP_CHECK(begin(im, TP_COLL_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
     if (count * es * (size_t)im->p >= im->cma_reduce_bytes) { /* single copy: rank r reduces block r of every input */
         TP_CHECK(cma_begin(im, send, recv, "reduce_scatter"));
@@ -763,7 +749,7 @@ static tp_status shm_reduce_scatter_v(tp_group *g, const void *send, void *recv,
     size_t displ[TP_SHM_MAX_RANKS], total = 0, most = 0;
     char *in[TP_SHM_MAX_RANKS];
     int first = 1;
-    TP_CHECK(check_dtype(dt, "reduce_scatter"));
+    TP_CHECK(tp_reduce_check_dtype("shm", dt, "reduce_scatter"));
     for (int k = 0; k < im->p; k++) {
         displ[k] = total;
         total += counts[k];
