@@ -898,19 +898,21 @@ out:
     return st;
 }
 
-static tp_status shm_create(tp_group *g)
+/* What the TPLINEAR_SHM_* knobs make of a group of p ranks: each rank's own sizes and waits, and what rank 0
+ * publishes in the header for all (chunk, one-shot, single-copy thresholds). */
+typedef struct {
+    size_t slot_bytes, oneshot, chunk;
+    int oneshot_big;
+    double spin_s, yield_s;
+    uint64_t cma_reduce_bytes, cma_copy_bytes;
+} shm_tune;
+
+static tp_status shm_tuning(int p, shm_tune *t)
 {
     tp_status st = TP_OK;
-    shm_impl *im = NULL;
-    char key[160], path[64];
-    unsigned char want[TP_SHA256_BYTES];
-    size_t ctrl_bytes, data_off, len = 0;
     long slot_kb, oneshot_kb, spin_us, chunk_kb, yield_us, algo, cma, cma_kb;
-    int fd = -1;
-    char cma_why[192] = "off";
-    struct stat sb;
-    TP_REQUIRE(g->size >= 2 && g->size <= TP_SHM_MAX_RANKS, "shm: group size %d out of range 2..%d", g->size,
-               TP_SHM_MAX_RANKS);
+    int spare = p <= tp_cores_available(); /* every rank has a core */
+    size_t chunk, line = (size_t)CL * (size_t)p;
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_SLOT_KB, &slot_kb));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_ONESHOT_KB, &oneshot_kb));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_SPIN_US, &spin_us));
@@ -919,6 +921,151 @@ static tp_status shm_create(tp_group *g)
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_ALGO, &algo));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_CMA, &cma));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_CMA_KB, &cma_kb));
+    t->slot_bytes = round_up((size_t)slot_kb * 1024, 2 * 4096);
+    t->oneshot = (size_t)oneshot_kb * 1024;
+    if (t->oneshot > t->slot_bytes / 2) t->oneshot = t->slot_bytes / 2;
+    t->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (spare ? 50e-6 : 2e-6);
+    /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else reduce-scatter +
+     * all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag (choice 0 or 1) forces either */
+    t->oneshot_big = algo < 0 ? p == 2 : algo == 0;
+    t->yield_s = (double)yield_us * 1e-6;
+    /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
+    chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (spare ? 128 * 1024 : 1024 * 1024);
+    chunk = chunk / line * line;
+    if (chunk > t->slot_bytes / 2) chunk = t->slot_bytes / 2;
+    if (chunk < line) chunk = line;
+    t->chunk = chunk;
+    /* single copy from 16 KB when every rank has a core; with more ranks than cores its extra step
+     * (a context switch each) pays off only for reductions from 4 MB, and a peer's data read p-1
+     * times from memory makes all-gather and broadcast slower than copying through the segment at
+     * every size measured (up to 64 MB): TPLINEAR_SHM_CMA_KB sets one threshold for all */
+    t->cma_reduce_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024 : (spare ? 16 : 4096) * 1024ull;
+    t->cma_copy_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024 : spare ? 16 * 1024ull : UINT64_MAX;
+out:
+    return st;
+}
+
+/* Rank 0: a fresh sealed memfd of im->map_bytes (no name in /dev/shm) in *fd, and the path the other ranks
+ * open it by. */
+static tp_status segment_create(shm_impl *im, char *path, size_t cap, int *fd)
+{
+    tp_status st = TP_OK;
+    unsigned char rnd[12];
+    char hex[2 * sizeof rnd + 1];
+    TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
+    tp_hex(rnd, sizeof rnd, hex);
+    snprintf(im->name, sizeof im->name, "tplinear-%s", hex);
+    if ((*fd = memfd_create(im->name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: memfd_create");
+        goto out;
+    }
+    if (ftruncate(*fd, (off_t)im->map_bytes) < 0 || fcntl(*fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: sizing the segment to %zu bytes", im->map_bytes);
+        goto out;
+    }
+    snprintf(path, cap, "/proc/%d/fd/%d", (int)getpid(), *fd);
+out:
+    return st;
+}
+
+/* The other ranks: rank 0's segment, by the path it published under key, opened in *fd and checked to have
+ * im->map_bytes. */
+static tp_status segment_open(tp_group *g, shm_impl *im, const char *key, char *path, size_t cap, int *fd)
+{
+    tp_status st = TP_OK;
+    size_t len = 0;
+    struct stat sb;
+    TP_CHECK(tp_store_get(g->store, key, path, cap - 1, &len));
+    path[len < cap ? len : cap - 1] = '\0';
+    snprintf(im->name, sizeof im->name, "%s", path);
+    if ((*fd = open(path, O_RDWR | O_CLOEXEC)) < 0) {
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: cannot open rank 0's segment %s (the shm backend needs every "
+                            "rank of a group on one host, in one PID namespace, as one user; did rank 0 exit?)",
+                            path);
+        goto out;
+    }
+    if (fstat(*fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (size_t)sb.st_size != im->map_bytes) {
+        st = tp_error(TP_ERR_VALUE,
+                      "shm: segment %s has %lld bytes, expected %zu (TPLINEAR_SHM_SLOT_KB must be equal on all "
+                      "ranks)", path, (long long)sb.st_size, im->map_bytes);
+        goto out;
+    }
+out:
+    return st;
+}
+
+/* Maps the segment and lays out header, control blocks and slots (the data from data_off). */
+static tp_status segment_map(shm_impl *im, int fd, size_t data_off)
+{
+    tp_status st = TP_OK;
+    im->base = mmap(NULL, im->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (im->base == MAP_FAILED) {
+        im->base = NULL;
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: mmap of %zu bytes", im->map_bytes);
+        goto out;
+    }
+    im->hdr = (shm_header *)im->base;
+    im->ctrl = (rank_ctrl *)(im->base + round_up(sizeof(shm_header), CL));
+    im->slots = im->base + data_off;
+out:
+    return st;
+}
+
+/* Rank 0: the header every rank reads its tuning from, with the proof of the world's token, then the
+ * segment's path under key (which the others wait for). */
+static tp_status header_publish(tp_group *g, shm_impl *im, const shm_tune *t, const unsigned char *want,
+                                const char *key, const char *path)
+{
+    tp_status st = TP_OK;
+    im->hdr->chunk_bytes = t->chunk;
+    im->hdr->oneshot_bytes = im->oneshot;
+    im->hdr->oneshot_big = im->oneshot_big;
+    im->hdr->cma_reduce_bytes = t->cma_reduce_bytes;
+    im->hdr->cma_copy_bytes = t->cma_copy_bytes;
+    im->hdr->slot_bytes = im->slot_bytes;
+    im->hdr->nranks = g->size;
+    memcpy(im->hdr->proof, want, TP_SHA256_BYTES);
+    im->hdr->magic = SHM_MAGIC;
+    TP_CHECK(tp_store_set(g->store, key, path, strlen(path)));
+out:
+    return st;
+}
+
+/* The other ranks: the segment must be a tplinear segment of this group's size proving the world's token. */
+static tp_status header_verify(tp_group *g, shm_impl *im, const unsigned char *want)
+{
+    if (im->hdr->magic != SHM_MAGIC || im->hdr->nranks != g->size)
+        return tp_error(TP_ERR_COMM, "shm: segment %s is not a tplinear segment of %d ranks", im->name, g->size);
+    if (!tp_secret_equal(im->hdr->proof, want, TP_SHA256_BYTES))
+        return tp_error(TP_ERR_COMM, "shm: refused segment %s: it does not prove this world's token (a foreign or "
+                        "stale segment)", im->name);
+    return TP_OK;
+}
+
+/* This rank's control block: the value peers read to test single-copy access (cma_setup), its pid and first
+ * heartbeat (the peers' liveness checks). */
+static void cma_probe(tp_group *g, shm_impl *im)
+{
+    im->probe = ((uint64_t)getpid() << 32) ^ (uint64_t)(tp_now() * 1e9) ^ (uint64_t)(uintptr_t)im;
+    im->ctrl[g->rank].probe_addr = (uint64_t)(uintptr_t)&im->probe;
+    im->ctrl[g->rank].probe_val = im->probe;
+    atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
+    atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
+}
+
+static tp_status shm_create(tp_group *g)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = NULL;
+    shm_tune t;
+    char key[160], path[64];
+    unsigned char want[TP_SHA256_BYTES];
+    size_t data_off;
+    int fd = -1;
+    char cma_why[192] = "off";
+    TP_REQUIRE(g->size >= 2 && g->size <= TP_SHM_MAX_RANKS, "shm: group size %d out of range 2..%d", g->size,
+               TP_SHM_MAX_RANKS);
+    TP_CHECK(shm_tuning(g->size, &t));
     if ((im = calloc(1, sizeof *im)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "shm: out of memory");
         goto out;
@@ -929,105 +1076,33 @@ static tp_status shm_create(tp_group *g)
     im->timeout_s = g->timeout_s;
     im->watchdog_s = (double)tp_knob_value(TP_KNOB_WATCHDOG_S);
     im->log_level = tp_log_level();
-    im->slot_bytes = round_up((size_t)slot_kb * 1024, 2 * 4096);
+    im->slot_bytes = t.slot_bytes;
     im->half = im->slot_bytes / 2;
-    im->oneshot = (size_t)oneshot_kb * 1024;
-    if (im->oneshot > im->half) im->oneshot = im->half;
-    im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= tp_cores_available() ? 50e-6 : 2e-6);
-    /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else reduce-scatter +
-     * all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag (choice 0 or 1) forces either */
-    im->oneshot_big = algo < 0 ? g->size == 2 : algo == 0;
-    im->yield_s = (double)yield_us * 1e-6;
-    im->spin_cur = im->spin_s;
-    ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
-    data_off = round_up(sizeof(shm_header) + ctrl_bytes, 4096);
+    im->oneshot = t.oneshot;
+    im->spin_s = im->spin_cur = t.spin_s;
+    im->oneshot_big = t.oneshot_big;
+    im->yield_s = t.yield_s;
+    data_off = round_up(sizeof(shm_header) + (size_t)g->size * sizeof(rank_ctrl), 4096);
     im->map_bytes = data_off + (size_t)g->size * im->slot_bytes;
     snprintf(key, sizeof key, "%sshm/path", g->prefix);
-    if (g->rank == 0) {
-        unsigned char rnd[12];
-        char hex[2 * sizeof rnd + 1];
-        TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
-        tp_hex(rnd, sizeof rnd, hex);
-        snprintf(im->name, sizeof im->name, "tplinear-%s", hex);
-        if ((fd = memfd_create(im->name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: memfd_create");
-            goto out;
-        }
-        if (ftruncate(fd, (off_t)im->map_bytes) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: sizing the segment to %zu bytes", im->map_bytes);
-            goto out;
-        }
-        snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)getpid(), fd);
-    } else {
-        TP_CHECK(tp_store_get(g->store, key, path, sizeof path - 1, &len));
-        path[len < sizeof path ? len : sizeof path - 1] = '\0';
-        snprintf(im->name, sizeof im->name, "%s", path);
-        if ((fd = open(path, O_RDWR | O_CLOEXEC)) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: cannot open rank 0's segment %s (the shm backend needs every "
-                                "rank of a group on one host, in one PID namespace, as one user; did rank 0 exit?)",
-                                path);
-            goto out;
-        }
-        if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (size_t)sb.st_size != im->map_bytes) {
-            st = tp_error(TP_ERR_VALUE,
-                          "shm: segment %s has %lld bytes, expected %zu (TPLINEAR_SHM_SLOT_KB must be equal on all "
-                          "ranks)", path, (long long)sb.st_size, im->map_bytes);
-            goto out;
-        }
-    }
-    im->base = mmap(NULL, im->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (im->base == MAP_FAILED) {
-        im->base = NULL;
-        st = tp_error_errno(TP_ERR_SYSTEM, "shm: mmap of %zu bytes", im->map_bytes);
-        goto out;
-    }
+    if (g->rank == 0)
+        TP_CHECK(segment_create(im, path, sizeof path, &fd));
+    else
+        TP_CHECK(segment_open(g, im, key, path, sizeof path, &fd));
+    TP_CHECK(segment_map(im, fd, data_off));
     if (g->rank != 0) { /* rank 0 keeps its descriptor (the others' way in) until every rank has mapped */
         close(fd);
         fd = -1;
     }
-    im->hdr = (shm_header *)im->base;
-    im->ctrl = (rank_ctrl *)(im->base + round_up(sizeof(shm_header), CL));
-    im->slots = im->base + data_off;
     tp_store_proof(g->store, "tplinear-shm-segment", key, strlen(key), want);
-    if (g->rank == 0) {
-        /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
-        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= tp_cores_available() ? 128 * 1024 : 1024 * 1024);
-        chunk = chunk / ((size_t)CL * (size_t)g->size) * ((size_t)CL * (size_t)g->size);
-        if (chunk > im->half) chunk = im->half;
-        if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
-        im->hdr->chunk_bytes = chunk;
-        im->hdr->oneshot_bytes = im->oneshot;
-        im->hdr->oneshot_big = im->oneshot_big;
-        /* single copy from 16 KB when every rank has a core; with more ranks than cores its extra step
-         * (a context switch each) pays off only for reductions from 4 MB, and a peer's data read p-1
-         * times from memory makes all-gather and broadcast slower than copying through the segment at
-         * every size measured (up to 64 MB): TPLINEAR_SHM_CMA_KB sets one threshold for all */
-        int spare = g->size <= tp_cores_available();
-        im->hdr->cma_reduce_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024
-                                                      : (spare ? 16 : 4096) * 1024ull;
-        im->hdr->cma_copy_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024
-                                                    : spare ? 16 * 1024ull : UINT64_MAX;
-        im->hdr->slot_bytes = im->slot_bytes;
-        im->hdr->nranks = g->size;
-        memcpy(im->hdr->proof, want, sizeof want);
-        im->hdr->magic = SHM_MAGIC;
-        TP_CHECK(tp_store_set(g->store, key, path, strlen(path)));
-    } else if (im->hdr->magic != SHM_MAGIC || im->hdr->nranks != g->size) {
-        st = tp_error(TP_ERR_COMM, "shm: segment %s is not a tplinear segment of %d ranks", im->name, g->size);
-        goto out;
-    } else if (!tp_secret_equal(im->hdr->proof, want, sizeof want)) {
-        st = tp_error(TP_ERR_COMM, "shm: refused segment %s: it does not prove this world's token (a foreign or "
-                      "stale segment)", im->name);
-        goto out;
-    }
+    if (g->rank == 0)
+        TP_CHECK(header_publish(g, im, &t, want, key, path));
+    else
+        TP_CHECK(header_verify(g, im, want));
     im->chunk = im->hdr->chunk_bytes;
     im->oneshot = im->hdr->oneshot_bytes;
     im->oneshot_big = im->hdr->oneshot_big;
-    im->probe = ((uint64_t)getpid() << 32) ^ (uint64_t)(tp_now() * 1e9) ^ (uint64_t)(uintptr_t)im;
-    im->ctrl[g->rank].probe_addr = (uint64_t)(uintptr_t)&im->probe;
-    im->ctrl[g->rank].probe_val = im->probe;
-    atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
-    atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
+    cma_probe(g, im);
     snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
     TP_CHECK(tp_store_arrive(g->store, key, g->rank));
     TP_CHECK(tp_store_wait_all(g->store, key, g->size, g->global_ranks, "to map the shm segment"));
