@@ -3,7 +3,7 @@
 #include <sched.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "env.h"
 
 int tp_cores_available(void)
 {
