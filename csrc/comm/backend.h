@@ -112,6 +112,9 @@ void tp_broken_record(tp_broken *b, tp_status st);
 /* TP_OK for a group that has not failed, else its status with "process group unusable after an earlier
  * failure: <message>". */
 tp_status tp_broken_check(const tp_broken *b);
+/* When a collective starts, for its TRACE line: the clock only when log_level (the group's tp_log_level())
+ * traces, else 0. */
+static inline double tp_coll_t0(int log_level) { return log_level >= TP_LOG_TRACE ? tp_now() : 0.0; }
 /* The TRACE line at the end of collective number seq (kind, bytes, over p ranks, started at tp_now() t0),
  * when log_level (the group's tp_log_level()) asks for it. */
 void tp_coll_trace(int log_level, const char *backend, int kind, uint64_t seq, uint64_t bytes, int p, double t0);

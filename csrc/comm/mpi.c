@@ -709,7 +709,7 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt), bytes = count * es;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     char *in[256], **inp = in;
     TP_CHECK(tp_reduce_check_dtype("mpi", dt, "all_reduce"));
     if (im->p > 256 && (inp = malloc((size_t)im->p * sizeof *inp)) == NULL) {
@@ -780,7 +780,7 @@ static tp_status mpi_all_gatherv(tp_group *g, const void *send, void *recv, cons
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     size_t total = 0, mine = 0;
     for (int j = 0; j < im->p; j++) {
         if (j == im->r) mine = total;
@@ -808,7 +808,7 @@ static tp_status mpi_reduce_scatter(tp_group *g, const void *send, void *recv, s
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     const size_t per = im->chunk / (size_t)im->p / es + 1; /* elements of each block per round */
     char *in[256], **inp = in;
     TP_CHECK(tp_reduce_check_dtype("mpi", dt, "reduce_scatter"));
@@ -857,7 +857,7 @@ static tp_status mpi_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t bytes = count * tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     int vr = (im->r - root + im->p) % im->p, mask = 1;
     TP_CHECK(begin(g, TP_COLL_BROADCAST, bytes, dt, 0, root, 0));
     /* the root sends and receives nothing: the ranks first agree on the call (a root mismatch otherwise goes
@@ -882,7 +882,7 @@ static tp_status mpi_barrier(tp_group *g)
 {
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     TP_CHECK(begin(g, TP_COLL_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
     st = end(g, dissemination(im, "barrier"), t0);
 out:

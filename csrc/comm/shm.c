@@ -553,7 +553,7 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
     const size_t bytes = count * es;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     char *in[TP_SHM_MAX_RANKS];
     TP_CHECK(tp_reduce_check_dtype("shm", dt, "all_reduce"));
     TP_CHECK(begin(im, TP_COLL_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
@@ -659,7 +659,7 @@ static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, cons
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     size_t total = 0, maxb = 0, displ[TP_SHM_MAX_RANKS];
     int first = 1;
     for (int j = 0; j < im->p; j++) {
@@ -706,7 +706,7 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     const size_t piece = (im->chunk / (size_t)im->p) / CL * CL; /* bytes per destination block per round */
     const size_t per = piece / es;
     char *in[TP_SHM_MAX_RANKS];
@@ -743,7 +743,7 @@ static tp_status shm_reduce_scatter_v(tp_group *g, const void *send, void *recv,
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     const size_t piece = (im->chunk / (size_t)im->p) / CL * CL;
     const size_t per = piece / es;
     size_t displ[TP_SHM_MAX_RANKS], total = 0, most = 0;
@@ -780,7 +780,7 @@ static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t bytes = count * tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     int first = 1;
     TP_CHECK(begin(im, TP_COLL_BROADCAST, bytes, dt, 0, root, 0));
     if (bytes >= im->cma_copy_bytes) { /* single copy: every rank reads the root's buffer */
@@ -806,7 +806,7 @@ static tp_status shm_barrier(tp_group *g)
 {
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     TP_CHECK(begin(im, TP_COLL_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
     TP_CHECK(sync_step(im, 1, "barrier"));
     end(im, TP_COLL_BARRIER, 0, t0);
