@@ -84,14 +84,40 @@ struct tp_group {
     int next_child;         /* counter for subgroup ids (identical on every rank of the group) */
 };
 
+/* The world group (comm/group.c): tp_group_init_world but for this process's share of the cores for BLAS,
+ * which layers/world.c adds on top, so that comm never calls gemm. */
+tp_status tp_world_new(const tp_init_options *opts, tp_group **world);
+
 /* out[i] += bias[(first + i) % width] for i < n (float32 / float64): a row bias added to elements
- * [first, first + n) of a row-major array `width` wide, one addition per element (comm/group.c). */
+ * [first, first + n) of a row-major array `width` wide, one addition per element (comm/reduce.c). */
 void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width);
 
 /* out[i] = in[0][i] op in[1][i] op ... op in[p-1][i] for i < n, in rank order (comm/reduce.c): float32,
  * float64, int32, int64; integer sums wrap, TP_AVG divides the sum by p (truncating for integers). out may
  * overlap any input. The shm and mpi backends both reduce with it, so they agree to the bit. */
 void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op);
+/* TP_OK when tp_reduce_ranks reduces dt, else TP_ERR_TYPE: "<what>: the <backend> backend reduces ...". */
+tp_status tp_reduce_check_dtype(const char *backend, tp_dtype dt, const char *what);
+
+/* What a backend that keeps its own failure record (shm, mpi) shares around its collectives (comm/frame.c):
+ * once a collective failed, the group refuses every later call with the first failure's message. */
+#define TP_BROKEN_MSG_CAP 512
+typedef struct {
+    int broken;
+    tp_status status;
+    char msg[TP_BROKEN_MSG_CAP];
+} tp_broken;
+/* Records the calling thread's current error message (tp_last_error) as the group's failure, status st. */
+void tp_broken_record(tp_broken *b, tp_status st);
+/* TP_OK for a group that has not failed, else its status with "process group unusable after an earlier
+ * failure: <message>". */
+tp_status tp_broken_check(const tp_broken *b);
+/* When a collective starts, for its TRACE line: the clock only when log_level (the group's tp_log_level())
+ * traces, else 0. */
+static inline double tp_coll_t0(int log_level) { return log_level >= TP_LOG_TRACE ? tp_now() : 0.0; }
+/* The TRACE line at the end of collective number seq (kind, bytes, over p ranks, started at tp_now() t0),
+ * when log_level (the group's tp_log_level()) asks for it. */
+void tp_coll_trace(int log_level, const char *backend, int kind, uint64_t seq, uint64_t bytes, int p, double t0);
 
 /* A collective call as ranks compare it (comm/fingerprint.c): the shm backend keeps each rank's in its
  * segment, the mpi backend hashes it into message tags and sends it after a mismatch. */

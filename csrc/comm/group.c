@@ -1,18 +1,10 @@
-/* Process groups: creation, the public collective entry points (argument checks + dispatch through
- * the backend table), and the trivial backend of a group of one. */
-#include <arpa/inet.h>
-#include <ifaddrs.h>
-#include <net/if.h>
-#include <sched.h>
-#include <netinet/in.h>
-#include <stdatomic.h>
+/* Process groups: the group object (made around comm/bootstrap.c's rendezvous), the public collective entry
+ * points (argument checks + dispatch through the backend table), and the trivial backend of a group of one. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
-#include "registry.h"
+#include "bootstrap.h"
 
 /* ---------------------------------------------------------------- group of one */
 
@@ -86,21 +78,6 @@ static tp_status check_options(const tp_init_options *o)
                     o->version, sizeof(tp_init_options), TP_INIT_OPTIONS_MAGIC, TP_INIT_OPTIONS_VERSION);
 }
 
-/* Ends a bootstrap phase that used the store: every member of the parent (index me of members, world
- * ranks in world[]) checks in, and world rank 0 (the store's server, when it is a member) returns last, so
- * no rank is left mid-request when rank 0 moves on (or exits). */
-static tp_status store_checkout(tp_store *store, const char *prefix, int me, int members, const int *world,
-                                int world_rank)
-{
-    tp_status st = TP_OK;
-    char key[128];
-    snprintf(key, sizeof key, "%sdone", prefix);
-    TP_CHECK(tp_store_arrive(store, key, me));
-    if (world_rank == 0) TP_CHECK(tp_store_wait_all(store, key, members, world, "to finish setting up the group"));
-out:
-    return st;
-}
-
 static tp_group *group_alloc(int size)
 {
     tp_group *g = calloc(1, sizeof *g);
@@ -110,293 +87,6 @@ static tp_group *group_alloc(int size)
         return NULL;
     }
     return g;
-}
-
-/* The world's shape: each field from opts when given, else from the launcher's environment, else a world
- * of one (local rank and size: -1 when neither says). */
-static tp_status world_shape(const tp_init_options *opts, int *size, int *rank, int *lrank, int *lsize)
-{
-    tp_status st = TP_OK;
-    tp_world_env env;
-    TP_CHECK(tp_world_from_env(&env));
-    *size = opts->world_size >= 0 ? opts->world_size : env.world_size >= 0 ? env.world_size : 1;
-    *rank = opts->rank >= 0 ? opts->rank : env.rank >= 0 ? env.rank : 0;
-    /* -1 when nobody says: a world of more than one counts the ranks of each host at rendezvous */
-    *lrank = opts->local_rank >= 0 ? opts->local_rank : env.local_rank;
-    *lsize = opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size;
-    TP_REQUIRE(*size >= 1 && *size <= 65536, "init: WORLD_SIZE must be in 1..65536, got %d", *size);
-    TP_REQUIRE(*rank >= 0 && *rank < *size, "init: RANK must be in 0..%d (WORLD_SIZE=%d), got %d", *size - 1, *size,
-               *rank);
-out:
-    return st;
-}
-
-/* How many worlds of more than one rank this process has started: the generation of the next one. Every
- * rank counts the same, so the n-th init of each meets the n-th of the others, and a rank that re-inits
- * cannot reach the previous world's store (the one counter of the process, like the registry's tables). */
-static _Atomic uint64_t g_world_generation;
-
-/* The key namespace in a store that outlives one world (torchrun's agent store serves every restart
- * of a run): the run id and the restart count, so a restarted world never sees an earlier attempt's
- * keys (store.c adds the generation, and proves every value with the world's token). */
-static void store_namespace(const tp_launcher *l, char *ns, size_t cap)
-{
-    snprintf(ns, cap, "tplinear/%s/%d/", l->run_id[0] ? l->run_id : "none", l->restart_count);
-}
-
-/* The address other hosts dial to reach this one: MASTER_ADDR when set, else the first non-loopback
- * IPv4 address of an interface that is up, else the hostname. */
-static void own_address(const tp_world_env *env, char *addr, size_t cap)
-{
-    struct ifaddrs *ifs = NULL;
-    if (env->master_addr[0]) {
-        snprintf(addr, cap, "%s", env->master_addr);
-        return;
-    }
-    if (getifaddrs(&ifs) == 0) {
-        for (struct ifaddrs *i = ifs; i != NULL; i = i->ifa_next) {
-            if (i->ifa_addr == NULL || i->ifa_addr->sa_family != AF_INET || (i->ifa_flags & IFF_LOOPBACK) ||
-                !(i->ifa_flags & IFF_UP))
-                continue;
-            if (inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, addr, (socklen_t)cap)) {
-                freeifaddrs(ifs);
-                return;
-            }
-        }
-        freeifaddrs(ifs);
-    }
-    if (gethostname(addr, cap - 1) < 0) snprintf(addr, cap, "127.0.0.1");
-}
-
-/* What world rank 0 tells the others through the launcher's channel (MPI) before any store exists. */
-typedef struct {
-    uint64_t generation;          /* rank 0's world generation: every rank must be at the same */
-    int port;                     /* where rank 0's store listens (the kernel's pick); 0: it failed, see why */
-    char addr[256];               /* where to dial it: 127.0.0.1 when the launcher says the world is one host */
-    char token[TP_TOKEN_MAX + 1]; /* a fresh random token for this world (2 x 32 hex digits) */
-    char why[512];
-} boot_msg;
-
-typedef struct {
-    tp_group *g;
-    boot_msg m;
-    int sent;
-} boot;
-
-static tp_status boot_send(boot *b)
-{
-    b->sent = 1;
-    return tp_backend_boot_bcast(b->g->rank, b->g->size, &b->m, sizeof b->m, b->g->timeout_s, &b->g->booted_by);
-}
-
-/* Rank 0's tp_store_config.on_serving: its store listens, so the others learn where (and the token). */
-static tp_status boot_announce(void *ctx, int port)
-{
-    boot *b = ctx;
-    b->m.port = port;
-    return boot_send(b);
-}
-
-/* Rank 0 could not serve: the others hear why at once instead of waiting for the broadcast's timeout. */
-static void boot_fail(boot *b)
-{
-    char msg[1024];
-    snprintf(msg, sizeof msg, "%s", tp_last_error());
-    b->m.port = 0;
-    snprintf(b->m.why, sizeof b->m.why, "%.*s", (int)sizeof b->m.why - 1, msg);
-    (void)boot_send(b);
-    tp_error(TP_ERR_COMM, "%s", msg); /* this rank's error stays the one that made it fail */
-}
-
-/* Under mpirun/mpiexec/srun: rank 0 will serve on a port the kernel picks, at its own address (loopback for
- * a one-host world), with a fresh random token; once it listens the launcher's channel carries all three
- * to the others (boot_announce), so no port is guessed or raced for and no token is derived. Sets cfg's
- * address, port and fallback token. */
-static tp_status boot_through_launcher(const tp_world_env *env, int one_host, boot *b, tp_store_config *cfg)
-{
-    tp_status st = TP_OK;
-    tp_group *g = b->g;
-    if (g->rank == 0) {
-        unsigned char rnd[32];
-        b->m.generation = cfg->generation;
-        if (one_host)
-            snprintf(b->m.addr, sizeof b->m.addr, "127.0.0.1");
-        else
-            own_address(env, b->m.addr, sizeof b->m.addr);
-        TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
-        tp_hex(rnd, sizeof rnd, b->m.token);
-        memset(rnd, 0, sizeof rnd);
-        cfg->port = 0;
-        cfg->on_serving = boot_announce;
-        cfg->ctx = b;
-    } else {
-        TP_CHECK(boot_send(b));
-        b->m.addr[sizeof b->m.addr - 1] = b->m.token[sizeof b->m.token - 1] = b->m.why[sizeof b->m.why - 1] = '\0';
-        if (b->m.port <= 0 || b->m.port > 65535) {
-            st = tp_error(TP_ERR_COMM, "init: rank 0 could not serve the rendezvous store: %s", b->m.why);
-            goto out;
-        }
-        TP_REQUIRE(b->m.generation == cfg->generation, "init: rank 0 starts world generation %llu, this rank %llu "
-                   "(every rank must call init_process_group the same number of times)",
-                   (unsigned long long)b->m.generation, (unsigned long long)cfg->generation);
-        cfg->port = b->m.port;
-    }
-    cfg->addr = b->m.addr;
-out:
-    return st;
-}
-
-/* The rendezvous store of a world of more than one rank:
- * - under torchrun (TORCHELASTIC_USE_AGENT_STORE=True), the agent's own store at MASTER_ADDR:MASTER_PORT,
- *   tplinear's keys under tplinear/<run id>/<restart>/<generation>/, every value proving the token;
- * - under mpirun/mpiexec/srun, rank 0 serves one on a port the kernel picks, with a fresh random token,
- *   both announced through the launcher (MPI); without MPI in this build, MASTER_ADDR/MASTER_PORT as below;
- * - else (tplinear.run, by hand, the C API's options) rank 0 serves one at MASTER_ADDR:MASTER_PORT.
- * A store of our own is served on 127.0.0.1 when the launcher says the world is one host (LOCAL_WORLD_SIZE ==
- * WORLD_SIZE): nothing outside the host can reach it. Every world of the process gets the next generation. */
-static tp_status open_store(const tp_init_options *opts, tp_group *g)
-{
-    tp_status st = TP_OK;
-    tp_world_env env;
-    tp_launcher l;
-    tp_store_config cfg;
-    boot b;
-    char addr[256], ns[TP_STORE_NS_MAX], token[TP_TOKEN_MAX + 1];
-    const char *source = NULL;
-    int one_host, torch, mpi_boot = 0;
-    memset(&cfg, 0, sizeof cfg);
-    memset(&b, 0, sizeof b);
-    b.g = g;
-    TP_CHECK(tp_world_from_env(&env));
-    TP_CHECK(tp_launcher_from_env(&l));
-    one_host = (opts->local_world_size >= 0 ? opts->local_world_size : env.local_world_size) == g->size;
-    torch = l.agent_store && opts->master_port <= 0;
-    mpi_boot = opts->master_port <= 0 && (l.kind == TP_LAUNCHER_MPI || l.kind == TP_LAUNCHER_SLURM);
-    if (mpi_boot) {
-        st = !l.mpi_runtime ? tp_error(TP_ERR_UNSUPPORTED, "the launcher's MPI runtime is not there (no PMIx/PMI "
-                                       "variables: the MPI launcher's variables were set by hand?); set MASTER_ADDR "
-                                       "and MASTER_PORT")
-                            : tp_backend_boot_check();
-        if (st != TP_OK && env.master_port <= 0) {
-            tp_error_context(st, "init: WORLD_SIZE=%d from %s", g->size, tp_launcher_name(l.kind));
-            goto out;
-        }
-        mpi_boot = st == TP_OK; /* else no MPI to meet through, but the user gave the store's place */
-        st = TP_OK;
-    }
-    snprintf(addr, sizeof addr, "%s", opts->master_addr && opts->master_addr[0] ? opts->master_addr
-                                      : env.master_addr[0]                   ? env.master_addr
-                                                                             : "127.0.0.1");
-    cfg.addr = one_host && !torch ? "127.0.0.1" : addr;
-    cfg.port = opts->master_port > 0 ? opts->master_port : env.master_port;
-    cfg.rank = g->rank;
-    cfg.world_size = g->size;
-    cfg.timeout_s = g->timeout_s;
-    cfg.generation = atomic_fetch_add(&g_world_generation, 1) + 1;
-    if (mpi_boot) {
-        TP_CHECK(boot_through_launcher(&env, one_host, &b, &cfg));
-        snprintf(addr, sizeof addr, "%s", cfg.addr);
-    } else {
-        TP_REQUIRE(cfg.port > 0 && cfg.port < 65536,
-                   "init: WORLD_SIZE=%d but MASTER_PORT is not set (the TCP port of rank 0's rendezvous store)",
-                   g->size);
-    }
-    TP_CHECK(tp_store_token(opts->token, mpi_boot ? b.m.token : NULL, addr, cfg.port, g->size, token, &source));
-    cfg.token = token;
-    if (torch) {
-        store_namespace(&l, ns, sizeof ns);
-        cfg.torch_ns = ns;
-    }
-    tp_log(TP_LOG_INFO, "init: rank %d of %d (%s), store %s:%d%s, world generation %llu, token from %s, timeout %g s",
-           g->rank, g->size, tp_launcher_name(l.kind), cfg.addr, cfg.port,
-           torch ? " (torchrun's)" : cfg.port == 0 ? " (a port the kernel picks)" : "", (unsigned long long)cfg.generation,
-           source, g->timeout_s);
-    TP_CHECK(tp_store_open_world(&cfg, &g->store));
-    g->owns_store = 1;
-out:
-    if (st != TP_OK && mpi_boot && g->rank == 0 && !b.sent) boot_fail(&b);
-    memset(token, 0, sizeof token);
-    memset(b.m.token, 0, sizeof b.m.token);
-    return st;
-}
-
-static tp_hosts *hosts_retain(tp_hosts *h)
-{
-    if (h) atomic_fetch_add((_Atomic int *)&h->refs, 1);
-    return h;
-}
-
-static void hosts_release(tp_hosts *h)
-{
-    if (h == NULL || atomic_fetch_sub((_Atomic int *)&h->refs, 1) != 1) return;
-    free(h->host_of);
-    free(h->names);
-    free(h);
-}
-
-/* What a rank publishes about its host. */
-typedef struct {
-    char id[160];
-    char name[64];
-} host_rec;
-
-/* Every rank publishes its host identity; ranks with equal ones share a host. Sets g->hosts and this
- * rank's local rank (unless the launcher gave one) and local world size from them. */
-static tp_status exchange_hosts(tp_group *g, int env_local_rank)
-{
-    tp_status st = TP_OK;
-    char key[128];
-    host_rec mine, other, *ids = NULL;
-    size_t len = 0;
-    tp_hosts *h = calloc(1, sizeof *h);
-    int here = 0, before = 0;
-    if (h == NULL || (h->host_of = calloc((size_t)g->size, sizeof *h->host_of)) == NULL ||
-        (h->names = calloc((size_t)g->size, sizeof *h->names)) == NULL ||
-        (ids = calloc((size_t)g->size, sizeof *ids)) == NULL) {
-        st = tp_error(TP_ERR_NOMEM, "init: out of memory");
-        goto out;
-    }
-    h->refs = 1;
-    memset(&mine, 0, sizeof mine);
-    TP_CHECK(tp_host_identity(mine.id, sizeof mine.id, mine.name, sizeof mine.name));
-    snprintf(key, sizeof key, "%shost/%d", g->prefix, g->rank);
-    TP_CHECK(tp_store_set(g->store, key, &mine, sizeof mine));
-    /* the records are "<prefix>host/<rank>", the keys of a store barrier: it names a rank that never
-     * publishes and fails at once for one that died after joining */
-    snprintf(key, sizeof key, "%shost", g->prefix);
-    TP_CHECK(tp_store_wait_all(g->store, key, g->size, NULL, "to publish its host"));
-    for (int r = 0; r < g->size; r++) {
-        int k = 0;
-        if (r == g->rank) {
-            other = mine;
-        } else {
-            snprintf(key, sizeof key, "%shost/%d", g->prefix, r);
-            TP_CHECK(tp_store_get(g->store, key, &other, sizeof other, &len));
-            TP_REQUIRE(len == sizeof other, "init: rank %d published a host record of %zu bytes, expected %zu (another "
-                       "tplinear version?)", r, len, sizeof other);
-            other.id[sizeof other.id - 1] = other.name[sizeof other.name - 1] = '\0';
-        }
-        while (k < h->nhosts && strcmp(ids[k].id, other.id) != 0) k++;
-        if (k == h->nhosts) {
-            ids[k] = other;
-            memcpy(h->names[k], other.name, sizeof h->names[k]);
-            h->nhosts++;
-        }
-        h->host_of[r] = k;
-    }
-    for (int r = 0; r < g->size; r++) {
-        if (h->host_of[r] != h->host_of[g->rank]) continue;
-        here++;
-        if (r < g->rank) before++;
-    }
-    g->local_world_size = here;
-    g->local_rank = env_local_rank >= 0 ? env_local_rank : before;
-    g->hosts = h;
-    h = NULL;
-out:
-    hosts_release(h);
-    free(ids);
-    return st;
 }
 
 /* Makes g a group of `family`: its own kind when it has more than one member or the family makes groups
@@ -414,25 +104,7 @@ out:
     return st;
 }
 
-/* Gives this rank its share of the cores for BLAS (DESIGN.md: cores / ranks of this host) unless
- * OMP_NUM_THREADS says otherwise (torchrun and tplinear.run set it; mpirun and srun do not). A process
- * the launcher bound to some cores (mpirun --bind-to core) uses those. */
-static tp_status share_cores(const tp_group *g)
-{
-    tp_status st = TP_OK;
-    tp_launcher l;
-    cpu_set_t set;
-    long online = sysconf(_SC_NPROCESSORS_ONLN), mine = online;
-    TP_CHECK(tp_launcher_from_env(&l));
-    if (l.omp_threads_set || g->size == 1) goto out;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) mine = CPU_COUNT(&set);
-    if (mine >= online && g->local_world_size > 0) mine = online / g->local_world_size;
-    TP_CHECK(tp_set_num_threads(mine > 0 ? (int)mine : 1));
-out:
-    return st;
-}
-
-tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
+tp_status tp_world_new(const tp_init_options *opts, tp_group **world)
 {
     tp_status st = TP_OK;
     tp_group *g = NULL;
@@ -442,7 +114,7 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     *world = NULL;
     TP_CHECK(check_options(opts));
     TP_CHECK(tp_knobs_check()); /* every rank refuses a malformed knob before any of them meets the others */
-    TP_CHECK(world_shape(opts, &size, &rank, &lrank, &lsize));
+    TP_CHECK(tp_boot_world_shape(opts, &size, &rank, &lrank, &lsize));
     if ((g = group_alloc(size)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "init: out of memory");
         goto out;
@@ -457,13 +129,12 @@ tp_status tp_group_init_world(const tp_init_options *opts, tp_group **world)
     snprintf(g->prefix, sizeof g->prefix, "g0/");
     tp_log_set_rank(rank);
     if (size > 1) { /* a world of one has no store (g->store == NULL) */
-        TP_CHECK(open_store(opts, g));
-        TP_CHECK(exchange_hosts(g, lrank));
-        TP_CHECK(share_cores(g));
+        TP_CHECK(tp_boot_open_store(opts, g));
+        TP_CHECK(tp_boot_exchange_hosts(g, lrank));
     }
     TP_CHECK(tp_backend_choose(opts->backend, opts->device, g, &family));
     TP_CHECK(make_member(g, family));
-    if (g->store) TP_CHECK(store_checkout(g->store, g->prefix, g->rank, g->size, g->global_ranks, g->world_rank));
+    TP_CHECK(tp_boot_checkout(g, g));
     tp_log(TP_LOG_INFO, "init: backend %s for a world of %d", g->backend->name, size);
     *world = g;
     g = NULL;
@@ -484,16 +155,13 @@ tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const 
     tp_group *g = NULL;
     const tp_backend *family = NULL;
     int me = -1, plen;
-    int *seen = NULL, *other = NULL;
-    char key[128];
-    size_t len = 0;
+    int *seen = NULL;
     TP_REQUIRE(out != NULL, "new_group: output is NULL");
     *out = NULL;
     TP_REQUIRE(parent != NULL, "new_group: parent group is NULL");
     TP_REQUIRE(parent->rank >= 0, "new_group: this rank is not a member of the parent group");
     TP_REQUIRE(ranks != NULL && n >= 1 && n <= parent->size, "new_group: need 1..%d ranks, got %d", parent->size, n);
-    if ((seen = calloc((size_t)parent->size, sizeof *seen)) == NULL || (other = calloc((size_t)n, sizeof *other)) == NULL ||
-        (g = group_alloc(n)) == NULL) {
+    if ((seen = calloc((size_t)parent->size, sizeof *seen)) == NULL || (g = group_alloc(n)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "new_group: out of memory");
         goto out;
     }
@@ -515,21 +183,8 @@ tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const 
     g->timeout_s = parent->timeout_s;
     plen = snprintf(g->prefix, sizeof g->prefix, "%s%d/", parent->prefix, parent->next_child++);
     TP_REQUIRE(plen > 0 && (size_t)plen < sizeof g->prefix, "new_group: subgroups nested too deeply");
-    if (parent->store) {
-        g->store = tp_store_retain(parent->store);
-        g->owns_store = 1;
-        /* every rank of the parent must pass the same list */
-        snprintf(key, sizeof key, "%sranks", g->prefix);
-        if (parent->rank == 0) {
-            TP_CHECK(tp_store_set(g->store, key, ranks, (size_t)n * sizeof *ranks));
-        } else {
-            TP_CHECK(tp_store_get(g->store, key, other, (size_t)n * sizeof *other, &len));
-            TP_REQUIRE(len == (size_t)n * sizeof *ranks && memcmp(other, ranks, len) == 0,
-                       "new_group: rank %d of the parent passed different ranks than rank 0 (every rank must pass "
-                       "the same list)", parent->rank);
-        }
-    }
-    g->hosts = hosts_retain(parent->hosts);
+    TP_CHECK(tp_boot_subgroup(g, parent, ranks));
+    g->hosts = tp_hosts_retain(parent->hosts);
     g->booted_by = parent->booted_by;
     /* every rank of the parent decides alike: the same name, the same host table */
     TP_CHECK(tp_backend_choose_sub(backend, g, parent->family, &family));
@@ -542,9 +197,7 @@ tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const 
     } else if (me >= 0) {
         TP_CHECK(make_member(g, family));
     }
-    if (g->store)
-        TP_CHECK(store_checkout(g->store, g->prefix, parent->rank, parent->size, parent->global_ranks,
-                                parent->world_rank));
+    TP_CHECK(tp_boot_checkout(g, parent));
     tp_log(TP_LOG_INFO, "new_group %s: %d ranks, this rank %d, backend %s", g->prefix, n, me,
            me >= 0 ? g->backend->name : family->name);
     *out = g;
@@ -552,7 +205,6 @@ tp_status tp_group_new_backend(tp_group *parent, const int *ranks, int n, const 
 out:
     tp_group_destroy(g);
     free(seen);
-    free(other);
     return st;
 }
 
@@ -561,7 +213,7 @@ void tp_group_destroy(tp_group *g)
     if (g == NULL) return;
     if (g->backend && g->backend->destroy) g->backend->destroy(g);
     if (g->owns_store) tp_store_close(g->store);
-    hosts_release(g->hosts);
+    tp_hosts_release(g->hosts);
     free(g->global_ranks);
     free(g);
 }
@@ -788,25 +440,6 @@ tp_status tp_all_reduce_staged(tp_group *g, void *out, size_t count, tp_dtype dt
     TP_CHECK(g->backend->all_reduce_staged(g, out, count, dt, op));
 out:
     return st;
-}
-
-void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width)
-{
-    size_t col = first % width;
-    for (size_t i = 0; i < n;) {
-        size_t m = width - col < n - i ? width - col : n - i;
-        if (dt == TP_FLOAT32) {
-            float *o = (float *)out + i;
-            const float *b = (const float *)bias + col;
-            for (size_t k = 0; k < m; k++) o[k] += b[k];
-        } else {
-            double *o = (double *)out + i;
-            const double *b = (const double *)bias + col;
-            for (size_t k = 0; k < m; k++) o[k] += b[k];
-        }
-        i += m;
-        col = 0;
-    }
 }
 
 tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t count, tp_dtype dt, const void *bias,

@@ -104,9 +104,7 @@ typedef struct {
     int fp_sent;
     _Atomic int abort_requested;
     pthread_mutex_t busy;     /* held while a thread runs one of the group's calls */
-    int broken;
-    tp_status broken_status;
-    char broken_msg[MSG_CAP];
+    tp_broken broken;
 } mpi_impl;
 
 /* ---------------------------------------------------------------- the process */
@@ -288,10 +286,8 @@ static void drop_pending(mpi_impl *im)
 static tp_status fail(mpi_impl *im, tp_status st, int tell)
 {
     const char *msg = tp_last_error();
-    if (!im->broken) {
-        im->broken = 1;
-        im->broken_status = st;
-        snprintf(im->broken_msg, sizeof im->broken_msg, "%s", msg);
+    if (!im->broken.broken) {
+        tp_broken_record(&im->broken, st);
         if (st == TP_ERR_TIMEOUT) atomic_store(&g_world_failed, 1); /* a peer may be blocked for good */
         drop_pending(im);
         if (tell) {
@@ -304,11 +300,6 @@ static tp_status fail(mpi_impl *im, tp_status st, int tell)
         }
     }
     return st;
-}
-
-static tp_status unusable(mpi_impl *im)
-{
-    return tp_error(im->broken_status, "process group unusable after an earlier failure: %s", im->broken_msg);
 }
 
 /* After a mismatch: every rank tells every other its fingerprint (once), and all compose the same
@@ -621,15 +612,6 @@ static tp_status wait_all(mpi_impl *im, const char *what)
     return wait_label(im, -1, what);
 }
 
-/* ---------------------------------------------------------------- reductions */
-
-static tp_status check_dtype(tp_dtype dt, const char *what)
-{
-    if (dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_INT32 || dt == TP_INT64) return TP_OK;
-    return tp_error(TP_ERR_TYPE, "%s: the mpi backend reduces float32, float64, int32 and int64, not %s", what,
-                    tp_dtype_name(dt));
-}
-
 /* ---------------------------------------------------------------- collectives */
 
 /* Starts a collective: refuses on a failed group, takes in notices, sets the fingerprint and its tag. */
@@ -643,7 +625,8 @@ static tp_status begin(tp_group *g, int kind, uint64_t bytes, tp_dtype dt, int o
     im->npend = 0;
     im->label = 0;
     /* a peer's notice is taken in by the first wait that lasts (wait_all polls the inbox) */
-    st = im->broken ? unusable(im) : atomic_load(&im->abort_requested) ? check_notices(im) : TP_OK;
+    st = tp_broken_check(&im->broken);
+    if (st == TP_OK && atomic_load(&im->abort_requested)) st = check_notices(im);
     if (st != TP_OK) pthread_mutex_unlock(&im->busy);
     return st;
 }
@@ -653,10 +636,8 @@ static tp_status end(tp_group *g, tp_status st, double t0)
     mpi_impl *im = g->impl;
     if (st == TP_OK) {
         im->seq++;
-        if (im->log_level >= TP_LOG_TRACE)
-            tp_log(TP_LOG_TRACE, "mpi: %s #%llu of %llu bytes over %d ranks: %.1f us", tp_coll_name(im->fp.kind),
-                   (unsigned long long)(im->seq - 1), (unsigned long long)im->fp.bytes, im->p, (tp_now() - t0) * 1e6);
-    } else if (!im->broken) {
+        tp_coll_trace(im->log_level, "mpi", im->fp.kind, im->seq - 1, im->fp.bytes, im->p, t0);
+    } else if (!im->broken.broken) {
         fail(im, st, 1); /* the collective is half done: the peers must not wait for it */
     }
     pthread_mutex_unlock(&im->busy);
@@ -728,9 +709,9 @@ static tp_status mpi_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt), bytes = count * es;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     char *in[256], **inp = in;
-    TP_CHECK(check_dtype(dt, "all_reduce"));
+    TP_CHECK(tp_reduce_check_dtype("mpi", dt, "all_reduce"));
     if (im->p > 256 && (inp = malloc((size_t)im->p * sizeof *inp)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "mpi: out of memory");
         goto out;
@@ -799,7 +780,7 @@ static tp_status mpi_all_gatherv(tp_group *g, const void *send, void *recv, cons
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     size_t total = 0, mine = 0;
     for (int j = 0; j < im->p; j++) {
         if (j == im->r) mine = total;
@@ -827,10 +808,10 @@ static tp_status mpi_reduce_scatter(tp_group *g, const void *send, void *recv, s
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     const size_t per = im->chunk / (size_t)im->p / es + 1; /* elements of each block per round */
     char *in[256], **inp = in;
-    TP_CHECK(check_dtype(dt, "reduce_scatter"));
+    TP_CHECK(tp_reduce_check_dtype("mpi", dt, "reduce_scatter"));
     if (im->p > 256 && (inp = malloc((size_t)im->p * sizeof *inp)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "mpi: out of memory");
         goto out;
@@ -876,7 +857,7 @@ static tp_status mpi_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
     const size_t bytes = count * tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     int vr = (im->r - root + im->p) % im->p, mask = 1;
     TP_CHECK(begin(g, TP_COLL_BROADCAST, bytes, dt, 0, root, 0));
     /* the root sends and receives nothing: the ranks first agree on the call (a root mismatch otherwise goes
@@ -901,7 +882,7 @@ static tp_status mpi_barrier(tp_group *g)
 {
     tp_status st = TP_OK;
     mpi_impl *im = g->impl;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     TP_CHECK(begin(g, TP_COLL_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
     st = end(g, dissemination(im, "barrier"), t0);
 out:
@@ -916,7 +897,7 @@ static tp_status mpi_abort(tp_group *g)
     if (im == NULL) return TP_OK;
     atomic_store(&im->abort_requested, 1);
     if ((g_thread_level >= MPI_THREAD_MULTIPLE) && pthread_mutex_trylock(&im->busy) == 0) {
-        if (!im->broken) check_notices(im);
+        if (!im->broken.broken) check_notices(im);
         pthread_mutex_unlock(&im->busy);
     }
     tp_clear_error();
@@ -1072,7 +1053,7 @@ static tp_status mpi_split(tp_group *parent, tp_group *child)
     int member = child->rank >= 0;
     long params[N_PARAMS];
     TP_REQUIRE(parent->backend == &tp_mpi_backend && pim != NULL, "mpi split: the parent group is not an mpi group");
-    if (pim->broken) return unusable(pim);
+    TP_CHECK(tp_broken_check(&pim->broken));
     snprintf(key, sizeof key, "%smpi/split", child->prefix);
     TP_CHECK(tp_store_arrive(parent->store, key, parent->rank));
     TP_CHECK(tp_store_wait_all(parent->store, key, parent->size, parent->global_ranks, "to split the mpi group"));

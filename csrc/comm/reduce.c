@@ -1,5 +1,6 @@
-/* Element-wise reductions of the ranks' buffers, shared by the backends that reduce on the host (shm, mpi):
- * in rank order, so every backend and every rank gets the same bits. */
+/* Element-wise kernels of the collectives on the host: the reduction of the ranks' buffers, shared by the
+ * backends that reduce on the host (shm, mpi), in rank order, so every backend and every rank gets the same
+ * bits; the dtypes it reduces; and the row bias the row layer's all-reduce adds (group.c, shm). */
 #include <string.h>
 
 #include "backend.h"
@@ -125,5 +126,31 @@ void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, i
     case TP_INT32: reduce_i32(out, in, p, n, op); break;
     case TP_INT64: reduce_i64(out, in, p, n, op); break;
     default: break;
+    }
+}
+
+tp_status tp_reduce_check_dtype(const char *backend, tp_dtype dt, const char *what)
+{
+    if (dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_INT32 || dt == TP_INT64) return TP_OK;
+    return tp_error(TP_ERR_TYPE, "%s: the %s backend reduces float32, float64, int32 and int64, not %s", what, backend,
+                    tp_dtype_name(dt));
+}
+
+void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width)
+{
+    size_t col = first % width;
+    for (size_t i = 0; i < n;) {
+        size_t m = width - col < n - i ? width - col : n - i;
+        if (dt == TP_FLOAT32) {
+            float *o = (float *)out + i;
+            const float *b = (const float *)bias + col;
+            for (size_t k = 0; k < m; k++) o[k] += b[k];
+        } else {
+            double *o = (double *)out + i;
+            const double *b = (const double *)bias + col;
+            for (size_t k = 0; k < m; k++) o[k] += b[k];
+        }
+        i += m;
+        col = 0;
     }
 }

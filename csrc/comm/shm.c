@@ -129,9 +129,7 @@ typedef struct {
     double spin_s, yield_s, timeout_s, watchdog_s;
     double spin_cur; /* adaptive spin budget: shrinks while spinning fails (peer not running), regrows */
     int log_level;
-    int broken;
-    tp_status broken_status;
-    char broken_msg[MSG_CAP];
+    tp_broken broken;
     char name[96];
 } shm_impl;
 
@@ -185,9 +183,7 @@ static void wake(shm_impl *im)
 static tp_status fail(shm_impl *im, tp_status st, int mark)
 {
     const char *msg = tp_last_error();
-    im->broken = 1;
-    im->broken_status = st;
-    snprintf(im->broken_msg, sizeof im->broken_msg, "%s", msg);
+    tp_broken_record(&im->broken, st);
     if (mark) {
         int expected = 0;
         if (atomic_compare_exchange_strong(&im->hdr->failed, &expected, 1)) {
@@ -357,8 +353,8 @@ static void post(shm_impl *im)
 static tp_status begin(shm_impl *im, int kind, uint64_t bytes, tp_dtype dt, int op, int root, uint64_t extra)
 {
     tp_fingerprint *f;
-    if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
-                                    im->broken_msg);
+    tp_status st = tp_broken_check(&im->broken);
+    if (st != TP_OK) return st;
     if (atomic_load(&im->hdr->failed)) return fail_from_segment(im);
     f = &im->ctrl[im->r].fp[im->seq & 1];
     f->seq = im->seq;
@@ -408,23 +404,12 @@ static tp_status sync_step(shm_impl *im, int first, const char *what)
 static void end(shm_impl *im, int kind, uint64_t bytes, double t0)
 {
     im->seq++;
-    if (im->log_level >= TP_LOG_TRACE)
-        tp_log(TP_LOG_TRACE, "shm: %s #%llu of %llu bytes over %d ranks: %.1f us", tp_coll_name(kind),
-               (unsigned long long)(im->seq - 1), (unsigned long long)bytes, im->p, (tp_now() - t0) * 1e6);
+    tp_coll_trace(im->log_level, "shm", kind, im->seq - 1, bytes, im->p, t0);
 }
 
 static char *slot(shm_impl *im, int rank, uint64_t chunk)
 {
     return im->slots + (size_t)rank * im->slot_bytes + (size_t)(chunk & 1) * im->half;
-}
-
-/* ---------------------------------------------------------------- reductions */
-
-static tp_status check_dtype(tp_dtype dt, const char *what)
-{
-    if (dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_INT32 || dt == TP_INT64) return TP_OK;
-    return tp_error(TP_ERR_TYPE, "%s: the shm backend reduces float32, float64, int32 and int64, not %s", what,
-                    tp_dtype_name(dt));
 }
 
 /* ---------------------------------------------------------------- collectives */
@@ -568,9 +553,9 @@ static tp_status all_reduce_impl(tp_group *g, const void *src, void *dst, size_t
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
     const size_t bytes = count * es;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     char *in[TP_SHM_MAX_RANKS];
-    TP_CHECK(check_dtype(dt, "all_reduce"));
+    TP_CHECK(tp_reduce_check_dtype("shm", dt, "all_reduce"));
     TP_CHECK(begin(im, TP_COLL_ALL_REDUCE, bytes, dt, (int)op, -1, 0));
     if (bytes >= im->cma_reduce_bytes) {
         TP_CHECK(all_reduce_cma(im, src, dst, count, dt, op, bias, width));
@@ -625,12 +610,13 @@ static tp_status shm_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype d
 
 static tp_status shm_staging(tp_group *g, size_t bytes, void **ptr)
 {
+    tp_status st = TP_OK;
     shm_impl *im = g->impl;
     *ptr = NULL;
-    if (im->broken) return tp_error(im->broken_status, "process group unusable after an earlier failure: %s",
-                                    im->broken_msg);
+    TP_CHECK(tp_broken_check(&im->broken));
     if (bytes <= im->half) *ptr = slot(im, im->r, im->round);
-    return TP_OK;
+out:
+    return st;
 }
 
 /* The staged input's checks; what names the caller. */
@@ -673,7 +659,7 @@ static tp_status shm_all_gatherv(tp_group *g, const void *send, void *recv, cons
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     size_t total = 0, maxb = 0, displ[TP_SHM_MAX_RANKS];
     int first = 1;
     for (int j = 0; j < im->p; j++) {
@@ -720,12 +706,12 @@ static tp_status shm_reduce_scatter(tp_group *g, const void *send, void *recv, s
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     const size_t piece = (im->chunk / (size_t)im->p) / CL * CL; /* bytes per destination block per round */
     const size_t per = piece / es;
     char *in[TP_SHM_MAX_RANKS];
     int first = 1;
-    TP_CHECK(check_dtype(dt, "reduce_scatter"));
+    TP_CHECK(tp_reduce_check_dtype("shm", dt, "reduce_scatter"));
     TP_CHECK(begin(im, TP_COLL_REDUCE_SCATTER, count * es * (size_t)im->p, dt, (int)op, -1, 0));
     if (count * es * (size_t)im->p >= im->cma_reduce_bytes) { /* single copy: rank r reduces block r of every input */
         TP_CHECK(cma_begin(im, send, recv, "reduce_scatter"));
@@ -757,13 +743,13 @@ static tp_status shm_reduce_scatter_v(tp_group *g, const void *send, void *recv,
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t es = tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     const size_t piece = (im->chunk / (size_t)im->p) / CL * CL;
     const size_t per = piece / es;
     size_t displ[TP_SHM_MAX_RANKS], total = 0, most = 0;
     char *in[TP_SHM_MAX_RANKS];
     int first = 1;
-    TP_CHECK(check_dtype(dt, "reduce_scatter"));
+    TP_CHECK(tp_reduce_check_dtype("shm", dt, "reduce_scatter"));
     for (int k = 0; k < im->p; k++) {
         displ[k] = total;
         total += counts[k];
@@ -794,7 +780,7 @@ static tp_status shm_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
     const size_t bytes = count * tp_dtype_size(dt);
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     int first = 1;
     TP_CHECK(begin(im, TP_COLL_BROADCAST, bytes, dt, 0, root, 0));
     if (bytes >= im->cma_copy_bytes) { /* single copy: every rank reads the root's buffer */
@@ -820,7 +806,7 @@ static tp_status shm_barrier(tp_group *g)
 {
     tp_status st = TP_OK;
     shm_impl *im = g->impl;
-    const double t0 = im->log_level >= TP_LOG_TRACE ? tp_now() : 0.0;
+    const double t0 = tp_coll_t0(im->log_level);
     TP_CHECK(begin(im, TP_COLL_BARRIER, 0, TP_FLOAT32, 0, -1, 0));
     TP_CHECK(sync_step(im, 1, "barrier"));
     end(im, TP_COLL_BARRIER, 0, t0);
@@ -855,13 +841,6 @@ static void shm_destroy(tp_group *g)
 /* ---------------------------------------------------------------- creation */
 
 static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
-
-static int online_cpus(void)
-{
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
-    return (int)sysconf(_SC_NPROCESSORS_ONLN);
-}
 
 /* Decides, identically on every rank, whether the single-copy collectives run: rank 0 enabled them
  * (hdr->cma_*_bytes) and every rank could read every peer's probe value with process_vm_readv. Called once
@@ -919,19 +898,21 @@ out:
     return st;
 }
 
-static tp_status shm_create(tp_group *g)
+/* What the TPLINEAR_SHM_* knobs make of a group of p ranks: each rank's own sizes and waits, and what rank 0
+ * publishes in the header for all (chunk, one-shot, single-copy thresholds). */
+typedef struct {
+    size_t slot_bytes, oneshot, chunk;
+    int oneshot_big;
+    double spin_s, yield_s;
+    uint64_t cma_reduce_bytes, cma_copy_bytes;
+} shm_tune;
+
+static tp_status shm_tuning(int p, shm_tune *t)
 {
     tp_status st = TP_OK;
-    shm_impl *im = NULL;
-    char key[160], path[64];
-    unsigned char want[TP_SHA256_BYTES];
-    size_t ctrl_bytes, data_off, len = 0;
     long slot_kb, oneshot_kb, spin_us, chunk_kb, yield_us, algo, cma, cma_kb;
-    int fd = -1;
-    char cma_why[192] = "off";
-    struct stat sb;
-    TP_REQUIRE(g->size >= 2 && g->size <= TP_SHM_MAX_RANKS, "shm: group size %d out of range 2..%d", g->size,
-               TP_SHM_MAX_RANKS);
+    int spare = p <= tp_cores_available(); /* every rank has a core */
+    size_t chunk, line = (size_t)CL * (size_t)p;
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_SLOT_KB, &slot_kb));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_ONESHOT_KB, &oneshot_kb));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_SPIN_US, &spin_us));
@@ -940,6 +921,151 @@ static tp_status shm_create(tp_group *g)
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_ALGO, &algo));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_CMA, &cma));
     TP_CHECK(tp_knob_int(TP_KNOB_SHM_CMA_KB, &cma_kb));
+    t->slot_bytes = round_up((size_t)slot_kb * 1024, 2 * 4096);
+    t->oneshot = (size_t)oneshot_kb * 1024;
+    if (t->oneshot > t->slot_bytes / 2) t->oneshot = t->slot_bytes / 2;
+    t->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (spare ? 50e-6 : 2e-6);
+    /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else reduce-scatter +
+     * all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag (choice 0 or 1) forces either */
+    t->oneshot_big = algo < 0 ? p == 2 : algo == 0;
+    t->yield_s = (double)yield_us * 1e-6;
+    /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
+    chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (spare ? 128 * 1024 : 1024 * 1024);
+    chunk = chunk / line * line;
+    if (chunk > t->slot_bytes / 2) chunk = t->slot_bytes / 2;
+    if (chunk < line) chunk = line;
+    t->chunk = chunk;
+    /* single copy from 16 KB when every rank has a core; with more ranks than cores its extra step
+     * (a context switch each) pays off only for reductions from 4 MB, and a peer's data read p-1
+     * times from memory makes all-gather and broadcast slower than copying through the segment at
+     * every size measured (up to 64 MB): TPLINEAR_SHM_CMA_KB sets one threshold for all */
+    t->cma_reduce_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024 : (spare ? 16 : 4096) * 1024ull;
+    t->cma_copy_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024 : spare ? 16 * 1024ull : UINT64_MAX;
+out:
+    return st;
+}
+
+/* Rank 0: a fresh sealed memfd of im->map_bytes (no name in /dev/shm) in *fd, and the path the other ranks
+ * open it by. */
+static tp_status segment_create(shm_impl *im, char *path, size_t cap, int *fd)
+{
+    tp_status st = TP_OK;
+    unsigned char rnd[12];
+    char hex[2 * sizeof rnd + 1];
+    TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
+    tp_hex(rnd, sizeof rnd, hex);
+    snprintf(im->name, sizeof im->name, "tplinear-%s", hex);
+    if ((*fd = memfd_create(im->name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: memfd_create");
+        goto out;
+    }
+    if (ftruncate(*fd, (off_t)im->map_bytes) < 0 || fcntl(*fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: sizing the segment to %zu bytes", im->map_bytes);
+        goto out;
+    }
+    snprintf(path, cap, "/proc/%d/fd/%d", (int)getpid(), *fd);
+out:
+    return st;
+}
+
+/* The other ranks: rank 0's segment, by the path it published under key, opened in *fd and checked to have
+ * im->map_bytes. */
+static tp_status segment_open(tp_group *g, shm_impl *im, const char *key, char *path, size_t cap, int *fd)
+{
+    tp_status st = TP_OK;
+    size_t len = 0;
+    struct stat sb;
+    TP_CHECK(tp_store_get(g->store, key, path, cap - 1, &len));
+    path[len < cap ? len : cap - 1] = '\0';
+    snprintf(im->name, sizeof im->name, "%s", path);
+    if ((*fd = open(path, O_RDWR | O_CLOEXEC)) < 0) {
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: cannot open rank 0's segment %s (the shm backend needs every "
+                            "rank of a group on one host, in one PID namespace, as one user; did rank 0 exit?)",
+                            path);
+        goto out;
+    }
+    if (fstat(*fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (size_t)sb.st_size != im->map_bytes) {
+        st = tp_error(TP_ERR_VALUE,
+                      "shm: segment %s has %lld bytes, expected %zu (TPLINEAR_SHM_SLOT_KB must be equal on all "
+                      "ranks)", path, (long long)sb.st_size, im->map_bytes);
+        goto out;
+    }
+out:
+    return st;
+}
+
+/* Maps the segment and lays out header, control blocks and slots (the data from data_off). */
+static tp_status segment_map(shm_impl *im, int fd, size_t data_off)
+{
+    tp_status st = TP_OK;
+    im->base = mmap(NULL, im->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (im->base == MAP_FAILED) {
+        im->base = NULL;
+        st = tp_error_errno(TP_ERR_SYSTEM, "shm: mmap of %zu bytes", im->map_bytes);
+        goto out;
+    }
+    im->hdr = (shm_header *)im->base;
+    im->ctrl = (rank_ctrl *)(im->base + round_up(sizeof(shm_header), CL));
+    im->slots = im->base + data_off;
+out:
+    return st;
+}
+
+/* Rank 0: the header every rank reads its tuning from, with the proof of the world's token, then the
+ * segment's path under key (which the others wait for). */
+static tp_status header_publish(tp_group *g, shm_impl *im, const shm_tune *t, const unsigned char *want,
+                                const char *key, const char *path)
+{
+    tp_status st = TP_OK;
+    im->hdr->chunk_bytes = t->chunk;
+    im->hdr->oneshot_bytes = im->oneshot;
+    im->hdr->oneshot_big = im->oneshot_big;
+    im->hdr->cma_reduce_bytes = t->cma_reduce_bytes;
+    im->hdr->cma_copy_bytes = t->cma_copy_bytes;
+    im->hdr->slot_bytes = im->slot_bytes;
+    im->hdr->nranks = g->size;
+    memcpy(im->hdr->proof, want, TP_SHA256_BYTES);
+    im->hdr->magic = SHM_MAGIC;
+    TP_CHECK(tp_store_set(g->store, key, path, strlen(path)));
+out:
+    return st;
+}
+
+/* The other ranks: the segment must be a tplinear segment of this group's size proving the world's token. */
+static tp_status header_verify(tp_group *g, shm_impl *im, const unsigned char *want)
+{
+    if (im->hdr->magic != SHM_MAGIC || im->hdr->nranks != g->size)
+        return tp_error(TP_ERR_COMM, "shm: segment %s is not a tplinear segment of %d ranks", im->name, g->size);
+    if (!tp_secret_equal(im->hdr->proof, want, TP_SHA256_BYTES))
+        return tp_error(TP_ERR_COMM, "shm: refused segment %s: it does not prove this world's token (a foreign or "
+                        "stale segment)", im->name);
+    return TP_OK;
+}
+
+/* This rank's control block: the value peers read to test single-copy access (cma_setup), its pid and first
+ * heartbeat (the peers' liveness checks). */
+static void cma_probe(tp_group *g, shm_impl *im)
+{
+    im->probe = ((uint64_t)getpid() << 32) ^ (uint64_t)(tp_now() * 1e9) ^ (uint64_t)(uintptr_t)im;
+    im->ctrl[g->rank].probe_addr = (uint64_t)(uintptr_t)&im->probe;
+    im->ctrl[g->rank].probe_val = im->probe;
+    atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
+    atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
+}
+
+static tp_status shm_create(tp_group *g)
+{
+    tp_status st = TP_OK;
+    shm_impl *im = NULL;
+    shm_tune t;
+    char key[160], path[64];
+    unsigned char want[TP_SHA256_BYTES];
+    size_t data_off;
+    int fd = -1;
+    char cma_why[192] = "off";
+    TP_REQUIRE(g->size >= 2 && g->size <= TP_SHM_MAX_RANKS, "shm: group size %d out of range 2..%d", g->size,
+               TP_SHM_MAX_RANKS);
+    TP_CHECK(shm_tuning(g->size, &t));
     if ((im = calloc(1, sizeof *im)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "shm: out of memory");
         goto out;
@@ -950,105 +1076,33 @@ static tp_status shm_create(tp_group *g)
     im->timeout_s = g->timeout_s;
     im->watchdog_s = (double)tp_knob_value(TP_KNOB_WATCHDOG_S);
     im->log_level = tp_log_level();
-    im->slot_bytes = round_up((size_t)slot_kb * 1024, 2 * 4096);
+    im->slot_bytes = t.slot_bytes;
     im->half = im->slot_bytes / 2;
-    im->oneshot = (size_t)oneshot_kb * 1024;
-    if (im->oneshot > im->half) im->oneshot = im->half;
-    im->spin_s = spin_us >= 0 ? (double)spin_us * 1e-6 : (g->size <= online_cpus() ? 50e-6 : 2e-6);
-    /* large all-reduces: chunked one-shot at 2 ranks (same traffic, half the steps), else reduce-scatter +
-     * all-gather; TPLINEAR_SHM_ALGO=oneshot|rsag (choice 0 or 1) forces either */
-    im->oneshot_big = algo < 0 ? g->size == 2 : algo == 0;
-    im->yield_s = (double)yield_us * 1e-6;
-    im->spin_cur = im->spin_s;
-    ctrl_bytes = (size_t)g->size * sizeof(rank_ctrl);
-    data_off = round_up(sizeof(shm_header) + ctrl_bytes, 4096);
+    im->oneshot = t.oneshot;
+    im->spin_s = im->spin_cur = t.spin_s;
+    im->oneshot_big = t.oneshot_big;
+    im->yield_s = t.yield_s;
+    data_off = round_up(sizeof(shm_header) + (size_t)g->size * sizeof(rank_ctrl), 4096);
     im->map_bytes = data_off + (size_t)g->size * im->slot_bytes;
     snprintf(key, sizeof key, "%sshm/path", g->prefix);
-    if (g->rank == 0) {
-        unsigned char rnd[12];
-        char hex[2 * sizeof rnd + 1];
-        TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
-        tp_hex(rnd, sizeof rnd, hex);
-        snprintf(im->name, sizeof im->name, "tplinear-%s", hex);
-        if ((fd = memfd_create(im->name, MFD_CLOEXEC | MFD_ALLOW_SEALING)) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: memfd_create");
-            goto out;
-        }
-        if (ftruncate(fd, (off_t)im->map_bytes) < 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: sizing the segment to %zu bytes", im->map_bytes);
-            goto out;
-        }
-        snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)getpid(), fd);
-    } else {
-        TP_CHECK(tp_store_get(g->store, key, path, sizeof path - 1, &len));
-        path[len < sizeof path ? len : sizeof path - 1] = '\0';
-        snprintf(im->name, sizeof im->name, "%s", path);
-        if ((fd = open(path, O_RDWR | O_CLOEXEC)) < 0) {
-            st = tp_error_errno(TP_ERR_SYSTEM, "shm: cannot open rank 0's segment %s (the shm backend needs every "
-                                "rank of a group on one host, in one PID namespace, as one user; did rank 0 exit?)",
-                                path);
-            goto out;
-        }
-        if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (size_t)sb.st_size != im->map_bytes) {
-            st = tp_error(TP_ERR_VALUE,
-                          "shm: segment %s has %lld bytes, expected %zu (TPLINEAR_SHM_SLOT_KB must be equal on all "
-                          "ranks)", path, (long long)sb.st_size, im->map_bytes);
-            goto out;
-        }
-    }
-    im->base = mmap(NULL, im->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (im->base == MAP_FAILED) {
-        im->base = NULL;
-        st = tp_error_errno(TP_ERR_SYSTEM, "shm: mmap of %zu bytes", im->map_bytes);
-        goto out;
-    }
+    if (g->rank == 0)
+        TP_CHECK(segment_create(im, path, sizeof path, &fd));
+    else
+        TP_CHECK(segment_open(g, im, key, path, sizeof path, &fd));
+    TP_CHECK(segment_map(im, fd, data_off));
     if (g->rank != 0) { /* rank 0 keeps its descriptor (the others' way in) until every rank has mapped */
         close(fd);
         fd = -1;
     }
-    im->hdr = (shm_header *)im->base;
-    im->ctrl = (rank_ctrl *)(im->base + round_up(sizeof(shm_header), CL));
-    im->slots = im->base + data_off;
     tp_store_proof(g->store, "tplinear-shm-segment", key, strlen(key), want);
-    if (g->rank == 0) {
-        /* cache-sized rounds when every rank has a core; big rounds (fewer context switches) when not */
-        size_t chunk = chunk_kb > 0 ? (size_t)chunk_kb * 1024 : (g->size <= online_cpus() ? 128 * 1024 : 1024 * 1024);
-        chunk = chunk / ((size_t)CL * (size_t)g->size) * ((size_t)CL * (size_t)g->size);
-        if (chunk > im->half) chunk = im->half;
-        if (chunk < (size_t)CL * (size_t)g->size) chunk = (size_t)CL * (size_t)g->size;
-        im->hdr->chunk_bytes = chunk;
-        im->hdr->oneshot_bytes = im->oneshot;
-        im->hdr->oneshot_big = im->oneshot_big;
-        /* single copy from 16 KB when every rank has a core; with more ranks than cores its extra step
-         * (a context switch each) pays off only for reductions from 4 MB, and a peer's data read p-1
-         * times from memory makes all-gather and broadcast slower than copying through the segment at
-         * every size measured (up to 64 MB): TPLINEAR_SHM_CMA_KB sets one threshold for all */
-        int spare = g->size <= online_cpus();
-        im->hdr->cma_reduce_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024
-                                                      : (spare ? 16 : 4096) * 1024ull;
-        im->hdr->cma_copy_bytes = !cma ? UINT64_MAX : cma_kb >= 0 ? (uint64_t)cma_kb * 1024
-                                                    : spare ? 16 * 1024ull : UINT64_MAX;
-        im->hdr->slot_bytes = im->slot_bytes;
-        im->hdr->nranks = g->size;
-        memcpy(im->hdr->proof, want, sizeof want);
-        im->hdr->magic = SHM_MAGIC;
-        TP_CHECK(tp_store_set(g->store, key, path, strlen(path)));
-    } else if (im->hdr->magic != SHM_MAGIC || im->hdr->nranks != g->size) {
-        st = tp_error(TP_ERR_COMM, "shm: segment %s is not a tplinear segment of %d ranks", im->name, g->size);
-        goto out;
-    } else if (!tp_secret_equal(im->hdr->proof, want, sizeof want)) {
-        st = tp_error(TP_ERR_COMM, "shm: refused segment %s: it does not prove this world's token (a foreign or "
-                      "stale segment)", im->name);
-        goto out;
-    }
+    if (g->rank == 0)
+        TP_CHECK(header_publish(g, im, &t, want, key, path));
+    else
+        TP_CHECK(header_verify(g, im, want));
     im->chunk = im->hdr->chunk_bytes;
     im->oneshot = im->hdr->oneshot_bytes;
     im->oneshot_big = im->hdr->oneshot_big;
-    im->probe = ((uint64_t)getpid() << 32) ^ (uint64_t)(tp_now() * 1e9) ^ (uint64_t)(uintptr_t)im;
-    im->ctrl[g->rank].probe_addr = (uint64_t)(uintptr_t)&im->probe;
-    im->ctrl[g->rank].probe_val = im->probe;
-    atomic_store(&im->ctrl[g->rank].pid, (int)getpid());
-    atomic_store(&im->ctrl[g->rank].heartbeat_ms, now_ms());
+    cma_probe(g, im);
     snprintf(key, sizeof key, "%sshm/mapped", g->prefix);
     TP_CHECK(tp_store_arrive(g->store, key, g->rank));
     TP_CHECK(tp_store_wait_all(g->store, key, g->size, g->global_ranks, "to map the shm segment"));

@@ -12,7 +12,7 @@
 #include <strings.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "env.h"
 
 typedef enum { KNOB_INT, KNOB_BOOL, KNOB_CHOICE, KNOB_STRING } knob_type;
 

@@ -7,7 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "env.h"
 
 #define TP_MSG_CAP 1024
 

@@ -2,7 +2,7 @@
  * so any shard can be initialised alone and equals the same slice of the full tensor. */
 #include <math.h>
 
-#include "internal.h"
+#include "error.h"
 
 /* splitmix64's finaliser: a bijective 64-bit mix with full avalanche. Two rounds keyed by the seed
  * and stream decorrelate nearby counters and nearby seeds. */

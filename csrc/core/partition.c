@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "error.h"
 
 /* DeepSpeed's get_shard_size never applies the head rule to MLP, MoE-MLP or output layers. */
 static int name_allows_heads(const char *name)

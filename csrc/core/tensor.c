@@ -1,7 +1,7 @@
 /* tp_tensor: descriptors and views (dtypes: dtype.c; copies are on the device floor: device/device.c). */
 #include <string.h>
 
-#include "internal.h"
+#include "error.h"
 
 tp_status tp_tensor_init(tp_tensor *t, void *data, tp_dtype dt, int ndim, const int64_t *shape)
 {

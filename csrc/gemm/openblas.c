@@ -4,7 +4,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <cblas.h>
 
@@ -376,12 +375,9 @@ tp_status tp_set_num_threads(int n)
 {
     tp_status st = TP_OK;
     if (n <= 0) { /* this rank's share of the cores: the local world from the launcher's environment */
-        long cores = sysconf(_SC_NPROCESSORS_ONLN), local;
         tp_world_env w;
         TP_CHECK(tp_world_from_env(&w));
-        local = w.local_world_size > 0 ? w.local_world_size : 1;
-        if (cores < 1) cores = 1;
-        n = (int)(cores / local > 0 ? cores / local : 1);
+        n = tp_cores_per_rank(w.local_world_size);
     }
     scipy_openblas_set_num_threads(n);
     tp_log(TP_LOG_INFO, "BLAS threads: %d", n);

@@ -1,7 +1,7 @@
 /*
  * tplinear — tensor-parallel linear layers, C API.
  *
- * Conventions (see DESIGN.md):
+ * Conventions (docs/architecture.md, section 1):
  *  - every function returns tp_status; on failure tp_last_error() holds a thread-local message;
  *  - handles (tp_group) are opaque; tensors (tp_tensor) are plain descriptors the caller owns;
  *  - no function prints, exits or aborts.
@@ -311,7 +311,8 @@ TP_API tp_status tp_group_check_device(const tp_group *g, tp_device dev, const c
 TP_API int tp_backend_count(void);
 TP_API const char *tp_backend_name(int i);
 
-/* In place on `count` elements of buf (device given by t->device where tensors are taken). */
+/* In place on `count` elements of buf: host memory, or GPU memory where the group's backend takes it
+ * (tp_group_check_device). */
 TP_API tp_status tp_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt, tp_reduce_op op);
 /* recv holds size(g) * count elements; rank r's send lands at recv + r*count. */
 TP_API tp_status tp_all_gather(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt);

@@ -1,4 +1,4 @@
-/* Tensor-parallel layers: the forward/backward collective pairs of DESIGN.md §1 in one place.
+/* Tensor-parallel layers: the forward/backward collective pairs (docs/architecture.md, section 6) in one place.
  *
  *   layer              forward                         backward
  *   row (LinearAllreduce)  all_reduce(X_r W_r^T) + b   dX_r = dY W_r, dW_r, db: no collective

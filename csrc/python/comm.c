@@ -4,7 +4,7 @@
 
 #include "py.h"
 
-#define NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+#define TPY_NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
 
 static int parse_op(PyObject *opobj, tp_reduce_op *op)
 {

@@ -129,8 +129,8 @@ static PyObject *init_values(PyObject *m, PyObject *args, int normal)
     long long ro, co, fc;
     if (!PyArg_ParseTuple(args, "OKKdLLL", &o, &seed, &stream, &scale, &ro, &co, &fc)) return NULL;
     {
-        tpy_arg a[] = {OUT(o, "out")};
-        CALL_RELEASED(m, a, normal ? tp_init_normal(a[0].p, seed, stream, scale, ro, co, fc)
+        tpy_arg a[] = {TPY_OUT(o, "out")};
+        TPY_CALL_RELEASED(m, a, normal ? tp_init_normal(a[0].p, seed, stream, scale, ro, co, fc)
                                    : tp_init_uniform(a[0].p, seed, stream, scale, ro, co, fc));
     }
 }
@@ -144,8 +144,8 @@ static PyObject *py_linear_forward(PyObject *m, PyObject *args)
     PyObject *x, *w, *b, *y;
     if (!PyArg_ParseTuple(args, "OOOO", &x, &w, &b, &y)) return NULL;
     {
-        tpy_arg a[] = {ARR(x, "input"), ARR(w, "weight"), OPT(b, "bias"), OUT(y, "output")};
-        CALL_RELEASED(m, a, tp_linear_forward(a[0].p, a[1].p, a[2].p, a[3].p));
+        tpy_arg a[] = {TPY_ARR(x, "input"), TPY_ARR(w, "weight"), TPY_OPT(b, "bias"), TPY_OUT(y, "output")};
+        TPY_CALL_RELEASED(m, a, tp_linear_forward(a[0].p, a[1].p, a[2].p, a[3].p));
     }
 }
 
@@ -156,15 +156,15 @@ static PyObject *py_linear_backward(PyObject *m, PyObject *args)
     int assign = 0;
     if (!PyArg_ParseTuple(args, "OOOOOO|p", &dy, &x, &w, &dx, &dw, &db, &assign)) return NULL;
     {
-        tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"), OPT_OUT(dx, "grad_input"),
-                       OPT_OUT(dw, "weight grad"), OPT_OUT(db, "bias grad")};
+        tpy_arg a[] = {TPY_ARR(dy, "grad_output"), TPY_ARR(x, "input"), TPY_ARR(w, "weight"), TPY_OPT_OUT(dx, "grad_input"),
+                       TPY_OPT_OUT(dw, "weight grad"), TPY_OPT_OUT(db, "bias grad")};
         tp_status st_ = TP_OK;
-        if (tpy_args_convert(a, NARGS(a)) < 0) return NULL;
+        if (tpy_args_convert(a, TPY_NARGS(a)) < 0) return NULL;
         Py_BEGIN_ALLOW_THREADS
         if (a[3].p) st_ = tp_linear_backward_input(a[0].p, a[2].p, a[3].p);
-        if (st_ == TP_OK && a[4].p) st_ = tp_linear_backward_params_mode(a[0].p, a[1].p, a[4].p, a[5].p, GRAD_MODE(assign));
+        if (st_ == TP_OK && a[4].p) st_ = tp_linear_backward_params_mode(a[0].p, a[1].p, a[4].p, a[5].p, TPY_GRAD_MODE(assign));
         Py_END_ALLOW_THREADS
-        tpy_args_release(a, NARGS(a));
+        tpy_args_release(a, TPY_NARGS(a));
         if (st_ != TP_OK) return tpy_raise(m, st_);
         Py_RETURN_NONE;
     }
@@ -178,8 +178,8 @@ static PyObject *layer_forward(PyObject *m, PyObject *args, int row)
     if (!PyArg_ParseTuple(args, "OOOOO", &go, &x, &w, &b, &y)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(x, "input"), ARR(w, "weight"), OPT(b, "bias"), OUT(y, "output")};
-        CALL_RELEASED(m, a, row ? tp_row_forward(g, a[0].p, a[1].p, a[2].p, a[3].p)
+        tpy_arg a[] = {TPY_ARR(x, "input"), TPY_ARR(w, "weight"), TPY_OPT(b, "bias"), TPY_OUT(y, "output")};
+        TPY_CALL_RELEASED(m, a, row ? tp_row_forward(g, a[0].p, a[1].p, a[2].p, a[3].p)
                                 : tp_col_forward(g, a[0].p, a[1].p, a[2].p, a[3].p));
     }
 }
@@ -199,13 +199,13 @@ static PyObject *layer_backward(PyObject *m, PyObject *args, int row)
         return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"),
-                       {.obj = dx, .writable = 1, .optional = row, .what = "grad_input"}, OPT_OUT(dw, "weight grad"),
-                       OPT_OUT(db, "bias grad")};
-        CALL_RELEASED(m, a, row ? tp_row_backward_mode(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p,
-                                                       GRAD_MODE(assign))
+        tpy_arg a[] = {TPY_ARR(dy, "grad_output"), TPY_ARR(x, "input"), TPY_ARR(w, "weight"),
+                       {.obj = dx, .writable = 1, .optional = row, .what = "grad_input"}, TPY_OPT_OUT(dw, "weight grad"),
+                       TPY_OPT_OUT(db, "bias grad")};
+        TPY_CALL_RELEASED(m, a, row ? tp_row_backward_mode(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p,
+                                                       TPY_GRAD_MODE(assign))
                                 : tp_col_backward_mode(g, a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p, overlap,
-                                                       GRAD_MODE(assign)));
+                                                       TPY_GRAD_MODE(assign)));
     }
 }
 
@@ -257,7 +257,7 @@ static PyObject *gather_or_shard(PyObject *m, tp_group *g, PyObject *shard, int 
         return PyErr_Format(PyExc_ValueError, "gather: expected %d ranges (group size x blocks), got %zd",
                             tp_group_size(g) * nblocks, n);
     }
-    if (tpy_args_convert(a, NARGS(a)) < 0) {
+    if (tpy_args_convert(a, TPY_NARGS(a)) < 0) {
         PyMem_Free(r);
         return NULL;
     }
@@ -265,7 +265,7 @@ static PyObject *gather_or_shard(PyObject *m, tp_group *g, PyObject *shard, int 
     st_ = g ? tp_gather_packed(g, a[0].p, dim, r, nblocks, a[1].p)
             : tp_shard_packed(a[1].p, dim, r, (int)(n / nblocks), nblocks, rank, a[0].p);
     Py_END_ALLOW_THREADS
-    tpy_args_release(a, NARGS(a));
+    tpy_args_release(a, TPY_NARGS(a));
     PyMem_Free(r);
     if (st_ != TP_OK) return tpy_raise(m, st_);
     Py_RETURN_NONE;

@@ -57,21 +57,21 @@ PyObject *tpy_protocol_stream(void);
 PyObject *tpy_raise(PyObject *module, tp_status st);
 
 /* Array arguments of a binding (tpy_arg initialisers): read, written, optional (None allowed). */
-#define ARR(o, w) {.obj = (o), .what = (w)}
-#define OUT(o, w) {.obj = (o), .writable = 1, .what = (w)}
-#define OPT(o, w) {.obj = (o), .optional = 1, .what = (w)}
-#define OPT_OUT(o, w) {.obj = (o), .writable = 1, .optional = 1, .what = (w)}
-#define NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+#define TPY_ARR(o, w) {.obj = (o), .what = (w)}
+#define TPY_OUT(o, w) {.obj = (o), .writable = 1, .what = (w)}
+#define TPY_OPT(o, w) {.obj = (o), .optional = 1, .what = (w)}
+#define TPY_OPT_OUT(o, w) {.obj = (o), .writable = 1, .optional = 1, .what = (w)}
+#define TPY_NARGS(a) ((int)(sizeof(a) / sizeof((a)[0])))
 /* A binding's assign=True/False as the C core's gradient mode. */
-#define GRAD_MODE(assign) ((assign) ? TP_GRAD_ASSIGN : TP_GRAD_ACCUMULATE)
+#define TPY_GRAD_MODE(assign) ((assign) ? TP_GRAD_ASSIGN : TP_GRAD_ACCUMULATE)
 
 /* Converts the arguments a, runs `call` (an expression using a[i].p) without the GIL and maps its status. */
-#define CALL_RELEASED(module, a, call)                  \
+#define TPY_CALL_RELEASED(module, a, call)              \
     do {                                                \
         tp_status st_;                                  \
-        if (tpy_args_convert((a), NARGS(a)) < 0) return NULL; \
+        if (tpy_args_convert((a), TPY_NARGS(a)) < 0) return NULL; \
         Py_BEGIN_ALLOW_THREADS st_ = (call);            \
-        Py_END_ALLOW_THREADS tpy_args_release((a), NARGS(a)); \
+        Py_END_ALLOW_THREADS tpy_args_release((a), TPY_NARGS(a)); \
         if (st_ != TP_OK) return tpy_raise((module), st_);    \
         Py_RETURN_NONE;                                 \
     } while (0)

@@ -24,12 +24,12 @@ static tp_range *seq_ranges(tp_group *g, PyObject *obj)
         tp_status st_;                                                       \
         tp_range *seq = NULL;                                                \
         if ((seqobj) != Py_None && (seq = seq_ranges((g), (seqobj))) == NULL) return NULL; \
-        if (tpy_args_convert((a), NARGS(a)) < 0) {                           \
+        if (tpy_args_convert((a), TPY_NARGS(a)) < 0) {                           \
             PyMem_Free(seq);                                                 \
             return NULL;                                                     \
         }                                                                    \
         Py_BEGIN_ALLOW_THREADS st_ = (call);                                 \
-        Py_END_ALLOW_THREADS tpy_args_release((a), NARGS(a));                \
+        Py_END_ALLOW_THREADS tpy_args_release((a), TPY_NARGS(a));                \
         PyMem_Free(seq);                                                     \
         if (st_ != TP_OK) return tpy_raise((module), st_);                   \
         Py_RETURN_NONE;                                                      \
@@ -44,7 +44,7 @@ static PyObject *py_col_forward_sp(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOOO|i", &go, &x, &w, &b, &so, &y, &chunks)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(x, "input"), ARR(w, "weight"), OPT(b, "bias"), OUT(y, "output")};
+        tpy_arg a[] = {TPY_ARR(x, "input"), TPY_ARR(w, "weight"), TPY_OPT(b, "bias"), TPY_OUT(y, "output")};
         CALL_SEQ(m, g, so, a, tp_col_forward_sp(g, a[0].p, a[1].p, a[2].p, seq, a[3].p, chunks));
     }
 }
@@ -58,8 +58,8 @@ static PyObject *py_col_backward_sp(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOOOOO|p", &go, &dy, &x, &w, &so, &dx, &dw, &db, &overlap)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"), OUT(dx, "grad_input"),
-                       OPT_OUT(dw, "weight grad"), OPT_OUT(db, "bias grad")};
+        tpy_arg a[] = {TPY_ARR(dy, "grad_output"), TPY_ARR(x, "input"), TPY_ARR(w, "weight"), TPY_OUT(dx, "grad_input"),
+                       TPY_OPT_OUT(dw, "weight grad"), TPY_OPT_OUT(db, "bias grad")};
         CALL_SEQ(m, g, so, a, tp_col_backward_sp(g, a[0].p, a[1].p, a[2].p, seq, a[3].p, a[4].p, a[5].p, overlap));
     }
 }
@@ -72,7 +72,7 @@ static PyObject *py_row_forward_sp(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOOO", &go, &x, &w, &b, &so, &y)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(x, "input"), ARR(w, "weight"), OPT(b, "bias"), OUT(y, "output")};
+        tpy_arg a[] = {TPY_ARR(x, "input"), TPY_ARR(w, "weight"), TPY_OPT(b, "bias"), TPY_OUT(y, "output")};
         CALL_SEQ(m, g, so, a, tp_row_forward_sp(g, a[0].p, a[1].p, a[2].p, seq, a[3].p));
     }
 }
@@ -85,8 +85,8 @@ static PyObject *py_row_backward_sp(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOOOOO", &go, &dy, &x, &w, &so, &dx, &dw, &db)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(dy, "grad_output"), ARR(x, "input"), ARR(w, "weight"), OPT_OUT(dx, "grad_input"),
-                       OPT_OUT(dw, "weight grad"), OPT_OUT(db, "bias grad")};
+        tpy_arg a[] = {TPY_ARR(dy, "grad_output"), TPY_ARR(x, "input"), TPY_ARR(w, "weight"), TPY_OPT_OUT(dx, "grad_input"),
+                       TPY_OPT_OUT(dw, "weight grad"), TPY_OPT_OUT(db, "bias grad")};
         CALL_SEQ(m, g, so, a, tp_row_backward_sp(g, a[0].p, a[1].p, a[2].p, seq, a[3].p, a[4].p, a[5].p));
     }
 }
@@ -99,7 +99,7 @@ static PyObject *py_reduce_scatter_rows(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOO", &go, &full, &so, &part)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(full, "input"), OUT(part, "output")};
+        tpy_arg a[] = {TPY_ARR(full, "input"), TPY_OUT(part, "output")};
         CALL_SEQ(m, g, so, a, tp_reduce_scatter_rows(g, a[0].p, seq, a[1].p));
     }
 }
@@ -113,7 +113,7 @@ static PyObject *py_embedding_forward(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOLLOO", &go, &ids, &w, &off, &vocab, &so, &y)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(ids, "ids"), ARR(w, "weight"), OUT(y, "output")};
+        tpy_arg a[] = {TPY_ARR(ids, "ids"), TPY_ARR(w, "weight"), TPY_OUT(y, "output")};
         CALL_SEQ(m, g, so, a, tp_embedding_forward(g, a[0].p, a[1].p, off, vocab, seq, a[2].p));
     }
 }
@@ -127,7 +127,7 @@ static PyObject *py_embedding_backward(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOLOO", &go, &ids, &dy, &off, &so, &dw)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL) return NULL;
     {
-        tpy_arg a[] = {ARR(ids, "ids"), ARR(dy, "grad_output"), OUT(dw, "weight grad")};
+        tpy_arg a[] = {TPY_ARR(ids, "ids"), TPY_ARR(dy, "grad_output"), TPY_OUT(dw, "weight grad")};
         CALL_SEQ(m, g, so, a, tp_embedding_backward(g, a[0].p, a[1].p, off, seq, a[2].p));
     }
 }
@@ -152,13 +152,13 @@ static PyObject *py_vocab_cross_entropy(PyObject *m, PyObject *args)
     else if (strcmp(rname, "none") == 0) red = TP_LOSS_NONE;
     else return PyErr_Format(PyExc_ValueError, "reduction must be 'mean', 'sum' or 'none', got '%s'", rname);
     {
-        tpy_arg a[] = {ARR(logits, "logits"), ARR(targets, "targets"), OPT_OUT(losses, "losses"),
-                       OPT_OUT(grad, "grad_logits")};
-        if (tpy_args_convert(a, NARGS(a)) < 0) return NULL;
+        tpy_arg a[] = {TPY_ARR(logits, "logits"), TPY_ARR(targets, "targets"), TPY_OPT_OUT(losses, "losses"),
+                       TPY_OPT_OUT(grad, "grad_logits")};
+        if (tpy_args_convert(a, TPY_NARGS(a)) < 0) return NULL;
         Py_BEGIN_ALLOW_THREADS
         st = tp_vocab_cross_entropy(g, a[0].p, a[1].p, off, vocab, ignore, smoothing, red, a[2].p, a[3].p, &loss);
         Py_END_ALLOW_THREADS
-        tpy_args_release(a, NARGS(a));
+        tpy_args_release(a, TPY_NARGS(a));
     }
     if (st != TP_OK) return tpy_raise(m, st);
     return PyFloat_FromDouble(loss);
