@@ -8,6 +8,8 @@ CUDA builds).
 The launcher's environment and the TPLINEAR_* knobs are read by the C core only (``_C.world_env()``,
 ``_C.env_knobs()``); backend names are validated there too.
 """
+import numpy as np
+
 from . import _C
 
 CommError = _C.CommError
@@ -108,7 +110,10 @@ def _default(gpu=False):
     return _world
 
 
-def _group(group, gpu=False):
+def resolve_group(group, gpu=False):
+    """The group a call acts on: group itself (a ProcessGroup), or the default group when it is None
+    (created on first use; with a backend that takes GPU memory when gpu). What every tplinear function
+    with a group= or mp_group= argument resolves it with."""
     if group is None:
         return _default(gpu)
     if not isinstance(group, ProcessGroup):
@@ -116,20 +121,32 @@ def _group(group, gpu=False):
     return group
 
 
+def gather_extents(group, local):
+    """Every rank's (offset, size) of a dimension split in rank order, from each rank's own size local
+    (one all-gather over group): what sequence-parallel inputs and vocabulary shards use when the full
+    size is not given."""
+    sizes = np.array([int(local)], dtype=np.int64)
+    if group.size > 1:
+        mine, sizes = sizes, np.empty(group.size, dtype=np.int64)
+        all_gather_into_tensor(sizes, mine, group=group)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return [(int(o), int(s)) for o, s in zip(offsets, sizes)]
+
+
 def get_world_group():
     return _default()
 
 
 def get_rank(group=None):
-    return _group(group).rank
+    return resolve_group(group).rank
 
 
 def get_world_size(group=None):
-    return _group(group).size
+    return resolve_group(group).size
 
 
 def get_backend(group=None):
-    return _group(group).backend
+    return resolve_group(group).backend
 
 
 def new_group(ranks=None, backend=None):
@@ -158,41 +175,41 @@ def all_reduce(tensor, op="sum", group=None):
     TypeError / ValueError for a bad array, ValueError on a rank that is not a member of group, and
     tplinear.CommError when a peer died, timed out or called a different collective (the group is
     unusable afterwards)."""
-    _C.all_reduce(_group(group)._handle, tensor, _op(op))
+    _C.all_reduce(resolve_group(group)._handle, tensor, _op(op))
 
 
 def all_gather_into_tensor(output_tensor, input_tensor, group=None):
-    _C.all_gather(_group(group)._handle, output_tensor, input_tensor)
+    _C.all_gather(resolve_group(group)._handle, output_tensor, input_tensor)
 
 
 def all_gather_v(output_tensor, input_tensor, counts, group=None):
     """Variable-count all-gather: rank r contributes counts[r] elements, placed one after another."""
-    _C.all_gather(_group(group)._handle, output_tensor, input_tensor, list(counts))
+    _C.all_gather(resolve_group(group)._handle, output_tensor, input_tensor, list(counts))
 
 
 def reduce_scatter_tensor(output, input, op="sum", group=None):
-    _C.reduce_scatter(_group(group)._handle, output, input, _op(op))
+    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op))
 
 
 def reduce_scatter_v(output, input, counts, op="sum", group=None):
     """Variable-count reduce-scatter: input holds sum(counts) elements, rank r's block (counts[r] elements,
     after the blocks of the ranks before it) is reduced into rank r's output (counts[rank] elements). Every
     rank passes the same counts."""
-    _C.reduce_scatter(_group(group)._handle, output, input, _op(op), list(counts))
+    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op), list(counts))
 
 
 def broadcast(tensor, src=None, group=None, *, group_src=None):
     """In place from the root, as torch.distributed.broadcast: src is the root's GLOBAL rank (its rank in
     the default group), group_src its rank within group; give exactly one. A src that is not a member of
     group is a ValueError (torch raises too), never another rank's data."""
-    g = _group(group)
+    g = resolve_group(group)
     _C.broadcast(g._handle, tensor, _root(g, src, group_src, "src"))
 
 
 def get_group_rank(group, global_rank):
     """The rank within group of the process whose global rank is global_rank (torch's name); ValueError
     when it is not a member."""
-    g = _group(group)
+    g = resolve_group(group)
     ranks = g.ranks
     global_rank = _rank_arg(global_rank, "global_rank")
     if global_rank not in ranks:
@@ -202,7 +219,7 @@ def get_group_rank(group, global_rank):
 
 def get_global_rank(group, group_rank):
     """The global rank of the group's member group_rank (torch's name); ValueError when out of range."""
-    ranks = _group(group).ranks
+    ranks = resolve_group(group).ranks
     group_rank = _rank_arg(group_rank, "group_rank")
     if not 0 <= group_rank < len(ranks):
         raise ValueError(f"group rank {group_rank} is out of range for a group of {len(ranks)}")
@@ -235,13 +252,13 @@ def _rank_arg(v, what):
 
 
 def barrier(group=None):
-    _C.barrier(_group(group)._handle)
+    _C.barrier(resolve_group(group)._handle)
 
 
 def abort(group=None):
     """Marks the group (default: the world) failed: collectives waiting on any rank of it raise
     CommError at once, and every later collective on it raises. Safe to call from another thread."""
-    _C.abort(_group(group)._handle)
+    _C.abort(resolve_group(group)._handle)
 
 
 def destroy_process_group(group=None):
@@ -254,7 +271,7 @@ def destroy_process_group(group=None):
             _C.destroy(_world._handle)
             _world = None
         return
-    _C.destroy(_group(group)._handle)
+    _C.destroy(resolve_group(group)._handle)
 
 
 def _op(op):

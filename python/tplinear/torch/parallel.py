@@ -23,7 +23,7 @@ from .modules import (
     Conv_LinearALlreduce,
     LinearAllreduce,
     LinearLayer,
-    _TPModule,
+    TPModule,
     conv_LinearLayer,
 )
 from .vocab import VocabParallelEmbedding
@@ -223,7 +223,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cuda = any(p.is_cuda for p in model.parameters())
-    group = dist._group(mp_group, gpu=cuda)
+    group = dist.resolve_group(mp_group, gpu=cuda)
     if group.rank < 0:
         raise ValueError("this rank is not a member of mp_group")
     heads = _config_heads(model, num_heads, num_kv_heads, head_dim)
@@ -237,7 +237,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     named = dict(model.named_modules())
     chosen = {}  # module name -> (style, pattern)
     for name, module in named.items():
-        if not name or isinstance(module, _TPModule):  # already tensor-parallel: parallelize twice is a no-op
+        if not name or isinstance(module, TPModule):  # already tensor-parallel: parallelize twice is a no-op
             continue
         if rules is not None:
             pattern, style = rules.style(name)
@@ -424,4 +424,4 @@ def _install_hook(name, module, style, group, model):
 
 def tp_modules(model):
     """The tplinear layers of a model, by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _TPModule)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, TPModule)}
