@@ -139,15 +139,15 @@ def get_world_group():
 
 
 def get_rank(group=None):
-    return resolveresolve_group(group).rank
+    return resolve_group(group).rank
 
 
 def get_world_size(group=None):
-    return resolveresolve_group(group).size
+    return resolve_group(group).size
 
 
 def get_backend(group=None):
-    return resolveresolve_group(group).backend
+    return resolve_group(group).backend
 
 
 def new_group(ranks=None, backend=None):
@@ -176,7 +176,7 @@ def all_reduce(tensor, op="sum", group=None):
     TypeError / ValueError for a bad array, ValueError on a rank that is not a member of group, and
     tplinear.CommError when a peer died, timed out or called a different collective (the group is
     unusable afterwards)."""
-    _C.all_reduce(resolveresolve_group(group)._handle, tensor, _op(op))
+    _C.all_reduce(resolve_group(group)._handle, tensor, _op(op))
 
 
 def all_gather_into_tensor(output_tensor, input_tensor, group=None):
@@ -193,18 +193,18 @@ def all_gather_into_tensor(output_tensor, input_tensor, group=None):
 
 def all_gather_v(output_tensor, input_tensor, counts, group=None):
     """Variable-count all-gather: rank r contributes counts[r] elements, placed one after another."""
-    _C.all_gather(resolveresolve_group(group)._handle, output_tensor, input_tensor, list(counts))
+    _C.all_gather(resolve_group(group)._handle, output_tensor, input_tensor, list(counts))
 
 
 def reduce_scatter_tensor(output, input, op="sum", group=None):
-    _C.reduce_scatter(resolveresolve_group(group)._handle, output, input, _op(op))
+    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op))
 
 
 def reduce_scatter_v(output, input, counts, op="sum", group=None):
     """Variable-count reduce-scatter: input holds sum(counts) elements, rank r's block (counts[r] elements,
     after the blocks of the ranks before it) is reduced into rank r's output (counts[rank] elements). Every
     rank passes the same counts."""
-    _C.reduce_scatter(resolveresolve_group(group)._handle, output, input, _op(op), list(counts))
+    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op), list(counts))
 
 
 def broadcast(tensor, src=None, group=None, *, group_src=None):
@@ -239,7 +239,7 @@ def all_gather_object(object_list, obj, group=None):
 def get_group_rank(group, global_rank):
     """The rank within group of the process whose global rank is global_rank (torch's name); ValueError
     when it is not a member."""
-    g = resolveresolve_group(group)
+    g = resolve_group(group)
     ranks = g.ranks
     global_rank = _rank_arg(global_rank, "global_rank")
     if global_rank not in ranks:
@@ -249,7 +249,7 @@ def get_group_rank(group, global_rank):
 
 def get_global_rank(group, group_rank):
     """The global rank of the group's member group_rank (torch's name); ValueError when out of range."""
-    ranks = resolveresolve_group(group).ranks
+    ranks = resolve_group(group).ranks
     group_rank = _rank_arg(group_rank, "group_rank")
     if not 0 <= group_rank < len(ranks):
         raise ValueError(f"group rank {group_rank} is out of range for a group of {len(ranks)}")
@@ -282,13 +282,13 @@ def _rank_arg(v, what):
 
 
 def barrier(group=None):
-    _C.barrier(resolveresolve_group(group)._handle)
+    _C.barrier(resolve_group(group)._handle)
 
 
 def abort(group=None):
     """Marks the group (default: the world) failed: collectives waiting on any rank of it raise
     CommError at once, and every later collective on it raises. Safe to call from another thread."""
-    _C.abort(resolveresolve_group(group)._handle)
+    _C.abort(resolve_group(group)._handle)
 
 
 def destroy_process_group(group=None):
@@ -301,7 +301,7 @@ def destroy_process_group(group=None):
             _C.destroy(_world._handle)
             _world = None
         return
-    _C.destroy(resolveresolve_group(group)._handle)
+    _C.destroy(resolve_group(group)._handle)
 
 
 def _op(op):
