@@ -39,7 +39,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from linear import free_port, save_report  # noqa: E402
-REPO = os.path.dirname(HERE)
 P = 2
 HIDDEN, INTER, HEADS, KV_HEADS = 4096, 11008, 32, 8
 SHAPES = {"decode": 8, "training": 2048}
@@ -209,7 +208,7 @@ def run_contender(name, out_path, python):
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python"), env.get("PYTHONPATH", "")])
+    # the workers import the installed tplinear, as linear.py's do: the source tree's python/ has no built _C
     script = [os.path.abspath(__file__), "--worker", name, "--out", out_path]
     if name == "tplinear":
         cmd = [python, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(P)] + script

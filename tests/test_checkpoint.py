@@ -206,12 +206,12 @@ def test_byte_range_reads_equal_numpy_slices(world_of_one, tmp_path, rng):
         for start, size, fast in [((0, 0, 0), (6, 5, 2048), True), ((2, 0, 0), (3, 5, 2048), True),
                                   ((0, 1, 0), (6, 3, 2048), True), ((1, 2, 1024), (4, 2, 1024), True),
                                   ((0, 0, 5), (6, 5, 3), False), ((3, 4, 7), (1, 1, 1), True)]:
-            want = full[_ckpt._slices(start, size)]
+            want = full[_ckpt.slices(start, size)]
             dest = np.zeros((8,) + size[1:], np.float32)  # the box lands at row 1 of a larger shard
             direct = ck.read_into("model.safetensors", "t", start, dest, (1, 0, 0), size)
             assert direct == fast, (start, size)
             if not direct:
-                dest[1:1 + size[0]] = ck.open("model.safetensors").get_slice("t")[_ckpt._slices(start, size)]
+                dest[1:1 + size[0]] = ck.open("model.safetensors").get_slice("t")[_ckpt.slices(start, size)]
             assert np.array_equal(dest[1:1 + size[0]], want) and not dest[0].any(), (start, size)
     finally:
         ck.close()

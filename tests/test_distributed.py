@@ -1,4 +1,4 @@
-"""Process groups and collectives (issue 3): multi-rank worlds through the launcher
+"""Process groups and collectives: multi-rank worlds through the launcher
 (tplinear.testing), failure cases through direct spawning (tests/comm_spawn.py)."""
 import glob
 import inspect

@@ -1,4 +1,4 @@
-"""The environment contract (issue 9): one table of knobs in the C library (csrc/core/env.c), the README's
+"""The environment contract: one table of knobs in the C library (csrc/core/env.c), the README's
 table listing exactly those knobs, the launcher's world read by C (tp_world_from_env) with Python passing
 None, backend names validated once in C, and log lines prefixed with the world rank under OpenMPI's
 variables too."""

@@ -1,4 +1,4 @@
-"""Sequence parallelism and vocabulary parallelism (issue 15) at world sizes 1-4: each rank checks the
+"""Sequence parallelism and vocabulary parallelism at world sizes 1-4: each rank checks the
 sequence-parallel layers, the vocab-parallel embedding and cross-entropy and a 2-block decoder against a
 float64 single-process reference (tests/seq_checks.py), with sequence and vocabulary sizes the group does
 not divide; the NumPy cross-entropy reference and tplinear's loss against torch's F.cross_entropy."""

@@ -144,14 +144,14 @@ def test_data_parallel_over_torch_beside_tensor_parallel_over_tplinear():
 
 
 def _torchrun_supported():
-    """Whether tplinear can bootstrap under torchrun here (issue 14: through torchrun's agent store)."""
+    """Whether tplinear can bootstrap under torchrun here (its ranks meet through torchrun's agent store)."""
     code = "import tplinear.distributed as d; d.init_process_group(timeout=30); d.barrier(); print('up')"
     probe = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                             "--no-python", sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            env=world_env())
     if probe.returncode == 0 and probe.stdout.count("up") == 2:
         return True, ""
-    return False, ("tplinear cannot bootstrap under this torchrun (it needs torchrun's agent store, issue 14): "
+    return False, ("tplinear cannot bootstrap under this torchrun (it needs torchrun's agent store): "
                    f"{[ln for ln in (probe.stdout + probe.stderr).splitlines() if 'Error' in ln][-1:]}")
 
 

@@ -1,4 +1,4 @@
-"""tplinear.torch's sequence and vocabulary parallelism (issue 15) at world sizes 1-4, against unsharded
+"""tplinear.torch's sequence and vocabulary parallelism at world sizes 1-4, against unsharded
 float64 torch references (tests/torch_seq_checks.py runs inside each rank): the sequence-parallel modules
 and mappings, the vocab-parallel embedding and cross-entropy with autograd, a decoder with both, and
 parallelize's embedding_rowwise style on a transformers model."""

@@ -16,6 +16,9 @@ A checkpoint is a directory:
   each stored array is (global shape, boxes, split dim, partition ranges, mode, group size).
 
 A directory without a manifest is read as a Hugging Face ``save_pretrained`` directory.
+
+Its names without a leading underscore are what the rest of the package uses (``checkpoint.py``'s old
+``.npz`` format reuses ``gather_to_writer``, ``agree_ok`` and ``slices``); the others are this module's own.
 """
 import json
 import math
@@ -152,7 +155,8 @@ def _intersect(a_start, a_size, b_start, b_size):
     return tuple(start), tuple(size)
 
 
-def _slices(start, size):
+def slices(start, size):
+    """A box (start, size) as a tuple of slices, to index an array with."""
     return tuple(slice(s, s + n) for s, n in zip(start, size))
 
 
@@ -398,7 +402,7 @@ def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_
             _remove_stale(path, files)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             failure = exc
-    _agree_ok(world, failure, "writing the manifest")
+    agree_ok(world, failure, "writing the manifest")
 
 
 def _agree_save_id(path, world):
@@ -422,7 +426,7 @@ def _agree_save_id(path, world):
     return f"{int(word[0]):016x}"
 
 
-def _agree_ok(world, failure, what):
+def agree_ok(world, failure, what):
     """Every rank learns whether any rank failed (so none waits or commits alone); raises on all of them."""
     flags = np.zeros(world.size, dtype=np.int32)
     flags[world.rank] = failure is not None
@@ -500,7 +504,7 @@ def _save_sharded(path, entries, key_map, save_id, world, progress):
         try:
             for key, e, boxes in jobs:
                 shard = _host(e, e.get())
-                parts = [shard[_slices(loc, size)] for _, loc, size in boxes]
+                parts = [shard[slices(loc, size)] for _, loc, size in boxes]
                 arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=e.dim or 0)
                 out.write(key, arr)
                 bar.update(arr.nbytes)
@@ -514,7 +518,7 @@ def _save_sharded(path, entries, key_map, save_id, world, progress):
     except Exception as exc:  # noqa: BLE001 - reported on every rank
         failure = exc
     try:
-        _agree_ok(world, failure, "writing its shard file")
+        agree_ok(world, failure, "writing its shard file")
     except BaseException:
         if failure is None:  # another rank failed: this rank's new file belongs to no checkpoint
             _unlink(os.path.join(path, name))
@@ -583,13 +587,13 @@ def _save_consolidated(path, entries, key_map, save_id, world, limit, progress):
                     failure = exc
             for e in group:
                 try:
-                    full = _gather_to_writer(e, world)
+                    full = gather_to_writer(e, world)
                 except Exception as exc:  # noqa: BLE001 - keep the collectives in step, report later
                     failure, full = failure or exc, None
                 if out is not None and full is not None and failure is None:
                     try:
                         for key, kshape, kstart in segs[e.name]:
-                            out.write(key, full[_slices(kstart, kshape)])
+                            out.write(key, full[slices(kstart, kshape)])
                     except Exception as exc:  # noqa: BLE001
                         failure = exc
                     bar.update(full.nbytes)
@@ -611,7 +615,7 @@ def _save_consolidated(path, entries, key_map, save_id, world, limit, progress):
     if failure is not None:
         for out in outs:
             out.abort()
-    _agree_ok(world, failure, "gathering or writing the consolidated files")
+    agree_ok(world, failure, "gathering or writing the consolidated files")
     return files
 
 
@@ -635,7 +639,7 @@ def _check_same_plan(world, gathered):
                          "the same layers, arrays and optimizer state")
 
 
-def _gather_to_writer(e, world):
+def gather_to_writer(e, world):
     """The full tensor on world rank 0 (None elsewhere): rank 0 places its own pieces, and every other
     rank of the group broadcasts its shard's bytes in turn (sent and received in place where they line
     up). Replicated tensors come from rank 0 itself."""
@@ -1008,8 +1012,8 @@ def _load(ck, entries, strict, cast, key_map, progress, sections, ignore):
             for file, key, src_start, dst_start, size, n in ops:
                 if not ck.read_into(file, key, src_start, dest, dst_start, size):
                     h = ck.handles[file]
-                    part = h.get_slice(key)[_slices(src_start, size)] if size else h.get_tensor(key)
-                    dest[_slices(dst_start, size)] = part
+                    part = h.get_slice(key)[slices(src_start, size)] if size else h.get_tensor(key)
+                    dest[slices(dst_start, size)] = part
                     del part
                 bar.update(n)
             e.put(dest)

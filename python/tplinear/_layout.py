@@ -3,12 +3,20 @@ torch modules (``tplinear.torch``): the layer's split arguments, the one exchang
 checks the ranks build the same layer, every rank's pieces of the split dimension (by
 ``partition.shard_ranges``), the parameter marks DeepSpeed looks for, and DeepSpeed's gather_params /
 _tp_partition. Where arrays live and how they are made is the layer's ``_place`` (``_arrays.Placement``
-for NumPy / DeviceArray, ``tplinear.torch.TorchPlacement`` for torch tensors)."""
+for NumPy / DeviceArray, ``tplinear.torch.TorchPlacement`` for torch tensors).
+
+The two front ends are siblings over this module, ``_ckpt`` and ``distributed``; neither imports the
+other. What both use is here under names without a leading underscore: ``Sharded``, ``split_args``,
+``sequence_split`` (the rows of a sequence-parallel input), ``vocab_rule`` and ``vocab_loss_args`` (the
+vocabulary split and the checks of the vocab-parallel loss), ``checkpoint_entries`` (a layer's tensors as
+the checkpoint engine's entries)."""
+import numbers
 import zlib
 
 import numpy as np
 
 from . import _C
+from . import _ckpt
 from . import distributed as dist
 from . import partition
 from ._arrays import DTYPES
@@ -18,6 +26,7 @@ KIND_ROW, KIND_COL = 1, 2
 
 UC_META_ATTR = "ds_autotp_universal_checkpoint_meta"  # DeepSpeed's DS_AUTOTP_UC_META
 UC_VERSION = 0.4  # DeepSpeed 0.19's UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
 
 def _uc_meta(kind, dim, logical, output, spec, sizes, widths, partition_sizes, target, original, is_bias, replicated,
              pieces, pieces_dim):
@@ -36,11 +45,10 @@ def _uc_meta(kind, dim, logical, output, spec, sizes, widths, partition_sizes, t
     }
 
 
-
 def split_args(training, name, grain, num_heads, num_kv_heads, head_dim, block_sizes, block_heads):
     """A layer's arguments of partition.shard_ranges, the grain resolved once (tp_grain_size=, else the
     default of the mode it is built in)."""
-    grain = partition.get_tp_grain_size(training) if grain is None else partition._count(grain, "tp_grain_size")
+    grain = partition.get_tp_grain_size(training) if grain is None else partition.as_count(grain, "tp_grain_size")
     return {"grain": grain, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "name": name,
             "block_sizes": None if block_sizes is None else list(block_sizes),
             "block_heads": None if block_heads is None else list(block_heads)}
@@ -50,6 +58,56 @@ def concatenated(sizes):
     """Pieces of shards given one after another (skip_partition)."""
     offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     return [[(int(o), int(s))] for o, s in zip(offs, sizes)]
+
+
+def sequence_split(group, local_rows, seq_len, what="input"):
+    """The sequence ranges of a sequence-parallel input of local_rows rows on this rank: by the rule when
+    seq_len is given (checking this rank's rows), else from every rank's rows (one all-gather)."""
+    if seq_len is None:
+        return dist.gather_extents(group, local_rows)
+    ranges = partition.sequence_ranges(seq_len, group.size)
+    if ranges[group.rank][1] != local_rows:
+        off, size = ranges[group.rank]
+        raise ValueError(f"{what}'s sequence dim (dim 0) must be {size} (this rank's rows {off}..{off + size} of "
+                         f"seq_len={seq_len} at rank {group.rank} of {group.size}), got {local_rows}")
+    return ranges
+
+
+def vocab_rule(n, p, grain):
+    """Every rank's rows of a vocabulary of n: the partition rule at `grain`, never by heads."""
+    return [[tuple(r)] for r in _C.partition([n], p, grain)]
+
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def vocab_loss_args(group, shape, ignore_index, label_smoothing, reduction, vocab_ranges):
+    """Checks vocab_parallel_cross_entropy's arguments (before any collective); returns (this rank's first
+    column, the whole vocabulary). The NumPy and the torch loss both call it."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or \
+            not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if len(shape) < 1:
+        raise ValueError("logits_shard must have a vocabulary dim, got a 0-d array")
+    return _vocab_span(group, shape[-1], vocab_ranges)
+
+
+def _vocab_span(group, width, vocab_ranges=None):
+    """(this rank's first column, the whole vocabulary) of logits split in rank order: from vocab_ranges
+    (one (offset, size) per rank, or a layer's shard_ranges()) or every rank's width (one all-gather)."""
+    if vocab_ranges is None:
+        spans = dist.gather_extents(group, width)
+    else:
+        spans = [tuple(r[0]) if len(r) == 1 and not isinstance(r[0], numbers.Integral) else tuple(r)
+                 for r in vocab_ranges]
+        if len(spans) != group.size or spans[group.rank][1] != width:
+            raise ValueError(f"vocab_ranges {list(vocab_ranges)} do not describe {group.size} ranks whose rank "
+                             f"{group.rank} holds {width} columns")
+    return spans[group.rank][0], max(o + s for o, s in spans)
 
 
 class Sharded:
@@ -247,3 +305,43 @@ class Sharded:
                 continue
             param.data = self._piece(param, param.data, "parameter")
             param._tp_gathered = False
+
+
+# -- checkpoints (the engine in _ckpt.py; checkpoint.py and tplinear.torch.checkpoint describe the rest)
+
+
+def checkpoint_entries(lname, layer, tensors):
+    """The checkpoint engine's entries (_ckpt.Entry) of a tensor-parallel layer's weight and bias (keys
+    "<lname>.weight", "<lname>.bias"): split by the layer's partition (layer.shard_ranges()) or replicated on
+    its group. Works for every Sharded layer: NumPy layers and tplinear.torch modules. tensors: how the
+    front end's parameters become and take NumPy arrays (dtype, host, live, store: checkpoint.NumpyTensors,
+    tplinear.torch.checkpoint.TorchTensors)."""
+    out = []
+    for key in ("weight", "bias"):
+        param = getattr(layer, key)
+        if param is None:
+            continue
+        if getattr(param, "_tp_gathered", False):
+            raise ValueError(f"{lname}.{key} is gathered (inside GatherReplacedLayerParams): save or load outside it")
+        sharded = layer._is_sharded(param)
+        dim = layer._dim_of(param) if sharded else None
+        shape = layer._full_shape if key == "weight" else [layer.out_features]  # the weight as stored
+        dtype = tensors.dtype(layer, param)
+        info = {"kind": type(layer).__name__, "mode": "training" if layer.training_mode else "inference",
+                "tp_grain_size": layer.tp_grain_size,
+                "universal_checkpoint_meta": layer.universal_checkpoint_meta()[key]}
+        for k in ("name", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(layer, k, None) is not None:
+                info[k if k != "name" else "layer_name"] = getattr(layer, k)
+        blocks = layer._split["block_sizes"] if sharded and dim == layer._dim_of(layer.weight) == 0 else None
+        get, put = (lambda p=param: tensors.host(layer, p)), (lambda a, p=param: tensors.store(layer, p, a))
+        buffer = lambda p=param, dt=dtype: tensors.live(layer, p, dt)  # noqa: E731
+        if getattr(layer, "_conv1d", False) and key == "weight":
+            # a torch module over GPT-2's Conv1D holds [out, in]; the file keeps Conv1D's [in, out] (the NumPy
+            # Conv1D layers hold [in, out] themselves: _full_shape and the split dim are already that layout)
+            shape, dim, blocks, buffer = shape[::-1], None if dim is None else 1 - dim, None, None
+            get, put = (lambda p=param: tensors.host(layer, p).T), (lambda a, p=param: tensors.store(layer, p, a.T))
+        out.append(_ckpt.Entry(
+            f"{lname}.{key}" if lname else key, shape, dtype, dim, layer.shard_ranges() if sharded else None,
+            layer.mp_group, layer.tp_index, get=get, put=put, buffer=buffer, blocks=blocks, info=info))
+    return out

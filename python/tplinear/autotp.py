@@ -17,7 +17,8 @@ import math
 import re
 
 from . import partition
-from .layers import UC_VERSION, LinearAllreduce, LinearLayer, _TPLayer
+from ._layout import UC_VERSION
+from .layers import LinearAllreduce, LinearLayer, TPLayer
 
 __all__ = ["LmHeadLinearAllreduce", "SubParamLinearLayer", "SubParamLinearAllreduce", "fused_LinearLayer",
            "conv_LinearLayer", "Conv_LinearALlreduce", "Conv_LinearAllreduce", "collect_universal_checkpoint_info"]
@@ -274,7 +275,7 @@ def collect_universal_checkpoint_info(layers):
     row, replicated, vocab, sub, widths = [], [], [], [], {}
     vocab_size = None
     for lname, layer in layers.items():
-        if not isinstance(layer, _TPLayer):
+        if not isinstance(layer, TPLayer):
             raise TypeError(f"layers[{lname!r}] is a {type(layer).__name__}, not a tplinear layer")
         for key, meta in layer.universal_checkpoint_meta().items():
             full = f"{lname}.{key}"

@@ -3,8 +3,8 @@
 ``save_checkpoint`` / ``load_checkpoint`` write and read safetensors checkpoints (the format to use) through
 the engine in ``_ckpt.py``: consolidated (full tensors, a directory ``transformers`` loads) or sharded (each
 rank its pieces), loaded at any group size by slice reads. This module describes NumPy layers, arrays and
-optimizer state to that engine, keeps the consolidated state dicts of one layer, and still reads (and,
-deprecated, writes) the ``.npz`` files of earlier versions.
+optimizer state to that engine, and still reads (and, deprecated, writes) the ``.npz`` files of earlier
+versions. (One layer's consolidated state dicts are its own methods, in ``layers.py``.)
 """
 import os
 import warnings
@@ -14,31 +14,10 @@ import zlib
 import numpy as np
 
 from . import _ckpt, _ckpt_paths
+from . import _layout
 from . import distributed as dist
-from ._arrays import host_array
 from ._device import DeviceArray
-from .parameter import GatherReplacedLayerParams, data_of
-
-
-def consolidated_state_dict(layer):
-    """The layer's full parameters as NumPy arrays (half types as float32). Collective over its group."""
-    with GatherReplacedLayerParams(layer.parameters(), layer):
-        return {k: np.array(host_array(v, k), copy=True) for k, v in layer.state_dict().items()}
-
-
-def load_consolidated_state_dict(layer, state_dict):
-    """Loads full parameters into the layer, which keeps this rank's shards (any group size)."""
-    for key, param in (("weight", layer.weight), ("bias", layer.bias)):
-        if param is None:
-            continue
-        if key not in state_dict:
-            raise ValueError(f"checkpoint is missing {key!r}")
-        what = f"checkpoint[{key!r}]"
-        value = layer._place.readable(data_of(state_dict[key]), what)
-        full = layer._full_shape if key == "weight" else [layer.out_features]
-        if list(value.shape) != list(full):
-            raise ValueError(f"{what} has shape {tuple(value.shape)}, the layer's full shape is {tuple(full)}")
-        param.data = layer._piece(param, value, what)
+from .layers import TPLayer
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -112,7 +91,7 @@ def _is_npz(path):
 
 def _entries(layers, arrays, optimizer_state):
     """Layers, arrays and optimizer state as the engine's entries (see _ckpt.Entry)."""
-    entries = [e for lname, layer in _named_layers(layers) for e in layer_entries(lname, layer)]
+    entries = [e for lname, layer in _named_layers(layers) for e in _layout.checkpoint_entries(lname, layer, NumpyTensors)]
     world = dist.get_world_group()
     if arrays is not None:
         if not isinstance(arrays, dict):
@@ -129,8 +108,8 @@ def _entries(layers, arrays, optimizer_state):
 
 
 class NumpyTensors:
-    """How a NumPy layer's parameter data (NumPy or DeviceArray) becomes and takes NumPy arrays; the torch
-    half has its own (tplinear.torch.checkpoint.TorchTensors)."""
+    """How a NumPy layer's parameter data (NumPy or DeviceArray) becomes and takes NumPy arrays (the `tensors`
+    of _layout.checkpoint_entries); the torch half has its own (tplinear.torch.checkpoint.TorchTensors)."""
 
     @staticmethod
     def dtype(layer, param):
@@ -158,41 +137,6 @@ class NumpyTensors:
         if arr.dtype.name not in ("float32", "float64"):
             arr = arr.astype(np.float32)  # half types travel to the GPU as float32 (exact)
         param.data = layer._place.put(arr, "checkpoint")
-
-
-def layer_entries(lname, layer, tensors=NumpyTensors):
-    """The entries of a tensor-parallel layer's weight and bias (keys "<lname>.weight", "<lname>.bias"):
-    split by the layer's partition (layer.shard_ranges()) or replicated on its group. Works for every
-    layer with the shared shard bookkeeping (_layout.Sharded): NumPy layers and tplinear.torch modules."""
-    out = []
-    for key in ("weight", "bias"):
-        param = getattr(layer, key)
-        if param is None:
-            continue
-        if getattr(param, "_tp_gathered", False):
-            raise ValueError(f"{lname}.{key} is gathered (inside GatherReplacedLayerParams): save or load outside it")
-        sharded = layer._is_sharded(param)
-        dim = layer._dim_of(param) if sharded else None
-        shape = layer._full_shape if key == "weight" else [layer.out_features]  # the weight as stored
-        dtype = tensors.dtype(layer, param)
-        info = {"kind": type(layer).__name__, "mode": "training" if layer.training_mode else "inference",
-                "tp_grain_size": layer.tp_grain_size,
-                "universal_checkpoint_meta": layer.universal_checkpoint_meta()[key]}
-        for k in ("name", "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(layer, k, None) is not None:
-                info[k if k != "name" else "layer_name"] = getattr(layer, k)
-        blocks = layer._split["block_sizes"] if sharded and dim == layer._dim_of(layer.weight) == 0 else None
-        get, put = (lambda p=param: tensors.host(layer, p)), (lambda a, p=param: tensors.store(layer, p, a))
-        buffer = lambda p=param, dt=dtype: tensors.live(layer, p, dt)  # noqa: E731
-        if getattr(layer, "_conv1d", False) and key == "weight":
-            # a torch module over GPT-2's Conv1D holds [out, in]; the file keeps Conv1D's [in, out] (the NumPy
-            # Conv1D layers hold [in, out] themselves: _full_shape and the split dim are already that layout)
-            shape, dim, blocks, buffer = shape[::-1], None if dim is None else 1 - dim, None, None
-            get, put = (lambda p=param: tensors.host(layer, p).T), (lambda a, p=param: tensors.store(layer, p, a.T))
-        out.append(_ckpt.Entry(
-            f"{lname}.{key}" if lname else key, shape, dtype, dim, layer.shard_ranges() if sharded else None,
-            layer.mp_group, layer.tp_index, get=get, put=put, buffer=buffer, blocks=blocks, info=info))
-    return out
 
 
 def _optimizer_entries(optimizer_state, params):
@@ -242,14 +186,12 @@ def _filler(arr, what):
 
 
 def _named_layers(layers):
-    from .layers import _TPLayer  # layers.py imports this module
-
     if layers is None:
         return
     if not isinstance(layers, dict):
         raise TypeError(f"layers must be a dict of name -> layer, got {type(layers).__name__}")
     for lname, layer in layers.items():
-        if not isinstance(layer, _TPLayer):
+        if not isinstance(layer, TPLayer):
             raise TypeError(f"layers[{lname!r}] is a {type(layer).__name__}, not a tplinear layer "
                             "(pass replicated NumPy arrays as arrays=)")
         yield lname, layer
@@ -269,7 +211,7 @@ def _save_npz(path, entries):
         except Exception as exc:  # noqa: BLE001 - reported on every rank
             failure = exc
     for e in entries:
-        full = _ckpt._gather_to_writer(e, world)
+        full = _ckpt.gather_to_writer(e, world)
         if zf is not None and failure is None:
             try:
                 with zf.open(f"{e.name}.npy", "w", force_zip64=True) as f:
@@ -291,7 +233,7 @@ def _save_npz(path, entries):
             except Exception:  # noqa: BLE001 - the file is removed anyway
                 pass
             out.abort()
-    _ckpt._agree_ok(world, failure, "writing the .npz file")
+    _ckpt.agree_ok(world, failure, "writing the .npz file")
 
 
 # what zipfile, zlib and numpy raise for a damaged or unusual archive member
@@ -348,7 +290,7 @@ def _load_npz(path, entries, strict, cast):
                 raise ValueError(f"{path}: {members[e.name]} holds {full.shape}, its header said {e.shape}")
             dest = np.empty(e.local_shape, dtype=e.dtype)
             for g, loc, size in e.boxes():
-                dest[_ckpt._slices(loc, size)] = full[_ckpt._slices(g, size)]
+                dest[_ckpt.slices(loc, size)] = full[_ckpt.slices(g, size)]
             del full
             e.put(dest)
     return {}

@@ -8,6 +8,8 @@ CUDA builds).
 The launcher's environment and the TPLINEAR_* knobs are read by the C core only (``_C.world_env()``,
 ``_C.env_knobs()``); backend names are validated there too.
 """
+import numpy as np
+
 from . import _C
 from . import _anydtype
 
@@ -122,7 +124,10 @@ def _default(gpu=False):
     return _world
 
 
-def _group(group, gpu=False):
+def resolve_group(group, gpu=False):
+    """The group a call acts on: group itself (a ProcessGroup), or the default group when it is None
+    (created on first use; with a backend that takes GPU memory when gpu). What every tplinear function
+    with a group= or mp_group= argument resolves it with."""
     if group is None:
         return _default(gpu)
     if not isinstance(group, ProcessGroup):
@@ -130,20 +135,32 @@ def _group(group, gpu=False):
     return group
 
 
+def gather_extents(group, local):
+    """Every rank's (offset, size) of a dimension split in rank order, from each rank's own size local
+    (one all-gather over group): what sequence-parallel inputs and vocabulary shards use when the full
+    size is not given."""
+    sizes = np.array([int(local)], dtype=np.int64)
+    if group.size > 1:
+        mine, sizes = sizes, np.empty(group.size, dtype=np.int64)
+        all_gather_into_tensor(sizes, mine, group=group)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return [(int(o), int(s)) for o, s in zip(offsets, sizes)]
+
+
 def get_world_group():
     return _default()
 
 
 def get_rank(group=None):
-    return _group(group).rank
+    return resolve_group(group).rank
 
 
 def get_world_size(group=None):
-    return _group(group).size
+    return resolve_group(group).size
 
 
 def get_backend(group=None):
-    return _group(group).backend
+    return resolve_group(group).backend
 
 
 def new_group(ranks=None, backend=None):
@@ -172,7 +189,7 @@ def all_reduce(tensor, op="sum", group=None):
     TypeError / ValueError for a bad array, ValueError on a rank that is not a member of group, and
     tplinear.CommError when a peer died, timed out or called a different collective (the group is
     unusable afterwards)."""
-    _C.all_reduce(_group(group)._handle, tensor, _op(op))
+    _C.all_reduce(resolve_group(group)._handle, tensor, _op(op))
 
 
 def all_gather_into_tensor(output_tensor, input_tensor, group=None):
@@ -180,7 +197,7 @@ def all_gather_into_tensor(output_tensor, input_tensor, group=None):
     elements). Any fixed-size NumPy dtype moves (integers, bool, complex, float16, bytes, void, structured);
     ranks whose arrays differ in size or dtype raise ValueError on every rank. Object arrays are a TypeError:
     use all_gather_object."""
-    g = _group(group)
+    g = resolve_group(group)
     if _anydtype.movable(input_tensor, "input", "all_gather") or _anydtype.movable(output_tensor, "output", "all_gather"):
         _anydtype.all_gather(g._handle, output_tensor, input_tensor)
         return
@@ -189,18 +206,18 @@ def all_gather_into_tensor(output_tensor, input_tensor, group=None):
 
 def all_gather_v(output_tensor, input_tensor, counts, group=None):
     """Variable-count all-gather: rank r contributes counts[r] elements, placed one after another."""
-    _C.all_gather(_group(group)._handle, output_tensor, input_tensor, list(counts))
+    _C.all_gather(resolve_group(group)._handle, output_tensor, input_tensor, list(counts))
 
 
 def reduce_scatter_tensor(output, input, op="sum", group=None):
-    _C.reduce_scatter(_group(group)._handle, output, input, _op(op))
+    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op))
 
 
 def reduce_scatter_v(output, input, counts, op="sum", group=None):
     """Variable-count reduce-scatter: input holds sum(counts) elements, rank r's block (counts[r] elements,
     after the blocks of the ranks before it) is reduced into rank r's output (counts[rank] elements). Every
     rank passes the same counts."""
-    _C.reduce_scatter(_group(group)._handle, output, input, _op(op), list(counts))
+    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op), list(counts))
 
 
 def broadcast(tensor, src=None, group=None, *, group_src=None):
@@ -208,7 +225,7 @@ def broadcast(tensor, src=None, group=None, *, group_src=None):
     the default group), group_src its rank within group; give exactly one. A src that is not a member of
     group is a ValueError (torch raises too), never another rank's data. Any fixed-size NumPy dtype moves (see all_gather_into_tensor); object
     arrays are a TypeError: use broadcast_object_list."""
-    g = _group(group)
+    g = resolve_group(group)
     root = _root(g, src, group_src, "src")
     if _anydtype.movable(tensor, "tensor", "broadcast"):
         _anydtype.broadcast(g._handle, tensor, root)
@@ -222,20 +239,20 @@ def broadcast_object_list(object_list, src=None, group=None, device=None, *, gro
     every rank). src / group_src as in broadcast. device is accepted for torch compatibility and ignored
     (the bytes move on the CPU). Unpickles what the root sent: only the world's ranks can join it
     (docs/security.md)."""
-    g = _group(group)
+    g = resolve_group(group)
     _anydtype.broadcast_object_list(g._handle, object_list, _root(g, src, group_src, "src"))
 
 
 def all_gather_object(object_list, obj, group=None):
     """torch.distributed.all_gather_object: object_list (a list of the group's size) gets every rank's
     picklable obj, in rank order."""
-    _anydtype.all_gather_object(_group(group)._handle, object_list, obj)
+    _anydtype.all_gather_object(resolve_group(group)._handle, object_list, obj)
 
 
 def get_group_rank(group, global_rank):
     """The rank within group of the process whose global rank is global_rank (torch's name); ValueError
     when it is not a member."""
-    g = _group(group)
+    g = resolve_group(group)
     ranks = g.ranks
     global_rank = _rank_arg(global_rank, "global_rank")
     if global_rank not in ranks:
@@ -245,7 +262,7 @@ def get_group_rank(group, global_rank):
 
 def get_global_rank(group, group_rank):
     """The global rank of the group's member group_rank (torch's name); ValueError when out of range."""
-    ranks = _group(group).ranks
+    ranks = resolve_group(group).ranks
     group_rank = _rank_arg(group_rank, "group_rank")
     if not 0 <= group_rank < len(ranks):
         raise ValueError(f"group rank {group_rank} is out of range for a group of {len(ranks)}")
@@ -278,13 +295,13 @@ def _rank_arg(v, what):
 
 
 def barrier(group=None):
-    _C.barrier(_group(group)._handle)
+    _C.barrier(resolve_group(group)._handle)
 
 
 def abort(group=None):
     """Marks the group (default: the world) failed: collectives waiting on any rank of it raise
     CommError at once, and every later collective on it raises. Safe to call from another thread."""
-    _C.abort(_group(group)._handle)
+    _C.abort(resolve_group(group)._handle)
 
 
 def destroy_process_group(group=None):
@@ -297,7 +314,7 @@ def destroy_process_group(group=None):
             _C.destroy(_world._handle)
             _world = None
         return
-    _C.destroy(_group(group)._handle)
+    _C.destroy(resolve_group(group)._handle)
 
 
 def _op(op):

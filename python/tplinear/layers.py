@@ -5,42 +5,38 @@ module holds parameters, shapes and bookkeeping only.
 
     LinearAllreduce  row-parallel:    W split along in;  y = all_reduce(x_r @ W_r^T) + b
     LinearLayer      column-parallel: W, b split along out; backward all-reduces dX
+
+TPLayer (the base of every NumPy tensor-parallel layer), WeightHolder, placement_and_group and shape_of are
+what vocab.py, autotp.py and checkpoint.py build on; the names with a leading underscore are this module's.
 """
 import math
-import zlib
 
 import numpy as np
 
 from . import _C
 from . import _layout
-from . import checkpoint
 from . import distributed as dist
 from . import partition
-from ._arrays import DTYPES, HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
-from .parameter import Parameter, data_of, param_list
-
-# tplinear.layers held these before parameter.py, checkpoint.py and partition.py were split out of it
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
-from .parameter import GatherReplacedLayerParams  # noqa: F401,E402
-from ._layout import UC_META_ATTR, UC_VERSION  # noqa: F401,E402  (autotp.py and old imports)
-from .partition import (  # noqa: F401,E402
-    get_num_kv_heads, is_autotp_training_mode, is_training_mode, set_autotp_mode, set_num_kv_heads, set_training_mode,
-)
+from ._arrays import HOST_DTYPES, Placement, dtype_name, host_array, host_dtype
+from ._layout import UC_META_ATTR
+from .parameter import GatherReplacedLayerParams, Parameter, data_of
+from .partition import is_training_mode
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _resolve(weight, mp_group, device, dtype):
+def placement_and_group(weight, mp_group, device, dtype):
     """A layer's placement (device and dtype) and group, resolved once: the group is the default one
     when mp_group is None (with the nccl backend for a GPU layer), and this rank must belong to it."""
     place = Placement.resolve(weight, device, dtype)
-    group = dist._group(mp_group, gpu=place.device is not None)
+    group = dist.resolve_group(mp_group, gpu=place.device is not None)
     if group.rank < 0:
         raise ValueError("this rank is not a member of mp_group: a layer needs a group this rank belongs to")
     return place, group
 
 
-def _shape(x, what):
+def shape_of(x, what):
+    """x's shape as a tuple of ints; TypeError / ValueError naming what unless x is an array of >= 1 dims."""
     shape = getattr(x, "shape", None)
     if shape is None:
         raise TypeError(f"{what} must be an array (NumPy, or a DLPack / CUDA array), got {type(x).__name__}")
@@ -105,7 +101,7 @@ class _Layer:
     def _check_grad_output(self, grad_output, x, width, what, rows=None):
         """grad_output must be [*x's leading dims, width] (rows: with that many sequence rows, dim 0, instead
         of x's); `what` says what width is."""
-        got, lead = _shape(grad_output, "grad_output"), _shape(x, "input")[:-1]
+        got, lead = shape_of(grad_output, "grad_output"), shape_of(x, "input")[:-1]
         if rows is not None:
             lead = (rows,) + lead[1:]
         if got[-1] != width:
@@ -174,7 +170,7 @@ class Linear(_Layer):
             p.data = self._place.adopt(p.data, "parameter")
 
     def forward(self, x):
-        y = self._place.empty(_shape(x, "input")[:-1] + (self.weight.data.shape[0],))
+        y = self._place.empty(shape_of(x, "input")[:-1] + (self.weight.data.shape[0],))
         _C.linear_forward(x, self.weight.data, _optional(self.bias), y)
         self._save(x)
         return y
@@ -184,7 +180,7 @@ class Linear(_Layer):
         x = self._saved()
         self._check_grad_output(grad_output, x, self.out_features, "out_features")
         self._release(retain)
-        dx = self._place.empty(_shape(x, "input"))
+        dx = self._place.empty(shape_of(x, "input"))
         _C.linear_backward(grad_output, x, self.weight.data, dx, *self._grads())
         return dx
 
@@ -195,10 +191,8 @@ class Linear(_Layer):
 
 # ---------------------------------------------------------------------------------------------- TP layers
 
-_KIND_ROW, _KIND_COL = _layout.KIND_ROW, _layout.KIND_COL
 
-
-class _TPLayer(_Layer, _layout.Sharded):
+class TPLayer(_Layer, _layout.Sharded):
     """A NumPy / DeviceArray tensor-parallel layer: group, placement, parameters, state dicts, messages; the
     shard bookkeeping (split arguments, partition, marks, gather / re-partition, universal-checkpoint
     metadata) is _layout.Sharded's."""
@@ -211,7 +205,7 @@ class _TPLayer(_Layer, _layout.Sharded):
         dim of _full elements, so nothing is sliced and the rule's ranges are kept."""
         wobj = data_of(getattr(module, "weight", None))
         bobj = data_of(getattr(module, "bias", None))
-        self._place, self.mp_group = _resolve(wobj, mp_group, device, dtype)
+        self._place, self.mp_group = placement_and_group(wobj, mp_group, device, dtype)
         self.device = self._place.device
         if self._transposed and self.device is not None:
             raise NotImplementedError(f"{type(self).__name__} (a transposed Conv1D weight) runs on host arrays only")
@@ -275,7 +269,7 @@ class _TPLayer(_Layer, _layout.Sharded):
             parts.append("sequence_parallel=True")
         return f"{type(self).__name__}({', '.join(parts)}{_placement_repr(self._place)})"
 
-    # -- state dicts (checkpoint.py holds the consolidated ones and the files)
+    # -- state dicts (checkpoint.py holds the files)
 
     def load_state_dict(self, state_dict):
         """Loads this rank's shards (shapes must match the current shards)."""
@@ -293,15 +287,26 @@ class _TPLayer(_Layer, _layout.Sharded):
             param.data = self._place.put(value, f"state_dict[{key!r}]")
 
     def consolidated_state_dict(self):
-        """The full parameters as NumPy arrays (collective over mp_group)."""
-        return checkpoint.consolidated_state_dict(self)
+        """The full parameters as NumPy arrays (half types as float32). Collective over mp_group."""
+        with GatherReplacedLayerParams(self.parameters(), self):
+            return {k: np.array(host_array(v, k), copy=True) for k, v in self.state_dict().items()}
 
     def load_consolidated_state_dict(self, state_dict):
         """Loads full parameters and keeps this rank's shards (works at any group size)."""
-        checkpoint.load_consolidated_state_dict(self, state_dict)
+        for key, param in (("weight", self.weight), ("bias", self.bias)):
+            if param is None:
+                continue
+            if key not in state_dict:
+                raise ValueError(f"checkpoint is missing {key!r}")
+            what = f"checkpoint[{key!r}]"
+            value = self._place.readable(data_of(state_dict[key]), what)
+            full = self._full_shape if key == "weight" else [self.out_features]
+            if list(value.shape) != list(full):
+                raise ValueError(f"{what} has shape {tuple(value.shape)}, the layer's full shape is {tuple(full)}")
+            param.data = self._piece(param, value, what)
 
 
-class LinearAllreduce(_TPLayer):
+class LinearAllreduce(TPLayer):
     """Row-parallel layer: weight split along in_features; y = all_reduce(x_r @ W_r^T) + b, the bias added
     once after the reduce; backward has no collective.
 
@@ -317,7 +322,7 @@ class LinearAllreduce(_TPLayer):
     block_sizes / block_heads: a packed input dim, each block split on its own."""
 
     _shard_dim = 1
-    _kind = _KIND_ROW
+    _kind = _layout.KIND_ROW
 
     def __init__(self, module, mp_group=None, name=None, input_is_parallel=True, skip_partition=False, device=None,
                  dtype=None, tp_grain_size=None, num_heads=None, num_kv_heads=None, head_dim=None, block_sizes=None,
@@ -341,7 +346,7 @@ class LinearAllreduce(_TPLayer):
 
     def forward(self, x):
         w = self._w()
-        width = _shape(x, "input")[-1]
+        width = shape_of(x, "input")[-1]
         if not self.input_is_parallel:
             if width != self.in_features:
                 raise ValueError(f"input's last dimension must be {self.in_features} (in_features; "
@@ -356,7 +361,7 @@ class LinearAllreduce(_TPLayer):
                              f"input_is_parallel=True), got {width}")
         if self.sequence_parallel:
             return self._forward_sp(x, w)
-        y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
+        y = self._place.empty(shape_of(x, "input")[:-1] + (w.shape[0],))
         _C.row_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
         self._save(x)
         return y
@@ -377,7 +382,7 @@ class LinearAllreduce(_TPLayer):
         rows = self._seq[self.tp_index][1] if self.sequence_parallel else None
         self._check_grad_output(grad_output, x, self.out_features, "out_features, the full output", rows)
         self._release(retain)
-        dx = self._place.empty(_shape(x, "input"))
+        dx = self._place.empty(shape_of(x, "input"))
         if self.sequence_parallel:
             _C.row_backward_sp(self.mp_group._handle, grad_output, x, self._w(), self._seq, dx, *self._grads())
             return dx
@@ -389,7 +394,7 @@ class LinearAllreduce(_TPLayer):
         return full
 
 
-class LinearLayer(_TPLayer):
+class LinearLayer(TPLayer):
     """Column-parallel layer: weight and bias split along out_features; the output stays partitioned
     unless gather_output=True; backward all-reduces dX (overlapped with the dW GEMM when
     tp_overlap_comm=True).
@@ -407,7 +412,7 @@ class LinearLayer(_TPLayer):
     query heads follow their KV group (tplinear.attention_heads)."""
 
     _shard_dim = 0
-    _kind = _KIND_COL
+    _kind = _layout.KIND_COL
     _bias_sharded = True
 
     def __init__(self, module=None, mp_group=None, skip_partition=False, name=None, gather_output=False,
@@ -430,7 +435,7 @@ class LinearLayer(_TPLayer):
                 raise ValueError(f"from_weights needs weight or a 2-d weight_shape, got {weight_shape!r}")
             place = Placement.resolve(None, kwargs.get("device"), dtype)
             weight = place.zeros(tuple(int(s) for s in weight_shape))
-        return cls(_Module(weight, bias), mp_group=mp_group, skip_partition=True, **kwargs)
+        return cls(WeightHolder(weight, bias), mp_group=mp_group, skip_partition=True, **kwargs)
 
     @classmethod
     def from_init(cls, in_features, out_features, mp_group=None, seed=0, bias=True, dtype="float32", name=None,
@@ -442,7 +447,7 @@ class LinearLayer(_TPLayer):
 
     def forward(self, x, seq_len=None):
         w = self._w()
-        width = _shape(x, "input")[-1]
+        width = shape_of(x, "input")[-1]
         if width != self.in_features:
             raise ValueError(f"input's last dimension must be {self.in_features} (in_features; a column layer "
                              f"takes the full input), got {width}")
@@ -451,7 +456,7 @@ class LinearLayer(_TPLayer):
         elif seq_len is not None:
             raise ValueError("seq_len is for sequence_parallel=True layers")
         else:
-            y = self._place.empty(_shape(x, "input")[:-1] + (w.shape[0],))
+            y = self._place.empty(shape_of(x, "input")[:-1] + (w.shape[0],))
             _C.col_forward(self.mp_group._handle, x, w, _optional(self.bias), y)
             self._save(x)
         if not self.gather_output:
@@ -463,7 +468,7 @@ class LinearLayer(_TPLayer):
     def _forward_sp(self, x, w, seq_len):
         """The whole sequence's x @ W_r^T + b_r from this rank's rows x [rows, ..., in]."""
         shape = _sequence_shape(x)
-        self._seq = partition._sequence_split(self.mp_group, shape[0], seq_len)
+        self._seq = _layout.sequence_split(self.mp_group, shape[0], seq_len)
         rows = sum(size for _, size in self._seq)
         y = self._place.empty((rows,) + shape[1:-1] + (w.shape[0],))
         _C.col_forward_sp(self.mp_group._handle, x, w, _optional(self.bias), self._seq, y, -1)  # TPLINEAR_SP_CHUNKS
@@ -483,7 +488,7 @@ class LinearLayer(_TPLayer):
             else:
                 self._check_grad_output(grad_output, x, self.local_shape[self._shard_dim], self._shard_words(), rows)
             self._release(retain)
-            dx = self._place.empty(_shape(x, "input"))
+            dx = self._place.empty(shape_of(x, "input"))
             _C.col_backward_sp(self.mp_group._handle, grad_output, x, self._w(), self._seq, dx, *self._grads(),
                                self.tp_overlap_comm)
             return dx
@@ -493,7 +498,7 @@ class LinearLayer(_TPLayer):
         else:
             self._check_grad_output(grad_output, x, self.local_shape[self._shard_dim], self._shard_words())
         self._release(retain)
-        dx = self._place.empty(_shape(x, "input"))
+        dx = self._place.empty(shape_of(x, "input"))
         _C.col_backward(self.mp_group._handle, grad_output, x, self._w(), dx, *self._grads(),
                         self.tp_overlap_comm)
         return dx
@@ -501,7 +506,7 @@ class LinearLayer(_TPLayer):
 
 def _sequence_shape(x, what="input"):
     """x's shape, which must have a sequence dim (dim 0) and a feature dim."""
-    shape = _shape(x, what)
+    shape = shape_of(x, what)
     if len(shape) < 2:
         raise ValueError(f"sequence_parallel: {what} must be [sequence, ..., features] (at least 2-d), got shape "
                          f"{shape}")
@@ -518,7 +523,7 @@ def _shard_where_it_is(arr, ranges, nblocks, rank, what="grad_output"):
     return place.shard(arr, len(arr.shape) - 1, ranges, nblocks, rank, what)
 
 
-class _Module:
+class WeightHolder:
     """A minimal holder with .weight / .bias, for factories."""
 
     def __init__(self, weight, bias=None):
@@ -531,7 +536,7 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
     if not cls._from_init_ok:
         raise TypeError(f"{cls.__name__}.from_init is not available: build it from a module")
     in_features, out_features = _check_features(in_features, out_features)
-    place, group = _resolve(None, mp_group, kwargs.get("device"), dtype)
+    place, group = placement_and_group(None, mp_group, kwargs.get("device"), dtype)
     kwargs["dtype"] = place.dtype
     host = host_dtype(place.dtype)
     split_dim = cls._shard_dim
@@ -560,7 +565,7 @@ def _from_init(cls, in_features, out_features, mp_group, seed, bias, dtype, name
         else:
             b = np.empty((out_features,), dtype=host)
             _init_block(b, seed, 1, in_features, 0, 0, out_features)
-    return cls(_Module(weight, b), mp_group=group, name=name, _full=n, **kwargs)
+    return cls(WeightHolder(weight, b), mp_group=group, name=name, _full=n, **kwargs)
 
 
 def _placement_repr(place):

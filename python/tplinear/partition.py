@@ -45,7 +45,7 @@ def set_num_kv_heads(num):
     heads of their own: used as DeepSpeed uses it, only where it divides the split dimension and the
     layer's name allows heads (not mlp / gate_proj / up_proj / down_proj / w1-w3 / lm_head / embed_out).
     None clears it. Give attention layers num_heads / num_kv_heads / head_dim instead."""
-    _state["num_kv_heads"] = None if num is None else _count(num, "num_kv_heads")
+    _state["num_kv_heads"] = None if num is None else as_count(num, "num_kv_heads")
 
 
 def get_num_kv_heads():
@@ -55,7 +55,7 @@ def get_num_kv_heads():
 def set_tp_grain_size(grain=None):
     """The default grain of layers built without tp_grain_size=: a positive int for both modes, or None
     for DeepSpeed's defaults (1 in training mode, 64 in inference mode)."""
-    _state["grain"] = None if grain is None else _count(grain, "tp_grain_size")
+    _state["grain"] = None if grain is None else as_count(grain, "tp_grain_size")
 
 
 def get_tp_grain_size(training=None):
@@ -89,20 +89,20 @@ def shard_ranges(n, p, *, training=None, grain=None, num_heads=None, num_kv_head
 
     Raises ValueError when the heads cannot be split that way (naming the block, its size and heads).
     """
-    n = _count(n, "n", zero=True)
-    p = _count(p, "p")
+    n = as_count(n, "n", zero=True)
+    p = as_count(p, "p")
     if grain is None:
         grain = get_tp_grain_size(training)
-    grain = _count(grain, "tp_grain_size")
+    grain = as_count(grain, "tp_grain_size")
     blocks = [n]
     if block_sizes is not None:
-        blocks = [_count(b, "block size", zero=True) for b in block_sizes]
+        blocks = [as_count(b, "block size", zero=True) for b in block_sizes]
         if sum(blocks) != n:
             raise ValueError(f"packed block sizes {blocks} sum to {sum(blocks)}, but the split dimension is {n}")
     if block_heads is not None:
         if block_sizes is None:
             raise ValueError("block_heads needs block_sizes (the heads of each block of a packed dimension)")
-        block_heads = [_count(h, "block heads", zero=True) for h in block_heads]
+        block_heads = [as_count(h, "block heads", zero=True) for h in block_heads]
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, got {type(name).__name__}")
     flat = _C.partition(blocks, p, grain, kv_heads=_state["num_kv_heads"] or 0, name=name,
@@ -125,9 +125,9 @@ def attention_heads(num_heads, num_kv_heads, p):
     k_proj, v_proj, a packed QKV and the attention output projection, so the column layer before attention
     and the row layer after it always hold the same heads.
     """
-    nh = _count(num_heads, "num_heads")
+    nh = as_count(num_heads, "num_heads")
     nkv = _opt_count(num_kv_heads, "num_kv_heads")
-    return [(range(q[0], q[0] + q[1]), range(kv[0], kv[0] + kv[1])) for q, kv in _C.attention_heads(nh, nkv, _count(p, "p"))]
+    return [(range(q[0], q[0] + q[1]), range(kv[0], kv[0] + kv[1])) for q, kv in _C.attention_heads(nh, nkv, as_count(p, "p"))]
 
 
 def sequence_ranges(seq_len, p):
@@ -135,39 +135,12 @@ def sequence_ranges(seq_len, p):
     at grain 1, without heads (the first ``seq_len % p`` ranks get one row more), as a list of p
     ``(offset, size)``. Sequence-parallel layers split their outputs this way, so rank r's slice of an input
     is ``x[off:off + size]`` with ``(off, size) = sequence_ranges(len(x), p)[r]``."""
-    return [tuple(r) for r in _C.partition([_count(seq_len, "seq_len", zero=True)], _count(p, "p"), 1)]
+    return [tuple(r) for r in _C.partition([as_count(seq_len, "seq_len", zero=True)], as_count(p, "p"), 1)]
 
 
-def _extents(group, local, what):
-    """Every rank's (offset, size) of a dimension split in rank order, from each rank's own size (one
-    all-gather over group): what sequence-parallel inputs and vocabulary shards use when the full size is
-    not given."""
-    from . import distributed as dist
-    import numpy as np
-
-    sizes = np.array([int(local)], dtype=np.int64)
-    if group.size > 1:
-        mine, sizes = sizes, np.empty(group.size, dtype=np.int64)
-        dist.all_gather_into_tensor(sizes, mine, group=group)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return [(int(o), int(s)) for o, s in zip(offsets, sizes)]
-
-
-def _sequence_split(group, local_rows, seq_len, what="input"):
-    """The sequence ranges of a sequence-parallel input of local_rows rows on this rank: by the rule when
-    seq_len is given (checking this rank's rows), else from every rank's rows (one all-gather)."""
-    if seq_len is None:
-        return _extents(group, local_rows, what)
-    ranges = sequence_ranges(seq_len, group.size)
-    if ranges[group.rank][1] != local_rows:
-        off, size = ranges[group.rank]
-        raise ValueError(f"{what}'s sequence dim (dim 0) must be {size} (this rank's rows {off}..{off + size} of "
-                         f"seq_len={seq_len} at rank {group.rank} of {group.size}), got {local_rows}")
-    return ranges
-
-
-def _count(v, what, zero=False):
-    """v as an int >= 1 (>= 0 with zero=True), else TypeError / ValueError naming what."""
+def as_count(v, what, zero=False):
+    """v as an int >= 1 (>= 0 with zero=True), else TypeError / ValueError naming what (the argument check
+    of every size and count tplinear takes)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r}")
     if v < (0 if zero else 1):
@@ -176,4 +149,4 @@ def _count(v, what, zero=False):
 
 
 def _opt_count(v, what):
-    return 0 if v is None else _count(v, what)
+    return 0 if v is None else as_count(v, what)

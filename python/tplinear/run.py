@@ -31,7 +31,7 @@ launcher passes on the ``TPLINEAR_TOKEN`` of its own environment (set the same s
 when there is none, the ranks derive one from ``--rdzv-id``, the master address and port. On one node
 without ``--master-port`` the launcher picks a free port itself (as ``--standalone`` does).
 ``OMP_NUM_THREADS`` is set to ``max(1, cores // nproc_per_node)`` when unset (torchrun sets 1; tplinear
-gives each rank its share of the cores, DESIGN.md section 5). With ``--prefix-output``,
+gives each rank its share of the cores, docs/architecture.md section 3). With ``--prefix-output``,
 ``PYTHONUNBUFFERED=1`` is also set when unset, so that prefixed lines appear as they are printed.
 
 Exit behaviour:
@@ -278,7 +278,7 @@ def worker_env(args, local_rank, base=None):
         env["TPLINEAR_TOKEN"] = args.token
     if "OMP_NUM_THREADS" not in env:
         # torchrun sets OMP_NUM_THREADS=1 for nproc > 1; tplinear gives every rank its share of the
-        # cores instead (DESIGN.md section 5: cores / local ranks BLAS threads).
+        # cores instead (cores / local ranks BLAS threads: docs/architecture.md, section 3).
         env["OMP_NUM_THREADS"] = str(max(1, _num_cores() // nproc))
     if args.prefix_output and "PYTHONUNBUFFERED" not in env:
         env["PYTHONUNBUFFERED"] = "1"

@@ -9,20 +9,16 @@ the embedding table and the output logits split by vocabulary, never gathered. T
     loss, grad = tp.vocab_parallel_cross_entropy(logits, targets)
     dh = head.backward(grad)
 """
-import numbers
-
 import numpy as np
 
 from . import _C
+from . import _layout
 from . import partition
 from ._layout import split_args as _split_args
-from .layers import _KIND_COL, _Module, _resolve, _shape, _TPLayer
+from .layers import TPLayer, WeightHolder, placement_and_group, shape_of
 from .partition import is_training_mode
 
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-class VocabParallelEmbedding(_TPLayer):
+class VocabParallelEmbedding(TPLayer):
     """An embedding table whose rows (the vocabulary) are split across the ranks of mp_group by the
     partition rule (without heads; training mode: grain 1, inference mode: grain 64, or tp_grain_size=).
 
@@ -40,22 +36,22 @@ class VocabParallelEmbedding(_TPLayer):
     """
 
     _shard_dim = 0
-    _kind = _KIND_COL + 1  # its own kind in the construction agreement
+    _kind = _layout.KIND_COL + 1  # its own kind in the construction agreement
     _from_init_ok = False
 
     def __init__(self, num_embeddings, embedding_dim, mp_group=None, seed=0, dtype="float32", sequence_parallel=False,
                  weight=None, name=None, tp_grain_size=None):
-        num_embeddings = partition._count(num_embeddings, "num_embeddings")
-        embedding_dim = partition._count(embedding_dim, "embedding_dim")
+        num_embeddings = partition.as_count(num_embeddings, "num_embeddings")
+        embedding_dim = partition.as_count(embedding_dim, "embedding_dim")
         full = None
         if weight is None:
             weight, full = self._initial_rows(num_embeddings, embedding_dim, mp_group, seed, dtype, name,
                                               tp_grain_size), num_embeddings
-        elif tuple(_shape(weight, "weight")) != (num_embeddings, embedding_dim):
+        elif tuple(shape_of(weight, "weight")) != (num_embeddings, embedding_dim):
             raise ValueError(f"weight must be [num_embeddings, embedding_dim] = [{num_embeddings}, {embedding_dim}], "
-                             f"got shape {tuple(_shape(weight, 'weight'))}")
+                             f"got shape {tuple(shape_of(weight, 'weight'))}")
         self.sequence_parallel = bool(sequence_parallel)  # before the construction agreement, which checks it
-        super().__init__(_Module(weight), mp_group, name, False, dtype=dtype, tp_grain_size=tp_grain_size, _full=full)
+        super().__init__(WeightHolder(weight), mp_group, name, False, dtype=dtype, tp_grain_size=tp_grain_size, _full=full)
         if self.device is not None:
             raise NotImplementedError("VocabParallelEmbedding runs on host arrays in this version of tplinear")
         (self._vocab_offset, _), = self._pieces[self.tp_index]
@@ -63,15 +59,15 @@ class VocabParallelEmbedding(_TPLayer):
     @staticmethod
     def _initial_rows(num_embeddings, embedding_dim, mp_group, seed, dtype, name, grain):
         """This rank's rows of the N(0, 1) table (only they are ever allocated)."""
-        place, group = _resolve(None, mp_group, None, dtype)
+        place, group = placement_and_group(None, mp_group, None, dtype)
         grain = _split_args(is_training_mode(), name, grain, None, None, None, None, None)["grain"]
-        (off, size), = _vocab_rule(num_embeddings, group.size, grain)[group.rank]
+        (off, size), = _layout.vocab_rule(num_embeddings, group.size, grain)[group.rank]
         rows = np.empty((size, embedding_dim), dtype=place.dtype)
         _C.init_normal(rows, int(seed) & (2**64 - 1), 0, 1.0, off, 0, embedding_dim)
         return rows
 
     def _rule(self, n):
-        return _vocab_rule(n, self.tp_world_size, self.tp_grain_size)
+        return _layout.vocab_rule(n, self.tp_world_size, self.tp_grain_size)
 
     num_embeddings = property(lambda self: self.out_features)
     embedding_dim = property(lambda self: self.in_features)
@@ -81,7 +77,7 @@ class VocabParallelEmbedding(_TPLayer):
         return self._vocab_offset, self._vocab_offset + self.local_shape[0]
 
     def forward(self, ids):
-        shape = _shape(ids, "ids") if self.sequence_parallel else tuple(int(s) for s in np.shape(ids))
+        shape = shape_of(ids, "ids") if self.sequence_parallel else tuple(int(s) for s in np.shape(ids))
         seq = None
         if self.sequence_parallel:
             seq = partition.sequence_ranges(shape[0], self.tp_world_size)
@@ -99,7 +95,7 @@ class VocabParallelEmbedding(_TPLayer):
         ids = self._saved()
         rows = None if self._seq is None else self._seq[self.tp_index][1]
         lead = tuple(int(s) for s in np.shape(ids))
-        got = _shape(grad_output, "grad_output")
+        got = shape_of(grad_output, "grad_output")
         want = ((rows,) + lead[1:] if rows is not None else lead) + (self.embedding_dim,)
         if got != want:
             raise ValueError(f"grad_output must have shape {want} (the output's), got {got}")
@@ -125,11 +121,6 @@ class VocabParallelEmbedding(_TPLayer):
         return f"VocabParallelEmbedding({', '.join(parts)}{dtype})"
 
 
-def _vocab_rule(n, p, grain):
-    """Every rank's rows of a vocabulary of n: the partition rule at `grain`, never by heads."""
-    return [[tuple(r)] for r in _C.partition([n], p, grain)]
-
-
 def vocab_parallel_cross_entropy(logits_shard, targets, mp_group=None, ignore_index=-100, label_smoothing=0.0,
                                  reduction="mean", grad_out=None, vocab_ranges=None):
     """Cross-entropy of logits split by vocabulary across mp_group, as ``torch.nn.functional.cross_entropy``
@@ -149,43 +140,14 @@ def vocab_parallel_cross_entropy(logits_shard, targets, mp_group=None, ignore_in
     vocab_ranges: every rank's (offset, size) of the vocabulary, e.g. the head's ``shard_ranges()``; None:
     from the ranks' shard widths in rank order (one small all-gather).
     """
-    shape = _shape(logits_shard, "logits_shard")
-    place, group = _resolve(logits_shard, mp_group, None, None)
-    offset, vocab = _loss_args(group, shape, ignore_index, label_smoothing, reduction, vocab_ranges)
+    shape = shape_of(logits_shard, "logits_shard")
+    place, group = placement_and_group(logits_shard, mp_group, None, None)
+    offset, vocab = _layout.vocab_loss_args(group, shape, ignore_index, label_smoothing, reduction, vocab_ranges)
     grad = place.empty(shape) if grad_out is None else grad_out
     losses = place.empty(shape[:-1]) if reduction == "none" else None
     loss = _C.vocab_cross_entropy(group._handle, logits_shard, targets, offset, vocab, int(ignore_index),
                                   float(label_smoothing), reduction, losses, grad)
     return (losses if reduction == "none" else loss), grad
-
-
-def _loss_args(group, shape, ignore_index, label_smoothing, reduction, vocab_ranges):
-    """Checks the loss's arguments (before any collective); returns (this rank's first column, the whole
-    vocabulary). Shared with tplinear.torch."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or \
-            not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if len(shape) < 1:
-        raise ValueError("logits_shard must have a vocabulary dim, got a 0-d array")
-    return _vocab_span(group, shape[-1], vocab_ranges)
-
-
-def _vocab_span(group, width, vocab_ranges=None):
-    """(this rank's first column, the whole vocabulary) of logits split in rank order: from vocab_ranges
-    (one (offset, size) per rank, or a layer's shard_ranges()) or every rank's width (one all-gather)."""
-    if vocab_ranges is None:
-        spans = partition._extents(group, width, "logits_shard")
-    else:
-        spans = [tuple(r[0]) if len(r) == 1 and not isinstance(r[0], numbers.Integral) else tuple(r)
-                 for r in vocab_ranges]
-        if len(spans) != group.size or spans[group.rank][1] != width:
-            raise ValueError(f"vocab_ranges {list(vocab_ranges)} do not describe {group.size} ranks whose rank "
-                             f"{group.rank} holds {width} columns")
-    return spans[group.rank][0], max(o + s for o, s in spans)
 
 
 __all__ = ["VocabParallelEmbedding", "vocab_parallel_cross_entropy"]

@@ -180,7 +180,7 @@ static void registry(void)
     EXPECT(strstr(tp_last_error(), "GPU memory") != NULL && strstr(tp_last_error(), "built without CUDA") != NULL);
     EXPECT(g == NULL);
     /* shm on two hosts: the hosts are compared at rendezvous, so it takes several processes
-     * (tests/test_launchers.py: test_shm_refuses_a_world_that_spans_hosts) */
+     * (tests/test_launch_anywhere.py: test_shm_refuses_a_world_that_spans_hosts) */
 }
 
 int main(void)

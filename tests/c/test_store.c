@@ -1,4 +1,4 @@
-/* The world's closed club (issue 10) from inside the library: SHA-256 and HMAC-SHA-256 against FIPS 180-2 and
+/* The world's closed club (only ranks that prove the token join) from inside the library: SHA-256 and HMAC-SHA-256 against FIPS 180-2 and
  * RFC 4231 vectors, the token's resolution and derivation, the store's handshake (a wrong token refused on
  * both sides, another generation sent away, a rank that joined and died named at once, the barrier's
  * timeout naming the missing rank), and the shm segment's proof: a rank handed another world's segment

@@ -1,4 +1,4 @@
-"""Shared helpers of the reliability suite (issue 10; fixtures and the latency table live in conftest.py): worlds of rank processes started one by one (so a test
+"""Shared helpers of the reliability suite (failures detected within bounded time, no leaks; fixtures and the latency table live in conftest.py): worlds of rank processes started one by one (so a test
 can start a rank late, stop or kill one, and time what the others see), a persistent world that executes
 commands sent by the test process (for property-based fuzzing without a process per case), checks that a
 world leaves nothing behind, and the detection-latency table printed at the end of the run.
@@ -22,7 +22,7 @@ import time
 
 # The group timeout of fault worlds: what a stopped (alive but hung) peer costs.
 T = 3.0
-SLACK = 2.0  # detection must come within T + SLACK (issue 10)
+SLACK = 2.0  # a peer's failure must be detected within the timeout T + SLACK seconds
 
 # besides an outer world's variables (tplinear.run.clean_launcher_env), the job ids a token may be derived
 # from and the MPI runtime's variables (an outer mpirun's must not make a rank think MPI started it)

@@ -1,6 +1,7 @@
-"""One test per defect of issue 10 (points 1 to 5; the checkpoint-file holes of point 5 belong to issue 13).
-Each of them failed on the code before the fix (hung until its bounded wait, crashed, leaked or printed
-the old message) and passes after it."""
+"""One test per fixed defect of the communication layer and the layers (hangs, crashes, leaks, unclear
+messages; the checkpoint files' own holes are tested in test_checkpoint_files.py). Each of them failed on
+the code before the fix (hung until its bounded wait, crashed, leaked or printed the old message) and passes
+after it."""
 import glob
 import os
 import re

@@ -1,4 +1,4 @@
-"""Faults (issue 10): SIGKILL and SIGSTOP of each role (rank 0, another rank) during the rendezvous, a large
+"""Faults: SIGKILL and SIGSTOP of each role (rank 0, another rank) during the rendezvous, a large
 all-reduce, a layer forward, a backward and an overlapped backward; the launcher killed; a rank that never
 joins; a store client that stalls; a foreign program on the port. Every surviving rank must raise a clean
 error (tplinear.CommError, or OSError where rank 0 cannot serve at all) within the group's timeout plus

@@ -1,4 +1,4 @@
-"""Fuzz (issue 10): property-based bad and good input with Hypothesis over the Python API (collectives,
+"""Fuzz: property-based bad and good input with Hypothesis over the Python API (collectives,
 layers, groups), run inside a 2-rank world of processes that execute one case per call (relkit.CommandWorld).
 Every outcome must be a clean exception (TypeError, ValueError, tplinear.CommError, NotImplementedError) or a
 correct result (bit-exact against NumPy for collectives, within the float tolerance against a float64

@@ -1,4 +1,4 @@
-"""Hygiene (issue 10): worlds back to back and side by side leave no process, no shared-memory segment and
+"""Hygiene: worlds back to back and side by side leave no process, no shared-memory segment and
 no file descriptor behind."""
 import os
 import textwrap

@@ -1,4 +1,4 @@
-"""Security (issue 10): a world is a closed club. A rank that cannot prove the world's token is refused with
+"""Security: a world is a closed club. A rank that cannot prove the world's token is refused with
 a clear error on both sides, whatever the token's source (init's token=, TPLINEAR_TOKEN, the derivation for
 plain torchrun/mpirun); worlds of other generations or jobs never mix; the shared segment is reachable by no
 other process once the world is set up and appears nowhere in /dev/shm; the token is never logged. (The

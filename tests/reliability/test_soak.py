@@ -1,4 +1,4 @@
-"""Soak (issue 10), opt-in: TPLINEAR_SOAK=<seconds> runs random collectives (every kind, dtype and op, sizes
+"""Soak, opt-in: TPLINEAR_SOAK=<seconds> runs random collectives (every kind, dtype and op, sizes
 from empty to several chunks, on the world and on subgroups made and destroyed along the way) at 2 ranks
 for that long, each checked bit-exact against NumPy, and asserts that resident memory and open file
 descriptors stay flat (sampled after a warm-up tenth of the run, and at the end). The ranks run with a fixed

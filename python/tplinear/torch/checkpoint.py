@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from .. import _ckpt, _ckpt_paths
-from .. import checkpoint as _numpy_ckpt
+from .. import _layout
 from .. import distributed as dist
-from .modules import _TPModule
+from .modules import TPModule
 
 # torch dtypes NumPy has no native type for: the integer type of the same size that carries their bits
 _BITS = {torch.bfloat16: (torch.int16, np.int16, ml_dtypes.bfloat16)}
@@ -74,7 +74,7 @@ def _live(t, dtype):
 
 
 class TorchTensors:
-    """How a tplinear.torch module's parameters become and take NumPy arrays (checkpoint.layer_entries)."""
+    """How a tplinear.torch module's parameters become and take NumPy arrays (the `tensors` of _layout.checkpoint_entries)."""
 
     @staticmethod
     def dtype(layer, param):
@@ -111,8 +111,8 @@ def _model_entries(model):
     world = dist.get_world_group()
     entries, layered, tied = [], set(), []
     for mname, module in model.named_modules():
-        if isinstance(module, _TPModule):
-            for e in _numpy_ckpt.layer_entries(mname, module, TorchTensors):
+        if isinstance(module, TPModule):
+            for e in _layout.checkpoint_entries(mname, module, TorchTensors):
                 entries.append(e)
                 layered.add(e.name)
     seen = set()

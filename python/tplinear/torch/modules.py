@@ -84,7 +84,7 @@ def _weight_of(module, what="module"):
     return weight
 
 
-class _TPModule(nn.Module, _layout.Sharded):
+class TPModule(nn.Module, _layout.Sharded):
     """What the torch row and column modules share: construction, marks, gradient buffers, repr."""
 
     _conv1d = False  # the source stores its weight [in, out] (GPT-2's Conv1D)
@@ -112,7 +112,7 @@ class _TPModule(nn.Module, _layout.Sharded):
             takes = [n for n, d in DTYPES.items() if d[math]]
             raise TypeError(f"module.weight has dtype {weight.dtype}; tplinear's {weight.device.type.upper()} layers "
                             f"take {', '.join(takes)}")
-        group = dist._group(mp_group, gpu=weight.is_cuda)
+        group = dist.resolve_group(mp_group, gpu=weight.is_cuda)
         if group.rank < 0:
             raise ValueError("this rank is not a member of mp_group: a layer needs a group this rank belongs to")
         self._place = TorchPlacement(weight.dtype, weight.device)
@@ -232,7 +232,7 @@ class _TPModule(nn.Module, _layout.Sharded):
             raise ValueError(f"input's last dimension must be {expected} ({what}), got {got}")
 
 
-class LinearAllreduce(_TPModule):
+class LinearAllreduce(TPModule):
     """Row-parallel: the weight is split along in_features; y = all_reduce(x_r @ W_r^T) + b, the bias added
     once after the reduce; the backward has no collective.
 
@@ -281,7 +281,7 @@ class LinearAllreduceWithReplicatedInput(LinearAllreduce):
         super().__init__(module, mp_group, name, input_is_parallel=False, skip_partition=skip_partition, **kwargs)
 
 
-class LinearLayer(_TPModule):
+class LinearLayer(TPModule):
     """Column-parallel: weight and bias are split along out_features; y_r = x @ W_r^T + b_r, the output
     stays partitioned unless gather_output=True; the backward all-reduces dX (overlapped with the dW GEMM
     when tp_overlap_comm=True).
@@ -363,5 +363,5 @@ class Conv_LinearALlreduce(LinearAllreduce):  # noqa: N801 - DeepSpeed's name (s
 def release_grad_buffers(model):
     """Drops the gradient buffers every tplinear layer in model keeps for reuse on the host."""
     for m in model.modules():
-        if isinstance(m, _TPModule):
+        if isinstance(m, TPModule):
             m.release_grad_buffers()

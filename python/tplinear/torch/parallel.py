@@ -8,48 +8,182 @@ heads come from the model config (``num_attention_heads``, ``num_key_value_heads
 split by tplinear's one GQA rule (``tplinear.attention_heads``: KV heads dealt whole, query heads follow
 their KV group), so Q, K, V and the o_proj input always agree, at any group size.
 
-Styles are transformers' vocabulary (``transformers.distributed.tensor_parallel``): each maps to a
-builder in ``_BUILDERS``; styles that need what tplinear.torch does not have are listed in ``_LATER`` and
-raise NotImplementedError naming the module.
+Styles are transformers' vocabulary (``transformers.distributed.tensor_parallel``): ``_STYLES`` maps each
+to a small style object that checks the module an entry names and then applies itself to it (as torch's
+``ParallelStyle._apply``); styles that need what tplinear.torch does not have yet are ``_Later`` entries
+and raise NotImplementedError naming the module. parallelize chooses the entries, checks them all, then
+applies them.
 """
+import collections
 import re
+import textwrap
 
 import torch
 from torch import nn
 
 from .. import distributed as dist
 from . import _ops
-from . import moe as _moe  # models branch: tensor-parallel MoE experts
+from . import moe as _moe
 from . import training as _training
 from .modules import (
     Conv_LinearALlreduce,
     LinearAllreduce,
     LinearLayer,
-    _TPModule,
+    TPModule,
     conv_LinearLayer,
 )
 from .vocab import VocabParallelEmbedding
 
-# ------------------------------------------------------------------------------------------ vocabulary
+# ------------------------------------------------------------------------------------------ styles
 
-_COLUMN = {"colwise": {}, "colwise_gather_output": {"gather_output": True}, "colwise_rep": {"gather_output": True},
-           "colwise_gather": {"gather_output": True}, "packed_colwise": {"packed": 2}}
-_ROW = {"rowwise": {}, "rowwise_split_input": {"input_is_parallel": False},
-        "rowwise_rep": {"input_is_parallel": False}}
-_HOOKS = ("replicated_with_grad_allreduce", "all_reduce", "mla_kv_a_proj")
-_REPLICATE = ("replicate",)
-_EMBEDDING = ("embedding_rowwise",)  # nn.Embedding split by vocabulary: tplinear.torch.VocabParallelEmbedding
-_LATER = {  # seams for later work: styles transformers defines that need layers tplinear does not have yet
-    "sequence_parallel": "sequence parallelism over [batch, seq, hidden] activations (tplinear's sequence "
-                         "parallelism is built with the modules, sequence_parallel=True, on [seq, batch, hidden]; "
-                         "see docs/torch.md)",
-    "embedding_colwise": "a hidden-dim-parallel embedding",
-    "packed_rowwise": "a row-parallel layer over a packed input (MoE experts' 3-d weights)",
-    "moe_tp_experts": "tensor-parallel MoE experts (3-d expert weights)",
-    "moe_identity_expert": "tensor-parallel MoE experts",
-    "local_params": "sharding bare parameters (attention sinks)",
+
+class _Style:
+    """What one style of a plan does to the module an entry names: check (before anything is changed, so a
+    bad plan leaves the model as it was) and apply (returns the module that replaces it, or None: the module
+    stays, perhaps with hooks). Styles are transformers' vocabulary (transformers.distributed.tensor_parallel)."""
+
+    supported = True  # in STYLES (False: a style tplinear does not have yet)
+    shards = False  # splits the module's own parameters (which must then not be tied to another module's)
+
+    def check(self, name, module, choice, ctx):
+        pass
+
+    def apply(self, name, module, ctx):
+        return None
+
+
+class _Replicate(_Style):
+    """The module stays as it is."""
+
+
+class _Linear(_Style):
+    """nn.Linear / transformers' Conv1D -> LinearLayer (column) or LinearAllreduce (row), attention
+    projections split by whole heads; packed: that many equal blocks of the output, each split on its own."""
+
+    shards = True
+
+    def __init__(self, kind, packed=None, **options):
+        self.kind, self.packed, self.options = kind, packed, options
+
+    def check(self, name, module, choice, ctx):
+        if not _is_linear(module):
+            raise ValueError(f"{name}: style {choice.style!r} ({choice.source}) is for linear layers, but {name} "
+                             f"is a {type(module).__name__}")
+        self._layer_args(name, module, ctx.heads)
+
+    def _layer_args(self, name, module, heads):
+        conv = _is_conv1d(module)
+        out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
+        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f)
+        if self.packed and "block_sizes" not in kwargs:
+            if out_f % self.packed:
+                raise ValueError(f"{name}: packed_colwise splits {out_f} output features into {self.packed} equal "
+                                 "blocks, but they do not divide")
+            kwargs["block_sizes"] = [out_f // self.packed] * self.packed
+        return {**self.options, **kwargs}
+
+    def apply(self, name, module, ctx):
+        conv = _is_conv1d(module)
+        if self.kind == "col":
+            cls = conv_LinearLayer if conv else LinearLayer
+        else:
+            cls = Conv_LinearALlreduce if conv else LinearAllreduce
+        return cls(module, mp_group=ctx.group, name=name, **self._layer_args(name, module, ctx.heads))
+
+
+class _Embedding(_Style):
+    """nn.Embedding split by vocabulary: tplinear.torch.VocabParallelEmbedding."""
+
+    shards = True
+
+    def check(self, name, module, choice, ctx):
+        if not isinstance(module, nn.Embedding):
+            raise ValueError(f"{name}: style {choice.style!r} ({choice.source}) is for nn.Embedding, but {name} "
+                             f"is a {type(module).__name__}")
+
+    def apply(self, name, module, ctx):
+        return VocabParallelEmbedding.from_embedding(module, mp_group=ctx.group, name=name)
+
+
+class _GradAllReduce(_Style):
+    """Left replicated; each parameter's incoming gradient covers only this rank's heads, so it is summed over
+    the group before it accumulates (a tensor hook: gradient accumulation over micro-batches stays right)."""
+
+    def apply(self, name, module, ctx):
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
+                p.register_hook(lambda g, group=ctx.group: _ops.all_reduce_(group, g.clone(
+                    memory_format=torch.contiguous_format)))
+                p._tplinear_grad_allreduce = True
+
+
+class _AllReduceOutput(_Style):
+    """The module's output is all-reduced (forward), identity backward."""
+
+    def apply(self, name, module, ctx):
+        module.register_forward_hook(lambda m, args, out: None if out is None else _ops.ReduceFromGroup.apply(
+            out, ctx.group))
+
+
+class _MlaKvAProj(_Style):
+    """DeepSeek MLA's kv_a_proj: the rope part of its output bypasses the column layer after it, so its
+    gradient is all-reduced in the backward."""
+
+    @staticmethod
+    def _rope(model):
+        config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(config, "qk_rope_head_dim", None)
+
+    def check(self, name, module, choice, ctx):
+        if not isinstance(self._rope(ctx.model), int):
+            raise ValueError(f"{name}: style 'mla_kv_a_proj' needs the config's qk_rope_head_dim")
+
+    def apply(self, name, module, ctx):
+        def hook(m, args, out, rope=self._rope(ctx.model)):
+            passed, rot = out.split([out.shape[-1] - rope, rope], dim=-1)
+            return torch.cat([passed, _ops.CopyToGroup.apply(rot, ctx.group)], dim=-1)
+        module.register_forward_hook(hook)
+
+
+class _Later(_Style):
+    """A style transformers defines that needs what tplinear does not have yet: NotImplementedError naming the
+    module (the seam for later work: give it a class above and an entry in _STYLES)."""
+
+    supported = False
+
+    def __init__(self, needs):
+        self.needs = needs
+
+    def check(self, name, module, choice, ctx):
+        _refuse(name, choice.style, choice.pattern, choice.source)
+
+
+_STYLES = {
+    "colwise": _Linear("col"),
+    "colwise_gather_output": _Linear("col", gather_output=True),
+    "colwise_rep": _Linear("col", gather_output=True),
+    "colwise_gather": _Linear("col", gather_output=True),
+    "packed_colwise": _Linear("col", packed=2),
+    "rowwise": _Linear("row"),
+    "rowwise_split_input": _Linear("row", input_is_parallel=False),
+    "rowwise_rep": _Linear("row", input_is_parallel=False),
+    "replicated_with_grad_allreduce": _GradAllReduce(),
+    "all_reduce": _AllReduceOutput(),
+    "mla_kv_a_proj": _MlaKvAProj(),
+    "replicate": _Replicate(),
+    "embedding_rowwise": _Embedding(),
+    "sequence_parallel": _Later("sequence parallelism over [batch, seq, hidden] activations (tplinear's sequence "
+                                "parallelism is built with the modules, sequence_parallel=True, on [seq, batch, "
+                                "hidden]; see docs/torch.md)"),
+    "embedding_colwise": _Later("a hidden-dim-parallel embedding"),
+    "packed_rowwise": _Later("a row-parallel layer over a packed input (MoE experts' 3-d weights)"),
+    "moe_tp_experts": _Later("tensor-parallel MoE experts (3-d expert weights)"),
+    "moe_identity_expert": _Later("tensor-parallel MoE experts"),
+    "local_params": _Later("sharding bare parameters (attention sinks)"),
 }
-STYLES = sorted(list(_COLUMN) + list(_ROW) + list(_HOOKS) + list(_REPLICATE) + list(_EMBEDDING))
+STYLES = sorted(name for name, style in _STYLES.items() if style.supported)
+
 
 # DeepSpeed AutoTP's name rules (deepspeed/module_inject/auto_tp.py): the last name component
 _NAME_ROW = {"o_proj", "out_proj", "down_proj", "fc2", "c_proj", "wo", "w2", "dense_4h_to_h"}
@@ -207,30 +341,65 @@ def _head_kwargs(name, module, kind, heads, size):
 
 # ------------------------------------------------------------------------------------------ parallelize
 
+_NAME_RULES = "DeepSpeed AutoTP's name rules"
+_Choice = collections.namedtuple("_Choice", "style pattern source")  # a plan entry chosen for one module
+_Context = collections.namedtuple("_Context", "model group heads")  # what the styles apply with
+
 
 def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None, src_rank=None):
     """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
     tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
 
-    plan: {module-name pattern: style}, styles in transformers' vocabulary ("colwise", "rowwise",
-    "colwise_gather_output" / "colwise_gather", "rowwise_split_input", "packed_colwise", "replicate",
-    "replicated_with_grad_allreduce", "all_reduce", "mla_kv_a_proj"). None: the Hugging Face model's own
-    plan (embedding / lm_head entries dropped: they stay replicated), else DeepSpeed-AutoTP-style name
-    rules (q/k/v/gate/up/fc1 -> column, o/down/dense/fc2 -> row). Modules the plan does not name stay
+    plan: {module-name pattern: style}, styles in transformers' vocabulary (listed below). None: the Hugging
+    Face model's own plan (embedding / lm_head entries dropped: they stay replicated), else DeepSpeed-AutoTP-style
+    name rules (q/k/v/gate/up/fc1 -> column, o/down/dense/fc2 -> row). Modules the plan does not name stay
     replicated. num_heads / num_kv_heads / head_dim override the config's.
 
     Collective over mp_group: every rank calls it on the same model (same initial values: checked by a
     fingerprint per tensor, ValueError on every rank naming the first that differs; src_rank=r broadcasts
     rank r's weights first instead, as torch TP's src_data_rank). Raises
     ValueError for a plan whose column output split and following row input split disagree (naming both
-    modules), NotImplementedError for a style tplinear does not have yet."""
+    modules), NotImplementedError for a style tplinear does not have yet.
+
+"""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cuda = any(p.is_cuda for p in model.parameters())
-    group = dist._group(mp_group, gpu=cuda)
+    group = dist.resolve_group(mp_group, gpu=cuda)
     if group.rank < 0:
         raise ValueError("this rank is not a member of mp_group")
-    heads = _config_heads(model, num_heads, num_kv_heads, head_dim)
+    ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim))
+    named = dict(model.named_modules())
+    chosen = _choose(model, plan, named)
+    _check(model, named, chosen, ctx)
+    _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
+    _apply(model, named, chosen, ctx)
+    # fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim, one all-reduce
+    # after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
+    if plan is None:
+        _moe.parallelize_experts(model, ctx.group)
+    _training.after_parallelize(model, group)  # save_pretrained writes the full model; deepcopy keeps hooks
+    return model
+
+
+def _style_list():
+    """The docstring's list of styles, from the table."""
+    def para(head, names):
+        return textwrap.fill(head + ", ".join(names) + ".", width=110, initial_indent="    ",
+                             subsequent_indent="      ")
+    later = [n for n, s in _STYLES.items() if not s.supported]
+    return (para("Styles: ", STYLES) + "\n" + para("Not yet (NotImplementedError naming the module): ", later)
+            + "\n    ")
+
+
+if parallelize.__doc__:  # None under python -OO
+    parallelize.__doc__ += _style_list()
+
+
+def _choose(model, plan, named):
+    """{module name: _Choice} from the plan argument, else the model's own plan, else the name rules.
+    Raises when a plan names nothing of this model, or names a bare parameter with a style that would
+    have to split it."""
     if plan is not None:
         if not isinstance(plan, dict):
             raise TypeError(f"plan must be a dict of module-name pattern -> style, got {type(plan).__name__}")
@@ -238,68 +407,57 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     else:
         hf, source = _hf_plan(model)
         rules, vocab = (_Plan(hf, source), _vocab_modules(model)) if hf else (None, _vocab_modules(model))
-    named = dict(model.named_modules())
-    chosen = {}  # module name -> (style, pattern)
+    chosen = {}
     for name, module in named.items():
-        if not name or isinstance(module, _TPModule):  # already tensor-parallel: parallelize twice is a no-op
+        if not name or isinstance(module, TPModule):  # already tensor-parallel: parallelize twice is a no-op
             continue
         if rules is not None:
             pattern, style = rules.style(name)
-            if style is None or name in vocab:
-                continue
         else:
-            style, pattern = _name_rule(name, module), "DeepSpeed AutoTP's name rules"
-            if style is None or name in vocab:
-                continue
-        chosen[name] = (style, pattern)
+            style, pattern = _name_rule(name, module), _NAME_RULES
+        if style is None or name in vocab:
+            continue
+        chosen[name] = _Choice(style, pattern, rules.source if rules is not None else _NAME_RULES)
     if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
         raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
                          f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
     if rules is not None:  # a plan may name parameters (bare nn.Parameters): only replicate is a no-op there
-        params = dict(model.named_parameters())
-        for name in params:
+        for name in dict(model.named_parameters()):
             pattern, style = rules.style(name)
-            if style is not None and style not in _REPLICATE and name not in named:
+            if style is not None and not isinstance(_STYLES.get(style), _Replicate) and name not in named:
                 _refuse(name, style, pattern, rules.source)
+    return chosen
+
+
+def _check(model, named, chosen, ctx):
+    """Every chosen entry's style accepts its module (raises before anything changes)."""
     _check_tied(model, chosen)
-    _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
+    for name, choice in chosen.items():
+        style = _STYLES.get(choice.style)
+        if style is None:
+            _refuse(name, choice.style, choice.pattern, choice.source)
+        style.check(name, named[name], choice, ctx)
+
+
+def _apply(model, named, chosen, ctx):
+    """Applies each entry's style; the new modules replace the old ones once their splits are checked to
+    agree."""
     built = {}
-    for name, (style, pattern) in chosen.items():
-        module = named[name]
-        source = rules.source if rules is not None else "DeepSpeed AutoTP's name rules"
-        if style in _REPLICATE:
-            continue
-        if style in _HOOKS:
-            _install_hook(name, module, style, group, model)
-            continue
-        if style in _EMBEDDING:
-            if not isinstance(module, nn.Embedding):
-                raise ValueError(f"{name}: style {style!r} ({source}) is for nn.Embedding, but {name} is a "
-                                 f"{type(module).__name__}")
-            built[name] = VocabParallelEmbedding.from_embedding(module, mp_group=group, name=name)
-            continue
-        if style not in _COLUMN and style not in _ROW:
-            _refuse(name, style, pattern, source)
-        if not _is_linear(module):
-            raise ValueError(f"{name}: style {style!r} ({source}) is for linear layers, but {name} is a "
-                             f"{type(module).__name__}")
-        built[name] = _build(name, module, style, group, heads)
+    for name, choice in chosen.items():
+        layer = _STYLES[choice.style].apply(name, named[name], ctx)
+        if layer is not None:
+            built[name] = layer
     _check_pairs(built)
     for name, layer in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, layer)
-    _update_attention_attributes(model, built, heads)
-    # models branch: fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim,
-    # one all-reduce after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
-    if plan is None:
-        _moe.parallelize_experts(model, group)
-    _training.after_parallelize(model, group)  # save_pretrained writes the full model; deepcopy keeps hooks
-    return model
+    _update_attention_attributes(model, built, ctx.heads)
 
 
 def _refuse(name, style, pattern, source):
-    if style in _LATER:
-        raise NotImplementedError(f"{name}: style {style!r} (from {source}, {pattern!r}) needs {_LATER[style]}, "
+    later = _STYLES.get(style)
+    if isinstance(later, _Later):
+        raise NotImplementedError(f"{name}: style {style!r} (from {source}, {pattern!r}) needs {later.needs}, "
                                   "which tplinear does not have yet; leave it out of the plan to keep the module "
                                   "replicated")
     raise ValueError(f"{name}: unknown tensor-parallel style {style!r} (from {source}, {pattern!r}); "
@@ -312,32 +470,13 @@ def _check_tied(model, chosen):
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-    for name, (style, _) in chosen.items():
-        if style in _COLUMN or style in _ROW or style in _EMBEDDING:
+    for name, choice in chosen.items():
+        if getattr(_STYLES.get(choice.style), "shards", False):
             for pname, p in model.get_submodule(name).named_parameters(recurse=False):
                 others = [o for o in owners[id(p)] if o != f"{name}.{pname}"]
                 if others:
                     raise ValueError(f"{name}.{pname} is tied to {', '.join(others)}: sharding it would shard "
                                      "them too; keep it replicated (leave it out of the plan) or untie the weights")
-
-
-def _build(name, module, style, group, heads):
-    kind = "col" if style in _COLUMN else "row"
-    opts = dict(_COLUMN.get(style) or _ROW.get(style) or {})
-    conv = _is_conv1d(module)
-    out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
-    kwargs = _head_kwargs(name, module, kind, heads, out_f if kind == "col" else in_f)
-    packed = opts.pop("packed", None)
-    if packed and "block_sizes" not in kwargs:
-        if out_f % packed:
-            raise ValueError(f"{name}: packed_colwise splits {out_f} output features into {packed} equal blocks, "
-                             "but they do not divide")
-        kwargs["block_sizes"] = [out_f // packed] * packed
-    if kind == "col":
-        cls = conv_LinearLayer if conv else LinearLayer
-        return cls(module, mp_group=group, name=name, **opts, **kwargs)
-    cls = Conv_LinearALlreduce if conv else LinearAllreduce
-    return cls(module, mp_group=group, name=name, **opts, **kwargs)
 
 
 def _block_pieces(col, r, n):
@@ -400,38 +539,6 @@ def _update_attention_attributes(model, built, heads):
                     setattr(parent, attr, local)
 
 
-# ------------------------------------------------------------------------------------------ hook styles
-
-
-def _install_hook(name, module, style, group, model):
-    if style == "replicated_with_grad_allreduce":
-        # each rank's gradient covers only its own heads: sum the incoming gradients over the group before
-        # they accumulate (a tensor hook, so gradient accumulation over micro-batches stays right)
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
-                p.register_hook(lambda g, group=group: _ops.all_reduce_(group, g.clone(
-                    memory_format=torch.contiguous_format)))
-                p._tplinear_grad_allreduce = True
-        return
-    if style == "all_reduce":
-        module.register_forward_hook(lambda m, args, out: None if out is None else _ops.ReduceFromGroup.apply(
-            out, group))
-        return
-    if style == "mla_kv_a_proj":  # DeepSeek MLA: the rope part bypasses the column layer after it
-        config = getattr(model, "config", None)
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        rope = getattr(config, "qk_rope_head_dim", None)
-        if not isinstance(rope, int):
-            raise ValueError(f"{name}: style 'mla_kv_a_proj' needs the config's qk_rope_head_dim")
-
-        def hook(m, args, out, rope=rope):
-            passed, rot = out.split([out.shape[-1] - rope, rope], dim=-1)
-            return torch.cat([passed, _ops.CopyToGroup.apply(rot, group)], dim=-1)
-        module.register_forward_hook(hook)
-        return
-    raise AssertionError(style)
-
-
 def tp_modules(model):
     """The tplinear layers of a model, by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _TPModule)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, TPModule)}

@@ -15,6 +15,7 @@ The sequence dim is dim 0 (Megatron's [seq, batch, hidden]); rank r holds rows
 import torch
 
 from .. import _C
+from .. import _layout
 from .. import partition
 from .. import distributed as dist
 from . import _ops
@@ -76,7 +77,7 @@ def sequence_parallel_linear(layer, x, seq_len=None):
             raise ValueError("seq_len is for column layers (a row layer's input holds the whole sequence)")
         seq = partition.sequence_ranges(x.shape[0], layer.tp_world_size)
     else:
-        seq = partition._sequence_split(layer.mp_group, int(x.shape[0]), seq_len)
+        seq = _layout.sequence_split(layer.mp_group, int(x.shape[0]), seq_len)
     return SequenceParallelLinear.apply(x, layer.weight, layer.bias, layer, seq)
 
 
@@ -143,7 +144,7 @@ class _ReduceScatterRows(torch.autograd.Function):
 def scatter_to_sequence_parallel_region(x, mp_group=None):
     """This rank's rows of x (dim 0, tplinear.sequence_ranges); backward: the all-gathered gradient. Where a
     sequence-parallel region starts from a value every rank has."""
-    return _ScatterRows.apply(x, dist._group(mp_group, gpu=x.is_cuda))
+    return _ScatterRows.apply(x, dist.resolve_group(mp_group, gpu=x.is_cuda))
 
 
 def gather_from_sequence_parallel_region(x, mp_group=None, seq_len=None, tensor_parallel_output_grad=True):
@@ -151,14 +152,14 @@ def gather_from_sequence_parallel_region(x, mp_group=None, seq_len=None, tensor_
     the ranks' row counts); backward: the gradient reduce-scattered to this rank's rows (its consumers are
     tensor-parallel, each rank's gradient a partial sum), or with tensor_parallel_output_grad=False only
     this rank's rows of it (the consumers are replicated), as Megatron's."""
-    group = dist._group(mp_group, gpu=x.is_cuda)
-    seq = partition._sequence_split(group, int(x.shape[0]), seq_len)
+    group = dist.resolve_group(mp_group, gpu=x.is_cuda)
+    seq = _layout.sequence_split(group, int(x.shape[0]), seq_len)
     return _GatherRows.apply(x, group, seq, bool(tensor_parallel_output_grad))
 
 
 def reduce_scatter_to_sequence_parallel_region(x, mp_group=None):
     """This rank's rows of the sum of x over the group (dim 0); backward: the all-gathered gradient."""
-    return _ReduceScatterRows.apply(x, dist._group(mp_group, gpu=x.is_cuda))
+    return _ReduceScatterRows.apply(x, dist.resolve_group(mp_group, gpu=x.is_cuda))
 
 
 def allreduce_gradients(module, mp_group=None):
@@ -166,7 +167,7 @@ def allreduce_gradients(module, mp_group=None):
     accumulates: for replicated parameters inside a sequence-parallel region (norm weights), whose gradient
     on each rank covers only its rows of the sequence (Megatron all-reduces them too). A tensor hook, so
     accumulation over micro-batches stays right; registering twice does nothing. Returns module."""
-    group = dist._group(mp_group)
+    group = dist.resolve_group(mp_group)
     for param in module.parameters():
         if param.requires_grad and not getattr(param, "_tplinear_grad_allreduce", False):
             param.register_hook(lambda g, group=group: _ops.all_reduce_(group, g.clone(

@@ -15,10 +15,9 @@ from .. import _C
 from .. import _layout
 from .. import partition
 from .. import distributed as dist
-from .. import vocab as _vocab
 from .._arrays import dtype_name
 from . import _ops
-from .modules import TorchPlacement, _TPModule
+from .modules import TorchPlacement, TPModule
 
 _arr, _handle = _ops.arr, _ops.handle
 
@@ -57,7 +56,7 @@ class _Embedding(torch.autograd.Function):
         return dw, None, None
 
 
-class VocabParallelEmbedding(_TPModule):
+class VocabParallelEmbedding(TPModule):
     """nn.Embedding split by vocabulary across mp_group (Megatron-core's VocabParallelEmbedding), on the C core
     like tplinear.VocabParallelEmbedding: each rank looks up the ids in its rows (zeros elsewhere) and the
     results are all-reduced, or with sequence_parallel=True reduce-scattered along dim 0 (this rank's rows).
@@ -74,8 +73,8 @@ class VocabParallelEmbedding(_TPModule):
     def __init__(self, num_embeddings, embedding_dim, mp_group=None, seed=0, dtype=None, sequence_parallel=False,
                  padding_idx=None, weight=None, name=None, tp_grain_size=None):
         nn.Module.__init__(self)
-        V = partition._count(num_embeddings, "num_embeddings")
-        H = partition._count(embedding_dim, "embedding_dim")
+        V = partition.as_count(num_embeddings, "num_embeddings")
+        H = partition.as_count(embedding_dim, "embedding_dim")
         source = weight
         if weight is not None:
             if tuple(weight.shape) != (V, H):
@@ -91,7 +90,7 @@ class VocabParallelEmbedding(_TPModule):
             if not -V <= padding_idx < V:
                 raise ValueError(f"padding_idx must be within num_embeddings={V}, got {padding_idx}")
             padding_idx = padding_idx % V
-        group = dist._group(mp_group)
+        group = dist.resolve_group(mp_group)
         if group.rank < 0:
             raise ValueError("this rank is not a member of mp_group: a layer needs a group this rank belongs to")
         self._place = TorchPlacement(dtype, "cpu")
@@ -118,7 +117,7 @@ class VocabParallelEmbedding(_TPModule):
             setattr(getattr(self, key), _layout.UC_META_ATTR, meta)
 
     def _rule(self, n):
-        return _vocab._vocab_rule(n, self.tp_world_size, self.tp_grain_size)
+        return _layout.vocab_rule(n, self.tp_world_size, self.tp_grain_size)
 
     @classmethod
     def from_embedding(cls, embedding, mp_group=None, sequence_parallel=False, name=None, tp_grain_size=None):
@@ -182,8 +181,8 @@ def vocab_parallel_cross_entropy(logits, targets, mp_group=None, ignore_index=-1
     like the logits), times the incoming gradient. CPU tensors."""
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError("logits and targets must be torch.Tensors")
-    group = dist._group(mp_group, gpu=logits.is_cuda)
-    offset, vocab = _vocab._loss_args(group, tuple(logits.shape), ignore_index, label_smoothing, reduction,
-                                      vocab_ranges)
+    group = dist.resolve_group(mp_group, gpu=logits.is_cuda)
+    offset, vocab = _layout.vocab_loss_args(group, tuple(logits.shape), ignore_index, label_smoothing, reduction,
+                                            vocab_ranges)
     return _CrossEntropy.apply(logits, targets, group, offset, vocab, int(ignore_index), float(label_smoothing),
                                reduction)

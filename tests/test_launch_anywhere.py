@@ -1,4 +1,4 @@
-"""Launch anywhere (issue 14): the demo and multi-rank test files under tplinear.run, real torchrun, mpirun and
+"""Launch anywhere: the demo and multi-rank test files under tplinear.run, real torchrun, mpirun and
 srun; the mpi backend's collectives, failures and layers; torchrun's agent store; worlds that span hosts.
 
 Separate hosts are stood in for by TPLINEAR_HOST_ID (the host identity the ranks compare at rendezvous) and,
