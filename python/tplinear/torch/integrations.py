@@ -43,7 +43,7 @@ import torch
 
 from .. import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
-from .training import _agree, _model_group, clip_grad_norm_, get_total_norm
+from .training import agree_on_failure, model_group, clip_grad_norm_, get_total_norm
 
 __all__ = ["Trainer", "TrainingArguments", "data_parallel_layout"]
 
@@ -100,7 +100,7 @@ def data_parallel_layout(mp_group=None):
     the order of their first rank), the world ranks of this rank's data-parallel group (the rank of the
     same index in every replica) and this rank's index in it (its replica's index). ValueError on every
     rank when the groups do not cut the world into replicas of one size. Collective over the world."""
-    group = dist._group(mp_group)
+    group = dist.resolve_group(mp_group)
     world = dist.get_world_group()
     mine = (tuple(int(r) for r in group.ranks), int(group.rank))
     every = [None] * world.size
@@ -231,7 +231,7 @@ class Trainer(transformers.Trainer):
                                       "the full model on world rank 0; push that directory")
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             raise NotImplementedError("tplinear's Trainer does not combine with DeepSpeed or FSDP")
-        self.mp_group = _model_group(model, mp_group)
+        self.mp_group = model_group(model, mp_group)
         self.world_group = dist.get_world_group()
         self.replicas, self.dp_ranks, self.dp_rank = data_parallel_layout(self.mp_group)
         device = _model_device(model)
@@ -287,7 +287,7 @@ class Trainer(transformers.Trainer):
                 torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
             except Exception as exc:  # noqa: BLE001 - told to every rank
                 failure = exc
-        _agree(self.world_group, failure)
+        agree_on_failure(self.world_group, failure)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written once: the model (save_model), the optimizer and the model's
@@ -322,7 +322,7 @@ class Trainer(transformers.Trainer):
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
             except Exception as exc:  # noqa: BLE001 - told to every rank
                 failure = exc
-        _agree(self.world_group, failure)
+        agree_on_failure(self.world_group, failure)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -336,7 +336,7 @@ class Trainer(transformers.Trainer):
                     torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
             except Exception as exc:  # noqa: BLE001 - told to every rank
                 failure = exc
-        _agree(self.world_group, failure)
+        agree_on_failure(self.world_group, failure)
 
     def _save_scaler(self, output_dir):
         if self.is_world_process_zero():

@@ -44,7 +44,7 @@ def _same_group(a, b):
     return a is b or a._handle is b._handle or (a.size == b.size and a.ranks == b.ranks)
 
 
-def _agree(group, failure):
+def agree_on_failure(group, failure):
     """Every rank of group learns whether any failed; the failing rank raises its error, the others one
     naming the failing ranks (so no rank goes on alone)."""
     if group is None or group.size == 1:
@@ -61,14 +61,14 @@ def _agree(group, failure):
         raise RuntimeError(f"failed on rank(s) {bad} of the group (see their errors)")
 
 
-def _model_group(model, mp_group=None):
+def model_group(model, mp_group=None):
     if mp_group is not None:
-        return dist._group(mp_group)
-    from .modules import _TPModule
+        return dist.resolve_group(mp_group)
+    from .modules import TPModule
     for m in model.modules():
-        if isinstance(m, _TPModule):
+        if isinstance(m, TPModule):
             return m.mp_group
-    return dist._group(None)
+    return dist.resolve_group(None)
 
 
 # ------------------------------------------------------------------------------------------ norms
@@ -125,7 +125,7 @@ def _total_norm(items, norm_type, error_if_nonfinite, foreach, mp_group, dp_grou
         return torch.tensor(0.0)
     first = items[0][0]
     if mp_group is not None:
-        mp_group = dist._group(mp_group)
+        mp_group = dist.resolve_group(mp_group)
         for t, g in items:
             if g is not None and not _same_group(g, mp_group):
                 raise ValueError(f"a sharded gradient is split over a group of ranks {g.ranks}, not over mp_group "
@@ -270,10 +270,10 @@ def _replicated_tensors(model, buffers=False):
     """(name, tensor) of the model's tensors that every rank holds whole: parameters (and buffers) outside
     tplinear's layers and not cut elsewhere (MoE expert shards), and the layers' replicated ones (a row
     layer's bias); each tensor once."""
-    from .modules import _TPModule
+    from .modules import TPModule
     out, seen = [], set()
     for mname, module in model.named_modules():
-        tp = isinstance(module, _TPModule)
+        tp = isinstance(module, TPModule)
         tensors = list(module.named_parameters(recurse=False))
         if buffers:
             tensors += list(module.named_buffers(recurse=False))
@@ -296,7 +296,7 @@ def check_replicas(model, mp_group=None):
     small all-gathers). Raises ValueError on every rank naming the first parameter that differs. For a
     test or a debugging step: replicas drift apart when a rank changes them alone (clipping with per-rank
     norms, a per-rank seed). Collective."""
-    group = _model_group(model, mp_group)
+    group = model_group(model, mp_group)
     if group.size == 1:
         return
     hit = _first_difference(group, _replicated_tensors(model))
@@ -417,7 +417,7 @@ def full_state_dict(model, rank0_only=True):
 
     model.state_dict() itself stays cheap during training: it returns this rank's shards under the full
     names (what an optimizer or save_checkpoint(layout="sharded") wants), not the full tensors."""
-    group = _model_group(model)
+    group = model_group(model)
     keep = not rank0_only or group.rank == 0
     out, done = {}, {}
     for key, t in model.state_dict(keep_vars=True).items():
@@ -485,7 +485,7 @@ def _save_pretrained(self, save_directory, max_shard_size=None, **kwargs):
                 gen.save_pretrained(save_directory)
         except Exception as exc:  # noqa: BLE001 - told to every rank
             failure = exc
-    _agree(world, failure)
+    agree_on_failure(world, failure)
 
 
 # ------------------------------------------------------------------------------------------ threads
