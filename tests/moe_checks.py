@@ -142,7 +142,7 @@ def check_grouped_mm_and_twice():
     holder.down_proj = torch.nn.Parameter(torch.zeros(2, 4, 4))
     holder.has_post_expert_norm = True
     try:
-        moe.shard_experts("x.experts", holder, dist._group(None))
+        moe.shard_experts("x.experts", holder, dist.resolve_group(None))
     except NotImplementedError as e:
         assert "x.experts" in str(e) and "has_post_expert_norm" in str(e), e
     else:

@@ -652,8 +652,13 @@ def _partners(chosen, ctx):
     def rule(n):
         return chosen[n].source == _NAME_RULES
 
+    def bare_params(n):  # a parent with parameters of its own (gpt-oss's per-head sinks) reads them beside
+        parent = ctx.model.get_submodule(n.rpartition(".")[0]) if "." in n else ctx.model  # its projections
+        return any(True for _ in parent.parameters(recurse=False))
+
     keep = {n: c for n, c in chosen.items()
-            if not (rule(n) and _last(n) in _FUSED_NAMES - _QKV and _fused_layout(n, ctx) is None)}
+            if not (rule(n) and (_last(n) in _FUSED_NAMES - _QKV and _fused_layout(n, ctx) is None
+                                 or bare_params(n)))}
     cols = [n for n, c in keep.items() if _STYLES.get(c.style) is not None and getattr(_STYLES[c.style], "kind", "")
             == "col"]
     rows = [n for n, c in keep.items() if _STYLES.get(c.style) is not None and getattr(_STYLES[c.style], "kind", "")
