@@ -104,6 +104,7 @@ def main():
 
     fams = [f for f, _ in hf.families()]
     if args.families:
+        fams += sorted(hf.VARIANTS)  # "family+variant": a family's config with overrides (tests/hf_families.py)
         unknown = set(args.families) - set(fams)
         if unknown:
             ap.error(f"not causal-LM families of transformers {transformers.__version__}: {sorted(unknown)}")

@@ -75,6 +75,19 @@ OVERRIDES = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1, "expert_layer_period": 2},
 }
 
+# variants of a family (name "family+variant"): the family's tiny config with these overrides, for layouts
+# the family's default config does not take (Falcon's new decoder architecture and its multi-head layout,
+# GPT-BigCode without multi-query)
+VARIANTS = {
+    "falcon+new_arch": ("falcon", {"new_decoder_architecture": True, "multi_query": False}),
+    "falcon+mha": ("falcon", {"multi_query": False, "num_kv_heads": 8}),
+    "gpt_bigcode+mha": ("gpt_bigcode", {"multi_query": False}),
+}
+
+
+def _base(family):
+    return VARIANTS[family][0] if family in VARIANTS else family
+
 
 def families():
     """[(model_type, class name)] of every causal-LM class in the installed transformers."""
@@ -114,6 +127,8 @@ def _shrink(d, nlayers_default=None):
 def tiny_config(model_type):
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    variant = VARIANTS.get(model_type, (model_type, {}))[1]
+    model_type = _base(model_type)
     cfg_cls = CONFIG_MAPPING[model_type]
     own = getattr(model_class(model_type), "config_class", None)
     if isinstance(own, type) and issubclass(own, transformers.PretrainedConfig) and own is not cfg_cls:
@@ -123,6 +138,7 @@ def tiny_config(model_type):
     if isinstance(over, str):
         raise _NoBuild(over)
     kwargs.update(over)
+    kwargs.update(variant)
     cfg = cfg_cls(**kwargs)
     for c in [cfg] + [getattr(cfg, k) for k in dir(cfg) if k.endswith("_config") and
                       isinstance(getattr(cfg, k, None), transformers.PretrainedConfig)]:
@@ -143,7 +159,7 @@ class _NoBuild(Exception):
 def model_class(model_type):
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[_base(model_type)])
 
 
 def build(model_type, dtype=None):

@@ -17,6 +17,7 @@ applies them.
 import collections
 import re
 import textwrap
+import warnings
 
 import torch
 from torch import nn
@@ -69,11 +70,25 @@ class _Linear(_Style):
         if not _is_linear(module):
             raise ValueError(f"{name}: style {choice.style!r} ({choice.source}) is for linear layers, but {name} "
                              f"is a {type(module).__name__}")
-        self._layer_args(name, module, ctx.heads)
+        if self._fused(name, module, ctx):
+            _fused_pieces(name, module, ctx)
+        else:
+            self._layer_args(name, module, ctx)
 
-    def _layer_args(self, name, module, heads):
+    def _fused(self, name, module, ctx):
+        """A fused QKV projection of a layout in _FUSED_LAYOUTS, split by heads (not when gathered)."""
+        return (self.kind == "col" and not self.options.get("gather_output") and isinstance(module, nn.Linear)
+                and _fused_layout(name, ctx) is not None)
+
+    def _layer_args(self, name, module, ctx):
         conv = _is_conv1d(module)
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
+        heads = ctx.heads
+        if self.kind == "row" and _last(name) in _O and "." in name:  # the output projection of a fused layout
+            for sib, m in ctx.model.get_submodule(name.rpartition(".")[0]).named_children():
+                layout = _fused_layout(f"{name.rpartition('.')[0]}.{sib}", ctx) if _is_linear(m) else None
+                if layout is not None:
+                    heads = layout[1:4]
         kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f)
         if self.packed and "block_sizes" not in kwargs:
             if out_f % self.packed:
@@ -84,11 +99,16 @@ class _Linear(_Style):
 
     def apply(self, name, module, ctx):
         conv = _is_conv1d(module)
+        if self._fused(name, module, ctx):
+            pieces, layout, split = _fused_pieces(name, module, ctx)
+            layer = _FusedQKVLayer(module, pieces=pieces, mp_group=ctx.group, name=name)
+            layer._fused_layout = (*layout, *split[ctx.group.rank])
+            return layer
         if self.kind == "col":
             cls = conv_LinearLayer if conv else LinearLayer
         else:
             cls = Conv_LinearALlreduce if conv else LinearAllreduce
-        return cls(module, mp_group=ctx.group, name=name, **self._layer_args(name, module, ctx.heads))
+        return cls(module, mp_group=ctx.group, name=name, **self._layer_args(name, module, ctx))
 
 
 class _Embedding(_Style):
@@ -187,7 +207,7 @@ STYLES = sorted(name for name, style in _STYLES.items() if style.supported)
 
 # DeepSpeed AutoTP's name rules (deepspeed/module_inject/auto_tp.py): the last name component
 _NAME_ROW = {"o_proj", "out_proj", "down_proj", "fc2", "c_proj", "wo", "w2", "dense_4h_to_h"}
-_NAME_COL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "c_fc", "c_attn", "qkv_proj", "Wqkv",
+_NAME_COL = {"query_key_value", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "c_fc", "c_attn", "qkv_proj", "Wqkv",
              "W_pack", "dense_h_to_4h", "w1", "w3", "query", "key", "value", "wq", "wk", "wv", "gate_up_proj"}
 _NAME_VOCAB = {"lm_head", "embed_out", "embed_tokens", "wte", "word_embeddings"}  # replicated by default
 
@@ -278,7 +298,8 @@ def _name_rule(name, module):
     if not _is_linear(module) or _last(name) in _NAME_VOCAB:
         return None
     last = _last(name)
-    if last in _NAME_ROW or (last == "dense" and re.search(r"(attention|output)$", name.rsplit(".", 1)[0])):
+    if last in _NAME_ROW or (last == "dense" and (re.search(r"(attention|output)$", name.rsplit(".", 1)[0])
+                                                  or _is_attention(name))):
         return "rowwise"
     if last in _NAME_COL or last == "dense":
         return "packed_colwise" if last in _GATE_UP else "colwise"
@@ -339,6 +360,178 @@ def _head_kwargs(name, module, kind, heads, size):
     return args
 
 
+
+# ------------------------------------------------------------------------------------------ fused QKV layouts
+
+
+class _FusedQKVLayer(LinearLayer):
+    """A column layer over a fused QKV projection whose rows are not [q | k | v] blocks: each rank's rows are
+    given as pieces (offset, size) of the full output, in the order the attention module reads them at its
+    per-rank head counts (runs of the fused layout; padded with empty pieces so every rank has as many)."""
+
+    def __init__(self, module, *, pieces, **kwargs):
+        self._fixed_pieces = [list(p) for p in pieces]
+        super().__init__(module, **kwargs)
+
+    def _rule(self, n):
+        return [list(p) for p in self._fixed_pieces]
+
+
+def _runs(rows):
+    """Consecutive row indices as (offset, size) pieces."""
+    out = []
+    for r in rows:
+        if out and out[-1][0] + out[-1][1] == r:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((r, 1))
+    return out
+
+
+def _rows_per_head(qh, kvh, h, kv, d, attrs):  # [q k v] per head (MHA): head j at rows j*3d
+    return [j * 3 * d + i for j in qh for i in range(3 * d)]
+
+
+def _rows_grouped(qh, kvh, h, kv, d, attrs):  # [q ... q k v] per KV head: group g at rows g*(h/kv+2)*d
+    unit = (h // kv + 2) * d
+    return [g * unit + i for g in kvh for i in range(unit)]
+
+
+def _rows_codegen(qh, kvh, h, kv, d, attrs):
+    """CodeGen: mp_num chunks, each [q | v | k] of its heads; read at mp_num=1 per rank: [q | v | k] of the
+    rank's heads."""
+    mp = attrs["mp_num"]
+    per = h // mp  # heads per chunk
+    local = per * d
+
+    def rows(j, part):  # part 0 q, 1 v, 2 k
+        c, i = divmod(j, per)
+        return range(c * 3 * local + part * local + i * d, c * 3 * local + part * local + (i + 1) * d)
+    return [r for part in range(3) for j in qh for r in rows(j, part)]
+
+
+def _falcon(parent):
+    if getattr(parent, "new_decoder_architecture", False):
+        return "grouped"
+    return "mqa" if getattr(parent, "multi_query", False) else "per_head"
+
+
+# attention module class -> (fused projection's name, its layout: a name or a function of the module,
+# the attributes holding (num_heads, num_kv_heads or None, head_dim))
+_FUSED_LAYOUTS = {
+    "GPTNeoXAttention": ("query_key_value", "per_head", ("num_attention_heads", None, "head_size")),
+    "GPTNeoXJapaneseAttention": ("query_key_value", "per_head", ("num_attention_heads", None, "head_size")),
+    "PersimmonAttention": ("query_key_value", "per_head", ("num_heads", None, "head_dim")),
+    "BloomAttention": ("query_key_value", "per_head", ("num_heads", None, "head_dim")),
+    "FalconAttention": ("query_key_value", _falcon, ("num_heads", "num_kv_heads", "head_dim")),
+    "GPTBigCodeAttention": ("c_attn", lambda m: "mqa" if m.multi_query else "per_head",
+                            ("num_heads", None, "head_dim")),
+    "CodeGenAttention": ("qkv_proj", "codegen", ("num_attention_heads", None, "head_dim")),
+}
+_LAYOUT_ROWS = {"per_head": _rows_per_head, "grouped": _rows_grouped, "codegen": _rows_codegen}
+_FUSED_NAMES = {entry[0] for entry in _FUSED_LAYOUTS.values()}
+
+
+def _fused_layout(name, ctx):
+    """(layout, h, kv, d, attrs) for a fused QKV projection whose attention module is in _FUSED_LAYOUTS,
+    else None."""
+    parent = ctx.model.get_submodule(name.rpartition(".")[0]) if "." in name else ctx.model
+    entry = _FUSED_LAYOUTS.get(type(parent).__name__)
+    if entry is None or entry[0] != _last(name):
+        return None
+    _, layout, (ha, kva, da) = entry
+    layout = layout(parent) if callable(layout) else layout
+    config = getattr(parent, "config", None)
+
+    def get(attr, i):
+        v = getattr(parent, attr, None)
+        v = getattr(config, attr, None) if v is None else v
+        return v if v is not None else (ctx.heads[i] if ctx.heads else None)
+    h, d = get(ha, 0), get(da, 2)
+    kv = get(kva, 1) if kva else h
+    if layout == "mqa":
+        kv = 1
+    return layout, int(h), int(kv), int(d), {"mp_num": getattr(parent, "mp_num", 1)}
+
+
+def _fused_pieces(name, module, ctx):
+    """Every rank's pieces of a fused QKV projection with a known layout (whole KV heads per rank, query heads
+    with their KV group: tplinear.attention_heads), or ValueError naming the module and the sizes."""
+    layout, h, kv, d, attrs = _fused_layout(name, ctx)
+    p = ctx.group.size
+    out_f = module.weight.shape[0]
+    if layout not in _LAYOUT_ROWS:
+        raise ValueError(f"{name}: a multi-query fused QKV projection ([q | k v], {h} query heads and 1 key/value "
+                         f"head of {d}) cannot be split by whole KV heads over {p} ranks; keep it replicated "
+                         "(a plan without it and its output projection)")
+    if h % kv or out_f != (h + 2 * kv) * d:
+        raise ValueError(f"{name}: a fused QKV projection ({layout}) of {out_f} features, but its attention has "
+                         f"{h} query heads, {kv} KV heads of {d} (expected {(h + 2 * kv) * d})")
+    if layout == "codegen" and (h % attrs["mp_num"]):
+        raise ValueError(f"{name}: CodeGen's fused QKV interleaves mp_num={attrs['mp_num']} chunks, but its "
+                         f"{h} heads do not divide into them")
+    split = _C_attention_heads(h, kv, p)
+    if any(len(kvh) == 0 for _, kvh in split):
+        raise ValueError(f"{name}: a fused QKV projection with {kv} KV heads ({h} query heads of {d}, {out_f} "
+                         f"features) cannot be split by whole KV heads over {p} ranks (a rank would get none); "
+                         "use fewer ranks or keep it replicated")
+    pieces = [_runs(_LAYOUT_ROWS[layout](list(qh), list(kvh), h, kv, d, attrs)) for qh, kvh in split]
+    most = max(len(x) for x in pieces)
+    return [x + [(0, 0)] * (most - len(x)) for x in pieces], (layout, h, kv, d), split
+
+
+def _C_attention_heads(h, kv, p):
+    from ..partition import attention_heads
+    return attention_heads(h, kv, p)
+
+
+# attention modules that take a per-head position bias built for every head (ALiBi) as a keyword argument:
+# (the argument, how its first dim holds the heads: "batch*heads" or "heads")
+_HEAD_BIAS = {"BloomAttention": ("alibi", "batch*heads"), "MptAttention": ("position_bias", "heads")}
+
+
+def _slice_head_bias(parent, h, qh):
+    """A forward pre-hook that gives the attention module the rows of its position bias for this rank's query
+    heads (qh: a range of head indices out of h)."""
+    entry = _HEAD_BIAS.get(type(parent).__name__)
+    if entry is None or getattr(parent, "_tplinear_head_bias", False):
+        return
+    arg, how = entry
+
+    def hook(module, args, kwargs):
+        bias = kwargs.get(arg)
+        if bias is None:
+            return None
+        if how == "heads":
+            bias = bias[qh.start:qh.stop]
+        else:
+            bias = bias.reshape(-1, h, *bias.shape[1:])[:, qh.start:qh.stop].reshape(-1, *bias.shape[1:])
+        return args, {**kwargs, arg: bias}
+    parent.register_forward_pre_hook(hook, with_kwargs=True)
+    parent._tplinear_head_bias = True
+
+
+def _fused_attributes(parent, layout, h, kv, d, qh, kvh):
+    """The attention module's per-rank sizes after its fused projection is split (as DeepSpeed's
+    update_mp_params): head counts, the widths that are heads * head_dim, CodeGen's mp_num."""
+    ql, kvl = len(qh), len(kvh)
+    for attr in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
+        if getattr(parent, attr, None) == h:
+            setattr(parent, attr, ql)
+    for attr in ("num_kv_heads", "num_key_value_heads", "kv_heads"):
+        if getattr(parent, attr, None) == kv:
+            setattr(parent, attr, kvl)
+    for attr in ("embed_dim", "split_size", "hidden_size", "all_head_size", "kv_dim"):
+        v = getattr(parent, attr, None)
+        if v == h * d and not isinstance(v, bool):
+            setattr(parent, attr, ql * d)
+    if layout == "codegen":
+        parent.mp_num = 1
+    _slice_head_bias(parent, h, qh)
+    if hasattr(parent, "num_key_value_groups") and kvl:
+        parent.num_key_value_groups = ql // kvl
+
+
 # ------------------------------------------------------------------------------------------ parallelize
 
 _NAME_RULES = "DeepSpeed AutoTP's name rules"
@@ -346,7 +539,8 @@ _Choice = collections.namedtuple("_Choice", "style pattern source")  # a plan en
 _Context = collections.namedtuple("_Context", "model group heads")  # what the styles apply with
 
 
-def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None, src_rank=None):
+def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None,
+                src_rank=None, strict=True):
     """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
     tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
 
@@ -357,9 +551,11 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
 
     Collective over mp_group: every rank calls it on the same model (same initial values: checked by a
     fingerprint per tensor, ValueError on every rank naming the first that differs; src_rank=r broadcasts
-    rank r's weights first instead, as torch TP's src_data_rank). Raises
-    ValueError for a plan whose column output split and following row input split disagree (naming both
-    modules), NotImplementedError for a style tplinear does not have yet.
+    rank r's weights first instead, as torch TP's src_data_rank). Every entry is checked before the model
+    is changed. Raises ValueError for a plan whose column output split and following row input split
+    disagree (naming both modules), NotImplementedError for a style tplinear does not have yet. A
+    parallelize that leaves the model without any tensor-parallel module raises ValueError
+    (strict=False: warns and returns the model unchanged).
 
 """
     if not isinstance(model, nn.Module):
@@ -371,6 +567,8 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim))
     named = dict(model.named_modules())
     chosen = _choose(model, plan, named)
+    if plan is None:
+        chosen = _partners(chosen, ctx)
     _check(model, named, chosen, ctx)
     _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
     _apply(model, named, chosen, ctx)
@@ -378,6 +576,14 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     # after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
     if plan is None:
         _moe.parallelize_experts(model, ctx.group)
+    if not tp_modules(model) and not any(getattr(p, "tensor_model_parallel", False) for p in model.parameters()):
+        source = "the plan argument" if plan is not None else (_hf_plan(model)[1] or _NAME_RULES)
+        msg = (f"parallelize replaced no module of this {type(model).__name__} (by {source}; linear layers whose "
+               "names the rules do not know, or whose column / row partner stays whole, are left replicated); "
+               "pass a plan, or strict=False to keep it unchanged")
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
     _training.after_parallelize(model, group)  # save_pretrained writes the full model; deepcopy keeps hooks
     return model
 
@@ -407,6 +613,22 @@ def _choose(model, plan, named):
     else:
         hf, source = _hf_plan(model)
         rules, vocab = (_Plan(hf, source), _vocab_modules(model)) if hf else (None, _vocab_modules(model))
+    chosen = _choose_by(rules, vocab, named)
+    if plan is None and rules is not None and not any(_is_linear(named[n]) for n in chosen):
+        # an HF plan that names no linear layer (only experts, norms, ...) does not switch the name rules off
+        chosen = {**_choose_by(None, vocab, named), **chosen}
+    if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
+        raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
+                         f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
+    if rules is not None:  # a plan may name parameters (bare nn.Parameters): only replicate is a no-op there
+        for name in dict(model.named_parameters()):
+            pattern, style = rules.style(name)
+            if style is not None and not isinstance(_STYLES.get(style), _Replicate) and name not in named:
+                _refuse(name, style, pattern, rules.source)
+    return chosen
+
+
+def _choose_by(rules, vocab, named):
     chosen = {}
     for name, module in named.items():
         if not name or isinstance(module, TPModule):  # already tensor-parallel: parallelize twice is a no-op
@@ -418,15 +640,47 @@ def _choose(model, plan, named):
         if style is None or name in vocab:
             continue
         chosen[name] = _Choice(style, pattern, rules.source if rules is not None else _NAME_RULES)
-    if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
-        raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
-                         f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
-    if rules is not None:  # a plan may name parameters (bare nn.Parameters): only replicate is a no-op there
-        for name in dict(model.named_parameters()):
-            pattern, style = rules.style(name)
-            if style is not None and not isinstance(_STYLES.get(style), _Replicate) and name not in named:
-                _refuse(name, style, pattern, rules.source)
     return chosen
+
+
+def _within(name, scope):
+    return not scope or name.startswith(scope + ".")
+
+
+def _partners(chosen, ctx):
+    """The name rules' column and row partners agree, or neither is split: a fused QKV of an unknown layout
+    stays whole; a row layer stays whole unless a column layer beside it (same parent, else the parent's
+    parent) is split; a column ``dense`` stays whole unless a row layer under its parent's parent is split.
+    Entries from a plan are kept as the plan says."""
+    def rule(n):
+        return chosen[n].source == _NAME_RULES
+
+    def bare_params(n):  # a parent with parameters of its own (gpt-oss's per-head sinks) reads them beside
+        parent = ctx.model.get_submodule(n.rpartition(".")[0]) if "." in n else ctx.model  # its projections
+        return any(True for _ in parent.parameters(recurse=False))
+
+    keep = {n: c for n, c in chosen.items()
+            if not (rule(n) and (_last(n) in _FUSED_NAMES - _QKV and _fused_layout(n, ctx) is None
+                                 or bare_params(n)))}
+    cols = [n for n, c in keep.items() if _STYLES.get(c.style) is not None and getattr(_STYLES[c.style], "kind", "")
+            == "col"]
+    rows = [n for n, c in keep.items() if _STYLES.get(c.style) is not None and getattr(_STYLES[c.style], "kind", "")
+            == "row"]
+
+    def up(n, k):
+        return n.rsplit(".", k)[0] if n.count(".") >= k else ""
+
+    for r in rows:
+        parent = ctx.model.get_submodule(up(r, 1)) if up(r, 1) else ctx.model
+        alone = not any(_is_linear(m) for n, m in parent.named_children() if n != _last(r))
+        scope = up(r, 2) if alone else up(r, 1)
+        if rule(r) and not any(c != r and _within(c, scope) for c in cols):
+            del keep[r]
+    rows = [r for r in rows if r in keep]
+    for c in cols:
+        if rule(c) and _last(c) == "dense" and not any(_within(r, up(c, 2)) for r in rows):
+            del keep[c]
+    return keep
 
 
 def _check(model, named, chosen, ctx):
@@ -452,6 +706,39 @@ def _apply(model, named, chosen, ctx):
         parent_name, _, child = name.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, layer)
     _update_attention_attributes(model, built, ctx.heads)
+    _reduce_region_grads(model, built, ctx)
+
+
+_ACT = re.compile(r"^(act|act_fn|activation|activation_fn|act_func)$")
+_HEAD_NORM = {"q_norm", "k_norm", "query_norm", "key_norm", "q_layernorm", "k_layernorm"}
+
+
+def _reduce_region_grads(model, built, ctx):
+    """Replicated parameters inside a sharded region (between a split column layer and the row layer after
+    it, both children of one module) see only this rank's features, so their gradients are summed over
+    the group (as style replicated_with_grad_allreduce), whatever the plan says. Applied where that is
+    exact: an activation module's parameters applied elementwise (Apertus' xIELU alpha_p / alpha_n), and
+    per-head norms (q_norm / k_norm over head_dim) of an attention split by heads."""
+    parents = collections.defaultdict(set)
+    for name, layer in built.items():
+        if isinstance(layer, LinearLayer) and not layer.gather_output:
+            parents[name.rpartition(".")[0]].add("col")
+        elif isinstance(layer, LinearAllreduce) and layer.input_is_parallel:
+            parents[name.rpartition(".")[0]].add("row")
+    head_dim = ctx.heads[2] if ctx.heads else None
+    for pname, kinds in parents.items():
+        if kinds != {"col", "row"}:
+            continue
+        parent = model.get_submodule(pname) if pname else model
+        for cname, child in parent.named_children():
+            params = [p for p in child.parameters() if p.requires_grad]
+            if not params or isinstance(child, TPModule) or _is_linear(child):
+                continue
+            per_head = cname in _HEAD_NORM and _is_attention(f"{pname}.{cname}") and head_dim is not None and all(
+                p.dim() == 1 and p.numel() == head_dim for p in params)
+            if _ACT.match(cname) or per_head:
+                for mod in child.modules():
+                    _GradAllReduce().apply(cname, mod, ctx)
 
 
 def _refuse(name, style, pattern, source):
@@ -514,12 +801,19 @@ def _check_pairs(built):
 def _update_attention_attributes(model, built, heads):
     """Per-rank head counts on the attention modules that read them (as DeepSpeed's update_mp_params):
     GPT-2's split_size (the width of each of q, k, v in c_attn's output), and num_heads /
-    num_key_value_heads where a module keeps them as plain ints."""
+    num_key_value_heads where a module keeps them as plain ints; a fused layout's module its sizes
+    (_fused_attributes). Gathered column outputs (colwise_gather_output) leave the module's sizes alone."""
     if heads is None:
+        for name, layer in built.items():
+            if getattr(layer, "_fused_layout", None) is not None:
+                _fused_attributes(model.get_submodule(name.rpartition(".")[0]), *layer._fused_layout)
         return
+    for name, layer in built.items():
+        if getattr(layer, "_fused_layout", None) is not None:
+            _fused_attributes(model.get_submodule(name.rpartition(".")[0]), *layer._fused_layout)
     h, kv, d = heads
     for name, layer in built.items():
-        if not isinstance(layer, LinearLayer) or layer.num_heads is None:
+        if not isinstance(layer, LinearLayer) or layer.num_heads is None or layer.gather_output:
             continue
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         r = layer.tp_index
@@ -533,7 +827,10 @@ def _update_attention_attributes(model, built, heads):
         elif _last(name) in _QKV:
             q_local = layer._pieces[r][0][1] // d
         if q_local is not None:
+            q0 = (layer._pieces[r][0][0] // d) if _last(name) in _QKV else layer._pieces[r][0][0] // d
+            _slice_head_bias(parent, h, range(q0, q0 + q_local))
             for attr, full, local in (("num_heads", h, q_local), ("num_attention_heads", h, q_local),
+                                      ("n_heads", h, q_local), ("n_head", h, q_local),
                                       ("num_key_value_heads", kv, q_local * kv // h)):
                 if getattr(parent, attr, None) == full and not isinstance(getattr(parent, attr), bool):
                     setattr(parent, attr, local)
