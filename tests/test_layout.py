@@ -1,4 +1,4 @@
-"""The layout of csrc/ (issue 9): the include floors include/ < core/ < device/ < gemm/ | comm/ < layers/ <
+"""The layout of csrc/: the include floors include/ < core/ < device/ < gemm/ | comm/ < layers/ <
 python/, calls that follow the same floors, no folder outside them, and no backend named outside
 comm/registry.c and its own file, checked by tools/check_layout.py on the tree and, to show the check can
 fail, on copies with one violation each and on a tiny tree of its own."""
