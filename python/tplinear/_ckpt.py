@@ -428,15 +428,9 @@ def _agree_save_id(path, world):
 
 def agree_ok(world, failure, what):
     """Every rank learns whether any rank failed (so none waits or commits alone); raises on all of them."""
-    flags = np.zeros(world.size, dtype=np.int32)
-    flags[world.rank] = failure is not None
-    if world.size > 1:
-        dist.all_reduce(flags, "max", group=world)
-    if failure is not None:
-        raise failure
-    bad = np.flatnonzero(flags).tolist()
-    if bad:
-        raise RuntimeError(f"checkpoint save failed on world rank(s) {bad} while {what} (see their errors)")
+    dist.agree_on_failure(world, failure, "checkpoint save failed on world rank(s) {ranks} while "
+                          + what.replace("{", "{{").replace("}", "}}")
+                          + " (see their errors)")
 
 
 def _remove_stale(path, files):

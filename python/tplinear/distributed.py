@@ -294,6 +294,23 @@ def _rank_arg(v, what):
     return int(v)
 
 
+def agree_on_failure(group, failure, message="failed on rank(s) {ranks} of the group (see their errors)"):
+    """Every rank of group learns whether any rank failed, so none goes on (or commits) alone: the failing
+    rank raises failure (an exception or None), the others RuntimeError(message.format(ranks=[...])).
+    Collective over group (nothing to do for None or a group of one)."""
+    if group is not None and group.size > 1:
+        flags = np.zeros(group.size, dtype=np.int32)
+        flags[group.rank] = failure is not None
+        all_reduce(flags, "max", group=group)
+    else:
+        flags = np.zeros(1, dtype=np.int32)
+    if failure is not None:
+        raise failure
+    bad = np.flatnonzero(flags).tolist()
+    if bad:
+        raise RuntimeError(message.format(ranks=bad))
+
+
 def barrier(group=None):
     _C.barrier(resolve_group(group)._handle)
 

@@ -43,7 +43,7 @@ import torch
 
 from .. import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
-from .training import agree_on_failure, model_group, clip_grad_norm_, get_total_norm
+from .training import model_group, clip_grad_norm_, get_total_norm
 
 __all__ = ["Trainer", "TrainingArguments", "data_parallel_layout"]
 
@@ -287,7 +287,7 @@ class Trainer(transformers.Trainer):
                 torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
             except Exception as exc:  # noqa: BLE001 - told to every rank
                 failure = exc
-        agree_on_failure(self.world_group, failure)
+        dist.agree_on_failure(self.world_group, failure)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written once: the model (save_model), the optimizer and the model's
@@ -322,7 +322,7 @@ class Trainer(transformers.Trainer):
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
             except Exception as exc:  # noqa: BLE001 - told to every rank
                 failure = exc
-        agree_on_failure(self.world_group, failure)
+        dist.agree_on_failure(self.world_group, failure)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -336,7 +336,7 @@ class Trainer(transformers.Trainer):
                     torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
             except Exception as exc:  # noqa: BLE001 - told to every rank
                 failure = exc
-        agree_on_failure(self.world_group, failure)
+        dist.agree_on_failure(self.world_group, failure)
 
     def _save_scaler(self, output_dir):
         if self.is_world_process_zero():

@@ -44,23 +44,6 @@ def _same_group(a, b):
     return a is b or a._handle is b._handle or (a.size == b.size and a.ranks == b.ranks)
 
 
-def agree_on_failure(group, failure):
-    """Every rank of group learns whether any failed; the failing rank raises its error, the others one
-    naming the failing ranks (so no rank goes on alone)."""
-    if group is None or group.size == 1:
-        if failure is not None:
-            raise failure
-        return
-    flags = np.zeros(group.size, dtype=np.int32)
-    flags[group.rank] = failure is not None
-    dist.all_reduce(flags, "max", group=group)
-    if failure is not None:
-        raise failure
-    bad = np.flatnonzero(flags).tolist()
-    if bad:
-        raise RuntimeError(f"failed on rank(s) {bad} of the group (see their errors)")
-
-
 def model_group(model, mp_group=None):
     if mp_group is not None:
         return dist.resolve_group(mp_group)
@@ -485,7 +468,7 @@ def _save_pretrained(self, save_directory, max_shard_size=None, **kwargs):
                 gen.save_pretrained(save_directory)
         except Exception as exc:  # noqa: BLE001 - told to every rank
             failure = exc
-    agree_on_failure(world, failure)
+    dist.agree_on_failure(world, failure)
 
 
 # ------------------------------------------------------------------------------------------ threads
