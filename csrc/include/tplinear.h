@@ -165,7 +165,8 @@ TP_API tp_status tp_init_normal(tp_tensor *t, uint64_t seed, uint64_t stream, do
 
 /* ------------------------------------------------------------------ BLAS threads */
 
-/* Sets the BLAS thread count for this process (n <= 0: cores / local ranks). */
+/* Sets the BLAS thread count for this process (n <= 0: the cores this process may run on, by its CPU
+   affinity, divided among the ranks on this host). */
 TP_API tp_status tp_set_num_threads(int n);
 TP_API int tp_get_num_threads(void);
 
