@@ -103,7 +103,8 @@ def check_moe(kind, training, steps=3):
             want = torch.nn.utils.get_total_norm([q.grad for q in ref.parameters() if q.grad is not None])
             for how, fn in (("torch", torch.nn.utils.get_total_norm), ("tplinear", tpt.get_total_norm)):
                 got = fn([q.grad for q in model.parameters() if q.grad is not None])
-                close(got.reshape(1), want.reshape(1), torch.float64, f"{what} total grad norm ({how})", 1e-8)
+                # the gradients' own bound at step 0 (the routers' float32 softmax, above)
+                close(got.reshape(1), want.reshape(1), torch.float64, f"{what} total grad norm ({how})", 1e-6)
         refs = dict(ref.named_parameters())
         for name, q in model.named_parameters():
             g, rg = full_grad(q), refs[name].grad
