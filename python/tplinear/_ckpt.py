@@ -387,8 +387,7 @@ def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_
         raise TypeError(f"metadata must be JSON-serialisable: {exc}") from exc
     limit = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     world = dist.get_world_group()
-    _ckpt_paths.check_save_path(path)  # one path, one directory every rank sees: else ValueError on every rank
-    save_id = _agree_save_id(path, world)
+    save_id = _ckpt_paths.check_save_path(path)  # one path, one directory every rank sees, or ValueError on all
     if layout == "sharded":
         files = _save_sharded(path, entries, key_map, save_id, world, progress)
     else:
@@ -403,27 +402,6 @@ def save(path, entries, layout="consolidated", metadata=None, key_map=None, max_
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             failure = exc
     agree_ok(world, failure, "writing the manifest")
-
-
-def _agree_save_id(path, world):
-    """World rank 0 makes the directory and draws the save id; every rank learns both."""
-    word = np.zeros(2, dtype=np.int64)
-    err = None
-    if world.rank == 0:
-        try:
-            if os.path.lexists(path) and not os.path.isdir(path):
-                raise ValueError(f"checkpoint path {path} exists and is not a directory")
-            os.makedirs(path, exist_ok=True)
-            word[0] = secrets.randbits(62) + 1
-        except Exception as exc:  # noqa: BLE001 - told to every rank
-            err = exc
-    if world.size > 1:
-        dist.broadcast(word, 0, group=world)
-    if word[0] == 0:
-        if err is not None:
-            raise err
-        raise RuntimeError(f"world rank 0 could not create the checkpoint directory {path}")
-    return f"{int(word[0]):016x}"
 
 
 def agree_ok(world, failure, what):

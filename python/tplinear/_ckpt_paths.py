@@ -17,21 +17,6 @@ import numpy as np
 from . import distributed as dist
 
 
-def _gather_strings(world, text):
-    """Every rank's text (UTF-8), on every rank."""
-    data = np.frombuffer(text.encode("utf-8", "surrogateescape"), dtype=np.uint8).astype(np.int32)
-    counts = np.zeros(world.size, dtype=np.int64)
-    dist.all_gather_into_tensor(counts, np.array([data.size], dtype=np.int64), group=world)
-    out = np.zeros(int(counts.sum()), dtype=np.int32)
-    if out.size:
-        dist.all_gather_v(out, np.ascontiguousarray(data), counts.tolist(), group=world)
-    texts, at = [], 0
-    for n in counts.tolist():
-        texts.append(out[at:at + n].astype(np.uint8).tobytes().decode("utf-8", "surrogateescape"))
-        at += n
-    return texts
-
-
 def _words(world, value):
     every = np.zeros(world.size, dtype=np.int64)
     dist.all_gather_into_tensor(every, np.array([value], dtype=np.int64), group=world)
@@ -45,7 +30,8 @@ def _same_path(world, path, what):
     words = _words(world, zlib.crc32(text.encode("utf-8", "surrogateescape")) * 4096 + len(text) % 4096)
     if len(set(words)) == 1:
         return text
-    paths = _gather_strings(world, text)
+    paths = [None] * world.size
+    dist.all_gather_object(paths, text, group=world)
     listed = ", ".join(f"rank {r}: {p!r}" for r, p in enumerate(paths))
     raise ValueError(f"{what}: the ranks passed different paths ({listed}); every rank must pass the same path, "
                      "one directory that all of them see (a shared filesystem), e.g. a path chosen on rank 0 and "
@@ -60,22 +46,28 @@ def world():
     return w if w.size > 1 else None
 
 
+def _make_directory(path):
+    """Makes the checkpoint directory (ValueError where path is something else) and draws a fresh token."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"checkpoint path {path} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    return secrets.randbits(62) + 1
+
+
 def check_save_path(path, what="save_checkpoint"):
     """Collective over the world: every rank passed the same path, and world rank 0's directory (made
     here) is the one every rank sees: rank 0 leaves a probe file with a fresh token in it, the others look
-    for it. ValueError on every rank naming the paths, or the ranks that cannot see rank 0's directory."""
+    for it. ValueError on every rank naming the paths, or the ranks that cannot see rank 0's directory.
+    Returns the token as the save's id (16 hex digits), the same on every rank."""
     w = world()
     if w is None:
-        return
+        return f"{_make_directory(path):016x}"
     text = _same_path(w, path, what)
     token = np.zeros(1, dtype=np.int64)
     probe = None
     if w.rank == 0:
         try:
-            if os.path.lexists(text) and not os.path.isdir(text):
-                raise ValueError(f"checkpoint path {text} exists and is not a directory")
-            os.makedirs(text, exist_ok=True)
-            token[0] = secrets.randbits(62) + 1
+            token[0] = _make_directory(text)
             probe = os.path.join(text, f".tplinear-probe-{int(token[0]):016x}")
             with open(probe, "w") as f:
                 f.write(f"{int(token[0]):016x}")
@@ -108,6 +100,7 @@ def check_save_path(path, what="save_checkpoint"):
                          f"on {'that rank' if len(blind) == 1 else 'those ranks'} (a node-local disk, or a relative "
                          "path from another working directory). A checkpoint is one directory that every rank sees: "
                          "save to a shared filesystem")
+    return f"{int(token[0]):016x}"
 
 
 def _identity(path):
@@ -139,7 +132,8 @@ def check_load_path(path, what="load_checkpoint"):
     words = _words(w, zlib.crc32(mine.encode()))
     if len(set(words)) == 1:
         return
-    seen = _gather_strings(w, mine)
+    seen = [None] * w.size
+    dist.all_gather_object(seen, mine, group=w)
     missing = [r for r, s in enumerate(seen) if s == "missing"]
     if missing and len(missing) < w.size:
         who = ", ".join(f"rank {r}" for r in missing)
