@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 from . import fuzz_ops  # noqa: E402
 import tplinear as tp  # noqa: E402
@@ -73,8 +73,8 @@ def collective_cases(draw):
     case["counts"] = draw(st.lists(st.integers(0, 300), min_size=p, max_size=p))
     if bad == "dtype":
         case["dtype"] = draw(st.sampled_from(["int8", "uint16", "float16", "bool", "complex64", "uint64"]))
-        if case["dtype"] == "float16" and kind == "broadcast":
-            case["bad"] = None   # a valid call: broadcast moves any bytes
+        if kind in ("broadcast", "all_gather"):
+            case["bad"] = None   # a valid call: broadcast and all-gather move any fixed-size dtype
     elif bad == "wrap":
         case["wrap"] = draw(st.sampled_from(["strided", "readonly", "list", "fortran"]))
     elif bad == "op":
@@ -120,7 +120,7 @@ def _invalid(case, p):
         return True
     if k == "barrier":
         return False
-    if bad == "dtype" and not (k == "broadcast" and case["dtype"] == "float16"):   # broadcast moves any bytes
+    if bad == "dtype":   # broadcast and all_gather cases with these dtypes were made valid above
         return True
     if how in ("list", "strided", "fortran") or (how == "readonly" and k in ("all_reduce", "broadcast")):
         return True
@@ -134,8 +134,16 @@ def _invalid(case, p):
     return bad == "out" and k in ("all_gather", "all_gather_v", "reduce_scatter")
 
 
+def _case(kind, dtype, ranks, bad=None):
+    return {"kind": kind, "bad": bad, "seed": 0, "n": 3, "dtype": dtype, "wrap": "contig", "op": "sum",
+            "ranks": ranks, "root": 0, "out_extra": 0, "counts": [1] * (2 if ranks is None else len(ranks))}
+
+
 @SETTINGS
 @given(case=collective_cases())
+@example(case=_case("broadcast", "int8", [0]))          # any fixed-size dtype moves (issue 24's byte path)
+@example(case=_case("all_gather", "complex64", None))
+@example(case=_case("all_reduce", "int8", None, bad="dtype"))   # but reductions stay on the core's dtypes
 def test_collectives(world, case):
     results = world.call("collective", case)
     _check_clean(results)
