@@ -434,3 +434,30 @@ print("refused")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0 and "refused" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_stream_for_uses_the_tensors_stream_for_one_call_and_gives_ours_back(monkeypatch):
+    """tplinear.torch and the collectives run a call on torch tensors on torch's current stream and restore
+    tplinear's stream afterwards, also when the call raises (the old on_stream set it for good: after one
+    call inside `with torch.cuda.stream(s)`, every later collective ran on s)."""
+    from tplinear.torch import _ops
+    torch = pytest.importorskip("torch")
+    assert _device.torch_stream(torch.ones(2)) is None and _device.torch_stream(np.ones(2)) is None
+    streams = {"a": 0x5000, "b": 0}  # 0: torch's legacy default stream
+    monkeypatch.setattr(_device, "torch_stream", lambda obj: streams.get(obj) if isinstance(obj, str) else None)
+    before = _C.cuda_get_stream()
+    try:
+        _C.cuda_set_stream(0x7000)
+        with _ops.on_stream("a"):
+            assert _C.cuda_get_stream() == 0x5000
+        assert _C.cuda_get_stream() == 0x7000
+        with _device.stream_for(None, "b", "a"):  # the first tensor's stream
+            assert _C.cuda_get_stream() == 0
+        assert _C.cuda_get_stream() == 0x7000
+        with pytest.raises(KeyError), _device.stream_for("a"):
+            raise KeyError("the call failed")
+        assert _C.cuda_get_stream() == 0x7000
+        with _device.stream_for(np.ones(2)):  # not a CUDA torch tensor: tplinear's own stream
+            assert _C.cuda_get_stream() == 0x7000
+    finally:
+        _C.cuda_set_stream(before or None)
