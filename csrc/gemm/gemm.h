@@ -15,7 +15,8 @@ typedef struct {
 } tp_mat;
 
 /* Views t as [prod(leading dims), last dim] without copying when its strides allow; otherwise,
- * if packed != NULL, copies it into a new contiguous buffer returned in *packed (caller frees),
+ * if packed != NULL, copies it into a new contiguous buffer on t's device returned in *packed (the caller
+ * frees it with tp_device_free(t->device, ...)),
  * else fails with TP_ERR_VALUE (outputs must be viewable in place). */
 tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *what);
 
