@@ -48,15 +48,26 @@ int tp_cuda_get_allow_tf32(void)
 
 /* ---------------------------------------------------------------- devices */
 
-tp_status tp_cuda_use_device(int device)
+tp_status tp_cuda_use_device(int device, int *prev)
 {
     tp_status st = TP_OK;
-    int n = tp_cuda_device_count();
+    int n = tp_cuda_device_count(), cur = -1;
+    *prev = -1;
     if (n == 0) return tp_error(TP_ERR_UNSUPPORTED, "no CUDA GPU is visible to this process (tplinear.cuda_available() is False)");
     TP_REQUIRE(device >= 0 && device < n, "CUDA device %d does not exist (%d visible)", device, n);
-    TP_CU(cudaSetDevice(device), "cudaSetDevice");
+    TP_CU(cudaGetDevice(&cur), "cudaGetDevice");
+    if (cur != device) TP_CU(cudaSetDevice(device), "cudaSetDevice");
+    *prev = cur;
 out:
     return st;
+}
+
+void tp_cuda_restore_device(int prev)
+{
+    int cur = -1;
+    if (prev < 0) return;
+    if (cudaGetDevice(&cur) != cudaSuccess || (cur != prev && cudaSetDevice(prev) != cudaSuccess))
+        (void)cudaGetLastError(); /* nothing to report it to: the caller's own status stands */
 }
 
 /* ---------------------------------------------------------------- streams */
@@ -64,14 +75,16 @@ out:
 tp_status tp_cuda_stream_order(int device, void *other, int other_waits)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cudaEvent_t ev = NULL;
     cudaStream_t mine = tp_cuda_stream(), theirs = (cudaStream_t)other;
     if (mine == theirs) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
     TP_CU(cudaEventRecord(ev, other_waits ? mine : theirs), "cudaEventRecord");
     TP_CU(cudaStreamWaitEvent(other_waits ? theirs : mine, ev, 0), "cudaStreamWaitEvent");
 out:
+    tp_cuda_restore_device(prev);
     if (ev) cudaEventDestroy(ev); /* released once the wait has been satisfied */
     return st;
 }
@@ -79,9 +92,11 @@ out:
 tp_status tp_cuda_synchronize(int device)
 {
     tp_status st = TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    int prev = -1;
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -90,45 +105,53 @@ out:
 tp_status tp_cuda_malloc(int device, size_t bytes, void **ptr)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     *ptr = NULL;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaMallocAsync(ptr, bytes > 0 ? bytes : 1, tp_cuda_stream()), "cudaMallocAsync");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
 tp_status tp_cuda_free(int device, void *ptr)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     if (ptr == NULL) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaFreeAsync(ptr, tp_cuda_stream()), "cudaFreeAsync");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
 tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     if (bytes == 0) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaMemsetAsync(ptr, 0, bytes, tp_cuda_stream()), "cudaMemsetAsync");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
 tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     int dd, sd;
     if (bytes == 0) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CHECK(tp_cuda_pointer_device(dst, &dd));
     TP_CHECK(tp_cuda_pointer_device(src, &sd));
     TP_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, tp_cuda_stream()), "cudaMemcpyAsync");
     /* pageable host memory: the copy must have finished before the caller touches (or frees) it */
     if (dd < 0 || sd < 0) TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -211,6 +234,7 @@ out:
 tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     int nd = dst->ndim, device = dst->device.type == TP_DEVICE_CUDA ? dst->device.index : src->device.index;
     size_t item = tp_dtype_size(dst->dtype);
     TP_REQUIRE(dst->ndim == src->ndim && dst->dtype == src->dtype, "copy: shapes or dtypes differ");
@@ -228,10 +252,11 @@ tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src)
         TP_CHECK(tp_cuda_memcpy(device, dst->data, src->data, item));
         goto out;
     }
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CHECK(copy_rec(dst->data, src->data, dst, src, 0, item));
     if (dst->device.type != TP_DEVICE_CUDA || src->device.type != TP_DEVICE_CUDA)
         TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }

@@ -83,10 +83,11 @@ out:
     return st;
 }
 
-static tp_status ctx_get(int device, cublas_ctx **ctx)
+/* The device's handles, with the device made current: the caller restores *prev (tp_cuda_restore_device). */
+static tp_status ctx_get(int device, cublas_ctx **ctx, int *prev)
 {
     tp_status st = TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, prev));
     TP_REQUIRE(device < MAX_DEVICES, "CUDA device %d: at most %d devices are supported", device,
                MAX_DEVICES);
     pthread_mutex_lock(&g_lock);
@@ -281,11 +282,12 @@ out:
 static tp_status cu_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     int64_t k = ta ? a->rows : a->cols;
     TP_CHECK(check_mats(a, b, c));
     if (c->rows == 0 || c->cols == 0) goto out;
-    TP_CHECK(ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx, &prev));
     if (k == 0) {
         if (!accumulate) TP_CHECK(zero_mat(c));
         goto out;
@@ -294,6 +296,7 @@ static tp_status cu_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_ma
     st = gemm_ex(ctx, a, ta, b, tb, c, accumulate ? 1.0 : 0.0);
     pthread_mutex_unlock(&g_lock);
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -301,6 +304,7 @@ out:
 static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     const void *ones;
     void *ws;
@@ -312,7 +316,7 @@ static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
     TP_CHECK(check_dims(c->ld, "leading dimension"));
     if (c->rows == 0 || c->cols == 0) goto out;
     TP_CHECK(types_of(c->dtype, &t));
-    TP_CHECK(ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx, &prev));
     pthread_mutex_lock(&g_lock);
     locked = 1;
     TP_CHECK(ones_of(ctx, c->dtype, c->rows, &ones));
@@ -322,6 +326,7 @@ static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
                            t.type, (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (bias rows)");
 out:
+    tp_cuda_restore_device(prev);
     if (locked) pthread_mutex_unlock(&g_lock);
     return st;
 }
@@ -331,6 +336,7 @@ out:
 static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     const void *ones;
     void *ws;
@@ -341,13 +347,13 @@ static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
     TP_CHECK(check_dims(a->cols, "columns"));
     TP_CHECK(check_dims(a->ld, "leading dimension"));
     if (a->cols == 0) goto out;
+    TP_CHECK(ctx_get(a->device.index, &ctx, &prev)); /* also for the memset below: on a's device */
     if (a->rows == 0) { /* an empty sum */
         tp_mat o = {out, 1, a->cols, a->cols, 0, a->dtype, a->device};
         if (!accumulate) TP_CHECK(zero_mat(&o));
         goto out;
     }
     TP_CHECK(types_of(a->dtype, &t));
-    TP_CHECK(ctx_get(a->device.index, &ctx));
     pthread_mutex_lock(&g_lock);
     locked = 1;
     TP_CHECK(ones_of(ctx, a->dtype, a->rows, &ones));
@@ -358,6 +364,7 @@ static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
                            CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (column sums)");
 out:
+    tp_cuda_restore_device(prev);
     if (locked) pthread_mutex_unlock(&g_lock);
     return st;
 }
@@ -457,11 +464,12 @@ out:
 static tp_status cu_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     int64_t k = ta ? a->rows : a->cols;
     TP_CHECK(check_mats(a, b, c));
     if (c->rows == 0 || c->cols == 0) goto out;
-    TP_CHECK(ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx, &prev));
     if (k > 0) {
         pthread_mutex_lock(&g_lock);
         st = lt_bias(ctx, a, ta, b, tb, c, bias);
@@ -474,6 +482,7 @@ static tp_status cu_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, 
     TP_CHECK(cu_rows(c, bias, 0));
     TP_CHECK(cu_gemm(a, ta, b, tb, c, 1));
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
