@@ -534,3 +534,29 @@ def test_gpu_layer_after_a_host_world_of_one():
         print("OK")
     """)
     assert rc == 0 and "OK" in so, se
+
+
+def test_nccl_world_of_one_collectives_do_not_wait_on_the_host(torch):
+    """A group of one has no peer to lose: its collectives return once enqueued, and the next one only
+    polls the last (one cudaEventQuery) instead of spinning until it finished, so the host stays ahead of a
+    busy device."""
+    import tplinear.distributed as dist
+    import tplinear.torch as tpt
+    from torch.profiler import ProfilerActivity, profile
+
+    tpt.LinearAllreduce(torch.nn.Linear(8, 8).cuda())  # the default group: an nccl world of one
+    assert dist.get_backend() == "nccl" and dist.get_world_size() == 1
+    t = torch.ones(1 << 16, device="cuda")
+    dist.all_reduce(t)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(100_000_000)  # the device is busy: a host wait would show as a spin
+            for _ in range(4):
+                dist.all_reduce(t)
+    names = [e.name for e in prof.events()]
+    assert not [n for n in names if "Synchronize" in n], names
+    assert names.count("cudaEventQuery") <= 4, names.count("cudaEventQuery")
+    s.synchronize()
+    assert torch.all(t == 1)

@@ -32,6 +32,7 @@ typedef struct {
     int abort_requested; /* set by tp_group_abort from any thread; acted on by the thread using the comm */
     int async;          /* TPLINEAR_NCCL_ASYNC=1 */
     cudaEvent_t done;   /* recorded after each collective */
+    cudaStream_t done_on; /* the stream it was recorded on */
     int pending;        /* done is recorded and not yet waited for */
     double pending_since;
     void *scratch;      /* 1 int32 on the device, for barriers */
@@ -139,10 +140,12 @@ out:
 }
 
 /* The non-blocking form of wait_pending, for collectives that do not wait for each other (a group of one,
- * TPLINEAR_NCCL_ASYNC=1): the stream orders the next collective after the last, so the host only checks
- * that it has not failed, been aborted or been pending past the timeout (then wait_pending reports it). */
+ * TPLINEAR_NCCL_ASYNC=1): the device orders the next collective after the last (the current stream waits
+ * for the event when the last ran on another stream), so the host only checks that it has not failed, been
+ * aborted or been pending past the timeout (then wait_pending reports it). */
 static tp_status poll_pending(tp_group *g, const char *what)
 {
+    tp_status st = TP_OK;
     nccl_impl *im = impl_of(g);
     ncclResult_t r = ncclSuccess;
     cudaError_t e;
@@ -152,11 +155,14 @@ static tp_status poll_pending(tp_group *g, const char *what)
         im->pending = 0;
         return TP_OK;
     }
-    if (e == cudaErrorNotReady && ncclCommGetAsyncError(im->comm, &r) == ncclSuccess &&
-        (r == ncclSuccess || r == ncclInProgress) && !__atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE) &&
-        tp_now() - im->pending_since <= g->timeout_s)
-        return TP_OK;
-    return wait_pending(g, what);
+    if (e != cudaErrorNotReady || ncclCommGetAsyncError(im->comm, &r) != ncclSuccess ||
+        (r != ncclSuccess && r != ncclInProgress) || __atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE) ||
+        tp_now() - im->pending_since > g->timeout_s)
+        return wait_pending(g, what);
+    if (im->done_on != tp_cuda_stream())
+        TP_CU(cudaStreamWaitEvent(tp_cuda_stream(), im->done, 0), "cudaStreamWaitEvent (nccl)");
+out:
+    return st;
 }
 
 /* Before a collective: the communicator is usable, its device current (*prev: the caller's, which the
@@ -231,6 +237,7 @@ static tp_status finish(tp_group *g, ncclResult_t r, const char *what, int force
     nccl_impl *im = impl_of(g);
     TP_CHECK(settle(g, r, what));
     TP_CU(cudaEventRecord(im->done, tp_cuda_stream()), "cudaEventRecord (nccl)");
+    im->done_on = tp_cuda_stream();
     if (!im->pending) im->pending_since = tp_now(); /* the oldest collective not yet seen complete */
     im->pending = 1;
     /* a group of one has no peer to lose: its collectives stay asynchronous */
