@@ -67,15 +67,19 @@ def torch_stream(obj):
     return torch.cuda.current_stream(obj.device).cuda_stream
 
 
-@contextlib.contextmanager
 def stream_for(*objs):
-    """Runs the tplinear calls inside on the stream of the first CUDA torch tensor among objs (torch_stream),
-    and gives tplinear's stream back afterwards, also when the call raises; nothing changes when no object
-    is one."""
+    """A context manager: runs the tplinear calls inside on the stream of the first CUDA torch tensor among
+    objs (torch_stream), and gives tplinear's stream back afterwards, also when the call raises; nothing
+    changes (and nothing is paid) when no object is one."""
     stream = next((s for s in map(torch_stream, objs) if s is not None), None)
-    if stream is None:
-        yield
-        return
+    return _NOTHING if stream is None else _on_stream(stream)
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _on_stream(stream):
     before = _C.cuda_get_stream()
     _C.cuda_set_stream(stream or None)
     try:
