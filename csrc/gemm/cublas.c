@@ -371,17 +371,6 @@ out:
 
 /* ---------------------------------------------------------------- bias in the epilogue */
 
-/* The alignment cuBLASLt may assume of a pointer: the largest power of two that divides its address, at
- * most 256 (torch's _getAlignment). Without the MIN_ALIGNMENT preferences the heuristic assumes 256, which
- * a row layer's x[..., off:off + size] at p > 1 or an offset bias does not have. */
-static uint32_t lt_alignment(const void *p)
-{
-    uintptr_t a = (uintptr_t)p;
-    uint32_t align = 256;
-    while (align > 1 && a % align != 0) align /= 2;
-    return align;
-}
-
 /* C = op(A) op(B) + bias through cuBLASLt's BIAS epilogue (bias broadcast along the rows of the
  * row-major C = the columns of the column-major D), with the operands' real alignments as preferences.
  * Returns TP_ERR_UNSUPPORTED, with no work queued, when cuBLASLt has no algorithm for the case or refuses
@@ -425,10 +414,10 @@ static tp_status lt_bias(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat 
     TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
               "cublasLt MAX_WORKSPACE_BYTES");
     /* cuBLAS' A is our b, its B our a; C and D are c; the bias is read with D's alignment */
-    align[0] = lt_alignment(b->data);
-    align[1] = lt_alignment(a->data);
-    align[2] = lt_alignment(c->data);
-    align[3] = align[2] < lt_alignment(bias) ? align[2] : lt_alignment(bias);
+    align[0] = tp_gemm_alignment(b->data);
+    align[1] = tp_gemm_alignment(a->data);
+    align[2] = tp_gemm_alignment(c->data);
+    align[3] = align[2] < tp_gemm_alignment(bias) ? align[2] : tp_gemm_alignment(bias);
     TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0],
                                                    sizeof align[0]), "cublasLt MIN_ALIGNMENT_A_BYTES");
     TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1],

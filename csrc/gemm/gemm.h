@@ -20,6 +20,11 @@ typedef struct {
  * else fails with TP_ERR_VALUE (outputs must be viewable in place). */
 tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *what);
 
+/* The alignment a GEMM library may assume of a pointer: the largest power of two that divides its address,
+ * at most 256 (torch's _getAlignment). cuBLASLt's MIN_ALIGNMENT preferences take it: without them its
+ * heuristic assumes 256, which a row layer's x[..., off:off + size] at p > 1 or an offset bias lacks. */
+uint32_t tp_gemm_alignment(const void *p);
+
 /* The argument checks of tp_linear_forward (shapes, dtypes, devices of x [..., in], w [out, in],
  * b [out] or NULL, y [..., out]). */
 tp_status tp_linear_check(const tp_tensor *x, const tp_tensor *w, const tp_tensor *b, const tp_tensor *y);

@@ -1,4 +1,5 @@
 /* Dense linear algebra of one rank: tensor -> matrix views, device dispatch, and the four linear ops. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -67,6 +68,14 @@ out:
         *packed = NULL;
     }
     return st;
+}
+
+uint32_t tp_gemm_alignment(const void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    uint32_t align = 256;
+    while (align > 1 && a % align != 0) align /= 2;
+    return align;
 }
 
 /* The provider for the memory of m's device. */
