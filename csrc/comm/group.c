@@ -40,7 +40,10 @@ static tp_status self_abort(tp_group *g) { (void)g; return TP_OK; }
 static void self_destroy(tp_group *g) { (void)g; }
 
 /* A group of one (the world of a single process, or a subgroup of one rank) of a backend that does not
- * make such groups itself: every collective is a local copy or nothing. Host memory only. */
+ * make such groups itself: every collective is a local copy or nothing. Host memory only: the entry points
+ * that know where their memory lives (the layers, the Python collectives) refuse GPU memory for it as for
+ * any host backend (tp_group_check_device), whatever the group's size; a pointer is not asked about here,
+ * which would make a CUDA context in a host-only program. */
 static const tp_backend self_backend = {
     .name = "self",
     .devices = 1u << TP_DEVICE_CPU,

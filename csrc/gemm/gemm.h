@@ -15,9 +15,15 @@ typedef struct {
 } tp_mat;
 
 /* Views t as [prod(leading dims), last dim] without copying when its strides allow; otherwise,
- * if packed != NULL, copies it into a new contiguous buffer returned in *packed (caller frees),
+ * if packed != NULL, copies it into a new contiguous buffer on t's device returned in *packed (the caller
+ * frees it with tp_device_free(t->device, ...)),
  * else fails with TP_ERR_VALUE (outputs must be viewable in place). */
 tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *what);
+
+/* The alignment a GEMM library may assume of a pointer: the largest power of two that divides its address,
+ * at most 256 (torch's _getAlignment). cuBLASLt's MIN_ALIGNMENT preferences take it: without them its
+ * heuristic assumes 256, which a row layer's x[..., off:off + size] at p > 1 or an offset bias lacks. */
+uint32_t tp_gemm_alignment(const void *p);
 
 /* The argument checks of tp_linear_forward (shapes, dtypes, devices of x [..., in], w [out, in],
  * b [out] or NULL, y [..., out]). */
