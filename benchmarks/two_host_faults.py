@@ -1,7 +1,7 @@
 """The two-host fault table: time from a fault to the survivor's CommError, per backend, on the two hosts of
 tests/twohost.py (network namespaces joined by a veth pair; needs root, iproute2, util-linux, OpenMPI).
 
-    python benchmarks/two_host_faults.py [--timeout 10] [--faults sigkill,sigstop,link] [--backends mpi,shm]
+    python benchmarks/two_host_faults.py [--timeout 10] [--faults sigkill,sigstop,link,sigint] [--backends mpi,shm]
 
   mpi: 2 ranks, one per host (mpirun --enable-recovery, so the survivor lives on and what it sees is
        tplinear's own detection); the victim is rank 1 on node1.
@@ -26,12 +26,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from twohost import TwoHosts  # noqa: E402
 
 RANK = """
-import os, sys, time
+import os, signal, sys, time
 import numpy as np
 import tplinear, tplinear.distributed as dist
 dist.init_process_group(backend=os.environ.get("TEST_BACKEND") or None, timeout=float(os.environ["TEST_TIMEOUT"]))
 r = dist.get_rank()
 dist.barrier()
+if r == 0:
+    def interrupted(*_):   # when Python's handler runs: the Ctrl-C latency
+        print("CAUGHT", r, "%.6f" % time.time(), "the SIGINT handler ran (KeyboardInterrupt)", flush=True)
+        os._exit(4)
+    signal.signal(signal.SIGINT, interrupted)
+    print("PID0", os.getpid(), flush=True)
 a = np.ones(1000)
 n = 0
 try:
@@ -43,6 +49,7 @@ try:
 except tplinear.CommError as e:
     print("CAUGHT", r, "%.6f" % time.time(), e, flush=True)
     sys.exit(3)
+
 """
 
 
@@ -55,21 +62,29 @@ def one(backend, fault, timeout, limit):
         recovery = [] if backend == "mpirun" else ["--enable-recovery"]
         per_host = 2 if backend == "shm" else 1
         proc = hosts.start(2, [path], per_host=per_host, env=env, mpi_args=recovery)
-        t_fault, caught, lines = None, None, []
+        t_fault, caught, lines, pid0, pid = None, None, [], None, None
         deadline = time.monotonic() + limit
         watchdog = threading.Timer(limit, hosts.kill_all)   # a silent hang ends too (the read loop sees EOF)
         watchdog.start()
         try:
             for line in proc.stdout:
                 lines.append(line)
+                if line.startswith("PID0 "):
+                    pid0 = int(line.split()[1])
                 m = re.match(r"READY (\d+)", line)
-                if m and t_fault is None:
+                if m:
                     pid = int(m.group(1))
+                if t_fault is None and pid and (pid0 or fault != "sigint"):
                     t_fault = time.time()
                     if fault == "sigkill":
                         os.kill(pid, signal.SIGKILL)
                     elif fault == "sigstop":
                         os.kill(pid, signal.SIGSTOP)
+                    elif fault == "sigint":   # Ctrl-C in rank 0 while it waits for a stopped peer
+                        os.kill(pid, signal.SIGSTOP)
+                        time.sleep(0.2)
+                        t_fault = time.time()
+                        os.kill(pid0, signal.SIGINT)
                     else:
                         hosts.link_down()
                 m = re.match(r"CAUGHT 0 (\S+) (.*)", line)
@@ -95,7 +110,7 @@ def one(backend, fault, timeout, limit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--timeout", type=float, default=10.0, help="the group timeout, seconds")
-    ap.add_argument("--faults", default="sigkill,sigstop,link")
+    ap.add_argument("--faults", default="sigkill,sigstop,link,sigint")
     ap.add_argument("--backends", default="mpi,shm,mpirun")
     ap.add_argument("--limit", type=float, default=60.0, help="give up on one case after this many seconds")
     args = ap.parse_args()

@@ -17,6 +17,7 @@ deletes both namespaces, which removes their interfaces; nothing is left in `ip 
 iproute2's `ip`, util-linux's `nsenter` and `unshare`, and OpenMPI's mpirun.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,7 @@ class TwoHosts:
             raise RuntimeError(msg)
 
     def _build(self):
+        self._reap_stale()
         for ns in self.netns:
             self._ip("netns", "add", ns, skip=True)
             self.made.append(ns)
@@ -124,6 +126,19 @@ class TwoHosts:
         with open(self.agent, "w") as f:
             f.write(AGENT.format(cases=cases))
         os.chmod(self.agent, 0o755)
+
+    @staticmethod
+    def _reap_stale():
+        """Namespaces of a test process that died without its teardown (SIGKILL): their processes and them."""
+        for line in _run(["ip", "netns", "list"]).stdout.splitlines():
+            m = re.match(r"(tplci(\d+)-[0-9a-f]+-[01])\b", line)
+            if m and not os.path.exists("/proc/" + m.group(2)):
+                for pid in _run(["ip", "netns", "pids", m.group(1)]).stdout.split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                _run(["ip", "netns", "del", m.group(1)])
 
     def pids(self):
         """Every process inside either namespace."""
