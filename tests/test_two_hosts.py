@@ -14,7 +14,7 @@ import time
 import pytest
 
 from test_distributed import COLLECTIVES, PRELUDE
-from test_launch_anywhere import DEMO, ENV, layer_checks, same_curve, single_process_curve
+from test_launch_anywhere import DEMO, ENV, ONE_WRITE_PRINT, layer_checks, same_curve, single_process_curve
 from twohost import TwoHosts
 
 LATE = 5  # the group timeout where a failure is awaited: what detection by timeout costs
@@ -34,7 +34,7 @@ def hosts():
 
 def script(tmp_path, code, name="world.py"):
     path = tmp_path / name
-    path.write_text(PRELUDE + "import socket\n" + code)
+    path.write_text(PRELUDE + ONE_WRITE_PRINT + "import socket\n" + code)
     return str(path)
 
 
@@ -146,7 +146,7 @@ def test_rank_killed_on_the_other_host_stops_the_job(hosts, tmp_path):
     assert res.returncode not in (0, None) and "KILLING" in res.output, res.describe()
     killed = float(re.search(r"KILLING (\S+)", res.output).group(1))
     stopped = time.time() - killed   # an upper bound: includes the teardown
-    assert stopped < 10, res.describe()
+    assert stopped < 15, res.describe()   # about 3.4 s on the loaded 2-core dev VM
 
 
 @pytest.mark.xfail(strict=True, raises=SlowDetection,
@@ -160,7 +160,7 @@ def test_rank_killed_on_the_other_host_is_a_commerror_within_a_second(hosts, tmp
     seconds = float(caught.group(1))
     record_property("seconds_to_commerror", seconds)
     print(f"rank 0 saw the SIGKILL of rank 1 on the other host after {seconds:.2f} s: {caught.group(2)}")
-    assert seconds < LATE + 2 and "rank 1" in caught.group(2), res.describe()
+    assert seconds < LATE + 4 and "rank 1" in caught.group(2), res.describe()   # bounded (today LATE + ~1 s)
     if seconds > 1.5:
         raise SlowDetection(f"CommError after {seconds:.2f} s (group timeout {LATE} s): {caught.group(2)}")
 
