@@ -452,8 +452,8 @@ tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t coun
     const size_t bytes = count * tp_dtype_size(dt);
     TP_CHECK(check_member(g, "all_reduce_bias"));
     TP_CHECK(check_dtype(dt, TP_SUM, "all_reduce_bias"));
-    TP_REQUIRE(dt == TP_FLOAT32 || dt == TP_FLOAT64 || bias == NULL,
-               "all_reduce_bias: a bias needs float32 or float64, got %s", tp_dtype_name(dt));
+    TP_REQUIRE(dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_BFLOAT16 || dt == TP_FLOAT16 || bias == NULL,
+               "all_reduce_bias: a bias needs a floating dtype, got %s", tp_dtype_name(dt));
     TP_REQUIRE(bias == NULL || (width > 0 && count % width == 0),
                "all_reduce_bias: %zu elements are not rows of the bias width %zu", count, width);
     TP_REQUIRE((in != NULL && out != NULL) || count == 0, "all_reduce_bias: buffer is NULL");

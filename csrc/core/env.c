@@ -93,6 +93,9 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_SP_CHUNKS] = {"TPLINEAR_SP_CHUNKS", KNOB_INT, "0", 0, 0, 64, NULL,
                            "sequence parallelism: n > 1 pipelines a column layer's forward all-gather with its "
                            "GEMM in n chunks (host memory); 0 or 1: gather, then multiply"},
+    [TP_KNOB_HALF_SIMD] = {"TPLINEAR_HALF_SIMD", KNOB_BOOL, "1", 1, 0, 1, NULL,
+                           "host bfloat16/float16: 1 converts to and from float32 with AVX2 / F16C where the CPU "
+                           "has them; 0 forces the plain C conversions every CPU runs (the same bits; for tests)"},
 };
 
 #define VALUE_CAP 128

@@ -52,8 +52,8 @@ TP_API void tp_clear_error(void);
 typedef enum {
     TP_FLOAT32 = 0,
     TP_FLOAT64 = 1,
-    TP_FLOAT16 = 2,  /* GPU only */
-    TP_BFLOAT16 = 3, /* GPU only */
+    TP_FLOAT16 = 2,  /* GPU; host: the linear ops (tp_linear_*) */
+    TP_BFLOAT16 = 3, /* GPU; host: the linear ops (tp_linear_*) */
     TP_INT32 = 4,    /* collectives only */
     TP_INT64 = 5     /* collectives only */
 } tp_dtype;

@@ -184,8 +184,8 @@ def new_group(ranks=None, backend=None):
 
 
 def all_reduce(tensor, op="sum", group=None):
-    """In place on a C-contiguous NumPy array of float32, float64, int32 or int64. op: "sum", "avg",
-    "max", "min" (or ReduceOp.*). Integer sums wrap around; "avg" of integers is the sum divided by the
+    """In place on a C-contiguous array of float32, float64, int32, int64, float16 or bfloat16 (half precision:
+    reduced in float32, rounded once). op: "sum", "avg", "max", "min" (or ReduceOp.*). Integer sums wrap around; "avg" of integers is the sum divided by the
     group size with C's truncating division. Every rank gets bitwise identical results. Raises
     TypeError / ValueError for a bad array, ValueError on a rank that is not a member of group, and
     tplinear.CommError when a peer died, timed out or called a different collective (the group is
