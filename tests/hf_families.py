@@ -82,7 +82,17 @@ VARIANTS = {
     "falcon+new_arch": ("falcon", {"new_decoder_architecture": True, "multi_query": False}),
     "falcon+mha": ("falcon", {"multi_query": False, "num_kv_heads": 8}),
     "gpt_bigcode+mha": ("gpt_bigcode", {"multi_query": False}),
+    # kv_heads="replicate" (PARALLELIZE below): multi-query fused (Falcon, GPT-BigCode), multi-query and GQA
+    # Llama with fewer KV heads than ranks (separate k_proj / v_proj)
+    "falcon+kv_replicate": ("falcon", {}),
+    "gpt_bigcode+kv_replicate": ("gpt_bigcode", {}),
+    "falcon+new_arch+kv_replicate": ("falcon", {"new_decoder_architecture": True, "multi_query": False,
+                                                "num_kv_heads": 2}),
+    "llama+mqa+kv_replicate": ("llama", {"num_key_value_heads": 1}),
+    "llama+gqa2+kv_replicate": ("llama", {"num_key_value_heads": 2}),
 }
+# keyword arguments of parallelize per family (default: none)
+PARALLELIZE = {f: {"kv_heads": "replicate"} for f in VARIANTS if f.endswith("+kv_replicate")}
 
 
 def _base(family):
@@ -253,7 +263,7 @@ def run_case(family, mode):
     experts = {n for n, p in model.named_parameters() if is_expert_param(n, p.dim())}
     # -- parallelize
     try:
-        tpt.parallelize(model)
+        tpt.parallelize(model, **PARALLELIZE.get(family, {}))
     except (ValueError, NotImplementedError, TypeError) as exc:
         res.update(outcome="refused", reason=_msg(exc), where=_where(exc))
         return res
