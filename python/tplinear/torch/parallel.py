@@ -25,6 +25,7 @@ from torch import nn
 from .. import distributed as dist
 from . import _ops
 from . import moe as _moe
+from . import sequence as _sequence
 from . import training as _training
 from .modules import (
     Conv_LinearALlreduce,
@@ -663,6 +664,118 @@ def _replicated_kv_attributes(model, built):
             parent.num_key_value_groups = len(qh) // len(kvl)
 
 
+# ------------------------------------------------------------------------------------------ sequence_parallel=True
+
+def _decoder_stack(model):
+    """(name of the decoder stack's module, its layers' ModuleList name, its final norm's name) of a Hugging
+    Face decoder model (a base model with .layers and .norm: Llama, Qwen2, Qwen3, Mistral, Gemma, ...), or
+    NotImplementedError."""
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    except (AttributeError, NotImplementedError):
+        base = None
+    for cand in (base, getattr(model, "model", None), model):
+        layers, norm = getattr(cand, "layers", None), getattr(cand, "norm", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and isinstance(norm, nn.Module) and id(cand) in names:
+            pre = names[id(cand)] + "." if names[id(cand)] else ""
+            return pre + "layers", pre + "norm"
+    raise NotImplementedError(f"sequence_parallel=True: {type(model).__name__} has no decoder stack tplinear knows "
+                              "(a model whose decoder has .layers and a final .norm, as Llama, Qwen2, Qwen3, Mistral, "
+                              "Gemma); run it without sequence_parallel")
+
+
+def _sequence_regions(model, chosen):
+    """Checks (before anything changes) that sequence_parallel=True can apply: in every decoder layer, each split
+    row layer is a child of a direct child of the layer (self_attn, mlp: a region, run on the whole sequence),
+    and every column layer is inside such a region. Returns (layers name, norm name, {layer index: [region
+    child names]})."""
+    layers_name, norm_name = _decoder_stack(model)
+    regions = collections.defaultdict(set)
+    cols = collections.defaultdict(set)
+    for name, choice in chosen.items():
+        style = _STYLES.get(choice.style)
+        kind = getattr(style, "kind", None)
+        if not name.startswith(layers_name + ".") or kind is None:
+            if kind is not None and not name.startswith(layers_name + "."):
+                raise NotImplementedError(f"sequence_parallel=True: {name} is split outside the decoder layers "
+                                          f"({layers_name}); only the layers' attention and MLP can be")
+            continue
+        idx, _, rest = name[len(layers_name) + 1:].partition(".")
+        child, _, leaf = rest.partition(".")
+        if kind == "row" and (style.options.get("input_is_parallel", True) is False or "." in leaf or not leaf):
+            raise NotImplementedError(f"sequence_parallel=True: row layer {name} ({choice.style}) is not a rowwise "
+                                      "layer directly under a child of its decoder layer")
+        (regions if kind == "row" else cols)[int(idx)].add(child)
+    layers = model.get_submodule(layers_name)
+    n = len(layers)
+    for i in range(n):
+        moe = [c for c, m in layers[i].named_children() if c not in regions[i] and any(
+            p.dim() > 2 for p in m.parameters())]
+        if moe:
+            raise NotImplementedError(f"sequence_parallel=True: {layers_name}.{i}.{moe[0]} holds MoE experts, whose "
+                                      "split needs the whole sequence; run it without sequence_parallel")
+        if not regions[i] or not cols[i] <= regions[i]:
+            raise NotImplementedError(f"sequence_parallel=True: {layers_name}.{i} has "
+                                      + ("no split row layer" if not regions[i] else
+                                         f"column layers outside its row layers' modules ({sorted(cols[i] - regions[i])})")
+                                      + "; every decoder layer's attention and MLP must be split (column then row)")
+    return layers_name, norm_name, {i: sorted(regions[i]) for i in range(n)}
+
+
+def _seq_dim1(fn, x, *args):
+    """fn (a tplinear.torch.sequence mapping over dim 0) applied along dim 1 of [batch, seq, ...]."""
+    return fn(x.transpose(0, 1).contiguous(), *args).transpose(0, 1)
+
+
+def _sequence_parallel(model, layers_name, norm_name, regions, group):
+    """Hugging Face [batch, seq, hidden] activations split along the sequence between the blocks (torch TP's
+    SequenceParallel): the first decoder layer's input scattered (its backward all-gathers), each region
+    (attention, MLP) all-gathers its input (the column layers in it all-reduce their input's gradient, so the
+    backward keeps this rank's rows) and its row layer reduce-scatters its output (backward: all-gather);
+    every other parameter of a decoder layer (the norms) and the final norm, which now see this rank's rows
+    only, get their gradients summed over the group; the final norm's output is all-gathered for lm_head."""
+    gather = _sequence.gather_from_sequence_parallel_region
+    layers = model.get_submodule(layers_name)
+
+    def scatter_first(module, args, kwargs):
+        if args:
+            return (_seq_dim1(_sequence.scatter_to_sequence_parallel_region, args[0], group),) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": _seq_dim1(_sequence.scatter_to_sequence_parallel_region,
+                                                           kwargs["hidden_states"], group)}
+
+    def gather_in(module, args, kwargs):
+        if args:
+            return (_seq_dim1(gather, args[0], group, None, False),) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": _seq_dim1(gather, kwargs["hidden_states"], group, None, False)}
+
+    def to_seq_first(module, args):
+        return (args[0].transpose(0, 1).contiguous(),) + args[1:]
+
+    def to_batch_first(module, args, out):
+        return out.transpose(0, 1)
+
+    layers[0].register_forward_pre_hook(scatter_first, with_kwargs=True)
+    for i, layer in enumerate(layers):
+        for cname, child in layer.named_children():
+            if cname not in regions[i]:
+                _sequence.allreduce_gradients(child, group)
+                continue
+            child.register_forward_pre_hook(gather_in, with_kwargs=True)
+            for row in child.children():
+                if isinstance(row, LinearAllreduce) and row.input_is_parallel:
+                    row.sequence_parallel = True
+                    row.register_forward_pre_hook(to_seq_first)
+                    row.register_forward_hook(to_batch_first)
+        for p in layer.parameters(recurse=False):
+            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
+                p.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
+                p._tplinear_grad_allreduce = True
+    norm = model.get_submodule(norm_name)
+    _sequence.allreduce_gradients(norm, group)
+    norm.register_forward_hook(lambda m, args, out: _seq_dim1(gather, out, group, None, False))
+
+
 # ------------------------------------------------------------------------------------------ parallelize
 
 _NAME_RULES = "DeepSpeed AutoTP's name rules"
@@ -672,7 +785,7 @@ _Context = collections.namedtuple("_Context", "model group heads kv_heads",  # w
 
 
 def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None,
-                src_rank=None, strict=True, kv_heads="whole"):
+                src_rank=None, strict=True, kv_heads="whole", sequence_parallel=False):
     """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
     tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
 
@@ -686,6 +799,10 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     fewer KV heads than ranks): where num_kv_heads < num_heads and p does not divide num_kv_heads, the query
     heads are split evenly and K and V stay replicated (every rank computes the KV heads its query heads
     read; their gradients are summed over the group).
+
+    sequence_parallel=True (Hugging Face decoder models: Llama, Qwen2, Qwen3, Mistral, Gemma, ...): the
+    [batch, seq, hidden] activations between the blocks are split along the sequence (torch TP's
+    SequenceParallel style); NotImplementedError for a model or plan it cannot apply to.
 
     Collective over mp_group: every rank calls it on the same model (same initial values: checked by a
     fingerprint per tensor, ValueError on every rank naming the first that differs; src_rank=r broadcasts
@@ -710,6 +827,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     if plan is None:
         chosen = _partners(chosen, ctx)
     _check(model, named, chosen, ctx)
+    sp = _sequence_regions(model, chosen) if sequence_parallel else None
     _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
     _apply(model, named, chosen, ctx)
     # fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim, one all-reduce
@@ -724,6 +842,8 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=2)
+    if sp is not None:
+        _sequence_parallel(model, *sp, group)
     _training.after_parallelize(model, group)  # save_pretrained writes the full model; deepcopy keeps hooks
     return model
 
