@@ -199,9 +199,8 @@ _STYLES = {
     "mla_kv_a_proj": _MlaKvAProj(),
     "replicate": _Replicate(),
     "embedding_rowwise": _Embedding(),
-    "sequence_parallel": _Later("sequence parallelism over [batch, seq, hidden] activations (tplinear's sequence "
-                                "parallelism is built with the modules, sequence_parallel=True, on [seq, batch, "
-                                "hidden]; see docs/torch.md)"),
+    "sequence_parallel": _Later("sequence parallelism as a plan entry (parallelize(model, sequence_parallel=True) "
+                                "applies it to the whole decoder; see docs/torch.md)"),
     "embedding_colwise": _Later("a hidden-dim-parallel embedding"),
     "packed_rowwise": _Later("a row-parallel layer over a packed input (MoE experts' 3-d weights)"),
     "moe_tp_experts": _Later("tensor-parallel MoE experts (3-d expert weights)"),
@@ -755,6 +754,7 @@ def _sequence_parallel(model, layers_name, norm_name, regions, group):
     def to_batch_first(module, args, out):
         return out.transpose(0, 1)
 
+    model._tplinear_sequence_parallel = True  # parallelize again is a no-op
     layers[0].register_forward_pre_hook(scatter_first, with_kwargs=True)
     for i, layer in enumerate(layers):
         for cname, child in layer.named_children():
@@ -827,7 +827,8 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     if plan is None:
         chosen = _partners(chosen, ctx)
     _check(model, named, chosen, ctx)
-    sp = _sequence_regions(model, chosen) if sequence_parallel else None
+    sp = (_sequence_regions(model, chosen) if sequence_parallel and not getattr(model, "_tplinear_sequence_parallel",
+                                                                               False) else None)
     _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
     _apply(model, named, chosen, ctx)
     # fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim, one all-reduce
