@@ -2,13 +2,14 @@
 rank against the plain tensor-parallel run.
 
     python benchmarks/hf_sequence_memory.py [--nproc 2] [--json out.json] [--md out.md]
-        [--family llama --hidden 512 --heads 8 --kv-heads 4 --inter 1536 --layers 2 --batch 1 --seq 512]
+        [--family llama --hidden 512 --heads 8 --kv-heads 4 --inter 1536 --layers 2 --batch 1 --seq 768]
 
 Per rank, for one forward of a training step (float32, eager attention, loss on the labels): the bytes of the
 tensors autograd saves for the backward (torch.autograd.graph.saved_tensors_hooks; each storage counted once;
-parameters excluded), in total and those of hidden width [batch, seq, hidden] (the activations between and at
-the edges of the blocks, which sequence parallelism splits), for the unsharded model, parallelize(model) and
-parallelize(model, sequence_parallel=True).
+parameters excluded), in total and those of hidden width [batch, rows, hidden] over the whole sequence and over
+fewer rows (the activations between and at the edges of the blocks, which sequence parallelism splits; a
+region's gathered input, which its column layers keep for dW, is whole), for the unsharded model,
+parallelize(model) and parallelize(model, sequence_parallel=True).
 """
 import argparse
 import json
@@ -27,7 +28,7 @@ def build(a):
     logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg_cls = transformers.AutoConfig.for_model(a.family).__class__
-    cfg = cfg_cls(vocab_size=512, hidden_size=a.hidden, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+    cfg = cfg_cls(vocab_size=1000, hidden_size=a.hidden, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
                   head_dim=a.hidden // a.heads, intermediate_size=a.inter, num_hidden_layers=a.layers,
                   max_position_embeddings=max(a.seq, 128))
     cfg._attn_implementation = "eager"
@@ -35,9 +36,10 @@ def build(a):
 
 
 def saved_bytes(model, ids, hidden):
+    """(all saved bytes, hidden-width ones over the whole sequence, hidden-width ones over fewer rows)."""
     import torch
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, total, wide = set(), [0], [0]
+    seen, total, wide, part = set(), [0], [0], [0]
 
     def pack(t):
         st = t.untyped_storage()
@@ -45,14 +47,14 @@ def saved_bytes(model, ids, hidden):
         if key not in params and key not in seen and st.nbytes():
             seen.add(key)
             total[0] += st.nbytes()
-            if t.dim() >= 2 and t.shape[-1] == hidden:
-                wide[0] += st.nbytes()
+            if t.dim() == 3 and t.shape[-1] == hidden:
+                (wide if t.shape[1] == ids.shape[1] else part)[0] += st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(ids, labels=ids).loss
     loss.backward()
-    return total[0], wide[0]
+    return total[0], wide[0], part[0]
 
 
 def worker(a):
@@ -65,14 +67,15 @@ def worker(a):
     torch.set_num_threads(1)
     tp.set_training_mode(True)
     rank = dist.get_rank()
-    ids = torch.randint(0, 512, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 1000, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
     rows = []
     for mode in MODES:
         model = build(a)
         if mode != "unsharded":
             tpt.parallelize(model, sequence_parallel=(mode == "tp+sp"))
-        total, wide = saved_bytes(model, ids, a.hidden)
-        rows.append({"mode": mode, "rank": rank, "saved_bytes": total, "hidden_width_bytes": wide})
+        total, wide, part = saved_bytes(model, ids, a.hidden)
+        rows.append({"mode": mode, "rank": rank, "saved_bytes": total, "hidden_whole_seq_bytes": wide,
+                     "hidden_seq_shard_bytes": part})
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(rows, f)
     dist.destroy_process_group()
@@ -86,7 +89,7 @@ def main():
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--family", default="llama")
     for k, v in (("hidden", 512), ("heads", 8), ("kv-heads", 4), ("inter", 1536), ("layers", 2), ("batch", 1),
-                 ("seq", 512)):
+                 ("seq", 768)):
         ap.add_argument(f"--{k}", type=int, default=v)
     ap.add_argument("--json")
     ap.add_argument("--md")
@@ -108,12 +111,14 @@ def main():
     command = "python benchmarks/hf_sequence_memory.py " + " ".join(sys.argv[1:])
     mib = 1 << 20
     lines = [f"`{command}` (p = {a.nproc}; MiB of tensors saved for the backward, per rank)", "",
-             "| run | " + " | ".join(f"rank {p} saved | rank {p} hidden-width" for p in range(a.nproc)) + " |",
-             "|---|" + "---|---|" * a.nproc]
+             "| run | " + " | ".join(f"rank {p}: all | [b, seq, hidden] | [b, seq shard, hidden]"
+                                     for p in range(a.nproc)) + " |",
+             "|---|" + "---|---|---|" * a.nproc]
     for mode in MODES:
         mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["rank"])
-        lines.append(f"| {mode} | " + " | ".join(f"{r['saved_bytes'] / mib:.2f} | {r['hidden_width_bytes'] / mib:.2f}"
-                                                 for r in mine) + " |")
+        lines.append(f"| {mode} | " + " | ".join(
+            f"{r['saved_bytes'] / mib:.2f} | {r['hidden_whole_seq_bytes'] / mib:.2f} | "
+            f"{r['hidden_seq_shard_bytes'] / mib:.2f}" for r in mine) + " |")
     md = "\n".join(lines) + "\n"
     print(md)
     if a.json:
