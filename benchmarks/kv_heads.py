@@ -126,7 +126,8 @@ def main():
         for mode in MODES:
             mine = sorted((r for r in rows if r["model"] == kind and r["mode"] == mode), key=lambda r: r["rank"])
             if any("refused" in r for r in mine):
-                lines.append(f"| {kind} | {mode} | refused: {mine[0]['refused'][:90]}... |")
+                why = mine[0]["refused"][:90].replace("|", "\\|")
+                lines.append(f"| {kind} | {mode} | refused: {why}... |")
                 continue
             cpu = [r["cpu_s"] for r in mine]
             lines.append(f"| {kind} | {mode} | " + " | ".join(f"{c:.3f}" for c in cpu)
