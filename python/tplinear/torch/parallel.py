@@ -715,10 +715,10 @@ def _sequence_regions(model, chosen):
             raise NotImplementedError(f"sequence_parallel=True: {layers_name}.{i}.{moe[0]} holds MoE experts, whose "
                                       "split needs the whole sequence; run it without sequence_parallel")
         if not regions[i] or not cols[i] <= regions[i]:
-            raise NotImplementedError(f"sequence_parallel=True: {layers_name}.{i} has "
-                                      + ("no split row layer" if not regions[i] else
-                                         f"column layers outside its row layers' modules ({sorted(cols[i] - regions[i])})")
-                                      + "; every decoder layer's attention and MLP must be split (column then row)")
+            what = ("no split row layer" if not regions[i] else
+                    f"column layers outside its row layers' modules ({sorted(cols[i] - regions[i])})")
+            raise NotImplementedError(f"sequence_parallel=True: {layers_name}.{i} has {what}; every decoder "
+                                      "layer's attention and MLP must be split (column then row)")
     return layers_name, norm_name, {i: sorted(regions[i]) for i in range(n)}
 
 
