@@ -82,7 +82,19 @@ VARIANTS = {
     "falcon+new_arch": ("falcon", {"new_decoder_architecture": True, "multi_query": False}),
     "falcon+mha": ("falcon", {"multi_query": False, "num_kv_heads": 8}),
     "gpt_bigcode+mha": ("gpt_bigcode", {"multi_query": False}),
+    # kv_heads="replicate" (PARALLELIZE below): multi-query fused (Falcon, GPT-BigCode), multi-query and GQA
+    # Llama with fewer KV heads than ranks (separate k_proj / v_proj)
+    "falcon+kv_replicate": ("falcon", {}),
+    "gpt_bigcode+kv_replicate": ("gpt_bigcode", {}),
+    "falcon+new_arch+kv_replicate": ("falcon", {"new_decoder_architecture": True, "multi_query": False,
+                                                "num_kv_heads": 2}),
+    "llama+mqa+kv_replicate": ("llama", {"num_key_value_heads": 1}),
+    "llama+gqa2+kv_replicate": ("llama", {"num_key_value_heads": 2}),
 }
+VARIANTS.update({f"{f}+sp": (f, {}) for f in ("llama", "qwen2", "qwen3", "mistral", "gemma", "mixtral")})
+# keyword arguments of parallelize per family (default: none)
+PARALLELIZE = {f: {"kv_heads": "replicate"} for f in VARIANTS if f.endswith("+kv_replicate")}
+PARALLELIZE.update({f: {"sequence_parallel": True} for f in VARIANTS if f.endswith("+sp")})
 
 
 def _base(family):
@@ -253,7 +265,7 @@ def run_case(family, mode):
     experts = {n for n, p in model.named_parameters() if is_expert_param(n, p.dim())}
     # -- parallelize
     try:
-        tpt.parallelize(model)
+        tpt.parallelize(model, **PARALLELIZE.get(family, {}))
     except (ValueError, NotImplementedError, TypeError) as exc:
         res.update(outcome="refused", reason=_msg(exc), where=_where(exc))
         return res
@@ -261,6 +273,12 @@ def run_case(family, mode):
         res.update(outcome="crash", stage="parallelize", reason=_msg(exc), where=_where(exc))
         return res
     res["replaced"] = len(tpt.tp_modules(model))
+    if PARALLELIZE.get(family, {}).get("sequence_parallel"):  # the rows each decoder layer's output holds
+        rows = res["layer_rows"] = []
+        for layer in model.get_decoder().layers:
+            layer.register_forward_hook(lambda m, a, out: rows.append(int((out[0] if isinstance(out, tuple)
+                                                                           else out).shape[1])))
+        res["own_rows"] = tp.sequence_ranges(SEQ, dist.get_world_size())[dist.get_rank()][1]
     params = dict(model.named_parameters())
     res["experts_replicated"] = sorted(n for n in experts if n in params and
                                        not getattr(params[n], "tensor_model_parallel", False))

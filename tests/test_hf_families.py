@@ -4,8 +4,12 @@ families (tiny configs, tests/hf_families.py), training and inference mode, agai
 Qwen2-MoE (experts beside a shared expert), the fused QKV layouts (Phi-3's [q | k | v] with GQA under
 colwise_gather_output, CodeGen's mp_num interleave, GPT-NeoX / Bloom per-head [q k v] with ALiBi, Falcon's
 new decoder architecture [q .. q k v] per KV head) at 2 and 3 ranks, BERT (an unpaired ``dense`` stays whole),
-Apertus (xIELU's alpha_p / alpha_n gradients reduced over the group), and the refusals (a multi-query fused
-QKV cannot be split by whole KV heads). Each (p) runs in as few worlds as it needs (one when none hangs)."""
+Apertus (xIELU's alpha_p / alpha_n gradients reduced over the group), kv_heads="replicate" (multi-query
+Falcon / GPT-BigCode fused QKV, Falcon's grouped layout with 2 KV heads at 3 ranks, Llama with 1 KV head and with
+2 KV heads at 3 ranks: query heads split, K / V replicated, their gradients summed), and the refusals (a
+multi-query fused QKV cannot be split by whole KV heads; the message names kv_heads="replicate"),
+sequence_parallel=True (Llama, Qwen2, Qwen3, Mistral, Gemma at 2 and 3 ranks over 7 tokens: uneven shards;
+Mixtral's experts refused). Each group and p runs in as few worlds as it needs (one when none hangs)."""
 import pytest
 
 pytest.importorskip("torch", reason="tplinear.torch needs the torch extra: pip install '.[torch]'")
@@ -14,38 +18,50 @@ pytest.importorskip("transformers", reason="the model-level tests need transform
 import hf_families as hf  # noqa: E402
 
 MODES = ("training", "inference")
-EXACT = {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch"],
-         3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus"]}
-REFUSED = {2: {"falcon": ("transformer.h.0.self_attention.query_key_value", "multi-query", "1 key/value head"),
-               "gpt_bigcode": ("transformer.h.0.attn.c_attn", "multi-query", "over 2 ranks")}}
+# (group of cases) -> {p: families}; each group runs in worlds of its own, so that each stays within the test timeout
+EXACT = {
+    "families": {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch"],
+                 3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus"]},
+    "kv_heads": {2: ["falcon+kv_replicate", "gpt_bigcode+kv_replicate", "llama+mqa+kv_replicate"],
+                 3: ["falcon+kv_replicate", "gpt_bigcode+kv_replicate", "llama+gqa2+kv_replicate",
+                     "falcon+new_arch+kv_replicate"]},
+    "sequence": {p: ["llama+sp", "qwen2+sp", "qwen3+sp", "mistral+sp", "gemma+sp"] for p in (2, 3)},
+}
+REFUSED = {
+    "families": {2: {"falcon": ("transformer.h.0.self_attention.query_key_value", "multi-query", "1 key/value head",
+                                'kv_heads="replicate"'),
+                     "gpt_bigcode": ("transformer.h.0.attn.c_attn", "multi-query", "over 2 ranks",
+                                     'kv_heads="replicate"')}},
+    "sequence": {2: {"mixtral+sp": ("model.layers.0.mlp", "MoE experts", "sequence_parallel")}},
+}
 KNOWN = {}  # family: why it is not exact today (xfail(strict=True), so each flips when fixed)
+_RUNS = {}
 
 
-def _cases(p):
-    return [(f, m) for f in EXACT.get(p, []) + sorted(REFUSED.get(p, {})) for m in MODES]
+def _results(group, p):
+    """{(family, mode): record} of a group's cases at p, run once per session."""
+    if (group, p) not in _RUNS:
+        cases = [(f, m) for f in EXACT.get(group, {}).get(p, []) + sorted(REFUSED.get(group, {}).get(p, {}))
+                 for m in MODES]
+        _RUNS[(group, p)] = {(r["family"], r["mode"]): r for r in hf.run_cases(cases, p, timeout=120)}
+    return _RUNS[(group, p)]
 
 
-@pytest.fixture(scope="module")
-def results():
-    out = {}
-    for p in sorted(EXACT):
-        for r in hf.run_cases(_cases(p), p, timeout=120):
-            out[(r["family"], r["mode"], p)] = r
-    return out
-
-
-@pytest.mark.parametrize("family,mode,p", [
-    pytest.param(f, m, p, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[f])] if f in KNOWN else [])
-    for p in sorted(EXACT) for f in EXACT[p] for m in MODES])
-def test_family_is_exact(results, family, mode, p):
-    r = results[(family, mode, p)]
+@pytest.mark.parametrize("group,family,mode,p", [
+    pytest.param(g, f, m, p, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[f])] if f in KNOWN else [])
+    for g in EXACT for p in sorted(EXACT[g]) for f in EXACT[g][p] for m in MODES])
+def test_family_is_exact(group, family, mode, p):
+    r = _results(group, p)[(family, mode)]
     assert r["outcome"] == "exact", f"{family} {mode} p={p}: {r['outcome']}: {r.get('reason')} {r.get('where', '')}"
     assert r["replaced"] > 0 or r.get("experts_sharded")
+    if group == "sequence":  # every decoder layer's output held this rank's rows of the sequence only
+        assert r["layer_rows"] and set(r["layer_rows"]) == {r["own_rows"]} and r["own_rows"] < hf.SEQ, r
 
 
-@pytest.mark.parametrize("family,mode,p", [(f, m, p) for p in sorted(REFUSED) for f in REFUSED[p] for m in MODES])
-def test_family_is_refused_with_the_module_and_sizes(results, family, mode, p):
-    r = results[(family, mode, p)]
+@pytest.mark.parametrize("group,family,mode,p", [(g, f, m, p) for g in REFUSED for p in sorted(REFUSED[g])
+                                                 for f in REFUSED[g][p] for m in MODES])
+def test_family_is_refused_with_the_module_and_sizes(group, family, mode, p):
+    r = _results(group, p)[(family, mode)]
     assert r["outcome"] == "refused", f"{family} {mode} p={p}: {r['outcome']}: {r.get('reason')}"
-    for part in REFUSED[p][family]:
+    for part in REFUSED[group][p][family]:
         assert part in r["reason"], (part, r["reason"])

@@ -237,6 +237,18 @@ def test_parallelize_plans_and_refusals():
         tied.lm_head.weight = tied.model.embed_tokens.weight
         c._raises(ValueError, lambda: tpt.parallelize(tied, plan={"lm_head": "colwise_gather_output"}),
                   "tied", "embed_tokens")
+        # kv_heads: "whole" (default) or "replicate"; 4 KV heads over 3 ranks: replicated, 12 query heads 4/4/4
+        c._raises(ValueError, lambda: tpt.parallelize(c.hf_model("llama"), kv_heads="split"), "kv_heads", "'split'")
+        model = c.hf_model("llama")
+        keys = sorted(model.state_dict())
+        tpt.parallelize(model, kv_heads="replicate")
+        attn = model.model.layers[0].self_attn
+        assert all(m is not attn.k_proj for m in tpt.tp_modules(model).values())  # replicated, whole weight
+        assert attn.k_proj.weight.shape == (32, 48)
+        assert attn.q_proj.weight.shape == (32, 48) and attn.o_proj.weight.shape == (48, 32)  # 4 heads of 8
+        assert tpt.parallelize(model, kv_heads="replicate") is model and sorted(model.state_dict()) == keys
+        whole = tpt.parallelize(c.hf_model("llama")).model.layers[0].self_attn  # KV heads 2/1/1, query 6/3/3
+        assert whole.q_proj.weight.shape[0] == [48, 24, 24][c.dist.get_rank()]
         print("plans ok", flush=True)
     """, env=ENV, timeout=300)
 

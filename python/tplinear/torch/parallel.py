@@ -25,6 +25,7 @@ from torch import nn
 from .. import distributed as dist
 from . import _ops
 from . import moe as _moe
+from . import sequence as _sequence
 from . import training as _training
 from .modules import (
     Conv_LinearALlreduce,
@@ -70,6 +71,8 @@ class _Linear(_Style):
         if not _is_linear(module):
             raise ValueError(f"{name}: style {choice.style!r} ({choice.source}) is for linear layers, but {name} "
                              f"is a {type(module).__name__}")
+        if self.kind == "col" and not self.options.get("gather_output") and _kv_replica(name, module, ctx):
+            return
         if self._fused(name, module, ctx):
             _fused_pieces(name, module, ctx)
         else:
@@ -83,12 +86,12 @@ class _Linear(_Style):
     def _layer_args(self, name, module, ctx):
         conv = _is_conv1d(module)
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
-        heads = ctx.heads
+        heads = _dealt_heads(ctx.heads, ctx)
         if self.kind == "row" and _last(name) in _O and "." in name:  # the output projection of a fused layout
             for sib, m in ctx.model.get_submodule(name.rpartition(".")[0]).named_children():
                 layout = _fused_layout(f"{name.rpartition('.')[0]}.{sib}", ctx) if _is_linear(m) else None
                 if layout is not None:
-                    heads = layout[1:4]
+                    heads = _dealt_heads(layout[1:4], ctx)
         kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f)
         if self.packed and "block_sizes" not in kwargs:
             if out_f % self.packed:
@@ -99,6 +102,9 @@ class _Linear(_Style):
 
     def apply(self, name, module, ctx):
         conv = _is_conv1d(module)
+        replica = (self.kind == "col" and not self.options.get("gather_output") and _kv_replica(name, module, ctx))
+        if replica:
+            return _replicated_kv_layer(module, replica, ctx)
         if self._fused(name, module, ctx):
             pieces, layout, split = _fused_pieces(name, module, ctx)
             layer = _FusedQKVLayer(module, pieces=pieces, mp_group=ctx.group, name=name)
@@ -193,9 +199,8 @@ _STYLES = {
     "mla_kv_a_proj": _MlaKvAProj(),
     "replicate": _Replicate(),
     "embedding_rowwise": _Embedding(),
-    "sequence_parallel": _Later("sequence parallelism over [batch, seq, hidden] activations (tplinear's sequence "
-                                "parallelism is built with the modules, sequence_parallel=True, on [seq, batch, "
-                                "hidden]; see docs/torch.md)"),
+    "sequence_parallel": _Later("sequence parallelism as a plan entry (parallelize(model, sequence_parallel=True) "
+                                "applies it to the whole decoder; see docs/torch.md)"),
     "embedding_colwise": _Later("a hidden-dim-parallel embedding"),
     "packed_rowwise": _Later("a row-parallel layer over a packed input (MoE experts' 3-d weights)"),
     "moe_tp_experts": _Later("tensor-parallel MoE experts (3-d expert weights)"),
@@ -462,8 +467,9 @@ def _fused_pieces(name, module, ctx):
     out_f = module.weight.shape[0]
     if layout not in _LAYOUT_ROWS:
         raise ValueError(f"{name}: a multi-query fused QKV projection ([q | k v], {h} query heads and 1 key/value "
-                         f"head of {d}) cannot be split by whole KV heads over {p} ranks; keep it replicated "
-                         "(a plan without it and its output projection)")
+                         f"head of {d}) cannot be split by whole KV heads over {p} ranks; pass "
+                         "parallelize(..., kv_heads=\"replicate\") (query heads split, K and V on every rank) or keep "
+                         "it replicated (a plan without it and its output projection)")
     if h % kv or out_f != (h + 2 * kv) * d:
         raise ValueError(f"{name}: a fused QKV projection ({layout}) of {out_f} features, but its attention has "
                          f"{h} query heads, {kv} KV heads of {d} (expected {(h + 2 * kv) * d})")
@@ -474,6 +480,7 @@ def _fused_pieces(name, module, ctx):
     if any(len(kvh) == 0 for _, kvh in split):
         raise ValueError(f"{name}: a fused QKV projection with {kv} KV heads ({h} query heads of {d}, {out_f} "
                          f"features) cannot be split by whole KV heads over {p} ranks (a rank would get none); "
+                         "pass parallelize(..., kv_heads=\"replicate\") (query heads split, K and V on every rank), "
                          "use fewer ranks or keep it replicated")
     pieces = [_runs(_LAYOUT_ROWS[layout](list(qh), list(kvh), h, kv, d, attrs)) for qh, kvh in split]
     most = max(len(x) for x in pieces)
@@ -532,15 +539,253 @@ def _fused_attributes(parent, layout, h, kv, d, qh, kvh):
         parent.num_key_value_groups = ql // kvl
 
 
+# ------------------------------------------------------------------------------------------ kv_heads="replicate"
+
+_KV_HEADS = ("whole", "replicate")
+
+
+def _replicates(h, kv, ctx):
+    """kv_heads="replicate" applies to an attention of h query and kv KV heads: fewer KV than query heads, not
+    dealt evenly over the ranks (where p divides kv, whole KV heads already balance the query heads)."""
+    return ctx.kv_heads == "replicate" and kv < h and kv % ctx.group.size != 0
+
+
+def _dealt_heads(heads, ctx):
+    """The (h, kv, d) the GQA rule deals for the query and output projections: with K and V replicated, the
+    query heads alone, evenly (as multi-head attention: (h, h, d))."""
+    if heads is not None and _replicates(heads[0], heads[1], ctx):
+        return heads[0], heads[0], heads[2]
+    return heads
+
+
+def _kv_read(h, kv, qh):
+    """The KV heads a rank's query heads qh (a range) read, in the order its attention pairs them (query head
+    j reads KV head j // (h / kv)): each distinct one once where every one is read by as many of qh, else one
+    per query head (a KV head repeated), so the rank's attention has equal groups."""
+    reads = [j // (h // kv) for j in qh]
+    distinct = sorted(set(reads))
+    if distinct and all(reads.count(k) == len(reads) // len(distinct) for k in distinct) \
+            and len(reads) % len(distinct) == 0:
+        return distinct
+    return reads
+
+
+def _rows_replicated(layout, h, kv, d, qh, kvl):
+    """A rank's rows of a fused projection with replicated KV heads kvl, in the order its attention reads
+    them at its per-rank head counts: multi-query / [q | k | v] blocks: its query heads, then its K heads,
+    then its V heads; per KV head [q .. q k v] (Falcon's new architecture): each of its groups."""
+    def head(base, j):
+        return range(base + j * d, base + (j + 1) * d)
+    if layout == "mqa":
+        return ([r for j in qh for r in head(0, j)] + [r for k in kvl for r in head(h * d, k)]
+                + [r for k in kvl for r in head((h + kv) * d, k)])
+    unit, g, per = (h // kv + 2) * d, h // kv, len(qh) // len(kvl)  # grouped
+    rows = []
+    for i, k in enumerate(kvl):
+        rows += [r for j in qh[i * per:(i + 1) * per] for r in head(k * unit, j - k * g)]
+        rows += [r for r in head(k * unit, g)] + [r for r in head(k * unit, g + 1)]
+    return rows
+
+
+def _kv_replica(name, module, ctx):
+    """With kv_heads="replicate", what makes a column layer replicated with this rank's rows: (rows, fused
+    layout or None, h, kv, d, qh, kvl) for a K or V projection, or a fused multi-query / grouped QKV
+    projection, of an attention it applies to; None for others."""
+    if ctx.kv_heads != "replicate" or not isinstance(module, nn.Linear):
+        return None
+    r, p = ctx.group.rank, ctx.group.size
+    layout = _fused_layout(name, ctx)
+    if layout is not None and layout[0] in ("mqa", "grouped"):
+        layout, h, kv, d, _ = layout
+        expect = (h + 2 * kv) * d
+    elif layout is None and _last(name) in _KV and ctx.heads is not None:
+        h, kv, d = ctx.heads
+        expect = kv * d
+    else:
+        return None
+    if not _replicates(h, kv, ctx):
+        return None
+    if module.weight.shape[0] != expect or h % kv:
+        raise ValueError(f"{name}: {module.weight.shape[0]} output features, but its attention has {h} query "
+                         f"heads and {kv} KV heads of {d} (expected {expect})")
+    qh = _C_attention_heads(h, h, p)[r][0]
+    kvl = _kv_read(h, kv, qh)
+    if layout is None:
+        rows = [k * d + i for k in kvl for i in range(d)]
+    else:
+        rows = _rows_replicated(layout, h, kv, d, qh, kvl)
+    return rows, layout, h, kv, d, qh, kvl
+
+
+class _ReplicatedRows(nn.Module):
+    """A linear layer left replicated (its whole weight on every rank, not tensor-parallel) of which this rank
+    computes only some output rows: the K and V heads its query heads read (kv_heads="replicate"), and for a
+    fused projection its query heads' rows too. Its input's gradient from those rows is summed over the group
+    (as a column layer's), and so are its parameters' gradients: each rank's covers its query heads only."""
+
+    def __init__(self, module, rows, group):
+        super().__init__()
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.weight, self.bias = module.weight, module.bias
+        self.mp_group = group
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long, device=module.weight.device),
+                             persistent=False)
+
+    def forward(self, x):
+        x = _ops.CopyToGroup.apply(x, self.mp_group)
+        bias = None if self.bias is None else self.bias.index_select(0, self.rows)
+        return nn.functional.linear(x, self.weight.index_select(0, self.rows), bias)
+
+
+def _replicated_kv_layer(module, replica, ctx):
+    rows, layout, h, kv, d, qh, kvl = replica
+    layer = _ReplicatedRows(module, rows, ctx.group)
+    _GradAllReduce().apply("", layer, ctx)
+    if layout is not None:
+        layer._fused_layout = (layout, h, kv, d, qh, kvl)  # _update_attention_attributes sets the sizes
+    else:
+        layer._kv_replica = (h, kv, qh, kvl)
+    return layer
+
+
+def _replicated_kv_attributes(model, built):
+    """The per-rank KV sizes of an attention whose separate K / V projections are replicated (its query heads'
+    sizes come with q_proj): num_key_value_heads / num_kv_heads, num_key_value_groups."""
+    for name, layer in built.items():
+        if getattr(layer, "_kv_replica", None) is None:
+            continue
+        h, kv, qh, kvl = layer._kv_replica
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        for attr in ("num_key_value_heads", "num_kv_heads"):
+            if getattr(parent, attr, None) == kv:
+                setattr(parent, attr, len(kvl))
+        if getattr(parent, "num_key_value_groups", None) == h // kv and kvl:
+            parent.num_key_value_groups = len(qh) // len(kvl)
+
+
+# ------------------------------------------------------------------------------------------ sequence_parallel=True
+
+def _decoder_stack(model):
+    """(name of the decoder stack's module, its layers' ModuleList name, its final norm's name) of a Hugging
+    Face decoder model (a base model with .layers and .norm: Llama, Qwen2, Qwen3, Mistral, Gemma, ...), or
+    NotImplementedError."""
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    except (AttributeError, NotImplementedError):
+        base = None
+    for cand in (base, getattr(model, "model", None), model):
+        layers, norm = getattr(cand, "layers", None), getattr(cand, "norm", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and isinstance(norm, nn.Module) and id(cand) in names:
+            pre = names[id(cand)] + "." if names[id(cand)] else ""
+            return pre + "layers", pre + "norm"
+    raise NotImplementedError(f"sequence_parallel=True: {type(model).__name__} has no decoder stack tplinear knows "
+                              "(a model whose decoder has .layers and a final .norm, as Llama, Qwen2, Qwen3, Mistral, "
+                              "Gemma); run it without sequence_parallel")
+
+
+def _sequence_regions(model, chosen):
+    """Checks (before anything changes) that sequence_parallel=True can apply: in every decoder layer, each split
+    row layer is a child of a direct child of the layer (self_attn, mlp: a region, run on the whole sequence),
+    and every column layer is inside such a region. Returns (layers name, norm name, {layer index: [region
+    child names]})."""
+    layers_name, norm_name = _decoder_stack(model)
+    regions = collections.defaultdict(set)
+    cols = collections.defaultdict(set)
+    for name, choice in chosen.items():
+        style = _STYLES.get(choice.style)
+        kind = getattr(style, "kind", None)
+        if not name.startswith(layers_name + ".") or kind is None:
+            if kind is not None and not name.startswith(layers_name + "."):
+                raise NotImplementedError(f"sequence_parallel=True: {name} is split outside the decoder layers "
+                                          f"({layers_name}); only the layers' attention and MLP can be")
+            continue
+        idx, _, rest = name[len(layers_name) + 1:].partition(".")
+        child, _, leaf = rest.partition(".")
+        if kind == "row" and (style.options.get("input_is_parallel", True) is False or "." in leaf or not leaf):
+            raise NotImplementedError(f"sequence_parallel=True: row layer {name} ({choice.style}) is not a rowwise "
+                                      "layer directly under a child of its decoder layer")
+        (regions if kind == "row" else cols)[int(idx)].add(child)
+    layers = model.get_submodule(layers_name)
+    n = len(layers)
+    for i in range(n):
+        moe = [c for c, m in layers[i].named_children() if c not in regions[i] and any(
+            p.dim() > 2 for p in m.parameters())]
+        if moe:
+            raise NotImplementedError(f"sequence_parallel=True: {layers_name}.{i}.{moe[0]} holds MoE experts, whose "
+                                      "split needs the whole sequence; run it without sequence_parallel")
+        if not regions[i] or not cols[i] <= regions[i]:
+            what = ("no split row layer" if not regions[i] else
+                    f"column layers outside its row layers' modules ({sorted(cols[i] - regions[i])})")
+            raise NotImplementedError(f"sequence_parallel=True: {layers_name}.{i} has {what}; every decoder "
+                                      "layer's attention and MLP must be split (column then row)")
+    return layers_name, norm_name, {i: sorted(regions[i]) for i in range(n)}
+
+
+def _seq_dim1(fn, x, *args):
+    """fn (a tplinear.torch.sequence mapping over dim 0) applied along dim 1 of [batch, seq, ...]."""
+    return fn(x.transpose(0, 1).contiguous(), *args).transpose(0, 1)
+
+
+def _sequence_parallel(model, layers_name, norm_name, regions, group):
+    """Hugging Face [batch, seq, hidden] activations split along the sequence between the blocks (torch TP's
+    SequenceParallel): the first decoder layer's input scattered (its backward all-gathers), each region
+    (attention, MLP) all-gathers its input (the column layers in it all-reduce their input's gradient, so the
+    backward keeps this rank's rows) and its row layer reduce-scatters its output (backward: all-gather);
+    every other parameter of a decoder layer (the norms) and the final norm, which now see this rank's rows
+    only, get their gradients summed over the group; the final norm's output is all-gathered for lm_head."""
+    gather = _sequence.gather_from_sequence_parallel_region
+    layers = model.get_submodule(layers_name)
+
+    def scatter_first(module, args, kwargs):
+        if args:
+            return (_seq_dim1(_sequence.scatter_to_sequence_parallel_region, args[0], group),) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": _seq_dim1(_sequence.scatter_to_sequence_parallel_region,
+                                                           kwargs["hidden_states"], group)}
+
+    def gather_in(module, args, kwargs):
+        if args:
+            return (_seq_dim1(gather, args[0], group, None, False),) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": _seq_dim1(gather, kwargs["hidden_states"], group, None, False)}
+
+    def to_seq_first(module, args):
+        return (args[0].transpose(0, 1).contiguous(),) + args[1:]
+
+    def to_batch_first(module, args, out):
+        return out.transpose(0, 1)
+
+    model._tplinear_sequence_parallel = True  # parallelize again is a no-op
+    layers[0].register_forward_pre_hook(scatter_first, with_kwargs=True)
+    for i, layer in enumerate(layers):
+        for cname, child in layer.named_children():
+            if cname not in regions[i]:
+                _sequence.allreduce_gradients(child, group)
+                continue
+            child.register_forward_pre_hook(gather_in, with_kwargs=True)
+            for row in child.children():
+                if isinstance(row, LinearAllreduce) and row.input_is_parallel:
+                    row.sequence_parallel = True
+                    row.register_forward_pre_hook(to_seq_first)
+                    row.register_forward_hook(to_batch_first)
+        for p in layer.parameters(recurse=False):
+            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
+                p.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
+                p._tplinear_grad_allreduce = True
+    norm = model.get_submodule(norm_name)
+    _sequence.allreduce_gradients(norm, group)
+    norm.register_forward_hook(lambda m, args, out: _seq_dim1(gather, out, group, None, False))
+
+
 # ------------------------------------------------------------------------------------------ parallelize
 
 _NAME_RULES = "DeepSpeed AutoTP's name rules"
 _Choice = collections.namedtuple("_Choice", "style pattern source")  # a plan entry chosen for one module
-_Context = collections.namedtuple("_Context", "model group heads")  # what the styles apply with
+_Context = collections.namedtuple("_Context", "model group heads kv_heads",  # what the styles apply with
+                                  defaults=("whole",))
 
 
 def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None,
-                src_rank=None, strict=True):
+                src_rank=None, strict=True, kv_heads="whole", sequence_parallel=False):
     """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
     tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
 
@@ -548,6 +793,16 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     Face model's own plan (embedding / lm_head entries dropped: they stay replicated), else DeepSpeed-AutoTP-style
     name rules (q/k/v/gate/up/fc1 -> column, o/down/dense/fc2 -> row). Modules the plan does not name stay
     replicated. num_heads / num_kv_heads / head_dim override the config's.
+
+    kv_heads: "whole" (default, DeepSpeed's rule): KV heads dealt whole, query heads with their KV group;
+    a fused projection that cannot give every rank a KV head is refused. "replicate" (Megatron's form for
+    fewer KV heads than ranks): where num_kv_heads < num_heads and p does not divide num_kv_heads, the query
+    heads are split evenly and K and V stay replicated (every rank computes the KV heads its query heads
+    read; their gradients are summed over the group).
+
+    sequence_parallel=True (Hugging Face decoder models: Llama, Qwen2, Qwen3, Mistral, Gemma, ...): the
+    [batch, seq, hidden] activations between the blocks are split along the sequence (torch TP's
+    SequenceParallel style); NotImplementedError for a model or plan it cannot apply to.
 
     Collective over mp_group: every rank calls it on the same model (same initial values: checked by a
     fingerprint per tensor, ValueError on every rank naming the first that differs; src_rank=r broadcasts
@@ -564,12 +819,16 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     group = dist.resolve_group(mp_group, gpu=cuda)
     if group.rank < 0:
         raise ValueError("this rank is not a member of mp_group")
-    ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim))
+    if kv_heads not in _KV_HEADS:
+        raise ValueError(f"kv_heads must be one of {', '.join(map(repr, _KV_HEADS))}, got {kv_heads!r}")
+    ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim), kv_heads)
     named = dict(model.named_modules())
     chosen = _choose(model, plan, named)
     if plan is None:
         chosen = _partners(chosen, ctx)
     _check(model, named, chosen, ctx)
+    sp = (_sequence_regions(model, chosen) if sequence_parallel and not getattr(model, "_tplinear_sequence_parallel",
+                                                                               False) else None)
     _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
     _apply(model, named, chosen, ctx)
     # fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim, one all-reduce
@@ -584,6 +843,8 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=2)
+    if sp is not None:
+        _sequence_parallel(model, *sp, group)
     _training.after_parallelize(model, group)  # save_pretrained writes the full model; deepcopy keeps hooks
     return model
 
@@ -631,7 +892,7 @@ def _choose(model, plan, named):
 def _choose_by(rules, vocab, named):
     chosen = {}
     for name, module in named.items():
-        if not name or isinstance(module, TPModule):  # already tensor-parallel: parallelize twice is a no-op
+        if not name or isinstance(module, (TPModule, _ReplicatedRows)):  # parallelize twice is a no-op
             continue
         if rules is not None:
             pattern, style = rules.style(name)
@@ -705,7 +966,8 @@ def _apply(model, named, chosen, ctx):
     for name, layer in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, layer)
-    _update_attention_attributes(model, built, ctx.heads)
+    _update_attention_attributes(model, built, _dealt_heads(ctx.heads, ctx))
+    _replicated_kv_attributes(model, built)
     _reduce_region_grads(model, built, ctx)
 
 
