@@ -232,6 +232,9 @@ def test_shm_refuses_a_world_that_spans_hosts(backend):
     for line in refusals:
         assert "the shm backend needs every rank of a group on one host" in line, line
         assert "spans hosts node0 (ranks 0, 1), node1 (ranks 2, 3)" in line, line
+        # followable from init_process_group, where no world exists yet to call new_group on
+        assert "backend='mpi'" in line and "one world per host" in line, line
+        assert "give each host's ranks a group of their own" not in line, line
 
 
 def test_shm_group_across_hosts_is_refused_in_an_mpi_world(tmp_path):
@@ -253,6 +256,7 @@ except NotImplementedError as e:
                                         f"runpy.run_path({script(tmp_path, code)!r})"], timeout=120))
     assert res.output.count("AUTO mpi") == 4 and res.output.count("REFUSED") == 4, res.output
     assert "spans hosts node0 (ranks 0, 1), node1 (ranks 2, 3)" in res.output, res.output
+    assert res.output.count("REFUSED new_group: the shm backend") == 4 and "init:" not in res.output, res.output
 
 
 @pytest.mark.parametrize("launcher", ["tplinear.run", "mpirun"])
