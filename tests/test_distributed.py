@@ -492,3 +492,52 @@ def test_zz_no_segments_left_behind():
         if not os.path.exists(f"/proc/{pid}"):
             left.append(path)
     assert not left, left
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_input_output_overlap_is_an_error_except_own_slot(nproc):
+    """The one alias of an all-gather is the input as exactly this rank's slot of the output (of a
+    reduce-scatter: the output as this rank's slot of the input); any other overlap raised nothing and gave
+    a silently wrong result (issue 26.5). Own-slot aliases equal a float64 reference."""
+    world_ok(nproc, PRELUDE + textwrap.dedent("""
+    dist.init_process_group(timeout=60)
+    r, p = dist.get_rank(), dist.get_world_size()
+    n = 1000
+    def refused(fn, what):
+        try:
+            fn()
+        except ValueError as e:
+            assert "overlaps" in str(e) and "slot" in str(e), (what, e)
+            return
+        raise AssertionError(f"{what}: no ValueError")
+    full = np.arange(p * n, dtype=np.float64) * 0.5 - 7
+    # all_gather: another rank's slot, a shifted window, the whole output as input
+    out = np.zeros(p * n)
+    other = (r + 1) % p
+    refused(lambda: dist.all_gather_into_tensor(out, out[other * n:(other + 1) * n]), "another slot")
+    refused(lambda: dist.all_gather_into_tensor(out, out[r * n + 1:(r + 1) * n + 1] if r < p - 1 else
+                                                out[r * n - 1:(r + 1) * n - 1]), "shifted")
+    refused(lambda: dist.all_gather_v(out, out[:n], [n] * p) if r else
+            dist.all_gather_v(out, out[1:n + 1], [n] * p), "all_gather_v shifted")
+    # the own slot: the documented in-place form
+    out = np.zeros(p * n)
+    out[r * n:(r + 1) * n] = full[r * n:(r + 1) * n]
+    dist.all_gather_into_tensor(out, out[r * n:(r + 1) * n])
+    assert np.array_equal(out, full), "in-place all_gather"
+    counts = [n + k for k in range(p)]
+    offs = np.concatenate([[0], np.cumsum(counts)])
+    outv = np.zeros(offs[-1]); want = np.arange(offs[-1], dtype=np.float64)
+    outv[offs[r]:offs[r + 1]] = want[offs[r]:offs[r + 1]]
+    dist.all_gather_v(outv, outv[offs[r]:offs[r + 1]], counts)
+    assert np.array_equal(outv, want), "in-place all_gather_v"
+    # reduce_scatter: the output at another rank's block of the input, or straddling blocks
+    inp = np.ones(p * n)
+    refused(lambda: dist.reduce_scatter_tensor(inp[other * n:(other + 1) * n], inp), "reduce_scatter other block")
+    refused(lambda: dist.reduce_scatter_v(inp[1:n + 1] if r == 0 else inp[:n], inp, [n] * p), "reduce_scatter_v")
+    # own block in place: the float64 reference sum_k (k + 1) * full
+    inp = full * (r + 1)
+    dist.reduce_scatter_tensor(inp[r * n:(r + 1) * n], inp)
+    assert np.allclose(inp[r * n:(r + 1) * n], full[r * n:(r + 1) * n] * sum(range(1, p + 1))), "in-place rs"
+    dist.barrier()
+    print("OK", r)
+    """))
