@@ -541,3 +541,67 @@ def test_input_output_overlap_is_an_error_except_own_slot(nproc):
     dist.barrier()
     print("OK", r)
     """))
+
+
+SIGNAL_WORLD = PRELUDE + """
+import threading
+from tplinear import CommError
+dist.init_process_group(timeout=30)
+r = dist.get_rank()
+x = np.ones(4)
+if r == 0:
+    # a SIGTERM handler that returns: it runs during the wait, which goes on
+    ran = []
+    signal.signal(signal.SIGTERM, lambda *a: ran.append(time.monotonic()))
+    os.kill(os.getpid(), signal.SIGTERM)     # delivered while this rank waits in the barrier below
+    dist.barrier()
+    assert ran, "the SIGTERM handler did not run during the wait"
+    # Ctrl-C while rank 1 never enters: KeyboardInterrupt here, promptly
+    sent = []
+    threading.Timer(0.3, lambda: (sent.append(time.monotonic()), os.kill(os.getpid(), signal.SIGINT))).start()
+    try:
+        dist.all_reduce(x)
+        print("NO INTERRUPT", flush=True)
+    except KeyboardInterrupt:
+        print(f"INTERRUPTED after {1e3 * (time.monotonic() - sent[0]):.0f} ms", flush=True)
+    try:
+        dist.all_reduce(x)
+        print("GROUP STILL USABLE", flush=True)
+    except CommError as e:
+        print(f"RANK0 AFTER {e}", flush=True)
+else:
+    time.sleep(0.2)
+    dist.barrier()
+    time.sleep(1.5)                          # never in the all-reduce while rank 0 is interrupted
+    t = time.monotonic()
+    try:  # under MPI rank 0's part may have left before the signal: then the next call fails
+        dist.all_reduce(x)
+        dist.all_reduce(x)
+        print("NO ERROR", flush=True)
+    except CommError as e:
+        print(f"PEER ERROR after {1e3 * (time.monotonic() - t):.0f} ms: {e}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["tplinear.run", "mpirun"])
+def test_ctrl_c_in_a_collective_interrupts_and_fails_the_group(launcher, tmp_path):
+    """Waits ran signal handlers only after the collective ended (issue 26.3): now a Python SIGTERM handler
+    runs during a wait, and Ctrl-C raises KeyboardInterrupt in the waiting rank within ~0.2 s, fails its
+    group, and the peer gets CommError naming the interrupted rank."""
+    import re
+
+    from tplinear.testing import launch, launcher_missing
+
+    why = launcher_missing(launcher)
+    if why:
+        pytest.skip(why)
+    path = tmp_path / "sig.py"
+    path.write_text(SIGNAL_WORLD)
+    res = launch(launcher, 2, [str(path)], timeout=90)
+    out = res.output
+    assert res.returncode == 0, out
+    m = re.search(r"INTERRUPTED after (\d+) ms", out)
+    assert m and int(m.group(1)) < 200, out
+    print(f"{launcher}: Ctrl-C to KeyboardInterrupt {m.group(1)} ms")
+    assert re.search(r"PEER ERROR after \d+ ms: .*rank 0 of the group \(global rank 0\) was interrupted by a signal", out), out
+    assert "RANK0 AFTER" in out and "NO ERROR" not in out and "GROUP STILL USABLE" not in out, out

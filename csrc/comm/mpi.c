@@ -181,10 +181,11 @@ static void sleep_briefly(unsigned *spins)
 static tp_status wait_one(MPI_Request *req, double timeout_s, const char *what)
 {
     tp_status st = TP_OK;
-    double deadline = tp_now() + timeout_s;
+    double deadline = tp_now() + timeout_s, next_hook = 0.0;
     unsigned spins = 0;
     for (int done = 0; !done;) {
         MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE), what);
+        TP_CHECK(tp_wait_check(&next_hook, what));
         if (!done && tp_now() > deadline) {
             st = tp_error(TP_ERR_TIMEOUT, "mpi %s: timed out after %g s (a rank never called init?)", what,
                           timeout_s);
@@ -251,11 +252,12 @@ static void post_inbox(mpi_impl *im)
         im->ctl_req = MPI_REQUEST_NULL;
 }
 
-/* Sends n to every peer, giving the sends a moment to leave (a dead peer's never may). */
-static void notify_peers(mpi_impl *im, const notice *n)
+/* Sends n to every peer, giving the sends a moment to leave (a dead peer's never may): linger_s, after
+ * which the sends go on with the process's later MPI calls. */
+static void notify_peers(mpi_impl *im, const notice *n, double linger_s)
 {
     MPI_Request *reqs = malloc((size_t)im->p * sizeof *reqs);
-    double until = tp_now() + 1.0;
+    double until = tp_now() + linger_s;
     int k = 0, done = 0;
     if (reqs == NULL) return;
     for (int j = 0; j < im->p; j++)
@@ -296,7 +298,7 @@ static tp_status fail(mpi_impl *im, tp_status st, int tell)
             n.type = N_FAIL;
             n.from = im->r;
             snprintf(n.text, sizeof n.text, "%s", msg);
-            notify_peers(im, &n);
+            notify_peers(im, &n, st == TP_ERR_INTERRUPTED ? 0.1 : 1.0); /* Ctrl-C must answer at once */
         }
     }
     return st;
@@ -318,7 +320,7 @@ static tp_status resolve_mismatch(mpi_impl *im, int seen_from)
         n.from = im->r;
         n.fp = im->fp;
         im->fp_sent = 1;
-        notify_peers(im, &n);
+        notify_peers(im, &n, 1.0);
     }
     for (int j = 0; j < im->p; j++) have += j != im->r && im->have_fp[j];
     while (have < im->p && tp_now() < deadline && im->ctl_req != MPI_REQUEST_NULL) {
@@ -535,7 +537,7 @@ static int left_of(const mpi_impl *im, const MPI_Request *reqs, int label)
 static tp_status wait_label(mpi_impl *im, int label, const char *what)
 {
     tp_status st = TP_OK;
-    double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3;
+    double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3, next_hook = 0.0;
     unsigned spins = 0;
     int left, *idx = im->idx, peer, kept = 0;
     MPI_Request *reqs = im->reqs;
@@ -568,6 +570,12 @@ static tp_status wait_label(mpi_impl *im, int label, const char *what)
             double now = tp_now();
             for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
             if ((st = check_notices(im)) != TP_OK) goto out;
+            if (tp_wait_check(&next_hook, what) != TP_OK) { /* the peers learn who stopped, this rank why */
+                tp_error(TP_ERR_INTERRUPTED, "%s: rank %d of the group (global rank %d) was interrupted by a signal "
+                         "(Ctrl-C, or a signal handler that raised)", what, im->r, im->granks[im->r]);
+                st = fail(im, TP_ERR_INTERRUPTED, 1);
+                goto out;
+            }
             if (deadline == 0.0) {
                 deadline = now + im->timeout_s;
                 next_probe = now + probe_every;

@@ -35,6 +35,7 @@ typedef struct {
      * channel announces it); with port 0 the kernel picks the port, so no other program can take it first. */
     tp_status (*on_serving)(void *ctx, int port);
     void *ctx;
+    int rank0_started;     /* the launcher started rank 0, which announced addr once it served (error hints) */
 } tp_store_config;
 #define TP_STORE_NS_MAX 320
 tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out);

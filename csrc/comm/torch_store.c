@@ -103,6 +103,7 @@ static void put_key(msg *m, const tp_torch_store *s, const char *key)
 
 static tp_status io_error(const tp_torch_store *s, int rc)
 {
+    if (rc == TP_IO_INTR) return TP_ERR_INTERRUPTED; /* the message is set */
     if (rc == TP_IO_TIMEOUT)
         return tp_error(TP_ERR_TIMEOUT, "torchrun store at %s:%d: timed out after %g s waiting for it to answer (the "
                         "torchrun agent stopped or hung?)", s->addr, s->port, s->timeout_s);
