@@ -56,6 +56,7 @@
 #define MAX_MSG (1u << 30) /* bytes per MPI message: counts are ints */
 #define CL 64
 #define NOTICE_TAG 1
+#define LIVENESS_S 0.2 /* how often a lasting wait asks the store whether a member has gone */
 #define MISMATCH_WAIT_S 10.0 /* how long ranks wait for each other's fingerprints after a mismatch */
 
 extern const tp_backend tp_mpi_backend;
@@ -85,6 +86,8 @@ typedef struct {
     notice inbox;
     int p, r;
     const int *granks;
+    tp_store *store;          /* the world's rendezvous store (the group's): liveness of peers on any host */
+    int64_t lost_seen;        /* how many ranks had lost their store connection at the last probe */
     uint64_t seq;
     int tag, tag_mask;
     size_t oneshot, chunk, eager;
@@ -537,9 +540,9 @@ static int left_of(const mpi_impl *im, const MPI_Request *reqs, int label)
 static tp_status wait_label(mpi_impl *im, int label, const char *what)
 {
     tp_status st = TP_OK;
-    double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3, next_hook = 0.0;
+    double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3, next_hook = 0.0, next_live = 0.0, gone_at = 0.0;
     unsigned spins = 0;
-    int left, *idx = im->idx, peer, kept = 0;
+    int left, *idx = im->idx, peer, kept = 0, gone = -1;
     MPI_Request *reqs = im->reqs;
     MPI_Status *stats = im->stats;
     for (int i = 0; i < im->npend; i++) reqs[i] = im->pend[i].req;
@@ -579,6 +582,25 @@ static tp_status wait_label(mpi_impl *im, int label, const char *what)
             if (deadline == 0.0) {
                 deadline = now + im->timeout_s;
                 next_probe = now + probe_every;
+                next_live = now + LIVENESS_S;
+            }
+            if (im->store && now > next_live) { /* a wait that lasts: has a member left the store? */
+                next_live = now + LIVENESS_S;
+                if (gone < 0 && tp_store_lost(im->store, im->granks, im->p, &im->lost_seen, &gone) != TP_OK) {
+                    for (int j = 0; j < im->p && gone < 0; j++)
+                        if (im->granks[j] == 0) gone = j; /* the store's server is a member: it is gone */
+                    if (gone < 0) next_live = deadline + 1.0; /* it is not: no more probes, no verdict */
+                }
+                if (gone >= 0 && gone_at == 0.0) {
+                    gone_at = now; /* one more period for what it sent before leaving to arrive */
+                } else if (gone >= 0) {
+                    atomic_store(&g_world_failed, 1); /* MPI_Finalize would wait for the gone rank */
+                    tp_error(TP_ERR_COMM, "%s: rank %d of the group (global rank %d) lost its connection to the "
+                             "rendezvous store (it died or exited) while this rank waited for it", what, gone,
+                             im->granks[gone]);
+                    st = fail(im, TP_ERR_COMM, 1);
+                    goto out;
+                }
             }
             if (now > next_probe) { /* a wait that lasts: is a peer in another collective? */
                 if ((st = foreign_message(im, &peer)) != TP_OK) {
@@ -955,6 +977,7 @@ static tp_status impl_new(tp_group *g, mpi_impl **out)
     im->p = g->size;
     im->r = g->rank;
     im->granks = g->global_ranks;
+    im->store = g->store;
     im->timeout_s = g->timeout_s;
     im->log_level = tp_log_level();
     if ((im->peer_fp = calloc((size_t)g->size, sizeof *im->peer_fp)) == NULL ||

@@ -320,6 +320,27 @@ out:
     return st;
 }
 
+tp_status tp_store_lost(tp_store *s, const int *ranks, int n, int64_t *seen, int *who)
+{
+    tp_status st = TP_OK;
+    int64_t count = 0, v;
+    size_t len;
+    int found = 0;
+    char key[64];
+    *who = -1;
+    if (s->torch) goto out;
+    TP_CHECK(try_get(s, "lost", &count, sizeof count, &len, &found));
+    if (!found || count <= *seen) goto out;
+    *seen = count;
+    for (int i = 0; i < n && *who < 0; i++) {
+        snprintf(key, sizeof key, "lost/%d", ranks[i]);
+        TP_CHECK(try_get(s, key, &v, sizeof v, &len, &found));
+        if (found) *who = i;
+    }
+out:
+    return st;
+}
+
 tp_status tp_store_arrive(tp_store *s, const char *key, int me)
 {
     char k[MAX_KEY];
