@@ -29,9 +29,14 @@
  * rank's tag); barrier is a dissemination of empty messages; broadcast such a dissemination (the root
  * receives nothing otherwise) then a binomial tree.
  *
- * Failures: a timeout, a mismatch, a peer's notice or tp_group_abort marks the group failed (first
- * message wins), cancels its pending receives, and sends the message to every peer on the group's notice
- * communicator (a duplicate of its data communicator with one receive always posted), so that peers
+ * Liveness: a wait that lasts asks the world's rendezvous store every LIVENESS_S whether a member's
+ * connection to it ended (tp_store_lost: one request while nobody has gone), so a dead peer on any host
+ * fails the group in about a second instead of at the timeout; the interrupt hook (Python's signal
+ * handlers) is asked every 50 ms.
+ *
+ * Failures: a timeout, a mismatch, a lost member, an interrupt, a peer's notice or tp_group_abort marks
+ * the group failed (first message wins), cancels its pending receives, and sends the message to every
+ * peer on the group's notice communicator (a duplicate of its data communicator with one receive always posted), so that peers
  * blocked in the same group fail at once with the same text. A group is unusable afterwards. MPI errors
  * are returned (MPI_ERRORS_RETURN) and become TP_ERR_COMM.
  *

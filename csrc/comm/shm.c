@@ -17,8 +17,9 @@
  * shares this core; 2 us when there are more ranks than cores), then sched_yield for up to 200 us, then
  * sleep on a shared (not PRIVATE) futex word that every post increments (a poster only calls FUTEX_WAKE
  * when someone sleeps). Each wait is bounded by the group's timeout and checks, every 50 ms, whether
- * the ranks it waits for are alive (kill(pid, 0), zombie state in /proc) or have destroyed the group.
- * Any failure (dead peer, timeout, mismatch, abort) marks the segment failed (first message wins) and
+ * the ranks it waits for are alive (kill(pid, 0), zombie state in /proc) or have destroyed the group,
+ * and whether the interrupt hook (Python's signal handlers) stops the wait.
+ * Any failure (dead peer, timeout, mismatch, abort, interrupt) marks the segment failed (first message wins) and
  * wakes everybody; the group stays unusable afterwards (every call fails at once).
  *
  * Algorithms, by size (the same choice on every rank: sizes are fingerprinted, thresholds come from
