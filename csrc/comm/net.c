@@ -255,8 +255,17 @@ out:
     return won;
 }
 
+/* Every candidate's connection was refused this round (nothing listens at any address). */
+static int all_refused(const candidate *c, int n)
+{
+    const char *refused = strerror(ECONNREFUSED);
+    for (int i = 0; i < n; i++)
+        if (strcmp(c[i].why, refused) != 0) return 0;
+    return n > 0;
+}
+
 tp_status tp_net_dial(const char *what, const char *addr, int port, double timeout_s, double deadline,
-                      tp_net_greet greet, void *ctx, const char *hint, int *fd)
+                      tp_net_greet greet, void *ctx, const char *hint, int listening, int *fd)
 {
     tp_status st = TP_OK, fail_st = TP_OK;
     candidate c[MAX_CANDIDATES];
@@ -274,6 +283,12 @@ tp_status tp_net_dial(const char *what, const char *addr, int port, double timeo
             goto out;
         }
         if (tp_now() > deadline) break;
+        if (listening && all_refused(c, n)) { /* it listened (it said so): it has gone, no use waiting */
+            tried(c, n, list, sizeof list);
+            st = tp_error(TP_ERR_COMM, "%s announced where it listens, but every address now refuses connections: "
+                          "tried %s (it has exited or died)", what, list);
+            goto out;
+        }
         tp_sleep(pause);
         if (pause < 0.05) pause *= 2;
         TP_CHECK(tp_wait_check(&next_hook, "connecting to the store"));

@@ -27,9 +27,11 @@ typedef int (*tp_net_greet)(void *ctx, int fd, double deadline, tp_status *st, c
  * rounds repeat with a growing pause until the deadline while nobody listens or greet says retry. A
  * greet's failure ends the dial unless other candidates remain (then it is reported only when none
  * passes). Errors name the server as `what` ("the store of rank 0"), then every address tried with its
- * last reason (the errno text, or greet's reason to retry), then hint (what to check). */
+ * last reason (the errno text, or greet's reason to retry), then hint (what to check). listening: the
+ * server is known to listen already (it announced its port), so a round in which every address refuses
+ * the connection means it has gone: TP_ERR_COMM at once instead of retrying until the deadline. */
 tp_status tp_net_dial(const char *what, const char *addr, int port, double timeout_s, double deadline,
-                      tp_net_greet greet, void *ctx, const char *hint, int *fd);
+                      tp_net_greet greet, void *ctx, const char *hint, int listening, int *fd);
 
 /* Whether interface `name` passes spec, NCCL_SOCKET_IFNAME's convention: comma-separated prefixes ("eth"
  * admits eth0, eth1), or exact names after a leading '='; a leading '^' (before any '=') excludes the

@@ -156,7 +156,7 @@ static tp_status connect_retry(tp_store *s, double deadline)
                        "TPLINEAR_SOCKET_IFNAME to the interface the hosts share (e.g. eth0, or ^docker,lo), or "
                        "MASTER_ADDR to an address of rank 0's host that this host reaches"
                                         : "is rank 0 running? Is MASTER_ADDR an address of rank 0's host that this "
-                       "host reaches?", &s->fd);
+                       "host reaches?", s->rank0_started, &s->fd);
 }
 
 /* Marks the connection gone (every later request fails with this message) and returns st. */

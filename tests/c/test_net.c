@@ -63,26 +63,31 @@ static void dial_lists(void)
     if (lfd < 0) return;
     /* the first address refuses (nothing on 127.0.0.1 at that port), the second answers: kept */
     EXPECT_OK(tp_net_dial("the test server", "127.0.0.1,127.0.0.2", port, 5.0, tp_now() + 5.0, NULL, NULL,
-                          "hint", &fd));
+                          "hint", 0, &fd));
     EXPECT(fd >= 0);
     if (fd >= 0) close(fd);
     close(lfd);
     /* nobody answers: the error names each address with its errno text, then the hint */
     EXPECT_STATUS(tp_net_dial("the test server", "127.0.0.1,127.0.0.2", port, 0.3, tp_now() + 0.3, NULL, NULL,
-                              "is it running?", &fd), TP_ERR_TIMEOUT);
+                              "is it running?", 0, &fd), TP_ERR_TIMEOUT);
     msg = tp_last_error();
     EXPECT(strstr(msg, "connecting to the test server") != NULL && strstr(msg, "is it running?") != NULL);
     EXPECT(strstr(msg, "127.0.0.1:") != NULL && strstr(msg, "127.0.0.2:") != NULL);
     EXPECT(strstr(msg, "Connection refused") != NULL);
     EXPECT(fd == -1);
     EXPECT_STATUS(tp_net_dial("the test server", "no-such-host.invalid", port, 0.3, tp_now() + 0.3, NULL, NULL,
-                              "hint", &fd), TP_ERR_VALUE);
+                              "hint", 0, &fd), TP_ERR_VALUE);
     EXPECT(strstr(tp_last_error(), "no-such-host.invalid") != NULL);
+    /* a server known to listen (it announced its port) that now refuses everywhere has gone: at once */
+    t = tp_now();
+    EXPECT_STATUS(tp_net_dial("the test server", "127.0.0.1,127.0.0.2", port, 30.0, tp_now() + 30.0, NULL, NULL,
+                              "hint", 1, &fd), TP_ERR_COMM);
+    EXPECT(tp_now() - t < 1.0 && strstr(tp_last_error(), "every address now refuses connections") != NULL);
     /* the interrupt hook stops a dial that would wait 30 s */
     tp_set_interrupt_hook(always, &calls);
     t = tp_now();
-    EXPECT_STATUS(tp_net_dial("the test server", "127.0.0.1", port, 30.0, tp_now() + 30.0, NULL, NULL, "hint", &fd),
-                  TP_ERR_INTERRUPTED);
+    EXPECT_STATUS(tp_net_dial("the test server", "127.0.0.1", port, 30.0, tp_now() + 30.0, NULL, NULL, "hint", 0,
+                              &fd), TP_ERR_INTERRUPTED);
     EXPECT(tp_now() - t < 1.0 && calls >= 1 && strstr(tp_last_error(), "interrupted by a signal") != NULL);
     tp_set_interrupt_hook(NULL, NULL);
 }
