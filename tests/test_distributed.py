@@ -494,7 +494,7 @@ def test_zz_no_segments_left_behind():
     assert not left, left
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [3])
 def test_input_output_overlap_is_an_error_except_own_slot(nproc):
     """The one alias of an all-gather is the input as exactly this rank's slot of the output (of a
     reduce-scatter: the output as this rank's slot of the input); any other overlap raised nothing and gave

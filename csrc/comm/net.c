@@ -57,8 +57,14 @@ int tp_net_ifname_match(const char *spec, const char *name)
     int exclude = 0, exact = 0;
     if (spec == NULL || spec[0] == '\0') /* NCCL's default: neither loopback nor docker's bridges */
         return strncmp(name, "lo", 2) != 0 && strncmp(name, "docker", 6) != 0;
-    if (*spec == '^') exclude = 1, spec++;
-    if (*spec == '=') exact = 1, spec++;
+    if (*spec == '^') {
+        exclude = 1;
+        spec++;
+    }
+    if (*spec == '=') {
+        exact = 1;
+        spec++;
+    }
     for (const char *p = spec; *p;) {
         size_t len = strcspn(p, ",");
         if (len > 0 && (exact ? strlen(name) == len : strlen(name) >= len) && strncmp(name, p, len) == 0)
@@ -67,6 +73,19 @@ int tp_net_ifname_match(const char *spec, const char *name)
         if (*p == ',') p++;
     }
     return exclude;
+}
+
+/* Whether a is one of the comma-separated items of list. */
+static int in_list(const char *list, const char *a)
+{
+    size_t n = strlen(a);
+    for (const char *p = list; *p;) {
+        size_t len = strcspn(p, ",");
+        if (len == n && strncmp(p, a, n) == 0) return 1;
+        p += len;
+        if (*p == ',') p++;
+    }
+    return 0;
 }
 
 tp_status tp_net_own_addresses(const char *spec, char *out, size_t cap, char *seen, size_t seen_cap)
@@ -89,7 +108,7 @@ tp_status tp_net_own_addresses(const char *spec, char *out, size_t cap, char *se
         if (seen_used < seen_cap && (n = snprintf(seen + seen_used, seen_cap - seen_used, "%s%s %s",
                                                   seen_used ? ", " : "", i->ifa_name, a)) > 0)
             seen_used += (size_t)n;
-        if (!tp_net_ifname_match(spec, i->ifa_name) || strstr(out, a) != NULL) continue;
+        if (!tp_net_ifname_match(spec, i->ifa_name) || in_list(out, a)) continue;
         /* loopback reaches no other host: only when named ("lo"), never through a default or a '^' list */
         if ((i->ifa_flags & IFF_LOOPBACK) && (spec == NULL || spec[0] == '\0' || spec[0] == '^')) continue;
         if (used + strlen(a) + 2 > cap) break;
