@@ -553,9 +553,10 @@ if r == 0:
     # a SIGTERM handler that returns: it runs during the wait, which goes on
     ran = []
     signal.signal(signal.SIGTERM, lambda *a: ran.append(time.monotonic()))
-    os.kill(os.getpid(), signal.SIGTERM)     # delivered while this rank waits in the barrier below
-    dist.barrier()
-    assert ran, "the SIGTERM handler did not run during the wait"
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()   # arrives during the barrier
+    dist.barrier()                           # rank 1 comes 1 s late
+    back = time.monotonic()
+    assert ran and ran[0] < back - 0.5, "the SIGTERM handler did not run during the wait"
     # Ctrl-C while rank 1 never enters: KeyboardInterrupt here, promptly
     sent = []
     threading.Timer(0.3, lambda: (sent.append(time.monotonic()), os.kill(os.getpid(), signal.SIGINT))).start()
@@ -570,7 +571,7 @@ if r == 0:
     except CommError as e:
         print(f"RANK0 AFTER {e}", flush=True)
 else:
-    time.sleep(0.2)
+    time.sleep(1.0)
     dist.barrier()
     time.sleep(1.5)                          # never in the all-reduce while rank 0 is interrupted
     t = time.monotonic()
