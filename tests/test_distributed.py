@@ -435,7 +435,7 @@ def test_world_of_one(world_of_one):
 
 def test_argument_errors(world_of_one):
     with pytest.raises(TypeError):
-        dist.all_reduce(np.ones(4, np.float16))
+        dist.all_reduce(np.ones(4, np.uint16))  # (float16 reduces on the host since issue 27)
     with pytest.raises(TypeError):
         dist.all_reduce(np.ones(4, np.int8))
     with pytest.raises(TypeError):

@@ -214,8 +214,8 @@ def test_cai_parsing():
     (dict(shape=[2], typestr="<f4", data=(0x1000, False), version=3), TypeError, "shape"),
 ])
 def test_cai_errors(cai, exc, match):
-    if not NO_GPU and "stream" not in cai and "mask" not in cai and cai.get("typestr") == "<f4" and "data" in cai:
-        pytest.skip("made-up pointers are only safe where no GPU can look at them")
+    """Every case is refused from the dict alone, before CUDA is asked where the made-up pointer lives, so
+    it runs on GPU machines too (there the stream-0 case used to meet 'points at host memory' first)."""
     obj = FakeCAI((2,))
     obj.__cuda_array_interface__ = cai
     with pytest.raises(exc, match=match):
@@ -348,3 +348,116 @@ def test_device_array_views_and_export_metadata():
     assert not hasattr(bf, "__cuda_array_interface__")  # no typestr for bfloat16: DLPack only
     with pytest.raises(BufferError):
         a.__dlpack__(dl_device=(1, 0))
+
+
+# ---------------------------------------------------------------------------------------------- issue 25's CPU-visible defects
+
+
+def test_errors_survive_the_release_of_dlpack_arguments(world_of_one):
+    """A pending error (a later argument's, or a check on the DLPack argument itself) is what the caller
+    sees: releasing the consumed capsule used to clear it, and the call returned NULL without an exception
+    (SystemError)."""
+    x = np.ones((2, 4), np.float32)
+    w = np.ones((3, 4), np.float32)
+    with pytest.raises(TypeError, match="must be an array"):
+        _C.linear_forward(DLPackOnly(x), w, None, "not an array")  # a later argument fails
+    with pytest.raises(ValueError, match="C-contiguous"):  # a check on the DLPack argument itself
+        _C.all_reduce(world_of_one._handle, DLPackOnly(np.ones((4, 4))[:, ::2]), "sum")
+
+
+def test_numpy_api_layers_take_torch_modules_on_the_cpu(world_of_one, rng):
+    """tp.LinearLayer / tp.LinearAllreduce(nn.Linear(...)): the module's nn.Parameters require grad, and
+    torch refuses to export those through DLPack (BufferError); tplinear reads them through detach()."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    mod = torch.nn.Linear(8, 6)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    ref = (x.astype(np.float64) @ mod.weight.detach().double().numpy().T + mod.bias.detach().double().numpy())
+    for cls in (tp.LinearLayer, tp.LinearAllreduce):
+        layer = cls(mod)
+        np.testing.assert_array_equal(np.asarray(layer.weight.data), mod.weight.detach().numpy())
+        assert rel_err(layer(x), ref) < 1e-6
+    assert mod.weight.requires_grad and mod.weight.grad is None  # the module is read, never changed
+    # the detached read is zero-copy, and any other BufferError is still reported as itself
+    w = mod.weight
+    assert _C.tensor_info(w)["data"] == w.data_ptr()
+    with pytest.raises(BufferError, match="conjugate"):
+        _C.tensor_info(torch.ones(2, dtype=torch.complex64).conj())
+
+
+class CudaClaim:
+    """A DLPack producer that claims GPU memory (kDLCUDA) at a made-up address: tplinear must refuse it by
+    its device before anything dereferences the pointer."""
+
+    def __init__(self, shape, ptr=0x7F0000001000):
+        self.shape, self.ptr, self.owner = shape, ptr, np.empty(0, np.float32)
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None, max_version=None, **kwargs):
+        versioned = max_version is not None and max_version[0] >= 1
+        return _C.dlpack_export(self.owner, self.ptr, 2, 0, "float32", self.shape, versioned, False)
+
+
+def test_a_host_group_of_one_refuses_gpu_memory_before_any_copy(tmp_path):
+    """A CPU world of one ('self' backend) used to skip the device check (groups of one), so the
+    sequence-parallel reduce-scatter memmove'd the device pointers on the host: a segfault. Run in a child
+    so that such a crash is a failed test, not a dead session."""
+    script = tmp_path / "child.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import numpy as np
+import tplinear as tp
+from tplinear import _C
+from test_dlpack import CudaClaim
+g = tp.distributed.init_process_group(timeout=10)
+assert g.backend == "self", g.backend
+h = g._handle
+calls = [
+    lambda: _C.reduce_scatter_rows(h, CudaClaim((4, 3)), [(0, 4)], CudaClaim((4, 3), ptr=0x7F0000009000)),
+    lambda: _C.row_forward(h, CudaClaim((2, 4)), CudaClaim((3, 4)), None, CudaClaim((2, 3))),
+    lambda: _C.col_forward_sp(h, CudaClaim((2, 4)), CudaClaim((3, 4)), None, [(0, 2)], CudaClaim((2, 3))),
+    lambda: _C.gather(h, CudaClaim((3, 4)), 0, [(0, 3)], 1, CudaClaim((3, 4), ptr=0x7F0000009000)),
+    lambda: _C.reduce_scatter(h, CudaClaim((4,)), CudaClaim((4,), ptr=0x7F0000009000), "sum"),
+]
+for call in calls:
+    try:
+        call()
+    except ValueError as e:
+        assert "nccl" in str(e) and "'self'" in str(e), e
+    else:
+        raise AssertionError("GPU memory was taken by a host group of one")
+print("refused")
+""")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0 and "refused" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_stream_for_uses_the_tensors_stream_for_one_call_and_gives_ours_back(monkeypatch):
+    """tplinear.torch and the collectives run a call on torch tensors on torch's current stream and restore
+    tplinear's stream afterwards, also when the call raises (the old on_stream set it for good: after one
+    call inside `with torch.cuda.stream(s)`, every later collective ran on s)."""
+    from tplinear.torch import _ops
+    torch = pytest.importorskip("torch")
+    assert _device.torch_stream(torch.ones(2)) is None and _device.torch_stream(np.ones(2)) is None
+    streams = {"a": 0x5000, "b": 0}  # 0: torch's legacy default stream
+    monkeypatch.setattr(_device, "torch_stream", lambda obj: streams.get(obj) if isinstance(obj, str) else None)
+    before = _C.cuda_get_stream()
+    try:
+        _C.cuda_set_stream(0x7000)
+        with _ops.on_stream("a"):
+            assert _C.cuda_get_stream() == 0x5000
+        assert _C.cuda_get_stream() == 0x7000
+        with _device.stream_for(None, "b", "a"):  # the first tensor's stream
+            assert _C.cuda_get_stream() == 0
+        assert _C.cuda_get_stream() == 0x7000
+        with pytest.raises(KeyError), _device.stream_for("a"):
+            raise KeyError("the call failed")
+        assert _C.cuda_get_stream() == 0x7000
+        with _device.stream_for(np.ones(2)):  # not a CUDA torch tensor: tplinear's own stream
+            assert _C.cuda_get_stream() == 0x7000
+    finally:
+        _C.cuda_set_stream(before or None)

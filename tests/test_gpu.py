@@ -407,3 +407,156 @@ def test_nccl_two_ranks_and_a_dead_peer():
     """, nproc=2, timeout=120)
     rc0, so0, se0 = results[0]
     assert rc0 == 0 and "OK" in so0, se0
+
+
+# ---------------------------------------------------------------------------------------------- issue 25
+# Each test below failed (or would have: none had run on a GPU when they were written) before the fix it names.
+
+
+def test_expanded_dy_is_packed_on_the_gpu(torch):
+    """y.sum().backward() hands the layers an expand()ed dY (strides 0, 0): tplinear.torch makes it
+    contiguous on the device, and the NumPy-API layers pack any strided GPU array (the C core refused
+    'strided device arrays' before)."""
+    import tplinear.torch as tpt
+
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(24, 16).cuda()
+    for make_layer in (tpt.LinearLayer, tpt.LinearAllreduce):
+        layer = make_layer(fc)
+        x = torch.randn(5, 24, device="cuda", requires_grad=True)
+        layer(x).sum().backward()
+        xr = x.detach().double().requires_grad_()
+        wr = fc.weight.detach().double().requires_grad_()
+        torch.nn.functional.linear(xr, wr, fc.bias.detach().double()).sum().backward()
+        assert ((x.grad.double() - xr.grad).norm() / xr.grad.norm()).item() < TOL["float32"]
+        assert ((layer.weight.grad.double() - wr.grad).norm() / wr.grad.norm()).item() < TOL["float32"]
+    lin = tp.Linear(24, 16, device="cuda")
+    x = torch.randn(5, 24, device="cuda")
+    lin(x)
+    for dy in (torch.ones(1, 1, device="cuda").expand(5, 16), torch.randn(16, 5, device="cuda").T,
+               torch.randn(5, 32, device="cuda")[:, ::2], torch.randn(1, 16, device="cuda").expand(5, 16)):
+        dx = torch.from_dlpack(lin.backward(dy, retain=True))
+        ref = dy.double() @ torch.from_dlpack(lin.weight.data).double()
+        assert ((dx.double() - ref).norm() / ref.norm()).item() < TOL["float32"], dy.stride()
+    full = torch.randn(3, 1, 8, device="cuda").expand(3, 4, 8)  # a strided copy through the C core
+    out = torch.empty(3, 4, 8, device="cuda")
+    _C.tensor_copy(out, full)
+    assert torch.equal(out, full)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cublaslt_bias_epilogue_at_odd_offsets(torch, dtype):
+    """Inputs, bias and output one element past an aligned address (a row layer's x[..., off:off + size]
+    at p > 1, an offset bias): cuBLASLt is told the real alignments, and a refusal falls back to cuBLAS."""
+    tdt = getattr(torch, dtype)
+    m, k, n = 7, 33, 19
+    base_x = torch.randn(m, k + 3, device="cuda", dtype=tdt)
+    base_w = torch.randn(n * k + 1, device="cuda", dtype=tdt)
+    base_b = torch.randn(n + 1, device="cuda", dtype=tdt)
+    base_y = torch.empty(m * n + 1, device="cuda", dtype=tdt)
+    for off in (0, 1):
+        x = base_x[:, off:off + k]
+        w = base_w[off:off + n * k].view(n, k)
+        b = base_b[off:off + n]
+        y = base_y[off:off + m * n].view(m, n)
+        _C.linear_forward(x, w, b, y)
+        ref = x.double() @ w.double().T + b.double()
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < TOL[dtype], (off, err)
+
+
+def test_torch_streams_order_layers_and_collectives(torch):
+    """With torch.cuda.stream(s): tplinear runs on s (ordered after s's pending writes, here held back by
+    torch.cuda._sleep) and gives its own stream back afterwards, for layers and for the collectives."""
+    import tplinear.distributed as dist
+    import tplinear.torch as tpt
+
+    layer = tpt.LinearLayer(torch.nn.Linear(64, 32).cuda())
+    before = _C.cuda_get_stream()
+    s = torch.cuda.Stream()
+    x = torch.zeros(16, 64, device="cuda")
+    src, out = torch.zeros(1024, device="cuda"), torch.empty(1024, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)  # s is busy for tens of ms
+        x.fill_(1.0)
+        src.fill_(3.0)
+        y = layer(x)
+        dist.all_gather_into_tensor(out, src)  # a world of one: a copy, on s after the fill
+        out.mul_(2.0)  # torch's own later work on s, after tplinear's
+    assert _C.cuda_get_stream() == before
+    s.synchronize()
+    ref = torch.nn.functional.linear(torch.ones(16, 64, device="cuda"), layer.weight, layer.bias)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(out == 6.0)
+    assert dist.get_backend() == "nccl"
+
+
+def test_device_array_memory_follows_its_last_stream(torch):
+    """A DeviceArray used on a side stream is ordered after that stream's work when used (or freed) on
+    another one."""
+    s = torch.cuda.Stream()
+    a = _device.to_device(np.ones((256, 256), np.float32))
+    lin = tp.Linear(256, 256, device="cuda", bias=False)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)
+        _device.set_stream(s)
+        try:
+            y = lin(a)  # queued on s behind the sleep
+        finally:
+            _device.set_stream(None)
+    host = y.numpy()  # on the legacy stream: must wait for s
+    ref = np.ones((256, 256)) @ lin.weight.data.numpy().astype(np.float64).T
+    assert rel_err(host, ref) < TOL["float32"]
+
+
+def test_gpu_layer_after_a_host_world_of_one():
+    """A host world of one made first (get_rank() before any GPU layer): a GPU layer on it is refused with a
+    clear error on every call that would give it GPU memory, never a host memmove of device pointers."""
+    (rc, so, se), = run_script("""
+        import numpy as np
+        import tplinear as tp, tplinear.distributed as dist
+        from tplinear import _device
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            import os; os.environ.pop(k, None)
+        assert dist.get_rank() == 0 and dist.get_backend() == "self"
+        lin = tp.Linear(16, 8, device="cuda")
+        for make in (lambda: tp.LinearAllreduce(lin), lambda: tp.LinearLayer(lin),
+                     lambda: tp.LinearAllreduce(lin, sequence_parallel=True)):
+            try:
+                layer = make()
+                layer(_device.to_device(np.ones((4, 16), np.float32)))
+            except ValueError as e:
+                assert "nccl" in str(e), e
+            else:
+                raise AssertionError("a GPU layer ran on a host group of one")
+        print("OK")
+    """)
+    assert rc == 0 and "OK" in so, se
+
+
+def test_nccl_world_of_one_collectives_do_not_wait_on_the_host(torch):
+    """A group of one has no peer to lose: its collectives return once enqueued, and the next one only
+    polls the last (one cudaEventQuery) instead of spinning until it finished, so the host stays ahead of a
+    busy device."""
+    import tplinear.distributed as dist
+    import tplinear.torch as tpt
+    from torch.profiler import ProfilerActivity, profile
+
+    tpt.LinearAllreduce(torch.nn.Linear(8, 8).cuda())  # the default group: an nccl world of one
+    assert dist.get_backend() == "nccl" and dist.get_world_size() == 1
+    t = torch.ones(1 << 16, device="cuda")
+    dist.all_reduce(t)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(100_000_000)  # the device is busy: a host wait would show as a spin
+            for _ in range(4):
+                dist.all_reduce(t)
+    names = [e.name for e in prof.events()]
+    assert not [n for n in names if "Synchronize" in n], names
+    assert names.count("cudaEventQuery") <= 4, names.count("cudaEventQuery")
+    s.synchronize()
+    assert torch.all(t == 1)

@@ -88,13 +88,14 @@ struct tp_group {
  * which layers/world.c adds on top, so that comm never calls gemm. */
 tp_status tp_world_new(const tp_init_options *opts, tp_group **world);
 
-/* out[i] += bias[(first + i) % width] for i < n (float32 / float64): a row bias added to elements
- * [first, first + n) of a row-major array `width` wide, one addition per element (comm/reduce.c). */
+/* out[i] += bias[(first + i) % width] for i < n (float32 / float64; bfloat16 / float16: added in float32 and
+ * rounded, a second rounding after the reduction's): a row bias added to elements [first, first + n) of a
+ * row-major array `width` wide, one addition per element (comm/reduce.c). */
 void tp_bias_add_span(tp_dtype dt, void *out, size_t first, size_t n, const void *bias, size_t width);
 
 /* out[i] = in[0][i] op in[1][i] op ... op in[p-1][i] for i < n, in rank order (comm/reduce.c): float32,
- * float64, int32, int64; integer sums wrap, TP_AVG divides the sum by p (truncating for integers). out may
- * overlap any input. The shm and mpi backends both reduce with it, so they agree to the bit. */
+ * float64, int32, int64, and bfloat16 / float16 (in float32, rounded once); integer sums wrap, TP_AVG divides
+ * the sum by p (truncating for integers). out may overlap any input. The shm and mpi backends both reduce with it, so they agree to the bit. */
 void tp_reduce_ranks(tp_dtype dt, void *out, char *const *in, int p, size_t n, int op);
 /* TP_OK when tp_reduce_ranks reduces dt, else TP_ERR_TYPE: "<what>: the <backend> backend reduces ...". */
 tp_status tp_reduce_check_dtype(const char *backend, tp_dtype dt, const char *what);

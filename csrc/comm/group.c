@@ -40,7 +40,10 @@ static tp_status self_abort(tp_group *g) { (void)g; return TP_OK; }
 static void self_destroy(tp_group *g) { (void)g; }
 
 /* A group of one (the world of a single process, or a subgroup of one rank) of a backend that does not
- * make such groups itself: every collective is a local copy or nothing. Host memory only. */
+ * make such groups itself: every collective is a local copy or nothing. Host memory only: the entry points
+ * that know where their memory lives (the layers, the Python collectives) refuse GPU memory for it as for
+ * any host backend (tp_group_check_device), whatever the group's size; a pointer is not asked about here,
+ * which would make a CUDA context in a host-only program. */
 static const tp_backend self_backend = {
     .name = "self",
     .devices = 1u << TP_DEVICE_CPU,
@@ -478,8 +481,8 @@ tp_status tp_all_reduce_bias(tp_group *g, const void *in, void *out, size_t coun
     const size_t bytes = count * tp_dtype_size(dt);
     TP_CHECK(check_member(g, "all_reduce_bias"));
     TP_CHECK(check_dtype(dt, TP_SUM, "all_reduce_bias"));
-    TP_REQUIRE(dt == TP_FLOAT32 || dt == TP_FLOAT64 || bias == NULL,
-               "all_reduce_bias: a bias needs float32 or float64, got %s", tp_dtype_name(dt));
+    TP_REQUIRE(dt == TP_FLOAT32 || dt == TP_FLOAT64 || dt == TP_BFLOAT16 || dt == TP_FLOAT16 || bias == NULL,
+               "all_reduce_bias: a bias needs a floating dtype, got %s", tp_dtype_name(dt));
     TP_REQUIRE(bias == NULL || (width > 0 && count % width == 0),
                "all_reduce_bias: %zu elements are not rows of the bias width %zu", count, width);
     TP_REQUIRE((in != NULL && out != NULL) || count == 0, "all_reduce_bias: buffer is NULL");

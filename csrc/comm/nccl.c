@@ -4,8 +4,11 @@
  *   ncclInProgress, and we poll ncclCommGetAsyncError until it settles, bounded by the group's
  *   timeout. A collective then waits for its completion the same way (an event polled together with
  *   ncclCommGetAsyncError), so a dead or stuck peer becomes TP_ERR_TIMEOUT / TP_ERR_COMM after
- *   ncclCommAbort instead of a hang. TPLINEAR_NCCL_ASYNC=1 skips that wait: the collective returns once
- *   enqueued and the wait (still bounded) happens at the group's next collective, barrier or destroy.
+ *   ncclCommAbort instead of a hang. TPLINEAR_NCCL_ASYNC=1, and a group of one (no peer to lose), skip
+ *   that wait: the collective returns once enqueued; the next collective only checks, without waiting,
+ *   that the earlier ones have not failed or been pending past the timeout (poll_pending), and the
+ *   bounded wait happens at the group's barrier or destroy. Host buffers are waited for (the caller
+ *   reads them on return).
  * - The world's ncclUniqueId comes from group rank 0 through the rendezvous store; subgroups split the
  *   parent communicator (nccl_split) or, without one, make a fresh id the same way.
  * - The GPU of a communicator is LOCAL_RANK modulo the visible device count. Buffers on that GPU are
@@ -29,6 +32,7 @@ typedef struct {
     int abort_requested; /* set by tp_group_abort from any thread; acted on by the thread using the comm */
     int async;          /* TPLINEAR_NCCL_ASYNC=1 */
     cudaEvent_t done;   /* recorded after each collective */
+    cudaStream_t done_on; /* the stream it was recorded on */
     int pending;        /* done is recorded and not yet waited for */
     double pending_since;
     void *scratch;      /* 1 int32 on the device, for barriers */
@@ -135,18 +139,48 @@ out:
     return st;
 }
 
-static tp_status check_usable(tp_group *g, const char *what)
+/* The non-blocking form of wait_pending, for collectives that do not wait for each other (a group of one,
+ * TPLINEAR_NCCL_ASYNC=1): the device orders the next collective after the last (the current stream waits
+ * for the event when the last ran on another stream), so the host only checks that it has not failed, been
+ * aborted or been pending past the timeout (then wait_pending reports it). */
+static tp_status poll_pending(tp_group *g, const char *what)
 {
     tp_status st = TP_OK;
     nccl_impl *im = impl_of(g);
+    ncclResult_t r = ncclSuccess;
+    cudaError_t e;
+    if (!im->pending) return TP_OK;
+    e = cudaEventQuery(im->done);
+    if (e == cudaSuccess) {
+        im->pending = 0;
+        return TP_OK;
+    }
+    if (e != cudaErrorNotReady || ncclCommGetAsyncError(im->comm, &r) != ncclSuccess ||
+        (r != ncclSuccess && r != ncclInProgress) || __atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE) ||
+        tp_now() - im->pending_since > g->timeout_s)
+        return wait_pending(g, what);
+    if (im->done_on != tp_cuda_stream())
+        TP_CU(cudaStreamWaitEvent(tp_cuda_stream(), im->done, 0), "cudaStreamWaitEvent (nccl)");
+out:
+    return st;
+}
+
+/* Before a collective: the communicator is usable, its device current (*prev: the caller's, which the
+ * collective gives back with tp_cuda_restore_device), and the last collective has not failed; a collective
+ * that waits for each one (groups of more than one, by default) has waited for it already. */
+static tp_status check_usable(tp_group *g, const char *what, int *prev)
+{
+    tp_status st = TP_OK;
+    nccl_impl *im = impl_of(g);
+    *prev = -1;
     if (!im->aborted && __atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE)) {
         im->aborted = 1;
         ncclCommAbort(im->comm);
     }
     if (im->aborted)
         return tp_error(TP_ERR_COMM, "nccl %s: the group's communicator was aborted after an earlier failure", what);
-    TP_CU(cudaSetDevice(im->device), "cudaSetDevice");
-    TP_CHECK(wait_pending(g, what));
+    TP_CHECK(tp_cuda_use_device(im->device, prev));
+    TP_CHECK(poll_pending(g, what));
 out:
     return st;
 }
@@ -203,8 +237,9 @@ static tp_status finish(tp_group *g, ncclResult_t r, const char *what, int force
     nccl_impl *im = impl_of(g);
     TP_CHECK(settle(g, r, what));
     TP_CU(cudaEventRecord(im->done, tp_cuda_stream()), "cudaEventRecord (nccl)");
+    im->done_on = tp_cuda_stream();
+    if (!im->pending) im->pending_since = tp_now(); /* the oldest collective not yet seen complete */
     im->pending = 1;
-    im->pending_since = tp_now();
     /* a group of one has no peer to lose: its collectives stay asynchronous */
     if ((!im->async && g->size > 1) || force_wait) TP_CHECK(wait_pending(g, what));
 out:
@@ -241,14 +276,17 @@ static tp_status b_all_reduce(tp_group *g, void *buf, size_t count, tp_dtype dt,
     tp_status st = TP_OK;
     ncclDataType_t t = ncclFloat32;
     staged sb = {NULL, NULL, 0};
+    int prev = -1;
     TP_CHECK(nccl_type(dt, &t));
-    TP_CHECK(check_usable(g, "all_reduce"));
+    TP_CHECK(check_usable(g, "all_reduce", &prev));
     if (count == 0) goto out;
     TP_CHECK(stage_in(g, buf, count * tp_dtype_size(dt), 1, &sb, "all_reduce"));
     TP_CHECK(finish(g, ncclAllReduce(sb.dev, sb.dev, count, t, nccl_op(op), impl_of(g)->comm, tp_cuda_stream()),
                     "all_reduce", sb.host != NULL));
 out:
-    return stage_out(st, &sb, 1);
+    st = stage_out(st, &sb, 1);
+    tp_cuda_restore_device(prev);
+    return st;
 }
 
 static tp_status b_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt)
@@ -260,12 +298,13 @@ static tp_status b_all_gatherv(tp_group *g, const void *send, void *recv, const 
     int even = 1;
     ncclResult_t r = ncclSuccess;
     staged ss = {NULL, NULL, 0}, sr = {NULL, NULL, 0};
+    int prev = -1;
     TP_CHECK(nccl_type(dt, &t));
     for (int i = 0; i < g->size; i++) {
         total += counts[i];
         if (counts[i] != counts[0]) even = 0;
     }
-    TP_CHECK(check_usable(g, "all_gather"));
+    TP_CHECK(check_usable(g, "all_gather", &prev));
     if (total == 0) goto out;
     TP_CHECK(stage_in(g, send, counts[g->rank] * item, 1, &ss, "all_gather"));
     TP_CHECK(stage_in(g, recv, total * item, 0, &sr, "all_gather"));
@@ -288,7 +327,9 @@ static tp_status b_all_gatherv(tp_group *g, const void *send, void *recv, const 
     TP_CHECK(finish(g, r, "all_gather", ss.host != NULL || sr.host != NULL));
 out:
     st = stage_out(st, &ss, 0);
-    return stage_out(st, &sr, 1);
+    st = stage_out(st, &sr, 1);
+    tp_cuda_restore_device(prev);
+    return st;
 }
 
 static tp_status b_reduce_scatter(tp_group *g, const void *send, void *recv, size_t count, tp_dtype dt,
@@ -298,8 +339,9 @@ static tp_status b_reduce_scatter(tp_group *g, const void *send, void *recv, siz
     ncclDataType_t t = ncclFloat32;
     size_t item = tp_dtype_size(dt);
     staged ss = {NULL, NULL, 0}, sr = {NULL, NULL, 0};
+    int prev = -1;
     TP_CHECK(nccl_type(dt, &t));
-    TP_CHECK(check_usable(g, "reduce_scatter"));
+    TP_CHECK(check_usable(g, "reduce_scatter", &prev));
     if (count == 0) goto out;
     TP_CHECK(stage_in(g, send, count * item * (size_t)g->size, 1, &ss, "reduce_scatter"));
     TP_CHECK(stage_in(g, recv, count * item, 0, &sr, "reduce_scatter"));
@@ -307,7 +349,9 @@ static tp_status b_reduce_scatter(tp_group *g, const void *send, void *recv, siz
                     "reduce_scatter", ss.host != NULL || sr.host != NULL));
 out:
     st = stage_out(st, &ss, 0);
-    return stage_out(st, &sr, 1);
+    st = stage_out(st, &sr, 1);
+    tp_cuda_restore_device(prev);
+    return st;
 }
 
 static tp_status b_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, int root)
@@ -315,24 +359,29 @@ static tp_status b_broadcast(tp_group *g, void *buf, size_t count, tp_dtype dt, 
     tp_status st = TP_OK;
     ncclDataType_t t = ncclFloat32;
     staged sb = {NULL, NULL, 0};
+    int prev = -1;
     TP_CHECK(nccl_type(dt, &t));
-    TP_CHECK(check_usable(g, "broadcast"));
+    TP_CHECK(check_usable(g, "broadcast", &prev));
     if (count == 0) goto out;
     TP_CHECK(stage_in(g, buf, count * tp_dtype_size(dt), g->rank == root, &sb, "broadcast"));
     TP_CHECK(finish(g, ncclBroadcast(sb.dev, sb.dev, count, t, root, impl_of(g)->comm, tp_cuda_stream()), "broadcast",
                     sb.host != NULL));
 out:
-    return stage_out(st, &sb, 1);
+    st = stage_out(st, &sb, 1);
+    tp_cuda_restore_device(prev);
+    return st;
 }
 
 static tp_status b_barrier(tp_group *g)
 {
     tp_status st = TP_OK;
     nccl_impl *im = impl_of(g);
-    TP_CHECK(check_usable(g, "barrier"));
+    int prev = -1;
+    TP_CHECK(check_usable(g, "barrier", &prev));
     TP_CHECK(finish(g, ncclAllReduce(im->scratch, im->scratch, 1, ncclInt32, ncclSum, im->comm, tp_cuda_stream()),
                     "barrier", 1));
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -468,9 +517,9 @@ static tp_status nccl_split(tp_group *parent, tp_group *child)
     ncclConfig_t cfg;
     ncclComm_t comm = NULL;
     ncclResult_t r;
-    int member = child != NULL && child->rank >= 0;
+    int member = child != NULL && child->rank >= 0, prev = -1;
     TP_REQUIRE(parent && parent->backend == &tp_nccl_backend, "nccl split: the parent group is not an nccl group");
-    TP_CHECK(check_usable(parent, "split"));
+    TP_CHECK(check_usable(parent, "split", &prev));
     if (member) TP_CHECK(impl_new(child, pim->device, &im));
     config_init(&cfg, member ? child : parent);
     r = ncclCommSplit(pim->comm, member ? 0 : NCCL_SPLIT_NOCOLOR, member ? child->rank : 0, &comm, &cfg);
@@ -496,6 +545,7 @@ out:
         if (im->comm && !im->aborted) ncclCommAbort(im->comm);
         impl_free(im, im->device);
     }
+    tp_cuda_restore_device(prev);
     return st;
 }
 

@@ -50,4 +50,21 @@ void tp_bf16_from_float32(const float *src, uint16_t *dst, size_t n);
 /* bfloat16 bit patterns -> float32 (exact). */
 void tp_bf16_to_float32(const uint16_t *src, float *dst, size_t n);
 
+/* The half-precision dtypes of the host GEMMs and reductions: TP_BFLOAT16 and TP_FLOAT16. */
+int tp_dtype_is_half(tp_dtype dt);
+/* n elements of dt (bfloat16 or float16) -> float32, exact (a NaN stays a NaN: float16's payload shifted and
+ * made quiet, as F16C does). */
+void tp_half_to_float32(tp_dtype dt, const void *src, float *dst, size_t n);
+/* n float32 -> dt (bfloat16 or float16), rounded to nearest, ties to even, once; out-of-range values become
+ * infinities, NaN stays NaN (bfloat16: 0x7FC0, as torch's c10::BFloat16; float16: the payload's top bits, made
+ * quiet, as F16C). Both use the AVX2 (bfloat16) / F16C (float16) kernels where the CPU has them, unless
+ * TPLINEAR_HALF_SIMD=0, else plain C: the same bits either way. */
+void tp_half_from_float32(tp_dtype dt, const float *src, void *dst, size_t n);
+/* The same with the kernel chosen by the caller (the tests): simd != 0 asks for the vector kernels, which run
+ * only where tp_half_simd_usable(dt) says the CPU has them (else plain C). */
+void tp_half_to_float32_with(int simd, tp_dtype dt, const void *src, float *dst, size_t n);
+void tp_half_from_float32_with(int simd, tp_dtype dt, const float *src, void *dst, size_t n);
+/* 1 when this CPU has the vector conversions of dt (AVX2 for bfloat16, AVX2 + F16C for float16). */
+int tp_half_simd_usable(tp_dtype dt);
+
 #endif

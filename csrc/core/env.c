@@ -66,8 +66,9 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
                             "GPU: the default of tplinear.set_allow_tf32 (1: float32 GEMMs may use TF32 "
                             "tensor cores)"},
     [TP_KNOB_NCCL_ASYNC] = {"TPLINEAR_NCCL_ASYNC", KNOB_BOOL, "0", 0, 0, 1, NULL,
-                            "nccl: 1 returns from a collective once it is enqueued and waits (still bounded by "
-                            "the timeout) at the group's next call"},
+                            "nccl: 1 returns from a collective once it is enqueued; the next collective checks "
+                            "without waiting that it has not failed or outlived the timeout, barrier and destroy "
+                            "wait (bounded)"},
     [TP_KNOB_HOST_ID] = {"TPLINEAR_HOST_ID", KNOB_STRING, "hostname + boot id", 0, 0, 0, NULL,
                          "the host identity ranks compare at rendezvous: ranks with equal ones share a host "
                          "(local ranks, the shm backend's one-host check, the automatic backend choice)"},
@@ -96,6 +97,9 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
                                "the interfaces whose addresses rank 0 announces for its rendezvous store under "
                                "mpirun/srun (NCCL_SOCKET_IFNAME's convention: comma-separated prefixes, '=' for "
                                "exact names, '^' to exclude); MASTER_ADDR wins"},
+    [TP_KNOB_HALF_SIMD] = {"TPLINEAR_HALF_SIMD", KNOB_BOOL, "1", 1, 0, 1, NULL,
+                           "host bfloat16/float16: 1 converts to and from float32 with AVX2 / F16C where the CPU "
+                           "has them; 0 forces the plain C conversions every CPU runs (the same bits; for tests)"},
 };
 
 #define VALUE_CAP 128

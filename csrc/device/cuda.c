@@ -48,15 +48,26 @@ int tp_cuda_get_allow_tf32(void)
 
 /* ---------------------------------------------------------------- devices */
 
-tp_status tp_cuda_use_device(int device)
+tp_status tp_cuda_use_device(int device, int *prev)
 {
     tp_status st = TP_OK;
-    int n = tp_cuda_device_count();
+    int n = tp_cuda_device_count(), cur = -1;
+    *prev = -1;
     if (n == 0) return tp_error(TP_ERR_UNSUPPORTED, "no CUDA GPU is visible to this process (tplinear.cuda_available() is False)");
     TP_REQUIRE(device >= 0 && device < n, "CUDA device %d does not exist (%d visible)", device, n);
-    TP_CU(cudaSetDevice(device), "cudaSetDevice");
+    TP_CU(cudaGetDevice(&cur), "cudaGetDevice");
+    if (cur != device) TP_CU(cudaSetDevice(device), "cudaSetDevice");
+    *prev = cur;
 out:
     return st;
+}
+
+void tp_cuda_restore_device(int prev)
+{
+    int cur = -1;
+    if (prev < 0) return;
+    if (cudaGetDevice(&cur) != cudaSuccess || (cur != prev && cudaSetDevice(prev) != cudaSuccess))
+        (void)cudaGetLastError(); /* nothing to report it to: the caller's own status stands */
 }
 
 /* ---------------------------------------------------------------- streams */
@@ -64,14 +75,16 @@ out:
 tp_status tp_cuda_stream_order(int device, void *other, int other_waits)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cudaEvent_t ev = NULL;
     cudaStream_t mine = tp_cuda_stream(), theirs = (cudaStream_t)other;
     if (mine == theirs) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
     TP_CU(cudaEventRecord(ev, other_waits ? mine : theirs), "cudaEventRecord");
     TP_CU(cudaStreamWaitEvent(other_waits ? theirs : mine, ev, 0), "cudaStreamWaitEvent");
 out:
+    tp_cuda_restore_device(prev);
     if (ev) cudaEventDestroy(ev); /* released once the wait has been satisfied */
     return st;
 }
@@ -79,9 +92,11 @@ out:
 tp_status tp_cuda_synchronize(int device)
 {
     tp_status st = TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    int prev = -1;
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -90,45 +105,53 @@ out:
 tp_status tp_cuda_malloc(int device, size_t bytes, void **ptr)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     *ptr = NULL;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaMallocAsync(ptr, bytes > 0 ? bytes : 1, tp_cuda_stream()), "cudaMallocAsync");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
 tp_status tp_cuda_free(int device, void *ptr)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     if (ptr == NULL) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaFreeAsync(ptr, tp_cuda_stream()), "cudaFreeAsync");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
 tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     if (bytes == 0) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaMemsetAsync(ptr, 0, bytes, tp_cuda_stream()), "cudaMemsetAsync");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
 tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     int dd, sd;
     if (bytes == 0) return TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CHECK(tp_cuda_pointer_device(dst, &dd));
     TP_CHECK(tp_cuda_pointer_device(src, &sd));
     TP_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, tp_cuda_stream()), "cudaMemcpyAsync");
     /* pageable host memory: the copy must have finished before the caller touches (or frees) it */
     if (dd < 0 || sd < 0) TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -146,25 +169,64 @@ out:
 
 /* ---------------------------------------------------------------- strided copies */
 
-/* dst = src for views whose innermost dimension is unit-stride: one cudaMemcpy2DAsync per index of the
- * dimensions before the last two. Either side may be host memory (unified addressing). */
+/* Whether t's dims from dim on are one compact row-major block (unit stride innermost). */
+static int block_is_compact(const tp_tensor *t, int dim)
+{
+    int64_t expect = 1;
+    for (int d = t->ndim - 1; d >= dim; d--) {
+        if (t->shape[d] > 1 && t->strides[d] != expect) return 0;
+        expect *= t->shape[d];
+    }
+    return 1;
+}
+
+/* dst = src for any strides with cudaMemcpy(2D)Async (either side may be host memory: unified addressing):
+ * the last two dims as one 2-D copy when both are unit-stride innermost, a last dim of any other positive
+ * strides as a 2-D copy of single elements, and a source dim of stride 0 (a broadcast, e.g. torch's
+ * expand()) as its first index copied once and then doubled inside the compact destination. */
 static tp_status copy_rec(char *d, const char *s, const tp_tensor *dt, const tp_tensor *st_, int dim, size_t item)
 {
     tp_status st = TP_OK;
     int nd = dt->ndim;
-    if (dim < nd - 2) {
-        for (int64_t i = 0; i < dt->shape[dim]; i++)
-            TP_CHECK(copy_rec(d + i * dt->strides[dim] * (int64_t)item, s + i * st_->strides[dim] * (int64_t)item, dt,
-                              st_, dim + 1, item));
+    int64_t n = dt->shape[dim];
+    cudaStream_t stream = tp_cuda_stream();
+    if (n > 1 && st_->strides[dim] == 0) {
+        size_t block = item, done = 1;
+        TP_REQUIRE(block_is_compact(dt, dim), "copy: a broadcast (stride 0) source needs a contiguous destination");
+        for (int j = dim + 1; j < nd; j++) block *= (size_t)dt->shape[j];
+        if (dim == nd - 1)
+            TP_CU(cudaMemcpyAsync(d, s, item, cudaMemcpyDefault, stream), "cudaMemcpyAsync");
+        else
+            TP_CHECK(copy_rec(d, s, dt, st_, dim + 1, item));
+        while (done < (size_t)n) {
+            size_t k = done < (size_t)n - done ? done : (size_t)n - done;
+            TP_CU(cudaMemcpyAsync(d + done * block, d, k * block, cudaMemcpyDefault, stream), "cudaMemcpyAsync");
+            done += k;
+        }
         goto out;
     }
-    {
-        size_t width = (size_t)dt->shape[nd - 1] * item;
-        size_t height = nd >= 2 ? (size_t)dt->shape[nd - 2] : 1;
-        size_t dp = nd >= 2 && height > 1 ? (size_t)dt->strides[nd - 2] * item : width;
-        size_t sp = nd >= 2 && height > 1 ? (size_t)st_->strides[nd - 2] * item : width;
-        TP_CU(cudaMemcpy2DAsync(d, dp, s, sp, width, height, cudaMemcpyDefault, tp_cuda_stream()), "cudaMemcpy2DAsync");
+    if (dim == nd - 1) {
+        if (n <= 1 || (dt->strides[dim] == 1 && st_->strides[dim] == 1))
+            TP_CU(cudaMemcpyAsync(d, s, (size_t)n * item, cudaMemcpyDefault, stream), "cudaMemcpyAsync");
+        else
+            TP_CU(cudaMemcpy2DAsync(d, (size_t)dt->strides[dim] * item, s, (size_t)st_->strides[dim] * item, item,
+                                    (size_t)n, cudaMemcpyDefault, stream),
+                  "cudaMemcpy2DAsync");
+        goto out;
     }
+    if (dim == nd - 2 && (dt->shape[nd - 1] <= 1 || (dt->strides[nd - 1] == 1 && st_->strides[nd - 1] == 1)) &&
+        st_->strides[dim] > 0 && (dt->shape[nd - 1] > 1 || st_->strides[nd - 1] != 0)) {
+        size_t width = (size_t)dt->shape[nd - 1] * item;
+        size_t dp = n > 1 ? (size_t)dt->strides[dim] * item : width;
+        size_t sp = n > 1 ? (size_t)st_->strides[dim] * item : width;
+        if (dp >= width && sp >= width) {
+            TP_CU(cudaMemcpy2DAsync(d, dp, s, sp, width, (size_t)n, cudaMemcpyDefault, stream), "cudaMemcpy2DAsync");
+            goto out;
+        }
+    }
+    for (int64_t i = 0; i < n; i++)
+        TP_CHECK(copy_rec(d + i * dt->strides[dim] * (int64_t)item, s + i * st_->strides[dim] * (int64_t)item, dt,
+                          st_, dim + 1, item));
 out:
     return st;
 }
@@ -172,26 +234,29 @@ out:
 tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     int nd = dst->ndim, device = dst->device.type == TP_DEVICE_CUDA ? dst->device.index : src->device.index;
     size_t item = tp_dtype_size(dst->dtype);
     TP_REQUIRE(dst->ndim == src->ndim && dst->dtype == src->dtype, "copy: shapes or dtypes differ");
-    for (int d = 0; d < nd; d++)
+    for (int d = 0; d < nd; d++) {
         TP_REQUIRE(dst->shape[d] == src->shape[d], "copy: dim %d is %lld vs %lld", d, (long long)dst->shape[d],
                    (long long)src->shape[d]);
+        TP_REQUIRE(dst->shape[d] <= 1 || dst->strides[d] > 0, "copy: the destination overlaps itself (stride %lld)",
+                   (long long)dst->strides[d]);
+        TP_REQUIRE(src->shape[d] <= 1 || src->strides[d] >= 0, "copy: negative strides are not supported");
+    }
+    if (nd >= 2 && dst->shape[nd - 2] > 1 && dst->shape[nd - 1] > 1 && dst->strides[nd - 1] == 1)
+        TP_REQUIRE(dst->strides[nd - 2] >= dst->shape[nd - 1], "copy: the destination's rows overlap");
     if (tp_tensor_numel(dst) == 0) goto out;
     if (nd == 0) {
         TP_CHECK(tp_cuda_memcpy(device, dst->data, src->data, item));
         goto out;
     }
-    TP_REQUIRE((dst->shape[nd - 1] <= 1 || (dst->strides[nd - 1] == 1 && src->strides[nd - 1] == 1)),
-               "copy: GPU arrays must be contiguous in their last dimension");
-    if (nd >= 2 && dst->shape[nd - 2] > 1)
-        TP_REQUIRE(dst->strides[nd - 2] >= dst->shape[nd - 1] && src->strides[nd - 2] >= src->shape[nd - 1],
-                   "copy: overlapping rows");
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CHECK(copy_rec(dst->data, src->data, dst, src, 0, item));
     if (dst->device.type != TP_DEVICE_CUDA || src->device.type != TP_DEVICE_CUDA)
         TP_CU(cudaStreamSynchronize(tp_cuda_stream()), "cudaStreamSynchronize");
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }

@@ -22,8 +22,11 @@
 
 /* The current stream (tp_cuda_set_stream) as a cudaStream_t. */
 cudaStream_t tp_cuda_stream(void);
-/* Makes device current on this thread; TP_ERR_UNSUPPORTED without a visible GPU, TP_ERR_VALUE for an
- * ordinal that does not exist. */
-tp_status tp_cuda_use_device(int device);
+/* Makes device current on this thread, *prev the device that was current (-1 until it is known); the
+ * caller gives it back with tp_cuda_restore_device(prev) on every path, so that tplinear never leaves the
+ * caller's thread (torch's current device) on another GPU. TP_ERR_UNSUPPORTED without a visible GPU,
+ * TP_ERR_VALUE for an ordinal that does not exist. */
+tp_status tp_cuda_use_device(int device, int *prev);
+void tp_cuda_restore_device(int prev);
 
 #endif

@@ -7,6 +7,7 @@
  * Precision: float32 (TF32 tensor cores only with tp_cuda_set_allow_tf32(1)), float64, and float16 /
  * bfloat16 with float32 accumulation and float32 alpha/beta. Only compiled into TPLINEAR_CUDA builds. */
 #include <limits.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,14 +32,21 @@
 /* ---------------------------------------------------------------- per-device handles */
 
 #define MAX_DEVICES 64
+#define MAX_STREAMS 8 /* streams with a workspace of their own per device; more use cuBLAS' default pool */
+#define WORKSPACE_BYTES ((size_t)32 << 20) /* what cuBLAS recommends for Hopper; enough for earlier GPUs */
+/* what the device's default memory pool keeps after a synchronisation (the rest goes back to the driver,
+ * where torch's allocator can use it) */
+#define POOL_KEEP_BYTES ((uint64_t)256 << 20)
 
 /* Lazily created per-device state. Handles are shared by every thread of the process; calls that set
  * the handle's stream and enqueue hold g_lock. */
 typedef struct {
     cublasHandle_t blas;
     cublasLtHandle_t lt;
-    void *workspace; /* cuBLAS / cuBLASLt workspace */
-    size_t workspace_bytes;
+    struct {
+        cudaStream_t stream;
+        void *mem;
+    } ws[MAX_STREAMS]; /* cuBLAS / cuBLASLt workspaces, one per stream: one buffer on two streams races */
     void *ones[4];   /* a vector of ones per floating dtype (TP_FLOAT32..TP_BFLOAT16) */
     int64_t ones_len[4];
 } cublas_ctx;
@@ -52,25 +60,22 @@ static tp_status ctx_create(int device, cublas_ctx **out)
     tp_status st = TP_OK;
     cublas_ctx *c = calloc(1, sizeof *c);
     cudaMemPool_t pool;
-    uint64_t keep = UINT64_MAX;
+    uint64_t keep = POOL_KEEP_BYTES;
     if (c == NULL) return tp_error(TP_ERR_NOMEM, "out of memory for the CUDA context");
     TP_CUBLAS(cublasCreate(&c->blas), "cublasCreate");
     TP_CUBLAS(cublasLtCreate(&c->lt), "cublasLtCreate");
-    /* 32 MiB: what cuBLAS recommends for Hopper; also enough for earlier architectures */
-    c->workspace_bytes = (size_t)32 << 20;
-    TP_CU(cudaMalloc(&c->workspace, c->workspace_bytes), "cudaMalloc (cuBLAS workspace)");
-    TP_CUBLAS(cublasSetWorkspace(c->blas, c->workspace, c->workspace_bytes), "cublasSetWorkspace");
     TP_CUBLAS(cublasSetPointerMode(c->blas, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-    /* stream-ordered allocations of outputs should not go back to the driver at every sync */
+    /* stream-ordered allocations of outputs should not go back to the driver at every sync, but freed scratch
+     * beyond POOL_KEEP_BYTES must (never releasing starves torch's caching allocator) */
     if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess)
         (void)cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
     (void)cudaGetLastError();
-    tp_log(TP_LOG_INFO, "CUDA device %d: cuBLAS ready, workspace %zu MiB", device, c->workspace_bytes >> 20);
+    tp_log(TP_LOG_INFO, "CUDA device %d: cuBLAS ready, workspaces of %zu MiB per stream", device,
+           WORKSPACE_BYTES >> 20);
     *out = c;
     c = NULL;
 out:
     if (c) {
-        if (c->workspace) cudaFree(c->workspace);
         if (c->lt) cublasLtDestroy(c->lt);
         if (c->blas) cublasDestroy(c->blas);
         free(c);
@@ -78,16 +83,41 @@ out:
     return st;
 }
 
-static tp_status ctx_get(int device, cublas_ctx **ctx)
+/* The device's handles, with the device made current: the caller restores *prev (tp_cuda_restore_device). */
+static tp_status ctx_get(int device, cublas_ctx **ctx, int *prev)
 {
     tp_status st = TP_OK;
-    TP_CHECK(tp_cuda_use_device(device));
+    TP_CHECK(tp_cuda_use_device(device, prev));
     TP_REQUIRE(device < MAX_DEVICES, "CUDA device %d: at most %d devices are supported", device,
                MAX_DEVICES);
     pthread_mutex_lock(&g_lock);
     if (g_ctx[device] == NULL) st = ctx_create(device, &g_ctx[device]);
     *ctx = g_ctx[device];
     pthread_mutex_unlock(&g_lock);
+out:
+    return st;
+}
+
+/* Puts the handle on the current stream with that stream's own workspace (cublasSetStream resets the
+ * workspace to cuBLAS' default pool); *ws is that workspace, NULL once MAX_STREAMS streams have one (cuBLAS
+ * then uses its default pool, cuBLASLt no workspace). Caller holds the lock; the device is current. */
+static tp_status bind_stream(cublas_ctx *ctx, void **ws)
+{
+    tp_status st = TP_OK;
+    cudaStream_t s = tp_cuda_stream();
+    int i, slot = -1;
+    *ws = NULL;
+    TP_CUBLAS(cublasSetStream(ctx->blas, s), "cublasSetStream");
+    for (i = 0; i < MAX_STREAMS && !(ctx->ws[i].mem && ctx->ws[i].stream == s); i++)
+        if (ctx->ws[i].mem == NULL && slot < 0) slot = i;
+    if (i == MAX_STREAMS) {
+        if (slot < 0) goto out;
+        i = slot;
+        TP_CU(cudaMalloc(&ctx->ws[i].mem, WORKSPACE_BYTES), "cudaMalloc (cuBLAS workspace)");
+        ctx->ws[i].stream = s;
+    }
+    TP_CUBLAS(cublasSetWorkspace(ctx->blas, ctx->ws[i].mem, WORKSPACE_BYTES), "cublasSetWorkspace");
+    *ws = ctx->ws[i].mem;
 out:
     return st;
 }
@@ -238,8 +268,9 @@ static tp_status gemm_ex(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat 
     int64_t m = c->rows, n = c->cols, k = ta ? a->rows : a->cols;
     cublasOperation_t opa = (tb != b->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasOperation_t opb = (ta != a->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
+    void *ws;
     TP_CHECK(types_of(c->dtype, &t));
-    TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
+    TP_CHECK(bind_stream(ctx, &ws));
     TP_CUBLAS(cublasGemmEx(ctx->blas, opa, opb, (int)n, (int)m, (int)k, scal(&t, &sa, 1.0), b->data, t.type,
                            (int)b->ld, a->data, t.type, (int)a->ld, scal(&t, &sb, beta), c->data, t.type,
                            (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
@@ -251,11 +282,12 @@ out:
 static tp_status cu_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     int64_t k = ta ? a->rows : a->cols;
     TP_CHECK(check_mats(a, b, c));
     if (c->rows == 0 || c->cols == 0) goto out;
-    TP_CHECK(ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx, &prev));
     if (k == 0) {
         if (!accumulate) TP_CHECK(zero_mat(c));
         goto out;
@@ -264,6 +296,7 @@ static tp_status cu_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_ma
     st = gemm_ex(ctx, a, ta, b, tb, c, accumulate ? 1.0 : 0.0);
     pthread_mutex_unlock(&g_lock);
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -271,8 +304,10 @@ out:
 static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     const void *ones;
+    void *ws;
     gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
     scalar sa, sb;
     int locked = 0;
@@ -281,16 +316,17 @@ static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
     TP_CHECK(check_dims(c->ld, "leading dimension"));
     if (c->rows == 0 || c->cols == 0) goto out;
     TP_CHECK(types_of(c->dtype, &t));
-    TP_CHECK(ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx, &prev));
     pthread_mutex_lock(&g_lock);
     locked = 1;
     TP_CHECK(ones_of(ctx, c->dtype, c->rows, &ones));
-    TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
+    TP_CHECK(bind_stream(ctx, &ws));
     TP_CUBLAS(cublasGemmEx(ctx->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)c->cols, (int)c->rows, 1, scal(&t, &sa, 1.0),
                            bias, t.type, (int)c->cols, ones, t.type, 1, scal(&t, &sb, mode ? 1.0 : 0.0), c->data,
                            t.type, (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (bias rows)");
 out:
+    tp_cuda_restore_device(prev);
     if (locked) pthread_mutex_unlock(&g_lock);
     return st;
 }
@@ -300,8 +336,10 @@ out:
 static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     const void *ones;
+    void *ws;
     gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
     scalar sa, sb;
     int locked = 0;
@@ -309,23 +347,24 @@ static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
     TP_CHECK(check_dims(a->cols, "columns"));
     TP_CHECK(check_dims(a->ld, "leading dimension"));
     if (a->cols == 0) goto out;
+    TP_CHECK(ctx_get(a->device.index, &ctx, &prev)); /* also for the memset below: on a's device */
     if (a->rows == 0) { /* an empty sum */
         tp_mat o = {out, 1, a->cols, a->cols, 0, a->dtype, a->device};
         if (!accumulate) TP_CHECK(zero_mat(&o));
         goto out;
     }
     TP_CHECK(types_of(a->dtype, &t));
-    TP_CHECK(ctx_get(a->device.index, &ctx));
     pthread_mutex_lock(&g_lock);
     locked = 1;
     TP_CHECK(ones_of(ctx, a->dtype, a->rows, &ones));
-    TP_CUBLAS(cublasSetStream(ctx->blas, tp_cuda_stream()), "cublasSetStream");
+    TP_CHECK(bind_stream(ctx, &ws));
     TP_CUBLAS(cublasGemmEx(ctx->blas, a->trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, (int)a->cols, 1,
                            (int)a->rows, scal(&t, &sa, 1.0), a->data, t.type, (int)a->ld, ones, t.type,
                            (int)a->rows, scal(&t, &sb, accumulate ? 1.0 : 0.0), out, t.type, (int)a->cols, t.compute,
                            CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (column sums)");
 out:
+    tp_cuda_restore_device(prev);
     if (locked) pthread_mutex_unlock(&g_lock);
     return st;
 }
@@ -333,8 +372,9 @@ out:
 /* ---------------------------------------------------------------- bias in the epilogue */
 
 /* C = op(A) op(B) + bias through cuBLASLt's BIAS epilogue (bias broadcast along the rows of the
- * row-major C = the columns of the column-major D). Returns TP_ERR_UNSUPPORTED, with no work queued,
- * when cuBLASLt has no algorithm for the case. Caller holds the lock. */
+ * row-major C = the columns of the column-major D), with the operands' real alignments as preferences.
+ * Returns TP_ERR_UNSUPPORTED, with no work queued, when cuBLASLt has no algorithm for the case or refuses
+ * the one it chose, so that the caller falls back to plain cuBLAS. Caller holds the lock. */
 static tp_status lt_bias(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c,
                          const void *bias)
 {
@@ -345,14 +385,19 @@ static tp_status lt_bias(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat 
     cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
     cublasLtMatmulPreference_t pref = NULL;
     cublasLtMatmulHeuristicResult_t res;
+    cublasStatus_t lst;
+    uint32_t align[4];
     int found = 0;
     int64_t m = c->rows, n = c->cols, k = ta ? a->rows : a->cols;
     cublasOperation_t opa = (tb != b->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasOperation_t opb = (ta != a->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-    size_t ws = ctx->workspace_bytes;
+    void *workspace = NULL;
+    size_t ws = 0;
     memset(&res, 0, sizeof res);
     TP_CHECK(types_of(c->dtype, &t));
+    TP_CHECK(bind_stream(ctx, &workspace));
+    ws = workspace ? WORKSPACE_BYTES : 0;
     TP_CUBLAS(cublasLtMatmulDescCreate(&op, t.compute, t.scale), "cublasLtMatmulDescCreate");
     TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa), "cublasLt TRANSA");
     TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb), "cublasLt TRANSB");
@@ -368,15 +413,32 @@ static tp_status lt_bias(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat 
     TP_CUBLAS(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
     TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
               "cublasLt MAX_WORKSPACE_BYTES");
+    /* cuBLAS' A is our b, its B our a; C and D are c; the bias is read with D's alignment */
+    align[0] = tp_gemm_alignment(b->data);
+    align[1] = tp_gemm_alignment(a->data);
+    align[2] = tp_gemm_alignment(c->data);
+    align[3] = align[2] < tp_gemm_alignment(bias) ? align[2] : tp_gemm_alignment(bias);
+    TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0],
+                                                   sizeof align[0]), "cublasLt MIN_ALIGNMENT_A_BYTES");
+    TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1],
+                                                   sizeof align[1]), "cublasLt MIN_ALIGNMENT_B_BYTES");
+    TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2],
+                                                   sizeof align[2]), "cublasLt MIN_ALIGNMENT_C_BYTES");
+    TP_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[3],
+                                                   sizeof align[3]), "cublasLt MIN_ALIGNMENT_D_BYTES");
     if (cublasLtMatmulAlgoGetHeuristic(ctx->lt, op, la, lb, lc, lc, pref, 1, &res, &found) != CUBLAS_STATUS_SUCCESS ||
         found == 0) {
         st = tp_error(TP_ERR_UNSUPPORTED, "cuBLASLt has no bias-epilogue algorithm for %lldx%lldx%lld %s",
                       (long long)m, (long long)n, (long long)k, tp_dtype_name(c->dtype));
         goto out;
     }
-    TP_CUBLAS(cublasLtMatmul(ctx->lt, op, scal(&t, &sa, 1.0), b->data, la, a->data, lb, scal(&t, &sb, 0.0), c->data,
-                             lc, c->data, lc, &res.algo, ctx->workspace, ws, tp_cuda_stream()),
-              "cublasLtMatmul");
+    lst = cublasLtMatmul(ctx->lt, op, scal(&t, &sa, 1.0), b->data, la, a->data, lb, scal(&t, &sb, 0.0), c->data, lc,
+                         c->data, lc, &res.algo, workspace, ws, tp_cuda_stream());
+    if (lst != CUBLAS_STATUS_SUCCESS) { /* refused at launch: nothing was queued */
+        st = tp_error(TP_ERR_UNSUPPORTED, "cublasLtMatmul refused the bias-epilogue GEMM %lldx%lldx%lld %s: %s",
+                      (long long)m, (long long)n, (long long)k, tp_dtype_name(c->dtype), cublasGetStatusName(lst));
+        goto out;
+    }
     tp_log(TP_LOG_TRACE, "cuBLASLt bias GEMM %lldx%lldx%lld %s", (long long)m, (long long)n, (long long)k,
            tp_dtype_name(c->dtype));
 out:
@@ -391,11 +453,12 @@ out:
 static tp_status cu_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
 {
     tp_status st = TP_OK;
+    int prev = -1;
     cublas_ctx *ctx;
     int64_t k = ta ? a->rows : a->cols;
     TP_CHECK(check_mats(a, b, c));
     if (c->rows == 0 || c->cols == 0) goto out;
-    TP_CHECK(ctx_get(c->device.index, &ctx));
+    TP_CHECK(ctx_get(c->device.index, &ctx, &prev));
     if (k > 0) {
         pthread_mutex_lock(&g_lock);
         st = lt_bias(ctx, a, ta, b, tb, c, bias);
@@ -408,6 +471,7 @@ static tp_status cu_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, 
     TP_CHECK(cu_rows(c, bias, 0));
     TP_CHECK(cu_gemm(a, ta, b, tb, c, 1));
 out:
+    tp_cuda_restore_device(prev);
     return st;
 }
 

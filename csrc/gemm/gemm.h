@@ -2,6 +2,7 @@
 #ifndef TP_GEMM_H
 #define TP_GEMM_H
 
+#include "../core/dtype.h"
 #include "../device/device.h"
 
 /* A logical [rows, cols] matrix. Stored row-major with leading dimension ld when trans == 0,
@@ -15,9 +16,15 @@ typedef struct {
 } tp_mat;
 
 /* Views t as [prod(leading dims), last dim] without copying when its strides allow; otherwise,
- * if packed != NULL, copies it into a new contiguous buffer returned in *packed (caller frees),
+ * if packed != NULL, copies it into a new contiguous buffer on t's device returned in *packed (the caller
+ * frees it with tp_device_free(t->device, ...)),
  * else fails with TP_ERR_VALUE (outputs must be viewable in place). */
 tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *what);
+
+/* The alignment a GEMM library may assume of a pointer: the largest power of two that divides its address,
+ * at most 256 (torch's _getAlignment). cuBLASLt's MIN_ALIGNMENT preferences take it: without them its
+ * heuristic assumes 256, which a row layer's x[..., off:off + size] at p > 1 or an offset bias lacks. */
+uint32_t tp_gemm_alignment(const void *p);
 
 /* The argument checks of tp_linear_forward (shapes, dtypes, devices of x [..., in], w [out, in],
  * b [out] or NULL, y [..., out]). */
@@ -44,6 +51,16 @@ typedef struct {
      * cuBLASLt's bias epilogue, one kernel) */
     tp_status (*gemm_bias)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias);
 } tp_gemm_provider;
+
+/* The half-precision (bfloat16, float16) host GEMMs (gemm/half.c), for the OpenBLAS provider: the operands by
+ * blocks converted to float32, gemm32 (the provider's float32 GEMM), every output element rounded once.
+ * tp_half_gemm: C = op(A) op(B) (+ C when accumulate) (+ bias, cols elements of C's dtype, when not NULL);
+ * tp_half_rows and tp_half_col_sums: as the provider's rows and col_sums (sums in float32 or wider). */
+typedef tp_status (*tp_gemm_fn)(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate);
+tp_status tp_half_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, int accumulate, const void *bias,
+                       tp_gemm_fn gemm32);
+tp_status tp_half_rows(tp_mat *c, const void *bias, int mode);
+tp_status tp_half_col_sums(const tp_mat *a, void *out, int accumulate);
 
 extern const tp_gemm_provider tp_gemm_openblas; /* gemm/openblas.c */
 #if TPLINEAR_CUDA

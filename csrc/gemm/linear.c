@@ -1,4 +1,5 @@
 /* Dense linear algebra of one rank: tensor -> matrix views, device dispatch, and the four linear ops. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,15 +51,10 @@ tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *
         goto out;
     }
     TP_REQUIRE(packed != NULL, "%s must be contiguous in its last dimension", what);
-    TP_REQUIRE(t->device.type == TP_DEVICE_CPU, "%s: strided device arrays are not supported; pass a contiguous one", what);
-    {
+    { /* packed where t lives: host memory, or on the GPU (e.g. torch's expand()ed dY, strides 0) */
         tp_tensor dst;
         size_t bytes = (size_t)(rows * cols) * tp_dtype_size(t->dtype);
-        *packed = malloc(bytes > 0 ? bytes : 1);
-        if (*packed == NULL) {
-            st = tp_error(TP_ERR_NOMEM, "%s: out of memory packing %zu bytes", what, bytes);
-            goto out;
-        }
+        TP_CHECK(tp_device_alloc(t->device, bytes, packed));
         TP_CHECK(tp_tensor_init(&dst, *packed, t->dtype, nd, t->shape));
         dst.device = t->device;
         TP_CHECK(tp_tensor_copy(&dst, t));
@@ -68,10 +64,18 @@ tp_status tp_mat_view(const tp_tensor *t, tp_mat *m, void **packed, const char *
     }
 out:
     if (st != TP_OK && packed && *packed) {
-        free(*packed);
+        tp_device_free(t->device, *packed);
         *packed = NULL;
     }
     return st;
+}
+
+uint32_t tp_gemm_alignment(const void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    uint32_t align = 256;
+    while (align > 1 && a % align != 0) align /= 2;
+    return align;
 }
 
 /* The provider for the memory of m's device. */
@@ -180,7 +184,7 @@ tp_status tp_linear_forward(const tp_tensor *x, const tp_tensor *w, const tp_ten
     else
         TP_CHECK(p->gemm(&mx, 0, &mw, 1, &my, 0));
 out:
-    free(px);
+    tp_device_free(x->device, px);
     return st;
 }
 
@@ -200,7 +204,7 @@ tp_status tp_linear_backward_input(const tp_tensor *dy, const tp_tensor *w, tp_t
     TP_CHECK(tp_mat_view(dx, &mdx, NULL, "grad_input"));
     TP_CHECK(tp_gemm(&mdy, 0, &mw, 0, &mdx, 0));
 out:
-    free(pdy);
+    tp_device_free(dy->device, pdy);
     return st;
 }
 
@@ -233,8 +237,8 @@ tp_status tp_linear_backward_params_mode(const tp_tensor *dy, const tp_tensor *x
     TP_CHECK(p->gemm(&mdy, 1, &mx, 0, &mdw, accumulate));
     if (db) TP_CHECK(p->col_sums(&mdy, db->data, accumulate));
 out:
-    free(pdy);
-    free(px);
+    tp_device_free(dy->device, pdy);
+    tp_device_free(x->device, px);
     return st;
 }
 

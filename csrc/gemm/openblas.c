@@ -226,8 +226,12 @@ static tp_status blas_gemm(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_
     /* row i of op(A): row i of the stored matrix (NoTrans) or its column i (Trans) */
     int64_t a_row_step = opa == CblasNoTrans ? a->ld : 1;
     TP_REQUIRE(!c->trans, "gemm: output must be row-major");
-    TP_REQUIRE(c->dtype == TP_FLOAT32 || c->dtype == TP_FLOAT64, "CPU GEMM supports float32 and float64, got %s",
-               tp_dtype_name(c->dtype));
+    if (tp_dtype_is_half(c->dtype)) {
+        st = tp_half_gemm(a, ta, b, tb, c, accumulate, NULL, blas_gemm);
+        goto out;
+    }
+    TP_REQUIRE(c->dtype == TP_FLOAT32 || c->dtype == TP_FLOAT64,
+               "CPU GEMM supports float32, float64, bfloat16 and float16, got %s", tp_dtype_name(c->dtype));
     TP_CHECK(check_int(m, "rows"));
     TP_CHECK(check_int(n, "columns"));
     TP_CHECK(check_int(k, "inner dimension"));
@@ -313,8 +317,10 @@ static tp_status blas_rows(tp_mat *c, const void *bias, int mode)
             else
                 for (int64_t j = 0; j < c->cols; j++) row[j] += bv[j];
         }
+    } else if (tp_dtype_is_half(c->dtype)) {
+        st = tp_half_rows(c, bias, mode);
     } else {
-        st = tp_error(TP_ERR_TYPE, "bias: float32 or float64, got %s", tp_dtype_name(c->dtype));
+        st = tp_error(TP_ERR_TYPE, "bias: float32, float64, bfloat16 or float16, got %s", tp_dtype_name(c->dtype));
     }
 out:
     return st;
@@ -326,8 +332,12 @@ static tp_status blas_col_sums(const tp_mat *a, void *out, int accumulate)
     tp_status st = TP_OK;
     double *acc = NULL;
     int64_t rs = a->trans ? 1 : a->ld, cs = a->trans ? a->ld : 1;
-    TP_REQUIRE(a->dtype == TP_FLOAT32 || a->dtype == TP_FLOAT64, "column sums: float32 or float64, got %s",
-               tp_dtype_name(a->dtype));
+    if (tp_dtype_is_half(a->dtype)) {
+        st = tp_half_col_sums(a, out, accumulate);
+        goto out;
+    }
+    TP_REQUIRE(a->dtype == TP_FLOAT32 || a->dtype == TP_FLOAT64,
+               "column sums: float32, float64, bfloat16 or float16, got %s", tp_dtype_name(a->dtype));
     acc = calloc((size_t)(a->cols > 0 ? a->cols : 1), sizeof *acc);
     if (acc == NULL) {
         st = tp_error(TP_ERR_NOMEM, "column sums: out of memory for %lld columns", (long long)a->cols);
@@ -357,6 +367,10 @@ out:
 static tp_status blas_gemm_bias(const tp_mat *a, int ta, const tp_mat *b, int tb, tp_mat *c, const void *bias)
 {
     tp_status st = TP_OK;
+    if (tp_dtype_is_half(c->dtype)) { /* the bias joins the float32 sum: one rounding */
+        TP_CHECK(tp_half_gemm(a, ta, b, tb, c, 0, bias, blas_gemm));
+        goto out;
+    }
     TP_CHECK(blas_rows(c, bias, 0));
     TP_CHECK(blas_gemm(a, ta, b, tb, c, 1));
 out:

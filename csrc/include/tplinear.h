@@ -61,8 +61,8 @@ TP_API void tp_set_interrupt_hook(tp_interrupt_fn fn, void *ctx);
 typedef enum {
     TP_FLOAT32 = 0,
     TP_FLOAT64 = 1,
-    TP_FLOAT16 = 2,  /* GPU only */
-    TP_BFLOAT16 = 3, /* GPU only */
+    TP_FLOAT16 = 2,  /* GPU; host: the linear ops (tp_linear_*) */
+    TP_BFLOAT16 = 3, /* GPU; host: the linear ops (tp_linear_*) */
     TP_INT32 = 4,    /* collectives only */
     TP_INT64 = 5     /* collectives only */
 } tp_dtype;
@@ -95,8 +95,8 @@ TP_API int64_t tp_tensor_numel(const tp_tensor *t);
 TP_API int tp_tensor_is_contiguous(const tp_tensor *t);
 /* A view of t restricted to [start, start+length) along dim (no copy). */
 TP_API tp_status tp_tensor_narrow(const tp_tensor *t, int dim, int64_t start, int64_t length, tp_tensor *out);
-/* Copies src into dst elementwise (same shape and dtype, any strides on the CPU; GPU views must be
- * contiguous in their last dimension, see tp_cuda_tensor_copy). */
+/* Copies src into dst elementwise (same shape and dtype, any non-negative strides, stride 0 included in
+ * the source; on the GPU see tp_cuda_tensor_copy). */
 TP_API tp_status tp_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 
 /* ------------------------------------------------------------------ partition math */
@@ -475,7 +475,7 @@ TP_API tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, 
  * full into shard, i.e. its pieces ranges[rank*nblocks + i] along dim, concatenated in block order.
  * ranges is [p][nblocks] from tp_partition_packed (p*nblocks entries covering full's dim). shard has
  * full's shape except along dim, where it has the rank's pieces together. Both on one device; the copy
- * runs there (GPU views must be contiguous in their last dimension, as for tp_tensor_copy). */
+ * runs there (any strides, as for tp_tensor_copy). */
 TP_API tp_status tp_shard_packed(const tp_tensor *full, int dim, const tp_range *ranges, int p, int nblocks,
                                  int rank, tp_tensor *shard);
 /* The unpacked form: ranges has p entries (from tp_partition). */
@@ -512,7 +512,8 @@ TP_API tp_status tp_cuda_memset_zero(int device, void *ptr, size_t bytes);
 /* Copies bytes between any two of host and device memory (unified addressing); returns once the
  * copy is complete when either side is host memory. */
 TP_API tp_status tp_cuda_memcpy(int device, void *dst, const void *src, size_t bytes);
-/* tp_tensor_copy when either side is on the GPU (views contiguous in their last dimension). */
+/* tp_tensor_copy when either side is on the GPU: any non-negative strides (a broadcast source of stride 0
+ * needs a contiguous destination); unit-stride rows are one 2-D copy, other strides one copy per row. */
 TP_API tp_status tp_cuda_tensor_copy(tp_tensor *dst, const tp_tensor *src);
 /* Where ptr lives: *device = GPU ordinal or -1 for host memory (not registered with CUDA). */
 TP_API tp_status tp_cuda_pointer_device(const void *ptr, int *device);

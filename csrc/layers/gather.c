@@ -45,7 +45,7 @@ tp_status tp_gather_packed(tp_group *g, const tp_tensor *shard, int dim, const t
     TP_REQUIRE(g != NULL && tp_group_rank(g) >= 0, "gather: this rank is not a member of the group");
     p = tp_group_size(g);
     me = tp_group_rank(g);
-    if (p > 1) TP_CHECK(tp_group_check_device(g, full->device, "gather: the full tensor"));
+    TP_CHECK(tp_group_check_device(g, full->device, "gather: the full tensor"));
     TP_CHECK(tp_shard_check(shard, full, dim, ranges, p, nblocks, me, "gather"));
     /* shard is only read below (tp_shard_copy with to_full = 1) */
     if (p == 1) { /* nothing to exchange: the shard's pieces are the full tensor */

@@ -11,14 +11,14 @@
 
 #include "../gemm/gemm.h"
 
-/* The group must include this rank and, when the layer communicates, take buffers on w's device. */
+/* The group must include this rank and take buffers on w's device, whatever its size: a group of one of a
+ * host backend copies its collectives' buffers on the host. */
 static tp_status check_group(tp_group *g, const tp_tensor *w)
 {
     if (g == NULL) return tp_error(TP_ERR_VALUE, "process group is NULL");
     if (tp_group_rank(g) < 0)
         return tp_error(TP_ERR_VALUE, "this rank is not a member of the layer's process group");
-    if (tp_group_size(g) > 1) return tp_group_check_device(g, w->device, "the layer's weight");
-    return TP_OK;
+    return tp_group_check_device(g, w->device, "the layer's weight");
 }
 
 /* An output must be contiguous: collectives run on its flat buffer. */

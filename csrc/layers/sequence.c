@@ -26,7 +26,7 @@ static tp_status check_layer_group(tp_group *g, const tp_tensor *w)
     tp_status st = TP_OK;
     TP_REQUIRE(g != NULL, "process group is NULL");
     TP_REQUIRE(tp_group_rank(g) >= 0, "this rank is not a member of the layer's process group");
-    if (tp_group_size(g) > 1) TP_CHECK(tp_group_check_device(g, w->device, "the layer's weight"));
+    TP_CHECK(tp_group_check_device(g, w->device, "the layer's weight")); /* also a group of one: see layers.c */
 out:
     return st;
 }
@@ -128,7 +128,7 @@ tp_status tp_reduce_scatter_rows(tp_group *g, const tp_tensor *full, const tp_ra
                tp_dtype_name(full->dtype), tp_dtype_name(part->dtype));
     TP_REQUIRE(tp_device_same(full->device, part->device), "reduce_scatter: the tensors are on different devices");
     TP_CHECK(check_flat(part, "reduce_scatter: this rank's rows"));
-    if (tp_group_size(g) > 1) TP_CHECK(tp_group_check_device(g, full->device, "reduce_scatter: the full tensor"));
+    TP_CHECK(tp_group_check_device(g, full->device, "reduce_scatter: the full tensor"));
     for (int d = 1; d < full->ndim; d++) row *= (size_t)full->shape[d];
     if ((counts = calloc((size_t)tp_group_size(g), sizeof *counts)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "reduce_scatter: out of memory");

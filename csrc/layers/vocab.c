@@ -426,7 +426,7 @@ tp_status tp_vocab_cross_entropy(tp_group *g, const tp_tensor *logits, const tp_
     }
     if (loss) *loss = reduction == TP_LOSS_MEAN ? total / (double)valid : total;
 out:
-    free(packed);
+    tp_device_free(logits->device, packed);
     free(t);
     free(mx);
     free(sums);

@@ -3,7 +3,10 @@
  * export through DLPack and the CUDA Array Interface v3.
  *
  * Streams: everything runs on tplinear's current stream (tp_cuda_get_stream; NULL is the legacy default
- * stream, the protocols' 1). An exported array orders the consumer's stream after ours. */
+ * stream, the protocols' 1). An exported array orders the consumer's stream after ours. An allocation
+ * remembers the stream tplinear last used it on: a use on another stream waits for that one's work first,
+ * and the memory is freed ordered after it (cudaFreeAsync on the stream current at the free would let that
+ * stream reuse it while the other still reads it). */
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +19,7 @@ typedef struct {
     PyObject_HEAD
     tp_tensor t;        /* data, dtype, shape, strides (elements), device: always a GPU */
     void *alloc;        /* the allocation this array owns, freed in dealloc; NULL for views */
+    void *stream;       /* the owner's: the stream tplinear last used the allocation on */
     PyObject *base;     /* what keeps a view's memory alive: the owning array, or a foreign owner */
     PyObject *weakrefs;
 } tpy_array;
@@ -25,6 +29,30 @@ static void array_dealloc(PyObject *self);
 int tpy_array_check(PyObject *obj) { return Py_TYPE(obj)->tp_dealloc == array_dealloc; }
 
 const tp_tensor *tpy_array_tensor(PyObject *obj) { return &((tpy_array *)obj)->t; }
+
+/* The array that owns obj's allocation (obj itself, or the array a view was taken of), NULL for memory
+ * borrowed from another owner. */
+static tpy_array *alloc_owner(PyObject *obj)
+{
+    tpy_array *a = (tpy_array *)obj;
+    if (a->alloc) return a;
+    return a->base && tpy_array_check(a->base) && ((tpy_array *)a->base)->alloc ? (tpy_array *)a->base : NULL;
+}
+
+int tpy_array_use(PyObject *obj)
+{
+    tpy_array *a = alloc_owner(obj);
+    void *now = tp_cuda_get_stream();
+    tp_status st;
+    if (a == NULL || a->stream == now) return 0;
+    if ((st = tp_cuda_stream_order(a->t.device.index, a->stream, 0)) != TP_OK) {
+        PyErr_Format(PyExc_RuntimeError, "could not order a GPU array's last stream before this one: %s",
+                     tp_last_error());
+        return -1;
+    }
+    a->stream = now;
+    return 0;
+}
 
 /* Maps a failed status to the module's exception (CommError, ...) for an array of type. */
 static PyObject *raise_st(PyTypeObject *type, tp_status st) { return tpy_raise(PyType_GetModule(type), st); }
@@ -207,6 +235,7 @@ static PyObject *array_alloc(PyTypeObject *type, int ndim, const int64_t *shape,
         return NULL;
     }
     a->t.data = a->alloc;
+    a->stream = tp_cuda_get_stream();
     return (PyObject *)a;
 }
 
@@ -298,8 +327,9 @@ static void array_dealloc(PyObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     if (a->weakrefs) PyObject_ClearWeakRefs(self);
-    if (a->alloc) {
-        (void)tp_cuda_free(a->t.device.index, a->alloc); /* a failure at teardown has nowhere to go */
+    if (a->alloc) { /* a failure at teardown has nowhere to go */
+        if (a->stream != tp_cuda_get_stream()) (void)tp_cuda_stream_order(a->t.device.index, a->stream, 0);
+        (void)tp_cuda_free(a->t.device.index, a->alloc);
         a->alloc = NULL;
     }
     Py_CLEAR(a->base);
@@ -506,6 +536,7 @@ static PyObject *array_copy(PyObject *self, PyObject *unused)
     tpy_array *out;
     tp_status st;
     (void)unused;
+    if (tpy_array_use(self) < 0) return NULL;
     out = (tpy_array *)array_alloc(Py_TYPE(self), SELF->t.ndim, SELF->t.shape, SELF->t.dtype, SELF->t.device.index, 0);
     if (out == NULL) return NULL;
     Py_BEGIN_ALLOW_THREADS
@@ -571,7 +602,7 @@ static PyObject *array_numpy(PyObject *self, PyObject *unused)
     Py_buffer buf;
     tp_status st = TP_OK;
     (void)unused;
-    if (state == NULL) return NULL;
+    if (state == NULL || tpy_array_use(self) < 0) return NULL;
     if (!tp_tensor_is_contiguous(&SELF->t)) {
         if ((src = array_copy(self, NULL)) == NULL) return NULL;
     } else {
@@ -726,6 +757,7 @@ static PyObject *array_dlpack(PyObject *self, PyObject *args, PyObject *kwargs)
     if (want_copy)
         return PyErr_Format(PyExc_BufferError,
                             "DeviceArray exports without copying only (copy=True is not supported)");
+    if (tpy_array_use(self) < 0) return NULL; /* ours after the stream of its last use, theirs after ours */
     {
         void *theirs = (void *)1, *mine = tp_cuda_get_stream(); /* None and 0: the legacy default stream */
         int overflow = 0;

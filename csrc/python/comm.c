@@ -44,16 +44,6 @@ static int check_device(PyObject *m, tp_group *g, const tp_tensor *t, const char
     return 0;
 }
 
-static int check_float_or_int(const tp_tensor *t, const char *what)
-{
-    if (t->dtype == TP_FLOAT16 || t->dtype == TP_BFLOAT16) {
-        if (t->device.type == TP_DEVICE_CUDA) return 0;
-        PyErr_Format(PyExc_TypeError, "%s: %s collectives run on GPU arrays only", what, tp_dtype_name(t->dtype));
-        return -1;
-    }
-    return 0;
-}
-
 /* None or an int >= 0 into *out (-1 for None: "from the environment"). */
 static int opt_rank(PyObject *o, int *out, const char *what)
 {
@@ -209,8 +199,7 @@ static PyObject *py_all_reduce(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO", &go, &arr, &opobj)) return NULL;
     if ((g = tpy_group_get(m, go)) == NULL || parse_op(opobj, &op) < 0) return NULL;
     if (tpy_tensor(arr, &t, &v, 1, "tensor") < 0) return NULL;
-    if (check_contig(&t, "tensor") < 0 || check_float_or_int(&t, "all_reduce") < 0 ||
-        check_device(m, g, &t, "tensor") < 0) {
+    if (check_contig(&t, "tensor") < 0 || check_device(m, g, &t, "tensor") < 0) {
         tpy_view_release(&v);
         return NULL;
     }
@@ -261,7 +250,6 @@ static int pair(PyObject *m, tp_group *g, PyObject *so, PyObject *ro, tpy_arg a[
     if (tpy_args_convert(a, 2) < 0) return -1;
     if (check_contig(&a[0].t, "input") < 0 || check_contig(&a[1].t, "output") < 0) goto fail;
     if (check_device(m, g, &a[0].t, "input") < 0 || check_device(m, g, &a[1].t, "output") < 0) goto fail;
-    if (check_float_or_int(&a[0].t, what) < 0) goto fail;
     if (a[0].t.dtype != a[1].t.dtype) {
         PyErr_Format(PyExc_TypeError, "%s: output dtype %s differs from input dtype %s", what,
                      tp_dtype_name(a[1].t.dtype), tp_dtype_name(a[0].t.dtype));

@@ -20,7 +20,8 @@ int tpy_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const 
     const tp_dtype_info *info;
     memset(view, 0, sizeof *view);
     memset(t, 0, sizeof *t);
-    if (tpy_array_check(obj)) { /* our own GPU arrays: no protocol, no stream to order */
+    if (tpy_array_check(obj)) { /* our own GPU arrays: no protocol; the stream of their last use */
+        if (tpy_array_use(obj) < 0) return -1;
         *t = *tpy_array_tensor(obj);
         view->owner = obj;
         Py_INCREF(obj);

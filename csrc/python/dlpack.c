@@ -18,8 +18,13 @@ PyObject *tpy_protocol_stream(void)
     return PyLong_FromVoidPtr(s ? s : (void *)1);
 }
 
+/* Runs the producer's deleter of a consumed capsule. It may run while an error is pending (a later
+ * argument's check failed and the views of the earlier ones are released): that error is kept, and one the
+ * release itself raises is dropped (a deleter has no way to report it). */
 static void dl_release(PyObject *cap)
 {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
     if (PyCapsule_IsValid(cap, "used_dltensor_versioned")) {
         tp_DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, "used_dltensor_versioned");
         if (m && m->deleter) m->deleter(m);
@@ -28,6 +33,7 @@ static void dl_release(PyObject *cap)
         if (m && m->deleter) m->deleter(m);
     }
     PyErr_Clear();
+    PyErr_Restore(type, value, tb);
 }
 
 /* Fills t from a DLTensor; 0, or -1 with an exception. */
@@ -167,7 +173,7 @@ static int from_cai(PyObject *obj, PyObject *cai, tp_tensor *t, tpy_view *view, 
 {
     PyObject *shape, *typestr, *data, *strides, *mask, *stream, *version;
     const tp_dtype_info *info;
-    void *ptr;
+    void *ptr, *producer = NULL;
     int readonly = 0, dev = 0;
     Py_ssize_t nd;
     size_t item;
@@ -243,6 +249,16 @@ static int from_cai(PyObject *obj, PyObject *cai, tp_tensor *t, tpy_view *view, 
             stride *= s > 0 ? s : 1;
         }
     }
+    /* v3 stream 0 is disallowed: refused with the other metadata, before CUDA is asked about the pointer */
+    if (stream != NULL && stream != Py_None) {
+        producer = PyLong_AsVoidPtr(stream);
+        if (producer == NULL && PyErr_Occurred()) return -1;
+        if (producer == NULL) {
+            PyErr_Format(PyExc_ValueError, "%s: __cuda_array_interface__ stream 0 is ambiguous and disallowed by the "
+                         "protocol (use 1 for the legacy default stream, 2 for per-thread)", what);
+            return -1;
+        }
+    }
     /* the protocol does not name the device: ask CUDA where the pointer lives */
     if (ptr != NULL) {
         if (tp_cuda_pointer_device(ptr, &dev) != TP_OK) {
@@ -255,18 +271,11 @@ static int from_cai(PyObject *obj, PyObject *cai, tp_tensor *t, tpy_view *view, 
     }
     t->device.type = TP_DEVICE_CUDA;
     t->device.index = dev;
-    /* v3 stream: None / absent = nothing to order; 0 is disallowed; else make our stream wait for it */
-    if (stream != NULL && stream != Py_None) {
-        void *s = PyLong_AsVoidPtr(stream);
+    /* v3 stream: None / absent = nothing to order; else make our stream wait for it */
+    if (producer != NULL) {
         void *mine = tp_cuda_get_stream();
-        if (s == NULL && PyErr_Occurred()) return -1;
-        if (s == NULL) {
-            PyErr_Format(PyExc_ValueError, "%s: __cuda_array_interface__ stream 0 is ambiguous and disallowed by the "
-                         "protocol (use 1 for the legacy default stream, 2 for per-thread)", what);
-            return -1;
-        }
-        if (s != (mine ? mine : (void *)1)) {
-            tp_status st = tp_cuda_stream_order(dev, s, 0);
+        if (producer != (mine ? mine : (void *)1)) {
+            tp_status st = tp_cuda_stream_order(dev, producer, 0);
             if (st != TP_OK) {
                 PyErr_Format(PyExc_RuntimeError, "%s: could not order the producer's stream: %s", what, tp_last_error());
                 return -1;
@@ -281,6 +290,29 @@ static int from_cai(PyObject *obj, PyObject *cai, tp_tensor *t, tpy_view *view, 
 
 /* ---------------------------------------------------------------- entry point */
 
+/* torch refuses to export a tensor that requires grad (BufferError: "use tensor.detach()"); its detach()
+ * shares the memory, so that is what is read. Returns obj.detach() when the pending error is that refusal
+ * of such an object, else NULL with the pending error kept. */
+static PyObject *detached_of(PyObject *obj)
+{
+    PyObject *type, *value, *tb, *flag = NULL, *out = NULL;
+    int requires_grad = 0;
+    if (!PyErr_ExceptionMatches(PyExc_BufferError)) return NULL;
+    PyErr_Fetch(&type, &value, &tb);
+    if ((flag = PyObject_GetAttrString(obj, "requires_grad")) != NULL) requires_grad = PyObject_IsTrue(flag);
+    if (requires_grad == 1) out = PyObject_CallMethod(obj, "detach", NULL);
+    if (out == NULL) {
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    } else {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
+    Py_XDECREF(flag);
+    return out;
+}
+
 int tpy_device_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const char *what)
 {
     PyObject *cai;
@@ -291,7 +323,12 @@ int tpy_device_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable,
                          Py_TYPE(obj)->tp_name);
             return -1;
         }
+        PyObject *detached = NULL;
         rc = from_dlpack(obj, t, view, writable, what);
+        if (rc < 0 && (detached = detached_of(obj)) != NULL) {
+            rc = from_dlpack(detached, t, view, writable, what); /* the capsule keeps the tensor alive */
+            Py_DECREF(detached);
+        }
         if (rc < 0) memset(t, 0, sizeof *t);
         return rc;
     }

@@ -122,6 +122,9 @@ int tpy_array_register(PyObject *module, tpy_state *state);
 /* 1 if obj is a DeviceArray (its memory and layout are read without any protocol), else 0. */
 int tpy_array_check(PyObject *obj);
 const tp_tensor *tpy_array_tensor(PyObject *obj);
+/* Before tplinear uses a DeviceArray on the current stream: orders it after the stream the allocation was
+ * last used on, and records this one (0, or -1 with an exception). */
+int tpy_array_use(PyObject *obj);
 /* A GPU index from None / "cuda" (this process's GPU: local rank modulo the visible GPUs), "cuda:N", N
  * or a torch.device; 0, or -1 with an exception. */
 int tpy_device_index(PyObject *obj, int *device);

@@ -5,11 +5,17 @@ cudaMallocAsync on tplinear's current stream, freed with the last array or view 
 zero-copy through DLPack (``torch.from_dlpack(y)``, ``jax.dlpack``) and the CUDA Array Interface v3
 (``cupy.asarray(y)``), and copied to the host with ``.numpy()``.
 
-Streams: every GPU operation of tplinear (GEMMs, NCCL collectives, copies) runs on one process-wide
-stream, the legacy default stream unless ``set_stream(ptr)`` names another (e.g.
-``torch.cuda.current_stream().cuda_stream``). Inputs are ordered after their producer's stream as the
-DLPack / CAI protocols say; exported arrays order the consumer's stream after ours.
+Streams: every GPU operation of tplinear (GEMMs, NCCL collectives, copies) runs on tplinear's stream,
+the legacy default stream unless ``set_stream(ptr)`` names another (e.g.
+``torch.cuda.current_stream().cuda_stream``). A call on CUDA torch tensors (tplinear.torch, and
+tplinear.distributed's collectives) runs on torch's current stream of the tensor's device instead, for that
+call only (``stream_for``): torch's later work on that stream is ordered after it, with no host wait.
+Inputs are ordered after their producer's stream as the DLPack / CAI protocols say; exported arrays order
+the consumer's stream after ours.
 """
+import contextlib
+import sys
+
 import numpy as np
 
 from . import _C
@@ -50,6 +56,36 @@ def set_stream(stream):
     if stream is not None and not isinstance(stream, int):
         stream = getattr(stream, "cuda_stream", None) or getattr(stream, "ptr", None)
     _C.cuda_set_stream(stream)
+
+
+def torch_stream(obj):
+    """torch's current stream (an int; 0: the legacy default stream) of a CUDA torch tensor's device, or None
+    for anything else (host memory, other producers: tplinear's own stream serves them)."""
+    torch = sys.modules.get("torch")  # a torch tensor means torch is imported; never import it here
+    if torch is None or not isinstance(obj, torch.Tensor) or not obj.is_cuda:
+        return None
+    return torch.cuda.current_stream(obj.device).cuda_stream
+
+
+def stream_for(*objs):
+    """A context manager: runs the tplinear calls inside on the stream of the first CUDA torch tensor among
+    objs (torch_stream), and gives tplinear's stream back afterwards, also when the call raises; nothing
+    changes (and nothing is paid) when no object is one."""
+    stream = next((s for s in map(torch_stream, objs) if s is not None), None)
+    return _NOTHING if stream is None else _on_stream(stream)
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _on_stream(stream):
+    before = _C.cuda_get_stream()
+    _C.cuda_set_stream(stream or None)
+    try:
+        yield
+    finally:
+        _C.cuda_set_stream(before or None)
 
 
 def set_allow_tf32(allow):

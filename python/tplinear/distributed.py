@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _C
 from . import _anydtype
+from ._device import stream_for
 
 CommError = _C.CommError
 
@@ -183,13 +184,14 @@ def new_group(ranks=None, backend=None):
 
 
 def all_reduce(tensor, op="sum", group=None):
-    """In place on a C-contiguous NumPy array of float32, float64, int32 or int64. op: "sum", "avg",
-    "max", "min" (or ReduceOp.*). Integer sums wrap around; "avg" of integers is the sum divided by the
+    """In place on a C-contiguous array of float32, float64, int32, int64, float16 or bfloat16 (half precision:
+    reduced in float32, rounded once). op: "sum", "avg", "max", "min" (or ReduceOp.*). Integer sums wrap around; "avg" of integers is the sum divided by the
     group size with C's truncating division. Every rank gets bitwise identical results. Raises
     TypeError / ValueError for a bad array, ValueError on a rank that is not a member of group, and
     tplinear.CommError when a peer died, timed out or called a different collective (the group is
     unusable afterwards)."""
-    _C.all_reduce(resolve_group(group)._handle, tensor, _op(op))
+    with stream_for(tensor):
+        _C.all_reduce(resolve_group(group)._handle, tensor, _op(op))
 
 
 def all_gather_into_tensor(output_tensor, input_tensor, group=None):
@@ -201,23 +203,27 @@ def all_gather_into_tensor(output_tensor, input_tensor, group=None):
     if _anydtype.movable(input_tensor, "input", "all_gather") or _anydtype.movable(output_tensor, "output", "all_gather"):
         _anydtype.all_gather(g._handle, output_tensor, input_tensor)
         return
-    _C.all_gather(g._handle, output_tensor, input_tensor)
+    with stream_for(output_tensor, input_tensor):
+        _C.all_gather(g._handle, output_tensor, input_tensor)
 
 
 def all_gather_v(output_tensor, input_tensor, counts, group=None):
     """Variable-count all-gather: rank r contributes counts[r] elements, placed one after another."""
-    _C.all_gather(resolve_group(group)._handle, output_tensor, input_tensor, list(counts))
+    with stream_for(output_tensor, input_tensor):
+        _C.all_gather(resolve_group(group)._handle, output_tensor, input_tensor, list(counts))
 
 
 def reduce_scatter_tensor(output, input, op="sum", group=None):
-    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op))
+    with stream_for(output, input):
+        _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op))
 
 
 def reduce_scatter_v(output, input, counts, op="sum", group=None):
     """Variable-count reduce-scatter: input holds sum(counts) elements, rank r's block (counts[r] elements,
     after the blocks of the ranks before it) is reduced into rank r's output (counts[rank] elements). Every
     rank passes the same counts."""
-    _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op), list(counts))
+    with stream_for(output, input):
+        _C.reduce_scatter(resolve_group(group)._handle, output, input, _op(op), list(counts))
 
 
 def broadcast(tensor, src=None, group=None, *, group_src=None):
@@ -230,7 +236,8 @@ def broadcast(tensor, src=None, group=None, *, group_src=None):
     if _anydtype.movable(tensor, "tensor", "broadcast"):
         _anydtype.broadcast(g._handle, tensor, root)
         return
-    _C.broadcast(g._handle, tensor, root)
+    with stream_for(tensor):
+        _C.broadcast(g._handle, tensor, root)
 
 
 def broadcast_object_list(object_list, src=None, group=None, device=None, *, group_src=None):

@@ -251,6 +251,15 @@ def launcher_missing(launcher):
     if launcher == "srun":
         if shutil.which("srun") is None:
             return "Slurm is not installed on this machine (no srun)"
+        try:   # installed is not running: without a controller srun fails (or retries) instead of starting
+            ping = subprocess.run(["scontrol", "ping"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError) as e:
+            return "Slurm is installed but `scontrol ping` failed: %s" % e
+        if ping.returncode != 0 or " is UP" not in ping.stdout:
+            said = ping.stdout.strip().splitlines()[:1] or ping.stderr.strip().splitlines()[-1:]
+            return "Slurm is installed but no controller answers (scontrol ping: %s)" % (said[0] if said else
+                                                                                          "exit %d" % ping.returncode)
         return None
     raise ValueError("launcher must be one of %s, got %r" % (", ".join(LAUNCHERS), launcher))
 

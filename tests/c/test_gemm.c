@@ -5,6 +5,8 @@
 
 #include "check.h"
 
+#include "../../csrc/gemm/gemm.h" /* white box: the alignment cuBLASLt is told (gemm/cublas.c) */
+
 static double rnd(unsigned *s)
 {
     *s = *s * 1103515245u + 12345u;
@@ -292,6 +294,20 @@ static void test_single_rank_layers(void)
     tp_group_destroy(g);
 }
 
+/* The alignment preference of cuBLASLt's operands: the largest power of two dividing the address, <= 256. */
+static void test_alignment(void)
+{
+    static _Alignas(256) char buf[1024];
+    EXPECT(tp_gemm_alignment(buf) == 256);
+    EXPECT(tp_gemm_alignment(buf + 512) == 256);
+    EXPECT(tp_gemm_alignment(buf + 4) == 4);   /* x[..., 1:] of float32 rows */
+    EXPECT(tp_gemm_alignment(buf + 2) == 2);   /* an offset bfloat16 bias */
+    EXPECT(tp_gemm_alignment(buf + 1) == 1);
+    EXPECT(tp_gemm_alignment(buf + 96) == 32);
+    EXPECT(tp_gemm_alignment(buf + 384) == 128);
+    EXPECT(tp_gemm_alignment(NULL) == 256);
+}
+
 int main(void)
 {
     /* [tokens, in, out]; {8, 4096, 21}, {32, 4096, 70}, {3, 2500, 27} write dW by row blocks when assigning
@@ -312,5 +328,6 @@ int main(void)
     test_errors();
     test_init_shards();
     test_single_rank_layers();
+    test_alignment();
     TEST_MAIN_END();
 }

@@ -72,7 +72,8 @@ def collective_cases(draw):
     case["root"] = draw(st.integers(0, p - 1))
     case["counts"] = draw(st.lists(st.integers(0, 300), min_size=p, max_size=p))
     if bad == "dtype":
-        case["dtype"] = draw(st.sampled_from(["int8", "uint16", "float16", "bool", "complex64", "uint64"]))
+        # (float16 is no bad dtype since issue 27: the host collectives reduce it)
+        case["dtype"] = draw(st.sampled_from(["int8", "uint16", "bool", "complex64", "uint64"]))
         if kind in ("broadcast", "all_gather"):
             case["bad"] = None   # a valid call: broadcast and all-gather move any fixed-size dtype
     elif bad == "wrap":

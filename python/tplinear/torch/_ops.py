@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _C
+from .._device import stream_for
 
 # ----------------------------------------------------------------------------------------- tensors in
 
@@ -27,10 +28,9 @@ def arr(t):
     return None if t is None else t.detach()
 
 
-def on_stream(t):
-    """Runs tplinear's GPU work on torch's current stream of t's device (CPU tensors: nothing to do)."""
-    if t.is_cuda:
-        _C.cuda_set_stream(torch.cuda.current_stream(t.device).cuda_stream or None)
+# with on_stream(t): tplinear's GPU work runs on torch's current stream of t's device, and tplinear's stream
+# is given back after the call (CPU tensors: nothing to do)
+on_stream = stream_for
 
 
 def handle(group):
@@ -97,10 +97,10 @@ def _empty(like, shape):
 
 
 def _forward(layer, x, weight, bias):
-    on_stream(weight)
     y = _empty(weight, tuple(x.shape[:-1]) + (weight.shape[0],))
     forward = _C.row_forward if layer.partition_dim == 1 else _C.col_forward
-    forward(handle(layer.mp_group), arr(x), arr(weight), arr(bias), y)
+    with on_stream(weight):
+        forward(handle(layer.mp_group), arr(x), arr(weight), arr(bias), y)
     return y
 
 
@@ -108,18 +108,20 @@ def _backward(layer, grads, dy, x, weight, need_x, need_w, need_b):
     """dX, dW, dB (None where not needed) of a row or column layer. grads hands out the gradient buffers,
     which the C core overwrites (assign=True: one pass over dW's memory, no zeroing first); autograd adds
     them to .grad where a gradient is already there."""
-    on_stream(weight)
     dx = _empty(weight, x.shape) if need_x else None
     dw = grads.empty(weight, weight.shape) if need_w else None
     db = grads.empty(weight, (weight.shape[0],)) if need_b and need_w else None
     group = handle(layer.mp_group)
-    if layer.partition_dim == 1:
-        if need_x or need_w:
-            _C.row_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, True)
-    elif need_x:  # every rank of the group has the same graph, so all of them reduce or none does
-        _C.col_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm, True)
-    elif need_w:
-        _C.linear_backward(arr(dy), arr(x), arr(weight), None, dw, db, True)
+    if dy.is_cuda:  # e.g. y.sum().backward()'s expand()ed dY (strides 0): packed by torch on the device, as
+        dy = dy.contiguous()  # the host path packs it in C (GPU GEMMs take unit-stride rows only)
+    with on_stream(weight):
+        if layer.partition_dim == 1:
+            if need_x or need_w:
+                _C.row_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, True)
+        elif need_x:  # every rank of the group has the same graph, so all of them reduce or none does
+            _C.col_backward(group, arr(dy), arr(x), arr(weight), dx, dw, db, layer.tp_overlap_comm, True)
+        elif need_w:
+            _C.linear_backward(arr(dy), arr(x), arr(weight), None, dw, db, True)
     if need_b and not need_w:
         db = dy.reshape(-1, weight.shape[0]).sum(0)
     return dx, dw, db
@@ -214,18 +216,20 @@ linear_op.register_autograd(_op_backward, setup_context=_setup)
 
 def _gather_last(group, t, ranges, nblocks, full_width):
     """The full last dim from every rank's pieces of it (all-gather-v)."""
-    on_stream(t)
     out = _empty(t, tuple(t.shape[:-1]) + (full_width,))
-    _C.gather(handle(group), arr(t).contiguous(), t.dim() - 1, ranges, nblocks, out)
+    with on_stream(t):
+        _C.gather(handle(group), arr(t).contiguous(), t.dim() - 1, ranges, nblocks, out)
     return out
 
 
 def _slice_last(t, ranges, nblocks, rank):
     """This rank's pieces of t's last dim, as a new contiguous tensor (no collective)."""
-    on_stream(t)
     width = sum(size for _, size in ranges[rank * nblocks:(rank + 1) * nblocks])
     out = _empty(t, tuple(t.shape[:-1]) + (width,))
-    _C.shard(arr(t), t.dim() - 1, ranges, nblocks, rank, out)
+    if t.is_cuda:  # a strided view (e.g. expand()ed dY) is packed by torch on the device
+        t = t.contiguous()
+    with on_stream(t):
+        _C.shard(arr(t), t.dim() - 1, ranges, nblocks, rank, out)
     return out
 
 
@@ -258,8 +262,8 @@ class ScatterLastDim(torch.autograd.Function):
 
 def all_reduce_(group, t):
     """In place over the group; t must be contiguous."""
-    on_stream(t)
-    _C.all_reduce(handle(group), arr(t), "sum")
+    with on_stream(t):
+        _C.all_reduce(handle(group), arr(t), "sum")
     return t
 
 

@@ -77,8 +77,8 @@ class ExpertShard:
         shape = list(value.shape)
         shape[self.dim] = self._full
         out = torch.empty(shape, dtype=value.dtype, device=value.device)
-        _ops.on_stream(value)
-        _C.gather(self.mp_group._handle, value.contiguous(), self.dim, self._ranges, self._nblocks, out)
+        with _ops.on_stream(value):
+            _C.gather(self.mp_group._handle, value.contiguous(), self.dim, self._ranges, self._nblocks, out)
         return out
 
     def _is_sharded(self, param):  # the training loop's question to a layer (tplinear.torch.training)

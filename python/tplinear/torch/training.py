@@ -89,8 +89,8 @@ def _reduce(t, op, group):
     if isinstance(group, dist.ProcessGroup):
         if group.size > 1:
             t = t.contiguous()
-            _ops.on_stream(t)
-            _C.all_reduce(group._handle, t.detach(), op)
+            with _ops.on_stream(t):
+                _C.all_reduce(group._handle, t.detach(), op)
         return t
     import torch.distributed as tdist
     tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op],
@@ -347,8 +347,8 @@ def _broadcast(t, root, group):
         words = torch.zeros(-(-raw.numel() // 4) * 4, dtype=torch.uint8, device=data.device)
         words[:raw.numel()] = raw
         words = words.view(torch.int32)
-    _ops.on_stream(words)
-    _C.broadcast(group._handle, words, root)
+    with _ops.on_stream(words):
+        _C.broadcast(group._handle, words, root)
     if not direct:
         raw = words.view(torch.uint8)[:data.numel() * (1 if data.dtype == torch.bool else data.element_size())]
         value = raw.to(torch.bool) if data.dtype == torch.bool else raw.view(data.dtype)
