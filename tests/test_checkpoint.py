@@ -116,6 +116,16 @@ def test_files_are_plain_safetensors(world_of_one, tmp_path):
     assert _same(layers, other)
 
 
+@pytest.mark.parametrize("layout", ["consolidated", "sharded"])
+def test_a_path_ending_in_safetensors_is_refused_not_made_a_directory(world_of_one, tmp_path, layout):
+    """save_checkpoint("x.safetensors") made a directory of that name (issue 26.5): a checkpoint is a directory
+    (manifest, model and optimizer files), so a file's name is a clear ValueError and nothing is created."""
+    for path in (tmp_path / "x.safetensors", str(tmp_path / "y.safetensors")):
+        with pytest.raises(ValueError, match="ends in .safetensors.*pass a directory path"):
+            tp.save_checkpoint(path, _model(), layout=layout)
+        assert not os.path.lexists(path)
+
+
 def test_missing_extra_and_strict(world_of_one, tmp_path):
     layers = _model()
     tp.save_checkpoint(tmp_path / "c", layers, arrays={"norm": np.ones(4, np.float32)})

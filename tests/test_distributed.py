@@ -492,3 +492,117 @@ def test_zz_no_segments_left_behind():
         if not os.path.exists(f"/proc/{pid}"):
             left.append(path)
     assert not left, left
+
+
+@pytest.mark.parametrize("nproc", [3])
+def test_input_output_overlap_is_an_error_except_own_slot(nproc):
+    """The one alias of an all-gather is the input as exactly this rank's slot of the output (of a
+    reduce-scatter: the output as this rank's slot of the input); any other overlap raised nothing and gave
+    a silently wrong result (issue 26.5). Own-slot aliases equal a float64 reference."""
+    world_ok(nproc, PRELUDE + textwrap.dedent("""
+    dist.init_process_group(timeout=60)
+    r, p = dist.get_rank(), dist.get_world_size()
+    n = 1000
+    def refused(fn, what):
+        try:
+            fn()
+        except ValueError as e:
+            assert "overlaps" in str(e) and "slot" in str(e), (what, e)
+            return
+        raise AssertionError(f"{what}: no ValueError")
+    full = np.arange(p * n, dtype=np.float64) * 0.5 - 7
+    # all_gather: another rank's slot, a shifted window, the whole output as input
+    out = np.zeros(p * n)
+    other = (r + 1) % p
+    refused(lambda: dist.all_gather_into_tensor(out, out[other * n:(other + 1) * n]), "another slot")
+    refused(lambda: dist.all_gather_into_tensor(out, out[r * n + 1:(r + 1) * n + 1] if r < p - 1 else
+                                                out[r * n - 1:(r + 1) * n - 1]), "shifted")
+    refused(lambda: dist.all_gather_v(out, out[:n], [n] * p) if r else
+            dist.all_gather_v(out, out[1:n + 1], [n] * p), "all_gather_v shifted")
+    # the own slot: the documented in-place form
+    out = np.zeros(p * n)
+    out[r * n:(r + 1) * n] = full[r * n:(r + 1) * n]
+    dist.all_gather_into_tensor(out, out[r * n:(r + 1) * n])
+    assert np.array_equal(out, full), "in-place all_gather"
+    counts = [n + k for k in range(p)]
+    offs = np.concatenate([[0], np.cumsum(counts)])
+    outv = np.zeros(offs[-1]); want = np.arange(offs[-1], dtype=np.float64)
+    outv[offs[r]:offs[r + 1]] = want[offs[r]:offs[r + 1]]
+    dist.all_gather_v(outv, outv[offs[r]:offs[r + 1]], counts)
+    assert np.array_equal(outv, want), "in-place all_gather_v"
+    # reduce_scatter: the output at another rank's block of the input, or straddling blocks
+    inp = np.ones(p * n)
+    refused(lambda: dist.reduce_scatter_tensor(inp[other * n:(other + 1) * n], inp), "reduce_scatter other block")
+    refused(lambda: dist.reduce_scatter_v(inp[1:n + 1] if r == 0 else inp[:n], inp, [n] * p), "reduce_scatter_v")
+    # own block in place: the float64 reference sum_k (k + 1) * full
+    inp = full * (r + 1)
+    dist.reduce_scatter_tensor(inp[r * n:(r + 1) * n], inp)
+    assert np.allclose(inp[r * n:(r + 1) * n], full[r * n:(r + 1) * n] * sum(range(1, p + 1))), "in-place rs"
+    dist.barrier()
+    print("OK", r)
+    """))
+
+
+SIGNAL_WORLD = PRELUDE + """
+import threading
+from tplinear import CommError
+dist.init_process_group(timeout=30)
+r = dist.get_rank()
+x = np.ones(4)
+if r == 0:
+    # a SIGTERM handler that returns: it runs during the wait, which goes on
+    ran = []
+    signal.signal(signal.SIGTERM, lambda *a: ran.append(time.monotonic()))
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()   # arrives during the barrier
+    dist.barrier()                           # rank 1 comes 1 s late
+    back = time.monotonic()
+    assert ran and ran[0] < back - 0.5, "the SIGTERM handler did not run during the wait"
+    # Ctrl-C while rank 1 never enters: KeyboardInterrupt here, promptly
+    sent = []
+    threading.Timer(0.3, lambda: (sent.append(time.monotonic()), os.kill(os.getpid(), signal.SIGINT))).start()
+    try:
+        dist.all_reduce(x)
+        print("NO INTERRUPT", flush=True)
+    except KeyboardInterrupt:
+        print(f"INTERRUPTED after {1e3 * (time.monotonic() - sent[0]):.0f} ms", flush=True)
+    try:
+        dist.all_reduce(x)
+        print("GROUP STILL USABLE", flush=True)
+    except CommError as e:
+        print(f"RANK0 AFTER {e}", flush=True)
+else:
+    time.sleep(1.0)
+    dist.barrier()
+    time.sleep(1.5)                          # never in the all-reduce while rank 0 is interrupted
+    t = time.monotonic()
+    try:  # under MPI rank 0's part may have left before the signal: then the next call fails
+        dist.all_reduce(x)
+        dist.all_reduce(x)
+        print("NO ERROR", flush=True)
+    except CommError as e:
+        print(f"PEER ERROR after {1e3 * (time.monotonic() - t):.0f} ms: {e}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["tplinear.run", "mpirun"])
+def test_ctrl_c_in_a_collective_interrupts_and_fails_the_group(launcher, tmp_path):
+    """Waits ran signal handlers only after the collective ended (issue 26.3): now a Python SIGTERM handler
+    runs during a wait, and Ctrl-C raises KeyboardInterrupt in the waiting rank within ~0.2 s, fails its
+    group, and the peer gets CommError naming the interrupted rank."""
+    import re
+
+    from tplinear.testing import launch, launcher_missing
+
+    why = launcher_missing(launcher)
+    if why:
+        pytest.skip(why)
+    path = tmp_path / "sig.py"
+    path.write_text(SIGNAL_WORLD)
+    res = launch(launcher, 2, [str(path)], timeout=90)
+    out = res.output
+    assert res.returncode == 0, out
+    m = re.search(r"INTERRUPTED after (\d+) ms", out)
+    assert m and int(m.group(1)) < 200, out
+    print(f"{launcher}: Ctrl-C to KeyboardInterrupt {m.group(1)} ms")
+    assert re.search(r"PEER ERROR after \d+ ms: .*rank 0 of the group \(global rank 0\) was interrupted by a signal", out), out
+    assert "RANK0 AFTER" in out and "NO ERROR" not in out and "GROUP STILL USABLE" not in out, out

@@ -232,6 +232,9 @@ def test_shm_refuses_a_world_that_spans_hosts(backend):
     for line in refusals:
         assert "the shm backend needs every rank of a group on one host" in line, line
         assert "spans hosts node0 (ranks 0, 1), node1 (ranks 2, 3)" in line, line
+        # followable from init_process_group, where no world exists yet to call new_group on
+        assert "backend='mpi'" in line and "one world per host" in line, line
+        assert "give each host's ranks a group of their own" not in line, line
 
 
 def test_shm_group_across_hosts_is_refused_in_an_mpi_world(tmp_path):
@@ -253,6 +256,7 @@ except NotImplementedError as e:
                                         f"runpy.run_path({script(tmp_path, code)!r})"], timeout=120))
     assert res.output.count("AUTO mpi") == 4 and res.output.count("REFUSED") == 4, res.output
     assert "spans hosts node0 (ranks 0, 1), node1 (ranks 2, 3)" in res.output, res.output
+    assert res.output.count("REFUSED new_group: the shm backend") == 4 and "init:" not in res.output, res.output
 
 
 @pytest.mark.parametrize("launcher", ["tplinear.run", "mpirun"])
@@ -392,3 +396,43 @@ except NotImplementedError as e:
     text = "".join(outs)
     assert text.count("REFUSED") == 4 and "NO ERROR" not in text, text
     assert "spans hosts node0 (ranks 0, 1), node1 (ranks 2, 3)" in text, text
+
+
+DEAD_PEER = """
+import os, signal, time
+import numpy as np
+import tplinear, tplinear.distributed as dist
+dist.init_process_group(timeout=30)
+r = dist.get_rank()
+x = np.ones(8)
+dist.all_reduce(x)
+if r == 1:
+    time.sleep(0.5)                                   # rank 0 is waiting in the all-reduce below by now
+    print("KILLED %r" % time.monotonic(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+try:
+    dist.all_reduce(x)
+    print("NO ERROR", flush=True)
+except tplinear.CommError as e:
+    print("DETECTED %r %s" % (time.monotonic(), e), flush=True)
+"""
+
+
+def test_mpi_dead_peer_is_found_within_a_second(tmp_path):
+    """The mpi backend had no liveness check: a dead peer was found only at the group's timeout (or when
+    mpirun killed the job). A lasting wait now asks the store every 0.2 s whether a member's connection
+    ended: CommError naming the rank within ~1 s (0.4 s of probing and grace; the bound allows for a loaded
+    CI machine), over TCP as across hosts (issue 26.2)."""
+    import re
+
+    need("mpirun")
+    path = tmp_path / "dead.py"
+    path.write_text(DEAD_PEER)
+    # recovery on: mpirun leaves the survivor running, as across hosts with --enable-recovery
+    res = launch("mpirun", 2, [str(path)], timeout=120, launcher_args=TCP + ["--mca", "orte_enable_recovery", "1"])
+    killed = re.search(r"KILLED ([\d.]+)", res.output)
+    found = re.search(r"DETECTED ([\d.]+) (.*)", res.output)
+    assert killed and found, res.output
+    latency = float(found.group(1)) - float(killed.group(1))
+    print(f"mpi: SIGKILL to CommError {latency * 1e3:.0f} ms")
+    assert latency < 3.0 and "rank 1 of the group (global rank 1) lost its connection" in found.group(2), res.output

@@ -1,18 +1,14 @@
 /* Rendezvous: the world's shape, its store (through the launcher's channel or at MASTER_ADDR:MASTER_PORT), the
  * hosts of its ranks, and the store's part in making a subgroup. comm/group.c makes the group object and
  * calls these; only they talk to the store while a group is made. */
-#include <arpa/inet.h>
-#include <ifaddrs.h>
-#include <net/if.h>
-#include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "bootstrap.h"
+#include "net.h"
 
 /* Ends a bootstrap phase that used the store (nothing without one): every member of `over` (the group
  * itself, or the parent a subgroup was made from) checks in under g's prefix, and world rank 0 (the store's
@@ -90,35 +86,38 @@ static void store_namespace(const tp_launcher *l, char *ns, size_t cap)
     snprintf(ns, cap, "tplinear/%s/%d/", l->run_id[0] ? l->run_id : "none", l->restart_count);
 }
 
-/* The address other hosts dial to reach this one: MASTER_ADDR when set, else the first non-loopback
- * IPv4 address of an interface that is up, else the hostname. */
-static void own_address(const tp_world_env *env, char *addr, size_t cap)
+/* The addresses other hosts may dial to reach this one, comma-separated: MASTER_ADDR when set; else every
+ * IPv4 address of an up interface that TPLINEAR_SOCKET_IFNAME admits (default: all but loopback and
+ * docker's bridges), which a peer dials at once, keeping the first that answers; else (none admitted by
+ * the default) the hostname. *any: the store must listen on every interface (more than one address). */
+static tp_status own_addresses(const tp_world_env *env, char *addr, size_t cap, int *any)
 {
-    struct ifaddrs *ifs = NULL;
+    tp_status st = TP_OK;
+    const char *spec = tp_knob_str(TP_KNOB_SOCKET_IFNAME);
+    char seen[512];
+    *any = 0;
     if (env->master_addr[0]) {
         snprintf(addr, cap, "%s", env->master_addr);
-        return;
+        goto out;
     }
-    if (getifaddrs(&ifs) == 0) {
-        for (struct ifaddrs *i = ifs; i != NULL; i = i->ifa_next) {
-            if (i->ifa_addr == NULL || i->ifa_addr->sa_family != AF_INET || (i->ifa_flags & IFF_LOOPBACK) ||
-                !(i->ifa_flags & IFF_UP))
-                continue;
-            if (inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, addr, (socklen_t)cap)) {
-                freeifaddrs(ifs);
-                return;
-            }
-        }
-        freeifaddrs(ifs);
+    TP_CHECK(tp_net_own_addresses(spec, addr, cap, seen, sizeof seen));
+    if (addr[0] == '\0' && spec != NULL && spec[0] != '\0') {
+        st = tp_error(TP_ERR_VALUE, "init: TPLINEAR_SOCKET_IFNAME=%s admits no interface of rank 0's host that is "
+                      "up with an IPv4 address (it has: %s)", spec, seen[0] ? seen : "none");
+        goto out;
     }
-    if (gethostname(addr, cap - 1) < 0) snprintf(addr, cap, "127.0.0.1");
+    if (addr[0] == '\0' && gethostname(addr, cap - 1) < 0) snprintf(addr, cap, "127.0.0.1");
+    *any = strchr(addr, ',') != NULL;
+out:
+    return st;
 }
 
 /* What world rank 0 tells the others through the launcher's channel (MPI) before any store exists. */
 typedef struct {
     uint64_t generation;          /* rank 0's world generation: every rank must be at the same */
     int port;                     /* where rank 0's store listens (the kernel's pick); 0: it failed, see why */
-    char addr[256];               /* where to dial it: 127.0.0.1 when the launcher says the world is one host */
+    char addr[256];               /* where to dial it (comma-separated addresses, tried at once): 127.0.0.1
+                                     when the launcher says the world is one host */
     char token[TP_TOKEN_MAX + 1]; /* a fresh random token for this world (2 x 32 hex digits) */
     char why[512];
 } boot_msg;
@@ -165,10 +164,12 @@ static tp_status boot_through_launcher(const tp_world_env *env, int one_host, bo
     if (g->rank == 0) {
         unsigned char rnd[32];
         b->m.generation = cfg->generation;
+        int any = 0;
         if (one_host)
             snprintf(b->m.addr, sizeof b->m.addr, "127.0.0.1");
         else
-            own_address(env, b->m.addr, sizeof b->m.addr);
+            TP_CHECK(own_addresses(env, b->m.addr, sizeof b->m.addr, &any));
+        cfg->bind_addr = any ? "0.0.0.0" : NULL;
         TP_CHECK(tp_random_bytes(rnd, sizeof rnd));
         tp_hex(rnd, sizeof rnd, b->m.token);
         memset(rnd, 0, sizeof rnd);
@@ -188,6 +189,7 @@ static tp_status boot_through_launcher(const tp_world_env *env, int one_host, bo
         cfg->port = b->m.port;
     }
     cfg->addr = b->m.addr;
+    cfg->rank0_started = 1;
 out:
     return st;
 }

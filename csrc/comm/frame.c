@@ -7,7 +7,7 @@
 void tp_broken_record(tp_broken *b, tp_status st)
 {
     b->broken = 1;
-    b->status = st;
+    b->status = st == TP_ERR_INTERRUPTED ? TP_ERR_COMM : st; /* later calls fail; they were not interrupted */
     snprintf(b->msg, sizeof b->msg, "%s", tp_last_error());
 }
 

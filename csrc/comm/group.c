@@ -274,13 +274,36 @@ out:
     return st;
 }
 
+/* The one alias a collective with an input and an output takes (torch's and NCCL's in-place form): this
+ * rank's slot of the larger buffer, exactly (for an all-gather the input is the output's slot; for a
+ * reduce-scatter the output is the input's slot). Any other overlap would read bytes that peers' data
+ * already overwrote: TP_ERR_VALUE. big/small are the two buffers, slot where small may sit in big. */
+static tp_status check_alias(const char *what, const void *big, size_t big_bytes, const void *small,
+                             size_t small_bytes, size_t slot, const char *small_name)
+{
+    const char *b = big, *s = small;
+    if (big_bytes == 0 || small_bytes == 0 || s == b + slot || s >= b + big_bytes || b >= s + small_bytes)
+        return TP_OK;
+    return tp_error(TP_ERR_VALUE, "%s: the %s overlaps the %s other than as exactly this rank's slot of it (bytes "
+                    "%zu..%zu, the one in-place alias); its data would be overwritten by peers' before it is read: "
+                    "pass separate arrays or exactly that slot", what, small_name,
+                    strcmp(small_name, "input") == 0 ? "output" : "input", slot, slot + small_bytes);
+}
+
 tp_status tp_all_gatherv(tp_group *g, const void *send, void *recv, const size_t *counts, tp_dtype dt)
 {
     tp_status st = TP_OK;
+    size_t es, total = 0, before = 0;
     TP_CHECK(check_member(g, "all_gather"));
     TP_CHECK(check_dtype(dt, TP_SUM, "all_gather"));
     TP_REQUIRE(counts != NULL, "all_gather: counts is NULL");
     TP_REQUIRE((send != NULL || counts[g->rank] == 0) && recv != NULL, "all_gather: buffer is NULL");
+    es = tp_dtype_size(dt);
+    for (int r = 0; r < g->size; r++) {
+        if (r < g->rank) before += counts[r];
+        total += counts[r];
+    }
+    TP_CHECK(check_alias("all_gather", recv, total * es, send, counts[g->rank] * es, before * es, "input"));
     TP_CHECK(g->backend->all_gatherv(g, send, recv, counts, dt));
 out:
     return st;
@@ -309,6 +332,8 @@ tp_status tp_reduce_scatter(tp_group *g, const void *send, void *recv, size_t co
     TP_CHECK(check_member(g, "reduce_scatter"));
     TP_CHECK(check_dtype(dt, op, "reduce_scatter"));
     TP_REQUIRE((send != NULL && recv != NULL) || count == 0, "reduce_scatter: buffer is NULL");
+    TP_CHECK(check_alias("reduce_scatter", send, (size_t)g->size * count * tp_dtype_size(dt), recv,
+                         count * tp_dtype_size(dt), (size_t)g->rank * count * tp_dtype_size(dt), "output"));
     TP_CHECK(g->backend->reduce_scatter(g, send, recv, count, dt, op));
 out:
     return st;
@@ -384,13 +409,17 @@ tp_status tp_reduce_scatter_v(tp_group *g, const void *send, void *recv, const s
                               tp_reduce_op op)
 {
     tp_status st = TP_OK;
-    size_t total = 0;
+    size_t total = 0, before = 0, es = tp_dtype_size(dt);
     TP_CHECK(check_member(g, "reduce_scatter"));
     TP_CHECK(check_dtype(dt, op, "reduce_scatter"));
     TP_REQUIRE(counts != NULL, "reduce_scatter: counts is NULL");
-    for (int r = 0; r < g->size; r++) total += counts[r];
+    for (int r = 0; r < g->size; r++) {
+        if (r < g->rank) before += counts[r];
+        total += counts[r];
+    }
     TP_REQUIRE((send != NULL || total == 0) && (recv != NULL || counts[g->rank] == 0),
                "reduce_scatter: buffer is NULL");
+    TP_CHECK(check_alias("reduce_scatter", send, total * es, recv, counts[g->rank] * es, before * es, "output"));
     if (g->backend->reduce_scatter_v)
         TP_CHECK(g->backend->reduce_scatter_v(g, send, recv, counts, dt, op));
     else

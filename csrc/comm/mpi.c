@@ -29,9 +29,14 @@
  * rank's tag); barrier is a dissemination of empty messages; broadcast such a dissemination (the root
  * receives nothing otherwise) then a binomial tree.
  *
- * Failures: a timeout, a mismatch, a peer's notice or tp_group_abort marks the group failed (first
- * message wins), cancels its pending receives, and sends the message to every peer on the group's notice
- * communicator (a duplicate of its data communicator with one receive always posted), so that peers
+ * Liveness: a wait that lasts asks the world's rendezvous store every LIVENESS_S whether a member's
+ * connection to it ended (tp_store_lost: one request while nobody has gone), so a dead peer on any host
+ * fails the group in about a second instead of at the timeout; the interrupt hook (Python's signal
+ * handlers) is asked every 50 ms.
+ *
+ * Failures: a timeout, a mismatch, a lost member, an interrupt, a peer's notice or tp_group_abort marks
+ * the group failed (first message wins), cancels its pending receives, and sends the message to every
+ * peer on the group's notice communicator (a duplicate of its data communicator with one receive always posted), so that peers
  * blocked in the same group fail at once with the same text. A group is unusable afterwards. MPI errors
  * are returned (MPI_ERRORS_RETURN) and become TP_ERR_COMM.
  *
@@ -56,6 +61,7 @@
 #define MAX_MSG (1u << 30) /* bytes per MPI message: counts are ints */
 #define CL 64
 #define NOTICE_TAG 1
+#define LIVENESS_S 0.2 /* how often a lasting wait asks the store whether a member has gone */
 #define MISMATCH_WAIT_S 10.0 /* how long ranks wait for each other's fingerprints after a mismatch */
 
 extern const tp_backend tp_mpi_backend;
@@ -85,6 +91,8 @@ typedef struct {
     notice inbox;
     int p, r;
     const int *granks;
+    tp_store *store;          /* the world's rendezvous store (the group's): liveness of peers on any host */
+    int64_t lost_seen;        /* how many ranks had lost their store connection at the last probe */
     uint64_t seq;
     int tag, tag_mask;
     size_t oneshot, chunk, eager;
@@ -181,10 +189,11 @@ static void sleep_briefly(unsigned *spins)
 static tp_status wait_one(MPI_Request *req, double timeout_s, const char *what)
 {
     tp_status st = TP_OK;
-    double deadline = tp_now() + timeout_s;
+    double deadline = tp_now() + timeout_s, next_hook = 0.0;
     unsigned spins = 0;
     for (int done = 0; !done;) {
         MPI_CHECK(MPI_Test(req, &done, MPI_STATUS_IGNORE), what);
+        TP_CHECK(tp_wait_check(&next_hook, what));
         if (!done && tp_now() > deadline) {
             st = tp_error(TP_ERR_TIMEOUT, "mpi %s: timed out after %g s (a rank never called init?)", what,
                           timeout_s);
@@ -251,11 +260,12 @@ static void post_inbox(mpi_impl *im)
         im->ctl_req = MPI_REQUEST_NULL;
 }
 
-/* Sends n to every peer, giving the sends a moment to leave (a dead peer's never may). */
-static void notify_peers(mpi_impl *im, const notice *n)
+/* Sends n to every peer, giving the sends a moment to leave (a dead peer's never may): linger_s, after
+ * which the sends go on with the process's later MPI calls. */
+static void notify_peers(mpi_impl *im, const notice *n, double linger_s)
 {
     MPI_Request *reqs = malloc((size_t)im->p * sizeof *reqs);
-    double until = tp_now() + 1.0;
+    double until = tp_now() + linger_s;
     int k = 0, done = 0;
     if (reqs == NULL) return;
     for (int j = 0; j < im->p; j++)
@@ -296,7 +306,7 @@ static tp_status fail(mpi_impl *im, tp_status st, int tell)
             n.type = N_FAIL;
             n.from = im->r;
             snprintf(n.text, sizeof n.text, "%s", msg);
-            notify_peers(im, &n);
+            notify_peers(im, &n, st == TP_ERR_INTERRUPTED ? 0.1 : 1.0); /* Ctrl-C must answer at once */
         }
     }
     return st;
@@ -318,7 +328,7 @@ static tp_status resolve_mismatch(mpi_impl *im, int seen_from)
         n.from = im->r;
         n.fp = im->fp;
         im->fp_sent = 1;
-        notify_peers(im, &n);
+        notify_peers(im, &n, 1.0);
     }
     for (int j = 0; j < im->p; j++) have += j != im->r && im->have_fp[j];
     while (have < im->p && tp_now() < deadline && im->ctl_req != MPI_REQUEST_NULL) {
@@ -535,9 +545,9 @@ static int left_of(const mpi_impl *im, const MPI_Request *reqs, int label)
 static tp_status wait_label(mpi_impl *im, int label, const char *what)
 {
     tp_status st = TP_OK;
-    double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3;
+    double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3, next_hook = 0.0, next_live = 0.0, gone_at = 0.0;
     unsigned spins = 0;
-    int left, *idx = im->idx, peer, kept = 0;
+    int left, *idx = im->idx, peer, kept = 0, gone = -1;
     MPI_Request *reqs = im->reqs;
     MPI_Status *stats = im->stats;
     for (int i = 0; i < im->npend; i++) reqs[i] = im->pend[i].req;
@@ -568,9 +578,34 @@ static tp_status wait_label(mpi_impl *im, int label, const char *what)
             double now = tp_now();
             for (int i = 0; i < im->npend; i++) im->pend[i].req = reqs[i];
             if ((st = check_notices(im)) != TP_OK) goto out;
+            if (tp_wait_check(&next_hook, what) != TP_OK) { /* the peers learn who stopped, this rank why */
+                tp_error(TP_ERR_INTERRUPTED, "%s: rank %d of the group (global rank %d) was interrupted by a signal "
+                         "(Ctrl-C, or a signal handler that raised)", what, im->r, im->granks[im->r]);
+                st = fail(im, TP_ERR_INTERRUPTED, 1);
+                goto out;
+            }
             if (deadline == 0.0) {
                 deadline = now + im->timeout_s;
                 next_probe = now + probe_every;
+                next_live = now + LIVENESS_S;
+            }
+            if (im->store && now > next_live) { /* a wait that lasts: has a member left the store? */
+                next_live = now + LIVENESS_S;
+                if (gone < 0 && tp_store_lost(im->store, im->granks, im->p, &im->lost_seen, &gone) != TP_OK) {
+                    for (int j = 0; j < im->p && gone < 0; j++)
+                        if (im->granks[j] == 0) gone = j; /* the store's server is a member: it is gone */
+                    if (gone < 0) next_live = deadline + 1.0; /* it is not: no more probes, no verdict */
+                }
+                if (gone >= 0 && gone_at == 0.0) {
+                    gone_at = now; /* one more period for what it sent before leaving to arrive */
+                } else if (gone >= 0) {
+                    atomic_store(&g_world_failed, 1); /* MPI_Finalize would wait for the gone rank */
+                    tp_error(TP_ERR_COMM, "%s: rank %d of the group (global rank %d) lost its connection to the "
+                             "rendezvous store (it died or exited) while this rank waited for it", what, gone,
+                             im->granks[gone]);
+                    st = fail(im, TP_ERR_COMM, 1);
+                    goto out;
+                }
             }
             if (now > next_probe) { /* a wait that lasts: is a peer in another collective? */
                 if ((st = foreign_message(im, &peer)) != TP_OK) {
@@ -947,6 +982,7 @@ static tp_status impl_new(tp_group *g, mpi_impl **out)
     im->p = g->size;
     im->r = g->rank;
     im->granks = g->global_ranks;
+    im->store = g->store;
     im->timeout_s = g->timeout_s;
     im->log_level = tp_log_level();
     if ((im->peer_fp = calloc((size_t)g->size, sizeof *im->peer_fp)) == NULL ||

@@ -95,23 +95,33 @@ static int spanned_hosts(const tp_group *g, char *buf, size_t cap)
     return n;
 }
 
-/* TP_OK when backend b can serve group g; else the reason, as an error naming the backend. */
-static tp_status serves(const tp_backend *b, const tp_group *g)
+/* TP_OK when backend b can serve group g; else the reason, as an error naming the backend and prefixed
+ * `who` (init or new_group: each refusal says what can be done from there). */
+static tp_status serves(const tp_backend *b, const tp_group *g, const char *who)
 {
     char hosts[512];
+    int sub = strcmp(who, "init") != 0;
     if (g->size > 1 && b->launcher_world && g->booted_by != b)
-        return tp_error(TP_ERR_UNSUPPORTED, "init: the %s backend needs processes started by an MPI launcher "
+        return tp_error(TP_ERR_UNSUPPORTED, "%s: the %s backend needs processes started by an MPI launcher "
                         "(mpirun, mpiexec or srun, so that they share MPI_COMM_WORLD); this world comes from %s",
-                        b->name, g->booted_by ? "another launcher" : "torchrun's variables (RANK, WORLD_SIZE)");
-    if (g->size > 1 && b->one_host && spanned_hosts(g, hosts, sizeof hosts) > 1)
-        return tp_error(TP_ERR_UNSUPPORTED, "init: the %s backend needs every rank of a group on one host, but this "
-                        "group spans hosts %s: launch with mpirun/srun for the mpi backend (or nccl for GPUs), or "
-                        "give each host's ranks a group of their own (new_group(ranks, backend='%s'))", b->name,
-                        hosts, b->name);
+                        who, b->name, g->booted_by ? "another launcher" : "torchrun's variables (RANK, WORLD_SIZE)");
+    if (g->size > 1 && b->one_host && spanned_hosts(g, hosts, sizeof hosts) > 1) {
+        if (sub)
+            return tp_error(TP_ERR_UNSUPPORTED, "%s: the %s backend needs every rank of a group on one host, but "
+                            "this group spans hosts %s: give each host's ranks a group of their own "
+                            "(new_group(ranks, backend='%s')), or leave backend unset (the world's backend)", who,
+                            b->name, hosts, b->name);
+        return tp_error(TP_ERR_UNSUPPORTED, "%s: the %s backend needs every rank of a group on one host, but this "
+                        "world spans hosts %s: launch with mpirun/mpiexec/srun and init_process_group(backend='mpi') "
+                        "(or 'nccl' for GPUs), then new_group(ranks, backend='%s') for each host's ranks; or start "
+                        "one world per host (each host's ranks with their own MASTER_ADDR, MASTER_PORT and "
+                        "WORLD_SIZE)", who, b->name, hosts, b->name);
+    }
     return TP_OK;
 }
 
-tp_status tp_backend_choose(const char *name, tp_device_type device, const tp_group *g, const tp_backend **out)
+static tp_status choose(const char *name, tp_device_type device, const tp_group *g, const char *who,
+                        const tp_backend **out)
 {
     tp_status st = TP_OK;
     const char *from = "";
@@ -126,22 +136,22 @@ tp_status tp_backend_choose(const char *name, tp_device_type device, const tp_gr
     if (name != NULL) {
         for (int i = 0; i < NBACKENDS; i++) {
             if (strcmp(name, BACKENDS[i]->name) != 0) continue;
-            TP_CHECK(serves(BACKENDS[i], g));
+            TP_CHECK(serves(BACKENDS[i], g, who));
             *out = BACKENDS[i];
             return TP_OK;
         }
         for (size_t i = 0; MISSING[i].name != NULL; i++)
             if (strcmp(name, MISSING[i].name) == 0)
-                return tp_error(TP_ERR_UNSUPPORTED, "init: the '%s' backend%s is not built into this tplinear: %s; "
-                                "this build has %s", name, from, MISSING[i].why, names);
-        return tp_error(TP_ERR_VALUE, "init: backend must be None, 'auto' or one of %s, got '%s'%s", names, name,
+                return tp_error(TP_ERR_UNSUPPORTED, "%s: the '%s' backend%s is not built into this tplinear: %s; "
+                                "this build has %s", who, name, from, MISSING[i].why, names);
+        return tp_error(TP_ERR_VALUE, "%s: backend must be None, 'auto' or one of %s, got '%s'%s", who, names, name,
                         from);
     }
     for (int i = 0; i < NBACKENDS; i++) {
         tp_status why;
         if (!(BACKENDS[i]->devices & DEVICE_BIT(device))) continue;
         if (BACKENDS[i]->launcher_world && g->booted_by != BACKENDS[i]) continue; /* not an error: not its world */
-        if ((why = serves(BACKENDS[i], g)) != TP_OK) {
+        if ((why = serves(BACKENDS[i], g, who)) != TP_OK) {
             if (st == TP_OK) st = why; /* unless a later one serves */
             continue;
         }
@@ -152,22 +162,27 @@ tp_status tp_backend_choose(const char *name, tp_device_type device, const tp_gr
     if (st != TP_OK) return st;
     for (size_t i = 0; MISSING[i].name != NULL; i++)
         if (MISSING[i].devices & DEVICE_BIT(device))
-            return tp_error(TP_ERR_UNSUPPORTED, "init: no backend of this build takes %s memory ('%s' is not built: "
-                            "%s)", device == TP_DEVICE_CUDA ? "GPU" : "host", MISSING[i].name, MISSING[i].why);
-    return tp_error(TP_ERR_UNSUPPORTED, "init: no backend of this build takes %s memory",
+            return tp_error(TP_ERR_UNSUPPORTED, "%s: no backend of this build takes %s memory ('%s' is not built: "
+                            "%s)", who, device == TP_DEVICE_CUDA ? "GPU" : "host", MISSING[i].name, MISSING[i].why);
+    return tp_error(TP_ERR_UNSUPPORTED, "%s: no backend of this build takes %s memory", who,
                     device == TP_DEVICE_CUDA ? "GPU" : "host");
 out:
     return st;
+}
+
+tp_status tp_backend_choose(const char *name, tp_device_type device, const tp_group *g, const tp_backend **out)
+{
+    return choose(name, device, g, "init", out);
 }
 
 tp_status tp_backend_choose_sub(const char *name, const tp_group *g, const tp_backend *parent, const tp_backend **out)
 {
     *out = parent;
     if (name == NULL) return TP_OK;
-    if (strcmp(name, "auto") != 0) return tp_backend_choose(name, TP_DEVICE_CPU, g, out);
+    if (strcmp(name, "auto") != 0) return choose(name, TP_DEVICE_CPU, g, "new_group", out);
     for (int i = 0; i < NBACKENDS; i++) {
         if (!BACKENDS[i]->one_host || !(BACKENDS[i]->devices & parent->devices)) continue;
-        if (serves(BACKENDS[i], g) == TP_OK) {
+        if (serves(BACKENDS[i], g, "new_group") == TP_OK) {
             *out = BACKENDS[i];
             break;
         }

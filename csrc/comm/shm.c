@@ -17,8 +17,9 @@
  * shares this core; 2 us when there are more ranks than cores), then sched_yield for up to 200 us, then
  * sleep on a shared (not PRIVATE) futex word that every post increments (a poster only calls FUTEX_WAKE
  * when someone sleeps). Each wait is bounded by the group's timeout and checks, every 50 ms, whether
- * the ranks it waits for are alive (kill(pid, 0), zombie state in /proc) or have destroyed the group.
- * Any failure (dead peer, timeout, mismatch, abort) marks the segment failed (first message wins) and
+ * the ranks it waits for are alive (kill(pid, 0), zombie state in /proc) or have destroyed the group,
+ * and whether the interrupt hook (Python's signal handlers) stops the wait.
+ * Any failure (dead peer, timeout, mismatch, abort, interrupt) marks the segment failed (first message wins) and
  * wakes everybody; the group stays unusable afterwards (every call fails at once).
  *
  * Algorithms, by size (the same choice on every rank: sizes are fingerprinted, thresholds come from
@@ -277,7 +278,7 @@ static tp_status wait_all(shm_impl *im, const char *what)
 {
     const uint64_t target = im->step;
     int j = 0;
-    double start, deadline, next_check, watch_at;
+    double start, deadline, next_check, watch_at, next_hook = 0.0;
     char mine[160], who[768];
     while (j < im->p && atomic_load_explicit(&im->ctrl[j].step, memory_order_acquire) >= target) j++;
     if (j == im->p) return TP_OK;
@@ -312,6 +313,12 @@ static tp_status wait_all(shm_impl *im, const char *what)
         while (j < im->p && atomic_load(&im->ctrl[j].step) >= target) j++;
         if (j == im->p) return TP_OK;
         if (atomic_load(&im->hdr->failed)) return fail_from_segment(im);
+        if (tp_wait_check(&next_hook, what) != TP_OK) { /* the peers learn who stopped, this rank why */
+            describe(&im->ctrl[im->r].fp[im->seq & 1], mine, sizeof mine);
+            tp_error(TP_ERR_INTERRUPTED, "%s: rank %d of the group (global rank %d) was interrupted by a signal "
+                     "(Ctrl-C, or a signal handler that raised) in %s", what, im->r, im->granks[im->r], mine);
+            return fail(im, TP_ERR_INTERRUPTED, 1);
+        }
         now = tp_now();
         if (now > next_check) {
             tp_status st = check_peers(im, target, what);

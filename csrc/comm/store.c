@@ -55,6 +55,7 @@ struct tp_store {
     int port;
     char token[TP_TOKEN_MAX + 1];
     char broken[384];       /* why the connection is gone, once it is */
+    int rank0_started;      /* the launcher started rank 0 and it announced its addresses (MPI, srun) */
     tp_torch_store *torch;  /* under torchrun: the agent's store, where set/get/add go instead */
 };
 
@@ -79,6 +80,10 @@ static int handshake(void *ctx, int fd, double deadline, tp_status *st, char *wh
     memcpy(hello + 16, &s->generation, 8);
     if ((*st = tp_random_bytes(hello + 24, NONCE)) != TP_OK) return TP_DIAL_FAIL;
     if ((rc = send_all(fd, hello, sizeof hello, deadline)) == TP_IO_OK) rc = recv_all(fd, ch, sizeof ch, deadline);
+    if (rc == TP_IO_INTR) {
+        *st = TP_ERR_INTERRUPTED;
+        return TP_DIAL_FAIL;
+    }
     if (rc == TP_IO_TIMEOUT) {
         *st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s: the process at %s:%d accepted the connection but "
                        "did not answer as a tplinear store (rank 0 stopped or hung, or another program listens on "
@@ -116,6 +121,10 @@ static int handshake(void *ctx, int fd, double deadline, tp_status *st, char *wh
     server_ok = tp_secret_equal(want, ch + 24 + NONCE, TP_SHA256_BYTES);
     store_proof_hs(s->token, "tplinear-store-client", hello, ch + 24, mine); /* sent either way: rank 0 reports it */
     if ((rc = send_all(fd, mine, sizeof mine, deadline)) == TP_IO_OK) rc = recv_all(fd, wb, sizeof wb, deadline);
+    if (rc == TP_IO_INTR) {
+        *st = TP_ERR_INTERRUPTED;
+        return TP_DIAL_FAIL;
+    }
     welcome = rc == TP_IO_OK ? store_get_u32(wb) : H_TOKEN;
     if (server_ok && rc != TP_IO_OK) {
         snprintf(why, cap, "the connection to %s:%d was closed during the handshake", s->addr, s->port);
@@ -142,7 +151,12 @@ static int handshake(void *ctx, int fd, double deadline, tp_status *st, char *wh
 static tp_status connect_retry(tp_store *s, double deadline)
 {
     return tp_net_dial("the store of rank 0", s->addr, s->port, s->timeout_s, deadline, handshake, s,
-                       "is rank 0 running?", &s->fd);
+                       s->rank0_started ? "rank 0 is running: the launcher started it and it announced these "
+                       "addresses once its store listened; none answered from this host: set "
+                       "TPLINEAR_SOCKET_IFNAME to the interface the hosts share (e.g. eth0, or ^docker,lo), or "
+                       "MASTER_ADDR to an address of rank 0's host that this host reaches"
+                                        : "is rank 0 running? Is MASTER_ADDR an address of rank 0's host that this "
+                       "host reaches?", s->rank0_started, &s->fd);
 }
 
 /* Marks the connection gone (every later request fails with this message) and returns st. */
@@ -198,7 +212,9 @@ static tp_status request(tp_store *s, int cmd, const char *key, const void *val,
             got += k;
         }
     }
-    if (rc == TP_IO_TIMEOUT) {
+    if (rc == TP_IO_INTR) {
+        st = broken(s, TP_ERR_INTERRUPTED); /* mid-request: the connection cannot be reused */
+    } else if (rc == TP_IO_TIMEOUT) {
         st = broken(s, tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for the store of rank 0 at %s:%d to "
                                 "answer (rank 0 stopped or hung?)", s->timeout_s, s->addr, s->port));
     } else if (rc != TP_IO_OK) {
@@ -250,9 +266,10 @@ tp_status tp_store_get(tp_store *s, const char *key, void *val, size_t cap, size
     double start = tp_now(), deadline = start + s->timeout_s, pause = 0.0001;
     int found = 0, logged = 0;
     char what[MAX_KEY + 16];
-    for (;;) {
+    for (double next_hook = 0.0;;) {
         TP_CHECK(try_get(s, key, val, cap, len, &found));
         if (found) break;
+        TP_CHECK(tp_wait_check(&next_hook, "store"));
         if (tp_now() > deadline) {
             st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for store key '%s'", s->timeout_s, key);
             goto out;
@@ -285,9 +302,10 @@ tp_status tp_store_wait_ge(tp_store *s, const char *key, int64_t target)
     int64_t v = 0;
     int logged = 0;
     char what[MAX_KEY + 64];
-    for (;;) {
+    for (double next_hook = 0.0;;) {
         TP_CHECK(tp_store_add(s, key, 0, &v));
         if (v >= target) break;
+        TP_CHECK(tp_wait_check(&next_hook, "store"));
         if (tp_now() > deadline) {
             st = tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for store key '%s' to reach %lld (at %lld)",
                           s->timeout_s, key, (long long)target, (long long)v);
@@ -297,6 +315,27 @@ tp_status tp_store_wait_ge(tp_store *s, const char *key, int64_t target)
         watchdog(s, start, &logged, what);
         tp_sleep(pause);
         if (pause < 0.01) pause *= 1.5;
+    }
+out:
+    return st;
+}
+
+tp_status tp_store_lost(tp_store *s, const int *ranks, int n, int64_t *seen, int *who)
+{
+    tp_status st = TP_OK;
+    int64_t count = 0, v;
+    size_t len;
+    int found = 0;
+    char key[64];
+    *who = -1;
+    if (s->torch) goto out;
+    TP_CHECK(try_get(s, "lost", &count, sizeof count, &len, &found));
+    if (!found || count <= *seen) goto out;
+    *seen = count;
+    for (int i = 0; i < n && *who < 0; i++) {
+        snprintf(key, sizeof key, "lost/%d", ranks[i]);
+        TP_CHECK(try_get(s, key, &v, sizeof v, &len, &found));
+        if (found) *who = i;
     }
 out:
     return st;
@@ -338,7 +377,7 @@ tp_status tp_store_wait_all(tp_store *s, const char *key, int n, const int *worl
 {
     tp_status st = TP_OK;
     char k[MAX_KEY], missing[512], refused[320] = "", msg[640];
-    double start = tp_now(), deadline = start + s->timeout_s, pause = 0.0002;
+    double start = tp_now(), deadline = start + s->timeout_s, pause = 0.0002, next_hook = 0.0;
     int next = 0, nmiss = 0, logged = 0, v, found;
     size_t len;
     while (next < n) {
@@ -357,6 +396,7 @@ tp_status tp_store_wait_all(tp_store *s, const char *key, int n, const int *worl
             goto out;
         }
         if (tp_now() > deadline) break;
+        TP_CHECK(tp_wait_check(&next_hook, "store"));
         if (!logged && s->watchdog_s > 0 && tp_now() - start >= s->watchdog_s) {
             TP_CHECK(not_arrived(s, key, next, n, world, missing, sizeof missing, &nmiss));
             snprintf(msg, sizeof msg, "rank%s %s of %d %s", nmiss > 1 ? "s" : "", missing, n, what);
@@ -448,6 +488,7 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
     s->watchdog_s = (double)watchdog_s;
     s->generation = cfg->generation;
     s->port = cfg->port;
+    s->rank0_started = cfg->rank0_started;
     snprintf(s->addr, sizeof s->addr, "%s", cfg->addr ? cfg->addr : "127.0.0.1");
     if (cfg->token != NULL)
         snprintf(s->token, sizeof s->token, "%s", cfg->token);

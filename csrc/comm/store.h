@@ -18,6 +18,12 @@ typedef struct tp_store tp_store;
 tp_status tp_store_open(const char *addr, int port, int rank, int world_size, double timeout_s,
                         tp_store **out);
 
+/* Liveness for a collective's long wait: *who = the first of the n world ranks `ranks` whose connection to
+ * the store ended (it died or exited) once more ranks than *seen have gone (*seen: updated; start at 0),
+ * else -1. One request while nobody has gone. A lost connection to rank 0 itself is TP_ERR_COMM. No
+ * record under torchrun's store (*who = -1). */
+tp_status tp_store_lost(tp_store *s, const int *ranks, int n, int64_t *seen, int *who);
+
 /* Everything tp_store_open_world needs. */
 typedef struct {
     const char *addr;      /* where the clients connect (rank 0's address, or 127.0.0.1) */
@@ -35,6 +41,7 @@ typedef struct {
      * channel announces it); with port 0 the kernel picks the port, so no other program can take it first. */
     tp_status (*on_serving)(void *ctx, int port);
     void *ctx;
+    int rank0_started;     /* the launcher started rank 0, which announced addr once it served (error hints) */
 } tp_store_config;
 #define TP_STORE_NS_MAX 320
 tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out);

@@ -157,9 +157,15 @@ static void drop(server *s, size_t i)
     conn *c = &s->conns[i];
     if (c->state == C_READY) { /* a joined rank is gone: its waiters need not wait for it */
         char key[64];
-        int64_t one = 1;
+        int64_t one = 1, count = 0;
+        kv *e;
         snprintf(key, sizeof key, "%llu/lost/%d", (unsigned long long)s->generation, c->rank);
         put(s, key, &one, sizeof one);
+        /* how many have gone: what a collective's liveness probe (tp_store_lost) reads in one request */
+        snprintf(key, sizeof key, "%llu/lost", (unsigned long long)s->generation);
+        if ((e = find(s, key)) != NULL && e->len == 8) memcpy(&count, e->val, 8);
+        count++;
+        put(s, key, &count, sizeof count);
     }
     close(c->fd);
     free(c->in);

@@ -103,6 +103,7 @@ static void put_key(msg *m, const tp_torch_store *s, const char *key)
 
 static tp_status io_error(const tp_torch_store *s, int rc)
 {
+    if (rc == TP_IO_INTR) return TP_ERR_INTERRUPTED; /* the message is set */
     if (rc == TP_IO_TIMEOUT)
         return tp_error(TP_ERR_TIMEOUT, "torchrun store at %s:%d: timed out after %g s waiting for it to answer (the "
                         "torchrun agent stopped or hung?)", s->addr, s->port, s->timeout_s);
@@ -253,7 +254,7 @@ tp_status tp_torch_store_open(const char *addr, int port, const char *ns, const 
     snprintf(s->ns, sizeof s->ns, "%s", ns);
     snprintf(s->token, sizeof s->token, "%s", token);
     TP_CHECK(tp_net_dial("torchrun's store", s->addr, port, timeout_s, tp_now() + timeout_s, NULL, NULL,
-                         "TORCHELASTIC_USE_AGENT_STORE is set: is the torchrun agent running?", &s->fd));
+                         "TORCHELASTIC_USE_AGENT_STORE is set: is the torchrun agent running?", 0, &s->fd));
     put_u8(&m, Q_VALIDATE);
     put(&m, &magic, sizeof magic);
     TP_CHECK(exchange(s, &m, NULL, 0, NULL, NULL));

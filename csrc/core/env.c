@@ -93,6 +93,10 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_SP_CHUNKS] = {"TPLINEAR_SP_CHUNKS", KNOB_INT, "0", 0, 0, 64, NULL,
                            "sequence parallelism: n > 1 pipelines a column layer's forward all-gather with its "
                            "GEMM in n chunks (host memory); 0 or 1: gather, then multiply"},
+    [TP_KNOB_SOCKET_IFNAME] = {"TPLINEAR_SOCKET_IFNAME", KNOB_STRING, "^docker,lo", 0, 0, 0, NULL,
+                               "the interfaces whose addresses rank 0 announces for its rendezvous store under "
+                               "mpirun/srun (NCCL_SOCKET_IFNAME's convention: comma-separated prefixes, '=' for "
+                               "exact names, '^' to exclude); MASTER_ADDR wins"},
     [TP_KNOB_HALF_SIMD] = {"TPLINEAR_HALF_SIMD", KNOB_BOOL, "1", 1, 0, 1, NULL,
                            "host bfloat16/float16: 1 converts to and from float32 with AVX2 / F16C where the CPU "
                            "has them; 0 forces the plain C conversions every CPU runs (the same bits; for tests)"},

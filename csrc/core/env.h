@@ -26,6 +26,7 @@ typedef enum {
     TP_KNOB_MPI_EAGER_BYTES,
     TP_KNOB_WATCHDOG_S,
     TP_KNOB_SP_CHUNKS,
+    TP_KNOB_SOCKET_IFNAME,
     TP_KNOB_HALF_SIMD,
     TP_KNOB_COUNT
 } tp_knob;

@@ -1,5 +1,6 @@
 /* Status codes, the thread-local error message, logging and clocks. */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,7 @@ const char *tp_status_name(tp_status s)
     case TP_ERR_UNSUPPORTED: return "TP_ERR_UNSUPPORTED";
     case TP_ERR_SYSTEM: return "TP_ERR_SYSTEM";
     case TP_ERR_CUDA: return "TP_ERR_CUDA";
+    case TP_ERR_INTERRUPTED: return "TP_ERR_INTERRUPTED";
     }
     return "TP_ERR_UNKNOWN";
 }
@@ -107,4 +109,28 @@ void tp_sleep(double s)
     struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
     }
+}
+
+/* The interrupt hook: one per process (the waits of every group ask it), set by the binding. */
+static struct {
+    _Atomic(tp_interrupt_fn) fn;
+    void *_Atomic ctx;
+} g_hook;
+
+void tp_set_interrupt_hook(tp_interrupt_fn fn, void *ctx)
+{
+    atomic_store(&g_hook.fn, NULL);
+    atomic_store(&g_hook.ctx, ctx);
+    atomic_store(&g_hook.fn, fn);
+}
+
+tp_status tp_wait_check(double *next, const char *what)
+{
+    tp_interrupt_fn fn = atomic_load(&g_hook.fn);
+    double now;
+    if (fn == NULL || (now = tp_now()) < *next) return TP_OK;
+    *next = now + 0.05;
+    if (!fn(atomic_load(&g_hook.ctx))) return TP_OK;
+    return tp_error(TP_ERR_INTERRUPTED, "%s: interrupted by a signal while waiting (Ctrl-C, or a signal handler "
+                    "that raised)", what);
 }

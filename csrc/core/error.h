@@ -44,6 +44,11 @@ void tp_log(int level, const char *fmt, ...) TP_PRINTF(2, 3);
  * OMPI_COMM_WORLD_RANK, else 0). */
 void tp_log_set_rank(int rank);
 
+/* In a wait loop: TP_ERR_INTERRUPTED (message "<what>: interrupted by a signal ...") when the interrupt hook
+ * (tp_set_interrupt_hook) asks to stop, else TP_OK. Calls the hook when tp_now() has passed *next (start
+ * it at 0) and sets *next 50 ms on, so a loop may call this on every turn. */
+tp_status tp_wait_check(double *next, const char *what);
+
 /* Monotonic clock in seconds; a sleep of s seconds (resumed when a signal interrupts it). */
 double tp_now(void);
 void tp_sleep(double s);

@@ -37,7 +37,8 @@ typedef enum {
     TP_ERR_TIMEOUT = 5,     /* a wait ran past the group's timeout     -> tplinear.CommError  */
     TP_ERR_UNSUPPORTED = 6, /* not built in / not available here       -> NotImplementedError */
     TP_ERR_SYSTEM = 7,      /* an OS call failed (errno in message)    -> OSError             */
-    TP_ERR_CUDA = 8         /* CUDA / cuBLAS / NCCL failure            -> RuntimeError        */
+    TP_ERR_CUDA = 8,        /* CUDA / cuBLAS / NCCL failure            -> RuntimeError        */
+    TP_ERR_INTERRUPTED = 9  /* the interrupt hook stopped a wait       -> KeyboardInterrupt   */
 } tp_status;
 
 /* The message of the last failure on this thread ("" if none). */
@@ -46,6 +47,14 @@ TP_API const char *tp_last_error(void);
 TP_API const char *tp_status_name(tp_status s);
 /* Clears this thread's message. */
 TP_API void tp_clear_error(void);
+
+/* Every wait of the library (collectives, the rendezvous store, connecting to it) calls fn(ctx) at least
+ * every 100 ms while it waits; a nonzero return stops the wait with TP_ERR_INTERRUPTED (a collective's
+ * group is then failed, and its other ranks get TP_ERR_COMM naming this rank). fn runs on the waiting
+ * thread; NULL removes the hook. The Python binding installs one that runs pending signal handlers
+ * (Ctrl-C, a SIGTERM handler). */
+typedef int (*tp_interrupt_fn)(void *ctx);
+TP_API void tp_set_interrupt_hook(tp_interrupt_fn fn, void *ctx);
 
 /* ------------------------------------------------------------------ tensors */
 

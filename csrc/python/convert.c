@@ -95,6 +95,14 @@ PyObject *tpy_raise(PyObject *module, tp_status st)
     case TP_ERR_TIMEOUT: type = state->comm_error; break;
     case TP_ERR_UNSUPPORTED: type = PyExc_NotImplementedError; break;
     case TP_ERR_SYSTEM: type = PyExc_OSError; break;
+    case TP_ERR_INTERRUPTED:
+        if (state->interrupt[0] != NULL) { /* the signal handler's own exception (KeyboardInterrupt, ...) */
+            PyErr_Restore(state->interrupt[0], state->interrupt[1], state->interrupt[2]);
+            state->interrupt[0] = state->interrupt[1] = state->interrupt[2] = NULL;
+            return NULL;
+        }
+        type = PyExc_KeyboardInterrupt;
+        break;
     default: type = PyExc_RuntimeError; break;
     }
     PyErr_SetString(type, tp_last_error());

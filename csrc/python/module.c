@@ -170,11 +170,51 @@ PyObject *tpy_group_wrap(PyObject *module, tp_group *g, PyObject *parent)
     return (PyObject *)obj;
 }
 
+/* ---------------------------------------------------------------- signals */
+
+/* The core's interrupt hook (tp_set_interrupt_hook): on Python's main thread, waiting with the GIL
+ * released, takes the GIL and runs pending signal handlers; one that raises (Ctrl-C's KeyboardInterrupt,
+ * a SIGTERM handler's SystemExit) stops the wait, its exception kept for tpy_raise. A handler that
+ * returns lets the wait go on. */
+static int interrupt_hook(void *ctx)
+{
+    tpy_state *state = ctx;
+    PyGILState_STATE gil;
+    int stop = 0;
+    if (PyThread_get_thread_ident() != state->main_thread) return 0;
+    gil = PyGILState_Ensure();
+    if (PyErr_CheckSignals() < 0) {
+        for (int i = 0; i < 3; i++) Py_CLEAR(state->interrupt[i]);
+        PyErr_Fetch(&state->interrupt[0], &state->interrupt[1], &state->interrupt[2]);
+        stop = 1;
+    }
+    PyGILState_Release(gil);
+    return stop;
+}
+
+/* Python's main thread, where signal handlers run (threading.main_thread()). */
+static int main_thread_ident(unsigned long *out)
+{
+    PyObject *threading = PyImport_ImportModule("threading"), *main = NULL, *ident = NULL;
+    int rc = -1;
+    if (threading == NULL || (main = PyObject_CallMethod(threading, "main_thread", NULL)) == NULL ||
+        (ident = PyObject_GetAttrString(main, "ident")) == NULL)
+        goto out;
+    *out = PyLong_AsUnsignedLong(ident);
+    rc = PyErr_Occurred() ? -1 : 0;
+out:
+    Py_XDECREF(ident);
+    Py_XDECREF(main);
+    Py_XDECREF(threading);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- module */
 
 static int module_exec(PyObject *m)
 {
     tpy_state *state = PyModule_GetState(m);
+    if (main_thread_ident(&state->main_thread) < 0) return -1;
     state->comm_error = PyErr_NewExceptionWithDoc(
         "tplinear.CommError",
         "A collective failed because of a peer: it died, timed out, or called a different collective.",
@@ -195,6 +235,7 @@ static int module_exec(PyObject *m)
     if (PyModule_AddFunctions(m, tpy_array_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, tpy_sequence_methods) < 0) return -1;
     if (PyModule_AddStringConstant(m, "VERSION", TPLINEAR_VERSION) < 0) return -1;
+    tp_set_interrupt_hook(interrupt_hook, state);
     return 0;
 }
 
@@ -207,6 +248,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(state->bf16_type);
     Py_VISIT(state->numpy);
     for (int i = 0; i < TP_DTYPE_COUNT; i++) Py_VISIT(state->dtypes[i]);
+    for (int i = 0; i < 3; i++) Py_VISIT(state->interrupt[i]);
     return 0;
 }
 
@@ -219,6 +261,8 @@ static int module_clear(PyObject *m)
     Py_CLEAR(state->bf16_type);
     Py_CLEAR(state->numpy);
     for (int i = 0; i < TP_DTYPE_COUNT; i++) Py_CLEAR(state->dtypes[i]);
+    for (int i = 0; i < 3; i++) Py_CLEAR(state->interrupt[i]);
+    tp_set_interrupt_hook(NULL, NULL);
     return 0;
 }
 

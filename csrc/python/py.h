@@ -16,6 +16,9 @@ typedef struct {
     PyTypeObject *bf16_type;   /* the type of the bfloat16 dtype object (dtypes.c) */
     PyObject *numpy;           /* the numpy module */
     PyObject *dtypes[TP_DTYPE_COUNT]; /* per tp_dtype: its NumPy dtype, or the bfloat16 object */
+    unsigned long main_thread;        /* where Python runs signal handlers: the only thread the hook acts on */
+    PyObject *interrupt[3];           /* what a signal handler raised in a wait (type, value, traceback):
+                                         tpy_raise re-raises it for TP_ERR_INTERRUPTED (main thread only) */
 } tpy_state;
 
 /* What keeps a converted object's memory alive; release with tpy_view_release. */

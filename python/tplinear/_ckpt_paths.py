@@ -48,6 +48,11 @@ def world():
 
 def _make_directory(path):
     """Makes the checkpoint directory (ValueError where path is something else) and draws a fresh token."""
+    if os.fsdecode(path).endswith(".safetensors"):
+        raise ValueError(f"checkpoint path {path} ends in .safetensors, the name of one file, but a checkpoint is a "
+                         "directory (model.safetensors, the manifest, optimizer and shard files): pass a directory "
+                         "path; for a single file of full tensors use safetensors' save_file (load_checkpoint reads "
+                         "one)")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise ValueError(f"checkpoint path {path} exists and is not a directory")
     os.makedirs(path, exist_ok=True)
