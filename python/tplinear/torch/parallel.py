@@ -89,7 +89,8 @@ class _Linear(_Style):
                 layout = _fused_layout(f"{name.rpartition('.')[0]}.{sib}", ctx) if _is_linear(m) else None
                 if layout is not None:
                     heads = layout[1:4]
-        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f)
+        parent = ctx.model.get_submodule(name.rpartition(".")[0]) if "." in name else ctx.model
+        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f, parent)
         if self.packed and "block_sizes" not in kwargs:
             if out_f % self.packed:
                 raise ValueError(f"{name}: packed_colwise splits {out_f} output features into {self.packed} equal "
@@ -212,8 +213,8 @@ _NAME_COL = {"query_key_value", "q_proj", "k_proj", "v_proj", "gate_proj", "up_p
 _NAME_VOCAB = {"lm_head", "embed_out", "embed_tokens", "wte", "word_embeddings"}  # replicated by default
 
 # attention projections (the heads rule applies to them)
-_Q = {"q_proj", "query", "wq", "q"}
-_KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v"}
+_Q = {"q_proj", "query", "wq", "q", "q_b_proj"}  # q_b_proj, kv_b_proj: MLA's per-head up-projections
+_KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v", "kv_b_proj"}
 _QKV = {"c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv"}  # [q | k | v] blocks one after another
 _O = {"o_proj", "out_proj", "wo", "o", "c_proj", "dense"}  # only under an attention module
 _GATE_UP = {"gate_up_proj"}
@@ -336,29 +337,61 @@ def _config_heads(model, num_heads, num_kv_heads, head_dim):
     return int(h), int(kv if kv is not None else h), int(d)
 
 
-def _head_kwargs(name, module, kind, heads, size):
+def _head_kwargs(name, module, kind, heads, size, parent=None):
     """The layer arguments that make an attention projection split by whole heads (or {} for others).
-    size: the split dim (out_features of a column layer, in_features of a row layer)."""
+    size: the split dim (out_features of a column layer, in_features of a row layer). Where the config's
+    heads do not make size, the attention's own sizes do (_own_heads)."""
     last = _last(name)
     attention = _is_attention(name) or last in _Q | _KV | _QKV
     if heads is None or not attention or last not in _Q | _KV | _QKV | _O:
         return {}
     if kind == "row" and last not in _O:
         return {}
-    h, kv, d = heads
-    args = {"num_heads": h, "num_kv_heads": kv, "head_dim": d}
-    expect = {"q": h * d, "kv": kv * d, "qkv": (h + 2 * kv) * d, "o": h * d}
     role = ("o" if kind == "row" else "q" if last in _Q else "kv" if last in _KV else "qkv" if last in _QKV else None)
     if role is None:
         return {}
+    h, kv, d = heads
+    expect = {"q": h * d, "kv": kv * d, "qkv": (h + 2 * kv) * d, "o": h * d}
     if size != expect[role]:
-        raise ValueError(f"{name}: an attention projection of {size} features, but the config's heads "
-                         f"(num_attention_heads={h}, num_key_value_heads={kv}, head_dim={d}) make {expect[role]}; "
-                         "pass num_heads= / num_kv_heads= / head_dim= or a plan without it")
+        own = _own_heads(parent, heads, role, size)
+        if own is None:
+            raise ValueError(f"{name}: an attention projection of {size} features, but the config's heads "
+                             f"(num_attention_heads={h}, num_key_value_heads={kv}, head_dim={d}) make "
+                             f"{expect[role]}, and its attention module's heads do not divide it; pass num_heads= / "
+                             "num_kv_heads= / head_dim= or a plan without it")
+        h, kv, d = own
+    args = {"num_heads": h, "num_kv_heads": kv, "head_dim": d}
     if role == "qkv":
         args["block_sizes"] = [h * d, kv * d, kv * d]
     return args
 
+
+_OWN_H = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_OWN_KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def _own_heads(parent, heads, role, size):
+    """(num_heads, num_kv_heads, head_dim) of one projection from its attention module's own sizes, for the
+    projections whose width the config's head_dim does not describe: the module's head counts (its own
+    attributes, else the config's; per-layer counts: Laguna), and this projection's width per head
+    (size / its head count: MLA's v_head_dim on o_proj, qk_head_dim on q_b_proj; a gated q_proj's query and
+    gate of each head, 2 * head_dim: Qwen3-Next). None where the counts do not divide size."""
+    def own(attrs):
+        for a in attrs:
+            v = getattr(parent, a, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+    h = own(_OWN_H) or heads[0]
+    kv = own(_OWN_KV)
+    groups = getattr(parent, "num_key_value_groups", None)
+    if kv is None and isinstance(groups, int) and groups > 0 and h % groups == 0:
+        kv = h // groups
+    kv = kv or (heads[1] if h == heads[0] else h)
+    count = {"q": h, "o": h, "kv": kv, "qkv": h + 2 * kv}[role]
+    if h % kv or size % count:
+        return None
+    return h, kv, size // count
 
 
 # ------------------------------------------------------------------------------------------ fused QKV layouts
@@ -512,23 +545,32 @@ def _slice_head_bias(parent, h, qh):
 
 
 def _fused_attributes(parent, layout, h, kv, d, qh, kvh):
-    """The attention module's per-rank sizes after its fused projection is split (as DeepSpeed's
-    update_mp_params): head counts, the widths that are heads * head_dim, CodeGen's mp_num."""
-    ql, kvl = len(qh), len(kvh)
-    for attr in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
-        if getattr(parent, attr, None) == h:
-            setattr(parent, attr, ql)
-    for attr in ("num_kv_heads", "num_key_value_heads", "kv_heads"):
-        if getattr(parent, attr, None) == kv:
-            setattr(parent, attr, kvl)
-    for attr in ("embed_dim", "split_size", "hidden_size", "all_head_size", "kv_dim"):
-        v = getattr(parent, attr, None)
-        if v == h * d and not isinstance(v, bool):
-            setattr(parent, attr, ql * d)
+    """The attention module's per-rank sizes after its fused projection is split: _local_sizes, CodeGen's
+    mp_num."""
     if layout == "codegen":
         parent.mp_num = 1
+    _local_sizes(parent, h, kv, d, qh, kvh)
+
+
+def _local_sizes(parent, h, kv, d, qh, kvh):
+    """The attention module's per-rank sizes (as DeepSpeed's update_mp_params): head counts, the widths
+    that are heads * head_dim (embed_dim, all_head_size, ...), num_key_value_groups, and the rows of a
+    position bias built for every head. qh / kvh: this rank's query / KV heads (ranges)."""
+    ql, kvl = len(qh), len(kvh)
+    for attr in _OWN_H:
+        if getattr(parent, attr, None) == h and not isinstance(getattr(parent, attr), bool):
+            setattr(parent, attr, ql)
+    for attr in _OWN_KV + ("kv_heads",):
+        if getattr(parent, attr, None) == kv and not isinstance(getattr(parent, attr), bool):
+            setattr(parent, attr, kvl)
+    dims = {d} | {v for v in (getattr(parent, "head_dim", None), getattr(parent, "v_head_dim", None))
+                  if isinstance(v, int) and not isinstance(v, bool)}
+    for attr in ("embed_dim", "split_size", "hidden_size", "all_head_size", "kv_dim", "inner_dim", "attention_dim"):
+        v = getattr(parent, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v % h == 0 and v // h in dims:
+            setattr(parent, attr, ql * (v // h))
     _slice_head_bias(parent, h, qh)
-    if hasattr(parent, "num_key_value_groups") and kvl:
+    if isinstance(getattr(parent, "num_key_value_groups", None), int) and kvl:
         parent.num_key_value_groups = ql // kvl
 
 
@@ -725,17 +767,18 @@ def _reduce_region_grads(model, built, ctx):
             parents[name.rpartition(".")[0]].add("col")
         elif isinstance(layer, LinearAllreduce) and layer.input_is_parallel:
             parents[name.rpartition(".")[0]].add("row")
-    head_dim = ctx.heads[2] if ctx.heads else None
     for pname, kinds in parents.items():
         if kinds != {"col", "row"}:
             continue
+        head_dims = {layer.head_dim for n, layer in built.items() if n.rpartition(".")[0] == pname
+                     and getattr(layer, "head_dim", None)} | ({ctx.heads[2]} if ctx.heads else set())
         parent = model.get_submodule(pname) if pname else model
         for cname, child in parent.named_children():
             params = [p for p in child.parameters() if p.requires_grad]
             if not params or isinstance(child, TPModule) or _is_linear(child):
                 continue
-            per_head = cname in _HEAD_NORM and _is_attention(f"{pname}.{cname}") and head_dim is not None and all(
-                p.dim() == 1 and p.numel() == head_dim for p in params)
+            per_head = cname in _HEAD_NORM and _is_attention(f"{pname}.{cname}") and all(
+                p.dim() == 1 and p.numel() in head_dims for p in params)
             if _ACT.match(cname) or per_head:
                 for mod in child.modules():
                     _GradAllReduce().apply(cname, mod, ctx)
@@ -799,41 +842,22 @@ def _check_pairs(built):
 
 
 def _update_attention_attributes(model, built, heads):
-    """Per-rank head counts on the attention modules that read them (as DeepSpeed's update_mp_params):
-    GPT-2's split_size (the width of each of q, k, v in c_attn's output), and num_heads /
-    num_key_value_heads where a module keeps them as plain ints; a fused layout's module its sizes
-    (_fused_attributes). Gathered column outputs (colwise_gather_output) leave the module's sizes alone."""
-    if heads is None:
-        for name, layer in built.items():
-            if getattr(layer, "_fused_layout", None) is not None:
-                _fused_attributes(model.get_submodule(name.rpartition(".")[0]), *layer._fused_layout)
-        return
+    """Per-rank sizes on the attention modules that read them (_local_sizes, as DeepSpeed's
+    update_mp_params), from the query projection split by heads (its own head counts and width per head)
+    or a fused layout. Gathered column outputs (colwise_gather_output) leave the module's sizes alone."""
     for name, layer in built.items():
-        if getattr(layer, "_fused_layout", None) is not None:
-            _fused_attributes(model.get_submodule(name.rpartition(".")[0]), *layer._fused_layout)
-    h, kv, d = heads
-    for name, layer in built.items():
-        if not isinstance(layer, LinearLayer) or layer.num_heads is None or layer.gather_output:
-            continue
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        r = layer.tp_index
-        if layer._split["block_sizes"] is not None and len(layer._split["block_sizes"]) == 3:
-            q_width = layer._pieces[r][0][1]
-            if getattr(parent, "split_size", None) == h * d:
-                parent.split_size = q_width
-        q_local = None
-        if _last(name) in _Q:
-            q_local = layer.local_shape[0] // d
-        elif _last(name) in _QKV:
-            q_local = layer._pieces[r][0][1] // d
-        if q_local is not None:
-            q0 = (layer._pieces[r][0][0] // d) if _last(name) in _QKV else layer._pieces[r][0][0] // d
-            _slice_head_bias(parent, h, range(q0, q0 + q_local))
-            for attr, full, local in (("num_heads", h, q_local), ("num_attention_heads", h, q_local),
-                                      ("n_heads", h, q_local), ("n_head", h, q_local),
-                                      ("num_key_value_heads", kv, q_local * kv // h)):
-                if getattr(parent, attr, None) == full and not isinstance(getattr(parent, attr), bool):
-                    setattr(parent, attr, local)
+        if getattr(layer, "_fused_layout", None) is not None:
+            _fused_attributes(parent, *layer._fused_layout)
+            continue
+        if (not isinstance(layer, LinearLayer) or layer.num_heads is None or layer.gather_output
+                or _last(name) not in _Q | _QKV):
+            continue
+        h, kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        first, width = layer._pieces[layer.tp_index][0]
+        q0, ql = first // d, width // d
+        kvl = ql * kv // h
+        _local_sizes(parent, h, kv, d, range(q0, q0 + ql), range(q0 * kv // h, q0 * kv // h + kvl))
 
 
 def tp_modules(model):
