@@ -132,10 +132,14 @@ class _GradAllReduce(_Style):
 
     def apply(self, name, module, ctx):
         for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
-                p.register_hook(lambda g, group=ctx.group: _ops.all_reduce_(group, g.clone(
-                    memory_format=torch.contiguous_format)))
-                p._tplinear_grad_allreduce = True
+            _reduce_grad(p, ctx.group)
+
+
+def _reduce_grad(p, group):
+    """p's incoming gradient summed over group (once per parameter)."""
+    if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
+        p.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
+        p._tplinear_grad_allreduce = True
 
 
 class _AllReduceOutput(_Style):
@@ -201,7 +205,7 @@ _STYLES = {
     "packed_rowwise": _Later("a row-parallel layer over a packed input (MoE experts' 3-d weights)"),
     "moe_tp_experts": _Later("tensor-parallel MoE experts (3-d expert weights)"),
     "moe_identity_expert": _Later("tensor-parallel MoE experts"),
-    "local_params": _Later("sharding bare parameters (attention sinks)"),
+    "local_params": _Replicate(),  # the owner of bare parameters that their own entries split (_head_params)
 }
 STYLES = sorted(name for name, style in _STYLES.items() if style.supported)
 
@@ -218,6 +222,7 @@ _KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v", "kv_b_proj"}
 _QKV = {"c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv"}  # [q | k | v] blocks one after another
 _O = {"o_proj", "out_proj", "wo", "o", "c_proj", "dense"}  # only under an attention module
 _GATE_UP = {"gate_up_proj"}
+_ATTN_GATE = {"gate_proj", "g_proj", "gate"}  # under an attention: an output gate of heads x width, split as q
 
 
 def _last(name):
@@ -226,7 +231,8 @@ def _last(name):
 
 def _is_attention(name):
     parent = name.rsplit(".", 1)[0] if "." in name else ""
-    return bool(re.search(r"(^|\.)(self_)?attn|attention", parent, re.IGNORECASE))
+    # self_attn, attn, encoder_attn / cross_attn (cross-attention), attention
+    return bool(re.search(r"attn|attention", parent, re.IGNORECASE))
 
 
 def _is_conv1d(module):
@@ -339,27 +345,27 @@ def _config_heads(model, num_heads, num_kv_heads, head_dim):
 
 def _head_kwargs(name, module, kind, heads, size, parent=None):
     """The layer arguments that make an attention projection split by whole heads (or {} for others).
-    size: the split dim (out_features of a column layer, in_features of a row layer). Where the config's
-    heads do not make size, the attention's own sizes do (_own_heads)."""
+    size: the split dim (out_features of a column layer, in_features of a row layer). The head counts are the
+    attention module's own (_own_heads); the width per head the config's head_dim where it makes size, else
+    size / the projection's head count."""
     last = _last(name)
     attention = _is_attention(name) or last in _Q | _KV | _QKV
-    if heads is None or not attention or last not in _Q | _KV | _QKV | _O:
+    gate = last in _ATTN_GATE and _is_attention(name)
+    if heads is None or not attention or last not in _Q | _KV | _QKV | _O and not gate:
         return {}
     if kind == "row" and last not in _O:
         return {}
-    role = ("o" if kind == "row" else "q" if last in _Q else "kv" if last in _KV else "qkv" if last in _QKV else None)
+    role = ("o" if kind == "row" else "q" if last in _Q or gate else "kv" if last in _KV else "qkv" if last in _QKV
+            else None)
     if role is None:
         return {}
-    h, kv, d = heads
-    expect = {"q": h * d, "kv": kv * d, "qkv": (h + 2 * kv) * d, "o": h * d}
-    if size != expect[role]:
-        own = _own_heads(parent, heads, role, size)
-        if own is None:
-            raise ValueError(f"{name}: an attention projection of {size} features, but the config's heads "
-                             f"(num_attention_heads={h}, num_key_value_heads={kv}, head_dim={d}) make "
-                             f"{expect[role]}, and its attention module's heads do not divide it; pass num_heads= / "
-                             "num_kv_heads= / head_dim= or a plan without it")
-        h, kv, d = own
+    h, kv = _own_heads(parent, heads)
+    count = {"q": h, "o": h, "kv": kv, "qkv": h + 2 * kv}[role]
+    d = heads[2] if size == count * heads[2] else size // count
+    if h % kv or size != count * d:
+        raise ValueError(f"{name}: an attention projection of {size} features, but its attention's heads "
+                         f"(num_heads={h}, num_key_value_heads={kv}; the config's head_dim={heads[2]}) do not "
+                         "divide it; pass num_heads= / num_kv_heads= / head_dim= or a plan without it")
     args = {"num_heads": h, "num_kv_heads": kv, "head_dim": d}
     if role == "qkv":
         args["block_sizes"] = [h * d, kv * d, kv * d]
@@ -370,12 +376,11 @@ _OWN_H = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _OWN_KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 
-def _own_heads(parent, heads, role, size):
-    """(num_heads, num_kv_heads, head_dim) of one projection from its attention module's own sizes, for the
-    projections whose width the config's head_dim does not describe: the module's head counts (its own
-    attributes, else the config's; per-layer counts: Laguna), and this projection's width per head
-    (size / its head count: MLA's v_head_dim on o_proj, qk_head_dim on q_b_proj; a gated q_proj's query and
-    gate of each head, 2 * head_dim: Qwen3-Next). None where the counts do not divide size."""
+def _own_heads(parent, heads):
+    """(num_heads, num_kv_heads) of an attention module: its own attributes where it keeps them (per-layer
+    counts: Laguna's heads, MiMo's doubled KV heads on sliding layers), else the config's (heads). Each
+    projection's width per head is then its size / its head count (_head_kwargs): MLA's qk_head_dim and
+    v_head_dim, a gated q_proj's query and gate of each head (Qwen3-Next)."""
     def own(attrs):
         for a in attrs:
             v = getattr(parent, a, None)
@@ -384,14 +389,10 @@ def _own_heads(parent, heads, role, size):
         return None
     h = own(_OWN_H) or heads[0]
     kv = own(_OWN_KV)
-    groups = getattr(parent, "num_key_value_groups", None)
-    if kv is None and isinstance(groups, int) and groups > 0 and h % groups == 0:
+    groups = own(("num_key_value_groups",))
+    if kv is None and groups is not None and h % groups == 0:
         kv = h // groups
-    kv = kv or (heads[1] if h == heads[0] else h)
-    count = {"q": h, "o": h, "kv": kv, "qkv": h + 2 * kv}[role]
-    if h % kv or size % count:
-        return None
-    return h, kv, size // count
+    return h, kv or (heads[1] if h == heads[0] else h)
 
 
 # ------------------------------------------------------------------------------------------ fused QKV layouts
@@ -608,12 +609,14 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         raise ValueError("this rank is not a member of mp_group")
     ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim))
     named = dict(model.named_modules())
-    chosen = _choose(model, plan, named)
+    chosen, params = _choose(model, plan, named)
     if plan is None:
         chosen = _partners(chosen, ctx)
     _check(model, named, chosen, ctx)
+    _check_head_params(model, named, chosen, params, ctx)
     _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
     _apply(model, named, chosen, ctx)
+    _split_head_params(model, params, ctx)
     # fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim, one all-reduce
     # after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
     if plan is None:
@@ -662,12 +665,17 @@ def _choose(model, plan, named):
     if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
         raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
                          f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
-    if rules is not None:  # a plan may name parameters (bare nn.Parameters): only replicate is a no-op there
-        for name in dict(model.named_parameters()):
+    params = {}
+    if rules is not None:  # a plan may name parameters (bare nn.Parameters): replicate is a no-op there, a
+        for name in dict(model.named_parameters()):  # column style splits one by its attention's heads
             pattern, style = rules.style(name)
-            if style is not None and not isinstance(_STYLES.get(style), _Replicate) and name not in named:
+            if style is None or isinstance(_STYLES.get(style), _Replicate) or name in named:
+                continue
+            if getattr(_STYLES.get(style), "kind", None) == "col" and not _STYLES[style].options:
+                params[name] = _Choice(style, pattern, rules.source)
+            else:
                 _refuse(name, style, pattern, rules.source)
-    return chosen
+    return chosen, params
 
 
 def _choose_by(rules, vocab, named):
@@ -782,6 +790,60 @@ def _reduce_region_grads(model, built, ctx):
             if _ACT.match(cname) or per_head:
                 for mod in child.modules():
                     _GradAllReduce().apply(cname, mod, ctx)
+
+
+# ------------------------------------------------------------------------------------------ bare parameters
+
+
+def _head_query(model, named, chosen, pname):
+    """The query projection (name) beside bare parameter pname, chosen column-parallel, else None."""
+    owner = pname.rpartition(".")[0]
+    for name, choice in chosen.items():
+        style = _STYLES.get(choice.style)
+        if (name.rpartition(".")[0] == owner and _last(name) in _Q | _QKV and getattr(style, "kind", None) == "col"
+                and not style.options):
+            return name
+    return None
+
+
+def _check_head_params(model, named, chosen, params, ctx):
+    """A bare parameter a plan splits column-wise (attention sinks, a per-head gate bias: transformers'
+    ``colwise`` on a parameter, ``local_params`` on its owner) is split by its attention's query heads: its
+    first dim must be that attention's head count, and the query projection beside it split by heads."""
+    all_params = dict(model.named_parameters())
+    for pname, choice in params.items():
+        q = _head_query(model, named, chosen, pname)
+        heads = None
+        if q is not None and _is_attention(pname):
+            heads = _STYLES[chosen[q].style]._layer_args(q, named[q], ctx).get("num_heads")
+        shape = tuple(all_params[pname].shape)
+        if heads is None or not shape or shape[0] != heads:
+            raise ValueError(f"{pname}: style {choice.style!r} (from {choice.source}, {choice.pattern!r}) on a bare "
+                             f"parameter of shape {list(shape)}: tplinear splits a bare parameter only by the heads "
+                             "of the attention it belongs to (its first dim the query heads, the query projection "
+                             f"beside it split by heads{'' if q is None else f': {q} has {heads} heads'}); leave it "
+                             "out of the plan to keep it replicated")
+
+
+def _split_head_params(model, params, ctx):
+    """Each bare parameter of params stays whole and replicated (checkpoints, optimizers see it as it was);
+    its owner reads this rank's rows of it (the rows of its query heads, as the query projection beside it
+    has them), and its gradient, which then covers only those rows, is summed over the group."""
+    by_owner = collections.defaultdict(dict)
+    for pname in params:
+        owner_name, _, attr = pname.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        q = next(m for n, m in owner.named_children() if isinstance(m, LinearLayer) and m.num_heads is not None
+                 and _last(n) in _Q | _QKV)
+        first, width = q._pieces[q.tp_index][0]
+        by_owner[owner_name][attr] = (first // q.head_dim, first // q.head_dim + width // q.head_dim)
+        _reduce_grad(owner._parameters[attr], ctx.group)
+    for owner_name, rows in by_owner.items():
+        owner = model.get_submodule(owner_name)
+        cls = type(owner)
+        props = {attr: property(lambda self, a=attr, r=r: self._parameters[a][r[0]:r[1]]) for attr, r in rows.items()}
+        owner.__class__ = type(cls.__name__, (cls,), {**props, "__module__": cls.__module__,
+                                                      "__qualname__": cls.__qualname__})
 
 
 def _refuse(name, style, pattern, source):
