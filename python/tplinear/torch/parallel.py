@@ -217,7 +217,7 @@ _NAME_COL = {"query_key_value", "q_proj", "k_proj", "v_proj", "gate_proj", "up_p
 _NAME_VOCAB = {"lm_head", "embed_out", "embed_tokens", "wte", "word_embeddings"}  # replicated by default
 
 # attention projections (the heads rule applies to them)
-_Q = {"q_proj", "query", "wq", "q", "q_b_proj"}  # q_b_proj, kv_b_proj: MLA's per-head up-projections
+_Q = {"q_proj", "query", "wq", "q", "q_b_proj", "q_gate_proj"}  # q_b_proj, kv_b_proj: MLA's up-projections
 _KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v", "kv_b_proj"}
 _QKV = {"c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv"}  # [q | k | v] blocks one after another
 _O = {"o_proj", "out_proj", "wo", "o", "c_proj", "dense"}  # only under an attention module
