@@ -4,8 +4,9 @@ torch.distributed.tensor.parallel.parallelize_module do, with tplinear's layers 
 The plan comes from, in order: the ``plan`` argument; the Hugging Face model's own plan
 (``model._tp_plan``, else ``config.base_model_tp_plan``), without its embedding / lm_head entries, which
 stay replicated unless the ``plan`` argument names them; DeepSpeed-AutoTP-style name rules. Attention
-heads come from the model config (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and are
-split by tplinear's one GQA rule (``tplinear.attention_heads``: KV heads dealt whole, query heads follow
+heads come from the model config (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), the
+attention module's own counts winning where it keeps them, each projection's width per head its own
+(``_head_kwargs``: MLA, gated queries), and are split by tplinear's one GQA rule (``tplinear.attention_heads``: KV heads dealt whole, query heads follow
 their KV group), so Q, K, V and the o_proj input always agree, at any group size.
 
 Styles are transformers' vocabulary (``transformers.distributed.tensor_parallel``): ``_STYLES`` maps each
