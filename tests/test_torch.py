@@ -281,7 +281,7 @@ def test_an_input_error_on_one_rank_fails_every_rank_and_keeps_the_group():
             assert rank == 1 and "last dimension must be 4" in str(exc), exc
         except RuntimeError as exc:
             assert rank == 0 and "failed on rank(s) [1]" in str(exc), exc
-        assert time.monotonic() - t0 < 10, time.monotonic() - t0
+        assert time.monotonic() - t0 < 20, time.monotonic() - t0  # the group timeout is 30 s
         c.close(row(mine), lin(x), torch.float32, "the next forward")
         print("one-rank failure ok", flush=True)
     """, env=ENV, timeout=120)
