@@ -8,6 +8,7 @@ a slice of them in CI). Writes benchmarks/results/hf_sweep.json and .md (``--out
     python benchmarks/hf_sweep.py                          # every family, p=2, training and inference
     python benchmarks/hf_sweep.py --p 2 3 --families llama gpt2 mixtral
     python benchmarks/hf_sweep.py --from-exact results/hf_sweep.json --p 3   # p=3 of the families exact at p=2
+    python benchmarks/hf_sweep.py --coverage results/hf_sweep_p2.json results/hf_sweep_p3.json   # docs' table
 """
 import argparse
 import json
@@ -88,6 +89,29 @@ def reclassify(path):
     print(f"{path}: {changed} cases reclassified")
 
 
+def _short(r):
+    """One cell of the coverage table: exact, or the outcome and a short why."""
+    if r["outcome"] == "exact":
+        return "exact"
+    why = " ".join(r.get("reason", "").split())
+    why = why.split(" (at ")[0].replace("|", "\\|")
+    return f"{r['outcome']}: {why[:90]}{'…' if len(why) > 90 else ''}"
+
+
+def coverage(paths):
+    """The docs' coverage table from sweep results: one row per family, a column per (p, mode)."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f)["records"]
+    cols = sorted({(r["p"], r["mode"]) for r in records}, key=lambda c: (c[0], c[1] != "training"))
+    cells = {(r["family"], r["p"], r["mode"]): _short(r) for r in records}
+    lines = ["| family | " + " | ".join(f"p = {p} {m}" for p, m in cols) + " |", "|---|" + "---|" * len(cols)]
+    for fam in sorted({r["family"] for r in records}):
+        lines.append(f"| {fam} | " + " | ".join(cells.get((fam, p, m), "—") for p, m in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="*", help="model types (default: every causal-LM family)")
@@ -97,7 +121,10 @@ def main():
     ap.add_argument("--from-exact", metavar="JSON", help="only the families exact in this earlier result")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "hf_sweep"), help="output path without suffix")
     ap.add_argument("--reclassify", metavar="JSON", help="re-apply the expert-parameter rule to a stored result")
+    ap.add_argument("--coverage", nargs="+", metavar="JSON", help="print the docs' coverage table of these results")
     args = ap.parse_args()
+    if args.coverage:
+        return print(coverage(args.coverage), end="")
     if args.reclassify:
         return reclassify(args.reclassify)
     import transformers

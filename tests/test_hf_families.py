@@ -4,10 +4,13 @@ families (tiny configs, tests/hf_families.py), training and inference mode, agai
 Qwen2-MoE (experts beside a shared expert), the fused QKV layouts (Phi-3's [q | k | v] with GQA under
 colwise_gather_output, CodeGen's mp_num interleave, GPT-NeoX / Bloom per-head [q k v] with ALiBi, Falcon's
 new decoder architecture [q .. q k v] per KV head) at 2 and 3 ranks, BERT (an unpaired ``dense`` stays whole),
-Apertus (xIELU's alpha_p / alpha_n gradients reduced over the group), kv_heads="replicate" (multi-query
-Falcon / GPT-BigCode fused QKV, Falcon's grouped layout with 2 KV heads at 3 ranks, Llama with 1 KV head and with
-2 KV heads at 3 ranks: query heads split, K / V replicated, their gradients summed), and the refusals (a
-multi-query fused QKV cannot be split by whole KV heads; the message names kv_heads="replicate"),
+Apertus (xIELU's alpha_p / alpha_n gradients reduced over the group), heads from the attention's own sizes
+(DeepSeek-V3's MLA: q_b_proj / kv_b_proj / o_proj of their own widths per head; Qwen3-Next's gated q_proj;
+MiMo-V2-Flash's doubled KV heads on sliding layers), bare parameters split by heads (MiMo's attention sinks,
+Beam's gate_bias beside its gate_proj), per-rank attention sizes (XGLM's embed_dim), kv_heads="replicate"
+(multi-query Falcon / GPT-BigCode fused QKV, Falcon's grouped layout with 2 KV heads at 3 ranks, Llama with 1 KV
+head and with 2 KV heads at 3 ranks: query heads split, K / V replicated, their gradients summed), and the
+refusals (a multi-query fused QKV cannot be split by whole KV heads; the message names kv_heads="replicate"),
 sequence_parallel=True (Llama, Qwen2, Qwen3, Mistral, Gemma at 2 and 3 ranks over 7 tokens: uneven shards;
 Mixtral's experts refused). Each group and p runs in as few worlds as it needs (one when none hangs)."""
 import pytest
@@ -22,6 +25,7 @@ MODES = ("training", "inference")
 EXACT = {
     "families": {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch"],
                  3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus"]},
+    "heads": {2: ["qwen3_next", "xglm"], 3: ["deepseek_v3", "mimo_v2_flash", "beam"]},
     "kv_heads": {2: ["falcon+kv_replicate", "gpt_bigcode+kv_replicate", "llama+mqa+kv_replicate"],
                  3: ["falcon+kv_replicate", "gpt_bigcode+kv_replicate", "llama+gqa2+kv_replicate",
                      "falcon+new_arch+kv_replicate"]},

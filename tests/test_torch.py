@@ -233,6 +233,21 @@ def test_parallelize_plans_and_refusals():
                   "lm_head", "nn.Embedding")  # embedding_rowwise (tests/test_torch_sequence.py) is for embeddings
         c._raises(ValueError, lambda: tpt.parallelize(c.hf_model("llama"), plan={"q_proj": "diagonal"}),
                   "unknown tensor-parallel style 'diagonal'", "colwise")
+        # a bare parameter a plan splits column-wise (attention sinks): split by its attention's query heads,
+        # kept whole as a parameter; one whose first dim is not the heads: refused, saying what tplinear does
+        def sinky(n):
+            blk = Block()
+            blk.self_attn.sinks = nn.Parameter(torch.arange(float(n)))
+            return blk
+        attn_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise",
+                     "self_attn": "local_params", "self_attn.sinks": "colwise"}
+        blk = tpt.parallelize(sinky(6), plan=attn_plan, num_heads=6, num_kv_heads=2, head_dim=4)
+        first, width = blk.self_attn.q_proj.shard_ranges()[c.dist.get_rank()][0]
+        assert dict(blk.named_parameters())["self_attn.sinks"].shape == (6,)
+        assert blk.self_attn.sinks.tolist() == list(range(first // 4, (first + width) // 4)), blk.self_attn.sinks
+        c._raises(ValueError, lambda: tpt.parallelize(sinky(5), plan=attn_plan, num_heads=6, num_kv_heads=2,
+                                                     head_dim=4),
+                  "self_attn.sinks", "shape [5]", "only by the heads", "self_attn.q_proj has 6 heads")
         tied = c.hf_model("llama")
         tied.lm_head.weight = tied.model.embed_tokens.weight
         c._raises(ValueError, lambda: tpt.parallelize(tied, plan={"lm_head": "colwise_gather_output"}),
@@ -251,6 +266,37 @@ def test_parallelize_plans_and_refusals():
         assert whole.q_proj.weight.shape[0] == [48, 24, 24][c.dist.get_rank()]
         print("plans ok", flush=True)
     """, env=ENV, timeout=300)
+
+
+def test_an_input_error_on_one_rank_fails_every_rank_and_keeps_the_group():
+    """A row layer fed a wrong width on one rank only (a half-split pair, a zero-width shard): that rank
+    raises its ValueError, its peer a RuntimeError naming it, at once (not after the group's timeout, and
+    without entering the all-reduce), and the group still works: the next forward is the reference."""
+    assert_world_ok(2, """
+        import time
+        import torch
+        from torch import nn
+        import torch_checks as c
+        import tplinear as tp, tplinear.torch as tpt
+        rank, p = c.init(timeout=30.0)
+        tp.set_training_mode(True)
+        torch.manual_seed(0)
+        lin = nn.Linear(8, 4)
+        row = tpt.LinearAllreduce(c.copy.deepcopy(lin))
+        x = torch.randn(3, 8)
+        mine = x[:, row.shard_ranges()[rank][0][0]:][:, :row.local_shape[1]]
+        t0 = time.monotonic()
+        try:
+            row(torch.randn(3, 8) if rank == 1 else mine)  # rank 1: the full width, not its shard
+            raise AssertionError("no error")
+        except ValueError as exc:
+            assert rank == 1 and "last dimension must be 4" in str(exc), exc
+        except RuntimeError as exc:
+            assert rank == 0 and "failed on rank(s) [1]" in str(exc), exc
+        assert time.monotonic() - t0 < 20, time.monotonic() - t0  # the group timeout is 30 s
+        c.close(row(mine), lin(x), torch.float32, "the next forward")
+        print("one-rank failure ok", flush=True)
+    """, env=ENV, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile

@@ -224,7 +224,27 @@ class TPModule(nn.Module, _layout.Sharded):
             return torch.ops.tplinear.linear(x, weight, bias, self._op_key)
         return _ops.TPLinear.apply(x, weight, bias, self)
 
+    _widths_agreed = False  # set after the first forward's check, which every rank of the group passed
+
     def _check_width(self, x, expected, what):
+        """The input's last dim is expected, else TypeError / ValueError. The first forward checks on every
+        rank together (one small all-reduce): a rank whose input is wrong raises its error, its peers a
+        RuntimeError naming it, before any of them enters the layer's collectives, so none is left waiting
+        and the group stays usable. The widths are the model's structure (its ranks' shards), so after one
+        forward that every rank passed, each checks alone."""
+        if self._widths_agreed or self.tp_world_size == 1 or torch.compiler.is_compiling():
+            return self._check_input_width(x, expected, what)
+        failure = None
+        try:
+            self._check_input_width(x, expected, what)
+        except (TypeError, ValueError) as exc:
+            failure = exc
+        label = self._label().replace("{", "{{").replace("}", "}}")
+        dist.agree_on_failure(self.mp_group, failure, f"layer {label}: the input check failed on rank(s) "
+                              "{ranks} of its group (see their errors); no rank entered the layer's collectives")
+        self._widths_agreed = True
+
+    def _check_input_width(self, x, expected, what):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != expected:

@@ -4,8 +4,9 @@ torch.distributed.tensor.parallel.parallelize_module do, with tplinear's layers 
 The plan comes from, in order: the ``plan`` argument; the Hugging Face model's own plan
 (``model._tp_plan``, else ``config.base_model_tp_plan``), without its embedding / lm_head entries, which
 stay replicated unless the ``plan`` argument names them; DeepSpeed-AutoTP-style name rules. Attention
-heads come from the model config (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and are
-split by tplinear's one GQA rule (``tplinear.attention_heads``: KV heads dealt whole, query heads follow
+heads come from the model config (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), the
+attention module's own counts winning where it keeps them, each projection's width per head its own
+(``_head_kwargs``: MLA, gated queries), and are split by tplinear's one GQA rule (``tplinear.attention_heads``: KV heads dealt whole, query heads follow
 their KV group), so Q, K, V and the o_proj input always agree, at any group size.
 
 Styles are transformers' vocabulary (``transformers.distributed.tensor_parallel``): ``_STYLES`` maps each
@@ -86,13 +87,14 @@ class _Linear(_Style):
     def _layer_args(self, name, module, ctx):
         conv = _is_conv1d(module)
         out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv else tuple(module.weight.shape)
-        heads = _dealt_heads(ctx.heads, ctx)
+        heads = ctx.heads
         if self.kind == "row" and _last(name) in _O and "." in name:  # the output projection of a fused layout
             for sib, m in ctx.model.get_submodule(name.rpartition(".")[0]).named_children():
                 layout = _fused_layout(f"{name.rpartition('.')[0]}.{sib}", ctx) if _is_linear(m) else None
                 if layout is not None:
-                    heads = _dealt_heads(layout[1:4], ctx)
-        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f)
+                    heads = layout[1:4]
+        parent = ctx.model.get_submodule(name.rpartition(".")[0]) if "." in name else ctx.model
+        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f, parent, ctx)
         if self.packed and "block_sizes" not in kwargs:
             if out_f % self.packed:
                 raise ValueError(f"{name}: packed_colwise splits {out_f} output features into {self.packed} equal "
@@ -137,10 +139,14 @@ class _GradAllReduce(_Style):
 
     def apply(self, name, module, ctx):
         for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
-                p.register_hook(lambda g, group=ctx.group: _ops.all_reduce_(group, g.clone(
-                    memory_format=torch.contiguous_format)))
-                p._tplinear_grad_allreduce = True
+            _reduce_grad(p, ctx.group)
+
+
+def _reduce_grad(p, group):
+    """p's incoming gradient summed over group (once per parameter)."""
+    if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
+        p.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
+        p._tplinear_grad_allreduce = True
 
 
 class _AllReduceOutput(_Style):
@@ -205,7 +211,7 @@ _STYLES = {
     "packed_rowwise": _Later("a row-parallel layer over a packed input (MoE experts' 3-d weights)"),
     "moe_tp_experts": _Later("tensor-parallel MoE experts (3-d expert weights)"),
     "moe_identity_expert": _Later("tensor-parallel MoE experts"),
-    "local_params": _Later("sharding bare parameters (attention sinks)"),
+    "local_params": _Replicate(),  # the owner of bare parameters that their own entries split (_head_params)
 }
 STYLES = sorted(name for name, style in _STYLES.items() if style.supported)
 
@@ -217,11 +223,12 @@ _NAME_COL = {"query_key_value", "q_proj", "k_proj", "v_proj", "gate_proj", "up_p
 _NAME_VOCAB = {"lm_head", "embed_out", "embed_tokens", "wte", "word_embeddings"}  # replicated by default
 
 # attention projections (the heads rule applies to them)
-_Q = {"q_proj", "query", "wq", "q"}
-_KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v"}
+_Q = {"q_proj", "query", "wq", "q", "q_b_proj", "q_gate_proj"}  # q_b_proj, kv_b_proj: MLA's up-projections
+_KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v", "kv_b_proj"}
 _QKV = {"c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv"}  # [q | k | v] blocks one after another
 _O = {"o_proj", "out_proj", "wo", "o", "c_proj", "dense"}  # only under an attention module
 _GATE_UP = {"gate_up_proj"}
+_ATTN_GATE = {"gate_proj", "g_proj", "gate"}  # under an attention: an output gate of heads x width, split as q
 
 
 def _last(name):
@@ -230,7 +237,8 @@ def _last(name):
 
 def _is_attention(name):
     parent = name.rsplit(".", 1)[0] if "." in name else ""
-    return bool(re.search(r"(^|\.)(self_)?attn|attention", parent, re.IGNORECASE))
+    # self_attn, attn, encoder_attn / cross_attn (cross-attention), attention
+    return bool(re.search(r"attn|attention", parent, re.IGNORECASE))
 
 
 def _is_conv1d(module):
@@ -341,29 +349,58 @@ def _config_heads(model, num_heads, num_kv_heads, head_dim):
     return int(h), int(kv if kv is not None else h), int(d)
 
 
-def _head_kwargs(name, module, kind, heads, size):
+def _head_kwargs(name, module, kind, heads, size, parent=None, ctx=None):
     """The layer arguments that make an attention projection split by whole heads (or {} for others).
-    size: the split dim (out_features of a column layer, in_features of a row layer)."""
+    size: the split dim (out_features of a column layer, in_features of a row layer). The head counts are the
+    attention module's own (_own_heads); the width per head the config's head_dim where it makes size, else
+    size / the projection's head count."""
     last = _last(name)
     attention = _is_attention(name) or last in _Q | _KV | _QKV
-    if heads is None or not attention or last not in _Q | _KV | _QKV | _O:
+    gate = last in _ATTN_GATE and _is_attention(name)
+    if heads is None or not attention or last not in _Q | _KV | _QKV | _O and not gate:
         return {}
     if kind == "row" and last not in _O:
         return {}
-    h, kv, d = heads
-    args = {"num_heads": h, "num_kv_heads": kv, "head_dim": d}
-    expect = {"q": h * d, "kv": kv * d, "qkv": (h + 2 * kv) * d, "o": h * d}
-    role = ("o" if kind == "row" else "q" if last in _Q else "kv" if last in _KV else "qkv" if last in _QKV else None)
+    role = ("o" if kind == "row" else "q" if last in _Q or gate else "kv" if last in _KV else "qkv" if last in _QKV
+            else None)
     if role is None:
         return {}
-    if size != expect[role]:
-        raise ValueError(f"{name}: an attention projection of {size} features, but the config's heads "
-                         f"(num_attention_heads={h}, num_key_value_heads={kv}, head_dim={d}) make {expect[role]}; "
-                         "pass num_heads= / num_kv_heads= / head_dim= or a plan without it")
+    h, kv = _own_heads(parent, heads)
+    if role != "qkv" and ctx is not None and _replicates(h, kv, ctx):
+        kv = h  # kv_heads="replicate": the query heads dealt alone, evenly (_dealt_heads); K and V stay whole
+    count = {"q": h, "o": h, "kv": kv, "qkv": h + 2 * kv}[role]
+    d = heads[2] if size == count * heads[2] else size // count
+    if h % kv or size != count * d:
+        raise ValueError(f"{name}: an attention projection of {size} features, but its attention's heads "
+                         f"(num_heads={h}, num_key_value_heads={kv}; the config's head_dim={heads[2]}) do not "
+                         "divide it; pass num_heads= / num_kv_heads= / head_dim= or a plan without it")
+    args = {"num_heads": h, "num_kv_heads": kv, "head_dim": d}
     if role == "qkv":
         args["block_sizes"] = [h * d, kv * d, kv * d]
     return args
 
+
+_OWN_H = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_OWN_KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def _own_heads(parent, heads):
+    """(num_heads, num_kv_heads) of an attention module: its own attributes where it keeps them (per-layer
+    counts: Laguna's heads, MiMo's doubled KV heads on sliding layers), else the config's (heads). Each
+    projection's width per head is then its size / its head count (_head_kwargs): MLA's qk_head_dim and
+    v_head_dim, a gated q_proj's query and gate of each head (Qwen3-Next)."""
+    def own(attrs):
+        for a in attrs:
+            v = getattr(parent, a, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+    h = own(_OWN_H) or heads[0]
+    kv = own(_OWN_KV)
+    groups = own(("num_key_value_groups",))
+    if kv is None and groups is not None and h % groups == 0:
+        kv = h // groups
+    return h, kv or (heads[1] if h == heads[0] else h)
 
 
 # ------------------------------------------------------------------------------------------ fused QKV layouts
@@ -519,23 +556,32 @@ def _slice_head_bias(parent, h, qh):
 
 
 def _fused_attributes(parent, layout, h, kv, d, qh, kvh):
-    """The attention module's per-rank sizes after its fused projection is split (as DeepSpeed's
-    update_mp_params): head counts, the widths that are heads * head_dim, CodeGen's mp_num."""
-    ql, kvl = len(qh), len(kvh)
-    for attr in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
-        if getattr(parent, attr, None) == h:
-            setattr(parent, attr, ql)
-    for attr in ("num_kv_heads", "num_key_value_heads", "kv_heads"):
-        if getattr(parent, attr, None) == kv:
-            setattr(parent, attr, kvl)
-    for attr in ("embed_dim", "split_size", "hidden_size", "all_head_size", "kv_dim"):
-        v = getattr(parent, attr, None)
-        if v == h * d and not isinstance(v, bool):
-            setattr(parent, attr, ql * d)
+    """The attention module's per-rank sizes after its fused projection is split: _local_sizes, CodeGen's
+    mp_num."""
     if layout == "codegen":
         parent.mp_num = 1
+    _local_sizes(parent, h, kv, d, qh, kvh)
+
+
+def _local_sizes(parent, h, kv, d, qh, kvh):
+    """The attention module's per-rank sizes (as DeepSpeed's update_mp_params): head counts, the widths
+    that are heads * head_dim (embed_dim, all_head_size, ...), num_key_value_groups, and the rows of a
+    position bias built for every head. qh / kvh: this rank's query / KV heads (ranges)."""
+    ql, kvl = len(qh), len(kvh)
+    for attr in _OWN_H:
+        if getattr(parent, attr, None) == h and not isinstance(getattr(parent, attr), bool):
+            setattr(parent, attr, ql)
+    for attr in _OWN_KV + ("kv_heads",):
+        if getattr(parent, attr, None) == kv and not isinstance(getattr(parent, attr), bool):
+            setattr(parent, attr, kvl)
+    dims = {d} | {v for v in (getattr(parent, "head_dim", None), getattr(parent, "v_head_dim", None))
+                  if isinstance(v, int) and not isinstance(v, bool)}
+    for attr in ("embed_dim", "split_size", "hidden_size", "all_head_size", "kv_dim", "inner_dim", "attention_dim"):
+        v = getattr(parent, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v % h == 0 and v // h in dims:
+            setattr(parent, attr, ql * (v // h))
     _slice_head_bias(parent, h, qh)
-    if hasattr(parent, "num_key_value_groups") and kvl:
+    if getattr(parent, "num_key_value_groups", None) == h // kv and kvl:  # (replicated K/V: _replicated_kv_attributes)
         parent.num_key_value_groups = ql // kvl
 
 
@@ -823,14 +869,16 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         raise ValueError(f"kv_heads must be one of {', '.join(map(repr, _KV_HEADS))}, got {kv_heads!r}")
     ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim), kv_heads)
     named = dict(model.named_modules())
-    chosen = _choose(model, plan, named)
+    chosen, params = _choose(model, plan, named)
     if plan is None:
         chosen = _partners(chosen, ctx)
     _check(model, named, chosen, ctx)
     sp = (_sequence_regions(model, chosen) if sequence_parallel and not getattr(model, "_tplinear_sequence_parallel",
                                                                                False) else None)
+    _check_head_params(model, named, chosen, params, ctx)
     _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
     _apply(model, named, chosen, ctx)
+    _split_head_params(model, params, ctx)
     # fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim, one all-reduce
     # after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
     if plan is None:
@@ -881,12 +929,17 @@ def _choose(model, plan, named):
     if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
         raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
                          f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
-    if rules is not None:  # a plan may name parameters (bare nn.Parameters): only replicate is a no-op there
-        for name in dict(model.named_parameters()):
+    params = {}
+    if rules is not None:  # a plan may name parameters (bare nn.Parameters): replicate is a no-op there, a
+        for name in dict(model.named_parameters()):  # column style splits one by its attention's heads
             pattern, style = rules.style(name)
-            if style is not None and not isinstance(_STYLES.get(style), _Replicate) and name not in named:
+            if style is None or isinstance(_STYLES.get(style), _Replicate) or name in named:
+                continue
+            if getattr(_STYLES.get(style), "kind", None) == "col" and not _STYLES[style].options:
+                params[name] = _Choice(style, pattern, rules.source)
+            else:
                 _refuse(name, style, pattern, rules.source)
-    return chosen
+    return chosen, params
 
 
 def _choose_by(rules, vocab, named):
@@ -987,20 +1040,75 @@ def _reduce_region_grads(model, built, ctx):
             parents[name.rpartition(".")[0]].add("col")
         elif isinstance(layer, LinearAllreduce) and layer.input_is_parallel:
             parents[name.rpartition(".")[0]].add("row")
-    head_dim = ctx.heads[2] if ctx.heads else None
     for pname, kinds in parents.items():
         if kinds != {"col", "row"}:
             continue
+        head_dims = {layer.head_dim for n, layer in built.items() if n.rpartition(".")[0] == pname
+                     and getattr(layer, "head_dim", None)} | ({ctx.heads[2]} if ctx.heads else set())
         parent = model.get_submodule(pname) if pname else model
         for cname, child in parent.named_children():
             params = [p for p in child.parameters() if p.requires_grad]
             if not params or isinstance(child, TPModule) or _is_linear(child):
                 continue
-            per_head = cname in _HEAD_NORM and _is_attention(f"{pname}.{cname}") and head_dim is not None and all(
-                p.dim() == 1 and p.numel() == head_dim for p in params)
+            per_head = cname in _HEAD_NORM and _is_attention(f"{pname}.{cname}") and all(
+                p.dim() == 1 and p.numel() in head_dims for p in params)
             if _ACT.match(cname) or per_head:
                 for mod in child.modules():
                     _GradAllReduce().apply(cname, mod, ctx)
+
+
+# ------------------------------------------------------------------------------------------ bare parameters
+
+
+def _head_query(model, named, chosen, pname):
+    """The query projection (name) beside bare parameter pname, chosen column-parallel, else None."""
+    owner = pname.rpartition(".")[0]
+    for name, choice in chosen.items():
+        style = _STYLES.get(choice.style)
+        if (name.rpartition(".")[0] == owner and _last(name) in _Q | _QKV and getattr(style, "kind", None) == "col"
+                and not style.options):
+            return name
+    return None
+
+
+def _check_head_params(model, named, chosen, params, ctx):
+    """A bare parameter a plan splits column-wise (attention sinks, a per-head gate bias: transformers'
+    ``colwise`` on a parameter, ``local_params`` on its owner) is split by its attention's query heads: its
+    first dim must be that attention's head count, and the query projection beside it split by heads."""
+    all_params = dict(model.named_parameters())
+    for pname, choice in params.items():
+        q = _head_query(model, named, chosen, pname)
+        heads = None
+        if q is not None and _is_attention(pname):
+            heads = _STYLES[chosen[q].style]._layer_args(q, named[q], ctx).get("num_heads")
+        shape = tuple(all_params[pname].shape)
+        if heads is None or not shape or shape[0] != heads:
+            raise ValueError(f"{pname}: style {choice.style!r} (from {choice.source}, {choice.pattern!r}) on a bare "
+                             f"parameter of shape {list(shape)}: tplinear splits a bare parameter only by the heads "
+                             "of the attention it belongs to (its first dim the query heads, the query projection "
+                             f"beside it split by heads{'' if q is None else f': {q} has {heads} heads'}); leave it "
+                             "out of the plan to keep it replicated")
+
+
+def _split_head_params(model, params, ctx):
+    """Each bare parameter of params stays whole and replicated (checkpoints, optimizers see it as it was);
+    its owner reads this rank's rows of it (the rows of its query heads, as the query projection beside it
+    has them), and its gradient, which then covers only those rows, is summed over the group."""
+    by_owner = collections.defaultdict(dict)
+    for pname in params:
+        owner_name, _, attr = pname.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        q = next(m for n, m in owner.named_children() if isinstance(m, LinearLayer) and m.num_heads is not None
+                 and _last(n) in _Q | _QKV)
+        first, width = q._pieces[q.tp_index][0]
+        by_owner[owner_name][attr] = (first // q.head_dim, first // q.head_dim + width // q.head_dim)
+        _reduce_grad(owner._parameters[attr], ctx.group)
+    for owner_name, rows in by_owner.items():
+        owner = model.get_submodule(owner_name)
+        cls = type(owner)
+        props = {attr: property(lambda self, a=attr, r=r: self._parameters[a][r[0]:r[1]]) for attr, r in rows.items()}
+        owner.__class__ = type(cls.__name__, (cls,), {**props, "__module__": cls.__module__,
+                                                      "__qualname__": cls.__qualname__})
 
 
 def _refuse(name, style, pattern, source):
@@ -1061,41 +1169,22 @@ def _check_pairs(built):
 
 
 def _update_attention_attributes(model, built, heads):
-    """Per-rank head counts on the attention modules that read them (as DeepSpeed's update_mp_params):
-    GPT-2's split_size (the width of each of q, k, v in c_attn's output), and num_heads /
-    num_key_value_heads where a module keeps them as plain ints; a fused layout's module its sizes
-    (_fused_attributes). Gathered column outputs (colwise_gather_output) leave the module's sizes alone."""
-    if heads is None:
-        for name, layer in built.items():
-            if getattr(layer, "_fused_layout", None) is not None:
-                _fused_attributes(model.get_submodule(name.rpartition(".")[0]), *layer._fused_layout)
-        return
+    """Per-rank sizes on the attention modules that read them (_local_sizes, as DeepSpeed's
+    update_mp_params), from the query projection split by heads (its own head counts and width per head)
+    or a fused layout. Gathered column outputs (colwise_gather_output) leave the module's sizes alone."""
     for name, layer in built.items():
-        if getattr(layer, "_fused_layout", None) is not None:
-            _fused_attributes(model.get_submodule(name.rpartition(".")[0]), *layer._fused_layout)
-    h, kv, d = heads
-    for name, layer in built.items():
-        if not isinstance(layer, LinearLayer) or layer.num_heads is None or layer.gather_output:
-            continue
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        r = layer.tp_index
-        if layer._split["block_sizes"] is not None and len(layer._split["block_sizes"]) == 3:
-            q_width = layer._pieces[r][0][1]
-            if getattr(parent, "split_size", None) == h * d:
-                parent.split_size = q_width
-        q_local = None
-        if _last(name) in _Q:
-            q_local = layer.local_shape[0] // d
-        elif _last(name) in _QKV:
-            q_local = layer._pieces[r][0][1] // d
-        if q_local is not None:
-            q0 = (layer._pieces[r][0][0] // d) if _last(name) in _QKV else layer._pieces[r][0][0] // d
-            _slice_head_bias(parent, h, range(q0, q0 + q_local))
-            for attr, full, local in (("num_heads", h, q_local), ("num_attention_heads", h, q_local),
-                                      ("n_heads", h, q_local), ("n_head", h, q_local),
-                                      ("num_key_value_heads", kv, q_local * kv // h)):
-                if getattr(parent, attr, None) == full and not isinstance(getattr(parent, attr), bool):
-                    setattr(parent, attr, local)
+        if getattr(layer, "_fused_layout", None) is not None:
+            _fused_attributes(parent, *layer._fused_layout)
+            continue
+        if (not isinstance(layer, LinearLayer) or layer.num_heads is None or layer.gather_output
+                or _last(name) not in _Q | _QKV):
+            continue
+        h, kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        first, width = layer._pieces[layer.tp_index][0]
+        q0, ql = first // d, width // d
+        kvl = ql * kv // h
+        _local_sizes(parent, h, kv, d, range(q0, q0 + ql), range(q0 * kv // h, q0 * kv // h + kvl))
 
 
 def tp_modules(model):
