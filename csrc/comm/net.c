@@ -128,7 +128,8 @@ typedef struct {
     socklen_t len;
     int family, fd;
     char name[INET6_ADDRSTRLEN + 8];
-    char why[200]; /* the last reason it did not connect */
+    char why[200];    /* the last reason it did not connect */
+    char answer[200]; /* the last refusal the server itself gave (its words outlast a later errno) */
 } candidate;
 
 /* Every address of the comma-separated list addr (names resolve to each of their addresses) into c. */
@@ -179,8 +180,11 @@ static void tried(const candidate *c, int n, char *buf, size_t cap)
     size_t used = 0;
     buf[0] = '\0';
     for (int i = 0; i < n && used + 1 < cap; i++) {
-        int k = snprintf(buf + used, cap - used, "%s%s (%s)", i ? ", " : "", c[i].name,
-                         c[i].why[0] ? c[i].why : "no answer");
+        const char *why = c[i].why[0] ? c[i].why : "no answer";
+        int k = c[i].answer[0] && strcmp(c[i].answer, why) != 0
+                    ? snprintf(buf + used, cap - used, "%s%s (%s; then: %s)", i ? ", " : "", c[i].name, c[i].answer,
+                               why)
+                    : snprintf(buf + used, cap - used, "%s%s (%s)", i ? ", " : "", c[i].name, why);
         if (k < 0) break;
         used += (size_t)k;
     }
@@ -259,6 +263,7 @@ static int dial_round(candidate *c, int n, double deadline, tp_net_greet greet, 
             }
             close(x->fd);
             x->fd = -1;
+            if (hs == TP_DIAL_RETRY) snprintf(x->answer, sizeof x->answer, "%s", x->why);
             if (hs == TP_DIAL_FAIL) {
                 if (*st == TP_ERR_INTERRUPTED || n == 1) goto out;
                 *fail_st = *st;
