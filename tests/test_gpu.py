@@ -582,3 +582,36 @@ def test_each_device_keeps_its_own_stream(torch, rng):
         _device.set_stream(before[1] or None, 1)
     assert (_device.get_stream(0), _device.get_stream(1)) == before
 
+
+@pytest.mark.skipif(_C.cuda_device_count() < 2, reason="needs 2 GPUs (a group on cuda:1 while cuda:0 is current)")
+def test_nccl_group_on_another_device_keeps_the_current_device(torch):
+    """Creating, splitting, using and destroying an NCCL group whose GPU is cuda:1 leaves the caller's current
+    device (torch's, cuda:0) current (before, init and destroy left cuda:1 current)."""
+    (rc, so, se), = run_script("""
+        import os
+        os.environ.update(LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")  # a world of one whose GPU is cuda:1
+        import numpy as np, torch
+        import tplinear.distributed as dist
+        from tplinear import _device
+        def check(step):
+            assert torch.cuda.current_device() == 0, (step, torch.cuda.current_device())
+            torch.cuda.set_device(0)
+        torch.cuda.set_device(0)
+        world = dist.init_process_group(backend="nccl")
+        assert world.backend == "nccl", world.backend
+        check("init")
+        a = _device.to_device(np.ones(4, np.float32), device=1)
+        dist.all_reduce(a)
+        check("all_reduce")
+        sub = dist.new_group([0])
+        check("split")
+        dist.all_reduce(a, group=sub)
+        assert np.all(a.numpy() == 1), a.numpy()
+        check("all_reduce on the split")
+        dist.destroy_process_group(sub)
+        check("destroy the split")
+        dist.destroy_process_group()
+        check("destroy the world")
+        print("OK")
+    """)
+    assert rc == 0 and "OK" in so, se
