@@ -495,7 +495,7 @@ TP_API int tp_cuda_device_count(void);
  * device, since a stream belongs to one GPU. A cudaStream_t as a pointer; NULL (the default) is the
  * device's legacy default stream; device -1 is the thread's current device (0 without a GPU). Process-wide,
  * so helper threads (the overlapped all-reduce) use the caller's stream too. TP_ERR_VALUE for an ordinal
- * of 64 or more. */
+ * that is not a visible GPU (without one: of 64 or more). */
 TP_API tp_status tp_cuda_set_stream(int device, void *stream);
 TP_API void *tp_cuda_get_stream(int device);
 /* Makes device's stream wait (on the device, not the host) for the work queued so far on `other`
