@@ -43,7 +43,8 @@ tp_status tp_cuda_set_stream(int device, void *stream)
     int n = tp_cuda_device_count();
     if (device < 0) device = current_device();
     if (device >= TP_CUDA_MAX_DEVICES)
-        return tp_error(TP_ERR_VALUE, "CUDA device %d: at most %d devices are supported", device, TP_CUDA_MAX_DEVICES);
+        return tp_error(TP_ERR_VALUE, "CUDA device %d: at most %d devices are supported", device,
+                        TP_CUDA_MAX_DEVICES);
     if (n > 0 && device >= n) /* without a visible GPU only the table bounds the ordinal (nothing runs) */
         return tp_error(TP_ERR_VALUE, "CUDA device %d does not exist (%d visible)", device, n);
     __atomic_store_n(&g_streams[device], stream, __ATOMIC_RELEASE);

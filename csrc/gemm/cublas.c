@@ -137,7 +137,8 @@ static tp_status bind_stream(cublas_ctx *ctx, ws_slot **slot)
     TP_CU(cudaStreamWaitEvent(s, w->used, 0), "cudaStreamWaitEvent (cuBLAS workspace)");
     if (w->mem == NULL || w->stream != s) {
         if (w->mem) { /* release the least recently used slot: freed in order after its last use */
-            tp_log(TP_LOG_TRACE, "cuBLAS workspace of stream %p released for stream %p", (void *)w->stream, (void *)s);
+            tp_log(TP_LOG_TRACE, "cuBLAS workspace of stream %p released for stream %p", (void *)w->stream,
+                   (void *)s);
             TP_CU(cudaFreeAsync(w->mem, s), "cudaFreeAsync (cuBLAS workspace)");
             w->mem = NULL;
         }
