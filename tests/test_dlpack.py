@@ -465,6 +465,8 @@ def test_stream_for_uses_the_tensors_stream_for_one_call_and_gives_ours_back(mon
 
 
 @pytest.mark.skipif(not _C.cuda_compiled(), reason="streams are settings of a CUDA build")
+@pytest.mark.skipif(_C.cuda_device_count() == 1, reason="cuda:1 does not exist on a machine with one GPU (its "
+                    "stream is refused); test_gpu.py::test_each_device_keeps_its_own_stream covers two")
 def test_each_gpu_has_a_stream_of_its_own(monkeypatch):
     """A stream belongs to one GPU, so tplinear keeps one per device: setting cuda:1's (directly, from a
     stream object's own device, or for one call on a tensor on cuda:1) leaves cuda:0's as it was (before, one
