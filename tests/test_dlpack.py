@@ -4,6 +4,7 @@ errors of a machine without a GPU. tests/test_gpu.py has the tests that need one
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -461,3 +462,34 @@ def test_stream_for_uses_the_tensors_stream_for_one_call_and_gives_ours_back(mon
             assert _C.cuda_get_stream() == 0x7000
     finally:
         _C.cuda_set_stream(before or None)
+
+
+@pytest.mark.skipif(not _C.cuda_compiled(), reason="streams are settings of a CUDA build")
+@pytest.mark.skipif(_C.cuda_device_count() == 1, reason="cuda:1 does not exist on a machine with one GPU (its "
+                    "stream is refused); test_gpu.py::test_each_device_keeps_its_own_stream covers two")
+def test_each_gpu_has_a_stream_of_its_own(monkeypatch):
+    """A stream belongs to one GPU, so tplinear keeps one per device: setting cuda:1's (directly, from a
+    stream object's own device, or for one call on a tensor on cuda:1) leaves cuda:0's as it was (before, one
+    process-wide stream served every device). Made-up handles: nothing is enqueued on them."""
+    class OnCuda1:  # stands for a torch tensor or stream on cuda:1
+        device = types.SimpleNamespace(type="cuda", index=1)
+        cuda_stream = 0x6000
+
+    before = [_C.cuda_get_stream(d) for d in (0, 1)]
+    monkeypatch.setattr(_device, "torch_stream", lambda obj: 0x5000 if isinstance(obj, OnCuda1) else None)
+    try:
+        _C.cuda_set_stream(0x7000, 0)
+        _C.cuda_set_stream(0x9000, 1)
+        assert (_device.get_stream(0), _device.get_stream(1)) == (0x7000, 0x9000)
+        with _device.stream_for(np.ones(2), OnCuda1()):  # the call's stream, on the tensor's GPU only
+            assert (_device.get_stream(0), _device.get_stream(1)) == (0x7000, 0x5000)
+        assert (_device.get_stream(0), _device.get_stream(1)) == (0x7000, 0x9000)
+        _device.set_stream(OnCuda1())  # a stream object: set for its own device
+        assert (_device.get_stream(0), _device.get_stream("cuda:1")) == (0x7000, 0x6000)
+        _device.set_stream(None, device=1)
+        assert (_device.get_stream(0), _device.get_stream(1)) == (0x7000, 0)
+        with pytest.raises(ValueError, match="at most 64 devices"):
+            _C.cuda_set_stream(0x7000, 64)
+    finally:
+        for d, s in enumerate(before):
+            _C.cuda_set_stream(s or None, d)

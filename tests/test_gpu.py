@@ -560,3 +560,58 @@ def test_nccl_world_of_one_collectives_do_not_wait_on_the_host(torch):
     assert names.count("cudaEventQuery") <= 4, names.count("cudaEventQuery")
     s.synchronize()
     assert torch.all(t == 1)
+
+
+@pytest.mark.skipif(_C.cuda_device_count() < 2, reason="needs 2 GPUs (a stream per device)")
+def test_each_device_keeps_its_own_stream(torch, rng):
+    """A stream belongs to one GPU: a stream set for cuda:1 is tplinear's stream of cuda:1 only, and cuda:0's
+    work still runs on cuda:0's stream (before, one process-wide stream served every device, so cuda:0's
+    GEMMs and copies were queued on cuda:1's stream and failed)."""
+    s1 = torch.cuda.Stream(device=1)
+    before = (_device.get_stream(0), _device.get_stream(1))
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    _device.set_stream(s1)  # a torch stream: set for its own device
+    try:
+        assert _device.get_stream(1) == s1.cuda_stream and _device.get_stream(0) == before[0]
+        for d in (0, 1):
+            lin = tp.Linear(32, 16, seed=3, device=f"cuda:{d}")
+            y = lin(_device.to_device(x, device=d))
+            w, b = host(lin.weight.data), host(lin.bias.data)
+            assert y.device == d and rel_err(host(y), x @ w.T + b) < TOL["float32"], d
+    finally:
+        _device.set_stream(before[1] or None, 1)
+    assert (_device.get_stream(0), _device.get_stream(1)) == before
+
+
+@pytest.mark.skipif(_C.cuda_device_count() < 2, reason="needs 2 GPUs (a group on cuda:1 while cuda:0 is current)")
+def test_nccl_group_on_another_device_keeps_the_current_device(torch):
+    """Creating, splitting, using and destroying an NCCL group whose GPU is cuda:1 leaves the caller's current
+    device (torch's, cuda:0) current (before, init and destroy left cuda:1 current)."""
+    (rc, so, se), = run_script("""
+        import os
+        os.environ.update(LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")  # a world of one whose GPU is cuda:1
+        import numpy as np, torch
+        import tplinear.distributed as dist
+        from tplinear import _device
+        def check(step):
+            assert torch.cuda.current_device() == 0, (step, torch.cuda.current_device())
+            torch.cuda.set_device(0)
+        torch.cuda.set_device(0)
+        world = dist.init_process_group(backend="nccl")
+        assert world.backend == "nccl", world.backend
+        check("init")
+        a = _device.to_device(np.ones(4, np.float32), device=1)
+        dist.all_reduce(a)
+        check("all_reduce")
+        sub = dist.new_group([0])
+        check("split")
+        dist.all_reduce(a, group=sub)
+        assert np.all(a.numpy() == 1), a.numpy()
+        check("all_reduce on the split")
+        dist.destroy_process_group(sub)
+        check("destroy the split")
+        dist.destroy_process_group()
+        check("destroy the world")
+        print("OK")
+    """)
+    assert rc == 0 and "OK" in so, se

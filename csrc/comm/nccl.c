@@ -395,21 +395,28 @@ static tp_status b_abort(tp_group *g)
     return TP_OK;
 }
 
-static void impl_free(nccl_impl *im, int device)
+/* Frees the event and scratch on the communicator's device, and gives the caller's device back. */
+static void impl_free(nccl_impl *im)
 {
+    int prev = -1;
     if (im == NULL) return;
-    if (cudaSetDevice(device) == cudaSuccess) {
+    if (tp_cuda_use_device(im->device, &prev) == TP_OK) {
         if (im->done) cudaEventDestroy(im->done);
         if (im->scratch) cudaFree(im->scratch);
     }
     (void)cudaGetLastError();
+    tp_cuda_restore_device(prev);
     free(im);
 }
 
+/* Finalises on the communicator's device (NCCL's calls and the flush run there) and gives the caller's device
+ * back: destroying a group on cuda:1 leaves torch's current cuda:0 current. */
 static void b_destroy(tp_group *g)
 {
     nccl_impl *im = impl_of(g);
+    int prev = -1;
     if (im == NULL) return;
+    (void)tp_cuda_use_device(im->device, &prev); /* failing, it is freed below all the same */
     if (im->comm && !im->aborted && __atomic_load_n(&im->abort_requested, __ATOMIC_ACQUIRE)) {
         im->aborted = 1;
         ncclCommAbort(im->comm);
@@ -423,12 +430,14 @@ static void b_destroy(tp_group *g)
         ncclCommDestroy(im->comm);
     }
 freed:
-    impl_free(im, im->device);
+    tp_cuda_restore_device(prev);
+    impl_free(im);
     g->impl = NULL;
 }
 
 /* ---------------------------------------------------------------- construction */
 
+/* The per-communicator state on device, which the caller has made current. */
 static tp_status impl_new(tp_group *g, int device, nccl_impl **out)
 {
     tp_status st = TP_OK;
@@ -438,7 +447,6 @@ static tp_status impl_new(tp_group *g, int device, nccl_impl **out)
     im->device = device;
     TP_CHECK(tp_knob_int(TP_KNOB_NCCL_ASYNC, &async));
     im->async = async == 1;
-    TP_CU(cudaSetDevice(device), "cudaSetDevice");
     TP_CU(cudaEventCreateWithFlags(&im->done, cudaEventDisableTiming), "cudaEventCreate");
     TP_CU(cudaMalloc(&im->scratch, sizeof(int32_t)), "cudaMalloc");
     TP_CU(cudaMemset(im->scratch, 0, sizeof(int32_t)), "cudaMemset");
@@ -446,7 +454,7 @@ static tp_status impl_new(tp_group *g, int device, nccl_impl **out)
     *out = im;
     im = NULL;
 out:
-    impl_free(im, device);
+    impl_free(im);
     return st;
 }
 
@@ -465,7 +473,7 @@ static tp_status nccl_create(tp_group *g)
     nccl_impl *im = NULL;
     ncclConfig_t cfg;
     char key[96];
-    int n = tp_cuda_device_count(), device;
+    int n = tp_cuda_device_count(), device, prev = -1;
     size_t len = 0;
     TP_REQUIRE(g != NULL && g->rank >= 0, "nccl: this rank is not a member of the group");
     if (n == 0) {
@@ -473,6 +481,8 @@ static tp_status nccl_create(tp_group *g)
         goto out;
     }
     device = (g->local_rank > 0 ? g->local_rank : 0) % n;
+    /* NCCL makes the communicator on the current device: this rank's, the caller's given back at out */
+    TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CHECK(impl_new(g, device, &im));
     snprintf(key, sizeof key, "%snccl_id", g->prefix);
     if (g->size > 1) {
@@ -504,9 +514,10 @@ static tp_status nccl_create(tp_group *g)
 out:
     if (im) {
         if (im->comm && !im->aborted) ncclCommAbort(im->comm);
-        impl_free(im, im->device);
+        impl_free(im);
         if (g) g->impl = NULL;
     }
+    tp_cuda_restore_device(prev);
     return st;
 }
 
@@ -543,7 +554,7 @@ static tp_status nccl_split(tp_group *parent, tp_group *child)
 out:
     if (im) {
         if (im->comm && !im->aborted) ncclCommAbort(im->comm);
-        impl_free(im, im->device);
+        impl_free(im);
     }
     tp_cuda_restore_device(prev);
     return st;

@@ -1,4 +1,4 @@
-/* The CUDA runtime: availability, the process-wide stream, device memory and copies. */
+/* The CUDA runtime: availability, tplinear's stream of each device, device memory and copies. */
 #include <string.h>
 
 #include "cuda.h"
@@ -21,18 +21,43 @@ int tp_cuda_available(void) { return tp_cuda_device_count() > 0; }
 
 /* ---------------------------------------------------------------- stream and options */
 
-static void *g_stream; /* cudaStream_t; NULL: the legacy default stream */
+/* tplinear's stream of each device by ordinal (cudaStream_t; NULL: that device's legacy default stream). A
+ * stream belongs to one device: enqueueing device 1's work on device 0's stream fails, so each device has
+ * its own entry, set on first use (tp_cuda_set_stream) and read by every call that runs on that device. */
+static void *g_streams[TP_CUDA_MAX_DEVICES];
 static int g_tf32 = -1; /* -1: not read from the environment yet */
 
-tp_status tp_cuda_set_stream(void *stream)
+/* The thread's current device; 0 when none is known (no driver, no GPU: settings may still be given). */
+static int current_device(void)
 {
-    __atomic_store_n(&g_stream, stream, __ATOMIC_RELEASE);
+    int d = 0;
+    if (cudaGetDevice(&d) != cudaSuccess) {
+        (void)cudaGetLastError();
+        d = 0;
+    }
+    return d;
+}
+
+tp_status tp_cuda_set_stream(int device, void *stream)
+{
+    int n = tp_cuda_device_count();
+    if (device < 0) device = current_device();
+    if (device >= TP_CUDA_MAX_DEVICES)
+        return tp_error(TP_ERR_VALUE, "CUDA device %d: at most %d devices are supported", device,
+                        TP_CUDA_MAX_DEVICES);
+    if (n > 0 && device >= n) /* without a visible GPU only the table bounds the ordinal (nothing runs) */
+        return tp_error(TP_ERR_VALUE, "CUDA device %d does not exist (%d visible)", device, n);
+    __atomic_store_n(&g_streams[device], stream, __ATOMIC_RELEASE);
     return TP_OK;
 }
 
-void *tp_cuda_get_stream(void) { return __atomic_load_n(&g_stream, __ATOMIC_ACQUIRE); }
+void *tp_cuda_get_stream(int device)
+{
+    if (device < 0) device = current_device();
+    return device < TP_CUDA_MAX_DEVICES ? __atomic_load_n(&g_streams[device], __ATOMIC_ACQUIRE) : NULL;
+}
 
-cudaStream_t tp_cuda_stream(void) { return (cudaStream_t)tp_cuda_get_stream(); }
+cudaStream_t tp_cuda_stream(void) { return (cudaStream_t)tp_cuda_get_stream(-1); }
 
 void tp_cuda_set_allow_tf32(int allow) { __atomic_store_n(&g_tf32, allow ? 1 : 0, __ATOMIC_RELEASE); }
 
@@ -77,7 +102,7 @@ tp_status tp_cuda_stream_order(int device, void *other, int other_waits)
     tp_status st = TP_OK;
     int prev = -1;
     cudaEvent_t ev = NULL;
-    cudaStream_t mine = tp_cuda_stream(), theirs = (cudaStream_t)other;
+    cudaStream_t mine = (cudaStream_t)tp_cuda_get_stream(device), theirs = (cudaStream_t)other;
     if (mine == theirs) return TP_OK;
     TP_CHECK(tp_cuda_use_device(device, &prev));
     TP_CU(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");

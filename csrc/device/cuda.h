@@ -20,7 +20,11 @@
         }                                                                                    \
     } while (0)
 
-/* The current stream (tp_cuda_set_stream) as a cudaStream_t. */
+/* Devices with a stream entry and cuBLAS state of their own (ordinals 0 .. TP_CUDA_MAX_DEVICES - 1). */
+#define TP_CUDA_MAX_DEVICES 64
+
+/* tplinear's stream of the thread's current device (tp_cuda_set_stream) as a cudaStream_t: call it after
+ * tp_cuda_use_device, so that work is enqueued on a stream of the device it runs on. */
 cudaStream_t tp_cuda_stream(void);
 /* Makes device current on this thread, *prev the device that was current (-1 until it is known); the
  * caller gives it back with tp_cuda_restore_device(prev) on every path, so that tplinear never leaves the

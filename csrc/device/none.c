@@ -13,13 +13,17 @@ int tp_cuda_compiled(void) { return 0; }
 
 int tp_cuda_device_count(void) { return 0; }
 
-tp_status tp_cuda_set_stream(void *stream)
+tp_status tp_cuda_set_stream(int device, void *stream)
 {
-    (void)stream;
+    (void)device; (void)stream;
     return no_cuda();
 }
 
-void *tp_cuda_get_stream(void) { return NULL; }
+void *tp_cuda_get_stream(int device)
+{
+    (void)device;
+    return NULL;
+}
 
 tp_status tp_cuda_stream_order(int device, void *other, int other_waits)
 {

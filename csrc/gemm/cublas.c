@@ -31,22 +31,35 @@
 
 /* ---------------------------------------------------------------- per-device handles */
 
-#define MAX_DEVICES 64
-#define MAX_STREAMS 8 /* streams with a workspace of their own per device; more use cuBLAS' default pool */
+#define MAX_DEVICES TP_CUDA_MAX_DEVICES
+#define MAX_STREAMS 8 /* workspaces per device; a ninth stream takes over the least recently used one */
 #define WORKSPACE_BYTES ((size_t)32 << 20) /* what cuBLAS recommends for Hopper; enough for earlier GPUs */
 /* what the device's default memory pool keeps after a synchronisation (the rest goes back to the driver,
  * where torch's allocator can use it) */
 #define POOL_KEEP_BYTES ((uint64_t)256 << 20)
+
+/* A cuBLAS / cuBLASLt workspace of one (device, stream): one buffer used by two streams at once races.
+ * mem is stream-ordered memory of the device's pool; used is recorded on the stream after each GEMM that
+ * reads it, and every GEMM that binds the slot first makes its stream wait for used. That wait costs nothing
+ * on the same stream, and it keeps a slot safe when tplinear cannot see a stream go: a user's stream
+ * destroyed while its work is pending, whose handle CUDA then hands to a new stream, finds the slot by that
+ * handle and runs after the old stream's last GEMM on it. A slot is released (freed ordered after its last
+ * use) when a stream with no slot needs one and all are taken: the least recently used goes, so a stream
+ * that set_stream replaced, or that was destroyed, gives its workspace back once newer streams need it. */
+typedef struct {
+    cudaStream_t stream;
+    void *mem;
+    cudaEvent_t used;
+    uint64_t last; /* the device's clock at its last use */
+} ws_slot;
 
 /* Lazily created per-device state. Handles are shared by every thread of the process; calls that set
  * the handle's stream and enqueue hold g_lock. */
 typedef struct {
     cublasHandle_t blas;
     cublasLtHandle_t lt;
-    struct {
-        cudaStream_t stream;
-        void *mem;
-    } ws[MAX_STREAMS]; /* cuBLAS / cuBLASLt workspaces, one per stream: one buffer on two streams races */
+    ws_slot ws[MAX_STREAMS];
+    uint64_t clock; /* counts bind_stream calls, for the least recently used slot */
     void *ones[4];   /* a vector of ones per floating dtype (TP_FLOAT32..TP_BFLOAT16) */
     int64_t ones_len[4];
 } cublas_ctx;
@@ -98,26 +111,53 @@ out:
     return st;
 }
 
-/* Puts the handle on the current stream with that stream's own workspace (cublasSetStream resets the
- * workspace to cuBLAS' default pool); *ws is that workspace, NULL once MAX_STREAMS streams have one (cuBLAS
- * then uses its default pool, cuBLASLt no workspace). Caller holds the lock; the device is current. */
-static tp_status bind_stream(cublas_ctx *ctx, void **ws)
+/* Puts the handle on the device's current stream with that stream's own workspace slot (cublasSetStream
+ * resets the workspace to cuBLAS' default pool), the stream ordered after the slot's last use; *slot is
+ * that slot, whose use the caller records with ws_used once its GEMM is enqueued. Caller holds the lock;
+ * the device is current. */
+static tp_status bind_stream(cublas_ctx *ctx, ws_slot **slot)
 {
     tp_status st = TP_OK;
     cudaStream_t s = tp_cuda_stream();
-    int i, slot = -1;
-    *ws = NULL;
+    ws_slot *w = NULL;
+    void *mem = NULL;
+    int i;
+    *slot = NULL;
     TP_CUBLAS(cublasSetStream(ctx->blas, s), "cublasSetStream");
-    for (i = 0; i < MAX_STREAMS && !(ctx->ws[i].mem && ctx->ws[i].stream == s); i++)
-        if (ctx->ws[i].mem == NULL && slot < 0) slot = i;
-    if (i == MAX_STREAMS) {
-        if (slot < 0) goto out;
-        i = slot;
-        TP_CU(cudaMalloc(&ctx->ws[i].mem, WORKSPACE_BYTES), "cudaMalloc (cuBLAS workspace)");
-        ctx->ws[i].stream = s;
+    for (i = 0; i < MAX_STREAMS; i++) {
+        ws_slot *c = &ctx->ws[i];
+        if (c->mem && c->stream == s) {
+            w = c;
+            break;
+        }
+        if (w == NULL || (w->mem && (c->mem == NULL || c->last < w->last))) w = c; /* a free one, else the LRU */
     }
-    TP_CUBLAS(cublasSetWorkspace(ctx->blas, ctx->ws[i].mem, WORKSPACE_BYTES), "cublasSetWorkspace");
-    *ws = ctx->ws[i].mem;
+    if (w->used == NULL) TP_CU(cudaEventCreateWithFlags(&w->used, cudaEventDisableTiming), "cudaEventCreate");
+    /* after the slot's last use, on whichever stream that was (a no-op when it was this one) */
+    TP_CU(cudaStreamWaitEvent(s, w->used, 0), "cudaStreamWaitEvent (cuBLAS workspace)");
+    if (w->mem == NULL || w->stream != s) {
+        if (w->mem) { /* release the least recently used slot: freed in order after its last use */
+            tp_log(TP_LOG_TRACE, "cuBLAS workspace of stream %p released for stream %p", (void *)w->stream,
+                   (void *)s);
+            TP_CU(cudaFreeAsync(w->mem, s), "cudaFreeAsync (cuBLAS workspace)");
+            w->mem = NULL;
+        }
+        TP_CU(cudaMallocAsync(&mem, WORKSPACE_BYTES, s), "cudaMallocAsync (cuBLAS workspace)");
+        w->mem = mem;
+        w->stream = s;
+    }
+    w->last = ++ctx->clock;
+    TP_CUBLAS(cublasSetWorkspace(ctx->blas, w->mem, WORKSPACE_BYTES), "cublasSetWorkspace");
+    *slot = w;
+out:
+    return st;
+}
+
+/* Records that the GEMM just enqueued on the slot's stream uses its workspace. Caller holds the lock. */
+static tp_status ws_used(ws_slot *slot)
+{
+    tp_status st = TP_OK;
+    TP_CU(cudaEventRecord(slot->used, slot->stream), "cudaEventRecord (cuBLAS workspace)");
 out:
     return st;
 }
@@ -268,13 +308,14 @@ static tp_status gemm_ex(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat 
     int64_t m = c->rows, n = c->cols, k = ta ? a->rows : a->cols;
     cublasOperation_t opa = (tb != b->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasOperation_t opb = (ta != a->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
-    void *ws;
+    ws_slot *ws;
     TP_CHECK(types_of(c->dtype, &t));
     TP_CHECK(bind_stream(ctx, &ws));
     TP_CUBLAS(cublasGemmEx(ctx->blas, opa, opb, (int)n, (int)m, (int)k, scal(&t, &sa, 1.0), b->data, t.type,
                            (int)b->ld, a->data, t.type, (int)a->ld, scal(&t, &sb, beta), c->data, t.type,
                            (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx");
+    TP_CHECK(ws_used(ws));
 out:
     return st;
 }
@@ -307,7 +348,7 @@ static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
     int prev = -1;
     cublas_ctx *ctx;
     const void *ones;
-    void *ws;
+    ws_slot *ws;
     gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
     scalar sa, sb;
     int locked = 0;
@@ -325,6 +366,7 @@ static tp_status cu_rows(tp_mat *c, const void *bias, int mode)
                            bias, t.type, (int)c->cols, ones, t.type, 1, scal(&t, &sb, mode ? 1.0 : 0.0), c->data,
                            t.type, (int)c->ld, t.compute, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (bias rows)");
+    TP_CHECK(ws_used(ws));
 out:
     tp_cuda_restore_device(prev);
     if (locked) pthread_mutex_unlock(&g_lock);
@@ -339,7 +381,7 @@ static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
     int prev = -1;
     cublas_ctx *ctx;
     const void *ones;
-    void *ws;
+    ws_slot *ws;
     gemm_types t = {CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F};
     scalar sa, sb;
     int locked = 0;
@@ -363,6 +405,7 @@ static tp_status cu_col_sums(const tp_mat *a, void *out, int accumulate)
                            (int)a->rows, scal(&t, &sb, accumulate ? 1.0 : 0.0), out, t.type, (int)a->cols, t.compute,
                            CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx (column sums)");
+    TP_CHECK(ws_used(ws));
 out:
     tp_cuda_restore_device(prev);
     if (locked) pthread_mutex_unlock(&g_lock);
@@ -392,12 +435,11 @@ static tp_status lt_bias(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat 
     cublasOperation_t opa = (tb != b->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasOperation_t opb = (ta != a->trans) ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-    void *workspace = NULL;
-    size_t ws = 0;
+    ws_slot *slot = NULL;
+    size_t ws = WORKSPACE_BYTES;
     memset(&res, 0, sizeof res);
     TP_CHECK(types_of(c->dtype, &t));
-    TP_CHECK(bind_stream(ctx, &workspace));
-    ws = workspace ? WORKSPACE_BYTES : 0;
+    TP_CHECK(bind_stream(ctx, &slot));
     TP_CUBLAS(cublasLtMatmulDescCreate(&op, t.compute, t.scale), "cublasLtMatmulDescCreate");
     TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa), "cublasLt TRANSA");
     TP_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb), "cublasLt TRANSB");
@@ -433,12 +475,13 @@ static tp_status lt_bias(cublas_ctx *ctx, const tp_mat *a, int ta, const tp_mat 
         goto out;
     }
     lst = cublasLtMatmul(ctx->lt, op, scal(&t, &sa, 1.0), b->data, la, a->data, lb, scal(&t, &sb, 0.0), c->data, lc,
-                         c->data, lc, &res.algo, workspace, ws, tp_cuda_stream());
+                         c->data, lc, &res.algo, slot->mem, ws, tp_cuda_stream());
     if (lst != CUBLAS_STATUS_SUCCESS) { /* refused at launch: nothing was queued */
         st = tp_error(TP_ERR_UNSUPPORTED, "cublasLtMatmul refused the bias-epilogue GEMM %lldx%lldx%lld %s: %s",
                       (long long)m, (long long)n, (long long)k, tp_dtype_name(c->dtype), cublasGetStatusName(lst));
         goto out;
     }
+    TP_CHECK(ws_used(slot));
     tp_log(TP_LOG_TRACE, "cuBLASLt bias GEMM %lldx%lldx%lld %s", (long long)m, (long long)n, (long long)k,
            tp_dtype_name(c->dtype));
 out:

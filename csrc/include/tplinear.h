@@ -491,15 +491,17 @@ TP_API int tp_cuda_compiled(void);
 /* Number of visible GPUs (0 without CUDA or without a driver). */
 TP_API int tp_cuda_device_count(void);
 
-/* The stream every GPU operation of the process is enqueued on (GEMMs, NCCL collectives, copies).
- * A cudaStream_t as a pointer; NULL (the default) is CUDA's legacy default stream. Process-wide, so
- * helper threads (the overlapped all-reduce) use the caller's stream too. */
-TP_API tp_status tp_cuda_set_stream(void *stream);
-TP_API void *tp_cuda_get_stream(void);
-/* Makes the current stream wait (on the device, not the host) for the work queued so far on `other`
+/* The stream every GPU operation on `device` is enqueued on (GEMMs, NCCL collectives, copies): one per
+ * device, since a stream belongs to one GPU. A cudaStream_t as a pointer; NULL (the default) is the
+ * device's legacy default stream; device -1 is the thread's current device (0 without a GPU). Process-wide,
+ * so helper threads (the overlapped all-reduce) use the caller's stream too. TP_ERR_VALUE for an ordinal
+ * that is not a visible GPU (without one: of 64 or more). */
+TP_API tp_status tp_cuda_set_stream(int device, void *stream);
+TP_API void *tp_cuda_get_stream(int device);
+/* Makes device's stream wait (on the device, not the host) for the work queued so far on `other`
  * (a foreign producer's or consumer's stream), or the other way round when `other_waits` is set. */
 TP_API tp_status tp_cuda_stream_order(int device, void *other, int other_waits);
-/* Blocks the host until the current stream has finished. */
+/* Blocks the host until device's stream has finished. */
 TP_API tp_status tp_cuda_synchronize(int device);
 /* float32 GEMMs may use TF32 tensor cores (off unless asked; TPLINEAR_ALLOW_TF32=1 sets the default). */
 TP_API void tp_cuda_set_allow_tf32(int allow);

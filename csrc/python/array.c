@@ -42,9 +42,9 @@ static tpy_array *alloc_owner(PyObject *obj)
 int tpy_array_use(PyObject *obj)
 {
     tpy_array *a = alloc_owner(obj);
-    void *now = tp_cuda_get_stream();
+    void *now = NULL;
     tp_status st;
-    if (a == NULL || a->stream == now) return 0;
+    if (a == NULL || a->stream == (now = tp_cuda_get_stream(a->t.device.index))) return 0;
     if ((st = tp_cuda_stream_order(a->t.device.index, a->stream, 0)) != TP_OK) {
         PyErr_Format(PyExc_RuntimeError, "could not order a GPU array's last stream before this one: %s",
                      tp_last_error());
@@ -235,7 +235,7 @@ static PyObject *array_alloc(PyTypeObject *type, int ndim, const int64_t *shape,
         return NULL;
     }
     a->t.data = a->alloc;
-    a->stream = tp_cuda_get_stream();
+    a->stream = tp_cuda_get_stream(a->t.device.index);
     return (PyObject *)a;
 }
 
@@ -328,7 +328,8 @@ static void array_dealloc(PyObject *self)
     PyObject_GC_UnTrack(self);
     if (a->weakrefs) PyObject_ClearWeakRefs(self);
     if (a->alloc) { /* a failure at teardown has nowhere to go */
-        if (a->stream != tp_cuda_get_stream()) (void)tp_cuda_stream_order(a->t.device.index, a->stream, 0);
+        if (a->stream != tp_cuda_get_stream(a->t.device.index))
+            (void)tp_cuda_stream_order(a->t.device.index, a->stream, 0);
         (void)tp_cuda_free(a->t.device.index, a->alloc);
         a->alloc = NULL;
     }
@@ -390,7 +391,8 @@ static PyObject *get_cai(PyObject *self, void *c)
     if (info->typestr == NULL)
         return PyErr_Format(PyExc_AttributeError, "%s has no __cuda_array_interface__ typestr; use DLPack",
                             info->name);
-    if ((shape = get_shape(self, NULL)) == NULL || (stream = tpy_protocol_stream()) == NULL) goto out;
+    if ((shape = get_shape(self, NULL)) == NULL || (stream = tpy_protocol_stream(SELF->t.device.index)) == NULL)
+        goto out;
     if (tp_tensor_is_contiguous(&SELF->t)) {
         strides = Py_None;
         Py_INCREF(strides);
@@ -759,7 +761,8 @@ static PyObject *array_dlpack(PyObject *self, PyObject *args, PyObject *kwargs)
                             "DeviceArray exports without copying only (copy=True is not supported)");
     if (tpy_array_use(self) < 0) return NULL; /* ours after the stream of its last use, theirs after ours */
     {
-        void *theirs = (void *)1, *mine = tp_cuda_get_stream(); /* None and 0: the legacy default stream */
+        /* None and 0: the legacy default stream */
+        void *theirs = (void *)1, *mine = tp_cuda_get_stream(SELF->t.device.index);
         int overflow = 0;
         long long v = stream == Py_None ? 0 : PyLong_AsLongLongAndOverflow(stream, &overflow);
         if (v == -1 && PyErr_Occurred()) return NULL;

@@ -16,18 +16,26 @@ static PyObject *py_cuda_device_count(PyObject *m, PyObject *unused)
     return PyLong_FromLong(tp_cuda_device_count());
 }
 
-static PyObject *py_cuda_get_stream(PyObject *m, PyObject *unused)
+/* cuda_get_stream(device=-1): tplinear's stream of device (-1: the current device) */
+static PyObject *py_cuda_get_stream(PyObject *m, PyObject *args)
 {
-    (void)m; (void)unused;
-    return PyLong_FromVoidPtr(tp_cuda_get_stream());
+    int device = -1;
+    (void)m;
+    if (!PyArg_ParseTuple(args, "|i", &device)) return NULL;
+    return PyLong_FromVoidPtr(tp_cuda_get_stream(device));
 }
 
-static PyObject *py_cuda_set_stream(PyObject *m, PyObject *arg)
+/* cuda_set_stream(ptr|None, device=-1) */
+static PyObject *py_cuda_set_stream(PyObject *m, PyObject *args)
 {
-    void *s = arg == Py_None ? NULL : PyLong_AsVoidPtr(arg);
+    PyObject *arg;
+    int device = -1;
+    void *s;
     tp_status st;
+    if (!PyArg_ParseTuple(args, "O|i", &arg, &device)) return NULL;
+    s = arg == Py_None ? NULL : PyLong_AsVoidPtr(arg);
     if (s == NULL && PyErr_Occurred()) return NULL;
-    st = tp_cuda_set_stream(s);
+    st = tp_cuda_set_stream(device, s);
     if (st != TP_OK) return raise_st(m, st);
     Py_RETURN_NONE;
 }
@@ -261,8 +269,9 @@ static PyObject *py_tensor_info(PyObject *m, PyObject *args)
 
 PyMethodDef tpy_device_methods[] = {
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "cuda_device_count() -> int"},
-    {"cuda_get_stream", py_cuda_get_stream, METH_NOARGS, "cuda_get_stream() -> int (0: legacy default stream)"},
-    {"cuda_set_stream", py_cuda_set_stream, METH_O, "cuda_set_stream(ptr|None)"},
+    {"cuda_get_stream", py_cuda_get_stream, METH_VARARGS,
+     "cuda_get_stream(device=-1) -> int: the stream of a device (-1: the current one; 0: legacy default stream)"},
+    {"cuda_set_stream", py_cuda_set_stream, METH_VARARGS, "cuda_set_stream(ptr|None, device=-1)"},
     {"cuda_stream_order", py_cuda_stream_order, METH_VARARGS,
      "cuda_stream_order(device, other, other_waits): event-order the current stream and another"},
     {"cuda_synchronize", py_cuda_synchronize, METH_VARARGS, "cuda_synchronize(device=0)"},

@@ -12,9 +12,9 @@
 
 /* ---------------------------------------------------------------- helpers */
 
-PyObject *tpy_protocol_stream(void)
+PyObject *tpy_protocol_stream(int device)
 {
-    void *s = tp_cuda_get_stream();
+    void *s = tp_cuda_get_stream(device);
     return PyLong_FromVoidPtr(s ? s : (void *)1);
 }
 
@@ -97,7 +97,7 @@ static int from_dlpack(PyObject *obj, tp_tensor *t, tpy_view *view, int writable
         goto out;
     }
     if (dev_type == TP_kDLCUDA || dev_type == TP_kDLCUDAManaged) {
-        stream = tpy_protocol_stream();
+        stream = tpy_protocol_stream((int)dev_id);
     } else {
         stream = Py_None;
         Py_INCREF(stream);
@@ -273,7 +273,7 @@ static int from_cai(PyObject *obj, PyObject *cai, tp_tensor *t, tpy_view *view, 
     t->device.index = dev;
     /* v3 stream: None / absent = nothing to order; else make our stream wait for it */
     if (producer != NULL) {
-        void *mine = tp_cuda_get_stream();
+        void *mine = tp_cuda_get_stream(dev);
         if (producer != (mine ? mine : (void *)1)) {
             tp_status st = tp_cuda_stream_order(dev, producer, 0);
             if (st != TP_OK) {

@@ -54,7 +54,7 @@ void tpy_args_release(tpy_arg *a, int n);
  * (0 if it is not such a producer), -1 with an exception. */
 int tpy_device_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const char *what);
 /* tplinear's current stream as the integer the DLPack / CAI protocols use (1: the legacy default). */
-PyObject *tpy_protocol_stream(void);
+PyObject *tpy_protocol_stream(int device);
 
 /* Sets the Python exception for a failed status and returns NULL. */
 PyObject *tpy_raise(PyObject *module, tp_status st);

@@ -5,8 +5,9 @@ cudaMallocAsync on tplinear's current stream, freed with the last array or view 
 zero-copy through DLPack (``torch.from_dlpack(y)``, ``jax.dlpack``) and the CUDA Array Interface v3
 (``cupy.asarray(y)``), and copied to the host with ``.numpy()``.
 
-Streams: every GPU operation of tplinear (GEMMs, NCCL collectives, copies) runs on tplinear's stream,
-the legacy default stream unless ``set_stream(ptr)`` names another (e.g.
+Streams: every GPU operation of tplinear (GEMMs, NCCL collectives, copies) runs on tplinear's stream of
+that GPU (one per device: a stream belongs to one GPU), the legacy default stream unless ``set_stream(ptr)``
+names another (e.g.
 ``torch.cuda.current_stream().cuda_stream``). A call on CUDA torch tensors (tplinear.torch, and
 tplinear.distributed's collectives) runs on torch's current stream of the tensor's device instead, for that
 call only (``stream_for``): torch's later work on that stream is ordered after it, with no host wait.
@@ -45,17 +46,26 @@ def where(obj):
     return None
 
 
-def get_stream():
-    """tplinear's current stream as an int (0: the legacy default stream)."""
-    return _C.cuda_get_stream()
+def get_stream(device=None):
+    """tplinear's stream of a GPU as an int (0: the legacy default stream); device None: the current one."""
+    return _C.cuda_get_stream(-1 if device is None else device_index(device))
 
 
-def set_stream(stream):
-    """Runs tplinear's GPU work on `stream` (a cudaStream_t as an int, or an object with .cuda_stream
-    or .ptr such as torch / CuPy streams; None: the legacy default stream)."""
+def set_stream(stream, device=None):
+    """Runs tplinear's GPU work on `device` on `stream` (a cudaStream_t as an int, or an object with
+    .cuda_stream or .ptr such as torch / CuPy streams; None: the legacy default stream). Each GPU has its
+    own stream; device None: the stream object's own device (torch's .device), else the current device."""
+    if device is None:
+        device = _index_of(stream)
     if stream is not None and not isinstance(stream, int):
         stream = getattr(stream, "cuda_stream", None) or getattr(stream, "ptr", None)
-    _C.cuda_set_stream(stream)
+    _C.cuda_set_stream(stream, -1 if device is None else device_index(device))
+
+
+def _index_of(obj):
+    """The CUDA ordinal of a torch tensor or stream (its .device), else None."""
+    index = getattr(getattr(obj, "device", None), "index", None)
+    return index if isinstance(index, int) else None
 
 
 def torch_stream(obj):
@@ -69,23 +79,27 @@ def torch_stream(obj):
 
 def stream_for(*objs):
     """A context manager: runs the tplinear calls inside on the stream of the first CUDA torch tensor among
-    objs (torch_stream), and gives tplinear's stream back afterwards, also when the call raises; nothing
-    changes (and nothing is paid) when no object is one."""
-    stream = next((s for s in map(torch_stream, objs) if s is not None), None)
-    return _NOTHING if stream is None else _on_stream(stream)
+    objs (torch_stream), as tplinear's stream of that tensor's GPU, and gives that GPU's stream back
+    afterwards, also when the call raises; nothing changes (and nothing is paid) when no object is one."""
+    for obj in objs:
+        stream = torch_stream(obj)
+        if stream is not None:
+            index = _index_of(obj)
+            return _on_stream(stream, -1 if index is None else index)
+    return _NOTHING
 
 
 _NOTHING = contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _on_stream(stream):
-    before = _C.cuda_get_stream()
-    _C.cuda_set_stream(stream or None)
+def _on_stream(stream, device):
+    before = _C.cuda_get_stream(device)
+    _C.cuda_set_stream(stream or None, device)
     try:
         yield
     finally:
-        _C.cuda_set_stream(before or None)
+        _C.cuda_set_stream(before or None, device)
 
 
 def set_allow_tf32(allow):
