@@ -41,7 +41,7 @@ def test_import_order_tplinear_then_torch():
 
 
 # (in_features, out_features): sizes no world size divides, so the uneven rule is exercised everywhere
-@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
+@pytest.mark.parametrize("nproc", [1, 2, 3])  # 4 ranks: the loss-curve test; CI time (2 cores)
 def test_layers_autograd_zero_copy_parameters(nproc):
     assert_world_ok(nproc, """
         import torch_checks as c
@@ -54,7 +54,7 @@ def test_layers_autograd_zero_copy_parameters(nproc):
     """, env=ENV, timeout=400)
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
+@pytest.mark.parametrize("nproc", [1, 2, 3])  # 4 ranks: the loss-curve test; CI time (2 cores)
 def test_hf_models_match_the_unsharded_model(nproc):
     """Logits, loss and every parameter's gradient (gathered) against the unsharded model in float64, in
     float32 (1e-5) and float64; training and inference mode. At 3 ranks none of the head counts divides
