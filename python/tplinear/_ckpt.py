@@ -22,13 +22,13 @@ Its names without a leading underscore are what the rest of the package uses (``
 """
 import json
 import math
+import functools
 import os
 import re
 import secrets
 import struct
 import sys
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -43,23 +43,33 @@ OPTIMIZER_PREFIX = "optimizer/"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' long-standing default
 
 # safetensors dtype codes <-> NumPy dtypes (ml_dtypes brings bfloat16 and the float8 types to NumPy, and
-# lets safetensors' NumPy API read them)
-_CODES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_NAMES = {dt: code for code, dt in _CODES.items()}
+# lets safetensors' NumPy API read them). Built on first use: importing ml_dtypes costs about a second of CPU,
+# which every rank of every world would otherwise pay at `import tplinear`.
+@functools.cache
+def codes():
+    """{safetensors dtype code: NumPy dtype}."""
+    import ml_dtypes
+    return {
+        "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+        "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+        "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+        "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
+        "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
+        "BOOL": np.dtype(np.bool_),
+    }
+
+
+@functools.cache
+def _names():
+    return {dt: code for code, dt in codes().items()}
 
 
 def np_dtype(dtype):
     """A NumPy dtype from a NumPy dtype, a name ('bfloat16' included) or a safetensors code."""
-    if isinstance(dtype, str) and dtype in _CODES:
-        return _CODES[dtype]
+    if isinstance(dtype, str) and dtype in codes():
+        return codes()[dtype]
     if str(dtype) == "bfloat16":
-        return _CODES["BF16"]
+        return codes()["BF16"]
     return np.dtype(dtype)
 
 
@@ -67,7 +77,7 @@ def st_code(dtype, what="tensor"):
     dt = np_dtype(dtype)
     if dt.byteorder == ">":
         raise TypeError(f"{what}: big-endian arrays cannot be stored in safetensors files")
-    code = _NAMES.get(dt.newbyteorder("="))
+    code = _names().get(dt.newbyteorder("="))
     if code is None:
         raise TypeError(f"{what} has dtype {dt}, which safetensors files cannot hold")
     return code
@@ -676,7 +686,7 @@ class _Source:
 
     def __init__(self, key, shape, code):
         self.key, self.shape, self.code, self.pieces = key, tuple(shape), code, []
-        self.dtype = _CODES.get(code)
+        self.dtype = codes().get(code)
 
 
 class Checkpoint:
@@ -733,7 +743,7 @@ class Checkpoint:
             self.fds[name] = (fd, tensors)
         fd, tensors = self.fds[name]
         begin, shape, code = tensors[key]
-        if _CODES.get(code) != dest.dtype or not dest.flags.c_contiguous:
+        if codes().get(code) != dest.dtype or not dest.flags.c_contiguous:
             return False
         runs = _runs(start, shape, dst_start, dest.shape, size, dest.dtype.itemsize)
         if runs is None:

@@ -7,7 +7,8 @@ other tensor of the state dict (embeddings, norms, buffers) is replicated. Optim
 like a parameter's shard follow its partition, 0-d ones (Adam's step) are replicated, and the param groups'
 hyperparameters are kept in the manifest.
 """
-import ml_dtypes
+import functools
+
 import numpy as np
 import torch
 
@@ -16,17 +17,22 @@ from .. import _layout
 from .. import distributed as dist
 from .modules import TPModule
 
-# torch dtypes NumPy has no native type for: the integer type of the same size that carries their bits
-_BITS = {torch.bfloat16: (torch.int16, np.int16, ml_dtypes.bfloat16)}
-for _t, _m in (("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2)):
-    if hasattr(torch, _t):
-        _BITS[getattr(torch, _t)] = (torch.uint8, np.uint8, _m)
+# torch dtypes NumPy has no native type for: the integer type of the same size that carries their bits (built
+# on first use, as tplinear._ckpt's codes: ml_dtypes is slow to import)
+@functools.cache
+def _bits():
+    import ml_dtypes
+    bits = {torch.bfloat16: (torch.int16, np.int16, ml_dtypes.bfloat16)}
+    for name, real in (("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2)):
+        if hasattr(torch, name):
+            bits[getattr(torch, name)] = (torch.uint8, np.uint8, real)
+    return bits
 
 
 def np_dtype(t):
     """The NumPy dtype of a tensor's elements (bfloat16 and float8 from ml_dtypes)."""
-    if t.dtype in _BITS:
-        return np.dtype(_BITS[t.dtype][2])
+    if t.dtype in _bits():
+        return np.dtype(_bits()[t.dtype][2])
     try:
         return _ckpt.np_dtype(str(t.dtype).replace("torch.", ""))
     except TypeError as exc:
@@ -35,7 +41,7 @@ def np_dtype(t):
 
 def torch_dtype(dtype):
     dtype = np.dtype(dtype)
-    for td, (_, _, md) in _BITS.items():
+    for td, (_, _, md) in _bits().items():
         if dtype == np.dtype(md):
             return td
     return torch.from_numpy(np.zeros(0, dtype)).dtype
@@ -47,15 +53,15 @@ def to_numpy(t):
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    if t.dtype in _BITS:
-        carrier, np_carrier, real = _BITS[t.dtype]
+    if t.dtype in _bits():
+        carrier, np_carrier, real = _bits()[t.dtype]
         return t.view(carrier).numpy().view(np_carrier).view(real)
     return t.numpy()
 
 
 def from_numpy(arr):
     arr = np.ascontiguousarray(arr)
-    for td, (carrier, np_carrier, real) in _BITS.items():
+    for td, (carrier, np_carrier, real) in _bits().items():
         if arr.dtype == np.dtype(real):
             return torch.from_numpy(arr.view(np_carrier)).view(td)
     return torch.from_numpy(arr)
