@@ -32,7 +32,7 @@
  * Liveness: a wait that lasts asks the world's rendezvous store every LIVENESS_S whether a member's
  * connection to it ended or fell silent (tp_store_lost: one request while nobody has gone; every rank's
  * store client beats from a thread of its own, comm/store.c), so a dead peer on any host fails the group in
- * about a second, and a vanished one (stopped, hung, its link cut) once TPLINEAR_PEER_SILENCE_MS has
+ * about a second, and a vanished one (its process stopped or frozen, its link cut) once TPLINEAR_PEER_SILENCE_MS has
  * passed, instead of at the timeout; the interrupt hook (Python's signal handlers) is asked every 50 ms.
  *
  * Failures: a timeout, a mismatch, a lost member, an interrupt, a peer's notice or tp_group_abort marks

@@ -27,7 +27,7 @@
  * bytes. When a joined rank's connection ends, the server records "lost/<rank>", so the rendezvous names a
  * rank that died instead of waiting for it.
  *
- * The heartbeat (TPLINEAR_PEER_SILENCE_MS): a vanished rank (SIGSTOP, a hang in C, a cut link) closes
+ * The heartbeat (TPLINEAR_PEER_SILENCE_MS): a vanished rank (SIGSTOP, a frozen process, a cut link) closes
  * nothing, so every client also sends BEAT every STORE_BEAT_S from a thread of its own (it runs while the
  * rank computes, in Python or BLAS, as while it waits), and the server drops a joined rank that has sent
  * nothing for the silence bound, recording "lost/<rank>" = LOST_SILENT. The other way round, a request
@@ -235,7 +235,7 @@ static tp_status request(tp_store *s, int cmd, const char *key, const void *val,
     } else if (rc == TP_IO_TIMEOUT && wait_s < s->timeout_s) {
         s->silent = 1;
         st = broken(s, tp_error(TP_ERR_COMM, "store: rank 0 stopped answering: its store at %s:%d sent nothing for "
-                                "%g s (TPLINEAR_PEER_SILENCE_MS; rank 0 stopped, hung, or the link to it is cut)",
+                                "%g s (TPLINEAR_PEER_SILENCE_MS; its process stopped or frozen, or the link to it cut)",
                                 s->addr, s->port, wait_s));
     } else if (rc == TP_IO_TIMEOUT) {
         st = broken(s, tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for the store of rank 0 at %s:%d to "
@@ -405,7 +405,7 @@ out:
 static void gone_why(const tp_store *s, int64_t how, char *why, size_t cap)
 {
     if (how == LOST_SILENT)
-        snprintf(why, cap, "stopped answering (nothing from it for %g s, TPLINEAR_PEER_SILENCE_MS: stopped, hung, "
+        snprintf(why, cap, "stopped answering (nothing from it for %g s, TPLINEAR_PEER_SILENCE_MS: stopped or frozen, "
                  "or its link is cut)", s->silence_s);
     else
         snprintf(why, cap, "lost its connection to the rendezvous store (it died or exited)");

@@ -1,7 +1,8 @@
 /* The rendezvous store's server: rank 0's thread, one poll loop over non-blocking sockets, bounded
  * connections, bytes and deadlines (the protocol and its bounds: comm/store.c). It also judges the
  * heartbeat: every joined client sends something at least every STORE_BEAT_S, and one whose connection
- * stays silent for silence_s (the rank is stopped, hung in C, or its link is cut) is dropped and recorded as
+ * stays silent for silence_s (the rank's process is stopped or frozen, or its link is cut; a thread
+ * hung in C does not count: the heartbeat's thread still runs) is dropped and recorded as
  * silent. Time in which the server thread itself did not run (the whole job stopped, a starved thread) is
  * not held against the clients. */
 #include <arpa/inet.h>
@@ -422,7 +423,7 @@ static void *server_main(void *arg)
         for (size_t i = s->nconns; s->silence_s > 0.0 && i-- > 0;) { /* after reading: what arrived counts */
             conn *c = &s->conns[i];
             if (c->state != C_READY || now - c->seen <= s->silence_s) continue;
-            tp_log(TP_LOG_WARN, "store: rank %d (%s) has sent nothing for %.1f s (no heartbeat: stopped, hung, or "
+            tp_log(TP_LOG_WARN, "store: rank %d (%s) has sent nothing for %.1f s (no heartbeat: stopped or frozen, or "
                    "its link is cut); its connection is dropped", c->rank, c->peer, now - c->seen);
             drop(s, i, LOST_SILENT);
         }
