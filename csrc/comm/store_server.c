@@ -333,7 +333,8 @@ static void accept_new(server *s, double now)
             if (pending == 0 || s->conns[i].since < s->conns[oldest].since) oldest = i;
             pending++;
         }
-        if (pending >= MAX_PENDING) drop(s, oldest, LOST_CLOSED); /* a flood of silent connections cannot lock ranks out */
+        /* a flood of silent connections cannot lock ranks out */
+        if (pending >= MAX_PENDING) drop(s, oldest, LOST_CLOSED);
         if (s->nconns == s->conns_cap) {
             size_t cap = s->conns_cap ? 2 * s->conns_cap : 16;
             conn *p = realloc(s->conns, cap * sizeof *p);
