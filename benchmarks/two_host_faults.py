@@ -2,6 +2,7 @@
 tests/twohost.py (network namespaces joined by a veth pair; needs root, iproute2, util-linux, OpenMPI).
 
     python benchmarks/two_host_faults.py [--timeout 10] [--faults sigkill,sigstop,link,sigint] [--backends mpi,shm]
+                                         [--json results.json]
 
   mpi: 2 ranks, one per host (mpirun --enable-recovery, so the survivor lives on and what it sees is
        tplinear's own detection); the victim is rank 1 on node1.
@@ -13,6 +14,7 @@ Both ranks run all_reduce in a loop; the test process applies the fault (SIGKILL
 or `ip link set <veth> down` on node1) once the victim says it is running, and reads rank 0's
 "CAUGHT <wall time>" line. The group timeout (--timeout) is what detection by timeout costs."""
 import argparse
+import json
 import os
 import re
 import signal
@@ -113,7 +115,9 @@ def main():
     ap.add_argument("--faults", default="sigkill,sigstop,link,sigint")
     ap.add_argument("--backends", default="mpi,shm,mpirun")
     ap.add_argument("--limit", type=float, default=60.0, help="give up on one case after this many seconds")
+    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    rows = []
     print("| backend | fault | seconds to CommError | what rank 0 saw |")
     print("|---|---|---|---|")
     for backend in args.backends.split(","):
@@ -123,6 +127,11 @@ def main():
             seconds, what = one(backend, fault, args.timeout, args.limit)
             shown = "-" if seconds is None else "%.2f" % seconds
             print("| %s | %s | %s | %s |" % (backend, fault, shown, what.replace("|", "/")[:300]), flush=True)
+            rows.append({"backend": backend, "fault": fault, "seconds": seconds, "what": what})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"timeout_s": args.timeout, "rows": rows}, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

@@ -436,3 +436,65 @@ def test_mpi_dead_peer_is_found_within_a_second(tmp_path):
     latency = float(found.group(1)) - float(killed.group(1))
     print(f"mpi: SIGKILL to CommError {latency * 1e3:.0f} ms")
     assert latency < 3.0 and "rank 1 of the group (global rank 1) lost its connection" in found.group(2), res.output
+
+
+VANISHED_PEER = """
+import os, signal, sys, time
+import numpy as np
+import tplinear, tplinear.distributed as dist
+stop, busy, where = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+dist.init_process_group(timeout=20)
+r, p = dist.get_rank(), dist.get_world_size()
+x = np.full(8, r + 1.0)
+dist.all_reduce(x)
+if r == 1 and busy:                                   # slow but alive: computing in Python, the GIL held
+    t = time.monotonic()
+    while time.monotonic() - t < busy:
+        pass
+y = np.full(8, r + 1.0)
+dist.all_reduce(y)
+print("ALIVE %d %s" % (r, bool((y == p * (p + 1) / 2).all())), flush=True)
+if r == stop:
+    time.sleep(0.5)                                   # the others wait in the all-reduce below by now
+    open(os.path.join(where, "pid"), "w").write(str(os.getpid()))
+    print("STOPPED %r" % time.monotonic(), flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+try:
+    dist.all_reduce(x)
+    print("NO ERROR %d" % r, flush=True)
+except tplinear.CommError as e:
+    print("DETECTED %d %r %s" % (r, time.monotonic(), e), flush=True)
+open(os.path.join(where, "found%d" % r), "w").close()
+if r == max({0, 1, 2} - {stop}):                     # once every survivor has found it: kill the stopped rank
+    deadline = time.monotonic() + 10
+    while len([f for f in os.listdir(where) if f.startswith("found")]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(int(open(os.path.join(where, "pid")).read()), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("stop,busy", [(1, 5.0), (0, 0.0)], ids=["rank1-after-5s-of-compute", "rank0"])
+def test_mpi_vanished_peer_is_found_and_a_slow_one_is_not(stop, busy, tmp_path):
+    """A SIGSTOPped rank closes nothing: the store probe saw it only at the group timeout (20 s here). Every
+    store client now beats from a thread of its own, and a rank silent for TPLINEAR_PEER_SILENCE_MS (1.5 s)
+    is named as having stopped answering on every surviving rank, over TCP as across hosts; rank 0 (the
+    store's server) is found by the others' unanswered requests. A rank busy for 5 s in Python before a
+    collective still beats: its collective completes with the right sum (issue 26)."""
+    import re
+
+    need("mpirun")
+    path = tmp_path / "vanish.py"
+    path.write_text(VANISHED_PEER)
+    # recovery on: mpirun leaves the survivors running when the stopped rank is killed at the end
+    res = launch("mpirun", 3, [str(path), stop, busy, tmp_path], timeout=120,
+                 launcher_args=TCP + ["--mca", "orte_enable_recovery", "1"])
+    assert sorted(re.findall(r"ALIVE (\d) True", res.output)) == ["0", "1", "2"], res.output
+    stopped = re.search(r"STOPPED ([\d.]+)", res.output)
+    assert stopped, res.output
+    for r in {0, 1, 2} - {stop}:
+        found = re.search(r"DETECTED %d ([\d.]+) (.*)" % r, res.output)
+        assert found, res.output
+        latency = float(found.group(1)) - float(stopped.group(1))
+        print(f"mpi: SIGSTOP of rank {stop} to CommError on rank {r}: {latency * 1e3:.0f} ms")
+        assert f"rank {stop} of the group (global rank {stop}) stopped answering" in found.group(2), res.output
+        assert 1.0 < latency < 5.0, res.output  # the 1.5 s bound less a beat period; far from the 20 s timeout

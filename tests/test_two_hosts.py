@@ -2,7 +2,7 @@
 processes under its own hostname, mpirun with an rsh agent that enters the other namespace): the
 collectives, the layers against their float64 reference and a tplinear.torch model over the mpi backend at
 2 ranks (one per host) and 4 (2 x 2), the backend choice (mpi across hosts, shm within one), the shm
-refusal naming both hosts, a rank killed on the other host, and a decoy interface ahead of the one the
+refusal naming both hosts, a rank killed or stopped on the other host, and a decoy interface ahead of the one the
 other host can reach. Skips with the reason where there is no root, no OpenMPI or the kernel refuses the
 namespaces."""
 import importlib.util
@@ -160,6 +160,38 @@ def test_rank_killed_on_the_other_host_is_a_commerror_within_a_second(hosts, tmp
     assert seconds < LATE + 4 and "rank 1" in caught.group(2), res.describe()   # bounded (today LATE + ~1 s)
     if seconds > 3.0:   # the store probe: ~1.5 s measured on the loaded 2-core dev VM (one host, TCP)
         raise SlowDetection(f"CommError after {seconds:.2f} s (group timeout {LATE} s): {caught.group(2)}")
+
+
+STOPPED = """
+dist.init_process_group(timeout=%d)
+r, p = dist.get_rank(), dist.get_world_size()
+dist.barrier()
+pidfile = os.path.join(sys.argv[1], "stopped.pid")
+if r == p - 1:               # on node1: vanishes without closing anything
+    open(pidfile, "w").write(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGSTOP)
+t0 = time.monotonic()
+try:
+    while time.monotonic() - t0 < 120:
+        dist.all_reduce(np.ones(1000))
+    print("NO ERROR", r, flush=True)
+except tplinear.CommError as e:
+    print("CAUGHT %%d after %%.2f s: %%s" %% (r, time.monotonic() - t0, e), flush=True)
+os.kill(int(open(pidfile).read()), signal.SIGKILL)    # one pid namespace: the job can end
+""" % LATE
+
+
+def test_rank_stopped_on_the_other_host_is_a_commerror_within_two_seconds(hosts, tmp_path):
+    """A SIGSTOPped rank on the other host closes nothing: its silence (no heartbeat on its store connection
+    for TPLINEAR_PEER_SILENCE_MS, 1.5 s) is a CommError saying it stopped answering, instead of the group
+    timeout (issue 26)."""
+    res = hosts.mpirun(2, [script(tmp_path, STOPPED), tmp_path], mpi_args=["--enable-recovery"], timeout=60)
+    caught = re.search(r"CAUGHT 0 after (\S+) s: (.*)", res.output)
+    assert caught and "NO ERROR" not in res.output, res.describe()
+    seconds = float(caught.group(1))
+    print(f"rank 0 saw the SIGSTOP of rank 1 on the other host after {seconds:.2f} s: {caught.group(2)}")
+    assert seconds < 4.0 and "rank 1 of the group (global rank 1) stopped answering" in caught.group(2), \
+        res.describe()   # 1.5 s and a loaded machine's slack, below the group timeout (LATE + 1 s)
 
 
 # ---------------------------------------------------------------- a decoy interface first on rank 0's host

@@ -30,9 +30,10 @@
  * receives nothing otherwise) then a binomial tree.
  *
  * Liveness: a wait that lasts asks the world's rendezvous store every LIVENESS_S whether a member's
- * connection to it ended (tp_store_lost: one request while nobody has gone), so a dead peer on any host
- * fails the group in about a second instead of at the timeout; the interrupt hook (Python's signal
- * handlers) is asked every 50 ms.
+ * connection to it ended or fell silent (tp_store_lost: one request while nobody has gone; every rank's
+ * store client beats from a thread of its own, comm/store.c), so a dead peer on any host fails the group in
+ * about a second, and a vanished one (its process stopped or frozen, its link cut) once TPLINEAR_PEER_SILENCE_MS has
+ * passed, instead of at the timeout; the interrupt hook (Python's signal handlers) is asked every 50 ms.
  *
  * Failures: a timeout, a mismatch, a lost member, an interrupt, a peer's notice or tp_group_abort marks
  * the group failed (first message wins), cancels its pending receives, and sends the message to every
@@ -548,6 +549,7 @@ static tp_status wait_label(mpi_impl *im, int label, const char *what)
     double deadline = 0.0, next_probe = 0.0, probe_every = 1e-3, next_hook = 0.0, next_live = 0.0, gone_at = 0.0;
     unsigned spins = 0;
     int left, *idx = im->idx, peer, kept = 0, gone = -1;
+    char gone_why[192] = "";
     MPI_Request *reqs = im->reqs;
     MPI_Status *stats = im->stats;
     for (int i = 0; i < im->npend; i++) reqs[i] = im->pend[i].req;
@@ -591,18 +593,15 @@ static tp_status wait_label(mpi_impl *im, int label, const char *what)
             }
             if (im->store && now > next_live) { /* a wait that lasts: has a member left the store? */
                 next_live = now + LIVENESS_S;
-                if (gone < 0 && tp_store_lost(im->store, im->granks, im->p, &im->lost_seen, &gone) != TP_OK) {
-                    for (int j = 0; j < im->p && gone < 0; j++)
-                        if (im->granks[j] == 0) gone = j; /* the store's server is a member: it is gone */
-                    if (gone < 0) next_live = deadline + 1.0; /* it is not: no more probes, no verdict */
-                }
+                if (gone < 0 && tp_store_lost(im->store, im->granks, im->p, &im->lost_seen, &gone, gone_why,
+                                              sizeof gone_why) != TP_OK)
+                    next_live = deadline + 1.0; /* rank 0's store is gone and it is no member: no verdict */
                 if (gone >= 0 && gone_at == 0.0) {
                     gone_at = now; /* one more period for what it sent before leaving to arrive */
                 } else if (gone >= 0) {
                     atomic_store(&g_world_failed, 1); /* MPI_Finalize would wait for the gone rank */
-                    tp_error(TP_ERR_COMM, "%s: rank %d of the group (global rank %d) lost its connection to the "
-                             "rendezvous store (it died or exited) while this rank waited for it", what, gone,
-                             im->granks[gone]);
+                    tp_error(TP_ERR_COMM, "%s: rank %d of the group (global rank %d) %s while this rank waited for "
+                             "it", what, gone, im->granks[gone], gone_why);
                     st = fail(im, TP_ERR_COMM, 1);
                     goto out;
                 }

@@ -1,6 +1,7 @@
 /* Client sockets with deadlines (comm/net.h): every connect, send and receive of a store client ends by
  * its deadline, so a stopped server or a silent program on the port is an error, never a hang; every wait
- * asks the interrupt hook at least every 100 ms. And the host's own addresses, as TPLINEAR_SOCKET_IFNAME
+ * asks the interrupt hook at least every 100 ms, and time in which this process did not run (it was
+ * stopped, with its whole job) does not count against the peer. And the host's own addresses, as TPLINEAR_SOCKET_IFNAME
  * admits them. */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -18,12 +19,14 @@
 
 int tp_net_wait(int fd, short events, double deadline)
 {
-    double next_hook = 0.0;
+    double next_hook = 0.0, due = 0.0;
     for (;;) {
         struct pollfd p = {.fd = fd, .events = events};
-        double left = deadline - tp_now();
+        double now = tp_now(), left;
         int n;
-        if (left <= 0) return TP_IO_TIMEOUT;
+        if (due > 0.0 && now - due > 0.5) deadline += now - due; /* this process did not run (stopped): not theirs */
+        if ((left = deadline - now) <= 0) return TP_IO_TIMEOUT;
+        due = now + (left < 0.1 ? left : 0.1);
         n = poll(&p, 1, (int)((left < 0.1 ? left : 0.1) * 1000) + 1);
         if (n < 0 && errno != EINTR) return TP_IO_ERR;
         if (n > 0) return TP_IO_OK;

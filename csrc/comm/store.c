@@ -27,6 +27,13 @@
  * bytes. When a joined rank's connection ends, the server records "lost/<rank>", so the rendezvous names a
  * rank that died instead of waiting for it.
  *
+ * The heartbeat (TPLINEAR_PEER_SILENCE_MS): a vanished rank (SIGSTOP, a frozen process, a cut link) closes
+ * nothing, so every client also sends BEAT every STORE_BEAT_S from a thread of its own (it runs while the
+ * rank computes, in Python or BLAS, as while it waits), and the server drops a joined rank that has sent
+ * nothing for the silence bound, recording "lost/<rank>" = LOST_SILENT. The other way round, a request
+ * whose reply does not come within the bound means rank 0 stopped answering: the connection is marked
+ * broken (silent), and tp_store_lost names rank 0. Time this process did not run is not counted (net.c).
+ *
  * Under torchrun the same calls go to the agent's c10d store instead (comm/torch_store.c, a client only):
  * set, get and add are forwarded there, everything above them (waits, the join, barriers, the watchdog) is
  * this file's, and the generation goes into the key namespace. */
@@ -36,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "net.h"
@@ -57,6 +65,13 @@ struct tp_store {
     char broken[384];       /* why the connection is gone, once it is */
     int rank0_started;      /* the launcher started rank 0 and it announced its addresses (MPI, srun) */
     tp_torch_store *torch;  /* under torchrun: the agent's store, where set/get/add go instead */
+    double silence_s;       /* TPLINEAR_PEER_SILENCE_MS: rank 0 silent this long stopped answering (0: never) */
+    int silent;             /* the connection broke because rank 0 stopped answering (under lock) */
+    /* the heartbeat thread: beats until stop (under beat_lock) */
+    pthread_t beat;
+    int beating, beat_stop;
+    pthread_mutex_t beat_lock;
+    pthread_cond_t beat_cond;
 };
 
 /* ---------------------------------------------------------------- client */
@@ -180,10 +195,13 @@ static tp_status request(tp_store *s, int cmd, const char *key, const void *val,
     int n = snprintf(full, sizeof full, "%llu/%s", (unsigned long long)s->generation, key), rc;
     uint32_t rlen;
     char drain[256];
+    double wait_s;
     if (n < 0 || (size_t)n >= sizeof full || vlen > MAX_VAL)
         return tp_error(TP_ERR_VALUE, "store: key or value too long");
     pthread_mutex_lock(&s->lock);
-    deadline = tp_now() + s->timeout_s; /* from here: the lock may have been held by another request */
+    /* from here: the lock may have been held by another request; rank 0's server answers at once */
+    wait_s = s->silence_s > 0.0 && s->silence_s < s->timeout_s ? s->silence_s : s->timeout_s;
+    deadline = tp_now() + wait_s;
     if (s->fd < 0) {
         st = tp_error(TP_ERR_COMM, "store: no connection to rank 0 (%s)", s->broken);
         goto out;
@@ -214,6 +232,11 @@ static tp_status request(tp_store *s, int cmd, const char *key, const void *val,
     }
     if (rc == TP_IO_INTR) {
         st = broken(s, TP_ERR_INTERRUPTED); /* mid-request: the connection cannot be reused */
+    } else if (rc == TP_IO_TIMEOUT && wait_s < s->timeout_s) {
+        s->silent = 1;
+        st = broken(s, tp_error(TP_ERR_COMM, "store: rank 0 stopped answering: its store at %s:%d sent nothing for "
+                                "%g s (TPLINEAR_PEER_SILENCE_MS; its process stopped or frozen, or the link to it cut)",
+                                s->addr, s->port, wait_s));
     } else if (rc == TP_IO_TIMEOUT) {
         st = broken(s, tp_error(TP_ERR_TIMEOUT, "timed out after %g s waiting for the store of rank 0 at %s:%d to "
                                 "answer (rank 0 stopped or hung?)", s->timeout_s, s->addr, s->port));
@@ -248,6 +271,64 @@ static tp_status try_get(tp_store *s, const char *key, void *val, size_t cap, si
     st = request(s, CMD_GET, key, NULL, 0, &status, val, cap, len);
     *found = status == RS_OK;
     return st;
+}
+
+/* The heartbeat thread: a BEAT every STORE_BEAT_S until tp_store_close stops it, or until the connection is
+ * gone (a failed beat marks it broken: the next request, or tp_store_lost, says why). */
+static void *beat_main(void *arg)
+{
+    tp_store *s = arg;
+    struct timespec ts;
+    tp_status st;
+    int status;
+    pthread_mutex_lock(&s->beat_lock);
+    while (!s->beat_stop) {
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += (long)(STORE_BEAT_S * 1e9);
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&s->beat_cond, &s->beat_lock, &ts);
+        if (s->beat_stop) break;
+        pthread_mutex_unlock(&s->beat_lock);
+        st = request(s, CMD_BEAT, "", NULL, 0, &status, NULL, 0, NULL);
+        pthread_mutex_lock(&s->beat_lock);
+        if (st != TP_OK) break;
+    }
+    pthread_mutex_unlock(&s->beat_lock);
+    return NULL;
+}
+
+/* Starts the heartbeat thread (its condition variable on the monotonic clock). */
+static tp_status beat_start(tp_store *s)
+{
+    pthread_condattr_t attr;
+    int rc;
+    if (pthread_condattr_init(&attr) != 0) return tp_error(TP_ERR_SYSTEM, "store: pthread_condattr_init");
+    rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    if (rc == 0) rc = pthread_cond_init(&s->beat_cond, &attr);
+    pthread_condattr_destroy(&attr);
+    if (rc != 0) return tp_error(TP_ERR_SYSTEM, "store: cannot make the heartbeat's condition variable");
+    pthread_mutex_init(&s->beat_lock, NULL);
+    if (pthread_create(&s->beat, NULL, beat_main, s) != 0) {
+        pthread_cond_destroy(&s->beat_cond);
+        pthread_mutex_destroy(&s->beat_lock);
+        return tp_error(TP_ERR_SYSTEM, "store: cannot start the heartbeat thread");
+    }
+    s->beating = 1;
+    return TP_OK;
+}
+
+static void beat_end(tp_store *s)
+{
+    if (!s->beating) return;
+    pthread_mutex_lock(&s->beat_lock);
+    s->beat_stop = 1;
+    pthread_cond_signal(&s->beat_cond);
+    pthread_mutex_unlock(&s->beat_lock);
+    pthread_join(s->beat, NULL);
+    pthread_cond_destroy(&s->beat_cond);
+    pthread_mutex_destroy(&s->beat_lock);
+    s->beating = 0;
 }
 
 /* The watchdog of a store wait: logs once, after TPLINEAR_WATCHDOG_S, what this rank still waits for. */
@@ -320,22 +401,45 @@ out:
     return st;
 }
 
-tp_status tp_store_lost(tp_store *s, const int *ranks, int n, int64_t *seen, int *who)
+/* What happened to a rank whose record lost/<rank> holds how (LOST_CLOSED, LOST_SILENT), for messages. */
+static void gone_why(const tp_store *s, int64_t how, char *why, size_t cap)
+{
+    if (how == LOST_SILENT)
+        snprintf(why, cap, "stopped answering (nothing from it for %g s, TPLINEAR_PEER_SILENCE_MS: stopped or frozen, "
+                 "or its link is cut)", s->silence_s);
+    else
+        snprintf(why, cap, "lost its connection to the rendezvous store (it died or exited)");
+}
+
+tp_status tp_store_lost(tp_store *s, const int *ranks, int n, int64_t *seen, int *who, char *why, size_t cap)
 {
     tp_status st = TP_OK;
-    int64_t count = 0, v;
+    int64_t count = 0, v = 0;
     size_t len;
     int found = 0;
     char key[64];
     *who = -1;
     if (s->torch) goto out;
-    TP_CHECK(try_get(s, "lost", &count, sizeof count, &len, &found));
+    if ((st = try_get(s, "lost", &count, sizeof count, &len, &found)) == TP_ERR_COMM) {
+        for (int i = 0; i < n && *who < 0; i++) /* rank 0 itself is gone: a member? */
+            if (ranks[i] == 0) *who = i;
+        if (*who < 0) goto out;
+        pthread_mutex_lock(&s->lock);
+        gone_why(s, s->silent ? LOST_SILENT : LOST_CLOSED, why, cap);
+        pthread_mutex_unlock(&s->lock);
+        st = TP_OK;
+        goto out;
+    }
+    TP_CHECK(st);
     if (!found || count <= *seen) goto out;
     *seen = count;
     for (int i = 0; i < n && *who < 0; i++) {
         snprintf(key, sizeof key, "lost/%d", ranks[i]);
         TP_CHECK(try_get(s, key, &v, sizeof v, &len, &found));
-        if (found) *who = i;
+        if (found) {
+            *who = i;
+            gone_why(s, v, why, cap);
+        }
     }
 out:
     return st;
@@ -376,9 +480,10 @@ out:
 tp_status tp_store_wait_all(tp_store *s, const char *key, int n, const int *world, const char *what)
 {
     tp_status st = TP_OK;
-    char k[MAX_KEY], missing[512], refused[320] = "", msg[640];
+    char k[MAX_KEY], missing[512], refused[320] = "", msg[640], why[192];
     double start = tp_now(), deadline = start + s->timeout_s, pause = 0.0002, next_hook = 0.0;
     int next = 0, nmiss = 0, logged = 0, v, found;
+    int64_t how = 0;
     size_t len;
     while (next < n) {
         snprintf(k, sizeof k, "%s/%d", key, next);
@@ -389,10 +494,11 @@ tp_status tp_store_wait_all(tp_store *s, const char *key, int n, const int *worl
         }
         snprintf(k, sizeof k, "lost/%d", world ? world[next] : next);
         found = 0;
-        if (!s->torch) TP_CHECK(try_get(s, k, &v, sizeof v, &len, &found)); /* torch's store keeps no such record */
+        if (!s->torch) TP_CHECK(try_get(s, k, &how, sizeof how, &len, &found)); /* torch's store keeps none */
         if (found) {
-            st = tp_error(TP_ERR_COMM, "rank %d of %d (global rank %d) lost its connection to the store (it died or "
-                          "exited) while this rank waited for it %s", next, n, world ? world[next] : next, what);
+            gone_why(s, how, why, sizeof why);
+            st = tp_error(TP_ERR_COMM, "rank %d of %d (global rank %d) %s while this rank waited for it %s", next, n,
+                          world ? world[next] : next, why, what);
             goto out;
         }
         if (tp_now() > deadline) break;
@@ -466,7 +572,7 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
     tp_status st = TP_OK;
     tp_store *s = NULL;
     const char *source = "given";
-    long watchdog_s;
+    long watchdog_s, silence_ms;
     double deadline;
     *out = NULL;
     TP_REQUIRE((cfg->port > 0 || (cfg->port == 0 && cfg->rank == 0 && cfg->on_serving)) && cfg->port < 65536,
@@ -474,6 +580,7 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
     TP_REQUIRE(cfg->world_size >= 1 && cfg->rank >= 0 && cfg->rank < cfg->world_size,
                "store: rank %d of a world of %d", cfg->rank, cfg->world_size);
     TP_CHECK(tp_knob_int(TP_KNOB_WATCHDOG_S, &watchdog_s));
+    TP_CHECK(tp_knob_int(TP_KNOB_PEER_SILENCE_MS, &silence_ms));
     deadline = tp_now() + cfg->timeout_s;
     if ((s = calloc(1, sizeof *s)) == NULL) {
         st = tp_error(TP_ERR_NOMEM, "store: out of memory");
@@ -486,6 +593,8 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
     s->world_size = cfg->world_size;
     s->timeout_s = cfg->timeout_s;
     s->watchdog_s = (double)watchdog_s;
+    s->silence_s = silence_ms == 0 ? 0.0 : silence_ms < 1000 * STORE_SILENCE_MIN_S ? STORE_SILENCE_MIN_S
+                                                                                    : 1e-3 * (double)silence_ms;
     s->generation = cfg->generation;
     s->port = cfg->port;
     s->rank0_started = cfg->rank0_started;
@@ -501,10 +610,11 @@ tp_status tp_store_open_world(const tp_store_config *cfg, tp_store **out)
         TP_CHECK(tp_torch_store_open(s->addr, cfg->port, ns, s->token, cfg->timeout_s, &s->torch));
     } else {
         if (cfg->rank == 0) {
-            TP_CHECK(tp_store_server_start(cfg, s->token, &s->srv, &s->port));
+            TP_CHECK(tp_store_server_start(cfg, s->token, s->silence_s, &s->srv, &s->port));
             if (cfg->on_serving) TP_CHECK(cfg->on_serving(cfg->ctx, s->port));
         }
         TP_CHECK(connect_retry(s, deadline));
+        TP_CHECK(beat_start(s)); /* from here on: a rank that stops is told from one that computes */
     }
     /* the rendezvous: every rank arrives and waits for the others (a rank that died after connecting
      * fails it at once; the timeout names the missing ranks and, on rank 0, refused connections) */
@@ -541,6 +651,7 @@ tp_store *tp_store_retain(tp_store *s)
 void tp_store_close(tp_store *s)
 {
     if (s == NULL || atomic_fetch_sub(&s->refs, 1) != 1) return;
+    beat_end(s);
     if (s->fd >= 0) close(s->fd);
     tp_torch_store_close(s->torch);
     tp_store_server_free(s->srv); /* rank 0: lingers (bounded) until the other ranks have disconnected */

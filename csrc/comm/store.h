@@ -19,10 +19,12 @@ tp_status tp_store_open(const char *addr, int port, int rank, int world_size, do
                         tp_store **out);
 
 /* Liveness for a collective's long wait: *who = the first of the n world ranks `ranks` whose connection to
- * the store ended (it died or exited) once more ranks than *seen have gone (*seen: updated; start at 0),
- * else -1. One request while nobody has gone. A lost connection to rank 0 itself is TP_ERR_COMM. No
- * record under torchrun's store (*who = -1). */
-tp_status tp_store_lost(tp_store *s, const int *ranks, int n, int64_t *seen, int *who);
+ * the store ended (it died or exited) or fell silent (no heartbeat for TPLINEAR_PEER_SILENCE_MS: stopped,
+ * hung, its link cut) once more ranks than *seen have gone (*seen: updated; start at 0), else -1; why
+ * (cap bytes) then says which ("lost its connection ..." / "stopped answering ..."). One request while
+ * nobody has gone. When this rank's own connection to rank 0 is gone (rank 0 died or stopped answering):
+ * rank 0's index when it is one of ranks, else TP_ERR_COMM. No record under torchrun's store (*who = -1). */
+tp_status tp_store_lost(tp_store *s, const int *ranks, int n, int64_t *seen, int *who, char *why, size_t cap);
 
 /* Everything tp_store_open_world needs. */
 typedef struct {

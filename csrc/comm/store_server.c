@@ -1,5 +1,10 @@
 /* The rendezvous store's server: rank 0's thread, one poll loop over non-blocking sockets, bounded
- * connections, bytes and deadlines (the protocol and its bounds: comm/store.c). */
+ * connections, bytes and deadlines (the protocol and its bounds: comm/store.c). It also judges the
+ * heartbeat: every joined client sends something at least every STORE_BEAT_S, and one whose connection
+ * stays silent for silence_s (the rank's process is stopped or frozen, or its link is cut; a thread
+ * hung in C does not count: the heartbeat's thread still runs) is dropped and recorded as
+ * silent. Time in which the server thread itself did not run (the whole job stopped, a starved thread) is
+ * not held against the clients. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -30,6 +35,7 @@ typedef struct {
     int rank;
     double deadline; /* handshake: its end; ready: the current request's (0 when idle) */
     double since;    /* when it connected (the oldest pending connection is evicted first) */
+    double seen;     /* ready: when it last sent something (its heartbeat) */
     unsigned char hello[HELLO_BYTES];
     unsigned char snonce[NONCE];
     unsigned char *in;
@@ -46,6 +52,7 @@ struct tp_store_server {
     int started;
     double timeout_s;
     double linger_s;        /* how long the server waits for clients to leave after stop */
+    double silence_s;       /* a joined client silent this long is dropped (0: never) */
     int world_size;
     uint64_t generation;
     char token[TP_TOKEN_MAX + 1];
@@ -152,15 +159,16 @@ static void refuse(server *s, conn *c, const char *why)
            s->world_size, why);
 }
 
-static void drop(server *s, size_t i)
+/* Closes connection i; a joined rank's is recorded as lost/<rank> = how (LOST_CLOSED, LOST_SILENT). */
+static void drop(server *s, size_t i, int64_t how)
 {
     conn *c = &s->conns[i];
     if (c->state == C_READY) { /* a joined rank is gone: its waiters need not wait for it */
         char key[64];
-        int64_t one = 1, count = 0;
+        int64_t count = 0;
         kv *e;
         snprintf(key, sizeof key, "%llu/lost/%d", (unsigned long long)s->generation, c->rank);
-        put(s, key, &one, sizeof one);
+        put(s, key, &how, sizeof how);
         /* how many have gone: what a collective's liveness probe (tp_store_lost) reads in one request */
         snprintf(key, sizeof key, "%llu/lost", (unsigned long long)s->generation);
         if ((e = find(s, key)) != NULL && e->len == 8) memcpy(&count, e->val, 8);
@@ -222,6 +230,7 @@ static int on_auth(server *s, conn *c)
         s->joined[c->rank] = 1;
         c->state = C_READY;
         c->deadline = 0.0;
+        c->seen = tp_now();
     } else {
         c->state = C_CLOSE;
     }
@@ -237,6 +246,8 @@ static int on_request(server *s, conn *c)
     memcpy(key, c->in + REQ_HDR, klen);
     key[klen] = '\0';
     switch (c->in[0]) {
+    case CMD_BEAT: /* the heartbeat: its arrival is what counts */
+        return queue_reply(c, RS_OK, NULL, 0);
     case CMD_SET:
         return queue_reply(c, (uint8_t)put(s, key, val, vlen), NULL, 0);
     case CMD_GET: {
@@ -322,7 +333,8 @@ static void accept_new(server *s, double now)
             if (pending == 0 || s->conns[i].since < s->conns[oldest].since) oldest = i;
             pending++;
         }
-        if (pending >= MAX_PENDING) drop(s, oldest); /* a flood of silent connections cannot lock ranks out */
+        /* a flood of silent connections cannot lock ranks out */
+        if (pending >= MAX_PENDING) drop(s, oldest, LOST_CLOSED);
         if (s->nconns == s->conns_cap) {
             size_t cap = s->conns_cap ? 2 * s->conns_cap : 16;
             conn *p = realloc(s->conns, cap * sizeof *p);
@@ -353,18 +365,22 @@ static void *server_main(void *arg)
     int stopping = 0;
     double stop_at = 0.0, accept_paused_until = 0.0;
     for (;;) {
-        double now = tp_now(), wait_s = 1.0;
+        double now = tp_now(), wait_s = 1.0, woke;
         size_t nready = 0, nfds = 2;
         int n;
         for (size_t i = 0; i < s->nconns;) { /* per-connection deadlines */
-            if (s->conns[i].deadline > 0.0 && now > s->conns[i].deadline) {
-                drop(s, i);
+            conn *c = &s->conns[i];
+            if (c->deadline > 0.0 && now > c->deadline) {
+                drop(s, i, LOST_CLOSED);
                 continue;
             }
-            if (s->conns[i].deadline > 0.0 && s->conns[i].deadline - now < wait_s) wait_s = s->conns[i].deadline - now;
-            nready += s->conns[i].state == C_READY;
+            if (c->deadline > 0.0 && c->deadline - now < wait_s) wait_s = c->deadline - now;
+            if (c->state == C_READY && s->silence_s > 0.0 && c->seen + s->silence_s - now < wait_s)
+                wait_s = c->seen + s->silence_s - now;
+            nready += c->state == C_READY;
             i++;
         }
+        if (wait_s < 0.0) wait_s = 0.0;
         if (stopping && (nready == 0 || now - stop_at > s->linger_s)) break;
         if (stopping && wait_s > 0.05) wait_s = 0.05;
         if (s->nconns + 2 > fds_cap) {
@@ -381,12 +397,15 @@ static void *server_main(void *arg)
         fds[1] = (struct pollfd){.fd = stopping ? -1 : s->wake[0], .events = POLLIN};
         for (size_t i = 0; i < s->nconns; i++)
             fds[nfds++] = (struct pollfd){.fd = s->conns[i].fd, .events = s->conns[i].out_len ? POLLOUT : POLLIN};
+        woke = now + wait_s + 0.002;
         n = poll(fds, (nfds_t)nfds, (int)(wait_s * 1000) + 1);
         if (n < 0) {
             if (errno == EINTR) continue;
             break;
         }
         now = tp_now();
+        if (now - woke > 0.5) /* this thread did not run (the process was stopped, or starved): not their fault */
+            for (size_t i = 0; i < s->nconns; i++) s->conns[i].seen += now - woke;
         /* the connections first, in reverse (drop moves the last one into the hole) */
         for (size_t j = nfds; j-- > 2;) {
             size_t i = j - 2;
@@ -394,12 +413,20 @@ static void *server_main(void *arg)
             short re = fds[j].revents;
             int bad = 0;
             if (re == 0) continue;
+            if (c->state == C_READY && (re & POLLIN)) c->seen = now;
             if (re & POLLOUT) bad = flush_out(c) < 0;
             else if (re & POLLIN) bad = on_readable(s, c, stopping) < 0;
             else bad = 1; /* POLLERR / POLLHUP / POLLNVAL */
             if (!bad && c->state == C_CLOSE && c->out_len == 0) bad = 1;
             if (!bad && c->state == C_READY && c->in_len == 0 && c->out_len == 0) c->deadline = 0.0;
-            if (bad) drop(s, i);
+            if (bad) drop(s, i, LOST_CLOSED);
+        }
+        for (size_t i = s->nconns; s->silence_s > 0.0 && i-- > 0;) { /* after reading: what arrived counts */
+            conn *c = &s->conns[i];
+            if (c->state != C_READY || now - c->seen <= s->silence_s) continue;
+            tp_log(TP_LOG_WARN, "store: rank %d (%s) has sent nothing for %.1f s (no heartbeat: stopped or frozen, or "
+                   "its link is cut); its connection is dropped", c->rank, c->peer, now - c->seen);
+            drop(s, i, LOST_SILENT);
         }
         if (fds[1].revents & POLLIN) {
             char ch;
@@ -414,7 +441,7 @@ static void *server_main(void *arg)
             if (s->nconns == before) accept_paused_until = now + 0.1; /* out of descriptors: no busy loop */
         }
     }
-    for (size_t i = s->nconns; i-- > 0;) drop(s, i);
+    for (size_t i = s->nconns; i-- > 0;) drop(s, i, LOST_CLOSED);
     free(fds);
     return NULL;
 }
@@ -494,7 +521,8 @@ out:
     return st;
 }
 
-tp_status tp_store_server_start(const tp_store_config *cfg, const char *token, server **out, int *port)
+tp_status tp_store_server_start(const tp_store_config *cfg, const char *token, double silence_s, server **out,
+                                int *port)
 {
     tp_status st = TP_OK;
     server *s = calloc(1, sizeof *s);
@@ -505,6 +533,7 @@ tp_status tp_store_server_start(const tp_store_config *cfg, const char *token, s
     pthread_mutex_init(&s->lock, NULL);
     s->timeout_s = cfg->timeout_s;
     s->linger_s = cfg->timeout_s < 10.0 ? cfg->timeout_s : 10.0;
+    s->silence_s = silence_s;
     s->world_size = cfg->world_size;
     s->generation = cfg->generation;
     snprintf(s->token, sizeof s->token, "%s", token);

@@ -7,7 +7,9 @@
 
 #include "store.h"
 
-enum { CMD_SET = 1, CMD_GET = 2, CMD_ADD = 3 };
+enum { CMD_SET = 1, CMD_GET = 2, CMD_ADD = 3, CMD_BEAT = 4 };
+/* "lost/<rank>": why a joined rank's connection ended (its value) */
+enum { LOST_CLOSED = 1, LOST_SILENT = 2 };
 enum { RS_MISSING = 0, RS_OK = 1, RS_NOMEM = 2, RS_FULL = 3 };
 enum { H_OK = 0, H_RETRY = 1, H_SIZE = 2, H_RANK = 3, H_TOKEN = 4, H_DUP = 5 };
 #define MAX_KEY 256
@@ -17,7 +19,9 @@ enum { H_OK = 0, H_RETRY = 1, H_SIZE = 2, H_RANK = 3, H_TOKEN = 4, H_DUP = 5 };
 #define MAX_STORED ((size_t)64 << 20)
 #define STORE_HANDSHAKE_S 10.0
 #define STORE_MAGIC 0x5453504cu /* "LPST" */
-#define STORE_VERSION 2u
+#define STORE_VERSION 3u /* 3: CMD_BEAT, silent ranks dropped */
+#define STORE_BEAT_S 0.25 /* how often a client beats */
+#define STORE_SILENCE_MIN_S (4 * STORE_BEAT_S)
 #define NONCE 16
 #define HELLO_BYTES (4 + 4 + 4 + 4 + 8 + NONCE)
 #define CHALLENGE_BYTES (4 + 4 + 4 + 8 + 4 + NONCE + TP_SHA256_BYTES)
@@ -44,8 +48,10 @@ static inline void store_proof_hs(const char *token, const char *label, const un
 
 typedef struct tp_store_server tp_store_server;
 /* Rank 0's server at cfg's bind address (else its address) and port (0: one the kernel picks; *port gets
- * it), on a thread of its own, for a world of cfg->world_size ranks proving token. */
-tp_status tp_store_server_start(const tp_store_config *cfg, const char *token, tp_store_server **out, int *port);
+ * it), on a thread of its own, for a world of cfg->world_size ranks proving token. A joined rank whose
+ * connection carries nothing for silence_s (0: never) is dropped as silent (lost/<rank> = LOST_SILENT). */
+tp_status tp_store_server_start(const tp_store_config *cfg, const char *token, double silence_s,
+                                tp_store_server **out, int *port);
 /* Stops accepting, lingers (bounded) until the clients have left, frees. NULL is fine. */
 void tp_store_server_free(tp_store_server *s);
 /* The world failed to form: linger at most a second (NULL is fine). */

@@ -100,6 +100,13 @@ static const knob_def KNOBS[TP_KNOB_COUNT] = {
     [TP_KNOB_HALF_SIMD] = {"TPLINEAR_HALF_SIMD", KNOB_BOOL, "1", 1, 0, 1, NULL,
                            "host bfloat16/float16: 1 converts to and from float32 with AVX2 / F16C where the CPU "
                            "has them; 0 forces the plain C conversions every CPU runs (the same bits; for tests)"},
+    [TP_KNOB_PEER_SILENCE_MS] = {"TPLINEAR_PEER_SILENCE_MS", KNOB_INT, "1500", 1500, 0, 1L << 30, NULL,
+                                 "a rank whose rendezvous-store connection has carried nothing for this many "
+                                 "milliseconds (every rank's store client beats every 250 ms from a thread of its "
+                                 "own, busy or not) stopped answering: SIGSTOP, a frozen process, a cut link; the mpi "
+                                 "backend's waits then fail naming it (rank 0's value judges the other ranks, each "
+                                 "rank's own judges rank 0; below 1000 counts as 1000; 0: never, the group timeout "
+                                 "ends such a wait)"},
 };
 
 #define VALUE_CAP 128

@@ -28,6 +28,7 @@ typedef enum {
     TP_KNOB_SP_CHUNKS,
     TP_KNOB_SOCKET_IFNAME,
     TP_KNOB_HALF_SIMD,
+    TP_KNOB_PEER_SILENCE_MS,
     TP_KNOB_COUNT
 } tp_knob;
 /* An int, bool or choice knob's value (a choice: its index in the declared choices, -1 unset), the

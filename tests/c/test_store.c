@@ -1,8 +1,10 @@
 /* The world's closed club (only ranks that prove the token join) from inside the library: SHA-256 and HMAC-SHA-256 against FIPS 180-2 and
  * RFC 4231 vectors, the token's resolution and derivation, the store's handshake (a wrong token refused on
- * both sides, another generation sent away, a rank that joined and died named at once, the barrier's
+ * both sides, another generation sent away, a rank that joined and died named at once, a stopped one named
+ * at its silence bound, the barrier's
  * timeout naming the missing rank), and the shm segment's proof: a rank handed another world's segment
  * refuses to use it. Internal headers: these are the library's own pieces, not its public API. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -212,6 +214,45 @@ static int joined_then_died(int rank, int size, int port)
     return tp_test_failures;
 }
 
+/* A rank that stops (SIGSTOP after the rendezvous) closes nothing: the others learn of its silence (no
+ * heartbeat for TPLINEAR_PEER_SILENCE_MS, 1.5 s by default) in a store wait, not at its 20 s timeout: from
+ * rank 0's server when another rank stops ("stopped answering"), from their own unanswered request when rank 0
+ * does. The stopped rank is killed by the last one. */
+static int stopped(int rank, int size, int port, int victim)
+{
+    tp_store *s = NULL;
+    tp_status st;
+    int64_t pid = getpid();
+    size_t len = 0;
+    double t0, waited;
+    char key[16];
+    EXPECT_OK(open_store(rank, size, port, "world", 1, 20.0, &s));
+    if (s == NULL) return 1;
+    if (rank == victim) EXPECT_OK(tp_store_set(s, "pid", &pid, sizeof pid));
+    EXPECT_OK(tp_store_get(s, "pid", &pid, sizeof pid, &len));
+    if (rank != victim) EXPECT_OK(tp_store_add(s, "ready", 1, NULL));
+    EXPECT_OK(tp_store_wait_ge(s, "ready", size - 1));
+    if (rank == victim) {
+        raise(SIGSTOP);
+        return 1; /* killed while stopped */
+    }
+    t0 = tp_now();
+    st = tp_store_arrive(s, "next", rank); /* when rank 0 has stopped already, this request finds out */
+    if (st == TP_OK) st = tp_store_wait_all(s, "next", size, NULL, "at the next phase");
+    EXPECT(st == TP_ERR_COMM);
+    waited = tp_now() - t0;
+    snprintf(key, sizeof key, "rank %d", victim);
+    EXPECT(strstr(tp_last_error(), key) != NULL && strstr(tp_last_error(), "stopped answering") != NULL);
+    EXPECT(waited < 6.0); /* 1.5 s, and a loaded machine's slack: far from the 20 s timeout */
+    if (rank == (victim == size - 1 ? size - 2 : size - 1)) kill((pid_t)pid, SIGKILL);
+    tp_store_abandon(s);
+    tp_store_close(s);
+    return tp_test_failures;
+}
+
+static int stopped_rank0(int rank, int size, int port) { return stopped(rank, size, port, 0); }
+static int stopped_rank2(int rank, int size, int port) { return stopped(rank, size, port, 2); }
+
 /* Rank 0 sets up a segment of a world whose token is "A"; rank 1 is handed the segment's path through a
  * store of token "B" (the same generation) and must refuse it. */
 static int foreign_segment(int rank, int size, int port)
@@ -299,6 +340,8 @@ int main(void)
     EXPECT(run_world(2, wrong_token, -1) == 0);
     EXPECT(run_world(2, other_generation, -1) == 0);
     EXPECT(run_world(3, joined_then_died, -1) == 0);
+    EXPECT(run_world(3, stopped_rank2, 2) == 0);
+    EXPECT(run_world(2, stopped_rank0, 0) == 0);
     EXPECT(run_world(2, foreign_segment, -1) == 0);
     TEST_MAIN_END();
 }
