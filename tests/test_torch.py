@@ -47,6 +47,7 @@ def test_layers_autograd_zero_copy_parameters(nproc):
         import torch_checks as c
         c.init()
         c.run_layer_checks(48, 70)
+        c.run_half_layer_checks(48, 70)
         c.check_zero_copy()
         c.check_grad_assign()
         c.check_params_and_optimizer()

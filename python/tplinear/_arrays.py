@@ -7,7 +7,10 @@ from . import _C
 from . import _device
 
 DTYPES = _C.dtypes()  # name -> {code, itemsize, floating, host_math, device_math, dtype, ...}, from the C table
-HOST_DTYPES = tuple(name for name, d in DTYPES.items() if d["host_math"])  # float32, float64
+# the NumPy layers' host dtypes: float32, float64. The C core computes in bfloat16 / float16 on the host too
+# (host_math), for torch's CPU tensors (tplinear.torch); NumPy arrays of them do not go in yet (ml_dtypes'
+# bfloat16 exports no buffer), so the NumPy layers take them on the GPU only.
+HOST_DTYPES = tuple(name for name, d in DTYPES.items() if d["host_math"] and d["itemsize"] >= 4)
 DEVICE_DTYPES = tuple(name for name, d in DTYPES.items() if d["device_math"])  # + float16, bfloat16
 
 
@@ -24,9 +27,10 @@ def dtype_name(obj):
 
 
 def host_dtype(name):
-    """The dtype of an array's host copy: half types (GPU only) become float32, the others stay."""
+    """The dtype of an array's host copy: half types (the NumPy layers take them on the GPU only) become float32,
+    the others stay."""
     d = DTYPES.get(name)
-    return "float32" if d is not None and d["floating"] and not d["host_math"] else name
+    return "float32" if d is not None and d["floating"] and name not in HOST_DTYPES else name
 
 
 def host_array(obj, what):
@@ -67,7 +71,7 @@ class Placement:
             device = _device.where(array)
         if dtype is None:  # the array's own dtype where it can be used here, else float32 (its host copy's)
             name = dtype_name(array)
-            usable = name is not None and DTYPES[name]["host_math" if device is None else "device_math"]
+            usable = name in (HOST_DTYPES if device is None else DEVICE_DTYPES)
             return cls(device, name if usable else "float32")
         try:
             name = _C.as_dtype(dtype).name
@@ -76,7 +80,8 @@ class Placement:
         allowed = HOST_DTYPES if device is None else DEVICE_DTYPES
         if name not in allowed:
             if device is None and name in DEVICE_DTYPES:
-                raise TypeError(f"dtype {name} runs on the GPU only: pass device='cuda'")
+                raise TypeError(f"dtype {name} runs on the GPU only in the NumPy layers: pass device='cuda' (on the "
+                                "CPU, tplinear.torch's modules take it)")
             names = [repr(n) for n in allowed]
             names = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
             raise TypeError(f"dtype must be {names}{'' if device is None else ' on the GPU'}, got {dtype!r}")
