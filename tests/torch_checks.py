@@ -519,6 +519,47 @@ def check_hf(kind, dtype, training, batch=2, seq=7):
     return model
 
 
+def check_hf_half(kind, dtype, batch=2, seq=7, lr=0.05):
+    """A bfloat16 / float16 model parallelized on the CPU against the unsharded float64 model: logits, loss,
+    every parameter's gradient (gathered), and the loss after one SGD step. Tolerance: the sharded model may
+    be at most twice as far (norm-wise) from the float64 model as torch's own unsharded model in the same
+    dtype is, plus 2u of the reference's norm -- the parallel layers round a row layer's partial sums once more
+    (close_half), so its errors are of the dtype's size, not more; a wrong shard or a lost reduction errs by
+    O(1)."""
+    tp.set_training_mode(True)
+    model = hf_model(kind, dtype)
+    same = copy.deepcopy(model)  # torch's unsharded model in dtype
+    ref = copy.deepcopy(model).double()
+    tpt.parallelize(model)
+    assert tpt.tp_modules(model), "nothing was parallelized"
+    assert all(prm.dtype == dtype for prm in model.parameters())
+    seed("hf-input", kind)
+    ids = torch.randint(0, 97, (batch, seq))
+    what = f"{kind} {dtype} p={dist.get_world_size()}"
+    outs = [m(ids, labels=ids) for m in (model, same, ref)]
+    assert outs[0].logits.dtype == dtype
+
+    def within(got, torch_same, exact, name):
+        tol = 2 * rel(torch_same, exact) + 2 * U[dtype]
+        close(got, exact, dtype, f"{what} {name}", tol)
+
+    within(outs[0].logits, outs[1].logits, outs[2].logits, "logits")
+    within(outs[0].loss.reshape(1), outs[1].loss.reshape(1), outs[2].loss.reshape(1), "loss")
+    for out in outs:
+        out.loss.backward()
+    sames, refs = dict(same.named_parameters()), dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        assert param.grad.dtype == dtype, f"{what} grad of {name}: {param.grad.dtype}"
+        within(full_grad(param), sames[name].grad, ref_grad(refs[name], param), f"grad of {name}")
+    for m in (model, same, ref):
+        torch.optim.SGD(m.parameters(), lr=lr).step()
+    with torch.no_grad():
+        losses = [m(ids, labels=ids).loss.reshape(1) for m in (model, same, ref)]
+    within(*losses, "loss after an SGD step")
+    same_bits_everywhere(losses[0].to(dtype))
+    print(f"rank {dist.get_rank()}: {what} checks passed (loss {losses[0].item():.4f})", flush=True)
+
+
 def check_no_full_weights(kind):
     """After parallelize, every sharded parameter's storage holds only its shard, and the rank holds
     the model's replicated bytes plus its shards only."""
