@@ -62,7 +62,7 @@ def test_dtype_table_agrees_with_numpy():
         assert d["dlpack"] == ({"f": 2, "i": 0}[np_dtype.kind], 8 * np_dtype.itemsize)
         assert d["dtype"] is np.dtype(name) or d["dtype"] == np.dtype(name)
     host = [n for n, d in table.items() if d["host_math"]]
-    assert host == ["float32", "float64"]
+    assert host == ["float32", "float64", "float16", "bfloat16"]  # the half types since issue 27 item 3
     assert [n for n, d in table.items() if d["device_math"]] == ["float32", "float64", "float16", "bfloat16"]
 
 

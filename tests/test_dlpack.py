@@ -69,8 +69,6 @@ def test_no_gpu_errors_are_clear():
         _device.DeviceArray((2, 2))
     with pytest.raises(RuntimeError, match="no CUDA GPU is visible"):
         tp.Linear(4, 3, device="cuda")
-    with pytest.raises(TypeError, match="GPU only"):
-        tp.Linear(4, 3, dtype="bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------- DLPack in
@@ -128,7 +126,7 @@ def test_layer_takes_dlpack_inputs(rng):
     assert rel_err(dx, dy.astype(np.float64) @ lin.weight.data.astype(np.float64)) < 1e-5
 
 
-def test_half_precision_on_the_cpu_is_a_type_error():
+def test_an_input_in_another_dtype_than_the_weight_is_a_type_error():
     lin = tp.Linear(4, 3)
     with pytest.raises(TypeError, match="float16"):
         lin(DLPackOnly(np.ones((2, 4), np.float16)))

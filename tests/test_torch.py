@@ -47,6 +47,7 @@ def test_layers_autograd_zero_copy_parameters(nproc):
         import torch_checks as c
         c.init()
         c.run_layer_checks(48, 70)
+        c.run_half_layer_checks(48, 70)
         c.check_zero_copy()
         c.check_grad_assign()
         c.check_params_and_optimizer()
@@ -57,7 +58,7 @@ def test_layers_autograd_zero_copy_parameters(nproc):
 @pytest.mark.parametrize("nproc", [1, 2, 3])  # 4 ranks: the loss-curve test; CI time (2 cores)
 def test_hf_models_match_the_unsharded_model(nproc):
     """Logits, loss and every parameter's gradient (gathered) against the unsharded model in float64, in
-    float32 (1e-5) and float64; training and inference mode. At 3 ranks none of the head counts divides
+    float32 (1e-5) and float64; training and inference mode; a bfloat16 / float16 Llama (check_hf_half). At 3 ranks none of the head counts divides
     (12 query / 4 KV heads; 6 / 2: a rank with no heads; 6 / 3; GPT-2's 6)."""
     assert_world_ok(nproc, """
         import torch
@@ -68,6 +69,8 @@ def test_hf_models_match_the_unsharded_model(nproc):
                 for dtype in (torch.float32, torch.float64):
                     c.check_hf(kind, dtype, training)
             c.check_no_full_weights(kind)
+        for dtype in (torch.bfloat16, torch.float16):  # on the CPU (issue 27 item 3)
+            c.check_hf_half("llama", dtype)
     """, env=ENV, timeout=500)
 
 

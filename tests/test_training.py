@@ -63,7 +63,7 @@ def test_deepcopy_of_a_parallelized_model(nproc):
     """, env=ENV, timeout=300)
 
 
-def test_autocast_refuses_a_dtype_the_cpu_layers_lack():
+def test_autocast_on_the_cpu_computes_as_nn_linear():
     assert_world_ok(2, """
         import training_checks as c
         c.init()

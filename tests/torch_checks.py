@@ -174,6 +174,92 @@ def run_layer_checks(in_f, out_f):
     print(f"rank {dist.get_rank()} of {p}: torch layer checks passed", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------- half precision
+
+U = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit roundoff of the half dtype
+ETA = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25}  # half its smallest subnormal
+
+
+def close_half(got, ref, terms, k, roundings, dtype, what):
+    """Per element, against ref (the unsharded float32 nn.Linear from the same half values, rounded once to
+    dtype): both sums accumulate k terms in float32 (each within (k + 1) 2^-24 sum|terms| of the exact sum),
+    and each rounding to dtype -- ours and ref's -- moves a value by at most u times its size (<= sum|terms|):
+    |got - ref| <= roundings u sum|terms| + 2 (k + 1) 2^-24 sum|terms| (+ 1 % slack, + subnormal halves)."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype} != {dtype}"
+    assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = (got.double() - ref.double()).abs()
+    lim = 1.01 * (roundings * U[dtype] + 2 * (k + 1) * 2.0 ** -24) * terms + roundings * ETA[dtype]
+    assert bool((err <= lim).all()), f"{what}: worst excess {(err - lim).max().item():.3g} (err {err.max().item():.3g})"
+
+
+def same_bits_everywhere(t):
+    t = t.detach().reshape(-1).contiguous()
+    every = torch.zeros(dist.get_world_size() * t.numel(), dtype=t.dtype)
+    dist.all_gather_into_tensor(every, t)
+    assert torch.equal(every.view(torch.int16), t.view(torch.int16).repeat(dist.get_world_size())), "ranks differ"
+
+
+def check_half_layer(kind, dtype, training, in_f, out_f, lead=(5,), bias=True, **opts):
+    """A bfloat16 / float16 row or column layer: output, dX, dW, db in the parameter dtype, each element within
+    close_half's bound of the unsharded float32 nn.Linear rounded once. Roundings counted: a local GEMM 1 (+ the
+    reference's 1); an all-reduce of rounded partial sums 2 more (the partials, their float32 sum); the row
+    layer's bias added after the reduction 1 more. The row layer's output is the same bits on every rank."""
+    tp.set_training_mode(training)
+    seed("half", kind, str(dtype), training, in_f, out_f, lead, bias, tuple(sorted(opts.items())))
+    src = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    ref = copy.deepcopy(src).float()
+    row = kind == "row"
+    layer = (tpt.LinearAllreduce if row else tpt.LinearLayer)(src, **opts)
+    assert layer.weight.dtype == dtype and (layer.bias is None or layer.bias.dtype == dtype)
+    idx = pieces_index(layer)
+    gathered_out = opts.get("gather_output", False)
+    parallel_in = row and opts.get("input_is_parallel", True)
+    x = torch.randn(*lead, in_f).to(dtype)
+    dy_full = torch.randn(*lead, out_f).to(dtype)  # the same on every rank (same seed)
+    xin = (x[..., idx] if parallel_in else x).clone().requires_grad_()
+    y = layer(xin)
+    x32 = x.float().requires_grad_()
+    y32 = ref(x32)
+    y32.backward(dy_full.float())
+    out_idx = slice(None) if (row or gathered_out) else idx
+    y.backward(dy_full[..., out_idx].contiguous())
+    w64, x64, dy64 = ref.weight.detach().double(), x.double(), dy_full.double()
+    ty = x64.abs() @ w64.abs().t() + (ref.bias.detach().double().abs() if bias else 0)
+    p = layer.tp_world_size
+    reduced = 2 if p > 1 else 0
+    close_half(y, y32.to(dtype)[..., out_idx], ty[..., out_idx], in_f, 2 + (reduced + 1 if row else 0), dtype,
+               f"{kind} forward")
+    if row:
+        same_bits_everywhere(y)
+    tdx = dy64.abs() @ w64.abs()
+    dx_ref, tdx = (x32.grad[..., idx], tdx[..., idx]) if parallel_in else (x32.grad, tdx)
+    close_half(xin.grad, dx_ref.to(dtype), tdx, out_f, 2 + (0 if row else reduced), dtype, f"{kind} dX")
+    m = x.reshape(-1, in_f).shape[0]
+    tdw = dy64.reshape(-1, out_f).abs().t() @ x64.reshape(-1, in_f).abs()
+    assert layer.weight.grad.dtype == dtype
+    close_half(full_grad(layer.weight), ref.weight.grad.to(dtype), tdw, m, 2, dtype, f"{kind} dW")
+    if bias:
+        assert layer.bias.grad.dtype == dtype
+        close_half(full_grad(layer.bias), ref.bias.grad.to(dtype), dy64.reshape(-1, out_f).abs().sum(0), m, 2, dtype,
+                   f"{kind} db")
+    return layer
+
+
+def run_half_layer_checks(in_f, out_f):
+    """bfloat16 and float16 CPU modules (issue 27 item 3), a slice of run_layer_checks' shapes and options."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for training in (True, False):
+            for lead in ((), (2, 3)):
+                check_half_layer("row", dtype, training, in_f, out_f, lead)
+                check_half_layer("col", dtype, training, in_f, out_f, lead, bias=False)
+        check_half_layer("row", dtype, True, in_f, out_f, input_is_parallel=False, bias=False)
+        check_half_layer("col", dtype, True, in_f, out_f, gather_output=True)
+        check_half_layer("col", dtype, True, in_f, out_f, lead=(0,))
+        # K = 4096 + 7: float32 accumulation over a long dot product, decode-shaped (one row)
+        check_half_layer("row", dtype, True, 4096 + 7, 9, lead=(1,))
+    print(f"rank {dist.get_rank()}: half-precision layer checks passed", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- zero-copy
 
 
@@ -349,7 +435,8 @@ def check_bad_input():
     col = tpt.LinearLayer(nn.Linear(8, 4 * p))
     _raises(ValueError, lambda: col(torch.zeros(2, 9)), "must be 8")
     _raises(TypeError, lambda: col(torch.zeros(2, 8, dtype=torch.float64)), "float64")
-    _raises(TypeError, lambda: tpt.LinearLayer(nn.Linear(8, 8).half()), "float16")
+    _raises(TypeError, lambda: col(torch.zeros(2, 8, dtype=torch.bfloat16)), "bfloat16")  # not the weight's dtype
+    _raises(TypeError, lambda: tpt.LinearLayer(nn.Linear(8, 8).to(torch.complex64)), "complex64", "bfloat16")
     _raises(TypeError, lambda: tpt.LinearLayer(object()), ".weight")
     _raises(TypeError, lambda: tpt.LinearLayer(nn.Linear(8, 8), mp_group="world"), "ProcessGroup")
     if p > 1:
@@ -430,6 +517,47 @@ def check_hf(kind, dtype, training, batch=2, seq=7):
     for name, param in model.named_parameters():
         close(full_grad(param), ref_grad(refs[name], param), dtype, f"{what} grad of {name}", tol)
     return model
+
+
+def check_hf_half(kind, dtype, batch=2, seq=7, lr=0.05):
+    """A bfloat16 / float16 model parallelized on the CPU against the unsharded float64 model: logits, loss,
+    every parameter's gradient (gathered), and the loss after one SGD step. Tolerance: the sharded model may
+    be at most twice as far (norm-wise) from the float64 model as torch's own unsharded model in the same
+    dtype is, plus 2u of the reference's norm -- the parallel layers round a row layer's partial sums once more
+    (close_half), so its errors are of the dtype's size, not more; a wrong shard or a lost reduction errs by
+    O(1)."""
+    tp.set_training_mode(True)
+    model = hf_model(kind, dtype)
+    same = copy.deepcopy(model)  # torch's unsharded model in dtype
+    ref = copy.deepcopy(model).double()
+    tpt.parallelize(model)
+    assert tpt.tp_modules(model), "nothing was parallelized"
+    assert all(prm.dtype == dtype for prm in model.parameters())
+    seed("hf-input", kind)
+    ids = torch.randint(0, 97, (batch, seq))
+    what = f"{kind} {dtype} p={dist.get_world_size()}"
+    outs = [m(ids, labels=ids) for m in (model, same, ref)]
+    assert outs[0].logits.dtype == dtype
+
+    def within(got, torch_same, exact, name):
+        tol = 2 * rel(torch_same, exact) + 2 * U[dtype]
+        close(got, exact, dtype, f"{what} {name}", tol)
+
+    within(outs[0].logits, outs[1].logits, outs[2].logits, "logits")
+    within(outs[0].loss.reshape(1), outs[1].loss.reshape(1), outs[2].loss.reshape(1), "loss")
+    for out in outs:
+        out.loss.backward()
+    sames, refs = dict(same.named_parameters()), dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        assert param.grad.dtype == dtype, f"{what} grad of {name}: {param.grad.dtype}"
+        within(full_grad(param), sames[name].grad, ref_grad(refs[name], param), f"grad of {name}")
+    for m in (model, same, ref):
+        torch.optim.SGD(m.parameters(), lr=lr).step()
+    with torch.no_grad():
+        losses = [m(ids, labels=ids).loss.reshape(1) for m in (model, same, ref)]
+    within(*losses, "loss after an SGD step")
+    same_bits_everywhere(losses[0].to(dtype))
+    print(f"rank {dist.get_rank()}: {what} checks passed (loss {losses[0].item():.4f})", flush=True)
 
 
 def check_no_full_weights(kind):

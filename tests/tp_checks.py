@@ -7,6 +7,7 @@ draw the same random inputs (seeded from TPLINEAR_TEST_SEED), fresh on every tes
 import os
 import zlib
 
+import ml_dtypes
 import numpy as np
 
 import tplinear as tp
@@ -103,6 +104,66 @@ def check_col(dtype, lead, bias, training, in_f, out_f, gather_output=False, gro
         results.append((dx, layer.weight.grad))
     # overlapping the dX all-reduce with the dW GEMM changes nothing
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
+# half precision: bfloat16 (ml_dtypes) and float16
+U = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}  # unit roundoff
+ETA = {"bfloat16": 2.0 ** -134, "float16": 2.0 ** -25}  # half the smallest subnormal
+NP_HALF = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+def close_half(got, ref, terms, k, roundings, dtype, what):
+    """Per element, against ref (the unsharded layer computed in float32 from the same half values, rounded
+    once to dtype): both accumulate k terms in float32 (each within (k + 1) 2^-24 sum|terms| of the exact sum),
+    and each rounding to dtype -- ours and ref's -- moves a value by at most u times its size (<= sum|terms|):
+    |got - ref| <= (roundings u + 2 (k + 1) 2^-24) sum|terms| (+ 1 % slack, + subnormal halves). Roundings:
+    a local GEMM 1, the reference's 1; an all-reduce of rounded partial sums 2 more (the partials, their float32
+    sum: the reduction accumulates in float32); the row layer's bias, added after the reduction, 1 more."""
+    got, ref, terms = (np.asarray(a).astype(np.float64) for a in (got, ref, terms))
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    err = np.abs(got - ref)
+    lim = 1.01 * (roundings * U[dtype] + 2 * (k + 1) * 2.0 ** -24) * terms + roundings * ETA[dtype]
+    assert (err <= lim).all(), f"{what}: worst excess {np.max(err - lim):.3g} (err {err.max():.3g})"
+
+
+def check_half(dtype, training, in_f, out_f, lead=(2, 3)):
+    """NumPy row and column layers in dtype (NumPy arrays of it): outputs and gradients in dtype, each element
+    within close_half's bound of the float32 computation rounded once."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(training)
+    half = NP_HALF[dtype]
+    rng = rng_for("half", dtype, training, in_f, out_f, lead)
+    reduced = 2 if p > 1 else 0
+    for kind in ("row", "col"):
+        lin = tp.Linear(in_f, out_f, dtype=dtype, seed=int(rng.integers(1 << 30)))
+        assert lin.weight.data.dtype == half
+        w32, b32 = lin.weight.data.astype(np.float32), lin.bias.data.astype(np.float32)
+        w64, b64 = w32.astype(np.float64), b32.astype(np.float64)
+        x, dy = (rng.standard_normal(lead + (n,)).astype(half) for n in (in_f, out_f))
+        x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+        x64, dy64 = x32.astype(np.float64), dy32.astype(np.float64)
+        row = kind == "row"
+        layer = tp.LinearAllreduce(lin) if row else tp.LinearLayer(lin)
+        off, size = ranges(in_f if row else out_f, p, training)[r]
+        cut = slice(off, off + size)
+        y = layer(x[..., cut] if row else x)
+        dx = layer.backward(dy if row else dy[..., cut])
+        for name, got in (("y", y), ("dx", dx), ("dW", layer.weight.grad), ("db", layer.bias.grad)):
+            assert got.dtype == half, f"{kind} {name}: {got.dtype}"
+        out = slice(None) if row else cut
+        close_half(y, (x32 @ w32.T + b32).astype(half)[..., out], (np.abs(x64) @ np.abs(w64).T + np.abs(b64))[..., out],
+                   in_f, 2 + (reduced + 1 if row else 0), dtype, f"{kind} forward {dtype} p={p}")
+        inp = cut if row else slice(None)
+        close_half(dx, (dy32 @ w32).astype(half)[..., inp], (np.abs(dy64) @ np.abs(w64))[..., inp], out_f,
+                   2 + (0 if row else reduced), dtype, f"{kind} dX")
+        m = int(np.prod(lead))
+        dw = (dy32.reshape(m, -1).T @ x32.reshape(m, -1)).astype(half)
+        tdw = np.abs(dy64.reshape(m, -1)).T @ np.abs(x64.reshape(m, -1))
+        wcut = (slice(None), cut) if row else (cut, slice(None))
+        close_half(layer.weight.grad, dw[wcut], tdw[wcut], m, 2, dtype, f"{kind} dW")
+        bcut = slice(None) if row else cut
+        close_half(layer.bias.grad, dy32.reshape(m, -1).sum(0).astype(half)[bcut],
+                   np.abs(dy64.reshape(m, -1)).sum(0)[bcut], m, 2, dtype, f"{kind} db")
 
 
 def check_mlp(dtype, training, in_f, hidden, lead=(6,)):
@@ -305,6 +366,8 @@ def run_layer_checks(training_dims, inference_dims):
             check_col(dtype, (0,), True, training, in_f, out_f)  # an empty batch
             check_mlp(dtype, training, in_f, out_f)
         check_from_init(training, in_f, out_f)
+        for dtype in ("bfloat16", "float16"):
+            check_half(dtype, training, in_f, out_f)
     p = dist.get_world_size()
     check_packed("float32", True, [12 * p, 4 * p, 4 * p])                      # fused QKV, training
     check_packed("float32", False, [8 * 4, 2 * 4, 2 * 4], heads=[8, 2, 2])      # GQA: 8 q heads, 2 kv heads

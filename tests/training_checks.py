@@ -11,7 +11,7 @@ import torch
 import tplinear as tp
 import tplinear.distributed as dist
 import tplinear.torch as tpt
-from torch_checks import TOL_AFTER_ADAM, close, full_grad, hf_model, init, seed  # noqa: F401
+from torch_checks import TOL_AFTER_ADAM, close, full_grad, hf_model, init, rel, seed  # noqa: F401
 
 
 def _batch(step=0, batch=2, seq=9):
@@ -230,20 +230,50 @@ def check_deepcopy(kind="qwen3"):
 
 
 def check_autocast_cpu():
-    """On the CPU, tplinear's layers take float32 / float64: torch.autocast('cpu', bfloat16) is a TypeError
-    naming the layer, the dtype and the way out; outside autocast nothing changes."""
-    model, ref = _pair()
+    """torch.autocast('cpu', bfloat16 / float16) on a float32 model: the layers compute as nn.Linear does under
+    it (input, weight and bias cast, the output in the autocast dtype, the gradients in the parameters' own
+    dtype), so the parallel model is as close to the exact one (float64, no autocast) as the unsharded model
+    under the same autocast: within twice its norm-wise error + 2u (the row layers' reduction rounds partial
+    sums once more, tests/torch_checks.py's close_half). A float64 model is not cast (torch's autocast leaves
+    float64 alone). A sequence-parallel model is still refused (its layers do not follow autocast), naming the
+    way out."""
+    tp.set_training_mode(True)
+    model = hf_model("qwen2", torch.float32)
+    ref, exact = copy.deepcopy(model), copy.deepcopy(model).double()
+    tpt.parallelize(model)
     ids = _batch()
+    for dt, u in ((torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)):
+        with torch.autocast("cpu", dtype=dt):
+            outs = [m(ids, labels=ids) for m in (model, ref)]
+        want = exact(ids, labels=ids)
+        assert outs[0].logits.dtype == outs[1].logits.dtype, (outs[0].logits.dtype, outs[1].logits.dtype)
+        close(outs[0].logits, want.logits, dt, f"autocast {dt} logits", 2 * rel(outs[1].logits, want.logits) + 2 * u)
+        for m in (model, ref, exact):
+            m.zero_grad(set_to_none=True)
+        for out in outs + [want]:
+            out.loss.backward()
+        refs, exacts = dict(ref.named_parameters()), dict(exact.named_parameters())
+        for name, param in model.named_parameters():
+            assert param.grad.dtype == torch.float32, (name, param.grad.dtype)
+            tol = 2 * rel(refs[name].grad, exacts[name].grad) + 2 * u
+            close(full_grad(param), exacts[name].grad, dt, f"autocast {dt} grad of {name}", tol)
+    with torch.no_grad():
+        close(model(ids).logits, exact(ids).logits, torch.float32, "outside autocast")
+    model, ref = _pair()  # float64: autocast casts nothing
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids).logits
+        assert got.dtype == torch.float64
+        close(got, ref(ids).logits, torch.float64, "float64 under autocast")
+    sp = hf_model("qwen2", torch.float32)
+    tpt.parallelize(sp, sequence_parallel=True)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(ids)
+            sp(ids)
     except TypeError as exc:
         msg = str(exc)
-        assert "model.layers.0.self_attn.q_proj" in msg and "bfloat16" in msg and "enabled=False" in msg, msg
+        assert "sequence-parallel" in msg and "bfloat16" in msg and "enabled=False" in msg, msg
     else:
-        raise AssertionError("autocast bfloat16 on the CPU did not refuse")
-    with torch.no_grad():
-        close(model(ids).logits, ref(ids).logits, torch.float64, "after the refusal")
+        raise AssertionError("autocast bfloat16 on a sequence-parallel model did not refuse")
 
 
 # ---------------------------------------------------------------------------------------------- paths

@@ -9,8 +9,10 @@ static const tp_dtype_info TABLE[TP_DTYPE_COUNT] = {
      TP_DTYPE_FLOATING | TP_DTYPE_HOST_MATH | TP_DTYPE_DEVICE_MATH},
     {TP_FLOAT64, "float64", "double", 8, "d", TP_DL_FLOAT, 64, "<f8",
      TP_DTYPE_FLOATING | TP_DTYPE_HOST_MATH | TP_DTYPE_DEVICE_MATH},
-    {TP_FLOAT16, "float16", "half", 2, "e", TP_DL_FLOAT, 16, "<f2", TP_DTYPE_FLOATING | TP_DTYPE_DEVICE_MATH},
-    {TP_BFLOAT16, "bfloat16", "bf16", 2, "", TP_DL_BFLOAT, 16, NULL, TP_DTYPE_FLOATING | TP_DTYPE_DEVICE_MATH},
+    {TP_FLOAT16, "float16", "half", 2, "e", TP_DL_FLOAT, 16, "<f2",
+     TP_DTYPE_FLOATING | TP_DTYPE_HOST_MATH | TP_DTYPE_DEVICE_MATH},
+    {TP_BFLOAT16, "bfloat16", "bf16", 2, "", TP_DL_BFLOAT, 16, NULL,
+     TP_DTYPE_FLOATING | TP_DTYPE_HOST_MATH | TP_DTYPE_DEVICE_MATH},
     /* 'l' is a C long: 8 bytes on LP64, 4 on LLP64; the itemsize decides */
     {TP_INT32, "int32", NULL, 4, "ilq", TP_DL_INT, 32, "<i4", 0},
     {TP_INT64, "int64", NULL, 8, "ilq", TP_DL_INT, 64, "<i8", 0},

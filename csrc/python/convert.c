@@ -13,10 +13,63 @@ void tpy_view_release(tpy_view *view)
     }
 }
 
+/* obj's bytes as a uint16 array (obj.view("uint16"), the same memory) when obj is an array of ml_dtypes'
+ * bfloat16 (dtype.name "bfloat16", 2-byte items: NumPy exports no buffer for its dtype), else None; NULL on
+ * error. */
+static PyObject *bfloat16_bits(PyObject *obj)
+{
+    PyObject *dtype = NULL, *name = NULL, *size = NULL, *out = Py_None;
+    Py_INCREF(out);
+    if ((dtype = PyObject_GetAttrString(obj, "dtype")) == NULL || (name = PyObject_GetAttrString(dtype, "name")) == NULL ||
+        (size = PyObject_GetAttrString(dtype, "itemsize")) == NULL) {
+        PyErr_Clear(); /* not an array with a dtype: None */
+        goto out;
+    }
+    if (PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "bfloat16") == 0 && PyLong_Check(size) &&
+        PyLong_AsLong(size) == 2) {
+        Py_DECREF(out);
+        out = PyObject_CallMethod(obj, "view", "s", "uint16");
+    }
+out:
+    Py_XDECREF(dtype);
+    Py_XDECREF(name);
+    Py_XDECREF(size);
+    return out;
+}
+
+/* obj's buffer into b; an ml_dtypes bfloat16 array's through its uint16 view (*bf16 = 1; the buffer holds the
+ * view). A TypeError naming what otherwise. */
+static int export_buffer(PyObject *obj, Py_buffer *b, int writable, const char *what, int *bf16)
+{
+    int flags = (writable ? PyBUF_WRITABLE : 0) | PyBUF_RECORDS_RO, rc = -1;
+    PyObject *type = NULL, *value = NULL, *tb = NULL, *bits = NULL;
+    *bf16 = 0;
+    if (PyObject_GetBuffer(obj, b, flags) == 0) return 0;
+    PyErr_Fetch(&type, &value, &tb);
+    if ((bits = bfloat16_bits(obj)) == NULL) goto out;
+    if (bits == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %sarray with a numeric dtype: %S", what,
+                     writable ? "writable " : "", value ? value : Py_None);
+        goto out;
+    }
+    if (PyObject_GetBuffer(bits, b, flags) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %sbfloat16 array", what, writable ? "writable " : "");
+        goto out;
+    }
+    *bf16 = 1;
+    rc = 0;
+out:
+    Py_XDECREF(bits);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return rc;
+}
+
 int tpy_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const char *what)
 {
     Py_buffer *b = &view->buf;
-    int handled;
+    int handled, bf16;
     const tp_dtype_info *info;
     memset(view, 0, sizeof *view);
     memset(t, 0, sizeof *t);
@@ -34,18 +87,9 @@ int tpy_tensor(PyObject *obj, tp_tensor *t, tpy_view *view, int writable, const 
                      what, Py_TYPE(obj)->tp_name);
         return -1;
     }
-    if (PyObject_GetBuffer(obj, b, (writable ? PyBUF_WRITABLE : 0) | PyBUF_RECORDS_RO) < 0) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_Format(PyExc_TypeError, "%s must be a %sarray with a numeric dtype: %S", what,
-                     writable ? "writable " : "", value ? value : Py_None);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-        return -1;
-    }
+    if (export_buffer(obj, b, writable, what, &bf16) < 0) return -1;
     view->has_buf = 1;
-    if ((info = tp_dtype_by_format(b->format, (size_t)b->itemsize)) == NULL) {
+    if ((info = bf16 ? tp_dtype_info_of(TP_BFLOAT16) : tp_dtype_by_format(b->format, (size_t)b->itemsize)) == NULL) {
         PyErr_Format(PyExc_TypeError, "%s must have dtype float32 or float64 (layers and collectives), or int32 or "
                      "int64 (collectives), got an array of format '%s'", what, b->format ? b->format : "B");
         goto fail;

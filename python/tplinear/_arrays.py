@@ -1,13 +1,14 @@
 """Where a layer's arrays live and in which dtype, resolved once per layer (a Placement), and the helpers
 that read, make, convert and shard arrays accordingly. What each dtype is comes from the C table
 (``_C.dtypes()``); the shards are cut by the C core (``_C.shard``), on the GPU for GPU arrays."""
+import ml_dtypes  # noqa: F401 - NumPy's "bfloat16" dtype
 import numpy as np
 
 from . import _C
 from . import _device
 
 DTYPES = _C.dtypes()  # name -> {code, itemsize, floating, host_math, device_math, dtype, ...}, from the C table
-HOST_DTYPES = tuple(name for name, d in DTYPES.items() if d["host_math"])  # float32, float64
+HOST_DTYPES = tuple(name for name, d in DTYPES.items() if d["host_math"])  # + float16, bfloat16 (ml_dtypes)
 DEVICE_DTYPES = tuple(name for name, d in DTYPES.items() if d["device_math"])  # + float16, bfloat16
 
 
@@ -24,9 +25,10 @@ def dtype_name(obj):
 
 
 def host_dtype(name):
-    """The dtype of an array's host copy: half types (GPU only) become float32, the others stay."""
+    """The dtype a layer's parameters are drawn in on the host (and a torch half tensor's host copy): half types
+    become float32 (then rounded once to the layer's dtype), the others stay."""
     d = DTYPES.get(name)
-    return "float32" if d is not None and d["floating"] and not d["host_math"] else name
+    return "float32" if d is not None and d["floating"] and d["itemsize"] < 4 else name
 
 
 def host_array(obj, what):
@@ -44,7 +46,8 @@ def host_array(obj, what):
     except Exception as exc:  # noqa: BLE001 - report what was given
         raise TypeError(f"{what} must be an array, got {type(obj).__name__}") from exc
     if arr.dtype.name not in HOST_DTYPES:
-        raise TypeError(f"{what} must have dtype float32 or float64, got {arr.dtype} ({type(obj).__name__})")
+        raise TypeError(f"{what} must have dtype {', '.join(HOST_DTYPES)} (bfloat16: ml_dtypes), got {arr.dtype} "
+                        f"({type(obj).__name__})")
     return arr
 
 
@@ -75,8 +78,6 @@ class Placement:
             name = None
         allowed = HOST_DTYPES if device is None else DEVICE_DTYPES
         if name not in allowed:
-            if device is None and name in DEVICE_DTYPES:
-                raise TypeError(f"dtype {name} runs on the GPU only: pass device='cuda'")
             names = [repr(n) for n in allowed]
             names = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
             raise TypeError(f"dtype must be {names}{'' if device is None else ' on the GPU'}, got {dtype!r}")

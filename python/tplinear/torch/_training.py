@@ -29,16 +29,17 @@ def _layer_name(layer):
 
 def autocast_args(layer, x, sequence_parallel=False):
     """(x, weight, bias) for layer's GEMM: as they are outside torch.autocast; under
-    ``torch.autocast(device_type, dtype)`` for the weight's device, all three cast to the autocast dtype,
-    as nn.Linear is under autocast (the output is then in that dtype, and the gradients flow back to the
-    parameters in their own dtype through the casts). A dtype the C core cannot compute in on that device
+    ``torch.autocast(device_type, dtype)`` for the weight's device, each of the three that is not float64 cast
+    to the autocast dtype, as torch casts nn.Linear's arguments under autocast (float64 is never cast: a
+    float64 model computes in float64; the output is in the dtype computed in, and the gradients flow back to
+    the parameters in their own dtype through the casts). A dtype the C core cannot compute in on that device
     is a TypeError naming the layer, the dtype and what to do."""
     weight, bias = layer.weight, layer.bias
     dt = _autocast_dtype(weight.device.type)
     if dt is None or not dt.is_floating_point:
         return x, weight, bias
-    if dt == weight.dtype and x.dtype == dt:
-        return x, weight, bias
+    if (weight.dtype in (dt, torch.float64)) and x.dtype in (dt, torch.float64):
+        return x, weight, bias  # nothing to cast
     dev = weight.device.type
     name = dtype_name(torch.empty(0, dtype=dt))
     math = "device_math" if weight.is_cuda else "host_math"
@@ -49,15 +50,15 @@ def autocast_args(layer, x, sequence_parallel=False):
             f"{dev.upper()} layers compute in {takes} only, not {str(dt).replace('torch.', '')}. Run the model "
             f"outside autocast on {dev} (its layers then compute in {weight.dtype}), or disable autocast around "
             f"these layers (with torch.autocast({dev!r}, enabled=False): ...), or build the model in a dtype the "
-            f"layers take" + (" or on a GPU (float16 / bfloat16)" if dev == "cpu" else ""))
+            f"layers take")
     if sequence_parallel and dt != weight.dtype:
         raise TypeError(f"{_layer_name(layer)} is sequence-parallel: it does not follow torch.autocast yet; build it "
                         f"in {dt} or disable autocast around it (with torch.autocast({dev!r}, enabled=False))")
-    x = x.to(dt)
-    if weight.dtype != dt:
-        weight = weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-    return x, weight, bias
+
+    def cast(t):  # torch's autocast eligibility: floating, not float64
+        return t if t is None or t.dtype in (dt, torch.float64) else t.to(dt)
+
+    return cast(x), cast(weight), cast(bias)
 
 
 # ------------------------------------------------------------------------------------------ copies
