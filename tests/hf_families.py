@@ -86,6 +86,12 @@ VARIANTS = {
     "falcon+new_arch": ("falcon", {"new_decoder_architecture": True, "multi_query": False}),
     "falcon+mha": ("falcon", {"multi_query": False, "num_kv_heads": 8}),
     "gpt_bigcode+mha": ("gpt_bigcode", {"multi_query": False}),
+    # the default kv_heads="auto": Llama with 1 KV head, with 2 (replicated at 3 ranks, whole at 2)
+    "llama+mqa": ("llama", {"num_key_value_heads": 1}),
+    "llama+gqa2": ("llama", {"num_key_value_heads": 2}),
+    # kv_heads="whole" (PARALLELIZE below): a multi-query fused QKV cannot be split by whole KV heads: refused
+    "falcon+kv_whole": ("falcon", {}),
+    "gpt_bigcode+kv_whole": ("gpt_bigcode", {}),
     # kv_heads="replicate" (PARALLELIZE below): multi-query fused (Falcon, GPT-BigCode), multi-query and GQA
     # Llama with fewer KV heads than ranks (separate k_proj / v_proj)
     "falcon+kv_replicate": ("falcon", {}),
@@ -98,6 +104,7 @@ VARIANTS = {
 VARIANTS.update({f"{f}+sp": (f, {}) for f in ("llama", "qwen2", "qwen3", "mistral", "gemma", "mixtral")})
 # keyword arguments of parallelize per family (default: none)
 PARALLELIZE = {f: {"kv_heads": "replicate"} for f in VARIANTS if f.endswith("+kv_replicate")}
+PARALLELIZE.update({f: {"kv_heads": "whole"} for f in VARIANTS if f.endswith("+kv_whole")})
 PARALLELIZE.update({f: {"sequence_parallel": True} for f in VARIANTS if f.endswith("+sp")})
 
 

@@ -519,8 +519,8 @@ def _fused_pieces(name, module, ctx):
     if layout not in _LAYOUT_ROWS:
         raise ValueError(f"{name}: a multi-query fused QKV projection ([q | k v], {h} query heads and 1 key/value "
                          f"head of {d}) cannot be split by whole KV heads over {p} ranks; pass "
-                         "parallelize(..., kv_heads=\"replicate\") (query heads split, K and V on every rank) or keep "
-                         "it replicated (a plan without it and its output projection)")
+                         "parallelize(..., kv_heads=\"replicate\") or the default kv_heads=\"auto\" (query heads split, "
+                         "K and V on every rank) or keep it replicated (a plan without it and its output projection)")
     if h % kv or out_f != (h + 2 * kv) * d:
         raise ValueError(f"{name}: a fused QKV projection ({layout}) of {out_f} features, but its attention has "
                          f"{h} query heads, {kv} KV heads of {d} (expected {(h + 2 * kv) * d})")
@@ -611,13 +611,19 @@ def _local_sizes(parent, h, kv, d, qh, kvh, group):
 
 # ------------------------------------------------------------------------------------------ kv_heads="replicate"
 
-_KV_HEADS = ("whole", "replicate")
+_KV_HEADS = ("auto", "whole", "replicate")
 
 
 def _replicates(h, kv, ctx):
-    """kv_heads="replicate" applies to an attention of h query and kv KV heads: fewer KV than query heads, not
-    dealt evenly over the ranks (where p divides kv, whole KV heads already balance the query heads)."""
-    return ctx.kv_heads == "replicate" and kv < h and kv % ctx.group.size != 0
+    """K and V of an attention of h query and kv KV heads stay replicated (its query heads split evenly):
+    kv_heads="replicate": fewer KV than query heads, not dealt evenly over the ranks (where p divides kv, whole
+    KV heads already balance the query heads); "auto" (the default): fewer KV heads than ranks, where dealing
+    them whole would leave a rank without one (a fused multi-query projection could not be split at all);
+    "whole": never."""
+    p = ctx.group.size
+    if kv >= h or ctx.kv_heads == "whole":
+        return False
+    return kv % p != 0 if ctx.kv_heads == "replicate" else kv < p
 
 
 def _dealt_heads(heads, ctx):
@@ -661,7 +667,7 @@ def _kv_replica(name, module, ctx):
     """With kv_heads="replicate", what makes a column layer replicated with this rank's rows: (rows, fused
     layout or None, h, kv, d, qh, kvl) for a K or V projection, or a fused multi-query / grouped QKV
     projection, of an attention it applies to; None for others."""
-    if ctx.kv_heads != "replicate" or not isinstance(module, nn.Linear):
+    if ctx.kv_heads == "whole" or not isinstance(module, nn.Linear):
         return None
     r, p = ctx.group.rank, ctx.group.size
     layout = _fused_layout(name, ctx)
@@ -851,11 +857,11 @@ def _sequence_parallel(model, layers_name, norm_name, regions, group):
 _NAME_RULES = "DeepSpeed AutoTP's name rules"
 _Choice = collections.namedtuple("_Choice", "style pattern source")  # a plan entry chosen for one module
 _Context = collections.namedtuple("_Context", "model group heads kv_heads",  # what the styles apply with
-                                  defaults=("whole",))
+                                  defaults=("auto",))
 
 
 def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None,
-                src_rank=None, strict=True, kv_heads="whole", sequence_parallel=False):
+                src_rank=None, strict=True, kv_heads="auto", sequence_parallel=False):
     """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
     tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
 
@@ -864,11 +870,12 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     name rules (q/k/v/gate/up/fc1 -> column, o/down/dense/fc2 -> row). Modules the plan does not name stay
     replicated. num_heads / num_kv_heads / head_dim override the config's.
 
-    kv_heads: "whole" (default, DeepSpeed's rule): KV heads dealt whole, query heads with their KV group;
-    a fused projection that cannot give every rank a KV head is refused. "replicate" (Megatron's form for
-    fewer KV heads than ranks): where num_kv_heads < num_heads and p does not divide num_kv_heads, the query
-    heads are split evenly and K and V stay replicated (every rank computes the KV heads its query heads
-    read; their gradients are summed over the group).
+    kv_heads: "whole" (DeepSpeed's rule): KV heads dealt whole, query heads with their KV group; a fused
+    projection that cannot give every rank a KV head is refused. "replicate" (Megatron's form for fewer KV
+    heads than ranks): where num_kv_heads < num_heads and p does not divide num_kv_heads, the query heads are
+    split evenly and K and V stay replicated (every rank computes the KV heads its query heads read; their
+    gradients are summed over the group). "auto" (default): "whole" where every rank gets a KV head, else
+    (fewer KV heads than ranks: multi-query attention) "replicate".
 
     sequence_parallel=True (Hugging Face decoder models: Llama, Qwen2, Qwen3, Mistral, Gemma, ...): the
     [batch, seq, hidden] activations between the blocks are split along the sequence (torch TP's
