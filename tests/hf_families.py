@@ -77,6 +77,7 @@ OVERRIDES = {
     # BigBird switches a short sequence to full attention by building new attention modules in forward (which
     # would not be the parallelized ones): build it in full attention
     "big_bird": {"attention_type": "original_full"},
+    "xlm": {"emb_dim": HIDDEN},  # its width (2048 by default) is not a key the generic shrink knows
 }
 
 # variants of a family (name "family+variant"): the family's tiny config with these overrides, for layouts

@@ -94,7 +94,11 @@ class _Linear(_Style):
                 if layout is not None:
                     heads = layout[1:4]
         parent = ctx.model.get_submodule(name.rpartition(".")[0]) if "." in name else ctx.model
-        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f, parent, ctx)
+        # a gathered output / a whole input (colwise_rep, rowwise_rep: OLMoE's plan) is whole in the attention:
+        # its heads are its own, K / V are not replicated (kv_heads) for it
+        whole = self.options.get("gather_output") or self.options.get("input_is_parallel") is False
+        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f, parent,
+                              None if whole else ctx)
         if self.packed and "block_sizes" not in kwargs:
             if out_f % self.packed:
                 raise ValueError(f"{name}: packed_colwise splits {out_f} output features into {self.packed} equal "
