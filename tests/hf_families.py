@@ -77,7 +77,11 @@ OVERRIDES = {
     # BigBird switches a short sequence to full attention by building new attention modules in forward (which
     # would not be the parallelized ones): build it in full attention
     "big_bird": {"attention_type": "original_full"},
-    "xlm": {"emb_dim": HIDDEN},  # its width (2048 by default) is not a key the generic shrink knows
+    # widths under keys the generic shrink does not know (XLM's 2048 wide; CPM-Ant's dim_ff 10240 and 128 per
+    # head, CTRL's dff 8192): seconds per CI case
+    "xlm": {"emb_dim": HIDDEN},
+    "cpmant": {"dim_ff": INTER, "dim_head": HEAD_DIM},
+    "ctrl": {"dff": INTER},
 }
 
 # variants of a family (name "family+variant"): the family's tiny config with these overrides, for layouts

@@ -12,7 +12,11 @@ Beam's gate_bias beside its gate_proj), per-rank attention sizes (XGLM's embed_d
 head and with 2 KV heads at 3 ranks: query heads split, K / V replicated, their gradients summed), and the
 refusals (a multi-query fused QKV cannot be split by whole KV heads; the message names kv_heads="replicate"),
 sequence_parallel=True (Llama, Qwen2, Qwen3, Mistral, Gemma at 2 and 3 ranks over 7 tokens: uneven shards;
-Mixtral's experts refused). Each group and p runs in as few worlds as it needs (one when none hangs)."""
+Mixtral's experts refused), the families the name rules missed (CTRL, CPM-Ant with its per-head relative
+position bias, XLM, ProphetNet's and XLNet's feed-forward with their attentions kept whole, TrOCR's attention
+kept whole, ModernBERT-decoder's Wo / packed Wi, Electra's unpaired generator dense; JetMoE refused naming
+its mixture-of-heads attention) and the default kv_heads="auto" (multi-query Falcon / GPT-BigCode exact by
+default; kv_heads="whole" refuses them). Each group and p runs in as few worlds as it needs (one when none hangs)."""
 import pytest
 
 pytest.importorskip("torch", reason="tplinear.torch needs the torch extra: pip install '.[torch]'")
