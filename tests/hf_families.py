@@ -107,6 +107,7 @@ VARIANTS = {
     "llama+gqa2+kv_replicate": ("llama", {"num_key_value_heads": 2}),
 }
 VARIANTS.update({f"{f}+sp": (f, {}) for f in ("llama", "qwen2", "qwen3", "mistral", "gemma", "mixtral")})
+VARIANTS["llama+gqa2+sp"] = ("llama", {"num_key_value_heads": 2})  # with K / V replicated at 3 ranks ("auto")
 # keyword arguments of parallelize per family (default: none)
 PARALLELIZE = {f: {"kv_heads": "replicate"} for f in VARIANTS if f.endswith("+kv_replicate")}
 PARALLELIZE.update({f: {"kv_heads": "whole"} for f in VARIANTS if f.endswith("+kv_whole")})
