@@ -77,6 +77,11 @@ OVERRIDES = {
     # BigBird switches a short sequence to full attention by building new attention modules in forward (which
     # would not be the parallelized ones): build it in full attention
     "big_bird": {"attention_type": "original_full"},
+    # widths under keys the generic shrink does not know (XLM's 2048 wide; CPM-Ant's dim_ff 10240 and 128 per
+    # head, CTRL's dff 8192): seconds per CI case
+    "xlm": {"emb_dim": HIDDEN},
+    "cpmant": {"dim_ff": INTER, "dim_head": HEAD_DIM},
+    "ctrl": {"dff": INTER},
 }
 
 # variants of a family (name "family+variant"): the family's tiny config with these overrides, for layouts
@@ -86,6 +91,12 @@ VARIANTS = {
     "falcon+new_arch": ("falcon", {"new_decoder_architecture": True, "multi_query": False}),
     "falcon+mha": ("falcon", {"multi_query": False, "num_kv_heads": 8}),
     "gpt_bigcode+mha": ("gpt_bigcode", {"multi_query": False}),
+    # the default kv_heads="auto": Llama with 1 KV head, with 2 (replicated at 3 ranks, whole at 2)
+    "llama+mqa": ("llama", {"num_key_value_heads": 1}),
+    "llama+gqa2": ("llama", {"num_key_value_heads": 2}),
+    # kv_heads="whole" (PARALLELIZE below): a multi-query fused QKV cannot be split by whole KV heads: refused
+    "falcon+kv_whole": ("falcon", {}),
+    "gpt_bigcode+kv_whole": ("gpt_bigcode", {}),
     # kv_heads="replicate" (PARALLELIZE below): multi-query fused (Falcon, GPT-BigCode), multi-query and GQA
     # Llama with fewer KV heads than ranks (separate k_proj / v_proj)
     "falcon+kv_replicate": ("falcon", {}),
@@ -96,8 +107,10 @@ VARIANTS = {
     "llama+gqa2+kv_replicate": ("llama", {"num_key_value_heads": 2}),
 }
 VARIANTS.update({f"{f}+sp": (f, {}) for f in ("llama", "qwen2", "qwen3", "mistral", "gemma", "mixtral")})
+VARIANTS["llama+gqa2+sp"] = ("llama", {"num_key_value_heads": 2})  # with K / V replicated at 3 ranks ("auto")
 # keyword arguments of parallelize per family (default: none)
 PARALLELIZE = {f: {"kv_heads": "replicate"} for f in VARIANTS if f.endswith("+kv_replicate")}
+PARALLELIZE.update({f: {"kv_heads": "whole"} for f in VARIANTS if f.endswith("+kv_whole")})
 PARALLELIZE.update({f: {"sequence_parallel": True} for f in VARIANTS if f.endswith("+sp")})
 
 

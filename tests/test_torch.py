@@ -58,8 +58,9 @@ def test_layers_autograd_zero_copy_parameters(nproc):
 @pytest.mark.parametrize("nproc", [1, 2, 3])  # 4 ranks: the loss-curve test; CI time (2 cores)
 def test_hf_models_match_the_unsharded_model(nproc):
     """Logits, loss and every parameter's gradient (gathered) against the unsharded model in float64, in
-    float32 (1e-5) and float64; training and inference mode; a bfloat16 / float16 Llama (check_hf_half). At 3 ranks none of the head counts divides
-    (12 query / 4 KV heads; 6 / 2: a rank with no heads; 6 / 3; GPT-2's 6)."""
+    float32 (1e-5) and float64; training and inference mode; a bfloat16 / float16 Llama (check_hf_half). At 3
+    ranks none of the head counts divides (12 query / 4 KV heads; 6 / 2: K / V replicated by the default
+    kv_heads="auto" in float32, a rank with no heads under kv_heads="whole" in float64; 6 / 3; GPT-2's 6)."""
     assert_world_ok(nproc, """
         import torch
         import torch_checks as c
@@ -206,7 +207,7 @@ def test_parallelize_plans_and_refusals():
                 super().__init__()
                 self.self_attn, self.mlp = Attn(), nn.Sequential()
                 self.mlp.fc1, self.mlp.fc2 = nn.Linear(16, 40), nn.Linear(40, 16)
-        blk = tpt.parallelize(Block(), num_heads=6, num_kv_heads=2, head_dim=4)
+        blk = tpt.parallelize(Block(), num_heads=6, num_kv_heads=2, head_dim=4, kv_heads="whole")  # (2 < 3 ranks)
         kinds = {n: type(m).__name__ for n, m in blk.named_modules() if n}
         assert kinds["self_attn.q_proj"] == "LinearLayer" and kinds["self_attn.o_proj"] == "LinearAllreduce"
         assert kinds["mlp.fc1"] == "LinearLayer" and kinds["mlp.fc2"] == "LinearAllreduce"
@@ -255,7 +256,7 @@ def test_parallelize_plans_and_refusals():
         tied.lm_head.weight = tied.model.embed_tokens.weight
         c._raises(ValueError, lambda: tpt.parallelize(tied, plan={"lm_head": "colwise_gather_output"}),
                   "tied", "embed_tokens")
-        # kv_heads: "whole" (default) or "replicate"; 4 KV heads over 3 ranks: replicated, 12 query heads 4/4/4
+        # kv_heads: "auto" (default), "whole" or "replicate"; 4 KV heads over 3 ranks: replicated, 12 query heads 4/4/4
         c._raises(ValueError, lambda: tpt.parallelize(c.hf_model("llama"), kv_heads="split"), "kv_heads", "'split'")
         model = c.hf_model("llama")
         keys = sorted(model.state_dict())
@@ -267,6 +268,12 @@ def test_parallelize_plans_and_refusals():
         assert tpt.parallelize(model, kv_heads="replicate") is model and sorted(model.state_dict()) == keys
         whole = tpt.parallelize(c.hf_model("llama")).model.layers[0].self_attn  # KV heads 2/1/1, query 6/3/3
         assert whole.q_proj.weight.shape[0] == [48, 24, 24][c.dist.get_rank()]
+        # the default kv_heads="auto": fewer KV heads (2) than ranks: K / V replicated, query heads 2/2/2 of 8;
+        # "whole": KV heads 1/1/0, query heads 3/3/0
+        auto = tpt.parallelize(c.hf_model("qwen2")).model.layers[0].self_attn
+        assert type(auto.k_proj).__name__ == "_ReplicatedRows" and auto.q_proj.weight.shape[0] == 16
+        whole = tpt.parallelize(c.hf_model("qwen2"), kv_heads="whole").model.layers[0].self_attn
+        assert whole.q_proj.weight.shape[0] == [24, 24, 0][c.dist.get_rank()]
         print("plans ok", flush=True)
     """, env=ENV, timeout=300)
 

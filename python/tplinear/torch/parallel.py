@@ -94,7 +94,11 @@ class _Linear(_Style):
                 if layout is not None:
                     heads = layout[1:4]
         parent = ctx.model.get_submodule(name.rpartition(".")[0]) if "." in name else ctx.model
-        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f, parent, ctx)
+        # a gathered output / a whole input (colwise_rep, rowwise_rep: OLMoE's plan) is whole in the attention:
+        # its heads are its own, K / V are not replicated (kv_heads) for it
+        whole = self.options.get("gather_output") or self.options.get("input_is_parallel") is False
+        kwargs = _head_kwargs(name, module, self.kind, heads, out_f if self.kind == "col" else in_f, parent,
+                              None if whole else ctx)
         if self.packed and "block_sizes" not in kwargs:
             if out_f % self.packed:
                 raise ValueError(f"{name}: packed_colwise splits {out_f} output features into {self.packed} equal "
@@ -220,14 +224,21 @@ STYLES = sorted(name for name, style in _STYLES.items() if style.supported)
 _NAME_ROW = {"o_proj", "out_proj", "down_proj", "fc2", "c_proj", "wo", "w2", "dense_4h_to_h"}
 _NAME_COL = {"query_key_value", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "c_fc", "c_attn", "qkv_proj", "Wqkv",
              "W_pack", "dense_h_to_4h", "w1", "w3", "query", "key", "value", "wq", "wk", "wv", "gate_up_proj"}
+# names beyond DeepSpeed's lists, of families its structural parser handles by position (docs/torch.md):
+# CTRL's Wq / Wk / Wv, XLM's q_lin / k_lin / v_lin / out_lin and lin1 / lin2, CPM-Ant's project_q / k / v /
+# attention_out and gated w_0 / w_1 -> w_out, ModernBERT's Wo (attention and MLP) and packed Wi (input | gate)
+_MORE_Q, _MORE_KV, _MORE_O = {"Wq", "q_lin", "project_q"}, {"Wk", "Wv", "k_lin", "v_lin", "project_k", "project_v"}, \
+    {"Wo", "out_lin", "attention_out"}
+_NAME_ROW |= _MORE_O | {"lin2", "w_out"}
+_NAME_COL |= _MORE_Q | _MORE_KV | {"lin1", "w_0", "w_1", "Wi"}
 _NAME_VOCAB = {"lm_head", "embed_out", "embed_tokens", "wte", "word_embeddings"}  # replicated by default
 
 # attention projections (the heads rule applies to them)
-_Q = {"q_proj", "query", "wq", "q", "q_b_proj", "q_gate_proj"}  # q_b_proj, kv_b_proj: MLA's up-projections
-_KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v", "kv_b_proj"}
+_Q = {"q_proj", "query", "wq", "q", "q_b_proj", "q_gate_proj"} | _MORE_Q  # q_b_proj, kv_b_proj: MLA's up-projections
+_KV = {"k_proj", "v_proj", "key", "value", "wk", "wv", "k", "v", "kv_b_proj"} | _MORE_KV
 _QKV = {"c_attn", "qkv_proj", "Wqkv", "W_pack", "qkv"}  # [q | k | v] blocks one after another
-_O = {"o_proj", "out_proj", "wo", "o", "c_proj", "dense"}  # only under an attention module
-_GATE_UP = {"gate_up_proj"}
+_O = {"o_proj", "out_proj", "wo", "o", "c_proj", "dense"} | _MORE_O  # only under an attention module
+_GATE_UP = {"gate_up_proj", "Wi"}
 _ATTN_GATE = {"gate_proj", "g_proj", "gate"}  # under an attention: an output gate of heads x width, split as q
 
 
@@ -307,10 +318,17 @@ def _vocab_modules(model):
     return out
 
 
-def _name_rule(name, module):
+# names that are rules only inside one module class: (class, child name) -> style
+_CLASS_NAMES = {("ProphetNetFeedForward", "intermediate"): "colwise", ("ProphetNetFeedForward", "output"): "rowwise",
+                ("XLNetFeedForward", "layer_1"): "colwise", ("XLNetFeedForward", "layer_2"): "rowwise"}
+
+
+def _name_rule(name, module, parent_class=None):
     if not _is_linear(module) or _last(name) in _NAME_VOCAB:
         return None
     last = _last(name)
+    if (parent_class, last) in _CLASS_NAMES:
+        return _CLASS_NAMES[(parent_class, last)]
     if last in _NAME_ROW or (last == "dense" and (re.search(r"(attention|output)$", name.rsplit(".", 1)[0])
                                                   or _is_attention(name))):
         return "rowwise"
@@ -505,8 +523,8 @@ def _fused_pieces(name, module, ctx):
     if layout not in _LAYOUT_ROWS:
         raise ValueError(f"{name}: a multi-query fused QKV projection ([q | k v], {h} query heads and 1 key/value "
                          f"head of {d}) cannot be split by whole KV heads over {p} ranks; pass "
-                         "parallelize(..., kv_heads=\"replicate\") (query heads split, K and V on every rank) or keep "
-                         "it replicated (a plan without it and its output projection)")
+                         "parallelize(..., kv_heads=\"replicate\") or the default kv_heads=\"auto\" (query heads split, "
+                         "K and V on every rank) or keep it replicated (a plan without it and its output projection)")
     if h % kv or out_f != (h + 2 * kv) * d:
         raise ValueError(f"{name}: a fused QKV projection ({layout}) of {out_f} features, but its attention has "
                          f"{h} query heads, {kv} KV heads of {d} (expected {(h + 2 * kv) * d})")
@@ -529,41 +547,51 @@ def _C_attention_heads(h, kv, p):
     return attention_heads(h, kv, p)
 
 
-# attention modules that take a per-head position bias built for every head (ALiBi) as a keyword argument:
-# (the argument, how its first dim holds the heads: "batch*heads" or "heads")
-_HEAD_BIAS = {"BloomAttention": ("alibi", "batch*heads"), "MptAttention": ("position_bias", "heads")}
+# attention modules that take a per-head position bias built for every head (ALiBi, relative buckets):
+# (the argument, its position when passed positionally, how it holds the heads: "batch*heads" or "heads" in its
+# first dim, "batch,heads" in its second)
+_HEAD_BIAS = {"BloomAttention": ("alibi", None, "batch*heads"), "MptAttention": ("position_bias", None, "heads"),
+              "CpmAntAttention": ("position_bias", 3, "batch,heads")}
 
 
-def _slice_head_bias(parent, h, qh):
+def _slice_head_bias(parent, h, qh, group):
     """A forward pre-hook that gives the attention module the rows of its position bias for this rank's query
-    heads (qh: a range of head indices out of h)."""
+    heads (qh: a range of head indices out of h). A bias with a gradient (CPM-Ant's learned relative buckets)
+    gets it summed over the group: each rank's covers its heads only."""
     entry = _HEAD_BIAS.get(type(parent).__name__)
     if entry is None or getattr(parent, "_tplinear_head_bias", False):
         return
-    arg, how = entry
+    arg, pos, how = entry
 
     def hook(module, args, kwargs):
-        bias = kwargs.get(arg)
+        positional = arg not in kwargs and pos is not None and len(args) > pos
+        bias = args[pos] if positional else kwargs.get(arg)
         if bias is None:
             return None
+        if bias.requires_grad:
+            bias = _ops.CopyToGroup.apply(bias, group)
         if how == "heads":
             bias = bias[qh.start:qh.stop]
+        elif how == "batch,heads":
+            bias = bias[:, qh.start:qh.stop]
         else:
             bias = bias.reshape(-1, h, *bias.shape[1:])[:, qh.start:qh.stop].reshape(-1, *bias.shape[1:])
+        if positional:
+            return args[:pos] + (bias,) + args[pos + 1:], kwargs
         return args, {**kwargs, arg: bias}
     parent.register_forward_pre_hook(hook, with_kwargs=True)
     parent._tplinear_head_bias = True
 
 
-def _fused_attributes(parent, layout, h, kv, d, qh, kvh):
+def _fused_attributes(parent, layout, h, kv, d, qh, kvh, group):
     """The attention module's per-rank sizes after its fused projection is split: _local_sizes, CodeGen's
     mp_num."""
     if layout == "codegen":
         parent.mp_num = 1
-    _local_sizes(parent, h, kv, d, qh, kvh)
+    _local_sizes(parent, h, kv, d, qh, kvh, group)
 
 
-def _local_sizes(parent, h, kv, d, qh, kvh):
+def _local_sizes(parent, h, kv, d, qh, kvh, group):
     """The attention module's per-rank sizes (as DeepSpeed's update_mp_params): head counts, the widths
     that are heads * head_dim (embed_dim, all_head_size, ...), num_key_value_groups, and the rows of a
     position bias built for every head. qh / kvh: this rank's query / KV heads (ranges)."""
@@ -580,20 +608,26 @@ def _local_sizes(parent, h, kv, d, qh, kvh):
         v = getattr(parent, attr, None)
         if isinstance(v, int) and not isinstance(v, bool) and v % h == 0 and v // h in dims:
             setattr(parent, attr, ql * (v // h))
-    _slice_head_bias(parent, h, qh)
+    _slice_head_bias(parent, h, qh, group)
     if getattr(parent, "num_key_value_groups", None) == h // kv and kvl:  # (replicated K/V: _replicated_kv_attributes)
         parent.num_key_value_groups = ql // kvl
 
 
 # ------------------------------------------------------------------------------------------ kv_heads="replicate"
 
-_KV_HEADS = ("whole", "replicate")
+_KV_HEADS = ("auto", "whole", "replicate")
 
 
 def _replicates(h, kv, ctx):
-    """kv_heads="replicate" applies to an attention of h query and kv KV heads: fewer KV than query heads, not
-    dealt evenly over the ranks (where p divides kv, whole KV heads already balance the query heads)."""
-    return ctx.kv_heads == "replicate" and kv < h and kv % ctx.group.size != 0
+    """K and V of an attention of h query and kv KV heads stay replicated (its query heads split evenly):
+    kv_heads="replicate": fewer KV than query heads, not dealt evenly over the ranks (where p divides kv, whole
+    KV heads already balance the query heads); "auto" (the default): fewer KV heads than ranks, where dealing
+    them whole would leave a rank without one (a fused multi-query projection could not be split at all);
+    "whole": never."""
+    p = ctx.group.size
+    if kv >= h or ctx.kv_heads == "whole":
+        return False
+    return kv % p != 0 if ctx.kv_heads == "replicate" else kv < p
 
 
 def _dealt_heads(heads, ctx):
@@ -637,7 +671,7 @@ def _kv_replica(name, module, ctx):
     """With kv_heads="replicate", what makes a column layer replicated with this rank's rows: (rows, fused
     layout or None, h, kv, d, qh, kvl) for a K or V projection, or a fused multi-query / grouped QKV
     projection, of an attention it applies to; None for others."""
-    if ctx.kv_heads != "replicate" or not isinstance(module, nn.Linear):
+    if ctx.kv_heads == "whole" or not isinstance(module, nn.Linear):
         return None
     r, p = ctx.group.rank, ctx.group.size
     layout = _fused_layout(name, ctx)
@@ -827,11 +861,11 @@ def _sequence_parallel(model, layers_name, norm_name, regions, group):
 _NAME_RULES = "DeepSpeed AutoTP's name rules"
 _Choice = collections.namedtuple("_Choice", "style pattern source")  # a plan entry chosen for one module
 _Context = collections.namedtuple("_Context", "model group heads kv_heads",  # what the styles apply with
-                                  defaults=("whole",))
+                                  defaults=("auto",))
 
 
 def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads=None, head_dim=None,
-                src_rank=None, strict=True, kv_heads="whole", sequence_parallel=False):
+                src_rank=None, strict=True, kv_heads="auto", sequence_parallel=False):
     """Replaces the model's linear layers (nn.Linear, transformers' Conv1D) in place by tplinear's
     tensor-parallel modules over mp_group (default: the default group), following a plan; returns model.
 
@@ -840,11 +874,12 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     name rules (q/k/v/gate/up/fc1 -> column, o/down/dense/fc2 -> row). Modules the plan does not name stay
     replicated. num_heads / num_kv_heads / head_dim override the config's.
 
-    kv_heads: "whole" (default, DeepSpeed's rule): KV heads dealt whole, query heads with their KV group;
-    a fused projection that cannot give every rank a KV head is refused. "replicate" (Megatron's form for
-    fewer KV heads than ranks): where num_kv_heads < num_heads and p does not divide num_kv_heads, the query
-    heads are split evenly and K and V stay replicated (every rank computes the KV heads its query heads
-    read; their gradients are summed over the group).
+    kv_heads: "whole" (DeepSpeed's rule): KV heads dealt whole, query heads with their KV group; a fused
+    projection that cannot give every rank a KV head is refused. "replicate" (Megatron's form for fewer KV
+    heads than ranks): where num_kv_heads < num_heads and p does not divide num_kv_heads, the query heads are
+    split evenly and K and V stay replicated (every rank computes the KV heads its query heads read; their
+    gradients are summed over the group). "auto" (default): "whole" where every rank gets a KV head, else
+    (fewer KV heads than ranks: multi-query attention) "replicate".
 
     sequence_parallel=True (Hugging Face decoder models: Llama, Qwen2, Qwen3, Mistral, Gemma, ...): the
     [batch, seq, hidden] activations between the blocks are split along the sequence (torch TP's
@@ -886,8 +921,9 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     if not tp_modules(model) and not any(getattr(p, "tensor_model_parallel", False) for p in model.parameters()):
         source = "the plan argument" if plan is not None else (_hf_plan(model)[1] or _NAME_RULES)
         msg = (f"parallelize replaced no module of this {type(model).__name__} (by {source}; linear layers whose "
-               "names the rules do not know, or whose column / row partner stays whole, are left replicated); "
-               "pass a plan, or strict=False to keep it unchanged")
+               "names the rules do not know, or whose column / row partner stays whole, are left replicated"
+               f"{_kept_whole_note(model) if plan is None else ''}); pass a plan, or strict=False to keep it "
+               "unchanged")
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=2)
@@ -950,7 +986,8 @@ def _choose_by(rules, vocab, named):
         if rules is not None:
             pattern, style = rules.style(name)
         else:
-            style, pattern = _name_rule(name, module), _NAME_RULES
+            parent = named.get(name.rpartition(".")[0])
+            style, pattern = _name_rule(name, module, type(parent).__name__), _NAME_RULES
         if style is None or name in vocab:
             continue
         chosen[name] = _Choice(style, pattern, rules.source if rules is not None else _NAME_RULES)
@@ -975,7 +1012,7 @@ def _partners(chosen, ctx):
 
     keep = {n: c for n, c in chosen.items()
             if not (rule(n) and (_last(n) in _FUSED_NAMES - _QKV and _fused_layout(n, ctx) is None
-                                 or bare_params(n)))}
+                                 or bare_params(n) or _kept_whole(n, ctx.model)))}
     cols = [n for n, c in keep.items() if _STYLES.get(c.style) is not None and getattr(_STYLES[c.style], "kind", "")
             == "col"]
     rows = [n for n, c in keep.items() if _STYLES.get(c.style) is not None and getattr(_STYLES[c.style], "kind", "")
@@ -991,10 +1028,38 @@ def _partners(chosen, ctx):
         if rule(r) and not any(c != r and _within(c, scope) for c in cols):
             del keep[r]
     rows = [r for r in rows if r in keep]
-    for c in cols:
-        if rule(c) and _last(c) == "dense" and not any(_within(r, up(c, 2)) for r in rows):
+    for c in cols:  # a row layer among its cousins (BERT's intermediate.dense -> output.dense), not anywhere
+        if rule(c) and _last(c) == "dense" and not any(up(r, 2) == up(c, 2) for r in rows):  # under the root
             del keep[c]
     return keep
+
+
+# attention modules whose projections the name rules leave whole, and why (named by parallelize when it
+# replaces no module): they reshape their output by their input's width, or are not split by heads
+_WIDTH = "reshapes its output by its input's width (hidden_states.size()), not by its head count"
+_KEEP_WHOLE = {
+    "TrOCRAttention": _WIDTH,
+    "ProphetNetAttention": _WIDTH,
+    "ProphetNetNgramSelfAttention": _WIDTH + ", and its relative position projection holds every head's buckets",
+    "JetMoeAttention": "a mixture of attention heads: each token's query heads come from routed experts (3-d "
+                       "input_linear / output_linear parameters), which tplinear does not split",
+    "XLNetRelativeAttention": "bare [d_model, n_head, d_head] parameters q, k, v, o, r and two-stream relative "
+                              "attention, no linear layers to split",
+}
+
+
+def _kept_whole(name, model):
+    """The _KEEP_WHOLE reason of the module holding name (a linear layer), else None."""
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return _KEEP_WHOLE.get(type(parent).__name__)
+
+
+def _kept_whole_note(model):
+    """What parallelize's "replaced no module" says about the modules of _KEEP_WHOLE in model (one per class)."""
+    seen = {}
+    for name, m in model.named_modules():
+        seen.setdefault(type(m).__name__, name)
+    return "".join(f"; {n} ({cls}) stays whole: {_KEEP_WHOLE[cls]}" for cls, n in seen.items() if cls in _KEEP_WHOLE)
 
 
 def _check(model, named, chosen, ctx):
@@ -1175,7 +1240,7 @@ def _update_attention_attributes(model, built, heads):
     for name, layer in built.items():
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         if getattr(layer, "_fused_layout", None) is not None:
-            _fused_attributes(parent, *layer._fused_layout)
+            _fused_attributes(parent, *layer._fused_layout, layer.mp_group)
             continue
         if (not isinstance(layer, LinearLayer) or layer.num_heads is None or layer.gather_output
                 or _last(name) not in _Q | _QKV):
@@ -1184,7 +1249,7 @@ def _update_attention_attributes(model, built, heads):
         first, width = layer._pieces[layer.tp_index][0]
         q0, ql = first // d, width // d
         kvl = ql * kv // h
-        _local_sizes(parent, h, kv, d, range(q0, q0 + ql), range(q0 * kv // h, q0 * kv // h + kvl))
+        _local_sizes(parent, h, kv, d, range(q0, q0 + ql), range(q0 * kv // h, q0 * kv // h + kvl), layer.mp_group)
 
 
 def tp_modules(model):
