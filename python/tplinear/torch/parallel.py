@@ -17,6 +17,7 @@ applies them.
 """
 import collections
 import copy
+import inspect
 import re
 import textwrap
 import warnings
@@ -1068,6 +1069,31 @@ def _attention_gates(chosen, named, ctx):
     return out
 
 
+def _called_after(name, cols, named):
+    """Whether module name is applied after a column layer of cols (a norm over the hidden width applied to the
+    column's output, not to the region's input: BitNet's attn_sub_norm against Megatron-BERT's pre-attention
+    ln): in the source of the nearest module above it that holds a column, is the branch holding it called
+    after a branch holding a column? True where the source does not tell."""
+    owner_name, _, branch = name.rpartition(".")
+    while True:
+        owner = named[owner_name]
+        pre = f"{owner_name}." if owner_name else ""
+        holders = [n for n, _ in owner.named_children() if n != branch and any(
+            c == pre + n or _within(c, pre + n) for c in cols)]
+        if holders:
+            break
+        if not owner_name:
+            return True
+        owner_name, _, branch = owner_name.rpartition(".")
+    try:
+        src = inspect.getsource(type(owner))
+    except (OSError, TypeError):
+        return True
+    at = src.find(f"self.{branch}(")
+    firsts = [i for i in (src.find(f"self.{n}(") for n in holders) if i >= 0]
+    return at < 0 or not firsts or at > min(firsts)
+
+
 def _regions(chosen, named, ctx):
     """(the entries that stay, [why a pair stays whole]); see the section's comment."""
     keep, why = _attention_gates(chosen, named, ctx), []
@@ -1102,7 +1128,7 @@ def _regions(chosen, named, ctx):
                          "output feeds the other, which needs it whole")
             continue
         r = rows[0]
-        r_in = _widths(named[r])[0]
+        r_in, r_out = _widths(named[r])
         cols = [c for c in split("col") if _within(c, scope) and not any(_within(c, s) for s in inner)]
         attention = _last(r) in _O and (_is_attention(r) or "Attention" in type(named[r.rpartition(".")[0]]).__name__)
         if not attention:  # an MLP: each column's output is the row's input, or [gate | up] of it
@@ -1129,11 +1155,17 @@ def _regions(chosen, named, ctx):
                     or _ACT.match(_last(full_name))):
                 continue
             params = list(m.parameters(recurse=False))
-            if _is_linear(m):  # a linear layer reading the region's input: only its output width counts
-                params = [m.weight.new_empty(_widths(m)[1])]
+            if _is_linear(m):  # a linear layer reading the region's input: only its output width counts, where
+                params = [m.weight.new_empty(_widths(m)[1])]  # it is not the input's (hidden) width
             if _last(full_name) in _HEAD_NORM and all(p.dim() == 1 and p.numel() in head_dims for p in params):
                 continue
-            bad = next((p for p in params if set(p.shape) & full), None)
+            bad = next((p for p in params if set(p.shape) & (full - {r_out})), None)
+            parents = {r.rpartition(".")[0]} | {c.rpartition(".")[0] for c in cols}
+            if bad is None and not _is_linear(m) and full_name.rpartition(".")[0] in parents:
+                bad = next((p for p in params if r_out in p.shape), None)  # the hidden width too, beside the
+                # pair's layers where it is applied after a column
+                if bad is not None and not _called_after(full_name, cols, named):
+                    bad = None
             if bad is not None:
                 whole(scope, f"{full_name} ({type(m).__name__}) holds a parameter of shape {list(bad.shape)} over "
                              f"the whole width that {', '.join(cols)} / {r} would split (a norm, convolution or "
