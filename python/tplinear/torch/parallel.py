@@ -1069,7 +1069,7 @@ def _attention_gates(chosen, named, ctx):
     return out
 
 
-def _called_after(name, cols, named):
+def _called_after(name, cols, row, named):
     """Whether module name is applied after a column layer of cols (a norm over the hidden width applied to the
     column's output, not to the region's input: BitNet's attn_sub_norm against Megatron-BERT's pre-attention
     ln): in the source of the nearest module above it that holds a column, is the branch holding it called
@@ -1091,7 +1091,10 @@ def _called_after(name, cols, named):
         return True
     at = src.find(f"self.{branch}(")
     firsts = [i for i in (src.find(f"self.{n}(") for n in holders) if i >= 0]
-    return at < 0 or not firsts or at > min(firsts)
+    pre = f"{owner_name}." if owner_name else ""
+    rows = [i for i in (src.find(f"self.{n}(") for n, _ in owner.named_children() if row == pre + n
+                        or _within(row, pre + n)) if i >= 0]  # (Bart's final_layer_norm comes after fc2)
+    return at < 0 or not firsts or at > min(firsts) and not (rows and at > min(rows))
 
 
 def _regions(chosen, named, ctx):
@@ -1164,7 +1167,7 @@ def _regions(chosen, named, ctx):
             if bad is None and not _is_linear(m) and full_name.rpartition(".")[0] in parents:
                 bad = next((p for p in params if r_out in p.shape), None)  # the hidden width too, beside the
                 # pair's layers where it is applied after a column
-                if bad is not None and not _called_after(full_name, cols, named):
+                if bad is not None and not _called_after(full_name, cols, r, named):
                     bad = None
             if bad is not None:
                 whole(scope, f"{full_name} ({type(m).__name__}) holds a parameter of shape {list(bad.shape)} over "
