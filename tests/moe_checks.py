@@ -156,4 +156,13 @@ def check_grouped_mm_and_twice():
         assert "x.experts" in str(e) and "has_post_expert_norm" in str(e), e
     else:
         raise AssertionError("has_post_expert_norm was not refused")
+    # the same where the norm is a module inside the experts, applied before they combine (Ergo's post_expert_norm)
+    del holder.has_post_expert_norm
+    holder.post_expert_norm = torch.nn.LayerNorm(4)
+    try:
+        moe.shard_experts("x.experts", holder, dist.resolve_group(None))
+    except NotImplementedError as e:
+        assert "x.experts.post_expert_norm" in str(e), e
+    else:
+        raise AssertionError("a norm inside the experts was not refused")
     print(f"rank {dist.get_rank()}: grouped_mm, parallelize twice and refusals ok", flush=True)

@@ -274,6 +274,54 @@ def test_parallelize_plans_and_refusals():
         assert type(auto.k_proj).__name__ == "_ReplicatedRows" and auto.q_proj.weight.shape[0] == 16
         whole = tpt.parallelize(c.hf_model("qwen2"), kv_heads="whole").model.layers[0].self_attn
         assert whole.q_proj.weight.shape[0] == [24, 24, 0][c.dist.get_rank()]
+
+        # what lies between a column and a row layer (no plan): a column of twice the row's input is [gate | up]
+        # (Moshi's fc1, read as view(.., 2, -1)): packed; a norm over the sharded width between them (BitNet's
+        # sub-norms), a column no row reads, two row layers in one region (one feeding the other): kept whole
+        class Gated(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.fc2 = nn.Linear(16, 40), nn.Linear(20, 16)
+            def forward(self, x):
+                h = self.fc1(x)
+                h = h.view(*h.shape[:-1], 2, -1)
+                return self.fc2(nn.functional.silu(h[..., 0, :]) * h[..., 1, :])
+        class SubNorm(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.sub_norm, self.fc2 = nn.Linear(16, 20), nn.LayerNorm(20), nn.Linear(20, 16)
+            def forward(self, x):
+                return self.fc2(self.sub_norm(self.fc1(x)))
+        class Chain(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.fc2, self.out_proj = nn.Linear(16, 20), nn.Linear(20, 20), nn.Linear(20, 16)
+            def forward(self, x):
+                return self.out_proj(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mlp, self.sub, self.chain, self.side = Gated(), SubNorm(), Chain(), nn.Module()
+                self.side.up_proj = nn.Linear(16, 16)
+            def forward(self, x):
+                x = x + self.mlp(x) + self.side.up_proj(x)
+                return x + self.sub(x) + self.chain(x)
+        c.seed("regions")
+        net = Net().double()
+        ref = c.copy.deepcopy(net)
+        tpt.parallelize(net)
+        assert sorted(tpt.tp_modules(net)) == ["mlp.fc1", "mlp.fc2"], tpt.tp_modules(net)
+        assert net.mlp.fc1._split["block_sizes"] == [20, 20]
+        x = torch.randn(3, 5, 16, dtype=torch.float64)
+        w = torch.randn(3, 5, 16, dtype=torch.float64)
+        out, want = net(x), ref(x)
+        c.close(out, want, torch.float64, "regions: output")
+        (out * w).sum().backward()
+        (want * w).sum().backward()
+        for (n, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+            c.close(c.full_grad(p), q.grad, torch.float64, f"regions: grad {n}")
+        c._raises(ValueError, lambda: tpt.parallelize(SubNorm()), "replaced no module", "sub_norm",
+                  "shape [20]", "whole width")
         print("plans ok", flush=True)
     """, env=ENV, timeout=300)
 

@@ -41,9 +41,11 @@ def _layout(name, module):
     up, down = module._parameters[up_name], module._parameters["down_proj"]
     has_gate = bool(getattr(module, "has_gate", up_name == "gate_up_proj")) and up_name == "gate_up_proj"
     k = 2 if has_gate else 1
-    if getattr(module, "has_post_expert_norm", False):
-        raise NotImplementedError(f"{name}: experts with a norm after each expert (has_post_expert_norm) cannot be "
-                                  "split along their intermediate dimension; keep them replicated")
+    inner = next((f"{name}.{n}" for n, m in module.named_modules() if n and any(True for _ in m.parameters())), None)
+    if getattr(module, "has_post_expert_norm", False) or inner is not None:  # (Ergo's post_expert_norm)
+        raise NotImplementedError(f"{name}: experts with a norm after each expert (has_post_expert_norm"
+                                  f"{'' if inner is None else ': ' + inner}) cannot be split along their "
+                                  "intermediate dimension (it would see a partial sum); keep them replicated")
     _, a, b = up.shape
     _, c, d = down.shape
     plain = b == c and a == k * d  # up [E, kI, H], down [E, H, I]

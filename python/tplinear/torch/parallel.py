@@ -16,6 +16,8 @@ and raise NotImplementedError naming the module. parallelize chooses the entries
 applies them.
 """
 import collections
+import copy
+import inspect
 import re
 import textwrap
 import warnings
@@ -373,7 +375,8 @@ def _head_kwargs(name, module, kind, heads, size, parent=None, ctx=None):
     attention module's own (_own_heads); the width per head the config's head_dim where it makes size, else
     size / the projection's head count."""
     last = _last(name)
-    attention = _is_attention(name) or last in _Q | _KV | _QKV
+    attention = (_is_attention(name) or last in _Q | _KV | _QKV
+                 or "Attention" in type(parent).__name__)  # attention under another name (NemotronH's mixer)
     gate = last in _ATTN_GATE and _is_attention(name)
     if heads is None or not attention or last not in _Q | _KV | _QKV | _O and not gate:
         return {}
@@ -609,8 +612,23 @@ def _local_sizes(parent, h, kv, d, qh, kvh, group):
         if isinstance(v, int) and not isinstance(v, bool) and v % h == 0 and v // h in dims:
             setattr(parent, attr, ql * (v // h))
     _slice_head_bias(parent, h, qh, group)
+    _local_config(parent, h, kv, ql, kvl)
     if getattr(parent, "num_key_value_groups", None) == h // kv and kvl:  # (replicated K/V: _replicated_kv_attributes)
         parent.num_key_value_groups = ql // kvl
+
+
+def _local_config(parent, h, kv, ql, kvl):
+    """An attention module that reads its head counts from its config in forward (Ergo splits its fused
+    qkv by config.num_attention_heads / num_key_value_heads) gets a copy of the config with this rank's
+    counts (the model's own config stays whole)."""
+    config = getattr(parent, "config", None)
+    if config is None or getattr(config, "num_attention_heads", None) != h:
+        return
+    local, names = copy.copy(config), getattr(config, "attribute_map", {})
+    object.__setattr__(local, names.get("num_attention_heads", "num_attention_heads"), ql)
+    if getattr(local, "num_key_value_heads", None) == kv:
+        object.__setattr__(local, names.get("num_key_value_heads", "num_key_value_heads"), kvl)
+    parent.config = local
 
 
 # ------------------------------------------------------------------------------------------ kv_heads="replicate"
@@ -905,8 +923,10 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim), kv_heads)
     named = dict(model.named_modules())
     chosen, params = _choose(model, plan, named)
+    why_whole = []
     if plan is None:
         chosen = _partners(chosen, ctx)
+        chosen, why_whole = _regions(chosen, named, ctx)
     _check(model, named, chosen, ctx)
     sp = (_sequence_regions(model, chosen) if sequence_parallel and not getattr(model, "_tplinear_sequence_parallel",
                                                                                False) else None)
@@ -923,7 +943,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         msg = (f"parallelize replaced no module of this {type(model).__name__} (by {source}; linear layers whose "
                "names the rules do not know, or whose column / row partner stays whole, are left replicated"
                f"{_kept_whole_note(model) if plan is None else ''}); pass a plan, or strict=False to keep it "
-               "unchanged")
+               "unchanged" + "".join(f"; {w}" for w in why_whole))
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=2)
@@ -1060,6 +1080,167 @@ def _kept_whole_note(model):
     for name, m in model.named_modules():
         seen.setdefault(type(m).__name__, name)
     return "".join(f"; {n} ({cls}) stays whole: {_KEEP_WHOLE[cls]}" for cls, n in seen.items() if cls in _KEEP_WHOLE)
+
+
+# ------------------------------------------------------------------------------------------ regions kept whole
+# (no plan argument: the name rules' and the HF plan's entries) A column layer and the row layer after it are
+# split only where the computation between them is exact on a shard: their widths agree (a column of twice the
+# row's input is [gate | up], packed), every column feeds a row, one row closes the region, and no module in
+# the region holds parameters over the whole sharded width (a norm over it, a convolution over its channels,
+# an adapter adding a full-width output). Otherwise the pair stays whole, and the reason is kept for the
+# message of a parallelize that replaces nothing.
+
+
+def _split_kind(choice):
+    """"col" / "row" for an entry that splits the activation between its pair, else None (gathered, split
+    input, not a linear style)."""
+    style = _STYLES.get(choice.style)
+    kind = getattr(style, "kind", None)
+    if kind == "col" and style.options.get("gather_output") or kind == "row" and style.options.get(
+            "input_is_parallel", True) is False:
+        return None
+    return kind
+
+
+def _widths(module):
+    """(in_features, out_features) of a linear layer or Conv1D."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if _is_conv1d(module) else (w.shape[1], w.shape[0])
+
+
+def _scope(name, cols):
+    """The module a row layer closes: its parent where a split column layer is inside it, else its parent's
+    parent (BERT's attention.output.dense, whose parent holds what comes after it)."""
+    parent = name.rpartition(".")[0]
+    if any(_within(c, parent) for c in cols):
+        return parent
+    return parent.rpartition(".")[0]
+
+
+def _attention_gates(chosen, named, ctx):
+    """An attention's output gate (a linear layer named in _ATTN_GATE beside a query projection split by
+    heads, of heads or heads x head_dim outputs: LFM-3's g_proj) is split with the heads it gates."""
+    out = dict(chosen)
+    for name, module in named.items():
+        parent = name.rpartition(".")[0]
+        if (name in chosen or _last(name) not in _ATTN_GATE or not _is_linear(module) or not _is_attention(name)
+                or ctx.heads is None):
+            continue
+        queries = [n for n, c in chosen.items() if n.rpartition(".")[0] == parent and _last(n) in _Q
+                   and _split_kind(c) == "col"]
+        h = _own_heads(named[parent], ctx.heads)[0]
+        if queries and _widths(module)[1] in (h, h * ctx.heads[2]):
+            out[name] = _Choice("colwise", _NAME_RULES, _NAME_RULES)
+    return out
+
+
+def _called_after(name, cols, row, named):
+    """Whether module name is applied after a column layer of cols (a norm over the hidden width applied to the
+    column's output, not to the region's input: BitNet's attn_sub_norm against Megatron-BERT's pre-attention
+    ln): in the source of the nearest module above it that holds a column, is the branch holding it called
+    after a branch holding a column? True where the source does not tell."""
+    owner_name, _, branch = name.rpartition(".")
+    while True:
+        owner = named[owner_name]
+        pre = f"{owner_name}." if owner_name else ""
+        holders = [n for n, _ in owner.named_children() if n != branch and any(
+            c == pre + n or _within(c, pre + n) for c in cols)]
+        if holders:
+            break
+        if not owner_name:
+            return True
+        owner_name, _, branch = owner_name.rpartition(".")
+    try:
+        src = inspect.getsource(type(owner))
+    except (OSError, TypeError):
+        return True
+    at = src.find(f"self.{branch}(")
+    firsts = [i for i in (src.find(f"self.{n}(") for n in holders) if i >= 0]
+    pre = f"{owner_name}." if owner_name else ""
+    rows = [i for i in (src.find(f"self.{n}(") for n, _ in owner.named_children() if row == pre + n
+                        or _within(row, pre + n)) if i >= 0]  # (Bart's final_layer_norm comes after fc2)
+    return at < 0 or not firsts or at > min(firsts) and not (rows and at > min(rows))
+
+
+def _regions(chosen, named, ctx):
+    """(the entries that stay, [why a pair stays whole]); see the section's comment."""
+    keep, why = _attention_gates(chosen, named, ctx), []
+
+    def split(kind):
+        return [n for n, c in keep.items() if _split_kind(c) == kind]
+
+    def whole(scope, reason):
+        for n in [n for n in keep if _within(n, scope) and _split_kind(keep[n])]:
+            del keep[n]
+        why.append(reason)
+
+    def unpaired():  # columns without a row after them, rows without a column before them, stay whole
+        while True:
+            cols, rows = split("col"), split("row")
+            scopes = [_scope(r, cols) for r in rows]
+            alone = [c for c in cols if not any(_within(c, s) for s in scopes)]
+            alone += [r for r, s in zip(rows, scopes) if not any(_within(c, s) for c in cols)]
+            if not alone:
+                return
+            for n in alone:
+                del keep[n]
+
+    unpaired()
+    by_scope = collections.defaultdict(list)
+    for r in split("row"):
+        by_scope[_scope(r, split("col"))].append(r)
+    for scope, rows in sorted(by_scope.items(), key=lambda item: -len(item[0])):  # inner regions first
+        inner = [s for s in by_scope if s != scope and _within(s, scope)]  # another row's region inside it
+        if len(rows) > 1:
+            whole(scope, f"{scope or 'the model'} has {len(rows)} row-parallel layers ({', '.join(rows)}): one's "
+                         "output feeds the other, which needs it whole")
+            continue
+        r = rows[0]
+        r_in, r_out = _widths(named[r])
+        cols = [c for c in split("col") if _within(c, scope) and not any(_within(c, s) for s in inner)]
+        attention = _last(r) in _O and (_is_attention(r) or "Attention" in type(named[r.rpartition(".")[0]]).__name__)
+        if not attention:  # an MLP: each column's output is the row's input, or [gate | up] of it
+            for c in cols:
+                c_out = _widths(named[c])[1]
+                if c_out == 2 * r_in and keep[c].style == "colwise":
+                    keep[c] = keep[c]._replace(style="packed_colwise")
+                elif c_out != r_in and not (c_out == 2 * r_in and keep[c].style == "packed_colwise"):
+                    whole(scope, f"{c} has {c_out} output features but {r} reads {r_in}: the computation between "
+                                 "them changes the width, so a split of one is not the split of the other")
+                    break
+            if r not in keep:
+                continue
+        sums = collections.Counter()
+        for c in cols:
+            sums[c.rpartition(".")[0]] += _widths(named[c])[1]
+        full = {r_in, *sums.values(), *(_widths(named[c])[1] for c in cols)}
+        after = r.rpartition(".")[0] if scope != r.rpartition(".")[0] else None  # the lone row's parent: after it
+        head_dims = {ctx.heads[2]} if ctx.heads else set()
+        for mname, m in (named[scope].named_modules() if scope else named[""].named_modules()):
+            full_name = f"{scope}.{mname}" if scope and mname else (scope or mname)
+            if (full_name in keep or any(full_name.startswith(n + ".") for n in keep) or isinstance(m, TPModule)
+                    or any(_within(full_name, s) for s in inner + ([after] if after else []))
+                    or _ACT.match(_last(full_name))):
+                continue
+            params = list(m.parameters(recurse=False))
+            if _is_linear(m):  # a linear layer reading the region's input: only its output width counts, where
+                params = [m.weight.new_empty(_widths(m)[1])]  # it is not the input's (hidden) width
+            if _last(full_name) in _HEAD_NORM and all(p.dim() == 1 and p.numel() in head_dims for p in params):
+                continue
+            bad = next((p for p in params if set(p.shape) & (full - {r_out})), None)
+            parents = {r.rpartition(".")[0]} | {c.rpartition(".")[0] for c in cols}
+            if bad is None and not _is_linear(m) and full_name.rpartition(".")[0] in parents:
+                bad = next((p for p in params if r_out in p.shape), None)  # the hidden width too, beside the
+                # pair's layers where it is applied after a column
+                if bad is not None and not _called_after(full_name, cols, r, named):
+                    bad = None
+            if bad is not None:
+                whole(scope, f"{full_name} ({type(m).__name__}) holds a parameter of shape {list(bad.shape)} over "
+                             f"the whole width that {', '.join(cols)} / {r} would split (a norm, convolution or "
+                             "adapter over the sharded dimension): kept whole")
+                break
+    unpaired()
+    return keep, why
 
 
 def _check(model, named, chosen, ctx):
