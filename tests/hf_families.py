@@ -216,7 +216,7 @@ def _where(exc):
     return f"{path}:{f.lineno} {f.name}"
 
 
-def _msg(exc, limit=300):
+def _msg(exc, limit=600):
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:limit]}"
 
