@@ -621,14 +621,14 @@ def check_sharded_norm():
     for other in (_OnePlusNorm(width, eps=1e-6), _EpsOutsideNorm(width, eps=1e-6), nn.RMSNorm(width),
                   nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)):
         assert norms.norm_kind(other, width) is None, other
-    splits = [(70, [rg[0] for rg in shard_ranges(70, p, training=True)], 1),
-              (128, [rg[0] for rg in shard_ranges(128, p, training=False)], 1),  # a zero-width rank at p = 3
-              (70, [pc for rg in shard_ranges(35, p, training=True) for pc in (rg[0], (35 + rg[0][0], rg[0][1]))], 2)]
+    splits = [(70, shard_ranges(70, p, training=True)),
+              (128, shard_ranges(128, p, training=False)),  # a zero-width rank at p = 3
+              (70, [[rg[0], (35 + rg[0][0], rg[0][1])] for rg in shard_ranges(35, p, training=True)])]
     for dtype in (torch.float64, torch.float32):
-        for width, ranges, nblocks in splits:
+        for width, pieces in splits:
             for make in (lambda: nn.RMSNorm(width, eps=1e-5), lambda: nn.LayerNorm(width, eps=1e-5),
                          lambda: nn.LayerNorm(width, eps=1e-5, bias=False)):
-                seed("norm", width, nblocks, dtype)
+                seed("norm", width, len(pieces[0]), dtype)
                 ref = make().to(dtype)
                 with torch.no_grad():
                     for q in ref.parameters():
@@ -637,8 +637,8 @@ def check_sharded_norm():
                 x[0, 0] *= 1e-3  # a row whose mean square is about eps
                 mine = copy.deepcopy(ref)
                 kind = norms.norm_kind(mine, width)
-                sharded = norms.ShardedNorm.from_module(mine, group, ranges, nblocks, kind)
-                idx = torch.cat([torch.arange(o, o + s) for o, s in ranges[r * nblocks:(r + 1) * nblocks]])
+                sharded = norms.ShardedNorm.from_module(mine, group, pieces, kind)
+                idx = torch.cat([torch.arange(o, o + s) for o, s in pieces[r]])
                 xr = x[..., idx].clone().requires_grad_(True)
                 x = x.requires_grad_(True)
                 dy = torch.randn(2, 5, width, dtype=dtype)
@@ -646,7 +646,7 @@ def check_sharded_norm():
                 (y * dy).sum().backward()
                 yr = sharded(xr)
                 (yr * dy[..., idx]).sum().backward()
-                what = f"{kind} width {width} {nblocks} block(s) {dtype}"
+                what = f"{kind} width {width} {len(pieces[0])} block(s) {dtype}"
                 tol = TOL[dtype] * (10 if dtype == torch.float32 else 1e3)
                 close(yr, y[..., idx], dtype, f"{what}: output", tol)
                 close(xr.grad, x.grad[..., idx], dtype, f"{what}: input gradient", tol)

@@ -81,16 +81,16 @@ class ShardedNorm(nn.Module):
         self.eps, self.full_width, self.mp_group, self.kind = float(eps), int(full_width), mp_group, kind
 
     @classmethod
-    def from_module(cls, module, mp_group, ranges, nblocks=1, kind="rms"):
-        """The norm module (weight [full width], bias or None, its eps) split as a layer's last dim: ranges
-        holds nblocks (offset, size) pieces per rank, rank after rank (a row layer's input pieces). Its
-        parameters become this rank's shards (the same Parameter objects, marked and gatherable as
-        tplinear's layers' are)."""
+    def from_module(cls, module, mp_group, pieces, kind="rms"):
+        """The norm module (weight [full width], bias or None, its eps) split by pieces: for each rank, its
+        [(offset, size), ...] (a layer's shard_ranges(), tplinear.partition.shard_ranges). Its parameters
+        become this rank's shards (the same Parameter objects, marked and gatherable as tplinear's layers'
+        are)."""
         full = module.weight.shape[0]
         bias = getattr(module, "bias", None)
         params = [p for p in (module.weight, bias) if p is not None]
         for p in params:
-            _shard(p, mp_group, ranges, nblocks, full)
+            _shard(p, mp_group, pieces, full)
         return cls(module.weight, bias, eps=_eps(module), full_width=full, mp_group=mp_group, kind=kind)
 
     def forward(self, x):
@@ -115,13 +115,12 @@ class ShardedNorm(nn.Module):
                 f"rank {self.mp_group.rank} of {self.mp_group.size}")
 
 
-def _shard(param, group, ranges, nblocks, full):
+def _shard(param, group, pieces, full):
     """param (1-d, full) becomes this rank's pieces, marked as a sharded parameter (param.tp_layer gathers it)."""
     with torch.no_grad():
-        param.data = torch.cat([param.detach()[off:off + size] for off, size in
-                                ranges[group.rank * nblocks:(group.rank + 1) * nblocks]])
+        param.data = torch.cat([param.detach()[off:off + size] for off, size in pieces[group.rank]])
     param.grad = None
     param.tensor_model_parallel = True
     param.partition_dim = 0
-    param.tp_layer = ExpertShard(group, 0, list(ranges), nblocks, full)
+    param.tp_layer = ExpertShard(group, 0, [pc for own in pieces for pc in own], len(pieces[0]), full)
     _grads.track(param, param.tp_layer, True)

@@ -1281,9 +1281,8 @@ def _apply(model, named, chosen, ctx, norms):
         setattr(named[parent_name] if parent_name else model, child, layer)
     for name, (row, kind) in norms.items():
         parent_name, _, child = name.rpartition(".")
-        layer = built[row]
         setattr(named[parent_name] if parent_name else model, child, _norms.ShardedNorm.from_module(
-            named[name], ctx.group, layer._flat_ranges(), layer._nblocks, kind))
+            named[name], ctx.group, built[row].shard_ranges(), kind))
     _update_attention_attributes(model, built, _dealt_heads(ctx.heads, ctx))
     _replicated_kv_attributes(model, built)
     _reduce_region_grads(model, built, ctx)
