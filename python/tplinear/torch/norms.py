@@ -8,8 +8,9 @@ and computes, in float32 or better (the input's dtype where wider),
     RMSNorm    y = w_r * (x_r * rsqrt(sum_group(sum x_r^2) / N + eps))
     LayerNorm  y = w_r * ((x_r - m) * rsqrt(v + eps)) + b_r,   m, v from sum_group([sum x_r, sum x_r^2]) / N
 
-with N the full width (LayerNorm's sums in float64: the variance is their difference) and one all-reduce of the local sums per call (backward: the sums' gradient all-reduced,
-so every rank's input gradient is the full one for its features). ``norm_kind`` says whether a module is such
+with N the full width (LayerNorm's sums in float64: the variance is their difference) and one all-reduce of
+the local sums per call (backward: the sums' gradient all-reduced, so every rank's input gradient is the
+full one for its features). ``norm_kind`` says whether a module is such
 a norm: a torch ``nn.RMSNorm`` / ``nn.LayerNorm`` with an elementwise affine weight, or a module (Hugging Face
 ``*RMSNorm``) that computes the same as the formula above on a probe (its own eps; Gemma's ``1 + w`` and an
 eps outside the root do not match, and stay whole).
@@ -50,8 +51,11 @@ def norm_kind(module, width):
     x = torch.randn(4, width, generator=gen, dtype=torch.float64)
     x[1] *= eps ** 0.5  # a row whose mean square is about eps: where eps goes shows
     x[2] += 3.0  # a mean far from 0: RMSNorm and LayerNorm differ
-    probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
     with torch.no_grad():
+        try:
+            probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
+        except Exception:  # noqa: BLE001 - a module that cannot be copied is not switched
+            return None
         probe.weight.copy_(torch.rand(width, generator=gen, dtype=torch.float64) + 0.5)
         if bias is not None:
             probe.bias.copy_(torch.randn(width, generator=gen, dtype=torch.float64))
@@ -68,9 +72,10 @@ def norm_kind(module, width):
 
 
 class ShardedNorm(nn.Module):
-    """An RMSNorm ("rms") or LayerNorm ("layer") over a last dim of full_width split across mp_group, this
-    rank holding features [offset, offset + size): weight and bias are this rank's pieces (see the module
-    docstring). from_module builds one from the norm it replaces."""
+    """An RMSNorm ("rms") or LayerNorm ("layer") over a last dim of full_width split across mp_group: weight
+    and bias (None: none) are this rank's pieces of it, the input's last dim the same pieces (see the module
+    docstring; a gated norm, Mamba2's, would multiply its input by act(gate) before calling this forward).
+    from_module builds one from the norm it replaces."""
 
     def __init__(self, weight, bias=None, *, eps, full_width, mp_group, kind="rms"):
         super().__init__()
