@@ -2,6 +2,8 @@
 MoE experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert, OLMoE, gpt-oss with biases and the
 clamped, interleaved gate/up) split by tplinear.torch.parallelize against the unsharded float64 model."""
 import copy
+import glob
+import os
 
 import torch
 
@@ -59,7 +61,7 @@ def experts_of(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, moe._TPExperts)}
 
 
-def check_moe(kind, training, steps=3):
+def check_moe(kind, training, steps=3, ckpt_dir=None):
     """Logits, loss, every gradient (gathered) and AdamW steps against the unsharded float64 model; the
     expert shards' storage is 1/p of the experts' (within one unit per expert)."""
     p, r = dist.get_world_size(), dist.get_rank()
@@ -121,9 +123,35 @@ def check_moe(kind, training, steps=3):
     full = tpt.full_state_dict(model, rank0_only=False)  # what save_pretrained writes: the experts whole
     for name, t in ref.state_dict().items():
         close(full[name], t, torch.float64, f"{what} full_state_dict[{name}]", 1e-5)
+    if ckpt_dir is not None:
+        check_checkpoint(model, ref, what, ckpt_dir)
     print(f"rank {r}: {what}: exact, expert shards "
           f"{sum(params[n].untyped_storage().nbytes() for n in full_expert_bytes)} of "
           f"{sum(full_expert_bytes.values())} bytes", flush=True)
+
+
+def check_checkpoint(model, ref, what, path):
+    """save_checkpoint stores the expert shards whole (consolidated: the file holds the unsharded tensors) or
+    with their partition (sharded), and load_checkpoint fills a parallelized copy whose parameters were zeroed."""
+    from safetensors.torch import load_file
+    for layout in ("consolidated", "sharded"):
+        where = os.path.join(path, f"{what}-{layout}".replace(" ", "-"))
+        tpt.save_checkpoint(where, model, layout=layout, progress=False)
+        if layout == "consolidated":
+            stored = {}
+            for f in glob.glob(os.path.join(where, "*.safetensors")):
+                stored.update(load_file(f))
+            for name, t in ref.state_dict().items():
+                close(stored[name], t, torch.float64, f"{what} {layout} checkpoint's {name}", 1e-5)
+        fresh = tpt.parallelize(copy.deepcopy(ref))
+        with torch.no_grad():
+            for q in fresh.parameters():
+                q.zero_()
+        tpt.load_checkpoint(where, fresh, progress=False)
+        for name, q in fresh.named_parameters():
+            layer = getattr(q, "tp_layer", None)
+            close(q.detach() if layer is None else layer.full_tensor(q), dict(ref.named_parameters())[name],
+                  torch.float64, f"{what} {name} loaded from the {layout} checkpoint", 1e-5)
 
 
 def check_grouped_mm_and_twice():

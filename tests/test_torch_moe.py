@@ -20,9 +20,9 @@ KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_moe_experts_match_the_unsharded_model(nproc):
+def test_moe_experts_match_the_unsharded_model(nproc, tmp_path):
     """Intermediate size 41: uneven at 2 and 3 ranks. Training mode with 3 AdamW steps (p=2) or 1 (p=3);
-    inference mode for Mixtral and gpt-oss."""
+    inference mode for Mixtral and gpt-oss, whose models are also saved and loaded (both layouts)."""
     steps = 3 if nproc == 2 else 1
     assert_world_ok(nproc, f"""
         import moe_checks as m
@@ -30,6 +30,6 @@ def test_moe_experts_match_the_unsharded_model(nproc):
         for kind in {KINDS!r}:
             m.check_moe(kind, True, steps={steps})
         for kind in ("mixtral", "gpt_oss"):
-            m.check_moe(kind, False, steps=1)
+            m.check_moe(kind, False, steps=1, ckpt_dir={str(tmp_path)!r})
         m.check_grouped_mm_and_twice()
     """, env=ENV, timeout=600)

@@ -16,6 +16,7 @@ from .. import _ckpt, _ckpt_paths
 from .. import _layout
 from .. import distributed as dist
 from .modules import TPModule
+from .moe import ExpertShard
 
 # torch dtypes NumPy has no native type for: the integer type of the same size that carries their bits (built
 # on first use, as tplinear._ckpt's codes: ml_dtypes is slow to import)
@@ -100,8 +101,15 @@ class TorchTensors:
 
 
 def _tensor_entry(name, t, group, dim=None, like=None):
-    """An entry for a plain tensor: replicated on group, or (like: a parameter's entry) split as it is."""
+    """An entry for a plain tensor: replicated on group, split as its tp_layer says (a parameter split in place),
+    or (like: a parameter's entry) split as it is."""
     common = dict(get=lambda: to_numpy(t), put=lambda a: _copy_into(t, a), buffer=lambda: _live(t, np_dtype(t)))
+    part = getattr(t, "tp_layer", None)
+    if like is None and isinstance(part, ExpertShard):  # split in place: MoE experts, sharded norms, SSM mixers
+        dim, ranges, full = part.layout()
+        shape = list(t.shape)
+        shape[dim] = full
+        return _ckpt.Entry(name, shape, np_dtype(t), dim, ranges, part.mp_group, part.tp_index, **common)
     if like is None:
         return _ckpt.Entry(name, t.shape, np_dtype(t), None, None, group, group.rank if group else 0, **common)
     return _ckpt.Entry(name, like.shape, np_dtype(t), like.dim, like.ranges, like.group, like.rank, blocks=like.blocks,

@@ -86,6 +86,12 @@ class ExpertShard:
     def _is_sharded(self, param):  # the training loop's question to a layer (tplinear.torch.training)
         return True
 
+    def layout(self):
+        """(dim, every rank's pieces along dim as [[(offset, size), ...] for each rank], the full size along
+        dim): how a checkpoint stores and reshards the parameter."""
+        n = self._nblocks
+        return self.dim, [self._ranges[r * n:(r + 1) * n] for r in range(self.tp_world_size)], self._full
+
     def __repr__(self):
         return f"ExpertShard(dim={self.dim}, pieces={self._ranges[self.tp_index * self._nblocks:][:self._nblocks]})"
 
