@@ -35,10 +35,32 @@ def is_fused_experts(module):
         _param3(module, "gate_up_proj") is not None or _param3(module, "up_proj") is not None)
 
 
-def _layout(name, module):
-    """(up name, has gate, transposed, interleaved, I)."""
+_HIDDEN = ("hidden_dim", "hidden_size")  # the experts module's own record of its input's width
+
+
+def config_hidden_size(model):
+    """The model config's hidden size (the text config's), else None: the experts' input width where the
+    experts module does not keep it (_HIDDEN)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    v = getattr(config, "hidden_size", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def is_sharded_experts(module):
+    """Whether module is a fused experts module shard_experts has split."""
+    return isinstance(module, _TPExperts)
+
+
+def _layout(name, module, hidden=None):
+    """(up name, gate name or None, has gate, transposed, interleaved, I). hidden: the experts' input width,
+    where the module does not keep it; it tells the layout where both fit the shapes (no gate and I = H / 2)."""
     up_name = "gate_up_proj" if _param3(module, "gate_up_proj") is not None else "up_proj"
     up, down = module._parameters[up_name], module._parameters["down_proj"]
+    gate_name = "gate_proj" if up_name == "up_proj" and _param3(module, "gate_proj") is not None else None
+    if gate_name is not None and module._parameters[gate_name].shape != up.shape:
+        raise ValueError(f"{name}: gate_proj {tuple(module._parameters[gate_name].shape)} and up_proj "
+                         f"{tuple(up.shape)} differ")
     has_gate = bool(getattr(module, "has_gate", up_name == "gate_up_proj")) and up_name == "gate_up_proj"
     k = 2 if has_gate else 1
     inner = next((f"{name}.{n}" for n, m in module.named_modules() if n and any(True for _ in m.parameters())), None)
@@ -51,16 +73,30 @@ def _layout(name, module):
     plain = b == c and a == k * d  # up [E, kI, H], down [E, H, I]
     flipped = a == d and b == k * c  # up [E, H, kI], down [E, I, H]
     transposed = getattr(module, "is_transposed", None)
+    if transposed is None and plain and flipped:  # square by shape: the input width tells
+        own = next((getattr(module, h) for h in _HIDDEN if isinstance(getattr(module, h, None), int)), None)
+        hidden = own if own is not None else hidden
+        plain, flipped = plain and b == hidden, flipped and a == hidden
     if transposed is None:
         if plain == flipped:
             raise ValueError(f"{name}: cannot tell the experts' layout from {up_name} {tuple(up.shape)} and down_proj "
-                             f"{tuple(down.shape)}")
+                             f"{tuple(down.shape)} (hidden size {hidden}, from the module's {' / '.join(_HIDDEN)} "
+                             "or the model config)")
         transposed = flipped
     if not (flipped if transposed else plain):
         raise ValueError(f"{name}: {up_name} {tuple(up.shape)} and down_proj {tuple(down.shape)} do not make experts "
                          f"({'transposed' if transposed else 'not transposed'}, {'with' if has_gate else 'no'} gate)")
     interleaved = has_gate and not getattr(module, "is_concatenated", True)
-    return up_name, has_gate, bool(transposed), interleaved, int(c if transposed else d)
+    return up_name, gate_name, has_gate, bool(transposed), interleaved, int(c if transposed else d)
+
+
+def split_dims(name, module, hidden=None):
+    """{parameter name: the dim shard_experts splits it along} of a fused experts module (its intermediate
+    dim); raises (naming the module and the reason) where they cannot be split. hidden: as in shard_experts."""
+    up_name, gate_name, _, transposed, _, _ = _layout(name, module, hidden)
+    dims = {n: 2 if transposed else 1 for n in (up_name, gate_name) if n is not None}
+    dims["down_proj"] = 1 if transposed else 2
+    return dims
 
 
 class ExpertShard:
@@ -140,9 +176,10 @@ def _tp_class(cls):
     return _CLASSES[cls]
 
 
-def shard_experts(name, module, group):
-    """Splits one fused experts module over group in place (see the module docstring); returns module."""
-    up_name, has_gate, transposed, interleaved, inter = _layout(name, module)
+def shard_experts(name, module, group, hidden=None):
+    """Splits one fused experts module over group in place (see the module docstring); returns module.
+    hidden: the experts' input width where the module does not keep it (config_hidden_size(model))."""
+    up_name, gate_name, has_gate, transposed, interleaved, inter = _layout(name, module, hidden)
     p = group.size
     # DeepSpeed's training split (every rank holds about I / p), in grains of 16 bytes where I is made of them:
     # transformers' grouped_mm experts need 16-byte strides, which the unsharded experts then have too
@@ -156,10 +193,11 @@ def shard_experts(name, module, group):
         up_ranges, up_blocks = [r[0] for r in units], 1
     k = 2 if has_gate else 1
     down_ranges = [r[0] for r in units]
-    _shard_param(module._parameters[up_name], group, 2 if transposed else 1, up_ranges, up_blocks, k * inter)
-    up_bias = module._parameters.get(f"{up_name}_bias")
-    if isinstance(up_bias, nn.Parameter) and up_bias.dim() == 2:
-        _shard_param(up_bias, group, 1, up_ranges, up_blocks, k * inter)
+    for n in (up_name, gate_name) if gate_name else (up_name,):  # a separate 3-d gate_proj as up_proj
+        _shard_param(module._parameters[n], group, 2 if transposed else 1, up_ranges, up_blocks, k * inter)
+        up_bias = module._parameters.get(f"{n}_bias")
+        if isinstance(up_bias, nn.Parameter) and up_bias.dim() == 2:
+            _shard_param(up_bias, group, 1, up_ranges, up_blocks, k * inter)
     _shard_param(module._parameters["down_proj"], group, 1 if transposed else 2, down_ranges, 1, inter)
     bias = module._parameters.get("down_proj_bias")
     if isinstance(bias, nn.Parameter) and bias.requires_grad and not getattr(bias, "_tplinear_grad_allreduce", False):
@@ -177,9 +215,9 @@ def shard_experts(name, module, group):
 
 def parallelize_experts(model, group):
     """Splits every fused experts module of model over group; returns their names."""
-    done = []
+    done, hidden = [], config_hidden_size(model)
     for name, module in list(model.named_modules()):
         if is_fused_experts(module):
-            shard_experts(name, module, group)
+            shard_experts(name, module, group, hidden)
             done.append(name)
     return done
