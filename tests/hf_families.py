@@ -222,10 +222,10 @@ def _msg(exc, limit=600):
 
 
 def is_expert_param(name, dim):
-    """A routed expert's weight (not a shared expert's, not down_proj_bias, which stays replicated by
-    design, not a 3-d conv weight elsewhere in the model)."""
+    """A routed expert's weight (not a shared expert's, not down_proj_bias or a post_expert_norm's weight,
+    which stay replicated by design, not a 3-d conv weight elsewhere in the model)."""
     last = name.rsplit(".", 1)[-1]
-    routed = bool(re.search(r"(^|\.)experts(\.|$)", name)) and "shared" not in name
+    routed = bool(re.search(r"(^|\.)experts(\.|$)", name)) and "shared" not in name and ".post_expert_norm." not in name
     return routed and last != "down_proj_bias" or dim == 3 and last in ("gate_up_proj", "down_proj", "up_proj")
 
 

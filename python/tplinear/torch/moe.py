@@ -52,6 +52,9 @@ def is_sharded_experts(module):
     return isinstance(module, _TPExperts)
 
 
+_NORM = "post_expert_norm"  # a norm after each expert's down_proj (Ergo, MuseSpark): its input all-reduced
+
+
 def _layout(name, module, hidden=None):
     """(up name, gate name or None, has gate, transposed, interleaved, I). hidden: the experts' input width,
     where the module does not keep it; it tells the layout where both fit the shapes (no gate and I = H / 2)."""
@@ -63,11 +66,13 @@ def _layout(name, module, hidden=None):
                          f"{tuple(up.shape)} differ")
     has_gate = bool(getattr(module, "has_gate", up_name == "gate_up_proj")) and up_name == "gate_up_proj"
     k = 2 if has_gate else 1
-    inner = next((f"{name}.{n}" for n, m in module.named_modules() if n and any(True for _ in m.parameters())), None)
-    if getattr(module, "has_post_expert_norm", False) or inner is not None:  # (Ergo's post_expert_norm)
-        raise NotImplementedError(f"{name}: experts with a norm after each expert (has_post_expert_norm"
-                                  f"{'' if inner is None else ': ' + inner}) cannot be split along their "
-                                  "intermediate dimension (it would see a partial sum); keep them replicated")
+    inner = next((f"{name}.{n}" for n, m in module.named_children() if n != _NORM and any(True for _ in m.parameters())),
+                 None)
+    if inner is not None or getattr(module, "has_post_expert_norm", False) and not isinstance(
+            getattr(module, _NORM, None), nn.Module):
+        raise NotImplementedError(f"{name}: experts with a module of their own after each expert "
+                                  f"({inner or 'has_post_expert_norm, but no ' + _NORM}) cannot be split along "
+                                  "their intermediate dimension (it would see a partial sum); keep them replicated")
     _, a, b = up.shape
     _, c, d = down.shape
     plain = b == c and a == k * d  # up [E, kI, H], down [E, H, I]
@@ -142,18 +147,24 @@ def _shard_param(param, group, dim, ranges, nblocks, full):
 
 
 class _TPExperts:
-    """Mixed into a fused experts module's class: its forward on this rank's shards, then one all-reduce."""
+    """Mixed into a fused experts module's class: its forward on this rank's shards, then one all-reduce
+    (with a post_expert_norm: the norm's input is all-reduced instead, see shard_experts)."""
 
     def forward(self, *args, **kwargs):
         group = self._tplinear_group
+        norm = isinstance(getattr(self, _NORM, None), nn.Module)
 
         def enter(a):  # forward: as is; backward: the ranks' partial gradients summed
             if isinstance(a, torch.Tensor) and a.is_floating_point():
                 return _ops.CopyToGroup.apply(a, group)
             return a
 
-        args = [enter(a) for a in args]
-        kwargs = {k: enter(v) for k, v in kwargs.items()}
+        if norm:  # only the hidden states reach the split projections; the rest (routing weights) is applied
+            args = [enter(a) for a in args[:1]] + list(args[1:])  # after the norm, the same on every rank
+            kwargs = {k: enter(v) if k == "hidden_states" else v for k, v in kwargs.items()}
+        else:
+            args = [enter(a) for a in args]
+            kwargs = {k: enter(v) for k, v in kwargs.items()}
         bias = self._parameters.get("down_proj_bias")
         if bias is not None and group.rank != 0:  # the bias once: rank 0 adds it, the others add zeros
             self._parameters["down_proj_bias"] = bias * 0
@@ -162,6 +173,8 @@ class _TPExperts:
         finally:
             if bias is not None:
                 self._parameters["down_proj_bias"] = bias
+        if norm:
+            return out
         if isinstance(out, tuple):
             return (_ops.ReduceFromGroup.apply(out[0], group),) + tuple(out[1:])
         return _ops.ReduceFromGroup.apply(out, group)
@@ -208,6 +221,10 @@ def shard_experts(name, module, group, hidden=None):
     for attr in ("intermediate_dim", "intermediate_size", "expert_dim", "moe_intermediate_size"):
         if getattr(module, attr, None) == inter and not isinstance(getattr(module, attr), bool):
             setattr(module, attr, local)
+    norm = getattr(module, _NORM, None)
+    if isinstance(norm, nn.Module):  # the norm needs each expert's whole output: the ranks' partial down_proj
+        norm.register_forward_pre_hook(lambda m, args: (  # outputs are summed at its input (one all-reduce
+            _ops.ReduceFromGroup.apply(args[0], group), *args[1:]))  # of topk x tokens rows, not tokens rows)
     module._tplinear_group = group
     module.__class__ = _tp_class(type(module))
     return module

@@ -1015,9 +1015,6 @@ def _choose(model, plan, named):
     if plan is None and rules is not None and not any(_is_linear(named[n]) for n in chosen):
         # an HF plan that names no linear layer (only experts, norms, ...) does not switch the name rules off
         chosen = {**_choose_by(None, vocab, named), **chosen}
-    if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
-        raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
-                         f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
     params = {}
     if rules is not None:  # a plan may name parameters (bare nn.Parameters): replicate is a no-op there, a
         for name in dict(model.named_parameters()):  # column style splits one by its attention's heads
@@ -1034,6 +1031,9 @@ def _choose(model, plan, named):
                 params[name] = _Choice(style, pattern, rules.source)
             else:
                 _refuse(name, style, pattern, rules.source)
+    if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
+        raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
+                         f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
     return chosen, params
 
 
