@@ -94,6 +94,8 @@ VARIANTS = {
     # the default kv_heads="auto": Llama with 1 KV head, with 2 (replicated at 3 ranks, whole at 2)
     "llama+mqa": ("llama", {"num_key_value_heads": 1}),
     "llama+gqa2": ("llama", {"num_key_value_heads": 2}),
+    # the model's plan splits k / v by whole heads (unit_colwise): 1 KV head, fewer than the ranks
+    "minicpm5_moe+mqa": ("minicpm5_moe", {"num_key_value_heads": 1}),
     # kv_heads="whole" (PARALLELIZE below): a multi-query fused QKV cannot be split by whole KV heads: refused
     "falcon+kv_whole": ("falcon", {}),
     "gpt_bigcode+kv_whole": ("gpt_bigcode", {}),
