@@ -12,7 +12,8 @@ from tplinear.torch import moe
 
 from torch_checks import close, full_grad, init, seed  # noqa: F401
 
-INTER = {"mixtral": 40, "qwen3_moe": 40, "qwen2_moe": 40, "olmoe": 40, "gpt_oss": 40, "llama4": 40}  # no p in 2..4 divides 40 + 1
+# no p in 2..4 divides 40 + 1
+INTER = {"mixtral": 40, "qwen3_moe": 40, "qwen2_moe": 40, "olmoe": 40, "gpt_oss": 40, "llama4": 40}
 VOCAB = 97
 
 

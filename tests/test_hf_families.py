@@ -2,8 +2,9 @@
 families (tiny configs, tests/hf_families.py), training and inference mode, against the unsharded model
 (float64): Llama (the HF plan, GQA), GPT-2 (Conv1D, fused c_attn, name rules), Mixtral (fused MoE experts),
 Qwen2-MoE (experts beside a shared expert), Llama-4 (its plan's expert styles: packed_rowwise / colwise on the
-3-d parameters, moe_tp_experts), MiniCPM5-MoE with 1 KV head (its plan's unit_colwise k / v, K / V replicated), the fused QKV layouts (Phi-3's [q | k | v] with GQA under
-colwise_gather_output, CodeGen's mp_num interleave, GPT-NeoX / Bloom per-head [q k v] with ALiBi, Falcon's
+3-d parameters, moe_tp_experts), MiniCPM5-MoE with 1 KV head (its plan's unit_colwise k / v, K / V
+replicated), the fused QKV layouts (Phi-3's [q | k | v] with GQA under colwise_gather_output, CodeGen's
+mp_num interleave, GPT-NeoX / Bloom per-head [q k v] with ALiBi, Falcon's
 new decoder architecture [q .. q k v] per KV head) at 2 and 3 ranks, BERT (an unpaired ``dense`` stays whole),
 Apertus (xIELU's alpha_p / alpha_n gradients reduced over the group), heads from the attention's own sizes
 (DeepSeek-V3's MLA: q_b_proj / kv_b_proj / o_proj of their own widths per head; Qwen3-Next's gated q_proj;

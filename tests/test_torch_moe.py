@@ -55,6 +55,7 @@ def test_layout_of_non_gated_experts_from_the_hidden_size():
     experts.hidden_dim = 4  # the module's own size wins over the config's
     assert moe.split_dims("x.shared_experts", experts, hidden=8)["down_proj"] == 1
     square = torch.nn.Module()
-    square.up_proj, square.down_proj = torch.nn.Parameter(torch.zeros(2, 8, 8)), torch.nn.Parameter(torch.zeros(2, 8, 8))
+    square.up_proj = torch.nn.Parameter(torch.zeros(2, 8, 8))
+    square.down_proj = torch.nn.Parameter(torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match="x.experts: cannot tell"):
         moe.split_dims("x.experts", square, hidden=8)

@@ -66,8 +66,8 @@ def _layout(name, module, hidden=None):
                          f"{tuple(up.shape)} differ")
     has_gate = bool(getattr(module, "has_gate", up_name == "gate_up_proj")) and up_name == "gate_up_proj"
     k = 2 if has_gate else 1
-    inner = next((f"{name}.{n}" for n, m in module.named_children() if n != _NORM and any(True for _ in m.parameters())),
-                 None)
+    inner = next((f"{name}.{n}" for n, m in module.named_children()
+                  if n != _NORM and any(True for _ in m.parameters())), None)
     if inner is not None or getattr(module, "has_post_expert_norm", False) and not isinstance(
             getattr(module, _NORM, None), nn.Module):
         raise NotImplementedError(f"{name}: experts with a module of their own after each expert "
