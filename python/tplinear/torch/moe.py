@@ -12,7 +12,9 @@ the combined expert output (routing weights applied); one all-reduce over the gr
 per expert. down's bias is added once (by rank 0; the other ranks add zeros) and its gradient is summed
 over the group, so every rank holds the same value. Backward: the gradients of the experts' inputs (the
 hidden states and the routing weights, whose partial products each rank computes) are all-reduced, so the
-replicated router and everything before it get the full gradient.
+replicated router and everything before it get the full gradient. A norm after each expert
+(``post_expert_norm``: Ergo, MuseSpark) gets the all-reduce at its input instead, and only the hidden states'
+gradient is summed (what follows the norm runs the same on every rank).
 """
 import torch
 from torch import nn
@@ -57,7 +59,8 @@ _NORM = "post_expert_norm"  # a norm after each expert's down_proj (Ergo, MuseSp
 
 def _layout(name, module, hidden=None):
     """(up name, gate name or None, has gate, transposed, interleaved, I). hidden: the experts' input width,
-    where the module does not keep it; it tells the layout where both fit the shapes (no gate and I = H / 2)."""
+    where the module does not keep it; it tells the layout where both fit the shapes (no gate: up [E, a, b]
+    beside down [E, b, a])."""
     up_name = "gate_up_proj" if _param3(module, "gate_up_proj") is not None else "up_proj"
     up, down = module._parameters[up_name], module._parameters["down_proj"]
     gate_name = "gate_proj" if up_name == "up_proj" and _param3(module, "gate_proj") is not None else None
@@ -78,7 +81,7 @@ def _layout(name, module, hidden=None):
     plain = b == c and a == k * d  # up [E, kI, H], down [E, H, I]
     flipped = a == d and b == k * c  # up [E, H, kI], down [E, I, H]
     transposed = getattr(module, "is_transposed", None)
-    if transposed is None and plain and flipped:  # square by shape: the input width tells
+    if transposed is None and plain and flipped:  # both fit (no gate): the input width tells
         own = next((getattr(module, h) for h in _HIDDEN if isinstance(getattr(module, h, None), int)), None)
         hidden = own if own is not None else hidden
         plain, flipped = plain and b == hidden, flipped and a == hidden

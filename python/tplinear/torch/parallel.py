@@ -189,7 +189,7 @@ class _Experts(_Style):
     """transformers 5's fused MoE experts (3-d gate_up_proj / down_proj): split along each expert's
     intermediate dim, one all-reduce after they combine (tplinear.torch.moe). A plan's entries on their 3-d
     parameters (colwise, packed_colwise, rowwise, packed_rowwise) are this split when they cut each parameter
-    along that dim (_expert_params)."""
+    along that dim (_expert_param)."""
 
     shards = True
 
@@ -206,7 +206,7 @@ class _Experts(_Style):
 
 class _ExpertParam(_Style):
     """A style transformers applies only to 3-d expert parameters (packed_rowwise: the last dim, [gate | up]
-    block by block), which _expert_params turns into their module's _Experts split."""
+    block by block), which _expert_param turns into their module's _Experts split."""
 
     param_dim = -1
 
@@ -1420,6 +1420,10 @@ def _refuse(name, style, pattern, source):
         raise NotImplementedError(f"{name}: style {style!r} (from {source}, {pattern!r}) needs {later.needs}, "
                                   "which tplinear does not have yet; leave it out of the plan to keep the module "
                                   "replicated")
+    if later is not None:  # a supported style on a bare parameter
+        raise ValueError(f"{name}: style {style!r} (from {source}, {pattern!r}) does not apply to a bare parameter "
+                         "(colwise splits one by its attention's heads; MoE experts' 3-d parameters take their "
+                         "module's split)")
     raise ValueError(f"{name}: unknown tensor-parallel style {style!r} (from {source}, {pattern!r}); "
                      f"tplinear.torch supports {', '.join(STYLES)}")
 
