@@ -94,6 +94,8 @@ VARIANTS = {
     # the default kv_heads="auto": Llama with 1 KV head, with 2 (replicated at 3 ranks, whole at 2)
     "llama+mqa": ("llama", {"num_key_value_heads": 1}),
     "llama+gqa2": ("llama", {"num_key_value_heads": 2}),
+    # the model's plan splits k / v by whole heads (unit_colwise): 1 KV head, fewer than the ranks
+    "minicpm5_moe+mqa": ("minicpm5_moe", {"num_key_value_heads": 1}),
     # kv_heads="whole" (PARALLELIZE below): a multi-query fused QKV cannot be split by whole KV heads: refused
     "falcon+kv_whole": ("falcon", {}),
     "gpt_bigcode+kv_whole": ("gpt_bigcode", {}),
@@ -222,10 +224,10 @@ def _msg(exc, limit=600):
 
 
 def is_expert_param(name, dim):
-    """A routed expert's weight (not a shared expert's, not down_proj_bias, which stays replicated by
-    design, not a 3-d conv weight elsewhere in the model)."""
+    """A routed expert's weight (not a shared expert's, not down_proj_bias or a post_expert_norm's weight,
+    which stay replicated by design, not a 3-d conv weight elsewhere in the model)."""
     last = name.rsplit(".", 1)[-1]
-    routed = bool(re.search(r"(^|\.)experts(\.|$)", name)) and "shared" not in name
+    routed = bool(re.search(r"(^|\.)experts(\.|$)", name)) and "shared" not in name and ".post_expert_norm." not in name
     return routed and last != "down_proj_bias" or dim == 3 and last in ("gate_up_proj", "down_proj", "up_proj")
 
 

@@ -1,8 +1,10 @@
 """A CI slice of benchmarks/hf_sweep.py: parallelize(model) with no plan on a few representative Hugging Face
 families (tiny configs, tests/hf_families.py), training and inference mode, against the unsharded model
 (float64): Llama (the HF plan, GQA), GPT-2 (Conv1D, fused c_attn, name rules), Mixtral (fused MoE experts),
-Qwen2-MoE (experts beside a shared expert), the fused QKV layouts (Phi-3's [q | k | v] with GQA under
-colwise_gather_output, CodeGen's mp_num interleave, GPT-NeoX / Bloom per-head [q k v] with ALiBi, Falcon's
+Qwen2-MoE (experts beside a shared expert), Llama-4 (its plan's expert styles: packed_rowwise / colwise on the
+3-d parameters, moe_tp_experts), MiniCPM5-MoE with 1 KV head (its plan's unit_colwise k / v, K / V
+replicated), the fused QKV layouts (Phi-3's [q | k | v] with GQA under colwise_gather_output, CodeGen's
+mp_num interleave, GPT-NeoX / Bloom per-head [q k v] with ALiBi, Falcon's
 new decoder architecture [q .. q k v] per KV head) at 2 and 3 ranks, BERT (an unpaired ``dense`` stays whole),
 Apertus (xIELU's alpha_p / alpha_n gradients reduced over the group), heads from the attention's own sizes
 (DeepSeek-V3's MLA: q_b_proj / kv_b_proj / o_proj of their own widths per head; Qwen3-Next's gated q_proj;
@@ -29,9 +31,10 @@ MODES = ("training", "inference")
 # (group of cases) -> {p: families}; each group runs in worlds of its own, so that each stays within the test timeout
 EXACT = {
     "families": {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch",
-                     "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge", "bitnet"],
+                     "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge", "bitnet",
+                     "llama4_text", "minicpm5_moe+mqa"],
                  3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus", "xlm",
-                     "prophetnet", "xlnet", "bitnet"]},
+                     "prophetnet", "xlnet", "bitnet", "minicpm5_moe+mqa"]},
     "heads": {2: ["qwen3_next", "xglm"], 3: ["deepseek_v3", "mimo_v2_flash", "beam"]},
     "kv_heads": {2: ["falcon", "gpt_bigcode", "llama+mqa"],
                  3: ["falcon", "gpt_bigcode", "llama+gqa2", "falcon+new_arch+kv_replicate"]},

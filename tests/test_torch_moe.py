@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="the model-level tests need transform
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ENV = {"TPLINEAR_TEST_SEED": str(SEED), "PYTHONPATH": TESTS}
-KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "llama4")
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -32,4 +32,30 @@ def test_moe_experts_match_the_unsharded_model(nproc, tmp_path):
         for kind in ("mixtral", "gpt_oss"):
             m.check_moe(kind, False, steps=1, ckpt_dir={str(tmp_path)!r})
         m.check_grouped_mm_and_twice()
+        m.check_plan_styles()
+        m.check_post_expert_norm()
     """, env=ENV, timeout=600)
+
+
+def test_layout_of_non_gated_experts_from_the_hidden_size():
+    """up [E, a, b] with down [E, b, a] fits both layouts by shape (no gate): the experts' input width (the
+    module's hidden_dim / hidden_size, else the config's, passed as hidden) tells them apart; a separate 3-d
+    gate_proj is split as up_proj; a square expert (I = H) is refused, naming the module."""
+    import torch
+    from tplinear.torch import moe
+
+    experts = torch.nn.Module()
+    experts.gate_proj = torch.nn.Parameter(torch.zeros(2, 4, 8))
+    experts.up_proj = torch.nn.Parameter(torch.zeros(2, 4, 8))
+    experts.down_proj = torch.nn.Parameter(torch.zeros(2, 8, 4))
+    with pytest.raises(ValueError, match="x.shared_experts: cannot tell the experts' layout"):
+        moe.split_dims("x.shared_experts", experts)
+    assert moe.split_dims("x.shared_experts", experts, hidden=8) == {"up_proj": 1, "gate_proj": 1, "down_proj": 2}
+    assert moe.split_dims("x.shared_experts", experts, hidden=4) == {"up_proj": 2, "gate_proj": 2, "down_proj": 1}
+    experts.hidden_dim = 4  # the module's own size wins over the config's
+    assert moe.split_dims("x.shared_experts", experts, hidden=8)["down_proj"] == 1
+    square = torch.nn.Module()
+    square.up_proj = torch.nn.Parameter(torch.zeros(2, 8, 8))
+    square.down_proj = torch.nn.Parameter(torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match="x.experts: cannot tell"):
+        moe.split_dims("x.experts", square, hidden=8)

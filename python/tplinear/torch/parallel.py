@@ -70,6 +70,7 @@ class _Linear(_Style):
 
     def __init__(self, kind, packed=None, **options):
         self.kind, self.packed, self.options = kind, packed, options
+        self.param_dim = -2 if kind == "col" else -1  # on a 3-d expert parameter (as transformers shards it)
 
     def check(self, name, module, choice, ctx):
         if not _is_linear(module):
@@ -185,6 +186,36 @@ class _MlaKvAProj(_Style):
         module.register_forward_hook(hook)
 
 
+class _Experts(_Style):
+    """transformers 5's fused MoE experts (3-d gate_up_proj / down_proj): split along each expert's
+    intermediate dim, one all-reduce after they combine (tplinear.torch.moe). A plan's entries on their 3-d
+    parameters (colwise, packed_colwise, rowwise, packed_rowwise) are this split when they cut each parameter
+    along that dim (_expert_param)."""
+
+    shards = True
+
+    def check(self, name, module, choice, ctx):
+        if not _moe.is_fused_experts(module):
+            raise ValueError(f"{name}: style {choice.style!r} ({choice.source}) is for MoE experts kept as 3-d "
+                             f"parameters (down_proj and gate_up_proj / up_proj), but {name} is a "
+                             f"{type(module).__name__}")
+        _moe.split_dims(name, module, _moe.config_hidden_size(ctx.model))
+
+    def apply(self, name, module, ctx):
+        _moe.shard_experts(name, module, ctx.group, _moe.config_hidden_size(ctx.model))
+
+
+class _ExpertParam(_Style):
+    """A style transformers applies only to 3-d expert parameters (packed_rowwise: the last dim, [gate | up]
+    block by block), which _expert_param turns into their module's _Experts split."""
+
+    param_dim = -1
+
+    def check(self, name, module, choice, ctx):
+        raise ValueError(f"{name}: style {choice.style!r} ({choice.source}) is for MoE experts' 3-d parameters, "
+                         f"but {name} is a {type(module).__name__}")
+
+
 class _Later(_Style):
     """A style transformers defines that needs what tplinear does not have yet: NotImplementedError naming the
     module (the seam for later work: give it a class above and an entry in _STYLES)."""
@@ -200,11 +231,13 @@ class _Later(_Style):
 
 _STYLES = {
     "colwise": _Linear("col"),
+    "unit_colwise": _Linear("col"),  # by whole heads, as the heads rule splits q / k / v (kv_heads)
     "colwise_gather_output": _Linear("col", gather_output=True),
     "colwise_rep": _Linear("col", gather_output=True),
     "colwise_gather": _Linear("col", gather_output=True),
     "packed_colwise": _Linear("col", packed=2),
     "rowwise": _Linear("row"),
+    "unit_rowwise": _Linear("row"),
     "rowwise_split_input": _Linear("row", input_is_parallel=False),
     "rowwise_rep": _Linear("row", input_is_parallel=False),
     "replicated_with_grad_allreduce": _GradAllReduce(),
@@ -215,8 +248,8 @@ _STYLES = {
     "sequence_parallel": _Later("sequence parallelism as a plan entry (parallelize(model, sequence_parallel=True) "
                                 "applies it to the whole decoder; see docs/torch.md)"),
     "embedding_colwise": _Later("a hidden-dim-parallel embedding"),
-    "packed_rowwise": _Later("a row-parallel layer over a packed input (MoE experts' 3-d weights)"),
-    "moe_tp_experts": _Later("tensor-parallel MoE experts (3-d expert weights)"),
+    "packed_rowwise": _ExpertParam(),
+    "moe_tp_experts": _Experts(),
     "moe_identity_expert": _Later("tensor-parallel MoE experts"),
     "local_params": _Replicate(),  # the owner of bare parameters that their own entries split (_head_params)
 }
@@ -983,26 +1016,50 @@ def _choose(model, plan, named):
     if plan is None and rules is not None and not any(_is_linear(named[n]) for n in chosen):
         # an HF plan that names no linear layer (only experts, norms, ...) does not switch the name rules off
         chosen = {**_choose_by(None, vocab, named), **chosen}
-    if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
-        raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
-                         f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
     params = {}
     if rules is not None:  # a plan may name parameters (bare nn.Parameters): replicate is a no-op there, a
         for name in dict(model.named_parameters()):  # column style splits one by its attention's heads
             pattern, style = rules.style(name)
             if style is None or isinstance(_STYLES.get(style), _Replicate) or name in named:
                 continue
-            if getattr(_STYLES.get(style), "kind", None) == "col" and not _STYLES[style].options:
+            owner = name.rpartition(".")[0]
+            if _moe.is_sharded_experts(named[owner]):  # parallelize twice
+                continue
+            if _moe.is_fused_experts(named[owner]):
+                chosen.setdefault(owner, _expert_param(model, name, named[owner], _Choice(style, pattern,
+                                                                                           rules.source)))
+            elif getattr(_STYLES.get(style), "kind", None) == "col" and not _STYLES[style].options:
                 params[name] = _Choice(style, pattern, rules.source)
             else:
                 _refuse(name, style, pattern, rules.source)
+    if rules is not None and not chosen and not any(rules.style(n)[1] for n in named if n in vocab):
+        raise ValueError(f"the plan from {rules.source} matches no module of this {type(model).__name__} "
+                         f"(patterns: {', '.join(p for p, _, _ in rules.entries)})")
     return chosen, params
+
+
+def _expert_param(model, name, module, choice):
+    """The _Choice of the experts module owning 3-d parameter name, which a plan names with choice: its
+    moe_tp_experts split, where choice's style cuts the parameter along the dim that split does (transformers:
+    colwise / packed_colwise the second-to-last dim, rowwise / packed_rowwise the last); else raises."""
+    owner, _, pname = name.rpartition(".")
+    dims = _moe.split_dims(owner, module, _moe.config_hidden_size(model))
+    dim = getattr(_STYLES.get(choice.style), "param_dim", None)
+    if dim is None:
+        _refuse(name, choice.style, choice.pattern, choice.source)
+    if pname not in dims or dims[pname] != module._parameters[pname].dim() + dim:
+        raise ValueError(f"{name}: style {choice.style!r} (from {choice.source}, {choice.pattern!r}) splits "
+                         f"{tuple(module._parameters[pname].shape)} along dim {dim}, but {owner}'s experts are "
+                         "split along their intermediate dim "
+                         f"({', '.join(f'{n} dim {d}' for n, d in dims.items())}); leave it out of the plan")
+    return _Choice("moe_tp_experts", choice.pattern, choice.source)
 
 
 def _choose_by(rules, vocab, named):
     chosen = {}
     for name, module in named.items():
-        if not name or isinstance(module, (TPModule, _ReplicatedRows)):  # parallelize twice is a no-op
+        if not name or isinstance(module, (TPModule, _ReplicatedRows)) or _moe.is_sharded_experts(module):
+            # parallelize twice is a no-op
             continue
         if rules is not None:
             pattern, style = rules.style(name)
@@ -1381,6 +1438,10 @@ def _refuse(name, style, pattern, source):
         raise NotImplementedError(f"{name}: style {style!r} (from {source}, {pattern!r}) needs {later.needs}, "
                                   "which tplinear does not have yet; leave it out of the plan to keep the module "
                                   "replicated")
+    if later is not None:  # a supported style on a bare parameter
+        raise ValueError(f"{name}: style {style!r} (from {source}, {pattern!r}) does not apply to a bare parameter "
+                         "(colwise splits one by its attention's heads; MoE experts' 3-d parameters take their "
+                         "module's split)")
     raise ValueError(f"{name}: unknown tensor-parallel style {style!r} (from {source}, {pattern!r}); "
                      f"tplinear.torch supports {', '.join(STYLES)}")
 
