@@ -1,0 +1,111 @@
+"""Checks that run inside each rank of a world spawned by tests/test_torch_ssm.py: transformers' Mamba and
+FalconMamba mixers split along their intermediate channels by tplinear.torch.parallelize, against the
+unsharded float64 model."""
+import copy
+
+import torch
+
+import tplinear as tp
+import tplinear.distributed as dist
+import tplinear.torch as tpt
+from tplinear.torch import ssm
+
+from torch_checks import close, full_grad, init, seed  # noqa: F401
+
+INTER, VOCAB = 101, 97  # d_inner 101: uneven over every p in 2..4
+
+
+def ssm_model(kind, dtype=torch.float64):
+    import transformers
+    from transformers import logging
+
+    logging.set_verbosity_error()
+    common = dict(vocab_size=VOCAB, hidden_size=48, state_size=8, num_hidden_layers=2, time_step_rank=6,
+                  conv_kernel=3, intermediate_size=INTER, use_bias=True, tie_word_embeddings=False)
+    if kind == "mamba":
+        cfg, cls = transformers.MambaConfig(**common), transformers.MambaForCausalLM
+    elif kind == "falcon_mamba":
+        cfg, cls = transformers.FalconMambaConfig(**common), transformers.FalconMambaForCausalLM
+    else:
+        raise ValueError(kind)
+    seed("ssm", kind)
+    model = cls(cfg)
+    with torch.no_grad():  # the biases start at zero, A_log / D at constants: make every value count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith(("A_log", "D")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype)
+
+
+def check_ssm(kind, training, steps=2):
+    """Training mode (model.train(), no cache): logits, loss, every gradient (gathered), AdamW steps, the full
+    state dict, and the mixers' channel shards at 1/p per rank; Mamba's fused-kernel branch is never taken.
+    Inference mode: a prefill and three cached decode steps, logits each time."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(training)
+    model = ssm_model(kind)
+    ref = copy.deepcopy(model)
+    tpt.parallelize(model)
+    what = f"{kind} {'training' if training else 'inference'} p={p}"
+    mixers = {n: m for n, m in model.named_modules() if isinstance(m, ssm._TPMixer)}
+    assert len(mixers) == 2, f"{what}: expected 2 tensor-parallel mixers, got {sorted(mixers)}"
+    sizes = torch.tensor([float(m.intermediate_size) for m in mixers.values()], dtype=torch.float64)
+    for m in mixers.values():
+        d = m.intermediate_size
+        assert m.A_log.shape[0] == m.D.shape[0] == m.conv1d.weight.shape[0] == m.dt_proj.weight.shape[0] == d, what
+        assert m.in_proj.weight.shape[0] == 2 * d and m.x_proj.weight.shape[1] == m.out_proj.weight.shape[1] == d
+        assert abs(d - INTER / p) < 1, (what, d)  # 101 is no multiple of the grain: dealt channel by channel
+    dist.all_reduce(sizes.numpy())
+    assert sizes.tolist() == [float(INTER)] * 2, (what, sizes)
+    seed("ssm-input", kind)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    if not training:
+        model.eval()
+        ref.eval()
+        with torch.no_grad():
+            out, expect = model(ids, use_cache=True), ref(ids, use_cache=True)
+            close(out.logits, expect.logits, torch.float64, f"{what} prefill logits", 1e-6)
+            cache, rcache = out.cache, expect.cache
+            for step in range(3):
+                nxt = expect.logits[:, -1:].argmax(-1)
+                out = model(nxt, cache=cache, use_cache=True)
+                expect = ref(nxt, cache=rcache, use_cache=True)
+                close(out.logits, expect.logits, torch.float64, f"{what} decode step {step} logits", 1e-6)
+        print(f"rank {r}: {what}: exact", flush=True)
+        return
+    model.train()
+    ref.train()
+    from transformers.models.mamba import modeling_mamba
+
+    def fused(*args, **kwargs):
+        raise AssertionError(f"{what}: a sharded mixer took the fused mamba_inner_fn branch")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for step in range(steps):
+        opt.zero_grad()
+        ropt.zero_grad()
+        saved, modeling_mamba.mamba_inner_fn = modeling_mamba.mamba_inner_fn, fused
+        try:
+            out = model(ids, labels=ids)
+        finally:
+            modeling_mamba.mamba_inner_fn = saved
+        expect = ref(ids, labels=ids)
+        # the scan runs in float32 (transformers' .float()): its rounding bounds the agreement
+        close(out.logits, expect.logits, torch.float64, f"{what} step {step} logits", 1e-5)
+        close(out.loss.reshape(1), expect.loss.reshape(1), torch.float64, f"{what} step {step} loss", 1e-5)
+        out.loss.backward()
+        expect.loss.backward()
+        refs = dict(ref.named_parameters())
+        for name, q in model.named_parameters():
+            g, rg = full_grad(q), refs[name].grad
+            if rg is None or rg.abs().max() == 0:
+                assert g is None or g.abs().max() == 0, f"{what}: {name} has a gradient the reference lacks"
+                continue
+            close(g, rg, torch.float64, f"{what} step {step} grad of {name}", 1e-4)
+        opt.step()
+        ropt.step()
+    full = tpt.full_state_dict(model, rank0_only=False)  # what save_pretrained writes: the mixers whole
+    for name, t in ref.state_dict().items():
+        close(full[name], t, torch.float64, f"{what} full_state_dict[{name}] after {steps} AdamW steps", 1e-4)
+    print(f"rank {r}: {what}: exact", flush=True)
