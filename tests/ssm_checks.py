@@ -15,7 +15,7 @@ from torch_checks import close, full_grad, init, seed  # noqa: F401
 INTER, VOCAB = 101, 97  # d_inner 101: uneven over every p in 2..4
 
 
-def ssm_model(kind, dtype=torch.float64):
+def ssm_model(kind, dtype=torch.float64, n_groups=4):
     import transformers
     from transformers import logging
 
@@ -26,13 +26,17 @@ def ssm_model(kind, dtype=torch.float64):
         cfg, cls = transformers.MambaConfig(**common), transformers.MambaForCausalLM
     elif kind == "falcon_mamba":
         cfg, cls = transformers.FalconMambaConfig(**common), transformers.FalconMambaForCausalLM
+    elif kind == "mamba2":  # d_inner 96: 12 heads of 8 in n_groups groups (4: uneven over 3 ranks)
+        common.pop("time_step_rank")
+        common.update(intermediate_size=96, num_heads=12, head_dim=8, n_groups=n_groups, expand=2)
+        cfg, cls = transformers.Mamba2Config(**common), transformers.Mamba2ForCausalLM
     else:
         raise ValueError(kind)
     seed("ssm", kind)
     model = cls(cfg)
     with torch.no_grad():  # the biases start at zero, A_log / D at constants: make every value count
         for name, p in model.named_parameters():
-            if name.endswith("bias") or name.endswith(("A_log", "D")):
+            if name.endswith(("bias", "A_log", "D", "norm.weight")):
                 p.add_(torch.randn_like(p) * 0.1)
     return model.to(dtype)
 
@@ -49,14 +53,17 @@ def check_ssm(kind, training, steps=2):
     what = f"{kind} {'training' if training else 'inference'} p={p}"
     mixers = {n: m for n, m in model.named_modules() if isinstance(m, ssm._TPMixer)}
     assert len(mixers) == 2, f"{what}: expected 2 tensor-parallel mixers, got {sorted(mixers)}"
+    full = ref.config.intermediate_size
     sizes = torch.tensor([float(m.intermediate_size) for m in mixers.values()], dtype=torch.float64)
     for m in mixers.values():
         d = m.intermediate_size
-        assert m.A_log.shape[0] == m.D.shape[0] == m.conv1d.weight.shape[0] == m.dt_proj.weight.shape[0] == d, what
-        assert m.in_proj.weight.shape[0] == 2 * d and m.x_proj.weight.shape[1] == m.out_proj.weight.shape[1] == d
-        assert abs(d - INTER / p) < 1, (what, d)  # 101 is no multiple of the grain: dealt channel by channel
+        assert m.out_proj.weight.shape[1] == m.norm.weight.shape[0] == d if kind == "mamba2" else (
+            m.A_log.shape[0] == m.D.shape[0] == m.conv1d.weight.shape[0] == m.dt_proj.weight.shape[0] == d
+            and m.in_proj.weight.shape[0] == 2 * d and m.x_proj.weight.shape[1] == m.out_proj.weight.shape[1] == d), what
+        # 101 is no multiple of the grain: dealt channel by channel; Mamba-2: whole groups of 24 channels
+        assert abs(d - full / p) < (24 if kind == "mamba2" else 1), (what, d)
     dist.all_reduce(sizes.numpy())
-    assert sizes.tolist() == [float(INTER)] * 2, (what, sizes)
+    assert sizes.tolist() == [float(full)] * 2, (what, sizes)
     seed("ssm-input", kind)
     ids = torch.randint(0, VOCAB, (2, 7))
     if not training:
@@ -75,21 +82,25 @@ def check_ssm(kind, training, steps=2):
         return
     model.train()
     ref.train()
-    from transformers.models.mamba import modeling_mamba
+    import importlib
+
+    modeling = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    fused_fn = "mamba2_split_conv1d_scan_combined" if kind == "mamba2" else "mamba_inner_fn"
 
     def fused(*args, **kwargs):
-        raise AssertionError(f"{what}: a sharded mixer took the fused mamba_inner_fn branch")
+        raise AssertionError(f"{what}: a sharded mixer took the fused {fused_fn} branch")
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     for step in range(steps):
         opt.zero_grad()
         ropt.zero_grad()
-        saved, modeling_mamba.mamba_inner_fn = modeling_mamba.mamba_inner_fn, fused
+        saved = getattr(modeling, fused_fn, None)
+        setattr(modeling, fused_fn, fused)
         try:
             out = model(ids, labels=ids)
         finally:
-            modeling_mamba.mamba_inner_fn = saved
+            setattr(modeling, fused_fn, saved)
         expect = ref(ids, labels=ids)
         # the scan runs in float32 (transformers' .float()): its rounding bounds the agreement
         close(out.logits, expect.logits, torch.float64, f"{what} step {step} logits", 1e-5)
@@ -109,3 +120,18 @@ def check_ssm(kind, training, steps=2):
     for name, t in ref.state_dict().items():
         close(full[name], t, torch.float64, f"{what} full_state_dict[{name}] after {steps} AdamW steps", 1e-4)
     print(f"rank {r}: {what}: exact", flush=True)
+
+
+def check_mamba2_refused():
+    """n_groups 2 over 3 ranks: refused at parallelize on every rank, naming the mixer, before any change."""
+    model = ssm_model("mamba2", n_groups=2)
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    try:
+        tpt.parallelize(model)
+    except ValueError as exc:
+        assert "backbone.layers.0.mixer" in str(exc) and "n_groups" in str(exc), exc
+    else:
+        raise AssertionError("mamba2 with n_groups 2 over 3 ranks was not refused")
+    for n, q in model.named_parameters():
+        assert q.shape == before[n].shape and torch.equal(q, before[n]), n
+    print(f"rank {dist.get_rank()}: mamba2 n_groups=2: refused", flush=True)

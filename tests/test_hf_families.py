@@ -16,7 +16,9 @@ Mixtral's experts refused), the families the name rules missed (CTRL, CPM-Ant wi
 position bias, XLM, ProphetNet's and XLNet's feed-forward with their attentions kept whole, TrOCR's attention
 kept whole, ModernBERT-decoder's Wo / packed Wi, Electra's unpaired generator dense; JetMoE refused naming
 its mixture-of-heads attention) and the default kv_heads="auto" (multi-query Falcon / GPT-BigCode exact by
-default; kv_heads="whole" refuses them). Each group and p runs in as few worlds as it needs (one when none hangs)."""
+default; kv_heads="whole" refuses them), Mamba / FalconMamba mixers split along their channels
+(tplinear.torch.ssm; 3 ranks in tests/test_torch_ssm.py). Each group and p runs in as few worlds as it needs
+(one when none hangs)."""
 import pytest
 
 pytest.importorskip("torch", reason="tplinear.torch needs the torch extra: pip install '.[torch]'")
@@ -28,7 +30,8 @@ MODES = ("training", "inference")
 # (group of cases) -> {p: families}; each group runs in worlds of its own, so that each stays within the test timeout
 EXACT = {
     "families": {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch",
-                     "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge"],
+                     "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge", "mamba",
+                     "falcon_mamba"],
                  3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus", "xlm",
                      "prophetnet", "xlnet"]},
     "heads": {2: ["qwen3_next", "xglm"], 3: ["deepseek_v3", "mimo_v2_flash", "beam"]},

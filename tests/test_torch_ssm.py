@@ -24,7 +24,8 @@ def test_mamba_mixers_match_the_unsharded_model():
     assert_world_ok(3, """
         import ssm_checks as s
         s.init()
-        for kind in ("mamba", "falcon_mamba"):
+        for kind in ("mamba", "falcon_mamba", "mamba2"):
             s.check_ssm(kind, True)
             s.check_ssm(kind, False)
+        s.check_mamba2_refused()
     """, env=ENV, timeout=300)

@@ -30,12 +30,13 @@ from . import _ops
 from .modules import LinearAllreduce, LinearLayer
 from .moe import shard_param
 
-MIXERS = ("MambaMixer", "FalconMambaMixer")  # class names whose forward the split above is exact for
+MAMBA = ("MambaMixer", "FalconMambaMixer")  # class names whose forward the split above is exact for
+MAMBA2 = ("Mamba2Mixer",)  # and the Mamba-2 split (split_mamba2)
 
 
 def is_mixer(module):
     """Whether module is a Mamba mixer this module splits (and not one already split)."""
-    return type(module).__name__ in MIXERS and not isinstance(module, _TPMixer)
+    return type(module).__name__ in MAMBA + MAMBA2 and not isinstance(module, _TPMixer)
 
 
 def find_mixers(named, p):
@@ -46,25 +47,43 @@ def find_mixers(named, p):
     return names
 
 
+def _sizes(module):
+    """(d_inner, groups, heads, in_proj's output, conv channels, per-channel parameters and their size): the
+    shapes the split expects of a mixer."""
+    d, n = module.intermediate_size, module.ssm_state_size
+    if type(module).__name__ in MAMBA:
+        return d, d, d, 2 * d, d, {"A_log": d, "D": d}
+    g, h = module.n_groups, module.num_heads
+    return d, g, h, 2 * d + 2 * g * n + h, d + 2 * g * n, {"A_log": h, "D": h, "dt_bias": h}
+
+
 def check_mixer(name, module, p):
     """Raises ValueError (naming the module) for a mixer whose parts are not the ones the split expects, or
-    with fewer channels than p ranks."""
-    d = module.intermediate_size
-    if d < p:
-        raise ValueError(f"{name}: {d} intermediate channels cannot give each of {p} ranks one")
-    parts = {"in_proj": (2 * d, None), "x_proj": (None, d), "dt_proj": (d, None), "out_proj": (None, d)}
-    for part, (out_f, in_f) in parts.items():
+    with fewer channels (Mamba-2: groups) than p ranks."""
+    d, g, h, in_f, conv_f, params = _sizes(module)
+    if g < p or d % g or h % g:
+        what = "intermediate channels" if g == d else (f"groups of B / C (n_groups; {h} heads, d_inner {d}), each "
+                                                        "the span of one gated RMSNorm,")
+        raise ValueError(f"{name}: {g} {what} cannot be dealt whole to {p} ranks (a norm over part of a group "
+                         "would need the whole group's sum of squares: not implemented)")
+    parts = {"in_proj": (in_f, None), "out_proj": (None, d)}
+    if type(module).__name__ in MAMBA:
+        parts.update(x_proj=(None, d), dt_proj=(d, None))
+    for part, (out_f, in_w) in parts.items():
         m = getattr(module, part, None)
-        if not isinstance(m, nn.Linear) or out_f not in (None, m.out_features) or in_f not in (None, m.in_features):
-            raise ValueError(f"{name}.{part}: expected an nn.Linear of {out_f or 'any'} outputs from {in_f or 'any'} "
+        if not isinstance(m, nn.Linear) or out_f not in (None, m.out_features) or in_w not in (None, m.in_features):
+            raise ValueError(f"{name}.{part}: expected an nn.Linear of {out_f or 'any'} outputs from {in_w or 'any'} "
                              f"inputs (intermediate_size {d}), got {m!r}")
     conv = getattr(module, "conv1d", None)
-    if not isinstance(conv, nn.Conv1d) or not conv.in_channels == conv.out_channels == conv.groups == d:
-        raise ValueError(f"{name}.conv1d: expected a depthwise nn.Conv1d over {d} channels, got {conv!r}")
-    for pname in ("A_log", "D"):
-        p = module._parameters.get(pname)
-        if not isinstance(p, nn.Parameter) or p.shape[0] != d:
-            raise ValueError(f"{name}.{pname}: expected a parameter of {d} rows (intermediate_size)")
+    if not isinstance(conv, nn.Conv1d) or not conv.in_channels == conv.out_channels == conv.groups == conv_f:
+        raise ValueError(f"{name}.conv1d: expected a depthwise nn.Conv1d over {conv_f} channels, got {conv!r}")
+    for pname, size in params.items():
+        param = module._parameters.get(pname)
+        if not isinstance(param, nn.Parameter) or param.shape[0] != size:
+            raise ValueError(f"{name}.{pname}: expected a parameter of {size} rows")
+    norm = getattr(module, "norm", None)
+    if type(module).__name__ in MAMBA2 and (getattr(norm, "group_size", None) != d // g or norm.weight.shape != (d,)):
+        raise ValueError(f"{name}.norm: expected a gated RMSNorm over groups of {d // g} of {d} channels")
 
 
 class _TPMixer:
@@ -97,6 +116,8 @@ def _replicated_output(module, args, out):
 def shard_mixer(name, module, group):
     """Splits one Mamba mixer over group in place (see the module docstring); returns module. Collective."""
     check_mixer(name, module, group.size)
+    if type(module).__name__ in MAMBA2:
+        return _shard_mamba2(name, module, group)
     d = module.intermediate_size
     # the mode's grain where d is made of at least p of them, else channel by channel: no rank without channels
     # (a depthwise convolution over none fails)
@@ -124,7 +145,37 @@ def shard_mixer(name, module, group):
     for part, layer in layers.items():
         setattr(module, part, layer)
     module.intermediate_size = local
-    module._tplinear_group = group
+    module.__class__ = _tp_class(type(module))
+    return module
+
+
+def _shard_mamba2(name, module, group):
+    """A Mamba-2 mixer split by whole groups of B / C (each with its heads, their x / z channels and gated-norm
+    span): in_proj [z | x | B | C | dt] column-parallel block by block, conv1d over [x | B | C] and dt_bias /
+    A_log / D / norm.weight by the same groups, out_proj row-parallel. Nothing between in_proj and out_proj
+    mixes groups, so no other collective is needed."""
+    d, g, h, _, conv_f, _ = _sizes(module)
+    gn = g * module.ssm_state_size
+    args = dict(mp_group=group, block_heads=[g] * 5)
+    in_proj = LinearLayer(module.in_proj, name=f"{name}.in_proj", block_sizes=[d, d, gn, gn, h], **args)
+    mine = in_proj.shard_ranges()  # every rank's [z, x, B, C, dt] pieces
+    out_proj = LinearAllreduce(module.out_proj, name=f"{name}.out_proj", block_sizes=[d], block_heads=[g],
+                               mp_group=group)
+    if [[tuple(pc) for pc in r] for r in out_proj.shard_ranges()] != [[tuple(r[0])] for r in mine]:
+        raise ValueError(f"{name}.out_proj: its split of the {d} channels {out_proj.shard_ranges()} is not "
+                         f"in_proj's {[r[0] for r in mine]}")
+    conv = module.conv1d
+    xbc = [(off - d, size) for r in mine for off, size in r[1:4]]
+    heads = [(r[4][0] - 2 * d - 2 * gn, r[4][1]) for r in mine]
+    for param, ranges, nblocks, full in ((conv.weight, xbc, 3, conv_f), (conv.bias, xbc, 3, conv_f),
+                                         (module.dt_bias, heads, 1, h), (module.A_log, heads, 1, h),
+                                         (module.D, heads, 1, h), (module.norm.weight, [r[0] for r in mine], 1, d)):
+        if param is not None:
+            shard_param(param, group, 0, ranges, nblocks, full)
+    r = mine[group.rank]
+    conv.in_channels = conv.out_channels = conv.groups = module.conv_dim = r[1][1] + r[2][1] + r[3][1]
+    module.intermediate_size, module.num_heads, module.n_groups = r[0][1], r[4][1], r[2][1] // module.ssm_state_size
+    module.in_proj, module.out_proj = in_proj, out_proj
     module.__class__ = _tp_class(type(module))
     return module
 
