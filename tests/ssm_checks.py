@@ -57,9 +57,11 @@ def check_ssm(kind, training, steps=2):
     sizes = torch.tensor([float(m.intermediate_size) for m in mixers.values()], dtype=torch.float64)
     for m in mixers.values():
         d = m.intermediate_size
-        assert m.out_proj.weight.shape[1] == m.norm.weight.shape[0] == d if kind == "mamba2" else (
-            m.A_log.shape[0] == m.D.shape[0] == m.conv1d.weight.shape[0] == m.dt_proj.weight.shape[0] == d
-            and m.in_proj.weight.shape[0] == 2 * d and m.x_proj.weight.shape[1] == m.out_proj.weight.shape[1] == d), what
+        if kind == "mamba2":
+            assert m.out_proj.weight.shape[1] == m.norm.weight.shape[0] == d, what
+        else:
+            assert m.A_log.shape[0] == m.D.shape[0] == m.conv1d.weight.shape[0] == m.dt_proj.weight.shape[0] == d
+            assert m.in_proj.weight.shape[0] == 2 * d and m.x_proj.weight.shape[1] == m.out_proj.weight.shape[1] == d
         # 101 is no multiple of the grain: dealt channel by channel; Mamba-2: whole groups of 24 channels
         assert abs(d - full / p) < (24 if kind == "mamba2" else 1), (what, d)
     dist.all_reduce(sizes.numpy())

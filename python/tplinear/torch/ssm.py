@@ -1,5 +1,5 @@
-"""Tensor-parallel Mamba mixers (transformers' ``MambaMixer`` and ``FalconMambaMixer``), split along the
-intermediate (d_inner) channels as Megatron's and mamba-ssm's tensor parallelism do.
+"""Tensor-parallel Mamba mixers (transformers' ``MambaMixer``, ``FalconMambaMixer`` and ``Mamba2Mixer``), split
+along the intermediate (d_inner) channels as Megatron's and mamba-ssm's tensor parallelism do.
 
 A Mamba mixer is ``out_proj(scan(conv(x), dt, B, C, A, D) * silu(z))`` with ``[x | z] = in_proj(h)``,
 ``[dt | B | C] = x_proj(conv(x))`` and ``dt`` widened by ``dt_proj``; the convolution is depthwise and the
@@ -21,8 +21,11 @@ weight. The mixer's own forward then runs unchanged on this rank's channels (the
 decode path, whose conv / recurrent states are built from the channels they see: d_inner / p per rank);
 Mamba's fused ``mamba_inner_fn`` kernel path, which would read the sharded weights as whole ones, is not
 taken by a sharded mixer.
+
+Mamba-2 (``Mamba2Mixer``) is split by whole groups of B / C (``n_groups``): see ``_shard_mamba2``. Its gated
+RMSNorm normalizes each group's span of d_inner, so fewer groups than ranks is refused (a sharded sum of
+squares is not implemented).
 """
-import torch
 from torch import nn
 
 from ..partition import get_tp_grain_size
@@ -31,7 +34,7 @@ from .modules import LinearAllreduce, LinearLayer
 from .moe import shard_param
 
 MAMBA = ("MambaMixer", "FalconMambaMixer")  # class names whose forward the split above is exact for
-MAMBA2 = ("Mamba2Mixer",)  # and the Mamba-2 split (split_mamba2)
+MAMBA2 = ("Mamba2Mixer",)  # and those of the Mamba-2 split (_shard_mamba2)
 
 
 def is_mixer(module):
