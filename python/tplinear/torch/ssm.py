@@ -16,8 +16,8 @@ piece below):
     A_log, D  split by channel (in place)
     out_proj  row-parallel: the mixer's output all-reduced, its bias added once
 
-FalconMamba's RMS norms over dt / B / C act on the all-reduced (replicated) widths and have no trainable
-weight. The mixer's own forward then runs unchanged on this rank's channels (the torch path, and the cached
+FalconMamba's and Jamba's RMS norms over dt / B / C act on the all-reduced (replicated) widths; Jamba's have
+weights, whose gradients (from this rank's channels only) are summed over the group. The mixer's own forward then runs unchanged on this rank's channels (the torch path, and the cached
 decode path, whose conv / recurrent states are built from the channels they see: d_inner / p per rank);
 Mamba's fused ``mamba_inner_fn`` kernel path, which would read the sharded weights as whole ones, is not
 taken by a sharded mixer.
@@ -26,6 +26,7 @@ Mamba-2 (``Mamba2Mixer``) is split by whole groups of B / C (``n_groups``): see 
 RMSNorm normalizes each group's span of d_inner, so fewer groups than ranks is refused (a sharded sum of
 squares is not implemented).
 """
+import torch
 from torch import nn
 
 from ..partition import get_tp_grain_size
@@ -33,7 +34,8 @@ from . import _ops
 from .modules import LinearAllreduce, LinearLayer
 from .moe import shard_param
 
-MAMBA = ("MambaMixer", "FalconMambaMixer")  # class names whose forward the split above is exact for
+# class names whose forward the split above is exact for
+MAMBA = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 MAMBA2 = ("Mamba2Mixer",)  # and those of the Mamba-2 split (_shard_mamba2)
 
 
@@ -147,6 +149,11 @@ def shard_mixer(name, module, group):
     layers["x_proj"].register_forward_hook(_replicated_output)
     for part, layer in layers.items():
         setattr(module, part, layer)
+    # left replicated (Jamba's norms over dt / B / C): applied to x_proj's replicated output, each rank's
+    # channels give them a partial gradient
+    for param in module.parameters():
+        if param.requires_grad and getattr(param, "tp_layer", None) is None:
+            param.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
     module.intermediate_size = local
     module.__class__ = _tp_class(type(module))
     return module
