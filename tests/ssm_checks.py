@@ -1,6 +1,5 @@
-"""Checks that run inside each rank of a world spawned by tests/test_torch_ssm.py: transformers' Mamba and
-FalconMamba mixers split along their intermediate channels by tplinear.torch.parallelize, against the
-unsharded float64 model."""
+"""Checks that run inside each rank of a world spawned by tests/test_torch_ssm.py: transformers' Mamba,
+FalconMamba and Mamba-2 mixers split by tplinear.torch.parallelize, against the unsharded float64 model."""
 import copy
 
 import torch
@@ -41,8 +40,8 @@ def ssm_model(kind, dtype=torch.float64, n_groups=4):
     return model.to(dtype)
 
 
-def check_ssm(kind, training, steps=2):
-    """Training mode (model.train(), no cache): logits, loss, every gradient (gathered), AdamW steps, the full
+def check_ssm(kind, training, steps=1):
+    """Training mode (model.train(), no cache): logits, loss, every gradient (gathered), AdamW step(s), the full
     state dict, and the mixers' channel shards at 1/p per rank; Mamba's fused-kernel branch is never taken.
     Inference mode: a prefill and three cached decode steps, logits each time."""
     p, r = dist.get_world_size(), dist.get_rank()
