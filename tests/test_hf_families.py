@@ -16,9 +16,9 @@ Mixtral's experts refused), the families the name rules missed (CTRL, CPM-Ant wi
 position bias, XLM, ProphetNet's and XLNet's feed-forward with their attentions kept whole, TrOCR's attention
 kept whole, ModernBERT-decoder's Wo / packed Wi, Electra's unpaired generator dense; JetMoE refused naming
 its mixture-of-heads attention) and the default kv_heads="auto" (multi-query Falcon / GPT-BigCode exact by
-default; kv_heads="whole" refuses them), Mamba / FalconMamba mixers split along their channels
-(tplinear.torch.ssm; 3 ranks in tests/test_torch_ssm.py). Each group and p runs in as few worlds as it needs
-(one when none hangs)."""
+default; kv_heads="whole" refuses them), BitNet's sub-norms over the sharded width split with it (uneven at 3
+ranks), Mamba / FalconMamba mixers split along their channels (tplinear.torch.ssm; 3 ranks in
+tests/test_torch_ssm.py). Each group and p runs in as few worlds as it needs (one when none hangs)."""
 import pytest
 
 pytest.importorskip("torch", reason="tplinear.torch needs the torch extra: pip install '.[torch]'")
@@ -30,10 +30,10 @@ MODES = ("training", "inference")
 # (group of cases) -> {p: families}; each group runs in worlds of its own, so that each stays within the test timeout
 EXACT = {
     "families": {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch",
-                     "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge", "mamba",
-                     "falcon_mamba"],
+                     "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge", "bitnet",
+                     "mamba", "falcon_mamba"],
                  3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus", "xlm",
-                     "prophetnet", "xlnet"]},
+                     "prophetnet", "xlnet", "bitnet"]},
     "heads": {2: ["qwen3_next", "xglm"], 3: ["deepseek_v3", "mimo_v2_flash", "beam"]},
     "kv_heads": {2: ["falcon", "gpt_bigcode", "llama+mqa"],
                  3: ["falcon", "gpt_bigcode", "llama+gqa2", "falcon+new_arch+kv_replicate"]},
@@ -45,8 +45,7 @@ REFUSED = {
                      "gpt_bigcode+kv_whole": ("transformer.h.0.attn.c_attn", "multi-query", "over 2 ranks",
                                               'kv_heads="replicate"'),
                      "jetmoe": ("replaced no module", "model.layers.0.self_attention (JetMoeAttention) stays whole",
-                                "mixture of attention heads"),
-                     "bitnet": ("replaced no module", "model.layers.0.self_attn.attn_sub_norm", "whole width")}},
+                                "mixture of attention heads")}},
     "sequence": {2: {"mixtral+sp": ("model.layers.0.mlp", "MoE experts", "sequence_parallel")}},
 }
 KNOWN = {}  # family: why it is not exact today (xfail(strict=True), so each flips when fixed)

@@ -52,6 +52,7 @@ def test_layers_autograd_zero_copy_parameters(nproc):
         c.check_grad_assign()
         c.check_params_and_optimizer()
         c.check_bad_input()
+        c.check_sharded_norm()  # an RMSNorm / LayerNorm over a width split across the ranks (tplinear.torch.norms)
     """, env=ENV, timeout=400)
 
 
@@ -276,8 +277,10 @@ def test_parallelize_plans_and_refusals():
         assert whole.q_proj.weight.shape[0] == [24, 24, 0][c.dist.get_rank()]
 
         # what lies between a column and a row layer (no plan): a column of twice the row's input is [gate | up]
-        # (Moshi's fc1, read as view(.., 2, -1)): packed; a norm over the sharded width between them (BitNet's
-        # sub-norms), a column no row reads, two row layers in one region (one feeding the other): kept whole
+        # (Moshi's fc1, read as view(.., 2, -1)): packed; a LayerNorm over the sharded width between them
+        # (BitNet's sub-norms): split with them (tplinear.torch.norms); another module with a parameter over
+        # that width (a scale), a column no row reads, two row layers in one region (one feeding the other): kept
+        # whole
         class Gated(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -292,6 +295,16 @@ def test_parallelize_plans_and_refusals():
                 self.fc1, self.sub_norm, self.fc2 = nn.Linear(16, 20), nn.LayerNorm(20), nn.Linear(20, 16)
             def forward(self, x):
                 return self.fc2(self.sub_norm(self.fc1(x)))
+        class Scale(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight, self.eps = nn.Parameter(torch.rand(20) + 0.5), 1e-6
+            def forward(self, x):
+                return x * self.weight
+        class SubScale(SubNorm):
+            def __init__(self):
+                super().__init__()
+                self.sub_norm = Scale()
         class Chain(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -310,7 +323,8 @@ def test_parallelize_plans_and_refusals():
         net = Net().double()
         ref = c.copy.deepcopy(net)
         tpt.parallelize(net)
-        assert sorted(tpt.tp_modules(net)) == ["mlp.fc1", "mlp.fc2"], tpt.tp_modules(net)
+        assert sorted(tpt.tp_modules(net)) == ["mlp.fc1", "mlp.fc2", "sub.fc1", "sub.fc2"], tpt.tp_modules(net)
+        assert type(net.sub.sub_norm).__name__ == "ShardedNorm" and net.sub.sub_norm.bias.shape[0] < 20
         assert net.mlp.fc1._split["block_sizes"] == [20, 20]
         x = torch.randn(3, 5, 16, dtype=torch.float64)
         w = torch.randn(3, 5, 16, dtype=torch.float64)
@@ -320,7 +334,7 @@ def test_parallelize_plans_and_refusals():
         (want * w).sum().backward()
         for (n, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
             c.close(c.full_grad(p), q.grad, torch.float64, f"regions: grad {n}")
-        c._raises(ValueError, lambda: tpt.parallelize(SubNorm()), "replaced no module", "sub_norm",
+        c._raises(ValueError, lambda: tpt.parallelize(SubScale()), "replaced no module", "sub_norm",
                   "shape [20]", "whole width")
         print("plans ok", flush=True)
     """, env=ENV, timeout=300)

@@ -588,3 +588,69 @@ def check_no_full_weights(kind):
     assert int(total.item()) == full_sharded + col_bias, (int(total.item()), full_sharded, col_bias)
     print(f"rank {dist.get_rank()}: {kind}: {sharded} sharded + {replicated} replicated bytes of {full_bytes}",
           flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- sharded norms
+
+
+class _OnePlusNorm(nn.RMSNorm):  # Gemma's form, (1 + w) * x / rms(x): not a plain RMSNorm, stays whole
+    def forward(self, x):
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class _EpsOutsideNorm(nn.RMSNorm):  # x / (rms(x) + eps): another eps, stays whole
+    def forward(self, x):
+        return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)
+
+
+def check_sharded_norm():
+    """tplinear.torch.norms.ShardedNorm (RMSNorm, LayerNorm with and without bias) on this rank's features
+    against torch's norm over the full width: output, input gradient, weight / bias gradients (gathered),
+    float64 and float32, uneven pieces, pieces of two blocks ([a | b] split block by block), a rank with no
+    features (inference grain at 3 ranks); norm_kind tells the plain norms from the others."""
+    from tplinear.partition import shard_ranges
+    from tplinear.torch import norms
+
+    p, r = dist.get_world_size(), dist.get_rank()
+    group = dist.resolve_group(None)
+    width = 70
+    assert norms.norm_kind(nn.RMSNorm(width, eps=1e-6), width) == "rms"
+    assert norms.norm_kind(nn.LayerNorm(width), width) == "layer"
+    assert norms.norm_kind(nn.LayerNorm(width, bias=False), width) == "layer"
+    assert norms.norm_kind(nn.RMSNorm(width, eps=1e-6), width + 1) is None
+    for other in (_OnePlusNorm(width, eps=1e-6), _EpsOutsideNorm(width, eps=1e-6), nn.RMSNorm(width),
+                  nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)):
+        assert norms.norm_kind(other, width) is None, other
+    splits = [(70, shard_ranges(70, p, training=True)),
+              (128, shard_ranges(128, p, training=False)),  # a zero-width rank at p = 3
+              (70, [[rg[0], (35 + rg[0][0], rg[0][1])] for rg in shard_ranges(35, p, training=True)])]
+    for dtype in (torch.float64, torch.float32):
+        for width, pieces in splits:
+            for make in (lambda: nn.RMSNorm(width, eps=1e-5), lambda: nn.LayerNorm(width, eps=1e-5),
+                         lambda: nn.LayerNorm(width, eps=1e-5, bias=False)):
+                seed("norm", width, len(pieces[0]), dtype)
+                ref = make().to(dtype)
+                with torch.no_grad():
+                    for q in ref.parameters():
+                        q.copy_(torch.randn_like(q))
+                x = torch.randn(2, 5, width, dtype=dtype) * 3 + 1
+                x[0, 0] *= 1e-3  # a row whose mean square is about eps
+                mine = copy.deepcopy(ref)
+                kind = norms.norm_kind(mine, width)
+                sharded = norms.ShardedNorm.from_module(mine, group, pieces, kind)
+                idx = torch.cat([torch.arange(o, o + s) for o, s in pieces[r]])
+                xr = x[..., idx].clone().requires_grad_(True)
+                x = x.requires_grad_(True)
+                dy = torch.randn(2, 5, width, dtype=dtype)
+                y = ref(x)
+                (y * dy).sum().backward()
+                yr = sharded(xr)
+                (yr * dy[..., idx]).sum().backward()
+                what = f"{kind} width {width} {len(pieces[0])} block(s) {dtype}"
+                tol = TOL[dtype] * (10 if dtype == torch.float32 else 1e3)
+                close(yr, y[..., idx], dtype, f"{what}: output", tol)
+                close(xr.grad, x.grad[..., idx], dtype, f"{what}: input gradient", tol)
+                for name, q in sharded.named_parameters():
+                    assert q.shape == (len(idx),), (name, q.shape)
+                    close(full_grad(q), getattr(ref, name).grad, dtype, f"{what}: {name} gradient", tol)
+    print(f"rank {r}: sharded norm checks passed", flush=True)

@@ -28,6 +28,7 @@ from torch import nn
 from .. import distributed as dist
 from . import _ops
 from . import moe as _moe
+from . import norms as _norms
 from . import sequence as _sequence
 from . import ssm as _ssm
 from . import training as _training
@@ -924,19 +925,19 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     ctx = _Context(model, group, _config_heads(model, num_heads, num_kv_heads, head_dim), kv_heads)
     named = dict(model.named_modules())
     chosen, params = _choose(model, plan, named)
-    why_whole = []
+    why_whole, norms = [], {}
     # Mamba mixers: split whole, along their channels (tplinear.torch.ssm); the plan argument leaves them alone
     mixers = _ssm.find_mixers(named, group.size) if plan is None else []
     chosen = {n: c for n, c in chosen.items() if not any(_within(n, m) for m in mixers)}
     if plan is None:
         chosen = _partners(chosen, ctx)
-        chosen, why_whole = _regions(chosen, named, ctx)
+        chosen, why_whole, norms = _regions(chosen, named, ctx)
     _check(model, named, chosen, ctx)
     sp = (_sequence_regions(model, chosen) if sequence_parallel and not getattr(model, "_tplinear_sequence_parallel",
                                                                                False) else None)
     _check_head_params(model, named, chosen, params, ctx)
     _training.before_cutting(model, group, src_rank)  # the same full weights on every rank, or src_rank's
-    _apply(model, named, chosen, ctx)
+    _apply(model, named, chosen, ctx, norms)
     _split_head_params(model, params, ctx)
     # fused MoE experts (3-d gate_up_proj / down_proj) split along their intermediate dim, one all-reduce
     # after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
@@ -1093,7 +1094,8 @@ def _kept_whole_note(model):
 # row's input is [gate | up], packed), every column feeds a row, one row closes the region, and no module in
 # the region holds parameters over the whole sharded width (a norm over it, a convolution over its channels,
 # an adapter adding a full-width output). Otherwise the pair stays whole, and the reason is kept for the
-# message of a parallelize that replaces nothing.
+# message of a parallelize that replaces nothing. A norm over exactly the row's input width (an RMSNorm or
+# LayerNorm, tplinear.torch.norms.norm_kind: BitNet's sub-norms) is split with it instead (norms.ShardedNorm).
 
 
 def _split_kind(choice):
@@ -1139,11 +1141,13 @@ def _attention_gates(chosen, named, ctx):
     return out
 
 
-def _called_after(name, cols, row, named):
+def _called_after(name, cols, row, named, strict=False):
     """Whether module name is applied after a column layer of cols (a norm over the hidden width applied to the
     column's output, not to the region's input: BitNet's attn_sub_norm against Megatron-BERT's pre-attention
     ln): in the source of the nearest module above it that holds a column, is the branch holding it called
-    after a branch holding a column? True where the source does not tell."""
+    after a branch holding a column? True where the source does not tell. strict: called after every column
+    and before the row (BitNet's attn_sub_norm, not Blt's k_norm between q_proj and k_proj); False where
+    the source does not tell."""
     owner_name, _, branch = name.rpartition(".")
     while True:
         owner = named[owner_name]
@@ -1153,23 +1157,26 @@ def _called_after(name, cols, row, named):
         if holders:
             break
         if not owner_name:
-            return True
+            return not strict
         owner_name, _, branch = owner_name.rpartition(".")
     try:
         src = inspect.getsource(type(owner))
     except (OSError, TypeError):
-        return True
+        return not strict
     at = src.find(f"self.{branch}(")
     firsts = [i for i in (src.find(f"self.{n}(") for n in holders) if i >= 0]
     pre = f"{owner_name}." if owner_name else ""
     rows = [i for i in (src.find(f"self.{n}(") for n, _ in owner.named_children() if row == pre + n
                         or _within(row, pre + n)) if i >= 0]  # (Bart's final_layer_norm comes after fc2)
+    if strict:
+        return bool(firsts and rows) and max(firsts) < at < min(rows)
     return at < 0 or not firsts or at > min(firsts) and not (rows and at > min(rows))
 
 
 def _regions(chosen, named, ctx):
-    """(the entries that stay, [why a pair stays whole]); see the section's comment."""
-    keep, why = _attention_gates(chosen, named, ctx), []
+    """(the entries that stay, [why a pair stays whole], {norm to split: (its row layer, kind)}); see the
+    section's comment."""
+    keep, why, norms = _attention_gates(chosen, named, ctx), [], {}
 
     def split(kind):
         return [n for n, c in keep.items() if _split_kind(c) == kind]
@@ -1239,13 +1246,20 @@ def _regions(chosen, named, ctx):
                 # pair's layers where it is applied after a column
                 if bad is not None and not _called_after(full_name, cols, r, named):
                     bad = None
+            kind = None  # a norm over the row's input (not over the region's input of the same width): split
+            if bad is not None and bad.shape == (r_in,) and (  # as that input is
+                    r_in != r_out or _called_after(full_name, cols, r, named, strict=True)):
+                kind = _norms.norm_kind(m, r_in)
+            if kind is not None:
+                norms[full_name] = (r, kind)
+                continue
             if bad is not None:
                 whole(scope, f"{full_name} ({type(m).__name__}) holds a parameter of shape {list(bad.shape)} over "
                              f"the whole width that {', '.join(cols)} / {r} would split (a norm, convolution or "
                              "adapter over the sharded dimension): kept whole")
                 break
     unpaired()
-    return keep, why
+    return keep, why, {n: rk for n, rk in norms.items() if rk[0] in keep}
 
 
 def _check(model, named, chosen, ctx):
@@ -1258,9 +1272,9 @@ def _check(model, named, chosen, ctx):
         style.check(name, named[name], choice, ctx)
 
 
-def _apply(model, named, chosen, ctx):
+def _apply(model, named, chosen, ctx, norms):
     """Applies each entry's style; the new modules replace the old ones once their splits are checked to
-    agree."""
+    agree; each norm of norms (_regions) is split as its row layer's input."""
     built = {}
     for name, choice in chosen.items():
         layer = _STYLES[choice.style].apply(name, named[name], ctx)
@@ -1270,6 +1284,10 @@ def _apply(model, named, chosen, ctx):
     for name, layer in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(named[parent_name] if parent_name else model, child, layer)
+    for name, (row, kind) in norms.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(named[parent_name] if parent_name else model, child, _norms.ShardedNorm.from_module(
+            named[name], ctx.group, built[row].shard_ranges(), kind))
     _update_attention_attributes(model, built, _dealt_heads(ctx.heads, ctx))
     _replicated_kv_attributes(model, built)
     _reduce_region_grads(model, built, ctx)
