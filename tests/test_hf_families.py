@@ -19,7 +19,8 @@ position bias, XLM, ProphetNet's and XLNet's feed-forward with their attentions 
 kept whole, ModernBERT-decoder's Wo / packed Wi, Electra's unpaired generator dense; JetMoE refused naming
 its mixture-of-heads attention) and the default kv_heads="auto" (multi-query Falcon / GPT-BigCode exact by
 default; kv_heads="whole" refuses them), BitNet's sub-norms over the sharded width split with it (uneven at 3
-ranks). Each group and p runs in as few worlds as it needs (one when none hangs)."""
+ranks), Mamba / FalconMamba mixers split along their channels (tplinear.torch.ssm; 3 ranks in
+tests/test_torch_ssm.py). Each group and p runs in as few worlds as it needs (one when none hangs)."""
 import pytest
 
 pytest.importorskip("torch", reason="tplinear.torch needs the torch extra: pip install '.[torch]'")
@@ -32,7 +33,7 @@ MODES = ("training", "inference")
 EXACT = {
     "families": {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch",
                      "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge", "bitnet",
-                     "llama4_text", "minicpm5_moe+mqa"],
+                     "llama4_text", "minicpm5_moe+mqa", "mamba"],
                  3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus", "xlm",
                      "prophetnet", "xlnet", "bitnet", "minicpm5_moe+mqa"]},
     "heads": {2: ["qwen3_next", "xglm"], 3: ["deepseek_v3", "mimo_v2_flash", "beam"]},

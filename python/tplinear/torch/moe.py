@@ -155,6 +155,9 @@ def _shard_param(param, group, dim, ranges, nblocks, full):
     return param
 
 
+shard_param = _shard_param  # public: tplinear.torch.ssm splits the Mamba mixers' per-channel parameters with it
+
+
 class _TPExperts:
     """Mixed into a fused experts module's class: its forward on this rank's shards, then one all-reduce
     (with a post_expert_norm: the norm's input is all-reduced instead, see shard_experts)."""

@@ -30,6 +30,7 @@ from . import _ops
 from . import moe as _moe
 from . import norms as _norms
 from . import sequence as _sequence
+from . import ssm as _ssm
 from . import training as _training
 from .modules import (
     Conv_LinearALlreduce,
@@ -958,6 +959,9 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     named = dict(model.named_modules())
     chosen, params = _choose(model, plan, named)
     why_whole, norms = [], {}
+    # Mamba mixers: split whole, along their channels (tplinear.torch.ssm); the plan argument leaves them alone
+    mixers = _ssm.find_mixers(named, group.size) if plan is None else []
+    chosen = {n: c for n, c in chosen.items() if not any(_within(n, m) for m in mixers)}
     if plan is None:
         chosen = _partners(chosen, ctx)
         chosen, why_whole, norms = _regions(chosen, named, ctx)
@@ -972,6 +976,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
     # after they combine (tplinear.torch.moe); the explicit plan argument leaves them alone
     if plan is None:
         _moe.parallelize_experts(model, ctx.group)
+    _ssm.parallelize_mixers(model, mixers, ctx.group)
     if not tp_modules(model) and not any(getattr(p, "tensor_model_parallel", False) for p in model.parameters()):
         source = "the plan argument" if plan is not None else (_hf_plan(model)[1] or _NAME_RULES)
         msg = (f"parallelize replaced no module of this {type(model).__name__} (by {source}; linear layers whose "
