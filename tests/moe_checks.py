@@ -102,9 +102,9 @@ def check_moe(kind, training, steps=3, ckpt_dir=None):
         expect = ref(ids, labels=ids)
         # the routers' softmax runs in float32 (transformers' upcast): its rounding reaches the gradients
         # (1e-8), and AdamW, which normalises each gradient element, amplifies it in the steps after
-        # Llama-4's float32 sigmoid scores scale the experts' input: one float32 rounding (6e-8) reaches the logits
         # -- by up to lr x (rounding) / eps for a gradient element that is ~0: the logits after a step moved by
         # 1.2e-4 relative under one seed (a wrong split or a lost reduction errs by O(1))
+        # Llama-4's float32 sigmoid scores scale the experts' input: one float32 rounding (6e-8) reaches the logits
         tol = (1e-6 if kind == "llama4" else 1e-8) if step == 0 else 1e-3
         close(out.logits, expect.logits, torch.float64, f"{what} step {step} logits", tol)
         close(out.loss.reshape(1), expect.loss.reshape(1), torch.float64, f"{what} step {step} loss", max(tol, 1e-7))
