@@ -507,16 +507,18 @@ def test_torch_hugging_face_into_parallel_modules(hf_dir, tmp_path):
     back loads in transformers unchanged. Conv1D layers (fused c_attn) read and write the [in, out] layout
     of their files; tied weights are stored once."""
     _needs("torch", "transformers")
-    outs = []
+    outs, prev_half = [], None
     for nproc in (2, 3):
         out = str(tmp_path / f"torch{nproc}")
         conv = tmp_path / f"conv{nproc}"
         conv.mkdir()
         tied = tmp_path / f"tied{nproc}"
+        half = str(tmp_path / f"half{nproc}")
         res = assert_world_ok(nproc, f"import torch_ckpt_checks as c; c.init(); c.hf_logits({hf_dir!r}, {out!r}); "
                                      f"c.gpt2_logits({hf_dir + '-gpt2'!r}); c.conv({str(conv)!r}); "
-                                     f"c.tied({str(tied)!r})", env=ENV, timeout=300)
-        for what in ("hf logits ok", "gpt2 logits ok", "conv ok", "tied ok"):
+                                     f"c.tied({str(tied)!r}); c.half({half!r}, {prev_half!r})", env=ENV, timeout=300)
+        prev_half = half
+        for what in ("hf logits ok", "gpt2 logits ok", "conv ok", "tied ok", "half ok"):
             assert res.output.count(what) == nproc, res.output
         outs.append(out)
     assert _hf("compare", hf_dir, *outs).count("every tensor and the logits are equal") == 2

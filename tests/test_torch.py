@@ -77,12 +77,17 @@ def test_hf_models_match_the_unsharded_model(nproc):
 
 
 def test_loss_curve_is_the_same_at_1_2_4_ranks(tmp_path):
-    """examples/train_hf.py: parallelize + AdamW, 20 steps."""
+    """examples/train_hf.py: parallelize + AdamW, 20 steps; in bfloat16 on the CPU (issue 27 item 4) at 1 and
+    2 ranks: the 2-rank curve at most twice as far (relative, worst step) from float32's as the 1-rank
+    bfloat16 curve is, + 2u (u = 2^-8): the shards round a row layer's partial sums once more, errors of
+    bfloat16's size (measured: 1 rank 1.4 %, 2 ranks 1.0 %, 4 ranks 0.8 %); a lost reduction or a wrong shard
+    moves the loss by O(1)."""
     curves = {}
-    for nproc in (1, 2, 4):
+    for nproc in (1, 2, 4, "1-bfloat16", "2-bfloat16"):
         out = tmp_path / f"losses{nproc}.json"
-        cmd = [sys.executable, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(nproc),
-               os.path.join(ROOT, "examples", "train_hf.py"), "--steps", "20", "--losses", str(out)]
+        dtype = ["--dtype", "bfloat16"] if "bfloat16" in str(nproc) else []
+        cmd = [sys.executable, "-m", "tplinear.run", "--standalone", "--nproc-per-node", str(nproc)[0],
+               os.path.join(ROOT, "examples", "train_hf.py"), "--steps", "20", "--losses", str(out)] + dtype
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=world_env())
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "step  20/20" in proc.stdout + proc.stderr and "tokens/s" in proc.stdout + proc.stderr
@@ -92,6 +97,11 @@ def test_loss_curve_is_the_same_at_1_2_4_ranks(tmp_path):
     for nproc in (2, 4):
         for step, (a, b) in enumerate(zip(curves[1], curves[nproc]), 1):
             assert abs(a - b) <= 1e-5 * abs(a), (nproc, step, curves[1], curves[nproc])
+
+    def off(curve):
+        return max(abs(a - b) / abs(a) for a, b in zip(curves[1], curve))
+    assert len(curves["2-bfloat16"]) == 20
+    assert off(curves["2-bfloat16"]) <= 2 * off(curves["1-bfloat16"]) + 2.0 ** -8, curves
 
 
 def _free_port():

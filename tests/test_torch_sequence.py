@@ -1,5 +1,6 @@
 """tplinear.torch's sequence and vocabulary parallelism at world sizes 1-4, against unsharded
-float64 torch references (tests/torch_seq_checks.py runs inside each rank): the sequence-parallel modules
+float64 torch references (bfloat16 / float16: per-element bounds from the dtype, torch_seq_checks.check_sp_half
+and check_vocab_half) (tests/torch_seq_checks.py runs inside each rank): the sequence-parallel modules
 and mappings, the vocab-parallel embedding and cross-entropy with autograd, a decoder with both, and
 parallelize's embedding_rowwise style on a transformers model."""
 import os
@@ -28,6 +29,9 @@ def test_torch_sequence_parallel_modules_and_mappings(nproc):
                 for rest in ((), (2,)):
                     for training, (i, o) in ((True, (10, 13)), (False, (70, 130))):
                         c.check_sp_modules(dtype, seq_len, rest, i, o, training, overlap=seq_len == 7)
+        for dtype in (torch.bfloat16, torch.float16):  # on the CPU (issue 27 item 3)
+            c.check_sp_half(dtype, 7, 10, 13, overlap=True)
+            c.check_sp_half(dtype, max(p - 1, 1), 70, 130, overlap=False)
         c.check_mappings()
     """, env=ENV, timeout=300)
 
@@ -45,6 +49,8 @@ def test_torch_vocab_parallel_embedding_and_cross_entropy(nproc):
             for smoothing in (0.0, 0.1):
                 for reduction in ("mean", "sum", "none"):
                     c.check_cross_entropy(dtype, 37, smoothing, reduction)
+        for dtype in (torch.bfloat16, torch.float16):  # on the CPU (issue 27 item 3)
+            c.check_vocab_half(dtype)
     """, env=ENV, timeout=300)
 
 

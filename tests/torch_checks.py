@@ -245,6 +245,23 @@ def check_half_layer(kind, dtype, training, in_f, out_f, lead=(5,), bias=True, *
     return layer
 
 
+def check_half_gather(dtype):
+    """GatherReplacedLayerParams on a bfloat16 / float16 layer split unevenly: inside, the whole tensors in
+    their dtype, the source module's bits; an edit made there persists in the shards; the same on every rank."""
+    tp.set_training_mode(False)
+    seed("half-gather", str(dtype))
+    src = nn.Linear(100, 70).to(dtype)
+    full_w, full_b = src.weight.detach().clone(), src.bias.detach().clone()
+    col = tpt.LinearLayer(src)
+    with tpt.GatherReplacedLayerParams(col.parameters(), col):
+        assert col.weight.dtype == dtype and torch.equal(col.weight.detach(), full_w)
+        assert torch.equal(col.bias.detach(), full_b)
+        same_bits_everywhere(col.weight)
+        with torch.no_grad():
+            col.weight.mul_(2)  # exact in any binary format
+    assert col.weight.shape == col.local_shape and torch.equal(col.weight.detach(), 2 * full_w[pieces_index(col)])
+
+
 def run_half_layer_checks(in_f, out_f):
     """bfloat16 and float16 CPU modules (issue 27 item 3), a slice of run_layer_checks' shapes and options."""
     for dtype in (torch.bfloat16, torch.float16):
@@ -257,6 +274,7 @@ def run_half_layer_checks(in_f, out_f):
         check_half_layer("col", dtype, True, in_f, out_f, lead=(0,))
         # K = 4096 + 7: float32 accumulation over a long dot product, decode-shaped (one row)
         check_half_layer("row", dtype, True, 4096 + 7, 9, lead=(1,))
+        check_half_gather(dtype)
     print(f"rank {dist.get_rank()}: half-precision layer checks passed", flush=True)
 
 

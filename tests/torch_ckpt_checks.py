@@ -1,7 +1,8 @@
 """Checks of tplinear.torch checkpoints that run inside each rank of a world (tests/test_checkpoint.py):
 a Hugging Face Llama with its linear layers replaced by tplinear.torch modules, loaded from its
 save_pretrained directory and saved back; an AdamW resume at another group size; GPT-2 style Conv1D
-layers, whose files keep the [in, out] layout."""
+layers, whose files keep the [in, out] layout; bfloat16 / float16 layers stored in their dtype."""
+import copy
 import json
 import os
 import shutil
@@ -209,3 +210,52 @@ def tied(path):
     dist.barrier()
     tpt.load_checkpoint(both, model(3))
     print(f"rank {dist.get_rank()}: tied ok", flush=True)
+
+
+# ------------------------------------------------------------------------------------ bfloat16 / float16
+
+
+def _half_mlp(dtype, seed, as_dtype=None):
+    """A bfloat16 / float16 up -> GELU -> down pair (width 10: uneven at 3 ranks) as tplinear.torch layers,
+    optionally converted to as_dtype before it is split; and the unsplit source."""
+    torch.manual_seed(seed)
+    src = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.GELU(), torch.nn.Linear(10, 12)).to(dtype)
+    m = type(src)(*(copy.deepcopy(x).to(as_dtype or dtype) for x in src))
+    m[0], m[2] = tpt.LinearLayer(m[0], name="up"), tpt.LinearAllreduce(m[2], name="down")
+    return src, m
+
+
+def half(path, prev=None):
+    """bfloat16 and float16 layers: stored in their own dtype (the consolidated file holds the source module's
+    tensors, BF16 / F16, bit for bit); loaded back at this group size and, from the previous world's sharded
+    save (prev, another group size), resharded: the same bits as splitting the source here; into a float32
+    model only with cast=True (a TypeError naming cast=True otherwise), exactly (every half value is a
+    float32)."""
+    from safetensors.torch import load_file
+
+    for dtype in (torch.bfloat16, torch.float16):
+        name = str(dtype).replace("torch.", "")
+        src, m = _half_mlp(dtype, 1)
+        for layout in ("sharded", "consolidated"):
+            tpt.save_checkpoint(os.path.join(path, f"{name}-{layout}"), m, layout=layout)
+        if dist.get_rank() == 0:
+            saved = load_file(os.path.join(path, f"{name}-consolidated", "model.safetensors"))
+            want = {k: v.detach() for k, v in src.state_dict().items()}
+            assert sorted(saved) == sorted(want) and all(saved[k].dtype == dtype and torch.equal(saved[k], want[k])
+                                                         for k in want), f"{name}: not stored as the source"
+        dist.barrier()
+        for where in [os.path.join(path, f"{name}-{lo}") for lo in ("sharded", "consolidated")] + (
+                [os.path.join(prev, f"{name}-sharded")] if prev else []):
+            _, back = _half_mlp(dtype, 2)
+            tpt.load_checkpoint(where, back)
+            assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(back.parameters(), m.parameters())), where
+        _, wide = _half_mlp(dtype, 2, torch.float32)
+        try:
+            tpt.load_checkpoint(os.path.join(path, f"{name}-sharded"), wide)
+            raise AssertionError(f"{name} loaded into float32 without cast=True")
+        except TypeError as exc:
+            assert "cast=True" in str(exc), exc
+        tpt.load_checkpoint(os.path.join(prev or path, f"{name}-sharded"), wide, cast=True)
+        assert all(a.dtype == torch.float32 and torch.equal(a, b.float()) for a, b in zip(wide.parameters(),
+                                                                                          m.parameters()))
+    print(f"rank {dist.get_rank()}: half ok", flush=True)

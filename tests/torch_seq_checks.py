@@ -10,7 +10,7 @@ from torch import nn
 import tplinear as tp
 import tplinear.distributed as dist
 import tplinear.torch as tpt
-from torch_checks import close, full_grad, hf_model, seed
+from torch_checks import ETA, U, close, close_half, full_grad, hf_model, pieces_index, same_bits_everywhere, seed
 
 
 def _rows(n):
@@ -41,6 +41,45 @@ def check_sp_modules(dtype, seq_len, rest, in_f, out_f, training, overlap):
     for mine, ref, name in ((col, ref_up, "up"), (row, ref_down, "down")):
         close(full_grad(mine.weight), ref.weight.grad, dtype, f"{what} {name} dW")
         close(full_grad(mine.bias), ref.bias.grad, dtype, f"{what} {name} db")
+
+
+def check_sp_half(dtype, seq_len, in_f, out_f, overlap):
+    """bfloat16 / float16 sequence-parallel column and row layers, each against the unsharded float32 nn.Linear
+    on the same half values rounded once, per element within close_half's bound; roundings counted as
+    check_half_layer counts them (a reduce-scatter of rounded partial sums as an all-reduce: 2 more; the row
+    layer's bias added after it: 1 more); the all-gathers move bits."""
+    tp.set_training_mode(True)
+    seed("tsp-half", str(dtype), seq_len, in_f, out_f, overlap)
+    so, ss = _rows(seq_len)
+    reduced = 2 if dist.get_world_size() > 1 else 0
+    for row in (False, True):
+        src = nn.Linear(in_f, out_f).to(dtype)
+        ref = copy.deepcopy(src).float()
+        layer = (tpt.LinearAllreduce(src, sequence_parallel=True) if row else
+                 tpt.LinearLayer(src, sequence_parallel=True, tp_overlap_comm=overlap))
+        idx = pieces_index(layer)
+        x = torch.randn(seq_len, 2, in_f).to(dtype)
+        dy = torch.randn(seq_len, 2, out_f).to(dtype)
+        xin = (x[..., idx] if row else x[so:so + ss]).clone().requires_grad_()
+        y = layer(xin) if row or not overlap else layer(xin, seq_len=seq_len)
+        x32 = x.float().requires_grad_()
+        y32 = ref(x32)
+        y32.backward(dy.float())
+        mine = (slice(so, so + ss), Ellipsis) if row else (Ellipsis, idx)  # this rank's part of Y and dY
+        y.backward(dy[mine].contiguous())
+        w64, x64, dy64 = ref.weight.detach().double(), x.double(), dy.double()
+        ty = x64.abs() @ w64.abs().t() + ref.bias.detach().double().abs()
+        what = f"SP {'row' if row else 'col'} p={dist.get_world_size()} S={seq_len} {dtype} overlap={overlap}"
+        close_half(y, y32.to(dtype)[mine], ty[mine], in_f, 2 + (reduced + 1 if row else 0), dtype, what + " forward")
+        tdx = dy64.abs() @ w64.abs()
+        dx_at = (Ellipsis, idx) if row else (slice(so, so + ss), Ellipsis)
+        close_half(xin.grad, x32.grad.to(dtype)[dx_at], tdx[dx_at], out_f, 2 + (0 if row else reduced), dtype,
+                   what + " dX")
+        m = seq_len * 2
+        tdw = dy64.reshape(m, out_f).abs().t() @ x64.reshape(m, in_f).abs()
+        close_half(full_grad(layer.weight), ref.weight.grad.to(dtype), tdw, m, 2, dtype, what + " dW")
+        close_half(full_grad(layer.bias), ref.bias.grad.to(dtype), dy64.reshape(m, out_f).abs().sum(0), m, 2, dtype,
+                   what + " db")
 
 
 def check_mappings():
@@ -113,6 +152,70 @@ def check_cross_entropy(dtype, vocab, smoothing, reduction):
     loss.backward(w.to(dtype))
     want.backward(w)
     close(mine.grad, full.grad[..., vo:vo + vs], dtype, what + " gradient")
+
+
+def check_vocab_half(dtype, vocab=37, smoothing=0.1):
+    """The vocab-parallel embedding and cross-entropy in bfloat16 / float16 (sequence-parallel and not),
+    against float64 from the same half values. The lookup is exact (the same bits as nn.Embedding in dtype);
+    the table's gradient is each row's dY rows summed in float32, rounded once (close_half with one rounding,
+    k = the number of tokens). The loss: float32 exponentials (relative error < 2^-22 each), sums in float64,
+    rounded once: |err| <= u|loss| + 2^-20 (1 + max|logit|) per token, and as much for a mean or a sum per
+    token it covers; its gradient: float32 math, rounded once, times the incoming gradient in dtype (one more
+    rounding): |err| <= 2u|g| + 2^-20 (|g| + w), w the token's weight. Torch's own F.cross_entropy in dtype
+    meets that loss bound + u max|log p| per token (it rounds the log-probabilities that label smoothing
+    averages). The loss is the same bits on every rank."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    tp.set_training_mode(True)
+    for sp in (False, True):
+        seed("temb-half", str(dtype), vocab, sp)
+        ref = nn.Embedding(vocab, 6).to(dtype)
+        emb = tpt.VocabParallelEmbedding.from_embedding(copy.deepcopy(ref), sequence_parallel=sp)
+        ids = torch.randint(0, vocab // 3, (7, 3))  # repeated ids: rows with several tokens' gradients
+        so, ss = _rows(7)
+        rows = slice(so, so + ss) if sp else slice(None)
+        y = emb(ids)
+        assert y.dtype == dtype and torch.equal(y, ref(ids)[rows]), f"embedding {dtype} sp={sp}: not the lookup"
+        if not sp:
+            same_bits_everywhere(y)
+        g = torch.randn(7, 3, 6).to(dtype)
+        y.backward(g[rows])
+        want = torch.zeros(vocab, 6, dtype=torch.float64).index_add_(0, ids.reshape(-1), g.double().reshape(-1, 6))
+        terms = torch.zeros(vocab, 6, dtype=torch.float64).index_add_(0, ids.reshape(-1), g.double().abs().reshape(-1, 6))
+        close_half(full_grad(emb.weight), want, terms, ids.numel(), 1, dtype, f"embedding {dtype} sp={sp} grad")
+    for reduction in ("mean", "sum", "none"):
+        seed("tce-half", str(dtype), vocab, reduction)
+        logits = (torch.randn(5, 2, vocab) * 3).to(dtype).double()
+        targets = torch.randint(0, vocab, (5, 2))
+        targets[0, 1] = -100
+        (vo, vs), = tp.shard_ranges(vocab, p, training=True)[r]
+        mine = logits[..., vo:vo + vs].to(dtype).requires_grad_()
+        loss = tpt.vocab_parallel_cross_entropy(mine, targets, label_smoothing=smoothing, reduction=reduction)
+        full = logits.clone().requires_grad_()
+        want = F.cross_entropy(full.reshape(-1, vocab), targets.reshape(-1), label_smoothing=smoothing,
+                               reduction=reduction)
+        theirs = F.cross_entropy(logits.to(dtype).reshape(-1, vocab), targets.reshape(-1), label_smoothing=smoothing,
+                                 reduction=reduction)
+        what = f"cross-entropy p={p} {reduction} {dtype}"
+        assert loss.dtype == dtype == theirs.dtype, (what, loss.dtype, theirs.dtype)
+        want = want.reshape(loss.shape)
+        tokens = 1 if reduction != "sum" else int((targets != -100).sum())
+        lim = U[dtype] * want.abs() + tokens * 2.0 ** -20 * (1 + logits.abs().max()) + ETA[dtype]
+        # torch rounds each log-probability to dtype before label smoothing averages them: u max|log p| more
+        lsm = torch.log_softmax(logits, -1).abs().max()
+        for got, who, more in ((loss, "tplinear", 0), (theirs.reshape(loss.shape), "torch", tokens * U[dtype] * lsm)):
+            err = (got.double() - want.detach()).abs() - more
+            assert bool((err <= lim).all()), f"{what} {who} loss: worst excess {(err - lim).max().item():.3g}"
+        same_bits_everywhere(loss)
+        w = (torch.rand(want.shape) if reduction == "none" else torch.tensor(1.7)).to(dtype)
+        loss.backward(w)
+        want.backward(w.double())
+        per_token = w.double().reshape(5, 2, 1) if reduction == "none" else w.double()
+        if reduction == "mean":
+            per_token = per_token / int((targets != -100).sum())
+        ref_g = full.grad[..., vo:vo + vs]
+        lim = 2 * U[dtype] * ref_g.abs() + 2.0 ** -20 * (ref_g.abs() + per_token) + 2 * ETA[dtype]
+        err = (mine.grad.double() - ref_g).abs()
+        assert bool((err <= lim).all()), f"{what} gradient: worst excess {(err - lim).max().item():.3g}"
 
 
 class TinyDecoder(nn.Module):

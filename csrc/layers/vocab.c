@@ -8,6 +8,10 @@
  *                                                                       all-gathered first)
  *   cross-entropy      max all-reduce, then one sum all-reduce of       the gradient comes with the loss, from
  *                      sum-exp, target logit (and sum of logits)        the same reduced values
+ *
+ * bfloat16 / float16: the lookup copies rows and its reduction adds zeros to one value (exact); the table's
+ * gradient sums each row's old value and its dY rows in float32, rounded once; the cross-entropy runs its
+ * float32 path on a float32 copy of the logits and rounds the gradient and the losses once at the end.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -32,8 +36,9 @@ static tp_status check_member(tp_group *g)
 
 static tp_status check_float(const tp_tensor *t, const char *what)
 {
-    if (t->dtype != TP_FLOAT32 && t->dtype != TP_FLOAT64)
-        return tp_error(TP_ERR_TYPE, "%s must be float32 or float64, got %s", what, tp_dtype_name(t->dtype));
+    if (t->dtype != TP_FLOAT32 && t->dtype != TP_FLOAT64 && !tp_dtype_is_half(t->dtype))
+        return tp_error(TP_ERR_TYPE, "%s must be float32, float64, bfloat16 or float16, got %s", what,
+                        tp_dtype_name(t->dtype));
     return TP_OK;
 }
 
@@ -81,6 +86,19 @@ static tp_status as_view2(const tp_tensor *t, view2 *v, const char *what)
     v->cs = m.trans ? m.ld : 1;
 out:
     return st;
+}
+
+/* Element j of a strided row of a half dtype, as float32, and back (rounded once). */
+static float half_get(tp_dtype dt, const char *row, int64_t j, int64_t cs)
+{
+    float f;
+    tp_half_to_float32(dt, row + (size_t)(j * cs) * 2, &f, 1);
+    return f;
+}
+
+static void half_put(tp_dtype dt, char *row, int64_t j, int64_t cs, float f)
+{
+    tp_half_from_float32(dt, &f, row + (size_t)(j * cs) * 2, 1);
 }
 
 /* ---------------------------------------------------------------- embedding */
@@ -194,6 +212,47 @@ out:
     return st;
 }
 
+static int by_row_then_token(const void *a, const void *b)
+{
+    const int64_t *x = a, *y = b;
+    return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] > y[1]) - (x[1] < y[1]);
+}
+
+/* dw[k] += sum of dy[i] over the tokens i whose id is row k of this shard, for a half dtype: per row, its old
+ * value and its tokens' rows (in token order) summed in float32, rounded once. */
+static tp_status half_scatter_add(tp_dtype dt, const view2 *vw, const view2 *vd, const int64_t *id, int64_t n,
+                                  int64_t vocab_offset)
+{
+    int64_t *pairs = malloc((size_t)n * 2 * sizeof *pairs), m = 0;
+    float *acc = malloc((size_t)vw->cols * sizeof *acc);
+    if (pairs == NULL || acc == NULL) {
+        free(pairs);
+        free(acc);
+        return tp_error(TP_ERR_NOMEM, "embedding_backward: out of memory for %lld tokens", (long long)n);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        int64_t k = id[i] - vocab_offset;
+        if (k < 0 || k >= vw->rows) continue;
+        pairs[2 * m] = k;
+        pairs[2 * m + 1] = i;
+        m++;
+    }
+    qsort(pairs, (size_t)m, 2 * sizeof *pairs, by_row_then_token);
+    for (int64_t a = 0; a < m;) {
+        int64_t k = pairs[2 * a];
+        char *o = vw->data + (size_t)(k * vw->rs) * 2;
+        for (int64_t j = 0; j < vw->cols; j++) acc[j] = half_get(dt, o, j, vw->cs);
+        for (; a < m && pairs[2 * a] == k; a++) {
+            const char *s = vd->data + (size_t)(pairs[2 * a + 1] * vd->rs) * 2;
+            for (int64_t j = 0; j < vw->cols; j++) acc[j] += half_get(dt, s, j, vd->cs);
+        }
+        for (int64_t j = 0; j < vw->cols; j++) half_put(dt, o, j, vw->cs, acc[j]);
+    }
+    free(pairs);
+    free(acc);
+    return TP_OK;
+}
+
 tp_status tp_embedding_backward(tp_group *g, const tp_tensor *ids, const tp_tensor *dy, int64_t vocab_offset,
                                 const tp_range *seq, tp_tensor *dw)
 {
@@ -227,6 +286,10 @@ tp_status tp_embedding_backward(tp_group *g, const tp_tensor *ids, const tp_tens
     }
     if (n == 0 || hidden == 0) goto out;
     TP_CHECK(as_view2(src, &vd, "grad_output"));
+    if (tp_dtype_is_half(dw->dtype)) {
+        TP_CHECK(half_scatter_add(dw->dtype, &vw, &vd, id, n, vocab_offset));
+        goto out;
+    }
     for (int64_t i = 0; i < n; i++) {
         int64_t k = id[i] - vocab_offset;
         if (k < 0 || k >= rows) continue;
@@ -374,8 +437,10 @@ tp_status tp_vocab_cross_entropy(tp_group *g, const tp_tensor *logits, const tp_
     double *mx = NULL, *sums = NULL, *w = NULL, total = 0.0;
     void *packed = NULL;
     tp_mat m;
-    view2 vl, vg;
-    int f32 = logits->dtype == TP_FLOAT32;
+    view2 vl, vg, vh = {0};
+    float *f32buf = NULL;
+    tp_dtype dt = logits->dtype;
+    int half = tp_dtype_is_half(dt), f32 = dt == TP_FLOAT32 || half;
     TP_CHECK(check_member(g));
     TP_CHECK(check_loss_args(logits, targets, vocab_offset, vocab_size, label_smoothing, reduction, losses, grad));
     TP_CHECK(load_indices(targets, "targets", &t));
@@ -392,6 +457,18 @@ tp_status tp_vocab_cross_entropy(tp_group *g, const tp_tensor *logits, const tp_
     } else {
         TP_CHECK(tp_mat_view(logits, &m, &packed, "logits"));
         vl = (view2){m.data, m.rows, m.cols, m.trans ? 1 : m.ld, m.trans ? m.ld : 1};
+    }
+    if (half) { /* the float32 path on a float32 copy (it becomes the gradient in place); vh: the half gradient */
+        f32buf = malloc((size_t)(vl.rows * vl.cols) * sizeof *f32buf + 1);
+        if (f32buf == NULL) {
+            st = tp_error(TP_ERR_NOMEM, "cross_entropy: out of memory for a float32 copy of the logits");
+            goto out;
+        }
+        for (int64_t i = 0; i < vl.rows; i++)
+            for (int64_t j = 0; j < vl.cols; j++)
+                f32buf[i * vl.cols + j] = half_get(dt, vl.data + (size_t)(i * vl.rs) * 2, j, vl.cs);
+        if (grad) vh = vg;
+        vl = vg = (view2){(char *)f32buf, vl.rows, vl.cols, vl.cols, 1};
     }
     mx = malloc((size_t)(n > 0 ? n : 1) * sizeof *mx);
     sums = malloc((size_t)(n > 0 ? 3 * n : 1) * sizeof *sums);
@@ -417,16 +494,22 @@ tp_status tp_vocab_cross_entropy(tp_group *g, const tp_tensor *logits, const tp_
         w[i] = t[i] == ignore_index ? 0.0 : reduction == TP_LOSS_MEAN ? 1.0 / (double)valid : 1.0;
         if (losses) {
             if (losses->dtype == TP_FLOAT32) ((float *)losses->data)[i] = (float)li;
-            else ((double *)losses->data)[i] = li;
+            else if (losses->dtype == TP_FLOAT64) ((double *)losses->data)[i] = li;
+            else half_put(losses->dtype, losses->data, i, 1, (float)li);
         }
     }
     if (grad) {
         if (f32) grad_f32(&vg, t, vocab_offset, sums, w, label_smoothing, (double)vocab_size);
         else grad_f64(&vg, t, vocab_offset, sums, w, label_smoothing, (double)vocab_size);
+        if (half)
+            for (int64_t i = 0; i < vh.rows; i++)
+                for (int64_t j = 0; j < vh.cols; j++)
+                    half_put(dt, vh.data + (size_t)(i * vh.rs) * 2, j, vh.cs, f32buf[i * vh.cols + j]);
     }
     if (loss) *loss = reduction == TP_LOSS_MEAN ? total / (double)valid : total;
 out:
     tp_device_free(logits->device, packed);
+    free(f32buf);
     free(t);
     free(mx);
     free(sums);

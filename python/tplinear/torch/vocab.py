@@ -64,7 +64,8 @@ class VocabParallelEmbedding(TPModule):
 
     weight: a whole [num_embeddings, embedding_dim] table to start from (else nn.Embedding's N(0, 1) from the
     counter-based generator and seed, only this rank's rows allocated); padding_idx as nn.Embedding's (that
-    row starts at zero and gets no gradient). CPU tensors, float32 / float64. from_embedding(nn.Embedding)
+    row starts at zero and gets no gradient). CPU tensors, float32 / float64 / bfloat16 / float16 (half: each
+    row's gradient summed in float32 with its old value, rounded once). from_embedding(nn.Embedding)
     builds one from a model's embedding (its Parameter object keeps its identity, holding this rank's rows)."""
 
     _shard_dim = 0
@@ -84,8 +85,8 @@ class VocabParallelEmbedding(TPModule):
             if weight.device.type != "cpu":
                 raise NotImplementedError("VocabParallelEmbedding runs on CPU tensors in this version of tplinear")
         dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"VocabParallelEmbedding takes float32 or float64 (CPU), got {dtype}")
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"VocabParallelEmbedding takes float32, float64, bfloat16 or float16 (CPU), got {dtype}")
         if padding_idx is not None:
             if not -V <= padding_idx < V:
                 raise ValueError(f"padding_idx must be within num_embeddings={V}, got {padding_idx}")
@@ -105,8 +106,10 @@ class VocabParallelEmbedding(TPModule):
         self.out_features, self.in_features = V, H
         self._vocab_offset = off
         if source is None:
-            rows = torch.empty((size, H), dtype=dtype)
+            half = dtype in (torch.bfloat16, torch.float16)  # drawn in float32, rounded once
+            rows = torch.empty((size, H), dtype=torch.float32 if half else dtype)
             _C.init_normal(rows.numpy(), int(seed) & (2**64 - 1), 0, 1.0, off, 0, H)
+            rows = rows.to(dtype)
             if padding_idx is not None and 0 <= padding_idx - off < size:
                 rows[padding_idx - off].zero_()
             self.weight = self._mark(nn.Parameter(rows), True, 0)
