@@ -9,7 +9,7 @@ import tplinear.distributed as dist
 import tplinear.torch as tpt
 from tplinear.torch import ssm
 
-from torch_checks import close, full_grad, init, seed  # noqa: F401
+from torch_checks import close, close_grads, full_grad, init, seed  # noqa: F401
 
 INTER, VOCAB = 101, 97  # d_inner 101: uneven over every p in 2..4
 
@@ -108,13 +108,7 @@ def check_ssm(kind, training, steps=1):
         close(out.loss.reshape(1), expect.loss.reshape(1), torch.float64, f"{what} step {step} loss", 1e-5)
         out.loss.backward()
         expect.loss.backward()
-        refs = dict(ref.named_parameters())
-        for name, q in model.named_parameters():
-            g, rg = full_grad(q), refs[name].grad
-            if rg is None or rg.abs().max() == 0:
-                assert g is None or g.abs().max() == 0, f"{what}: {name} has a gradient the reference lacks"
-                continue
-            close(g, rg, torch.float64, f"{what} step {step} grad of {name}", 1e-4)
+        close_grads(model, ref, f"{what} step {step}", 1e-4)
         opt.step()
         ropt.step()
     full = tpt.full_state_dict(model, rank0_only=False)  # what save_pretrained writes: the mixers whole

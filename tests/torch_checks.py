@@ -57,6 +57,18 @@ def full_grad(param):
     return param.grad if layer is None else layer.full_tensor(param, param.grad)
 
 
+def close_grads(model, ref, what, tol):
+    """Every parameter's gradient (gathered) against the unsharded ref's; where ref's is zero or absent, so
+    must model's be."""
+    refs = dict(ref.named_parameters())
+    for name, q in model.named_parameters():
+        g, rg = full_grad(q), refs[name].grad
+        if rg is None or rg.abs().max() == 0:
+            assert g is None or g.abs().max() == 0, f"{what}: {name} has a gradient the reference lacks"
+            continue
+        close(g, rg, torch.float64, f"{what} grad of {name}", tol)
+
+
 def pieces_index(layer, r=None):
     """The indices of rank r's pieces along the split dim."""
     r = layer.tp_index if r is None else r
