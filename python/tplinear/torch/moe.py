@@ -108,7 +108,8 @@ def split_dims(name, module, hidden=None):
 
 
 class ExpertShard:
-    """The partition of one sharded expert parameter (``param.tp_layer``): full_tensor gathers it."""
+    """The partition of one parameter split in place (``param.tp_layer``; shard_param makes it: MoE experts, and
+    tplinear.torch.norms' and .ssm's per-channel parameters): full_tensor gathers it, layout() describes it."""
 
     _conv1d = False
 
@@ -140,7 +141,7 @@ class ExpertShard:
         return f"ExpertShard(dim={self.dim}, pieces={self._ranges[self.tp_index * self._nblocks:][:self._nblocks]})"
 
 
-def _shard_param(param, group, dim, ranges, nblocks, full):
+def shard_param(param, group, dim, ranges, nblocks, full):
     """Replaces param's data by this rank's pieces along dim (the full tensor is released)."""
     r = group.rank
     pieces = ranges[r * nblocks:(r + 1) * nblocks]
@@ -153,9 +154,6 @@ def _shard_param(param, group, dim, ranges, nblocks, full):
     param.tp_layer = ExpertShard(group, dim, ranges, nblocks, full)
     _grads.track(param, param.tp_layer, True)  # torch's clip_grad_norm_ sees the full gradient's norm
     return param
-
-
-shard_param = _shard_param  # public: tplinear.torch.ssm splits the Mamba mixers' per-channel parameters with it
 
 
 class _TPExperts:
@@ -219,11 +217,11 @@ def shard_experts(name, module, group, hidden=None):
     k = 2 if has_gate else 1
     down_ranges = [r[0] for r in units]
     for n in (up_name, gate_name) if gate_name else (up_name,):  # a separate 3-d gate_proj as up_proj
-        _shard_param(module._parameters[n], group, 2 if transposed else 1, up_ranges, up_blocks, k * inter)
+        shard_param(module._parameters[n], group, 2 if transposed else 1, up_ranges, up_blocks, k * inter)
         up_bias = module._parameters.get(f"{n}_bias")
         if isinstance(up_bias, nn.Parameter) and up_bias.dim() == 2:
-            _shard_param(up_bias, group, 1, up_ranges, up_blocks, k * inter)
-    _shard_param(module._parameters["down_proj"], group, 1 if transposed else 2, down_ranges, 1, inter)
+            shard_param(up_bias, group, 1, up_ranges, up_blocks, k * inter)
+    shard_param(module._parameters["down_proj"], group, 1 if transposed else 2, down_ranges, 1, inter)
     bias = module._parameters.get("down_proj_bias")
     if isinstance(bias, nn.Parameter) and bias.requires_grad and not getattr(bias, "_tplinear_grad_allreduce", False):
         bias.register_hook(lambda g, group=group: _ops.all_reduce_(group, g.clone(

@@ -20,8 +20,8 @@ import copy
 import torch
 from torch import nn
 
-from . import _grads, _ops
-from .moe import ExpertShard
+from . import _ops
+from .moe import shard_param
 
 _EPS = ("variance_epsilon", "eps", "epsilon")
 
@@ -122,10 +122,4 @@ class ShardedNorm(nn.Module):
 
 def _shard(param, group, pieces, full):
     """param (1-d, full) becomes this rank's pieces, marked as a sharded parameter (param.tp_layer gathers it)."""
-    with torch.no_grad():
-        param.data = torch.cat([param.detach()[off:off + size] for off, size in pieces[group.rank]])
-    param.grad = None
-    param.tensor_model_parallel = True
-    param.partition_dim = 0
-    param.tp_layer = ExpertShard(group, 0, [pc for own in pieces for pc in own], len(pieces[0]), full)
-    _grads.track(param, param.tp_layer, True)
+    shard_param(param, group, 0, [pc for own in pieces for pc in own], len(pieces[0]), full)
