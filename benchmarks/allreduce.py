@@ -4,7 +4,7 @@ DeepSpeed's shm all-reduce, next to a STREAM copy / triad bandwidth measured in 
 mpi backend against mpi4py on the same MPI (issue 14: within 5 % at every size).
 
     python benchmarks/allreduce.py [--json out.json] [--md out.md] [--plot out.png] [--nproc 2 4]
-                                   [--rounds 2]
+                                   [--rounds 2] [--dtype float32 bfloat16 float16]
                                    [--contenders tplinear,tplinear-copying,mpi4py,gloo,deepspeed,tplinear-mpi]
 
 Contenders, each started as its own subprocess world, interleaved round by round:
@@ -22,6 +22,10 @@ Contenders, each started as its own subprocess world, interleaved round by round
                       deepspeed.init_distributed("gloo") on the CPU accelerator (torchrun, LOCAL_SIZE set: the
                       op is compiled on first use, the `deepspeed_shm_comm` extension). All-reduce only.
 A contender that cannot run (or a collective it lacks) is reported as skipped with the reason.
+
+dtypes (issue 27): every world runs each --dtype in turn at every size (the same bytes, size / itemsize
+elements); bytes/s of a half dtype over float32's at the same size, same world, are among the derived ratios.
+mpi4py: float32 only (MPI has no bfloat16 datatype).
 
 Sizes are nccl-tests' "size": the all-reduce's buffer, the reduce-scatter's input (p blocks), the
 all-gather's output (p blocks). Each rank times back-to-back calls (after 3 warm-up calls and an agreed
@@ -51,7 +55,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from linear import children_cpu_s, cores, cpu_busy_s, free_port, machine_info, mpirun_cmd, save_report  # noqa: E402
+from linear import (add_dtype_arg, children_cpu_s, cores, cpu_busy_s, free_port, machine_info, mpirun_cmd,  # noqa: E402
+                    np_dtype, save_report)
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20]  # 32 MB: a row output
 COLLS = ["all_reduce", "reduce_scatter", "all_gather"]
@@ -93,11 +98,11 @@ def median(xs):
 # ================================================================================== workers
 
 
-def zeros(np, n):
-    """float32 zeros in memory of their own: written, so that no page is the kernel's shared zero page (an
+def zeros(np, n, dtype="float32"):
+    """Zeros (float32 unless dtype) in memory of their own: written, so that no page is the kernel's shared zero page (an
     untouched np.zeros array reads as if it were in cache); sums of zeros stay zeros."""
-    a = np.empty(n, np.float32)
-    a.fill(0.0)
+    a = np.empty(n, np_dtype(dtype))
+    a.fill(0)
     return a
 
 
@@ -105,6 +110,7 @@ class Api:
     """What the timing loop needs from a framework: arrays, the collectives, a barrier, a max over ranks."""
     r = p = 0
     skip = {}  # collective -> reason it cannot run
+    half = None  # the reason it cannot run bfloat16 / float16
 
     def barrier(self):
         raise NotImplementedError
@@ -115,22 +121,22 @@ class Api:
     def sum_all(self, x):
         raise NotImplementedError
 
-    def collective(self, coll, size):
-        """A no-argument function running one `coll` of `size` bytes on preallocated arrays."""
+    def collective(self, coll, size, dtype):
+        """A no-argument function running one `coll` of `size` bytes of `dtype` on preallocated arrays."""
         raise NotImplementedError
 
 
 class NumpyApi(Api):
     """Frameworks on NumPy arrays: the subclass gives ar(buf), rs(send, recv), ag(send, recv)."""
 
-    def collective(self, coll, size):
+    def collective(self, coll, size, dtype):
         import numpy as np
-        n = size // 4
+        n = size // np_dtype(dtype).itemsize
         if coll == "all_reduce":
-            buf = zeros(np, n)
+            buf = zeros(np, n, dtype)
             return lambda: self.ar(buf)
-        small = zeros(np, n // self.p)
-        big = zeros(np, small.size * self.p)
+        small = zeros(np, n // self.p, dtype)
+        big = zeros(np, small.size * self.p, dtype)
         if coll == "reduce_scatter":
             return lambda: self.rs(big, small)
         return lambda: self.ag(small, big)
@@ -172,6 +178,7 @@ class MpiApi(NumpyApi):
         from mpi4py import MPI
         self.np, self.MPI, self.comm = np, MPI, MPI.COMM_WORLD
         self.r, self.p = self.comm.Get_rank(), self.comm.Get_size()
+        self.half = "MPI has no bfloat16 / float16 datatype"
 
     def barrier(self):
         self.comm.Barrier()
@@ -226,15 +233,17 @@ class TorchApi(Api):
     def sum_all(self, x):
         return self.max_all(x, self.tdist.ReduceOp.SUM)
 
-    def collective(self, coll, size):
-        torch, tdist, n = self.torch, self.tdist, size // 4
+    def collective(self, coll, size, dtype):
+        torch, tdist = self.torch, self.tdist
+        dt = getattr(torch, dtype)
+        n = size // dt.itemsize
         if coll == "all_reduce":
-            buf = torch.zeros(n, dtype=torch.float32)
+            buf = torch.zeros(n, dtype=dt)
             if self.ds is not None:
                 return lambda: self.ds.inference_all_reduce(buf)
             return lambda: tdist.all_reduce(buf)
-        small = torch.zeros(n // self.p, dtype=torch.float32)
-        big = torch.zeros(small.numel() * self.p, dtype=torch.float32)
+        small = torch.zeros(n // self.p, dtype=dt)
+        big = torch.zeros(small.numel() * self.p, dtype=dt)
         if coll == "reduce_scatter":
             return lambda: tdist.reduce_scatter_tensor(small, big)
         return lambda: tdist.all_gather_into_tensor(big, small)
@@ -308,16 +317,18 @@ def run_worker(args):
         for size in SIZES:
             if kernels:
                 streams[size] = dict(stream(api, size, kernels[0], kernels[1], args.budget), how=kernels[2])
-            for coll in COLLS:
-                if coll in api.skip:
-                    rows.append({"coll": coll, "bytes": size, "skipped": api.skip[coll]})
+            for coll, dtype in [(c, d) for c in COLLS for d in args.dtype]:
+                why = api.skip.get(coll) or (api.half if dtype != "float32" else None)
+                if why:
+                    rows.append({"coll": coll, "bytes": size, "dtype": dtype, "skipped": why})
                     continue
                 try:
-                    fn = api.collective(coll, size)
+                    fn = api.collective(coll, size, dtype)
                     for _ in range(3):
                         fn()
                 except Exception as exc:  # e.g. a backend without this collective
-                    rows.append({"coll": coll, "bytes": size, "skipped": f"{type(exc).__name__}: {exc}"[:300]})
+                    rows.append({"coll": coll, "bytes": size, "dtype": dtype,
+                                 "skipped": f"{type(exc).__name__}: {exc}"[:300]})
                     api.barrier()
                     continue
                 t0 = time.perf_counter()
@@ -330,7 +341,7 @@ def run_worker(args):
                     t0 = time.perf_counter()
                     fn()
                     ts.append(time.perf_counter() - t0)
-                rows.append({"coll": coll, "bytes": size, "reps": reps, "median_s": api.max_all(median(ts)),
+                rows.append({"coll": coll, "bytes": size, "dtype": dtype, "reps": reps, "median_s": api.max_all(median(ts)),
                              "rank_median_s": median(ts)})
     if api.r == 0:
         with open(args.out, "w") as f:
@@ -348,7 +359,7 @@ def python_has(py, code):
 def world_cmd(who, p, args, out):
     """(command, environment, None) for one world, or (None, None, reason) when it cannot run here."""
     me = os.path.abspath(__file__)
-    wargs = [me, "--worker", who, "--out", out, "--budget", str(args.budget)]
+    wargs = [me, "--worker", who, "--out", out, "--budget", str(args.budget), "--dtype"] + args.dtype
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
@@ -429,7 +440,7 @@ def merge(rounds):
     cells = {}
     for r in ok:
         for row in r["rows"]:
-            key = f"{row['coll']}/{row['bytes']}"
+            key = cell_key(row["coll"], row["bytes"], row.get("dtype", "float32"))
             cell = cells.setdefault(key, dict(row, rounds_s=[]))
             if "median_s" in row:
                 cell["rounds_s"].append(row["median_s"])
@@ -447,8 +458,13 @@ def merge(rounds):
             "command": ok[0]["command"]}
 
 
-def cell(report, who, p, coll, size):
-    return report["results"].get(who, {}).get(str(p), {}).get("cells", {}).get(f"{coll}/{size}", {})
+def cell_key(coll, size, dtype):
+    """A cell's name: float32's keeps its name from before the dtype axis."""
+    return f"{coll}/{size}" + ("" if dtype == "float32" else f"/{dtype}")
+
+
+def cell(report, who, p, coll, size, dtype="float32"):
+    return report["results"].get(who, {}).get(str(p), {}).get("cells", {}).get(cell_key(coll, size, dtype), {})
 
 
 def fmt_us(s):
@@ -495,6 +511,18 @@ def derive(report):
         x = by.get((2, "all_reduce", 4 << 10))
         t["all_reduce_4KB_2ranks_us"] = {"value": x and x["tplinear_s"] * 1e6, "target": "<= 4",
                                          "met": bool(x) and x["tplinear_s"] <= 4e-6}
+    out["dtypes"] = []  # tplinear's bytes/s in a half dtype over float32's, same size, same world
+    for p, coll, size, dtype in [(p, c, s, d) for p in report["config"]["nproc"] for c in COLLS for s in SIZES
+                                 for d in report["config"].get("dtypes", ["float32"]) if d != "float32"]:
+        a, b = cell(report, "tplinear", p, coll, size), cell(report, "tplinear", p, coll, size, dtype)
+        if "median_s" in a and "median_s" in b:
+            out["dtypes"].append({"p": p, "coll": coll, "bytes": size, "dtype": dtype, "float32_s": a["median_s"],
+                                  "dtype_s": b["median_s"], "bytes_per_s_over_float32": a["median_s"] / b["median_s"]})
+    for x in out["dtypes"]:
+        if (x["p"], x["coll"], x["bytes"], x["dtype"]) == (2, "all_reduce", 16 << 20, "bfloat16"):
+            v = x["bytes_per_s_over_float32"]
+            t["all_reduce_16MB_2ranks_bfloat16_bytes_per_s_over_float32"] = {"value": v, "target": ">= 0.9",
+                                                                             "met": v >= 0.9}
     out["mpi"] = []
     for p in report["config"]["nproc"]:
         for coll in COLLS:
@@ -514,7 +542,8 @@ def markdown(report):
     d, lines = report["derived"], []
     lines.append(f"Command: `{report['command']}`  \nDate: {report['date']}  \n"
                  f"Machine: {report['machine'].get('Model name', '?')}, {report['machine']['cores']} cores; "
-                 f"float32; slowest rank's median of back-to-back calls; best of {report['config']['rounds']} "
+                 f"{', '.join(report['config'].get('dtypes', ['float32']))}; slowest rank's median of back-to-back "
+                 f"calls; best of {report['config']['rounds']} "
                  f"round(s).\n")
     for who, per in report["results"].items():
         for p, r in per.items():
@@ -554,6 +583,20 @@ def markdown(report):
                       for size in SIZES if "skipped" in (c := cell(report, w, p, coll, size))})
     if skipped:
         lines.append("\nn/a: " + "; ".join(skipped))
+    half = d.get("dtypes", [])
+    for p in report["config"]["nproc"]:
+        rows = {(x["coll"], x["bytes"], x["dtype"]): x for x in half if x["p"] == p}
+        dts = [dt for dt in report["config"].get("dtypes", []) if dt != "float32"]
+        if not rows:
+            continue
+        lines.append(f"\n#### tplinear in {', '.join(dts)}: bytes/s over float32's (same size in bytes, same world), "
+                     f"{p} ranks\n")
+        lines.append("| size | " + " | ".join(f"{c} {dt}" for c in COLLS for dt in dts) + " |")
+        lines.append("|---" * (len(COLLS) * len(dts) + 1) + "|")
+        for size in SIZES:
+            lines.append(f"| {fmt_size(size)} | " + " | ".join(
+                f"{rows[(c, size, dt)]['bytes_per_s_over_float32']:.2f} ({fmt_us(rows[(c, size, dt)]['dtype_s'])})"
+                if (c, size, dt) in rows else "—" for c in COLLS for dt in dts) + " |")
     mpi = d.get("mpi", [])
     for p in report["config"]["nproc"]:
         rows = {(x["coll"], x["bytes"]): x for x in mpi if x["p"] == p}
@@ -567,7 +610,7 @@ def markdown(report):
             lines.append(f"| {fmt_size(size)} | " + " | ".join(
                 f"{rows[(c, size)]['ratio']:.2f} ({fmt_us(rows[(c, size)]['tplinear_mpi_s'])} / "
                 f"{fmt_us(rows[(c, size)]['mpi4py_s'])})" if (c, size) in rows else "—" for c in COLLS) + " |")
-    lines.append("\nTargets (issue 16, 2 ranks; issue 14, the mpi backend):\n")
+    lines.append("\nTargets (issue 16, 2 ranks; issue 14, the mpi backend; issue 27, bfloat16):\n")
     for k, v in d["targets"].items():
         val = v.get("value")
         shown = f"{val:.2f}" if isinstance(val, float) else (", ".join(v["slower"]) or "none") if "slower" in v else "—"
@@ -587,11 +630,12 @@ def plot(report, path):
         st = report["results"].get("tplinear", {}).get(str(p), {}).get("stream", {})
         for j, coll in enumerate(COLLS):
             ax = axes[i][j]
-            for who in CONTENDERS:
+            for who, dt in [(w, d) for w in CONTENDERS for d in report["config"].get("dtypes", ["float32"])]:
                 pts = [(s, ideal_bytes(coll, s, p) / c["median_s"] / 1e9) for s in SIZES
-                       if "median_s" in (c := cell(report, who, p, coll, s))]
+                       if "median_s" in (c := cell(report, who, p, coll, s, dt))]
                 if pts:
-                    ax.plot([s for s, _ in pts], [b for _, b in pts], marker=marks[who], label=LABEL[who])
+                    ax.plot([s for s, _ in pts], [b for _, b in pts], marker=marks[who],
+                            ls="-" if dt == "float32" else "--", label=LABEL[who] + ("" if dt == "float32" else f" {dt}"))
             for kind, ls in (("copy", "--"), ("triad", ":")):
                 pts = [(s, st[str(s)][kind] / 1e9) for s in SIZES if st.get(str(s), {}).get(kind)]
                 if pts:
@@ -603,7 +647,8 @@ def plot(report, path):
             ax.set_ylabel("GB/s per rank (ideal bytes / time)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6)
-    fig.suptitle(f"collectives vs STREAM, float32, {report['machine'].get('Model name', '')}, "
+    fig.suptitle(f"collectives vs STREAM, {', '.join(report['config'].get('dtypes', ['float32']))}, "
+                 f"{report['machine'].get('Model name', '')}, "
                  f"{report['machine']['cores']} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -625,6 +670,7 @@ def main():
     ap.add_argument("--nice", type=int, default=0,
                     help="scheduling niceness of the whole benchmark, the same for every contender (e.g. -5 on a "
                          "shared box)")
+    add_dtype_arg(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
@@ -639,7 +685,7 @@ def main():
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine_info(args), "uptime_before": open("/proc/loadavg").read().strip(),
               "config": {"nproc": args.nproc, "sizes": SIZES, "rounds": args.rounds, "budget_s": args.budget,
-                         "contenders": contenders, "nice": args.nice}, "results": {}}
+                         "contenders": contenders, "nice": args.nice, "dtypes": args.dtype}, "results": {}}
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every world
     runs = {}

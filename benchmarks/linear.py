@@ -1,8 +1,8 @@
 """CPU benchmark of tplinear's tensor-parallel linear layers against the alternatives (issue 6).
 
-    python benchmarks/linear.py --json out.json --md table.md --plot plot.png
+    python benchmarks/linear.py --json out.json --md table.md --plot plot.png [--dtype float32 bfloat16 float16]
 
-Cases (float32; B tokens, weights [out, in]):
+Cases (float32, or each --dtype for tplinear; B tokens, weights [out, in]):
     row_fwd        LinearAllreduce forward   x[2048, 4096/p] . W[4096, 4096/p]^T, all-reduce, + b
     col_fwd        LinearLayer forward       x[2048, 4096]   . W[4096/p, 4096]^T + b_r
     mlp_fwdbwd     column 4096->16384, GELU (tanh, NumPy), row 16384->4096: forward + backward
@@ -11,6 +11,11 @@ Cases (float32; B tokens, weights [out, in]):
                    communication overhead = dec_row_fwd - dec_row_gemm
     row_gemm       the same at the big shape
     ar_dec, ar_big all-reduce alone of the row output ([8, 4096] and [2048, 4096] float32)
+
+dtypes (issue 27): tplinear runs every --dtype (its own world per dtype; weights, inputs and outputs in that
+dtype, the NumPy GELU between the layers in float32, cast on the way in and out); its half-dtype results are
+the contenders "tplinear-bfloat16" / "tplinear-float16", with their speed-ups over tplinear's float32 of the
+same run among the ratios. The other contenders run float32 only (NumPy has no half-precision BLAS).
 
 Contenders, each in its own subprocess world, all in this run:
     numpy     single process, full (unsplit) layers in NumPy, all cores: the machine's compute limit
@@ -90,6 +95,7 @@ LABELS = {
     "ar_dec": "all-reduce alone, 8x4096 fp32 (128 KiB)",
 }
 CONTENDERS = ["numpy", "tplinear", "mpi4py", "deepspeed"]
+DTYPES = ("float32", "bfloat16", "float16")
 GELU_C, GELU_K = math.sqrt(2.0 / math.pi), 0.044715
 
 
@@ -98,6 +104,26 @@ def cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def add_dtype_arg(ap):
+    """--dtype: the dtypes to measure side by side (shared by the benchmarks that have the dtype axis)."""
+    ap.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32"],
+                    help="dtypes measured side by side in one run (default: float32)")
+
+
+def np_dtype(name):
+    """The NumPy dtype of a --dtype name (bfloat16: ml_dtypes')."""
+    import numpy as np
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def dtype_key(who, dtype):
+    """The results' name of a contender in a dtype: float32 keeps the plain name (older result files)."""
+    return who if dtype == "float32" else f"{who}-{dtype}"
 
 
 # ================================================================================== NumPy helpers (workers)
@@ -242,11 +268,12 @@ class NumpyTP:
 
 
 class TplinearTP:
-    def __init__(self):
+    def __init__(self, dtype="float32"):
         import numpy as np
         import tplinear as tp
         import tplinear.distributed as dist
         self.np, self.tp, self.dist = np, tp, dist
+        self.dtype, self.dt = dtype, np_dtype(dtype)
         tp.set_training_mode(True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "RANK" in os.environ:
             dist.init_process_group()
@@ -256,53 +283,64 @@ class TplinearTP:
         self._check()
 
     def _x(self, b, n):
-        return self.rng.standard_normal((b, n), dtype=self.np.float32)
+        return self.rng.standard_normal((b, n), dtype=self.np.float32).astype(self.dt, copy=False)
 
     def _check(self):
         """Untimed sanity check at the decode shape: the TP row and column layers equal the full layer."""
-        np, tp, p, r = self.np, self.tp, self.p, self.r
-        x = np.random.default_rng(7).standard_normal((B_DEC, H), dtype=np.float32)
-        full = tp.Linear(H, H, seed=3)
-        ref = x.astype(np.float64) @ full.weight.data.T.astype(np.float64) + full.bias.data
-        row = tp.LinearAllreduce.from_init(H, H, seed=3)
-        y = row(np.ascontiguousarray(x[:, r * H // p:(r + 1) * H // p]))
-        col = tp.LinearLayer.from_init(H, H, seed=3)
-        yc = col(x)
+        np, tp, p, r, dt = self.np, self.tp, self.p, self.r, self.dtype
+        x = np.random.default_rng(7).standard_normal((B_DEC, H), dtype=np.float32).astype(self.dt)
+        full = tp.Linear(H, H, seed=3, dtype=dt)
+
+        def f64(a):
+            return np.asarray(a).astype(np.float64)
+        ref = f64(x) @ f64(full.weight.data).T + f64(full.bias.data)
+        row = tp.LinearAllreduce.from_init(H, H, seed=3, dtype=dt)
+        y = f64(row(np.ascontiguousarray(x[:, r * H // p:(r + 1) * H // p])))
+        col = tp.LinearLayer.from_init(H, H, seed=3, dtype=dt)
+        yc = f64(col(x))
         e1 = np.linalg.norm(y - ref) / np.linalg.norm(ref)
         refc = ref[:, r * H // p:(r + 1) * H // p]
         e2 = np.linalg.norm(yc - refc) / np.linalg.norm(refc)
-        if not (e1 < 1e-5 and e2 < 1e-5):
+        tol = 1e-5 if dt == "float32" else 1e-2  # half: the output's rounding, <= 2^-8 (a lost shard errs by O(1))
+        if not (e1 < tol and e2 < tol):
             raise RuntimeError(f"tplinear result check failed: row rel err {e1:.2e}, column rel err {e2:.2e}")
 
     def build(self, case):
-        np, tp, dist, p = self.np, self.tp, self.dist, self.p
+        np, tp, dist, p, dt = self.np, self.tp, self.dist, self.p, self.dtype
+        f32, half = np.float32, self.dt  # float32: every astype(..., copy=False) below is a no-op
         b, kind, _, _ = CASES[case]
         if kind == "row_fwd":
-            layer, x = tp.LinearAllreduce.from_init(H, H, seed=0), self._x(b, H // p)
+            layer, x = tp.LinearAllreduce.from_init(H, H, seed=0, dtype=dt), self._x(b, H // p)
             return lambda: layer(x)
         if kind == "row_gemm":
-            lin, x = tp.Linear(H // p, H, seed=0), self._x(b, H // p)
+            lin, x = tp.Linear(H // p, H, seed=0, dtype=dt), self._x(b, H // p)
             return lambda: lin(x)
         if kind == "col_fwd":
-            layer, x = tp.LinearLayer.from_init(H, H, seed=0), self._x(b, H)
+            layer, x = tp.LinearLayer.from_init(H, H, seed=0, dtype=dt), self._x(b, H)
             return lambda: layer(x)
         if kind == "allreduce":
             buf = self._x(b, H)
             return lambda: dist.all_reduce(buf)
         if kind == "gelu":
-            return numpy_gelu_step(np, self._x(b, FF // p), self._x(b, FF // p))
+            z, dh = self._x(b, FF // p), self._x(b, FF // p)
+
+            def gelu():  # half: in float32, cast in and out, as in the MLP
+                z32 = z.astype(f32, copy=False)
+                a, t = gelu_fwd(np, z32)
+                return a.astype(half, copy=False), gelu_bwd(np, dh.astype(f32, copy=False), z32, t).astype(half, copy=False)
+            return gelu
         if kind == "mlp":
-            col = tp.LinearLayer.from_init(H, FF, seed=1)
-            row = tp.LinearAllreduce.from_init(FF, H, seed=2)
+            col = tp.LinearLayer.from_init(H, FF, seed=1, dtype=dt)
+            row = tp.LinearAllreduce.from_init(FF, H, seed=2, dtype=dt)
             x, dy = self._x(b, H), self._x(b, H)
 
             def step():
-                z = col(x)
+                z = col(x).astype(f32, copy=False)
                 a, t = gelu_fwd(np, z)
-                y = row(a)
-                da = row.backward(dy)
+                y = row(a.astype(half, copy=False))
+                da = row.backward(dy).astype(f32, copy=False)
                 dz = gelu_bwd(np, da, z, t)
-                dx = col.backward(dz)
+                dx = col.backward(dz.astype(half, copy=False))
                 return y, dx
             return step
         raise ValueError(case)
@@ -310,8 +348,8 @@ class TplinearTP:
     def build_pair(self, b):
         """(GEMM alone, row forward) on the same weight and input: a plain Linear sharing the shard."""
         tp = self.tp
-        layer, x = tp.LinearAllreduce.from_init(H, H, seed=0), self._x(b, H // self.p)
-        lin = tp.Linear(H // self.p, H, seed=0)
+        layer, x = tp.LinearAllreduce.from_init(H, H, seed=0, dtype=self.dtype), self._x(b, H // self.p)
+        lin = tp.Linear(H // self.p, H, seed=0, dtype=self.dtype)
         lin.weight.data, lin.bias.data = layer.weight.data, layer.bias.data
         return (lambda: lin(x)), (lambda: layer(x))
 
@@ -436,7 +474,7 @@ def run_worker(args):
         meta["ws"], meta["rank"] = comm.size, comm.rank
         meta["mpi"] = MPI.Get_library_version().splitlines()[0]
     elif args.worker == "tplinear":
-        impl = TplinearTP()
+        impl = TplinearTP(args.dtype[0])
         meta["ws"], meta["rank"] = impl.p, impl.r
         meta["blas_threads_tplinear"] = impl.tp.get_num_threads()
         meta["backend"] = impl.dist.get_backend() if impl.p > 1 else "single"
@@ -533,10 +571,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker_cmd(contender, ws, args, outdir):
+def worker_cmd(contender, ws, args, outdir, dtype="float32"):
     """The command line and environment of one subprocess world, or (None, reason) when unavailable."""
     me = os.path.abspath(__file__)
-    wargs = ["--worker", contender, "--outdir", outdir, "--cases", args.cases, "--reps-scale", str(args.reps_scale)]
+    wargs = ["--worker", contender, "--outdir", outdir, "--cases", args.cases, "--reps-scale", str(args.reps_scale),
+             "--dtype", dtype]
     env = dict(os.environ)
     n = cores()
     threads = str(max(1, n // ws))
@@ -595,10 +634,10 @@ def children_cpu_s():
     return ru.ru_utime + ru.ru_stime
 
 
-def run_world(contender, ws, args, tmp):
-    outdir = os.path.join(tmp, f"{contender}-ws{ws}")
+def run_world(contender, ws, args, tmp, dtype="float32"):
+    outdir = os.path.join(tmp, f"{dtype_key(contender, dtype)}-ws{ws}")
     os.makedirs(outdir, exist_ok=True)
-    cmd, env, skip = worker_cmd(contender, ws, args, outdir)
+    cmd, env, skip = worker_cmd(contender, ws, args, outdir, dtype)
     if skip:
         return {"status": skip}
     t0 = time.time()
@@ -738,6 +777,15 @@ def derive(results, world_sizes):
         o = med(results, who, 2, "row_pair_overhead")
         if o is not None:
             d[f"row_fwd_comm_overhead_2ranks_{who}"] = {"value_us": o * 1e6, "paired_us": o * 1e6}
+    for key in results:  # issue 27: tplinear's half dtypes over its float32, same run, 2 ranks
+        dt = key[len("tplinear-"):] if key.startswith("tplinear-") else None
+        for case in MAIN_CASES if dt else []:
+            t32, th = med(results, "tplinear", 2, case), med(results, key, 2, case)
+            if t32 and th:
+                item = {"value": t32 / th, "target": "(info: float32 time / this time)"}
+                if case == "dec_mlp_fwdbwd" and dt == "bfloat16":
+                    item.update(target=">= 1.7", met=t32 / th >= 1.7)
+                d[f"{case}_2ranks_{dt}_speedup_over_float32"] = item
     tp_mlp2 = med(results, "tplinear", 2, "mlp_fwdbwd")
     ds_mlp2 = med(results, "deepspeed", 2, "mlp_fwdbwd")
     mpi_mlp2 = med(results, "mpi4py", 2, "mlp_fwdbwd")
@@ -769,15 +817,14 @@ def markdown(report):
     res, wss = report["results"], report["config"]["world_sizes"]
     lines = [f"Command: `{report['command']}`  ", f"Date: {report['date']}  ",
              f"Machine: {report['machine'].get('Model name', '?')}, {report['machine']['cores']} cores; "
+             f"dtypes: {', '.join(report['config'].get('dtypes', ['float32']))}; "
              "median over steps of (last rank done − first rank out of the barrier).", ""]
     head = "| case | contender | " + " | ".join(f"p={w}" for w in wss) + " |"
     lines += [head, "|" + "---|" * (2 + len(wss))]
     for case in MAIN_CASES + AUX_CASES:
         if not any(case in r.get("cases", {}) for per in res.values() for r in per.values()):
             continue
-        for who in CONTENDERS:
-            if who not in res:
-                continue
+        for who in res:
             cells = []
             for w in wss:
                 if who == "numpy" and w != 1:
@@ -794,8 +841,8 @@ def markdown(report):
                 name = "numpy (full layer, 1 process)" if who == "numpy" else who
                 lines.append(f"| {LABELS[case]} | {name} | " + " | ".join(cells) + " |")
     notes = []
-    for who in CONTENDERS:
-        for w, r in sorted(res.get(who, {}).items()):
+    for who in res:
+        for w, r in sorted(res[who].items()):
             if r.get("status") != "ok":
                 notes.append(f"- {who} p={w}: {r['status']}")
     if notes:
@@ -806,7 +853,7 @@ def markdown(report):
         lines += ["", f"Noise: other processes on the machine used {min(fr):.0%}–{max(fr):.0%} of the CPUs while the "
                   f"worlds ran (median {sorted(fr)[len(fr) // 2]:.0%}); rounds: {report['config']['rounds']}, "
                   f"nice: {report['config']['nice']}."]
-    lines += ["", "Targets (issue 6 item 3):", ""]
+    lines += ["", "Targets (issue 6 item 3; issue 27 item 5: half dtypes over float32):", ""]
     for k, v in report["derived"].items():
         if "value" in v:
             s = f"- {k}: {v['value']:.2f} (target {v['target']})"
@@ -836,7 +883,8 @@ def plot(report, path):
     cols = 3
     rows = (len(cases) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
-    style = {"tplinear": ("C0", "o"), "mpi4py": ("C1", "s"), "deepspeed": ("C2", "^")}
+    style = {"tplinear": ("C0", "o"), "mpi4py": ("C1", "s"), "deepspeed": ("C2", "^"),
+             "tplinear-bfloat16": ("C3", "D"), "tplinear-float16": ("C4", "v")}
     for ax, case in zip(axes.flat, cases):
         for who, (color, marker) in style.items():
             pts = [(w, med(res, who, w, case)) for w in wss]
@@ -855,7 +903,8 @@ def plot(report, path):
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(cases):]:
         ax.axis("off")
-    fig.suptitle(f"tplinear vs alternatives, float32, {report['machine'].get('Model name', '')}, "
+    fig.suptitle(f"tplinear vs alternatives, {', '.join(report['config'].get('dtypes', ['float32']))}, "
+                 f"{report['machine'].get('Model name', '')}, "
                  f"{report['machine']['cores']} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -877,6 +926,7 @@ def main():
                     help="run every world this many times, interleaved; per case the least disturbed round counts")
     ap.add_argument("--nice", type=int, default=0, help="scheduling niceness of the benchmark (e.g. -5 on a shared box)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per subprocess world")
+    add_dtype_arg(ap)
     # worker mode (internal)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--outdir", help=argparse.SUPPRESS)
@@ -893,23 +943,26 @@ def main():
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine_info(args),
               "config": {"world_sizes": wss, "cases": args.cases.split(","), "reps_scale": args.reps_scale,
+                         "dtypes": args.dtype,
                          "rounds": args.rounds, "nice": args.nice,
                          "case_defs": {k: {"batch": v[0], "kind": v[1], "warmup": v[2], "reps": v[3]}
                                        for k, v in CASES.items()}},
               "results": {}}
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every world; same for all contenders
-    runs = {who: {} for who in contenders}
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="tplinear-bench-") as tmp:
         for rnd in range(args.rounds):
             for who in contenders:
                 # mpi4py at p=1 is the NumPy row (same code, no collective); it is not run again
-                for ws in ([1] if who == "numpy" else [w for w in wss if not (who == "mpi4py" and w == 1)]):
+                for ws, dt in [(ws, dt) for ws in ([1] if who == "numpy" else
+                                                   [w for w in wss if not (who == "mpi4py" and w == 1)])
+                               for dt in (args.dtype if who == "tplinear" else ["float32"])]:
                     t0 = time.time()
-                    r = run_world(who, ws, args, os.path.join(tmp, f"round{rnd}"))
-                    runs[who].setdefault(str(ws), []).append(r)
+                    r = run_world(who, ws, args, os.path.join(tmp, f"round{rnd}"), dt)
+                    runs.setdefault(dtype_key(who, dt), {}).setdefault(str(ws), []).append(r)
                     noise = r.get("noise", {})
-                    print(f"[bench] round {rnd + 1}/{args.rounds} {who:9s} p={ws}: {r['status']} "
+                    print(f"[bench] round {rnd + 1}/{args.rounds} {dtype_key(who, dt):9s} p={ws}: {r['status']} "
                           f"({time.time() - t0:.0f} s, other processes used {noise.get('foreign_cpu_frac', 0):.0%}"
                           " of the CPUs)", file=sys.stderr, flush=True)
                     if r["status"].startswith("failed"):
