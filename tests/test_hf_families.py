@@ -33,7 +33,7 @@ MODES = ("training", "inference")
 EXACT = {
     "families": {2: ["llama", "gpt2", "mixtral", "qwen2_moe", "phi3", "codegen", "bert", "apertus", "falcon+new_arch",
                      "electra", "modernbert-decoder", "trocr", "ctrl", "cpmant", "moshi", "doge", "bitnet",
-                     "llama4_text", "minicpm5_moe+mqa", "mamba"],
+                     "llama4_text", "minicpm5_moe+mqa", "falcon_mamba", "jamba"],
                  3: ["codegen", "bloom", "gpt_neox", "falcon+new_arch", "gpt_bigcode+mha", "apertus", "xlm",
                      "prophetnet", "xlnet", "bitnet", "minicpm5_moe+mqa"]},
     "heads": {2: ["qwen3_next", "xglm"], 3: ["deepseek_v3", "mimo_v2_flash", "beam"]},

@@ -27,6 +27,6 @@ def test_mamba_mixers_match_the_unsharded_model():
         for kind in ("mamba", "mamba2"):
             s.check_ssm(kind, True)
             s.check_ssm(kind, False)
-        s.check_ssm("falcon_mamba", False)  # (its training mode: tests/test_hf_families.py at 2 ranks)
+        s.check_ssm("falcon_mamba", False)  # (its training mode, and Jamba's: tests/test_hf_families.py at 2 ranks)
         s.check_mamba2_refused()
     """, env=ENV, timeout=300)
