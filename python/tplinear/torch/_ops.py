@@ -268,6 +268,17 @@ def all_reduce_(group, t):
     return t
 
 
+def reduce_grad(param, group):
+    """param's incoming gradient summed over group before it accumulates (a tensor hook, so accumulation over
+    micro-batches stays right), for a replicated parameter that each rank's part of the work gives a partial
+    gradient. Once per parameter; the group is kept (param._tplinear_grad_allreduce_group) for copies of
+    the model (tplinear.torch.training)."""
+    if param.requires_grad and not getattr(param, "_tplinear_grad_allreduce", False):
+        param.register_hook(lambda g: all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
+        param._tplinear_grad_allreduce = True
+        param._tplinear_grad_allreduce_group = group
+
+
 class ReduceFromGroup(torch.autograd.Function):
     """Forward: all_reduce(x) (partial sums become the full value); backward: identity."""
 

@@ -223,10 +223,8 @@ def shard_experts(name, module, group, hidden=None):
             shard_param(up_bias, group, 1, up_ranges, up_blocks, k * inter)
     shard_param(module._parameters["down_proj"], group, 1 if transposed else 2, down_ranges, 1, inter)
     bias = module._parameters.get("down_proj_bias")
-    if isinstance(bias, nn.Parameter) and bias.requires_grad and not getattr(bias, "_tplinear_grad_allreduce", False):
-        bias.register_hook(lambda g, group=group: _ops.all_reduce_(group, g.clone(
-            memory_format=torch.contiguous_format)))
-        bias._tplinear_grad_allreduce = True
+    if isinstance(bias, nn.Parameter):
+        _ops.reduce_grad(bias, group)
     local = units[group.rank][0][1]
     for attr in ("intermediate_dim", "intermediate_size", "expert_dim", "moe_intermediate_size"):
         if getattr(module, attr, None) == inter and not isinstance(getattr(module, attr), bool):

@@ -148,14 +148,7 @@ class _GradAllReduce(_Style):
 
     def apply(self, name, module, ctx):
         for pname, p in module.named_parameters(recurse=False):
-            _reduce_grad(p, ctx.group)
-
-
-def _reduce_grad(p, group):
-    """p's incoming gradient summed over group (once per parameter)."""
-    if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
-        p.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
-        p._tplinear_grad_allreduce = True
+            _ops.reduce_grad(p, ctx.group)
 
 
 class _AllReduceOutput(_Style):
@@ -901,9 +894,7 @@ def _sequence_parallel(model, layers_name, norm_name, regions, group):
                     row.register_forward_pre_hook(to_seq_first)
                     row.register_forward_hook(to_batch_first)
         for p in layer.parameters(recurse=False):
-            if p.requires_grad and not getattr(p, "_tplinear_grad_allreduce", False):
-                p.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
-                p._tplinear_grad_allreduce = True
+            _ops.reduce_grad(p, group)
     norm = model.get_submodule(norm_name)
     _sequence.allreduce_gradients(norm, group)
     norm.register_forward_hook(lambda m, args, out: _seq_dim1(gather, out, group, None, False))
@@ -988,7 +979,7 @@ def parallelize(model, mp_group=None, plan=None, *, num_heads=None, num_kv_heads
         warnings.warn(msg, stacklevel=2)
     if sp is not None:
         _sequence_parallel(model, *sp, group)
-    _training.after_parallelize(model, group)  # save_pretrained writes the full model; deepcopy keeps hooks
+    _training.after_parallelize(model)  # save_pretrained writes the full model; deepcopy keeps hooks
     return model
 
 
@@ -1428,7 +1419,7 @@ def _split_head_params(model, params, ctx):
                  and _last(n) in _Q | _QKV)
         first, width = q._pieces[q.tp_index][0]
         by_owner[owner_name][attr] = (first // q.head_dim, first // q.head_dim + width // q.head_dim)
-        _reduce_grad(owner._parameters[attr], ctx.group)
+        _ops.reduce_grad(owner._parameters[attr], ctx.group)
     for owner_name, rows in by_owner.items():
         owner = model.get_submodule(owner_name)
         cls = type(owner)

@@ -169,8 +169,5 @@ def allreduce_gradients(module, mp_group=None):
     accumulation over micro-batches stays right; registering twice does nothing. Returns module."""
     group = dist.resolve_group(mp_group)
     for param in module.parameters():
-        if param.requires_grad and not getattr(param, "_tplinear_grad_allreduce", False):
-            param.register_hook(lambda g, group=group: _ops.all_reduce_(group, g.clone(
-                memory_format=torch.contiguous_format)))
-            param._tplinear_grad_allreduce = True
+        _ops.reduce_grad(param, group)
     return module

@@ -26,7 +26,6 @@ Mamba-2 (``Mamba2Mixer``) is split by whole groups of B / C (``n_groups``): see 
 RMSNorm normalizes each group's span of d_inner, so fewer groups than ranks is refused (a sharded sum of
 squares is not implemented).
 """
-import torch
 from torch import nn
 
 from ..partition import get_tp_grain_size
@@ -152,8 +151,8 @@ def shard_mixer(name, module, group):
     # left replicated (Jamba's norms over dt / B / C): applied to x_proj's replicated output, each rank's
     # channels give them a partial gradient
     for param in module.parameters():
-        if param.requires_grad and getattr(param, "tp_layer", None) is None:
-            param.register_hook(lambda g: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
+        if getattr(param, "tp_layer", None) is None:
+            _ops.reduce_grad(param, group)
     module.intermediate_size = local
     module.__class__ = _tp_class(type(module))
     return module

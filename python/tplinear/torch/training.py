@@ -355,12 +355,9 @@ def _broadcast(t, root, group):
         data.copy_(value.reshape(data.shape))
 
 
-def after_parallelize(model, group):
+def after_parallelize(model):
     """Called by parallelize once the layers are in place: a Hugging Face model's save_pretrained writes the
     full model (collective), and copy.deepcopy of the model keeps its gradient all-reduce hooks."""
-    for p in model.parameters():
-        if getattr(p, "_tplinear_grad_allreduce", False) and getattr(p, "_tplinear_grad_allreduce_group", None) is None:
-            p._tplinear_grad_allreduce_group = group
     if callable(getattr(type(model), "save_pretrained", None)) and hasattr(model, "config"):
         model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
     model.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_model, model)
@@ -379,11 +376,8 @@ def _deepcopy_model(self, memo):
     for p in self.parameters():
         group = getattr(p, "_tplinear_grad_allreduce_group", None)
         q = memo.get(id(p))
-        if group is None or q is None or getattr(q, "_tplinear_grad_allreduce", False):
-            continue
-        q.register_hook(lambda g, group=group: _ops.all_reduce_(group, g.clone(memory_format=torch.contiguous_format)))
-        q._tplinear_grad_allreduce = True
-        q._tplinear_grad_allreduce_group = group
+        if group is not None and q is not None:
+            _ops.reduce_grad(q, group)
     return new
 
 
