@@ -11,7 +11,6 @@ Megatron-core's ``tensor_parallel/mappings.py`` pairs, over a tplinear process g
     ScatterLastDim        this rank's pieces of the last dim       all-gather-v of dX
     ReduceFromGroup       all_reduce(x)                            dY
     CopyToGroup           x                                        all_reduce(dY)
-    AllReduceSum          all_reduce(x)                            all_reduce(dY)
 """
 import weakref
 from typing import Optional
@@ -298,20 +297,6 @@ class CopyToGroup(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_reduce_(ctx.group, dy.clone(memory_format=torch.contiguous_format)), None
-
-
-class AllReduceSum(torch.autograd.Function):
-    """Forward: all_reduce(x), a sum every rank then uses on its own shard; backward: all_reduce(dY) (each
-    rank's output depends on every rank's x). A sharded norm's statistics (tplinear.torch.norms)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_reduce_(group, x.detach().clone(memory_format=torch.contiguous_format))
 
     @staticmethod
     def backward(ctx, dy):

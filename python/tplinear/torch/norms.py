@@ -106,7 +106,10 @@ class ShardedNorm(nn.Module):
         else:  # in float64: the variance is a difference of the two (cancellation)
             h64 = h.to(torch.float64)
             sums = torch.cat([h64.sum(-1, keepdim=True), h64.pow(2).sum(-1, keepdim=True)], -1)
-        sums = _ops.AllReduceSum.apply(sums.contiguous(), self.mp_group) / self.full_width
+        # the full sums, which every rank then uses on its own shard: all-reduced forward, and backward too
+        # (every rank's output depends on every rank's input)
+        sums = _ops.ReduceFromGroup.apply(sums.contiguous(), self.mp_group)
+        sums = _ops.CopyToGroup.apply(sums, self.mp_group) / self.full_width
         if self.kind == "rms":
             h = h * torch.rsqrt(sums + self.eps)
         else:
