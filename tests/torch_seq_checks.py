@@ -131,10 +131,11 @@ def check_embedding(dtype, training, vocab, sequence_parallel, padding_idx):
     assert tuple(emb.weight.shape) == (hi - lo, 6)
 
 
-def check_cross_entropy(dtype, vocab, smoothing, reduction):
-    p, r = dist.get_world_size(), dist.get_rank()
-    seed("tce", str(dtype), vocab, smoothing, reduction)
-    logits = torch.randn(5, 2, vocab, dtype=torch.float64) * 3
+def _cross_entropy_case(logits, dtype, smoothing, reduction):
+    """Targets for logits [5, 2, vocab] (float64; one ignored), this rank's vocabulary slice of them in dtype
+    through vocab_parallel_cross_entropy, and F.cross_entropy of the whole float64 logits: (targets, (vo, vs),
+    mine, loss, full, want), mine and full requiring grad."""
+    p, r, vocab = dist.get_world_size(), dist.get_rank(), logits.shape[-1]
     targets = torch.randint(0, vocab, (5, 2))
     targets[0, 1] = -100
     (vo, vs), = tp.shard_ranges(vocab, p, training=True)[r]
@@ -143,6 +144,14 @@ def check_cross_entropy(dtype, vocab, smoothing, reduction):
     full = logits.clone().requires_grad_()
     want = F.cross_entropy(full.reshape(-1, vocab), targets.reshape(-1), label_smoothing=smoothing,
                            reduction=reduction)
+    return targets, (vo, vs), mine, loss, full, want
+
+
+def check_cross_entropy(dtype, vocab, smoothing, reduction):
+    p = dist.get_world_size()
+    seed("tce", str(dtype), vocab, smoothing, reduction)
+    logits = torch.randn(5, 2, vocab, dtype=torch.float64) * 3
+    targets, (vo, vs), mine, loss, full, want = _cross_entropy_case(logits, dtype, smoothing, reduction)
     if reduction == "none":
         want = want.reshape(5, 2)
     what = f"torch cross-entropy p={p} V={vocab} e={smoothing} {reduction} {dtype}"
@@ -164,7 +173,7 @@ def check_vocab_half(dtype, vocab=37, smoothing=0.1):
     rounding): |err| <= 2u|g| + 2^-20 (|g| + w), w the token's weight. Torch's own F.cross_entropy in dtype
     meets that loss bound + u max|log p| per token (it rounds the log-probabilities that label smoothing
     averages). The loss is the same bits on every rank."""
-    p, r = dist.get_world_size(), dist.get_rank()
+    p = dist.get_world_size()
     tp.set_training_mode(True)
     for sp in (False, True):
         seed("temb-half", str(dtype), vocab, sp)
@@ -185,14 +194,7 @@ def check_vocab_half(dtype, vocab=37, smoothing=0.1):
     for reduction in ("mean", "sum", "none"):
         seed("tce-half", str(dtype), vocab, reduction)
         logits = (torch.randn(5, 2, vocab) * 3).to(dtype).double()
-        targets = torch.randint(0, vocab, (5, 2))
-        targets[0, 1] = -100
-        (vo, vs), = tp.shard_ranges(vocab, p, training=True)[r]
-        mine = logits[..., vo:vo + vs].to(dtype).requires_grad_()
-        loss = tpt.vocab_parallel_cross_entropy(mine, targets, label_smoothing=smoothing, reduction=reduction)
-        full = logits.clone().requires_grad_()
-        want = F.cross_entropy(full.reshape(-1, vocab), targets.reshape(-1), label_smoothing=smoothing,
-                               reduction=reduction)
+        targets, (vo, vs), mine, loss, full, want = _cross_entropy_case(logits, dtype, smoothing, reduction)
         theirs = F.cross_entropy(logits.to(dtype).reshape(-1, vocab), targets.reshape(-1), label_smoothing=smoothing,
                                  reduction=reduction)
         what = f"cross-entropy p={p} {reduction} {dtype}"

@@ -100,7 +100,7 @@ class TorchTensors:
         _copy_into(param, arr)
 
 
-def _tensor_entry(name, t, group, dim=None, like=None):
+def _tensor_entry(name, t, group, like=None):
     """An entry for a plain tensor: replicated on group, split as its tp_layer says (a parameter split in place),
     or (like: a parameter's entry) split as it is."""
     common = dict(get=lambda: to_numpy(t), put=lambda a: _copy_into(t, a), buffer=lambda: _live(t, np_dtype(t)))
